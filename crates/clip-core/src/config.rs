@@ -1,0 +1,455 @@
+//! One config for the whole recipe: model shape, loss, data and training knobs.
+//!
+//! Read from TOML (`assets/configs/*.toml`) or a named preset. Every field has a default so a config
+//! file only needs what differs from `tiny`.
+
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Block {
+    /// ResNet-18/34: two 3×3 convs, expansion 1.
+    Basic,
+    /// ResNet-50/101/152: 1×1 → 3×3 (stride here, "v1.5") → 1×1, expansion 4.
+    Bottleneck,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ImageConfig {
+    /// Square input size in pixels.
+    pub image_size: usize,
+    pub block: Block,
+    /// Blocks per stage, e.g. [3, 4, 6, 3] for ResNet50.
+    pub depths: Vec<usize>,
+    /// Channels of the stem convolution.
+    pub stem_width: usize,
+    /// Base width of each stage (the block output is width × expansion).
+    pub widths: Vec<usize>,
+    /// Skip the stem's max-pool (useful for very small images such as 28×28 or 32×32).
+    pub stem_pool: bool,
+    /// Stride of the stem convolution (2 in ResNet; 1 keeps small images' detail).
+    pub stem_stride: usize,
+    /// Stem kernel size (7 in ResNet; 3 suits small images).
+    pub stem_kernel: usize,
+}
+
+impl Default for ImageConfig {
+    fn default() -> Self {
+        Self {
+            image_size: 64,
+            block: Block::Basic,
+            depths: vec![1, 1, 1, 1],
+            stem_width: 16,
+            widths: vec![16, 32, 64, 128],
+            stem_pool: true,
+            stem_stride: 2,
+            stem_kernel: 7,
+        }
+    }
+}
+
+impl ImageConfig {
+    pub fn expansion(&self) -> usize {
+        match self.block {
+            Block::Basic => 1,
+            Block::Bottleneck => 4,
+        }
+    }
+    /// Size of the pooled image feature that enters the projection head.
+    pub fn feature_dim(&self) -> usize {
+        self.widths.last().copied().unwrap_or(0) * self.expansion()
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TextConfig {
+    pub vocab_size: usize,
+    pub dim: usize,
+    pub n_layers: usize,
+    pub n_heads: usize,
+    /// Feed-forward width (DistilBERT's `hidden_dim`).
+    pub hidden_dim: usize,
+    pub max_position_embeddings: usize,
+    pub dropout: f64,
+    pub attention_dropout: f64,
+}
+
+impl Default for TextConfig {
+    fn default() -> Self {
+        Self {
+            vocab_size: 2048,
+            dim: 128,
+            n_layers: 2,
+            n_heads: 4,
+            hidden_dim: 256,
+            max_position_embeddings: 64,
+            dropout: 0.1,
+            attention_dropout: 0.1,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LossKind {
+    /// The tutorial's: soft targets from image–image and text–text similarity.
+    Soft,
+    /// The CLIP paper's: normalised embeddings, learnable temperature, targets on the diagonal.
+    Clip,
+}
+
+impl std::fmt::Display for LossKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            LossKind::Soft => "soft",
+            LossKind::Clip => "clip",
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Schedule {
+    /// ReduceLROnPlateau on validation loss (the tutorial's).
+    Plateau,
+    /// Linear warm-up, then cosine decay to zero over the run.
+    Cosine,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    pub batch_size: usize,
+    pub epochs: usize,
+    pub lr_image: f64,
+    pub lr_text: f64,
+    pub lr_head: f64,
+    pub weight_decay: f64,
+    pub schedule: Schedule,
+    pub patience: usize,
+    pub factor: f64,
+    pub warmup_steps: usize,
+    /// Clip gradients to this global L2 norm (0 = off).
+    pub clip_grad_norm: f64,
+    /// Accumulate gradients over this many micro-batches per optimiser step.
+    pub accumulate: usize,
+    pub freeze_image: bool,
+    pub freeze_text: bool,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            batch_size: 8,
+            epochs: 30,
+            lr_image: 1e-4,
+            lr_text: 1e-5,
+            lr_head: 1e-3,
+            weight_decay: 1e-3,
+            schedule: Schedule::Plateau,
+            patience: 1,
+            factor: 0.8,
+            warmup_steps: 0,
+            clip_grad_norm: 0.0,
+            accumulate: 1,
+            freeze_image: false,
+            freeze_text: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DataConfig {
+    /// Longest caption in tokens (the tutorial's 200); also capped by the position table.
+    pub max_length: usize,
+    /// Share of images held out for validation.
+    pub val_fraction: f64,
+    /// Shorter-side resize + centre crop instead of the tutorial's plain resize.
+    pub center_crop: bool,
+    /// Train-time random resized crop + horizontal flip.
+    pub augment: bool,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        Self {
+            max_length: 200,
+            val_fraction: 0.2,
+            center_crop: false,
+            augment: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClipConfig {
+    /// Start from this preset and override what the file sets (only read from files).
+    #[serde(skip_serializing)]
+    pub preset: Option<String>,
+    pub name: String,
+    pub image: ImageConfig,
+    pub text: TextConfig,
+    /// Size of the shared embedding space.
+    pub projection_dim: usize,
+    /// Dropout inside the projection heads.
+    pub head_dropout: f64,
+    pub loss: LossKind,
+    /// Temperature of the `soft` loss.
+    pub temperature: f64,
+    pub seed: u64,
+    pub train: TrainConfig,
+    pub data: DataConfig,
+}
+
+impl Default for ClipConfig {
+    fn default() -> Self {
+        Self::tiny()
+    }
+}
+
+pub const PRESETS: [&str; 2] = ["tiny", "simple-clip"];
+
+impl ClipConfig {
+    /// Small enough to train on a 2-core CPU in minutes: the demo default.
+    pub fn tiny() -> Self {
+        Self {
+            preset: None,
+            name: "tiny".into(),
+            image: ImageConfig::default(),
+            text: TextConfig::default(),
+            projection_dim: 128,
+            head_dropout: 0.1,
+            loss: LossKind::Clip,
+            temperature: 1.0,
+            seed: 42,
+            train: TrainConfig {
+                lr_image: 1e-3,
+                lr_text: 1e-3,
+                lr_head: 1e-3,
+                ..TrainConfig::default()
+            },
+            data: DataConfig {
+                max_length: 64,
+                ..DataConfig::default()
+            },
+        }
+    }
+
+    /// The tutorial's model: ResNet50 + DistilBERT base + 256-d heads, `soft` loss.
+    pub fn simple_clip() -> Self {
+        Self {
+            preset: None,
+            name: "simple-clip".into(),
+            image: ImageConfig {
+                image_size: 224,
+                block: Block::Bottleneck,
+                depths: vec![3, 4, 6, 3],
+                stem_width: 64,
+                widths: vec![64, 128, 256, 512],
+                stem_pool: true,
+                stem_stride: 2,
+                stem_kernel: 7,
+            },
+            text: TextConfig {
+                vocab_size: 30522,
+                dim: 768,
+                n_layers: 6,
+                n_heads: 12,
+                hidden_dim: 3072,
+                max_position_embeddings: 512,
+                dropout: 0.1,
+                attention_dropout: 0.1,
+            },
+            projection_dim: 256,
+            head_dropout: 0.1,
+            loss: LossKind::Soft,
+            temperature: 1.0,
+            seed: 42,
+            train: TrainConfig {
+                batch_size: 32,
+                epochs: 4,
+                ..TrainConfig::default()
+            },
+            data: DataConfig::default(),
+        }
+    }
+
+    pub fn preset(name: &str) -> Result<Self> {
+        match name {
+            "tiny" => Ok(Self::tiny()),
+            "simple-clip" => Ok(Self::simple_clip()),
+            _ => bail!(
+                "unknown preset {name:?}; the presets are: {}",
+                PRESETS.join(", ")
+            ),
+        }
+    }
+
+    /// Reads a TOML config. Errors name the file, and TOML's message names the line and column.
+    pub fn from_toml_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading config {}", path.display()))?;
+        let cfg =
+            Self::from_toml_str(&text).with_context(|| format!("in config {}", path.display()))?;
+        Ok(cfg)
+    }
+
+    pub fn from_toml_str(text: &str) -> Result<Self> {
+        // Parse straight into the struct first: TOML's errors then name the line and column of an
+        // unknown key or a wrong type.
+        let direct: Self = toml::from_str(text)?;
+        if direct.preset.is_none() {
+            direct.validate()?;
+            return Ok(direct);
+        }
+        // A config may start from a preset (`preset = "simple-clip"`) and override fields.
+        let value: toml::Table = toml::from_str(text)?;
+        let mut base = match value.get("preset") {
+            Some(toml::Value::String(p)) => toml::Table::try_from(Self::preset(p)?)?,
+            Some(_) => bail!("`preset` must be a string, one of: {}", PRESETS.join(", ")),
+            None => toml::Table::try_from(Self::tiny())?,
+        };
+        merge(&mut base, value);
+        base.remove("preset");
+        let cfg: Self = base
+            .try_into()
+            .map_err(|e: toml::de::Error| anyhow::anyhow!("{}", e.message()))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// `--config FILE` wins over `--preset NAME`; neither gives `tiny`.
+    pub fn resolve(config: Option<&Path>, preset: Option<&str>) -> Result<Self> {
+        match (config, preset) {
+            (Some(p), _) => Self::from_toml_file(p),
+            (None, Some(name)) => Self::preset(name),
+            (None, None) => Ok(Self::tiny()),
+        }
+    }
+
+    pub fn to_toml(&self) -> Result<String> {
+        Ok(toml::to_string_pretty(self)?)
+    }
+
+    /// Checks the shapes fit together before anything is allocated, with a hint for each problem.
+    pub fn validate(&self) -> Result<()> {
+        let i = &self.image;
+        let t = &self.text;
+        let mut errs = vec![];
+        if i.depths.is_empty() || i.depths.len() != i.widths.len() {
+            errs.push(format!(
+                "image.depths ({:?}) and image.widths ({:?}) must be non-empty and of the same length (one entry per stage)",
+                i.depths, i.widths
+            ));
+        }
+        if i.depths.iter().any(|&d| d == 0) || i.widths.iter().any(|&w| w == 0) || i.stem_width == 0
+        {
+            errs.push("image depths and widths must all be at least 1".into());
+        }
+        if i.stem_kernel == 0 || i.stem_kernel % 2 == 0 {
+            errs.push(format!(
+                "image.stem_kernel must be odd (got {})",
+                i.stem_kernel
+            ));
+        }
+        if i.stem_stride == 0 {
+            errs.push("image.stem_stride must be at least 1".into());
+        }
+        let reduction = i.stem_stride.max(1)
+            * if i.stem_pool { 2 } else { 1 }
+            * (1usize << i.depths.len().saturating_sub(1));
+        if i.image_size < reduction {
+            errs.push(format!(
+                "image.image_size {} is smaller than the ResNet's total stride {} (stem × pool × stages): use larger images or fewer stages",
+                i.image_size, reduction
+            ));
+        }
+        if t.dim == 0 || t.n_heads == 0 || t.dim % t.n_heads != 0 {
+            errs.push(format!(
+                "text.dim ({}) must be a positive multiple of text.n_heads ({})",
+                t.dim, t.n_heads
+            ));
+        }
+        if t.vocab_size < 8 {
+            errs.push(format!(
+                "text.vocab_size {} is too small (it must hold the special tokens)",
+                t.vocab_size
+            ));
+        }
+        if t.n_layers == 0 || t.hidden_dim == 0 || t.max_position_embeddings < 2 {
+            errs.push(
+                "text.n_layers, text.hidden_dim must be ≥ 1 and text.max_position_embeddings ≥ 2"
+                    .into(),
+            );
+        }
+        if self.projection_dim == 0 {
+            errs.push("projection_dim must be at least 1".into());
+        }
+        for (name, p) in [
+            ("head_dropout", self.head_dropout),
+            ("text.dropout", t.dropout),
+            ("text.attention_dropout", t.attention_dropout),
+        ] {
+            if !(0.0..1.0).contains(&p) {
+                errs.push(format!("{name} must be in [0, 1) (got {p})"));
+            }
+        }
+        if self.temperature <= 0.0 {
+            errs.push("temperature must be positive".into());
+        }
+        let tr = &self.train;
+        if tr.batch_size < 2 {
+            errs.push(format!("train.batch_size must be at least 2 (contrastive loss compares pairs in a batch; got {})", tr.batch_size));
+        }
+        if tr.accumulate == 0 {
+            errs.push("train.accumulate must be at least 1".into());
+        }
+        for (name, lr) in [
+            ("lr_image", tr.lr_image),
+            ("lr_text", tr.lr_text),
+            ("lr_head", tr.lr_head),
+        ] {
+            if !(lr >= 0.0 && lr.is_finite()) {
+                errs.push(format!(
+                    "train.{name} must be a finite number ≥ 0 (got {lr})"
+                ));
+            }
+        }
+        if !(0.0..1.0).contains(&self.data.val_fraction) {
+            errs.push(format!(
+                "data.val_fraction must be in [0, 1) (got {})",
+                self.data.val_fraction
+            ));
+        }
+        if self.data.max_length < 2 {
+            errs.push("data.max_length must be at least 2 ([CLS] and [SEP])".into());
+        }
+        if !errs.is_empty() {
+            bail!("invalid config:\n  - {}", errs.join("\n  - "));
+        }
+        Ok(())
+    }
+
+    /// Longest tokenised caption the model accepts.
+    pub fn max_tokens(&self) -> usize {
+        self.data.max_length.min(self.text.max_position_embeddings)
+    }
+}
+
+fn merge(base: &mut toml::Table, over: toml::Table) {
+    for (k, v) in over {
+        match (base.get_mut(&k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
+            (_, v) => {
+                base.insert(k, v);
+            }
+        }
+    }
+}

@@ -1,0 +1,146 @@
+use anyhow::Result;
+use candle_core::{Device, ModuleT, Tensor};
+
+use super::{DistilBert, ProjectionHead, ResNet};
+use crate::config::{ClipConfig, LossKind};
+use crate::loss;
+use crate::nn::DropoutRng;
+use crate::params::{Group, Init, ParamStore};
+
+/// Embeddings of a batch of pairs, each (B, projection_dim).
+pub struct Embeddings {
+    pub image: Tensor,
+    pub text: Tensor,
+}
+
+/// The whole model. Parameter names follow the tutorial's PyTorch `CLIPModel`:
+/// `image_encoder.model.*` (timm ResNet), `text_encoder.model.*` (HF DistilBERT),
+/// `image_projection.*`, `text_projection.*`, and `logit_scale` for the `clip` loss.
+pub struct ClipModel {
+    pub config: ClipConfig,
+    pub params: ParamStore,
+    image_encoder: ResNet,
+    text_encoder: DistilBert,
+    image_projection: ProjectionHead,
+    text_projection: ProjectionHead,
+    logit_scale: Option<Tensor>,
+    dropout_rng: DropoutRng,
+}
+
+impl ClipModel {
+    /// Builds a randomly initialised model; the same config and seed give the same weights.
+    pub fn new(config: &ClipConfig, device: &Device) -> Result<Self> {
+        config.validate()?;
+        let params = ParamStore::new(device, config.seed);
+        let dropout_rng = DropoutRng::new(config.seed ^ 0x5eed);
+        let tr = &config.train;
+        let image_encoder = ResNet::new(
+            &params
+                .root(Group::ImageTower, !tr.freeze_image)
+                .pp("image_encoder")
+                .pp("model"),
+            &config.image,
+        )?;
+        let text_encoder = DistilBert::new(
+            &params
+                .root(Group::TextTower, !tr.freeze_text)
+                .pp("text_encoder")
+                .pp("model"),
+            &config.text,
+            &dropout_rng,
+        )?;
+        let heads = params.root(Group::Heads, true);
+        let p = config.projection_dim;
+        let image_projection = ProjectionHead::new(
+            &heads.pp("image_projection"),
+            config.image.feature_dim(),
+            p,
+            config.head_dropout,
+            &dropout_rng,
+        )?;
+        let text_projection = ProjectionHead::new(
+            &heads.pp("text_projection"),
+            config.text.dim,
+            p,
+            config.head_dropout,
+            &dropout_rng,
+        )?;
+        let logit_scale = match config.loss {
+            LossKind::Clip => {
+                Some(heads.param("logit_scale", &[], Init::Const(loss::CLIP_INIT_LOGIT_SCALE))?)
+            }
+            LossKind::Soft => None,
+        };
+        Ok(Self {
+            config: config.clone(),
+            params,
+            image_encoder,
+            text_encoder,
+            image_projection,
+            text_projection,
+            logit_scale,
+            dropout_rng,
+        })
+    }
+
+    pub fn device(&self) -> &Device {
+        self.params.device()
+    }
+
+    /// Reseeds every dropout layer; the trainer calls it once per step so runs are repeatable.
+    pub fn reseed_dropout(&self, seed: u64) {
+        self.dropout_rng.reseed(seed)
+    }
+
+    /// Images (B, 3, S, S), normalised → embeddings (B, P).
+    pub fn encode_image(&self, images: &Tensor, train: bool) -> Result<Tensor> {
+        let features = self.image_encoder.forward_t(images, train)?;
+        Ok(self.image_projection.forward_t(&features, train)?)
+    }
+
+    /// Token ids and attention mask (B, L) → embeddings (B, P).
+    pub fn encode_text(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        train: bool,
+    ) -> Result<Tensor> {
+        let cls = self
+            .text_encoder
+            .forward(input_ids, attention_mask, train)?;
+        Ok(self.text_projection.forward_t(&cls, train)?)
+    }
+
+    pub fn forward(
+        &self,
+        images: &Tensor,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        train: bool,
+    ) -> Result<Embeddings> {
+        Ok(Embeddings {
+            image: self.encode_image(images, train)?,
+            text: self.encode_text(input_ids, attention_mask, train)?,
+        })
+    }
+
+    /// The configured contrastive loss of a batch of embeddings.
+    pub fn loss(&self, e: &Embeddings) -> Result<Tensor> {
+        match (self.config.loss, &self.logit_scale) {
+            (LossKind::Clip, Some(s)) => loss::clip_loss(&e.image, &e.text, s),
+            _ => loss::soft_loss(&e.image, &e.text, self.config.temperature),
+        }
+    }
+
+    /// The current logit scale exp(s) of the `clip` loss, if any.
+    pub fn logit_scale(&self) -> Result<Option<f32>> {
+        Ok(match &self.logit_scale {
+            Some(s) => Some(
+                s.clamp(0.0, loss::CLIP_MAX_LOGIT_SCALE)?
+                    .exp()?
+                    .to_scalar::<f32>()?,
+            ),
+            None => None,
+        })
+    }
+}

@@ -1,0 +1,75 @@
+use anyhow::Result;
+use candle_core::{ModuleT, Tensor, Var};
+
+use crate::params::{Init, ParamBuilder};
+
+/// `nn.BatchNorm2d` that trains: batch statistics (and running-stat updates) in training mode,
+/// running statistics in evaluation mode.
+///
+/// candle-nn's and candle-transformers' ResNets only have the evaluation half.
+#[derive(Clone)]
+pub struct BatchNorm2d {
+    weight: Tensor,
+    bias: Tensor,
+    running_mean: Var,
+    running_var: Var,
+    eps: f64,
+    momentum: f64,
+}
+
+impl BatchNorm2d {
+    pub fn new(pb: &ParamBuilder, channels: usize) -> Result<Self> {
+        Ok(Self {
+            weight: pb.param("weight", &[channels], Init::Const(1.0))?,
+            bias: pb.param("bias", &[channels], Init::Const(0.0))?,
+            running_mean: pb.buffer("running_mean", &[channels], Init::Const(0.0))?,
+            running_var: pb.buffer("running_var", &[channels], Init::Const(1.0))?,
+            eps: 1e-5,
+            momentum: 0.1,
+        })
+    }
+
+    pub fn running_mean(&self) -> &Var {
+        &self.running_mean
+    }
+}
+
+impl ModuleT for BatchNorm2d {
+    fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        let (mean, var) = if train {
+            let n = b * h * w;
+            if n < 2 {
+                candle_core::bail!("BatchNorm in training mode needs more than one value per channel (got batch {b} of {h}×{w}): use a batch size of at least 2")
+            }
+            let mean = x.mean_keepdim((0, 2, 3))?;
+            let xc = x.broadcast_sub(&mean)?;
+            let var = xc.sqr()?.mean_keepdim((0, 2, 3))?;
+            // Running statistics follow PyTorch: momentum 0.1, unbiased variance.
+            let m = self.momentum;
+            let unbiased = (var.detach().flatten_all()? * (n as f64 / (n as f64 - 1.0)))?;
+            let rm = ((self.running_mean.as_tensor() * (1.0 - m))?
+                + (mean.detach().flatten_all()? * m)?)?;
+            let rv = ((self.running_var.as_tensor() * (1.0 - m))? + (unbiased * m)?)?;
+            self.running_mean.set(&rm)?;
+            self.running_var.set(&rv)?;
+            (mean, var)
+        } else {
+            (
+                self.running_mean
+                    .as_tensor()
+                    .detach()
+                    .reshape((1, c, 1, 1))?,
+                self.running_var
+                    .as_tensor()
+                    .detach()
+                    .reshape((1, c, 1, 1))?,
+            )
+        };
+        let xn = x
+            .broadcast_sub(&mean)?
+            .broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        xn.broadcast_mul(&self.weight.reshape((1, c, 1, 1))?)?
+            .broadcast_add(&self.bias.reshape((1, c, 1, 1))?)
+    }
+}

@@ -1,0 +1,69 @@
+use anyhow::Result;
+use candle_core::{Module, Tensor};
+
+use crate::params::{Init, ParamBuilder};
+
+/// `nn.Linear`: weight (out, in), bias (out).
+#[derive(Clone, Debug)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl Linear {
+    /// PyTorch's default initialisation: U(-1/√in, 1/√in) for weight and bias.
+    pub fn new(pb: &ParamBuilder, d_in: usize, d_out: usize) -> Result<Self> {
+        let bound = 1.0 / (d_in as f64).sqrt();
+        Ok(Self {
+            weight: pb.param("weight", &[d_out, d_in], Init::Uniform { bound })?,
+            bias: pb.param("bias", &[d_out], Init::Uniform { bound })?,
+        })
+    }
+
+    /// BERT's initialisation: N(0, std) weight, zero bias.
+    pub fn new_normal(pb: &ParamBuilder, d_in: usize, d_out: usize, std: f64) -> Result<Self> {
+        Ok(Self {
+            weight: pb.param("weight", &[d_out, d_in], Init::Normal { std })?,
+            bias: pb.param("bias", &[d_out], Init::Const(0.0))?,
+        })
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        // CUDA's matmul rejects some strided operands (e.g. a CLS slice): make them contiguous.
+        let x = x.contiguous()?;
+        let w = self.weight.t()?;
+        let y = match x.dims() {
+            [b, l, d] => x.reshape((b * l, *d))?.matmul(&w)?.reshape((*b, *l, ()))?,
+            _ => x.matmul(&w)?,
+        };
+        y.broadcast_add(&self.bias)
+    }
+}
+
+/// `nn.Embedding`: a lookup table whose rows get gradients through `index_select`.
+#[derive(Clone, Debug)]
+pub struct Embedding {
+    weight: Tensor,
+    dim: usize,
+}
+
+impl Embedding {
+    pub fn new(pb: &ParamBuilder, n: usize, dim: usize, std: f64) -> Result<Self> {
+        Ok(Self {
+            weight: pb.param("weight", &[n, dim], Init::Normal { std })?,
+            dim,
+        })
+    }
+}
+
+impl Module for Embedding {
+    fn forward(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        let mut shape = ids.dims().to_vec();
+        shape.push(self.dim);
+        self.weight
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape(shape)
+    }
+}

@@ -1,0 +1,47 @@
+use candle_core::Tensor;
+
+/// Max-pool with a 3×3 window, stride 2, padding 1 — the ResNet stem — with a working backward.
+///
+/// candle's `max_pool2d` only differentiates when kernel == stride. This one is built from
+/// `maximum` of shifted views: pad with −∞ to an even size, split each spatial axis into
+/// (even, odd) phases, and a window starting at row 2i covers even[i], odd[i], even[i+1].
+/// Output size is ⌊(n − 1) / 2⌋ + 1, as PyTorch's.
+pub fn max_pool_3x3_s2(x: &Tensor) -> candle_core::Result<Tensor> {
+    let x = pool_axis(x, 2)?;
+    pool_axis(&x, 3)
+}
+
+fn pool_axis(x: &Tensor, axis: usize) -> candle_core::Result<Tensor> {
+    let n = x.dim(axis)?;
+    let out = (n - 1) / 2 + 1;
+    // Padded length 2·(out+1): one −∞ in front (padding 1), the rest behind.
+    let back = 2 * (out + 1) - 1 - n;
+    let x = pad_neg_inf(x, axis, 1, back)?;
+    let mut shape = x.dims().to_vec();
+    shape[axis] = out + 1;
+    shape.insert(axis + 1, 2);
+    let x = x.reshape(shape)?;
+    let even = x.narrow(axis + 1, 0, 1)?.squeeze(axis + 1)?;
+    let odd = x.narrow(axis + 1, 1, 1)?.squeeze(axis + 1)?;
+    let a = even.narrow(axis, 0, out)?;
+    let b = odd.narrow(axis, 0, out)?;
+    let c = even.narrow(axis, 1, out)?;
+    a.maximum(&b)?.maximum(&c)
+}
+
+fn pad_neg_inf(x: &Tensor, axis: usize, front: usize, back: usize) -> candle_core::Result<Tensor> {
+    let mut parts = Vec::with_capacity(3);
+    let filler = |len: usize| -> candle_core::Result<Tensor> {
+        let mut shape = x.dims().to_vec();
+        shape[axis] = len;
+        Tensor::full(f32::NEG_INFINITY, shape, x.device())?.to_dtype(x.dtype())
+    };
+    if front > 0 {
+        parts.push(filler(front)?);
+    }
+    parts.push(x.clone());
+    if back > 0 {
+        parts.push(filler(back)?);
+    }
+    Tensor::cat(&parts, axis)
+}

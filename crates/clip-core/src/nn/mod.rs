@@ -1,0 +1,21 @@
+//! Trainable building blocks. Each one keeps the PyTorch parameter names and has a backward pass
+//! through every op (candle 0.11's fused LayerNorm, `softmax_last_dim` and strided max-pool do not).
+
+mod batch_norm;
+mod conv;
+mod dropout;
+mod layer_norm;
+mod linear;
+mod max_pool;
+
+pub use batch_norm::BatchNorm2d;
+pub use conv::Conv2d;
+pub use dropout::{Dropout, DropoutRng};
+pub use layer_norm::LayerNorm;
+pub use linear::{Embedding, Linear};
+pub use max_pool::max_pool_3x3_s2;
+
+/// Exact (erf) GELU, as PyTorch's `nn.GELU()` and DistilBERT use.
+pub fn gelu(x: &candle_core::Tensor) -> candle_core::Result<candle_core::Tensor> {
+    x.gelu_erf()
+}

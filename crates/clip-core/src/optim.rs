@@ -1,0 +1,229 @@
+//! AdamW with PyTorch semantics, parameter groups and saveable state.
+//!
+//! `candle_nn::AdamW` has one learning rate and no way to save its moments, so a resumed run would
+//! restart its bias correction and drift from an uninterrupted one. This one keeps per-group
+//! learning rates (image tower / text tower / heads, as the tutorial) and saves everything.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{backprop::GradStore, Device, Tensor, Var};
+use serde::{Deserialize, Serialize};
+
+use crate::config::TrainConfig;
+use crate::params::{Group, ParamStore};
+
+/// Hyper-parameters of one group.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+pub struct GroupSettings {
+    pub lr: f64,
+    pub weight_decay: f64,
+}
+
+struct Slot {
+    name: String,
+    group: Group,
+    var: Var,
+    m: Var,
+    v: Var,
+}
+
+pub struct AdamW {
+    slots: Vec<Slot>,
+    /// Current settings per group (the scheduler changes `lr`).
+    pub groups: BTreeMap<Group, GroupSettings>,
+    /// Settings the run started with; schedules scale from these.
+    pub base: BTreeMap<Group, GroupSettings>,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    /// Optimiser steps taken (for bias correction).
+    pub step: u64,
+}
+
+/// Gradients by parameter name (accumulated over micro-batches when asked).
+pub type Grads = HashMap<String, Tensor>;
+
+impl AdamW {
+    /// Groups as the tutorial: heads get `weight_decay`, the towers none; a frozen tower's
+    /// parameters are not trainable and get no state at all.
+    pub fn new(params: &ParamStore, cfg: &TrainConfig) -> Result<Self> {
+        let mut groups = BTreeMap::new();
+        groups.insert(
+            Group::ImageTower,
+            GroupSettings {
+                lr: cfg.lr_image,
+                weight_decay: 0.0,
+            },
+        );
+        groups.insert(
+            Group::TextTower,
+            GroupSettings {
+                lr: cfg.lr_text,
+                weight_decay: 0.0,
+            },
+        );
+        groups.insert(
+            Group::Heads,
+            GroupSettings {
+                lr: cfg.lr_head,
+                weight_decay: cfg.weight_decay,
+            },
+        );
+        let mut slots = vec![];
+        for (name, group, var) in params.trainable() {
+            let zeros = var.as_tensor().zeros_like()?.detach();
+            slots.push(Slot {
+                name,
+                group,
+                m: Var::from_tensor(&zeros)?,
+                v: Var::from_tensor(&zeros)?,
+                var,
+            });
+        }
+        Ok(Self {
+            slots,
+            base: groups.clone(),
+            groups,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            step: 0,
+        })
+    }
+
+    /// Names of the parameters this optimiser updates.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.slots.iter().map(|s| s.name.as_str())
+    }
+
+    /// Collects each trainable parameter's gradient by name (missing ones are left out).
+    pub fn grads_by_name(&self, grads: &GradStore) -> Grads {
+        self.slots
+            .iter()
+            .filter_map(|s| {
+                grads
+                    .get(s.var.as_tensor())
+                    .map(|g| (s.name.clone(), g.clone()))
+            })
+            .collect()
+    }
+
+    /// Global L2 norm of the gradients.
+    pub fn grad_norm(grads: &Grads) -> Result<f64> {
+        let mut total = 0f64;
+        for g in grads.values() {
+            total += g
+                .sqr()?
+                .sum_all()?
+                .to_dtype(candle_core::DType::F64)?
+                .to_scalar::<f64>()?;
+        }
+        Ok(total.sqrt())
+    }
+
+    /// One AdamW update. Parameters without a gradient are skipped, as PyTorch skips `grad=None`.
+    pub fn step(&mut self, grads: &Grads) -> Result<()> {
+        self.step += 1;
+        let t = self.step as i32;
+        let bc1 = 1.0 - self.beta1.powi(t);
+        let bc2 = 1.0 - self.beta2.powi(t);
+        for s in &self.slots {
+            let Some(g) = grads.get(&s.name) else {
+                continue;
+            };
+            let GroupSettings { lr, weight_decay } = self.groups[&s.group];
+            let p = s.var.as_tensor().detach();
+            let g = g.detach();
+            let m = ((s.m.as_tensor() * self.beta1)? + (&g * (1.0 - self.beta1))?)?;
+            let v = ((s.v.as_tensor() * self.beta2)? + (g.sqr()? * (1.0 - self.beta2))?)?;
+            // Decoupled weight decay first (p ← p − lr·wd·p), then the Adam step.
+            let p = if weight_decay > 0.0 {
+                (&p * (1.0 - lr * weight_decay))?
+            } else {
+                p
+            };
+            let denom = ((&v / bc2)?.sqrt()? + self.eps)?;
+            let update = ((&m / bc1)? / denom)?;
+            let p = (p - (update * lr)?)?;
+            s.m.set(&m)?;
+            s.v.set(&v)?;
+            s.var.set(&p)?;
+        }
+        Ok(())
+    }
+
+    /// Sets every group's learning rate to `factor` × its base.
+    pub fn scale_lr(&mut self, factor: f64) {
+        for (g, s) in self.groups.iter_mut() {
+            s.lr = self.base[g].lr * factor;
+        }
+    }
+
+    /// Saves the moments as safetensors (`m.NAME`, `v.NAME`) and the rest as JSON next to it.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let mut tensors = HashMap::new();
+        for s in &self.slots {
+            tensors.insert(
+                format!("m.{}", s.name),
+                s.m.as_tensor().to_device(&Device::Cpu)?,
+            );
+            tensors.insert(
+                format!("v.{}", s.name),
+                s.v.as_tensor().to_device(&Device::Cpu)?,
+            );
+        }
+        let bytes = safetensors_bytes(&tensors)?;
+        crate::checkpoint::write_atomic(path, &bytes)?;
+        let meta = OptimMeta {
+            step: self.step,
+            groups: self.groups.clone(),
+            base: self.base.clone(),
+        };
+        crate::checkpoint::write_atomic(
+            &path.with_extension("json"),
+            serde_json::to_string_pretty(&meta)?.as_bytes(),
+        )
+    }
+
+    pub fn load(&mut self, path: &Path) -> Result<()> {
+        let tensors = candle_core::safetensors::load(path, &Device::Cpu)
+            .with_context(|| format!("reading optimiser state {}", path.display()))?;
+        let meta_path = path.with_extension("json");
+        let meta: OptimMeta = serde_json::from_str(
+            &std::fs::read_to_string(&meta_path)
+                .with_context(|| format!("reading {}", meta_path.display()))?,
+        )
+        .with_context(|| format!("parsing {}", meta_path.display()))?;
+        for s in &self.slots {
+            let (Some(m), Some(v)) = (
+                tensors.get(&format!("m.{}", s.name)),
+                tensors.get(&format!("v.{}", s.name)),
+            ) else {
+                bail!("optimiser state {} has no moments for {} — was it saved with other frozen towers?", path.display(), s.name)
+            };
+            let dev = s.var.device();
+            s.m.set(&m.to_device(dev)?)?;
+            s.v.set(&v.to_device(dev)?)?;
+        }
+        self.step = meta.step;
+        self.groups = meta.groups;
+        self.base = meta.base;
+        Ok(())
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct OptimMeta {
+    step: u64,
+    groups: BTreeMap<Group, GroupSettings>,
+    base: BTreeMap<Group, GroupSettings>,
+}
+
+/// Serialises tensors to safetensors bytes in memory (so they can be written atomically).
+pub fn safetensors_bytes(tensors: &HashMap<String, Tensor>) -> Result<Vec<u8>> {
+    let mut sorted: Vec<(&String, &Tensor)> = tensors.iter().collect();
+    sorted.sort_by(|a, b| a.0.cmp(b.0));
+    Ok(safetensors::serialize(sorted, None)?)
+}

@@ -1,0 +1,319 @@
+//! Named parameters and buffers, created from a seeded RNG.
+//!
+//! candle's `VarMap` initialises through the device RNG, which cannot be seeded on the CPU, and it
+//! has no notion of parameter groups or buffers. Training needs all three: the same seed must give
+//! the same model, the optimiser gives each tower its own learning rate, and BatchNorm's running
+//! statistics must be saved without ever being trained. So every tensor of the model lives here,
+//! under its timm / Hugging Face name.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor, Var};
+use rand::{Rng, SeedableRng};
+
+/// Which optimiser group a parameter belongs to (each has its own learning rate).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Group {
+    ImageTower,
+    TextTower,
+    Heads,
+}
+
+impl Group {
+    pub const ALL: [Group; 3] = [Group::ImageTower, Group::TextTower, Group::Heads];
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Group::ImageTower => "image tower",
+            Group::TextTower => "text tower",
+            Group::Heads => "heads",
+        }
+    }
+}
+
+/// Whether a tensor is learned by gradient descent or only updated by the forward pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Learned; `trainable` is false when its tower is frozen.
+    Param { trainable: bool },
+    /// Running statistics: saved and loaded, never given to the optimiser.
+    Buffer,
+}
+
+#[derive(Clone)]
+pub struct Entry {
+    pub var: Var,
+    pub group: Group,
+    pub kind: Kind,
+}
+
+impl Entry {
+    pub fn is_trainable(&self) -> bool {
+        matches!(self.kind, Kind::Param { trainable: true })
+    }
+    pub fn is_param(&self) -> bool {
+        matches!(self.kind, Kind::Param { .. })
+    }
+}
+
+/// How a new parameter is filled.
+#[derive(Debug, Clone, Copy)]
+pub enum Init {
+    Const(f64),
+    Normal { std: f64 },
+    Uniform { bound: f64 },
+}
+
+/// All tensors of a model, by name, in creation order (a `BTreeMap` keeps listings stable).
+#[derive(Clone)]
+pub struct ParamStore {
+    inner: Arc<Mutex<Inner>>,
+    device: Device,
+}
+
+struct Inner {
+    entries: BTreeMap<String, Entry>,
+    rng: rand::rngs::StdRng,
+}
+
+impl ParamStore {
+    pub fn new(device: &Device, seed: u64) -> Self {
+        Self {
+            inner: Arc::new(Mutex::new(Inner {
+                entries: BTreeMap::new(),
+                rng: rand::rngs::StdRng::seed_from_u64(seed),
+            })),
+            device: device.clone(),
+        }
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// A builder that prefixes names and tags new tensors with `group`.
+    pub fn root(&self, group: Group, trainable: bool) -> ParamBuilder {
+        ParamBuilder {
+            store: self.clone(),
+            prefix: String::new(),
+            group,
+            trainable,
+        }
+    }
+
+    pub fn entries(&self) -> Vec<(String, Entry)> {
+        let inner = self.inner.lock().unwrap();
+        inner
+            .entries
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
+    pub fn get(&self, name: &str) -> Option<Entry> {
+        self.inner.lock().unwrap().entries.get(name).cloned()
+    }
+
+    /// The trainable variables, with their names and groups.
+    pub fn trainable(&self) -> Vec<(String, Group, Var)> {
+        self.entries()
+            .into_iter()
+            .filter(|(_, e)| e.is_trainable())
+            .map(|(n, e)| (n, e.group, e.var))
+            .collect()
+    }
+
+    /// Number of scalar parameters (not buffers) per group, as (trainable, frozen).
+    pub fn count(&self, group: Group) -> (usize, usize) {
+        let mut t = 0;
+        let mut f = 0;
+        for (_, e) in self.entries() {
+            if e.group != group || !e.is_param() {
+                continue;
+            }
+            let n = e.var.elem_count();
+            if e.is_trainable() {
+                t += n
+            } else {
+                f += n
+            }
+        }
+        (t, f)
+    }
+
+    pub fn total_params(&self) -> usize {
+        Group::ALL
+            .iter()
+            .map(|g| {
+                let (t, f) = self.count(*g);
+                t + f
+            })
+            .sum()
+    }
+
+    fn create(
+        &self,
+        name: String,
+        shape: &[usize],
+        init: Init,
+        group: Group,
+        kind: Kind,
+    ) -> Result<Tensor> {
+        let mut inner = self.inner.lock().unwrap();
+        if inner.entries.contains_key(&name) {
+            bail!("internal error: parameter {name} created twice");
+        }
+        let n: usize = shape.iter().product();
+        let data: Vec<f32> = match init {
+            Init::Const(c) => vec![c as f32; n],
+            Init::Uniform { bound } => (0..n)
+                .map(|_| inner.rng.random_range(-bound..=bound) as f32)
+                .collect(),
+            Init::Normal { std } => {
+                let mut v = Vec::with_capacity(n);
+                while v.len() < n {
+                    // Box–Muller: two independent normals per pair of uniforms.
+                    let u1: f64 = inner.rng.random::<f64>().max(f64::MIN_POSITIVE);
+                    let u2: f64 = inner.rng.random::<f64>();
+                    let r = (-2.0 * u1.ln()).sqrt();
+                    v.push((r * (2.0 * std::f64::consts::PI * u2).cos() * std) as f32);
+                    if v.len() < n {
+                        v.push((r * (2.0 * std::f64::consts::PI * u2).sin() * std) as f32);
+                    }
+                }
+                v
+            }
+        };
+        let t = Tensor::from_vec(data, shape, &Device::Cpu)?.to_device(&self.device)?;
+        let var = Var::from_tensor(&t)?;
+        let tensor = match kind {
+            Kind::Param { trainable: true } => var.as_tensor().clone(),
+            // Frozen parameters and buffers share the variable's storage (so loading and running-stat
+            // updates are seen) but never enter the autograd graph.
+            _ => var.as_tensor().detach(),
+        };
+        inner.entries.insert(name, Entry { var, group, kind });
+        Ok(tensor)
+    }
+
+    /// Named tensors for saving (parameters and buffers).
+    pub fn tensors(&self) -> BTreeMap<String, Tensor> {
+        self.entries()
+            .into_iter()
+            .map(|(n, e)| (n, e.var.as_tensor().detach()))
+            .collect()
+    }
+
+    /// Loads every parameter and buffer from a safetensors file. Every name must be present with the
+    /// right shape; the error lists what is missing or mismatched so a wrong file is obvious.
+    pub fn load_safetensors(&self, path: &Path) -> Result<()> {
+        let loaded = candle_core::safetensors::load(path, &Device::Cpu)
+            .with_context(|| format!("reading weights from {}", path.display()))?;
+        self.load_map(&loaded)
+            .with_context(|| format!("loading weights from {}", path.display()))
+    }
+
+    pub fn load_map(&self, loaded: &std::collections::HashMap<String, Tensor>) -> Result<()> {
+        let mut missing = vec![];
+        let mut mismatched = vec![];
+        for (name, e) in self.entries() {
+            match loaded.get(&name) {
+                None => missing.push(name),
+                Some(t) if t.dims() != e.var.dims() => mismatched.push(format!(
+                    "{name}: file {:?}, model {:?}",
+                    t.dims(),
+                    e.var.dims()
+                )),
+                Some(_) => {}
+            }
+        }
+        if !missing.is_empty() || !mismatched.is_empty() {
+            let show = |v: &[String]| {
+                let mut s = v.iter().take(8).cloned().collect::<Vec<_>>().join(", ");
+                if v.len() > 8 {
+                    s.push_str(&format!(" … and {} more", v.len() - 8));
+                }
+                s
+            };
+            bail!(
+                "the weights do not fit this model ({} missing, {} with another shape){}{} — was it saved with another config?",
+                missing.len(),
+                mismatched.len(),
+                if missing.is_empty() { String::new() } else { format!("; missing: {}", show(&missing)) },
+                if mismatched.is_empty() { String::new() } else { format!("; shapes differ: {}", show(&mismatched)) },
+            );
+        }
+        for (name, e) in self.entries() {
+            let t = loaded[&name]
+                .to_dtype(DType::F32)?
+                .to_device(&self.device)?;
+            e.var.set(&t)?;
+        }
+        Ok(())
+    }
+}
+
+/// Creates tensors under a name prefix, like candle-nn's `VarBuilder::pp`.
+#[derive(Clone)]
+pub struct ParamBuilder {
+    store: ParamStore,
+    prefix: String,
+    group: Group,
+    trainable: bool,
+}
+
+impl ParamBuilder {
+    pub fn pp(&self, name: impl std::fmt::Display) -> Self {
+        let prefix = if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{}", self.prefix, name)
+        };
+        Self {
+            prefix,
+            ..self.clone()
+        }
+    }
+
+    fn full_name(&self, name: &str) -> String {
+        if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{}", self.prefix, name)
+        }
+    }
+
+    /// A learned tensor (trainable unless its tower is frozen).
+    pub fn param(&self, name: &str, shape: &[usize], init: Init) -> Result<Tensor> {
+        self.store.create(
+            self.full_name(name),
+            shape,
+            init,
+            self.group,
+            Kind::Param {
+                trainable: self.trainable,
+            },
+        )
+    }
+
+    /// A buffer (running statistics): returns the variable so the forward pass can update it.
+    pub fn buffer(&self, name: &str, shape: &[usize], init: Init) -> Result<Var> {
+        let full = self.full_name(name);
+        self.store
+            .create(full.clone(), shape, init, self.group, Kind::Buffer)?;
+        Ok(self.store.get(&full).expect("just created").var)
+    }
+
+    pub fn device(&self) -> &Device {
+        self.store.device()
+    }
+
+    pub fn store(&self) -> &ParamStore {
+        &self.store
+    }
+}

@@ -1,0 +1,108 @@
+//! What a stage checked, printed for people and written as JSON for the pipeline.
+
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Check {
+    pub name: String,
+    pub passed: bool,
+    /// What was measured, or why it failed and what to try.
+    pub detail: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub stage: u8,
+    pub name: String,
+    pub passed: bool,
+    pub checks: Vec<Check>,
+    /// Numbers worth keeping (parameter counts, losses, timings …).
+    pub metrics: Map<String, Value>,
+    pub seconds: f64,
+    #[serde(skip)]
+    started: Option<Instant>,
+}
+
+impl Report {
+    pub fn new(stage: u8, name: &str) -> Self {
+        Self {
+            stage,
+            name: name.into(),
+            passed: true,
+            checks: vec![],
+            metrics: Map::new(),
+            seconds: 0.0,
+            started: Some(Instant::now()),
+        }
+    }
+
+    /// Records a check and prints it as it happens.
+    pub fn check(&mut self, name: &str, passed: bool, detail: impl Into<String>) -> bool {
+        let detail = detail.into();
+        println!(
+            "  [{}] {name}: {detail}",
+            if passed { "ok" } else { "FAIL" }
+        );
+        self.passed &= passed;
+        self.checks.push(Check {
+            name: name.into(),
+            passed,
+            detail,
+        });
+        passed
+    }
+
+    pub fn metric(&mut self, key: &str, value: impl Serialize) {
+        self.metrics.insert(
+            key.into(),
+            serde_json::to_value(value).unwrap_or(Value::Null),
+        );
+    }
+
+    pub fn failed_checks(&self) -> Vec<&Check> {
+        self.checks.iter().filter(|c| !c.passed).collect()
+    }
+
+    /// Prints the verdict, writes the JSON report if asked, and returns the process exit code.
+    pub fn finish(mut self, json: Option<&Path>) -> Result<std::process::ExitCode> {
+        if let Some(t) = self.started {
+            self.seconds = t.elapsed().as_secs_f64();
+        }
+        println!();
+        if self.passed {
+            println!(
+                "stage {} ({}) PASSED: {} checks in {:.1}s",
+                self.stage,
+                self.name,
+                self.checks.len(),
+                self.seconds
+            );
+        } else {
+            println!("stage {} ({}) FAILED:", self.stage, self.name);
+            for c in self.failed_checks() {
+                println!("  - {}: {}", c.name, c.detail);
+            }
+        }
+        if let Some(path) = json {
+            write_json_atomic(path, &self)?;
+            println!("report: {}", path.display());
+        }
+        Ok(if self.passed {
+            std::process::ExitCode::SUCCESS
+        } else {
+            std::process::ExitCode::FAILURE
+        })
+    }
+}
+
+/// Writes JSON via a temporary file and a rename, so a crash never leaves half a file.
+pub fn write_json_atomic(path: &Path, value: &impl Serialize) -> Result<()> {
+    let text = serde_json::to_string_pretty(value)?;
+    crate::checkpoint::write_atomic(path, text.as_bytes())
+        .with_context(|| format!("writing {}", path.display()))
+}

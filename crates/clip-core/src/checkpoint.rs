@@ -28,3 +28,27 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
     Ok(())
 }
+
+use candle_core::Device;
+
+use crate::params::ParamStore;
+pub use crate::run_dir::RunDir;
+
+/// Files of a run folder written by stage 4.
+pub const WEIGHTS: &str = "model.safetensors";
+pub const CONFIG: &str = "config.toml";
+pub const TOKENIZER: &str = "tokenizer.json";
+pub const METRICS: &str = "metrics.json";
+pub const OPTIMIZER: &str = "optimizer.safetensors";
+/// The latest epoch's checkpoint (for `--resume`), beside the best one.
+pub const LAST: &str = "last";
+pub const STATE: &str = "state.json";
+
+/// Saves every parameter and buffer as safetensors, atomically.
+pub fn save_weights(params: &ParamStore, path: &Path) -> Result<()> {
+    let mut tensors = std::collections::HashMap::new();
+    for (name, t) in params.tensors() {
+        tensors.insert(name, t.to_device(&Device::Cpu)?);
+    }
+    write_atomic(path, &crate::optim::safetensors_bytes(&tensors)?)
+}

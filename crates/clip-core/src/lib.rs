@@ -17,8 +17,14 @@ pub mod checkpoint;
 pub mod cli;
 pub mod report;
 pub const CANDLE_VERSION: &str = "0.11.1";
+pub mod data;
+pub mod embed;
+pub mod fit;
+pub mod index;
 pub mod optim;
-pub mod schedule;
-// pub mod train; (enabled once data lands)
 pub mod plot;
+pub mod prepare;
 pub mod retrieval;
+pub mod run_dir;
+pub mod schedule;
+pub mod train;

@@ -2,10 +2,10 @@
 
 use anyhow::Result;
 use candle_core::Tensor;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Recall@1/5/10 in both directions.
-#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq)]
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq)]
 pub struct Recall {
     pub i2t_r1: f64,
     pub i2t_r5: f64,

@@ -32,7 +32,12 @@ pub fn step_seed(seed: u64, step: u64) -> u64 {
 /// Forward, backward and one AdamW update over one or more micro-batches (gradient accumulation).
 ///
 /// Errors when the loss is NaN/Inf, before any weight is touched.
-pub fn train_step(model: &ClipModel, opt: &mut AdamW, micro_batches: &[Batch], clip_grad_norm: f64) -> Result<StepOutcome> {
+pub fn train_step(
+    model: &ClipModel,
+    opt: &mut AdamW,
+    micro_batches: &[Batch],
+    clip_grad_norm: f64,
+) -> Result<StepOutcome> {
     if micro_batches.is_empty() {
         bail!("train_step needs at least one batch");
     }
@@ -45,10 +50,17 @@ pub fn train_step(model: &ClipModel, opt: &mut AdamW, micro_batches: &[Batch], c
         let loss = model.loss(&e)?;
         let value = loss.to_scalar::<f32>()? as f64;
         if !value.is_finite() {
-            bail!("the loss is {value} at step {}: lower the learning rates, or check stage 3", opt.step + 1);
+            bail!(
+                "the loss is {value} at step {}: lower the learning rates, or check stage 3",
+                opt.step + 1
+            );
         }
         total_loss += value;
-        let loss = if micro_batches.len() > 1 { (loss / k)? } else { loss };
+        let loss = if micro_batches.len() > 1 {
+            (loss / k)?
+        } else {
+            loss
+        };
         let grads = opt.grads_by_name(&loss.backward()?);
         for (name, g) in grads {
             match acc.remove(&name) {
@@ -68,12 +80,21 @@ pub fn train_step(model: &ClipModel, opt: &mut AdamW, micro_batches: &[Batch], c
         }
     }
     opt.step(&acc)?;
-    Ok(StepOutcome { loss: total_loss / k, grad_norm, grads: acc })
+    Ok(StepOutcome {
+        loss: total_loss / k,
+        grad_norm,
+        grads: acc,
+    })
 }
 
 /// Loss of a batch in evaluation mode (no dropout, BatchNorm running statistics).
 pub fn eval_loss(model: &ClipModel, batch: &Batch) -> Result<f64> {
-    let e = model.forward(&batch.images, &batch.input_ids, &batch.attention_mask, false)?;
+    let e = model.forward(
+        &batch.images,
+        &batch.input_ids,
+        &batch.attention_mask,
+        false,
+    )?;
     Ok(model.loss(&e)?.to_scalar::<f32>()? as f64)
 }
 
@@ -96,10 +117,28 @@ pub fn gradient_coverage(names: &[String], grads: &Grads) -> Result<Vec<(String,
 
 /// Copies every tensor of the model to the CPU, by name (to compare before and after a step).
 pub fn snapshot(model: &ClipModel) -> Result<HashMap<String, Tensor>> {
-    model.params.entries().into_iter().map(|(n, e)| Ok((n, e.var.as_tensor().to_device(&candle_core::Device::Cpu)?))).collect()
+    model
+        .params
+        .entries()
+        .into_iter()
+        .map(|(n, e)| {
+            Ok((
+                n,
+                e.var
+                    .as_tensor()
+                    .detach()
+                    .to_device(&candle_core::Device::Cpu)?
+                    .copy()?,
+            ))
+        })
+        .collect()
 }
 
 /// Whether two snapshots of a tensor differ anywhere.
 pub fn changed(a: &Tensor, b: &Tensor) -> Result<bool> {
-    Ok(a.ne(b)?.to_dtype(candle_core::DType::F32)?.sum_all()?.to_scalar::<f32>()? > 0.0)
+    Ok(a.ne(b)?
+        .to_dtype(candle_core::DType::F32)?
+        .sum_all()?
+        .to_scalar::<f32>()?
+        > 0.0)
 }

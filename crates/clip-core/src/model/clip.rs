@@ -1,3 +1,5 @@
+use std::sync::atomic::{AtomicU8, Ordering};
+
 use anyhow::Result;
 use candle_core::{Device, ModuleT, Tensor};
 
@@ -25,6 +27,15 @@ pub struct ClipModel {
     text_projection: ProjectionHead,
     logit_scale: Option<Tensor>,
     dropout_rng: DropoutRng,
+    cut: AtomicU8,
+}
+
+/// A tower whose output can be cut from the graph on purpose (stage 3's `--cut-gradient`), to see
+/// the gradient check name every variable upstream of the cut.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tower {
+    Image,
+    Text,
 }
 
 impl ClipModel {
@@ -80,6 +91,7 @@ impl ClipModel {
             text_projection,
             logit_scale,
             dropout_rng,
+            cut: AtomicU8::new(0),
         })
     }
 
@@ -92,9 +104,27 @@ impl ClipModel {
         self.dropout_rng.reseed(seed)
     }
 
+    /// Detaches a tower's output from the graph (a deliberate bug, for demonstrating the checks).
+    pub fn cut_gradient(&self, tower: Option<Tower>) {
+        let v = match tower {
+            None => 0,
+            Some(Tower::Image) => 1,
+            Some(Tower::Text) => 2,
+        };
+        self.cut.store(v, Ordering::Relaxed);
+    }
+
+    fn is_cut(&self, tower: Tower) -> bool {
+        let v = self.cut.load(Ordering::Relaxed);
+        (v == 1 && tower == Tower::Image) || (v == 2 && tower == Tower::Text)
+    }
+
     /// Images (B, 3, S, S), normalised → embeddings (B, P).
     pub fn encode_image(&self, images: &Tensor, train: bool) -> Result<Tensor> {
-        let features = self.image_encoder.forward_t(images, train)?;
+        let mut features = self.image_encoder.forward_t(images, train)?;
+        if self.is_cut(Tower::Image) {
+            features = features.detach();
+        }
         Ok(self.image_projection.forward_t(&features, train)?)
     }
 
@@ -105,9 +135,12 @@ impl ClipModel {
         attention_mask: &Tensor,
         train: bool,
     ) -> Result<Tensor> {
-        let cls = self
+        let mut cls = self
             .text_encoder
             .forward(input_ids, attention_mask, train)?;
+        if self.is_cut(Tower::Text) {
+            cls = cls.detach();
+        }
         Ok(self.text_projection.forward_t(&cls, train)?)
     }
 

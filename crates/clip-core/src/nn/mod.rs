@@ -9,7 +9,7 @@ mod linear;
 mod max_pool;
 
 pub use batch_norm::BatchNorm2d;
-pub use conv::Conv2d;
+pub use conv::{conv2d_im2col, Conv2d};
 pub use dropout::{Dropout, DropoutRng};
 pub use layer_norm::LayerNorm;
 pub use linear::{Embedding, Linear};

@@ -1,0 +1,267 @@
+//! Batches of pairs for training and evaluation, built on a background thread.
+//!
+//! Captions are tokenised once, when the loader is made; images come from the in-memory
+//! [`ImageStore`]. While the model works on one batch, the thread prepares the next two
+//! (normalising and, when asked, augmenting the images in parallel), so the model never waits.
+//! The worker hands over plain vectors and the tensors are made on the caller's thread, so the
+//! device is only ever touched from there.
+
+use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use anyhow::{bail, Result};
+use candle_core::{Device, Tensor};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rayon::prelude::*;
+
+use super::tokenizer::pad;
+use super::{mix, Dataset, ImageStore, TextTokenizer};
+use crate::config::ClipConfig;
+
+/// Batches prepared ahead of the one being used.
+const PREFETCH: usize = 2;
+
+/// One batch of B pairs: pair k is (image k, caption k).
+pub struct Batch {
+    /// (B, 3, S, S) f32, normalised.
+    pub images: Tensor,
+    /// (B, L) u32, `[CLS] … [SEP] [PAD]…`, L the longest caption of the batch.
+    pub input_ids: Tensor,
+    /// (B, L) u32: 1 on tokens, 0 on padding.
+    pub attention_mask: Tensor,
+    /// Indices into `Dataset::pairs`.
+    pub pairs: Vec<usize>,
+}
+
+/// A distinct, well-mixed shuffle seed for each epoch of a run.
+pub fn epoch_seed(seed: u64, epoch: usize) -> u64 {
+    mix(seed, epoch as u64)
+}
+
+/// The data of a batch, before it becomes tensors.
+struct RawBatch {
+    images: Vec<f32>,
+    ids: Vec<u32>,
+    mask: Vec<u32>,
+    len: usize,
+    pairs: Vec<usize>,
+}
+
+/// What the worker thread needs, shared with it.
+struct Shared {
+    store: Arc<ImageStore>,
+    /// Token ids of each pair of the dataset, `[CLS] … [SEP]`.
+    tokens: Vec<Vec<u32>>,
+    /// Image of each pair.
+    images: Vec<usize>,
+    pad: u32,
+}
+
+impl Shared {
+    fn raw_batch(&self, pairs: &[usize], augment_seed: Option<u64>) -> Result<RawBatch> {
+        if let Some(&p) = pairs.iter().find(|&&p| p >= self.tokens.len()) {
+            bail!(
+                "pair index {p} is out of range: the dataset has {} pairs",
+                self.tokens.len()
+            );
+        }
+        let image_indices: Vec<usize> = pairs.iter().map(|&p| self.images[p]).collect();
+        let images = self.store.batch_pixels(&image_indices, augment_seed)?;
+        let seqs: Vec<&[u32]> = pairs.iter().map(|&p| self.tokens[p].as_slice()).collect();
+        let (ids, mask, len) = pad(&seqs, self.pad);
+        Ok(RawBatch {
+            images,
+            ids,
+            mask,
+            len,
+            pairs: pairs.to_vec(),
+        })
+    }
+}
+
+fn to_batch(raw: RawBatch, size: usize, device: &Device) -> Result<Batch> {
+    let b = raw.pairs.len();
+    Ok(Batch {
+        images: Tensor::from_vec(raw.images, (b, 3, size, size), device)?,
+        input_ids: Tensor::from_vec(raw.ids, (b, raw.len), device)?,
+        attention_mask: Tensor::from_vec(raw.mask, (b, raw.len), device)?,
+        pairs: raw.pairs,
+    })
+}
+
+pub struct Loader {
+    shared: Arc<Shared>,
+    device: Device,
+    seed: u64,
+}
+
+impl Loader {
+    /// Tokenises every caption of `ds` once (in parallel) and checks the tokenizer fits the model.
+    pub fn new(
+        ds: &Dataset,
+        store: Arc<ImageStore>,
+        tok: &TextTokenizer,
+        cfg: &ClipConfig,
+        device: &Device,
+    ) -> Result<Loader> {
+        tok.check_fits(cfg)?;
+        if store.len() != ds.images.len() || store.size() != cfg.image.image_size {
+            bail!(
+                "the image store ({} images of {} px) was not made from this dataset and config ({} images of {} px)",
+                store.len(),
+                store.size(),
+                ds.images.len(),
+                cfg.image.image_size
+            );
+        }
+        let tokens = ds
+            .pairs
+            .par_iter()
+            .map(|p| tok.encode(&p.caption))
+            .collect::<Result<Vec<_>>>()?;
+        let images = ds.pairs.iter().map(|p| p.image).collect();
+        Ok(Loader {
+            shared: Arc::new(Shared {
+                store,
+                tokens,
+                images,
+                pad: tok.pad_id(),
+            }),
+            device: device.clone(),
+            seed: cfg.seed,
+        })
+    }
+
+    /// Batches of `batch_size` pairs, shuffled with `shuffle_seed` (in the given order with
+    /// `None`), augmented when `augment`. The last partial batch is kept when it has at least 2
+    /// pairs (a contrastive loss and BatchNorm need 2) and dropped otherwise.
+    pub fn batches(
+        &self,
+        pairs: &[usize],
+        batch_size: usize,
+        shuffle_seed: Option<u64>,
+        augment: bool,
+    ) -> Batches {
+        let mut batches = Batches {
+            rx: None,
+            worker: None,
+            error: None,
+            remaining: 0,
+            size: self.shared.store.size(),
+            device: self.device.clone(),
+        };
+        if batch_size < 2 {
+            batches.error = Some(anyhow::anyhow!(
+                "batch size {batch_size} is too small: a contrastive batch needs at least 2 pairs"
+            ));
+            return batches;
+        }
+        let mut order = pairs.to_vec();
+        if let Some(seed) = shuffle_seed {
+            order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed));
+        }
+        let chunks: Vec<Vec<usize>> = order
+            .chunks(batch_size)
+            .filter(|c| c.len() >= 2)
+            .map(<[usize]>::to_vec)
+            .collect();
+        batches.remaining = chunks.len();
+        let (tx, rx) = sync_channel(PREFETCH);
+        let shared = Arc::clone(&self.shared);
+        // Each batch's augmentation seed depends only on the epoch's seed and the batch's position.
+        let aug_base = mix(shuffle_seed.unwrap_or(self.seed), 0xa06);
+        let worker = std::thread::Builder::new()
+            .name("clipmine-loader".into())
+            .spawn(move || {
+                for (k, chunk) in chunks.iter().enumerate() {
+                    let raw = shared.raw_batch(chunk, augment.then(|| mix(aug_base, k as u64)));
+                    let failed = raw.is_err();
+                    if tx.send(raw).is_err() || failed {
+                        break;
+                    }
+                }
+            });
+        match worker {
+            Ok(w) => (batches.rx, batches.worker) = (Some(rx), Some(w)),
+            Err(e) => batches.error = Some(anyhow::anyhow!("cannot start the loader thread: {e}")),
+        }
+        batches
+    }
+
+    /// One batch of exactly these pairs, in this order, without augmentation (e.g. a fixed
+    /// batch to check or to visualise).
+    pub fn batch(&self, pairs: &[usize]) -> Result<Batch> {
+        to_batch(
+            self.shared.raw_batch(pairs, None)?,
+            self.shared.store.size(),
+            &self.device,
+        )
+    }
+
+    /// Number of batches [`Loader::batches`] yields for `n_pairs` pairs.
+    pub fn num_batches(n_pairs: usize, batch_size: usize) -> usize {
+        if batch_size < 2 {
+            return 0;
+        }
+        n_pairs / batch_size + usize::from(n_pairs % batch_size >= 2)
+    }
+
+    /// Token ids of pair `i`, `[CLS] … [SEP]`.
+    pub fn tokens(&self, pair: usize) -> &[u32] {
+        &self.shared.tokens[pair]
+    }
+}
+
+/// The batches of one pass, received from the loader thread. Dropping it stops the thread.
+pub struct Batches {
+    rx: Option<Receiver<Result<RawBatch>>>,
+    worker: Option<JoinHandle<()>>,
+    error: Option<anyhow::Error>,
+    remaining: usize,
+    size: usize,
+    device: Device,
+}
+
+impl Iterator for Batches {
+    type Item = Result<Batch>;
+
+    fn next(&mut self) -> Option<Result<Batch>> {
+        if let Some(e) = self.error.take() {
+            self.remaining = 0;
+            return Some(Err(e));
+        }
+        if self.remaining == 0 {
+            return None;
+        }
+        self.remaining -= 1;
+        let received = self.rx.as_ref()?.recv();
+        let result = match received {
+            Ok(Ok(raw)) => to_batch(raw, self.size, &self.device),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(anyhow::anyhow!("the loader thread stopped unexpectedly")),
+        };
+        if result.is_err() {
+            self.remaining = 0;
+        }
+        Some(result)
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        let n = self.remaining + usize::from(self.error.is_some());
+        (n, Some(n))
+    }
+}
+
+impl ExactSizeIterator for Batches {}
+
+impl Drop for Batches {
+    fn drop(&mut self) {
+        // Closing the channel makes the worker's next send fail, so it stops after the batch in hand.
+        self.rx.take();
+        if let Some(w) = self.worker.take() {
+            let _ = w.join();
+        }
+    }
+}

@@ -1,0 +1,58 @@
+//! Image–caption data: datasets, the image store, the tokenizer and the batch loader.
+//!
+//! The pipeline is built so that data is never the bottleneck and never the surprise:
+//!
+//! 1. [`Dataset::load`] reads a captions file (CSV, TSV, `|`-separated or JSON Lines) or class
+//!    folders into [`Pair`]s, checking every row (missing images, empty captions, bad UTF-8 …) and
+//!    naming the file and line of each problem.
+//! 2. [`ImageStore::load`] decodes every image once, in parallel, into u8 RGB at the model's size,
+//!    so a corrupt file is found up front and an epoch costs no decoding.
+//! 3. [`TextTokenizer`] turns captions into WordPiece ids (trained on the captions, so Chinese
+//!    characters are tokens of their own rather than `[UNK]`).
+//! 4. [`Loader`] shuffles pairs per epoch and builds [`Batch`]es on a background thread.
+//!
+//! [`Dataset::split`] holds out whole images for validation, so no caption of a validation image
+//! is ever trained on.
+
+mod captions;
+mod dataset;
+mod folders;
+mod image;
+mod loader;
+mod split;
+mod store;
+mod tokenizer;
+mod wordpiece;
+
+pub use captions::CaptionFormat;
+pub use dataset::{BadRow, Dataset, ImageEntry, LoadOptions, Pair, Source, DEFAULT_TEMPLATE};
+pub use folders::render_template;
+pub use image::{normalised_range, IMAGENET_MEAN, IMAGENET_STD, IMAGE_EXTENSIONS};
+pub use loader::{epoch_seed, Batch, Batches, Loader};
+pub use split::Split;
+pub use store::ImageStore;
+pub use tokenizer::{TextTokenizer, UnkReport, SPECIAL_TOKENS};
+
+/// SplitMix64: turns a seed and a counter into well-spread, independent seeds (per epoch, per
+/// batch, per image), so every random choice of the pipeline is reproducible.
+pub(crate) fn mix(seed: u64, n: u64) -> u64 {
+    let mut z = seed ^ n.wrapping_add(1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// At most this many bad rows are listed in an error; the total is always given.
+pub(crate) const MAX_LISTED: usize = 10;
+
+/// "FILE: 3 bad rows:\n  FILE:LINE: reason …\n  … and 2 more" for an error message.
+pub(crate) fn list_bad(bad: &[BadRow]) -> String {
+    let mut s = String::new();
+    for b in bad.iter().take(MAX_LISTED) {
+        s.push_str(&format!("\n  {b}"));
+    }
+    if bad.len() > MAX_LISTED {
+        s.push_str(&format!("\n  … and {} more", bad.len() - MAX_LISTED));
+    }
+    s
+}

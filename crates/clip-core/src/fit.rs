@@ -1,0 +1,379 @@
+//! Training over many epochs: the loop behind stage 4, with validation, schedules, checkpoints
+//! and resume.
+//!
+//! A run folder holds the best model by validation loss (`model.safetensors`, `optimizer.*`,
+//! `config.toml`, `tokenizer.json`, `metrics.json`) and the latest epoch under `last/` for
+//! `--resume`. Every file is written atomically; `last/` is replaced as a whole, so a crash leaves
+//! either the previous epoch's checkpoint or the new one.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::checkpoint::{
+    save_weights, write_atomic, CONFIG, LAST, METRICS, OPTIMIZER, STATE, TOKENIZER, WEIGHTS,
+};
+use crate::config::{ClipConfig, Schedule};
+use crate::data::Batch;
+use crate::embed::{embed_store_images, embed_texts};
+use crate::loss::cosine_similarity;
+use crate::model::ClipModel;
+use crate::optim::AdamW;
+use crate::params::Group;
+use crate::prepare::Prepared;
+use crate::retrieval::{to_rows, Recall};
+use crate::schedule::{cosine, Plateau};
+use crate::train::{eval_loss, train_step};
+
+/// One line of the training history.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EpochRecord {
+    pub epoch: usize,
+    pub train_loss: f64,
+    pub val_loss: f64,
+    pub lr_image: f64,
+    pub lr_text: f64,
+    pub lr_head: f64,
+    pub recall: Recall,
+    pub seconds: f64,
+    pub pairs_per_second: f64,
+}
+
+/// What `--resume` needs besides weights and optimiser state.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainState {
+    /// Epochs completed.
+    pub epoch: usize,
+    pub best_val_loss: f64,
+    pub best_epoch: usize,
+    pub plateau: Plateau,
+    pub history: Vec<EpochRecord>,
+}
+
+pub struct Trainer {
+    pub cfg: ClipConfig,
+    pub model: ClipModel,
+    pub opt: AdamW,
+    pub data: Prepared,
+    pub out: PathBuf,
+    pub state: TrainState,
+}
+
+impl Trainer {
+    /// A fresh run writing into `out` (created; its config and tokenizer are written now).
+    pub fn new(cfg: &ClipConfig, data: Prepared, out: &Path) -> Result<Self> {
+        let model = ClipModel::new(cfg, &data.device)?;
+        let opt = AdamW::new(&model.params, &cfg.train)?;
+        std::fs::create_dir_all(out)
+            .with_context(|| format!("creating run folder {}", out.display()))?;
+        write_atomic(&out.join(CONFIG), cfg.to_toml()?.as_bytes())?;
+        data.tokenizer.save(&out.join(TOKENIZER))?;
+        let state = TrainState {
+            epoch: 0,
+            best_val_loss: f64::INFINITY,
+            best_epoch: 0,
+            plateau: Plateau::new(cfg.train.patience, cfg.train.factor),
+            history: vec![],
+        };
+        Ok(Self {
+            cfg: cfg.clone(),
+            model,
+            opt,
+            data,
+            out: out.to_path_buf(),
+            state,
+        })
+    }
+
+    /// Continues the run in `out` from its last completed epoch.
+    pub fn resume(cfg: &ClipConfig, data: Prepared, out: &Path) -> Result<Self> {
+        let mut t = Self::new_without_writing(cfg, data, out)?;
+        let last = last_dir(out)?;
+        t.model.params.load_safetensors(&last.join(WEIGHTS))?;
+        t.opt.load(&last.join(OPTIMIZER))?;
+        let state_path = last.join(STATE);
+        t.state = serde_json::from_str(
+            &std::fs::read_to_string(&state_path)
+                .with_context(|| format!("reading {}", state_path.display()))?,
+        )
+        .with_context(|| format!("parsing {}", state_path.display()))?;
+        Ok(t)
+    }
+
+    fn new_without_writing(cfg: &ClipConfig, data: Prepared, out: &Path) -> Result<Self> {
+        let model = ClipModel::new(cfg, &data.device)?;
+        let opt = AdamW::new(&model.params, &cfg.train)?;
+        let state = TrainState {
+            epoch: 0,
+            best_val_loss: f64::INFINITY,
+            best_epoch: 0,
+            plateau: Plateau::new(cfg.train.patience, cfg.train.factor),
+            history: vec![],
+        };
+        Ok(Self {
+            cfg: cfg.clone(),
+            model,
+            opt,
+            data,
+            out: out.to_path_buf(),
+            state,
+        })
+    }
+
+    /// Optimiser steps in one epoch.
+    pub fn steps_per_epoch(&self) -> usize {
+        let b = self.cfg.train.batch_size;
+        let n = self.data.split.train.len();
+        let batches = n / b + usize::from(n % b >= 2);
+        batches.div_ceil(self.cfg.train.accumulate).max(1)
+    }
+
+    /// Trains one epoch; `on_step(step_in_epoch, loss, pairs_per_s)` reports progress.
+    /// Returns (mean loss, pairs per second).
+    pub fn train_epoch(&mut self, mut on_step: impl FnMut(usize, f64, f64)) -> Result<(f64, f64)> {
+        let epoch = self.state.epoch;
+        let total_steps = (self.cfg.train.epochs * self.steps_per_epoch()) as u64;
+        let started = Instant::now();
+        let mut losses = vec![];
+        let mut pairs = 0usize;
+        let mut pending: Vec<Batch> = vec![];
+        let batches = self.data.loader.batches(
+            &self.data.split.train,
+            self.cfg.train.batch_size,
+            Some(crate::data::epoch_seed(self.cfg.seed, epoch)),
+            self.cfg.data.augment,
+        );
+        let mut step = 0usize;
+        let mut iter = batches.into_iter().peekable();
+        while let Some(b) = iter.next() {
+            pending.push(b?);
+            if pending.len() < self.cfg.train.accumulate && iter.peek().is_some() {
+                continue;
+            }
+            if self.cfg.train.schedule == Schedule::Cosine {
+                self.opt.scale_lr(cosine(
+                    self.opt.step,
+                    self.cfg.train.warmup_steps as u64,
+                    total_steps,
+                ));
+            }
+            let n: usize = pending.iter().map(|b| b.pairs.len()).sum();
+            let out = train_step(
+                &self.model,
+                &mut self.opt,
+                &pending,
+                self.cfg.train.clip_grad_norm,
+            )
+            .with_context(|| format!("epoch {}, step {}", epoch + 1, step + 1))?;
+            pending.clear();
+            pairs += n;
+            losses.push(out.loss);
+            step += 1;
+            on_step(
+                step,
+                out.loss,
+                pairs as f64 / started.elapsed().as_secs_f64().max(1e-9),
+            );
+        }
+        if losses.is_empty() {
+            bail!(
+                "no training batch of at least 2 pairs: the training split has {} pairs",
+                self.data.split.train.len()
+            );
+        }
+        let mean = losses.iter().sum::<f64>() / losses.len() as f64;
+        Ok((
+            mean,
+            pairs as f64 / started.elapsed().as_secs_f64().max(1e-9),
+        ))
+    }
+
+    /// Validation loss (mean over batches, evaluation mode) and retrieval recall.
+    pub fn validate(&self) -> Result<(f64, Recall)> {
+        let val = &self.data.split.val;
+        let mut total = 0.0;
+        let mut count = 0usize;
+        for b in self
+            .data
+            .loader
+            .batches(val, self.cfg.train.batch_size, None, false)
+        {
+            let b = b?;
+            total += eval_loss(&self.model, &b)? * b.pairs.len() as f64;
+            count += b.pairs.len();
+        }
+        let loss = if count > 0 {
+            total / count as f64
+        } else {
+            f64::NAN
+        };
+        Ok((loss, self.recall(val)?))
+    }
+
+    /// Recall@K over the given pairs: their distinct images against their captions.
+    pub fn recall(&self, pairs: &[usize]) -> Result<Recall> {
+        let ds = &self.data.dataset;
+        let images: Vec<usize> = pairs
+            .iter()
+            .map(|&p| ds.pairs[p].image)
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let pos = |img: usize| images.iter().position(|&i| i == img).unwrap();
+        let texts: Vec<&str> = pairs
+            .iter()
+            .map(|&p| ds.pairs[p].caption.as_str())
+            .collect();
+        let text_image: Vec<usize> = pairs.iter().map(|&p| pos(ds.pairs[p].image)).collect();
+        let dev = &self.data.device;
+        let bs = self.cfg.train.batch_size.max(16);
+        let ie = embed_store_images(&self.model, &self.data.store, &images, bs, dev)?;
+        let te = embed_texts(&self.model, &self.data.tokenizer, &texts, bs, dev)?;
+        Ok(Recall::compute(
+            &to_rows(&cosine_similarity(&ie, &te)?)?,
+            &text_image,
+        ))
+    }
+
+    /// Cosine similarities of a fixed set of pairs (up to 16 distinct training images, one caption
+    /// each): the before/after heat maps.
+    pub fn fixed_similarity(&self) -> Result<Vec<Vec<f32>>> {
+        let ds = &self.data.dataset;
+        let mut seen = BTreeSet::new();
+        let pairs: Vec<usize> = self
+            .data
+            .split
+            .train
+            .iter()
+            .copied()
+            .filter(|&p| seen.insert(ds.pairs[p].image))
+            .take(16)
+            .collect();
+        let b = self.data.loader.batch(&pairs)?;
+        let e = self
+            .model
+            .forward(&b.images, &b.input_ids, &b.attention_mask, false)?;
+        to_rows(&cosine_similarity(&e.image, &e.text)?)
+    }
+
+    /// Records an epoch: schedule, history, checkpoints. Returns whether it is the best so far.
+    pub fn end_epoch(
+        &mut self,
+        train_loss: f64,
+        val_loss: f64,
+        recall: Recall,
+        seconds: f64,
+        pairs_per_second: f64,
+    ) -> Result<bool> {
+        let lr = |g| self.opt.groups[&g].lr;
+        self.state.history.push(EpochRecord {
+            epoch: self.state.epoch + 1,
+            train_loss,
+            val_loss,
+            lr_image: lr(Group::ImageTower),
+            lr_text: lr(Group::TextTower),
+            lr_head: lr(Group::Heads),
+            recall,
+            seconds,
+            pairs_per_second,
+        });
+        self.state.epoch += 1;
+        if self.cfg.train.schedule == Schedule::Plateau {
+            let scale = self.state.plateau.observe(val_loss);
+            self.opt.scale_lr(scale);
+        }
+        let best = val_loss < self.state.best_val_loss;
+        if best {
+            self.state.best_val_loss = val_loss;
+            self.state.best_epoch = self.state.epoch;
+            save_weights(&self.model.params, &self.out.join(WEIGHTS))?;
+            self.opt.save(&self.out.join(OPTIMIZER))?;
+        }
+        self.save_last()?;
+        self.write_metrics()?;
+        Ok(best)
+    }
+
+    /// Replaces `last/` as a whole: written to `last.tmp/`, then swapped in.
+    fn save_last(&self) -> Result<()> {
+        let tmp = self.out.join(format!("{LAST}.tmp"));
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp)?;
+        save_weights(&self.model.params, &tmp.join(WEIGHTS))?;
+        self.opt.save(&tmp.join(OPTIMIZER))?;
+        write_atomic(
+            &tmp.join(STATE),
+            serde_json::to_string_pretty(&self.state)?.as_bytes(),
+        )?;
+        let last = self.out.join(LAST);
+        let old = self.out.join(format!("{LAST}.old"));
+        let _ = std::fs::remove_dir_all(&old);
+        if last.exists() {
+            std::fs::rename(&last, &old)?;
+        }
+        std::fs::rename(&tmp, &last)?;
+        let _ = std::fs::remove_dir_all(&old);
+        Ok(())
+    }
+
+    /// metrics.json, loss.csv and loss.png from the history.
+    pub fn write_metrics(&self) -> Result<()> {
+        let h = &self.state.history;
+        let metrics = serde_json::json!({
+            "config": self.cfg.name,
+            "epochs": self.state.epoch,
+            "best_epoch": self.state.best_epoch,
+            "best_val_loss": self.state.best_val_loss,
+            "history": h,
+        });
+        write_atomic(
+            &self.out.join(METRICS),
+            serde_json::to_string_pretty(&metrics)?.as_bytes(),
+        )?;
+        let mut csv = String::from("epoch,train_loss,val_loss,lr_image,lr_text,lr_head,i2t_r1,t2i_r1,seconds,pairs_per_second\n");
+        for r in h {
+            csv.push_str(&format!(
+                "{},{:.6},{:.6},{:e},{:e},{:e},{:.4},{:.4},{:.3},{:.1}\n",
+                r.epoch,
+                r.train_loss,
+                r.val_loss,
+                r.lr_image,
+                r.lr_text,
+                r.lr_head,
+                r.recall.i2t_r1,
+                r.recall.t2i_r1,
+                r.seconds,
+                r.pairs_per_second
+            ));
+        }
+        write_atomic(&self.out.join("loss.csv"), csv.as_bytes())?;
+        let train: Vec<f64> = h.iter().map(|r| r.train_loss).collect();
+        let val: Vec<f64> = h.iter().map(|r| r.val_loss).collect();
+        crate::plot::line_plot(
+            &self.out.join("loss.png"),
+            &[(&train, [31, 119, 180]), (&val, [255, 127, 14])],
+        )
+    }
+
+    /// Loads the best weights saved so far into the model.
+    pub fn load_best(&self) -> Result<()> {
+        self.model.params.load_safetensors(&self.out.join(WEIGHTS))
+    }
+}
+
+/// The `last/` checkpoint of a run, or the one being swapped in if a crash hit mid-swap.
+fn last_dir(out: &Path) -> Result<PathBuf> {
+    for name in [LAST.to_string(), format!("{LAST}.old")] {
+        let d = out.join(&name);
+        if d.join(STATE).is_file() && d.join(WEIGHTS).is_file() {
+            return Ok(d);
+        }
+    }
+    bail!(
+        "{} has no checkpoint to resume from (no {LAST}/{STATE}): did its first epoch finish?",
+        out.display()
+    )
+}

@@ -1,0 +1,86 @@
+//! The data side of stages 3 and 4 (and prediction's evaluation): dataset → split → tokenizer →
+//! decoded images → loader, with each step's problems reported as a clear error.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use candle_core::Device;
+
+use crate::config::ClipConfig;
+use crate::data::{Dataset, ImageStore, LoadOptions, Loader, Split, TextTokenizer};
+
+/// Data options shared by the stages.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DataArgs {
+    /// A dataset: a folder with a captions file (captions.csv/.tsv/.txt/.jsonl) and images, a
+    /// captions file, or class folders (root/<label>/*.jpg). Default: the demo set in assets/demo.
+    #[arg(long, value_name = "PATH")]
+    pub data: Option<PathBuf>,
+    /// Report bad rows (missing or broken images, empty captions …) and go on with the rest.
+    #[arg(long)]
+    pub skip_bad: bool,
+    /// A tokenizer.json to use instead of training a WordPiece tokenizer on the training captions.
+    #[arg(long, value_name = "FILE")]
+    pub tokenizer: Option<PathBuf>,
+}
+
+impl DataArgs {
+    pub fn path(&self) -> PathBuf {
+        self.data.clone().unwrap_or_else(Dataset::demo_dir)
+    }
+}
+
+/// Everything a training stage needs from the data.
+pub struct Prepared {
+    pub dataset: Dataset,
+    pub split: Split,
+    pub tokenizer: TextTokenizer,
+    pub store: Arc<ImageStore>,
+    pub device: Device,
+    pub loader: Loader,
+}
+
+/// Loads and splits the dataset, gets a tokenizer (`tokenizer` file, else trained on the training
+/// captions), decodes the images and builds the loader.
+pub fn prepare(
+    cfg: &ClipConfig,
+    args: &DataArgs,
+    tokenizer: Option<&Path>,
+    device: &Device,
+    progress: bool,
+) -> Result<Prepared> {
+    let path = args.path();
+    let opts = LoadOptions {
+        skip_bad: args.skip_bad,
+        ..LoadOptions::default()
+    };
+    let dataset = Dataset::load(&path, &opts)
+        .with_context(|| format!("loading the dataset {}", path.display()))?;
+    let split = dataset.split(cfg.data.val_fraction, cfg.seed);
+    let tokenizer = match tokenizer.or(args.tokenizer.as_deref()) {
+        Some(file) => TextTokenizer::from_file(file, cfg.max_tokens())?,
+        None => {
+            let captions: Vec<String> = split
+                .train
+                .iter()
+                .map(|&i| dataset.pairs[i].caption.clone())
+                .collect();
+            TextTokenizer::train(&captions, cfg.text.vocab_size, cfg.max_tokens())?
+        }
+    };
+    let (store, bad) = ImageStore::load(&dataset, cfg, args.skip_bad, progress)?;
+    for b in &bad {
+        eprintln!("skipped: {b}");
+    }
+    let store = Arc::new(store);
+    let loader = Loader::new(&dataset, store.clone(), &tokenizer, cfg, device)?;
+    Ok(Prepared {
+        dataset,
+        split,
+        tokenizer,
+        store,
+        loader,
+        device: device.clone(),
+    })
+}

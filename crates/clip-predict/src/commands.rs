@@ -1,0 +1,572 @@
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor};
+use clip_core::checkpoint::RunDir;
+use clip_core::config::LossKind;
+use clip_core::data::{Dataset, ImageStore, LoadOptions, TextTokenizer};
+use clip_core::embed::embed_texts;
+use clip_core::index::{embed_image_files, model_fingerprint, ImageIndex};
+use clip_core::loss::l2_normalize;
+use clip_core::retrieval::{argsort_desc, softmax, to_rows, Recall};
+use clip_core::ClipModel;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::json;
+
+use crate::table::fit;
+use crate::{Cli, Cmd};
+
+pub fn run(cli: Cli) -> Result<ExitCode> {
+    let device = clip_core::device::parse_device(&cli.device)?;
+    let json = cli.json;
+    match cli.command {
+        Cmd::ImageToText {
+            run,
+            images,
+            texts,
+            captions,
+            top,
+        } => image_to_text(
+            &run,
+            &images,
+            texts,
+            captions.as_deref(),
+            top,
+            json,
+            &device,
+        ),
+        Cmd::TextToImage {
+            run,
+            text,
+            index,
+            images,
+            top,
+            sheet,
+        } => text_to_image(
+            &run,
+            &text,
+            index.as_deref(),
+            images.as_deref(),
+            top,
+            sheet.as_deref(),
+            json,
+            &device,
+        ),
+        Cmd::Index {
+            run,
+            images,
+            out,
+            batch_size,
+        } => index(&run, &images, out, batch_size, json, &device),
+        Cmd::Eval {
+            run,
+            data,
+            templates,
+            confusion,
+            batch_size,
+            skip_bad,
+        } => eval(
+            &run,
+            &data,
+            templates,
+            confusion.as_deref(),
+            batch_size,
+            skip_bad,
+            json,
+            &device,
+        ),
+        Cmd::Demo { run, data } => demo(
+            &run,
+            data.unwrap_or_else(Dataset::demo_dir).as_path(),
+            &device,
+        ),
+    }
+}
+
+struct Loaded {
+    run: RunDir,
+    model: ClipModel,
+    tok: TextTokenizer,
+    /// exp(logit scale) for the clip loss; 1/T for the soft loss (whose logits are raw dot products).
+    scale: f32,
+}
+
+fn load(run: &Path, device: &Device) -> Result<Loaded> {
+    let run = RunDir::open(run)?;
+    let (model, tok) = run.load(device)?;
+    let scale = match model.config.loss {
+        LossKind::Clip => model.logit_scale()?.unwrap_or(1.0),
+        LossKind::Soft => (1.0 / model.config.temperature) as f32,
+    };
+    Ok(Loaded {
+        run,
+        model,
+        tok,
+        scale,
+    })
+}
+
+/// Candidate captions from --texts, or a file: a dataset's captions file (its caption column) or
+/// plain lines.
+fn candidate_texts(texts: Vec<String>, file: Option<&Path>) -> Result<Vec<String>> {
+    if let Some(f) = file {
+        let ds = Dataset::load(
+            f,
+            &LoadOptions {
+                skip_bad: true,
+                ..LoadOptions::default()
+            },
+        );
+        let mut seen = BTreeSet::new();
+        let list: Vec<String> = match ds {
+            Ok(ds) => ds
+                .pairs
+                .iter()
+                .map(|p| p.caption.clone())
+                .filter(|c| seen.insert(c.clone()))
+                .collect(),
+            Err(_) => std::fs::read_to_string(f)
+                .with_context(|| format!("reading captions {}", f.display()))?
+                .lines()
+                .map(|l| l.trim().to_string())
+                .filter(|l| !l.is_empty() && seen.insert(l.clone()))
+                .collect(),
+        };
+        if list.is_empty() {
+            bail!("{} holds no captions", f.display());
+        }
+        return Ok(list);
+    }
+    if texts.is_empty() {
+        bail!("give candidate captions with --texts \"…\" \"…\" or --captions FILE");
+    }
+    Ok(texts)
+}
+
+fn image_to_text(
+    run: &Path,
+    images: &[PathBuf],
+    texts: Vec<String>,
+    captions: Option<&Path>,
+    top: usize,
+    json: bool,
+    device: &Device,
+) -> Result<ExitCode> {
+    let m = load(run, device)?;
+    let texts = candidate_texts(texts, captions)?;
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let text_emb = embed_texts(&m.model, &m.tok, &refs, 64, device)?;
+    let (img_emb, ok, failed) = embed_image_files(&m.model, &m.model.config, images, 32, |_| {})?;
+    for (i, reason) in &failed {
+        eprintln!("error: {}: {reason}", images[*i].display());
+    }
+    let mut out = vec![];
+    if let Some(img_emb) = img_emb {
+        let cos = to_rows(&img_emb.matmul(&l2_normalize(&text_emb)?.t()?)?)?;
+        let logits = logit_rows(&m, &img_emb, &text_emb)?;
+        for (row, &i) in ok.iter().enumerate() {
+            let order = argsort_desc(&logits[row]);
+            let probs = softmax(&logits[row], 1.0);
+            let ranked: Vec<_> = order.iter().take(top).map(|&j| json!({"caption": texts[j], "score": cos[row][j], "probability": probs[j]})).collect();
+            out.push(json!({"image": images[i].display().to_string(), "captions": ranked}));
+        }
+    }
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &json!({"results": out, "errors": failed.iter().map(|(i, r)| json!({"image": images[*i].display().to_string(), "error": r})).collect::<Vec<_>>()})
+            )?
+        );
+    } else {
+        for r in &out {
+            println!("{}", r["image"].as_str().unwrap_or_default());
+            println!("  {:<4} {:>7} {:>7}  caption", "rank", "cosine", "prob");
+            for (k, c) in r["captions"].as_array().unwrap().iter().enumerate() {
+                println!(
+                    "  {:<4} {:>7.3} {:>7.3}  {}",
+                    k + 1,
+                    c["score"].as_f64().unwrap_or(0.0),
+                    c["probability"].as_f64().unwrap_or(0.0),
+                    c["caption"].as_str().unwrap_or("")
+                );
+            }
+        }
+    }
+    Ok(if failed.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// The loss's own logits between (normalised) image embeddings and raw text embeddings.
+fn logit_rows(m: &Loaded, img_norm: &Tensor, text_emb: &Tensor) -> Result<Vec<Vec<f32>>> {
+    let t = l2_normalize(text_emb)?;
+    to_rows(&(img_norm.matmul(&t.t()?)? * m.scale as f64)?)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn text_to_image(
+    run: &Path,
+    text: &str,
+    index: Option<&Path>,
+    images: Option<&Path>,
+    top: usize,
+    sheet: Option<&Path>,
+    json: bool,
+    device: &Device,
+) -> Result<ExitCode> {
+    let m = load(run, device)?;
+    let idx = match (index, images) {
+        (Some(dir), _) => {
+            let idx = ImageIndex::load(dir)?;
+            let fp = model_fingerprint(&m.run.dir)?;
+            if idx.fingerprint != fp {
+                bail!("index {} was made by another model (fingerprint {}, this run {fp}): rebuild it with `clip-predict index --run {}`", dir.display(), idx.fingerprint, m.run.dir.display());
+            }
+            idx
+        }
+        (None, Some(folder)) => {
+            let fp = model_fingerprint(&m.run.dir)?;
+            let (idx, stats) = ImageIndex::update(None, &m.model, &fp, folder, 64, |_| {})?;
+            for (p, r) in &stats.failed {
+                eprintln!("error: {p}: {r}");
+            }
+            idx
+        }
+        (None, None) => {
+            bail!("search an --index (see `clip-predict index`) or a folder of --images")
+        }
+    };
+    let q = l2_normalize(&embed_texts(&m.model, &m.tok, &[text], 1, device)?)?
+        .squeeze(0)?
+        .to_device(&Device::Cpu)?;
+    let t = std::time::Instant::now();
+    let hits = idx.search(&q, top)?;
+    let ms = t.elapsed().as_secs_f64() * 1e3;
+    let rows: Vec<_> = hits.iter().map(|(i, s)| json!({"image": idx.root.join(&idx.entries[*i].path).display().to_string(), "score": s})).collect();
+    if let Some(path) = sheet {
+        let items: Vec<(PathBuf, f32)> = hits
+            .iter()
+            .map(|(i, s)| (idx.root.join(&idx.entries[*i].path), *s))
+            .collect();
+        contact_sheet(path, &items)?;
+    }
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &json!({"text": text, "results": rows, "search_ms": ms, "indexed": idx.entries.len()})
+            )?
+        );
+    } else {
+        println!(
+            "{text}  ({} images searched in {ms:.1} ms)",
+            idx.entries.len()
+        );
+        println!("  {:<4} {:>7}  image", "rank", "cosine");
+        for (k, r) in rows.iter().enumerate() {
+            println!(
+                "  {:<4} {:>7.3}  {}",
+                k + 1,
+                r["score"].as_f64().unwrap_or(0.0),
+                r["image"].as_str().unwrap_or("")
+            );
+        }
+        if let Some(p) = sheet {
+            println!("contact sheet: {}", p.display());
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn index(
+    run: &Path,
+    images: &Path,
+    out: Option<PathBuf>,
+    batch_size: usize,
+    json: bool,
+    device: &Device,
+) -> Result<ExitCode> {
+    let m = load(run, device)?;
+    let out = out.unwrap_or_else(|| m.run.dir.join("index"));
+    let previous = if out.join(clip_core::index::MANIFEST).is_file() {
+        Some(ImageIndex::load(&out)?)
+    } else {
+        None
+    };
+    let fp = model_fingerprint(&m.run.dir)?;
+    let bar = ProgressBar::new(clip_core::index::list_images(images)?.len() as u64);
+    bar.set_style(
+        ProgressStyle::with_template("embedding [{bar:30}] {pos}/{len} {per_sec}")
+            .unwrap()
+            .progress_chars("=> "),
+    );
+    let (idx, stats) = ImageIndex::update(previous, &m.model, &fp, images, batch_size, |n| {
+        bar.inc(n as u64)
+    })?;
+    bar.finish_and_clear();
+    idx.save(&out)?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &json!({"index": out.display().to_string(), "images": idx.entries.len(), "stats": stats})
+            )?
+        );
+    } else {
+        println!(
+            "index {}: {} images ({} embedded, {} unchanged, {} removed, {} unreadable) in {:.1}s, {:.1} images/s",
+            out.display(),
+            idx.entries.len(),
+            stats.embedded,
+            stats.reused,
+            stats.removed,
+            stats.failed.len(),
+            stats.seconds,
+            stats.images_per_second
+        );
+        for (p, r) in &stats.failed {
+            eprintln!("  unreadable: {p}: {r}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn eval(
+    run: &Path,
+    data: &Path,
+    templates: Vec<String>,
+    confusion: Option<&Path>,
+    batch_size: usize,
+    skip_bad: bool,
+    json: bool,
+    device: &Device,
+) -> Result<ExitCode> {
+    let m = load(run, device)?;
+    let mut opts = LoadOptions {
+        skip_bad,
+        ..LoadOptions::default()
+    };
+    if !templates.is_empty() {
+        opts.templates = templates.clone();
+    }
+    let ds = Dataset::load(data, &opts)?;
+    let cfg = &m.model.config;
+    let (store, bad) = ImageStore::load(&ds, cfg, skip_bad, !json)?;
+    for b in &bad {
+        eprintln!("skipped: {b}");
+    }
+    let started = std::time::Instant::now();
+    let all: Vec<usize> = (0..ds.images.len())
+        .filter(|i| store.contains(*i))
+        .collect();
+    let img = l2_normalize(&clip_core::embed::embed_store_images(
+        &m.model, &store, &all, batch_size, device,
+    )?)?;
+    if !ds.labels.is_empty() {
+        // Zero-shot: one text embedding per class, the mean of its templates' (normalised) embeddings.
+        let templates = if opts.templates.is_empty() {
+            vec![clip_core::data::DEFAULT_TEMPLATE.to_string()]
+        } else {
+            opts.templates.clone()
+        };
+        let mut class_emb = vec![];
+        for label in &ds.labels {
+            let texts: Vec<String> = templates
+                .iter()
+                .map(|t| clip_core::data::render_template(t, label))
+                .collect();
+            let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+            let e = l2_normalize(&embed_texts(&m.model, &m.tok, &refs, batch_size, device)?)?;
+            class_emb.push(e.mean(0)?);
+        }
+        let classes = l2_normalize(&Tensor::stack(&class_emb, 0)?)?;
+        let sims = to_rows(&img.matmul(&classes.t()?)?)?;
+        let n = ds.labels.len();
+        let mut matrix = vec![vec![0usize; n]; n];
+        let image_label: Vec<usize> = {
+            let mut l = vec![usize::MAX; ds.images.len()];
+            for p in &ds.pairs {
+                if let Some(lab) = p.label {
+                    l[p.image] = lab;
+                }
+            }
+            l
+        };
+        let mut correct = 0;
+        for (row, &i) in all.iter().enumerate() {
+            let pred = argsort_desc(&sims[row])[0];
+            let truth = image_label[i];
+            if truth < n {
+                matrix[truth][pred] += 1;
+                correct += (truth == pred) as usize;
+            }
+        }
+        let accuracy = correct as f64 / all.len().max(1) as f64;
+        if let Some(p) = confusion {
+            let rows: Vec<Vec<f32>> = matrix
+                .iter()
+                .map(|r| {
+                    let s: usize = r.iter().sum();
+                    r.iter().map(|&c| c as f32 / s.max(1) as f32).collect()
+                })
+                .collect();
+            clip_core::plot::heat_map(p, &rows, -1.0, 1.0)?;
+        }
+        let secs = started.elapsed().as_secs_f64();
+        if json {
+            println!(
+                "{}",
+                serde_json::to_string(
+                    &json!({"kind": "zero-shot", "images": all.len(), "classes": ds.labels, "accuracy": accuracy, "confusion": matrix, "templates": templates, "seconds": secs})
+                )?
+            );
+        } else {
+            println!(
+                "zero-shot accuracy on {} images of {} classes: {accuracy:.4} ({} templates)",
+                all.len(),
+                n,
+                templates.len()
+            );
+            print!("{:>14} ", "true \\ pred");
+            for j in 0..n {
+                print!("{:>6}", j);
+            }
+            println!();
+            for (i, r) in matrix.iter().enumerate() {
+                print!("{} ", fit(&format!("{i} {}", ds.labels[i]), 14));
+                for c in r {
+                    print!("{c:>6}");
+                }
+                println!();
+            }
+            if let Some(p) = confusion {
+                println!("confusion matrix: {}", p.display());
+            }
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    // Caption dataset: recall both ways over every pair whose image could be read.
+    let pos: std::collections::HashMap<usize, usize> =
+        all.iter().enumerate().map(|(r, &i)| (i, r)).collect();
+    let pairs: Vec<_> = ds
+        .pairs
+        .iter()
+        .filter(|p| pos.contains_key(&p.image))
+        .collect();
+    let texts: Vec<&str> = pairs.iter().map(|p| p.caption.as_str()).collect();
+    let txt = l2_normalize(&embed_texts(&m.model, &m.tok, &texts, batch_size, device)?)?;
+    let text_image: Vec<usize> = pairs.iter().map(|p| pos[&p.image]).collect();
+    let r = Recall::compute(&to_rows(&img.matmul(&txt.t()?)?)?, &text_image);
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string(
+                &json!({"kind": "retrieval", "images": all.len(), "captions": texts.len(), "recall": r})
+            )?
+        );
+    } else {
+        println!(
+            "retrieval on {} images / {} captions",
+            all.len(),
+            texts.len()
+        );
+        println!(
+            "  image → text  R@1 {:.3}  R@5 {:.3}  R@10 {:.3}",
+            r.i2t_r1, r.i2t_r5, r.i2t_r10
+        );
+        println!(
+            "  text → image  R@1 {:.3}  R@5 {:.3}  R@10 {:.3}",
+            r.t2i_r1, r.t2i_r5, r.t2i_r10
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Each image's best caption and each caption's best image, marked right (✓) or wrong (✗).
+fn demo(run: &Path, data: &Path, device: &Device) -> Result<ExitCode> {
+    let m = load(run, device)?;
+    let ds = Dataset::load(data, &LoadOptions::default())?;
+    let (store, _) = ImageStore::load(&ds, &m.model.config, false, false)?;
+    let all: Vec<usize> = (0..ds.images.len()).collect();
+    let img = l2_normalize(&clip_core::embed::embed_store_images(
+        &m.model, &store, &all, 32, device,
+    )?)?;
+    let texts: Vec<&str> = ds.pairs.iter().map(|p| p.caption.as_str()).collect();
+    let txt = l2_normalize(&embed_texts(&m.model, &m.tok, &texts, 64, device)?)?;
+    let sim = to_rows(&img.matmul(&txt.t()?)?)?;
+    println!(
+        "image → text: the best of all {} captions for each image",
+        texts.len()
+    );
+    let mut right = 0;
+    for (i, e) in ds.images.iter().enumerate() {
+        let j = argsort_desc(&sim[i])[0];
+        let ok = ds.pairs[j].image == i;
+        right += ok as usize;
+        println!(
+            "  {} {} {:.3}  {}",
+            if ok { "✓" } else { "✗" },
+            fit(&e.name, 18),
+            sim[i][j],
+            texts[j]
+        );
+    }
+    println!(
+        "  {right}/{} images got one of their own captions\n",
+        ds.images.len()
+    );
+    println!(
+        "text → image: the best of all {} images for each caption",
+        ds.images.len()
+    );
+    let mut right_t = 0;
+    for (j, p) in ds.pairs.iter().enumerate() {
+        let col: Vec<f32> = sim.iter().map(|r| r[j]).collect();
+        let i = argsort_desc(&col)[0];
+        let ok = i == p.image;
+        right_t += ok as usize;
+        println!(
+            "  {} {} → {} {:.3}",
+            if ok { "✓" } else { "✗" },
+            fit(&p.caption, 40),
+            fit(&ds.images[i].name, 18),
+            col[i]
+        );
+    }
+    println!(
+        "  {right_t}/{} captions found their own image",
+        ds.pairs.len()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A grid of thumbnails (3 per row), each with a bar under it as long as its score.
+fn contact_sheet(path: &Path, items: &[(PathBuf, f32)]) -> Result<()> {
+    let cell = 160u32;
+    let cols = 3u32.min(items.len().max(1) as u32);
+    let rows = (items.len() as u32).div_ceil(cols).max(1);
+    let mut sheet =
+        image::RgbImage::from_pixel(cols * cell, rows * (cell + 12), image::Rgb([255, 255, 255]));
+    for (k, (p, score)) in items.iter().enumerate() {
+        let (cx, cy) = ((k as u32 % cols) * cell, (k as u32 / cols) * (cell + 12));
+        if let Ok(img) = image::open(p) {
+            let thumb = img.thumbnail(cell - 8, cell - 8).to_rgb8();
+            image::imageops::overlay(&mut sheet, &thumb, (cx + 4) as i64, (cy + 4) as i64);
+        }
+        let len = ((score.clamp(0.0, 1.0)) * (cell - 8) as f32) as u32;
+        for x in 0..len {
+            for y in 0..6 {
+                sheet.put_pixel(cx + 4 + x, cy + cell + 2 + y, image::Rgb([31, 119, 180]));
+            }
+        }
+    }
+    let mut bytes = std::io::Cursor::new(Vec::new());
+    sheet.write_to(&mut bytes, image::ImageFormat::Png)?;
+    clip_core::checkpoint::write_atomic(path, bytes.get_ref())
+}

@@ -1,0 +1,552 @@
+//! Stage 2 — batch: can the data feed the model?
+//!
+//! Loads a dataset (the demo set by default), checks every row and decodes every image, splits it
+//! by image, tokenises the captions, builds one batch and checks its tensors, then runs the
+//! untrained model on that batch and prints the image–caption similarity matrix. Everything that
+//! could stop a training run hours in (a missing file, a corrupt image, captions the tokenizer
+//! cannot read) is found here, in seconds.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Result;
+use clap::Parser;
+use clip_core::cli::fmt_count;
+use clip_core::data::{
+    normalised_range, Batch, Dataset, ImageStore, LoadOptions, Loader, Split, TextTokenizer,
+    UnkReport, DEFAULT_TEMPLATE,
+};
+use clip_core::report::Report;
+use clip_core::{device, ClipConfig, ClipModel};
+use unicode_width::UnicodeWidthChar;
+
+/// Unknown tokens above this share of caption tokens fail the gate.
+const MAX_UNKNOWN_SHARE: f64 = 0.01;
+/// Display columns of a caption in the similarity matrix.
+const LABEL_COLUMNS: usize = 16;
+
+#[derive(Parser)]
+#[command(
+    about = "Stage 2 — load the data, check every row and image, build one batch and run the model on it."
+)]
+struct Args {
+    #[command(flatten)]
+    model: clip_core::cli::ModelArgs,
+    /// A dataset folder (images + captions.csv|tsv|txt|jsonl, or class folders) or a captions file [default: the demo set].
+    #[arg(long, value_name = "PATH")]
+    data: Option<PathBuf>,
+    /// Leave bad rows and undecodable images out (and list them) instead of failing.
+    #[arg(long)]
+    skip_bad: bool,
+    /// Caption template for class folders, with {label}; repeat for several [default: "a photo of a {label}"].
+    #[arg(long = "template", value_name = "TEXT")]
+    templates: Vec<String>,
+    /// A tokenizer.json to use [default: train a WordPiece tokenizer on the training captions].
+    #[arg(long, value_name = "FILE")]
+    tokenizer: Option<PathBuf>,
+    /// Pairs in the checked batch [default: the config's train.batch_size].
+    #[arg(long)]
+    batch_size: Option<usize>,
+}
+
+fn main() -> ExitCode {
+    clip_core::cli::run_stage(|| run(Args::parse()))
+}
+
+fn run(args: Args) -> Result<ExitCode> {
+    let mut report = Report::new(2, "batch");
+    let json = args.model.json.clone();
+    println!("stage 2 — batch: can the data feed the model?\n");
+    match check(&args, &mut report) {
+        Ok(()) => {}
+        // A step that cannot go on is a failed check, so the report still says what went wrong.
+        Err(e) => {
+            report.check("run", false, format!("{e:#}"));
+        }
+    }
+    report.finish(json.as_deref())
+}
+
+fn check(args: &Args, report: &mut Report) -> Result<()> {
+    let cfg = args.model.load_config()?;
+    let dev = args.model.device()?;
+    report.check(
+        "config",
+        true,
+        format!(
+            "{} on {}: {}×{} images, captions of up to {} tokens",
+            cfg.name,
+            device::describe(&dev),
+            cfg.image.image_size,
+            cfg.image.image_size,
+            cfg.max_tokens()
+        ),
+    );
+    report.metric("config", &cfg.name);
+
+    let Some((ds, store)) = load(args, &cfg, report)? else {
+        return Ok(());
+    };
+    let split = split(&ds, &cfg, report);
+    let tok = tokenizer(args, &ds, &split, &cfg, report)?;
+
+    println!("\nbatch: the first training pairs, as one training step will see them");
+    let store = Arc::new(store);
+    let loader = Loader::new(&ds, store, &tok, &cfg, &dev)?;
+    let b = args
+        .batch_size
+        .unwrap_or(cfg.train.batch_size)
+        .min(split.train.len());
+    if !report.check("batch size", b >= 2, format!("{b} pairs (a contrastive loss compares each pair with the others, so it needs at least 2)")) {
+        return Ok(());
+    }
+    let batch = loader.batch(&split.train[..b])?;
+    check_batch(&batch, &tok, &cfg, report)?;
+
+    println!("\nmodel: the untrained model on this batch (evaluation mode)");
+    let t = Instant::now();
+    let model = ClipModel::new(&cfg, &dev)?;
+    let e = model.forward(
+        &batch.images,
+        &batch.input_ids,
+        &batch.attention_mask,
+        false,
+    )?;
+    let ms = t.elapsed().as_secs_f64() * 1e3;
+    report.metric("forward_ms", ms);
+    let want = [b, cfg.projection_dim];
+    report.check("forward", e.image.dims() == want && e.text.dims() == want, format!("embeddings: image {:?}, text {:?}, expected {want:?} each; {ms:.0} ms to build and run", e.image.dims(), e.text.dims()));
+    let sim = clip_core::loss::cosine_similarity(&e.image, &e.text)?.to_vec2::<f32>()?;
+    let captions: Vec<&str> = batch
+        .pairs
+        .iter()
+        .map(|&p| ds.pairs[p].caption.as_str())
+        .collect();
+    print_similarity(&sim, &captions);
+    let finite = sim.iter().flatten().all(|v| v.is_finite());
+    report.check(
+        "similarity",
+        finite,
+        if finite {
+            format!("all {b}×{b} cosine similarities are finite")
+        } else {
+            "NaN or Inf in the similarities: the model or the batch is broken".into()
+        },
+    );
+    report.metric("similarity", &sim);
+    Ok(())
+}
+
+/// Loads and checks the rows, then decodes every image. `None` when nothing is left to check.
+fn load(
+    args: &Args,
+    cfg: &ClipConfig,
+    report: &mut Report,
+) -> Result<Option<(Dataset, ImageStore)>> {
+    let path = args.data.clone().unwrap_or_else(Dataset::demo_dir);
+    println!("\ndataset: {}", path.display());
+    println!("  every row is checked and every image decoded now, so a bad file stops this step, not a training run");
+    let templates = if args.templates.is_empty() {
+        vec![DEFAULT_TEMPLATE.to_string()]
+    } else {
+        args.templates.clone()
+    };
+    // Bad rows are always collected (not failed on at the first) so they can all be listed.
+    let opts = LoadOptions {
+        skip_bad: true,
+        templates,
+    };
+    let t = Instant::now();
+    let mut ds = match Dataset::load(&path, &opts) {
+        Ok(ds) => ds,
+        Err(e) => {
+            report.check("rows", false, format!("{e:#}"));
+            return Ok(None);
+        }
+    };
+    let rows_seconds = t.elapsed().as_secs_f64();
+    println!("  {}", ds.source);
+    let t = Instant::now();
+    let (store, bad_images) = ImageStore::load(&ds, cfg, true, true)?;
+    let decode_seconds = t.elapsed().as_secs_f64();
+    let image_bad: Vec<String> = bad_images.iter().map(|b| b.to_string()).collect();
+    if let Err(e) = ds.drop_undecodable(&store, bad_images) {
+        report.check("images", false, format!("{e:#}"));
+        return Ok(None);
+    }
+    report.metric("load_seconds", rows_seconds);
+    report.metric("decode_seconds", decode_seconds);
+    report.metric(
+        "bad_rows",
+        ds.bad.iter().map(|b| b.to_string()).collect::<Vec<_>>(),
+    );
+
+    let row_bad: Vec<String> = ds
+        .bad
+        .iter()
+        .map(|b| b.to_string())
+        .filter(|b| !image_bad.contains(b))
+        .collect();
+    let rows_detail = match row_bad.len() {
+        0 => format!("{} usable rows, none bad", ds.pairs.len()),
+        n if args.skip_bad => format!(
+            "{} left out (--skip-bad), {} usable",
+            rows(n),
+            ds.pairs.len()
+        ),
+        n => format!(
+            "{}: {} — fix them, or leave them out with --skip-bad",
+            rows(n),
+            first(&row_bad)
+        ),
+    };
+    report.check("rows", row_bad.is_empty() || args.skip_bad, rows_detail);
+    let s = cfg.image.image_size;
+    let n = ds.images.len();
+    let mut detail = format!(
+        "{} of {n} decoded to {s}×{s} RGB in {decode_seconds:.2} s ({} KiB in memory)",
+        n - image_bad.len(),
+        fmt_count(store.bytes() / 1024)
+    );
+    if !image_bad.is_empty() {
+        detail.push_str(&if args.skip_bad {
+            "; the captions of the others are left out (--skip-bad)".to_string()
+        } else {
+            format!(
+                "; {} — replace them, or leave their captions out with --skip-bad",
+                first(&image_bad)
+            )
+        });
+    }
+    report.check("images", image_bad.is_empty() || args.skip_bad, detail);
+    if !ds.bad.is_empty() {
+        println!("  bad rows and images:");
+    }
+    for b in ds.bad.iter().take(10) {
+        println!("    {b}");
+    }
+    if ds.bad.len() > 10 {
+        println!("    … and {} more", ds.bad.len() - 10);
+    }
+
+    let per_image: Vec<usize> = ds
+        .captions_per_image()
+        .into_iter()
+        .filter(|&n| n > 0)
+        .collect();
+    let (min, mean, max) = stats(&per_image);
+    println!(
+        "  {} pairs of {} images; captions per image: min {min}, mean {mean:.1}, max {max}",
+        ds.pairs.len(),
+        per_image.len()
+    );
+    if !ds.labels.is_empty() {
+        println!("  {} classes: {}", ds.labels.len(), preview(&ds.labels, 8));
+    }
+    report.metric("pairs", ds.pairs.len());
+    report.metric("images", per_image.len());
+    report.metric(
+        "captions_per_image",
+        serde_json::json!({ "min": min, "mean": mean, "max": max }),
+    );
+    Ok(Some((ds, store)))
+}
+
+fn split(ds: &Dataset, cfg: &ClipConfig, report: &mut Report) -> Split {
+    println!("\nsplit: whole images are held out, so validation never sees a caption of a training image");
+    let s = ds.split(cfg.data.val_fraction, cfg.seed);
+    let images = |pairs: &[usize]| {
+        pairs
+            .iter()
+            .map(|&p| ds.pairs[p].image)
+            .collect::<std::collections::BTreeSet<_>>()
+    };
+    let (train_images, val_images) = (images(&s.train), images(&s.val));
+    let apart = s.is_fallback() || train_images.is_disjoint(&val_images);
+    report.check(
+        "split",
+        apart,
+        format!(
+            "{} training pairs ({} images), {} validation pairs ({} images), seed {}",
+            s.train.len(),
+            train_images.len(),
+            s.val.len(),
+            val_images.len(),
+            cfg.seed
+        ),
+    );
+    if let Some(note) = &s.note {
+        println!("         note: {note}");
+    }
+    report.metric(
+        "split",
+        serde_json::json!({ "train": s.train.len(), "val": s.val.len(), "note": s.note }),
+    );
+    s
+}
+
+fn tokenizer(
+    args: &Args,
+    ds: &Dataset,
+    split: &Split,
+    cfg: &ClipConfig,
+    report: &mut Report,
+) -> Result<TextTokenizer> {
+    println!("\ntokenizer: captions become ids; text the tokenizer has no entry for becomes [UNK], which the model cannot learn from");
+    let train_captions = ds.captions_of(&split.train);
+    let (tok, trained) = match &args.tokenizer {
+        Some(path) => (TextTokenizer::from_file(path, cfg.max_tokens())?, false),
+        None => (
+            TextTokenizer::train(&train_captions, cfg.text.vocab_size, cfg.max_tokens())?,
+            true,
+        ),
+    };
+    let what = match &args.tokenizer {
+        Some(path) => format!("{} (loaded)", path.display()),
+        None => format!(
+            "WordPiece trained on the {} training captions",
+            train_captions.len()
+        ),
+    };
+    let fits = tok.check_fits(cfg);
+    report.check(
+        "vocabulary",
+        fits.is_ok(),
+        match &fits {
+            Ok(()) => format!(
+                "{what}: {} entries, within text.vocab_size {}",
+                fmt_count(tok.vocab_size()),
+                fmt_count(cfg.text.vocab_size)
+            ),
+            Err(e) => format!("{what}: {e:#}"),
+        },
+    );
+    report.metric("vocab_size", tok.vocab_size());
+
+    let lengths = ds
+        .pairs
+        .iter()
+        .map(|p| tok.encode(&p.caption).map(|ids| ids.len()))
+        .collect::<Result<Vec<_>>>()?;
+    let (min, mean, max) = stats(&lengths);
+    println!("  caption length in tokens, with [CLS] and [SEP]: min {min}, mean {mean:.1}, max {max} (limit {})", cfg.max_tokens());
+    report.metric(
+        "caption_tokens",
+        serde_json::json!({ "min": min, "mean": mean, "max": max }),
+    );
+
+    // A tokenizer trained here knows every training caption; the validation captions may use text
+    // the training captions never do, which no tokenizer trained on them could know, so they are
+    // shown but not gated. A loaded tokenizer is judged on every caption.
+    let gated = if trained {
+        train_captions
+    } else {
+        ds.captions()
+    };
+    let r = tok.unknown_report(&gated)?;
+    let whose = if trained {
+        "training captions"
+    } else {
+        "captions"
+    };
+    let ok = r.share() <= MAX_UNKNOWN_SHARE;
+    let measured = format!(
+        "{} of {} tokens of the {whose} are [UNK] ({:.2} %, limit {:.0} %)",
+        r.unknown_tokens,
+        fmt_count(r.total_tokens),
+        100.0 * r.share(),
+        100.0 * MAX_UNKNOWN_SHARE
+    );
+    let detail = if ok && r.unknown_tokens == 0 {
+        measured
+    } else if ok {
+        format!("{measured}; unknown: {}", r.examples(12))
+    } else {
+        let fix = if trained {
+            "shorten the long words, or raise text.vocab_size"
+        } else {
+            "train one on your captions (leave out --tokenizer) or pick a tokenizer that covers them"
+        };
+        format!(
+            "this tokenizer has no entry for {}: {fix}; {measured}",
+            r.examples(12)
+        )
+    };
+    report.check("unknown tokens", ok, detail);
+    report.metric("unknown_share", r.share());
+    report.metric("unknown", &r.unknown);
+    if trained && !split.is_fallback() {
+        let v = tok.unknown_report(&ds.captions_of(&split.val))?;
+        print_validation_unknowns(&v);
+        report.metric("val_unknown_share", v.share());
+    }
+    if r.truncated > 0 {
+        println!("  {} captions are longer than {} tokens and will be cut (raise data.max_length to keep them whole)", r.truncated, cfg.max_tokens());
+    }
+    Ok(tok)
+}
+
+fn print_validation_unknowns(v: &UnkReport) {
+    if v.unknown_tokens == 0 {
+        println!("  validation captions: no [UNK]");
+    } else {
+        println!(
+            "  validation captions: {:.1} % [UNK], text no training caption uses: {}",
+            100.0 * v.share(),
+            v.examples(12)
+        );
+    }
+}
+
+fn check_batch(
+    batch: &Batch,
+    tok: &TextTokenizer,
+    cfg: &ClipConfig,
+    report: &mut Report,
+) -> Result<()> {
+    let b = batch.pairs.len();
+    let s = cfg.image.image_size;
+    let (lo, hi) = normalised_range();
+    let values = batch.images.flatten_all()?.to_vec1::<f32>()?;
+    let (min, max) = values
+        .iter()
+        .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, z), &v| {
+            (a.min(v), z.max(v))
+        });
+    let in_range = min >= lo - 1e-4 && max <= hi + 1e-4;
+    let shape_ok = batch.images.dims() == [b, 3, s, s];
+    report.check(
+        "image tensor",
+        shape_ok && in_range && min < max,
+        format!(
+            "{:?} f32, values in [{min:.3}, {max:.3}]: ImageNet-normalised pixels lie in [{lo:.3}, {hi:.3}]{}",
+            batch.images.dims(),
+            if min < max { "" } else { "; every value is the same, so the images carry no signal" }
+        ),
+    );
+
+    let ids = batch.input_ids.to_vec2::<u32>()?;
+    let mask = batch.attention_mask.to_vec2::<u32>()?;
+    let l = batch.input_ids.dim(1)?;
+    let shapes_ok = batch.input_ids.dims() == [b, l]
+        && batch.attention_mask.dims() == [b, l]
+        && l <= cfg.max_tokens();
+    report.check(
+        "token tensors",
+        shapes_ok,
+        format!(
+            "input_ids and attention_mask {:?} u32, padded to the longest caption ({l} ≤ {})",
+            batch.input_ids.dims(),
+            cfg.max_tokens()
+        ),
+    );
+    report.metric("batch", serde_json::json!({ "size": b, "tokens": l }));
+    let cls_first = ids.iter().all(|row| row.first() == Some(&tok.cls_id()));
+    report.check(
+        "[CLS] first",
+        cls_first,
+        "the text tower reads the caption from the [CLS] position, so every row must start with it",
+    );
+    // Mask 1 up to and including [SEP], then 0 exactly where the ids are [PAD].
+    let bad_rows: Vec<usize> = (0..b)
+        .filter(|&k| {
+            let Some(end) = ids[k].iter().position(|&t| t == tok.sep_id()) else {
+                return true;
+            };
+            (0..l).any(|j| (mask[k][j] == 0) != (j > end) || (j > end && ids[k][j] != tok.pad_id()))
+        })
+        .collect();
+    report.check(
+        "mask",
+        bad_rows.is_empty(),
+        if bad_rows.is_empty() {
+            format!("1 on every token up to [SEP], 0 on the [PAD]s after it ({} padded positions)", mask.iter().flatten().filter(|&&m| m == 0).count())
+        } else {
+            format!("rows {bad_rows:?} have padding the mask does not hide (or no [SEP]): attention would read [PAD]s")
+        },
+    );
+    Ok(())
+}
+
+/// The B×B matrix: row k is the image of pair k, column k its caption, so training should make
+/// the diagonal stand out. Untrained, it does not.
+fn print_similarity(sim: &[Vec<f32>], captions: &[&str]) {
+    println!("  cosine similarity: row k is the image of pair k, column k its caption; training should make the diagonal stand out");
+    let pad = " ".repeat(LABEL_COLUMNS + 6);
+    println!(
+        "{pad}{}",
+        (0..sim.len())
+            .map(|j| format!("{j:>6}"))
+            .collect::<String>()
+    );
+    for (k, row) in sim.iter().enumerate() {
+        println!(
+            "  {k:>2} {} {}",
+            fit_width(captions[k], LABEL_COLUMNS),
+            row.iter().map(|v| format!("{v:>6.2}")).collect::<String>()
+        );
+    }
+}
+
+/// Cuts `text` to `columns` display columns (CJK characters take 2) with an ellipsis, and pads it.
+fn fit_width(text: &str, columns: usize) -> String {
+    let width = |c: char| c.width().unwrap_or(0);
+    let total: usize = text.chars().map(width).sum();
+    let mut out = String::new();
+    let mut used = 0;
+    if total <= columns {
+        out.push_str(text);
+        used = total;
+    } else {
+        for c in text.chars() {
+            if used + width(c) > columns - 1 {
+                break;
+            }
+            out.push(c);
+            used += width(c);
+        }
+        out.push('…');
+        used += 1;
+    }
+    out.push_str(&" ".repeat(columns.saturating_sub(used)));
+    out
+}
+
+/// The first few problems, for a check's one-line detail (all are listed below the checks).
+fn first(problems: &[String]) -> String {
+    let mut s = problems
+        .iter()
+        .take(3)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join("; ");
+    if problems.len() > 3 {
+        s.push_str(&format!("; … ({} in all)", problems.len()));
+    }
+    s
+}
+
+fn rows(n: usize) -> String {
+    format!("{n} bad row{}", if n == 1 { "" } else { "s" })
+}
+
+fn stats(v: &[usize]) -> (usize, f64, usize) {
+    let min = v.iter().copied().min().unwrap_or(0);
+    let max = v.iter().copied().max().unwrap_or(0);
+    let mean = if v.is_empty() {
+        0.0
+    } else {
+        v.iter().sum::<usize>() as f64 / v.len() as f64
+    };
+    (min, mean, max)
+}
+
+fn preview(items: &[String], n: usize) -> String {
+    let mut s = items.iter().take(n).cloned().collect::<Vec<_>>().join(", ");
+    if items.len() > n {
+        s.push_str(", …");
+    }
+    s
+}

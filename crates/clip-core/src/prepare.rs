@@ -55,8 +55,13 @@ pub fn prepare(
         skip_bad: args.skip_bad,
         ..LoadOptions::default()
     };
-    let dataset = Dataset::load(&path, &opts)
+    // Images are decoded before the split and the tokenizer, so with --skip-bad the pairs of a
+    // broken image are gone before anything counts them.
+    let (dataset, store) = Dataset::load_with_images(&path, &opts, cfg, progress)
         .with_context(|| format!("loading the dataset {}", path.display()))?;
+    for b in &dataset.bad {
+        eprintln!("skipped: {b}");
+    }
     let split = dataset.split(cfg.data.val_fraction, cfg.seed);
     let tokenizer = match tokenizer.or(args.tokenizer.as_deref()) {
         Some(file) => TextTokenizer::from_file(file, cfg.max_tokens())?,
@@ -69,10 +74,6 @@ pub fn prepare(
             TextTokenizer::train(&captions, cfg.text.vocab_size, cfg.max_tokens())?
         }
     };
-    let (store, bad) = ImageStore::load(&dataset, cfg, args.skip_bad, progress)?;
-    for b in &bad {
-        eprintln!("skipped: {b}");
-    }
     let store = Arc::new(store);
     let loader = Loader::new(&dataset, store.clone(), &tokenizer, cfg, device)?;
     Ok(Prepared {

@@ -89,8 +89,9 @@ mod tests {
         let r = Recall::compute(&sim, &[0, 0, 1]);
         assert_eq!(r.i2t_r1, 0.5); // image 0 → caption 1 (its own); image 1 → caption 0 (wrong)
         assert_eq!(r.i2t_r5, 1.0);
-        // caption 0 → image 1 (wrong), caption 1 → image 0 (right), caption 2 → image 1 (right)
-        assert!((r.t2i_r1 - 2.0 / 3.0).abs() < 1e-12);
+        // caption 0 → image 1 (wrong), caption 1 → image 0 (right), caption 2 → image 0 (wrong)
+        assert!((r.t2i_r1 - 1.0 / 3.0).abs() < 1e-12);
+        assert_eq!(r.t2i_r5, 1.0);
     }
 
     #[test]

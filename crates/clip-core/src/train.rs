@@ -47,7 +47,7 @@ pub fn train_step(
     let mut acc: Grads = HashMap::new();
     for b in micro_batches {
         let e = model.forward(&b.images, &b.input_ids, &b.attention_mask, true)?;
-        let loss = model.loss(&e)?;
+        let loss = model.loss(&e, Some(&b.positives))?;
         let value = loss.to_scalar::<f32>()? as f64;
         if !value.is_finite() {
             bail!(
@@ -95,7 +95,7 @@ pub fn eval_loss(model: &ClipModel, batch: &Batch) -> Result<f64> {
         &batch.attention_mask,
         false,
     )?;
-    Ok(model.loss(&e)?.to_scalar::<f32>()? as f64)
+    Ok(model.loss(&e, Some(&batch.positives))?.to_scalar::<f32>()? as f64)
 }
 
 /// Per-variable gradient health: (name, finite, non-zero). A missing gradient counts as zero.

@@ -3,7 +3,7 @@
 use std::collections::BTreeSet;
 use std::path::Path;
 
-use clip_core::data::{Dataset, LoadOptions, Split};
+use clip_core::data::{Dataset, LoadOptions, Split, MIN_IMAGES_TO_SPLIT};
 use image::{Rgb, RgbImage};
 
 fn demo() -> Dataset {
@@ -38,14 +38,15 @@ fn synthetic(dir: &Path, n: usize, k: usize) -> Dataset {
 }
 
 #[test]
-fn demo_split_holds_out_whole_images() {
-    let ds = demo();
+fn a_split_holds_out_whole_images() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = synthetic(dir.path(), 25, 3);
     let s = ds.split(0.2, 42);
     assert_eq!(s.note, None);
     assert_partition(&ds, &s);
-    // 2 of 10 images, with all 3 captions each.
-    assert_eq!(images_of(&ds, &s.val).len(), 2);
-    assert_eq!((s.train.len(), s.val.len()), (24, 6));
+    // 5 of 25 images, with all 3 captions each.
+    assert_eq!(images_of(&ds, &s.val).len(), 5);
+    assert_eq!((s.train.len(), s.val.len()), (60, 15));
     assert!(
         s.train.windows(2).all(|w| w[0] < w[1]),
         "pairs keep file order"
@@ -54,28 +55,43 @@ fn demo_split_holds_out_whole_images() {
 
 #[test]
 fn split_is_seeded() {
-    let ds = demo();
+    let dir = tempfile::tempdir().unwrap();
+    let ds = synthetic(dir.path(), 25, 2);
     assert_eq!(ds.split(0.2, 7), ds.split(0.2, 7));
     let splits: BTreeSet<Vec<usize>> = (0..6).map(|seed| ds.split(0.2, seed).val).collect();
-    assert!(
-        splits.len() >= 4,
-        "different seeds should mostly hold out different images: {splits:?}"
-    );
-    assert_ne!(ds.split(0.2, 1).val, ds.split(0.2, 2).val);
+    assert_eq!(splits.len(), 6, "different seeds hold out different images");
 }
 
 #[test]
 fn captions_of_an_image_stay_together_for_any_seed_and_fraction() {
     let dir = tempfile::tempdir().unwrap();
-    let ds = synthetic(dir.path(), 20, 3);
+    let n = MIN_IMAGES_TO_SPLIT.max(20);
+    let ds = synthetic(dir.path(), n, 3);
     for seed in 0..20 {
         for fraction in [0.1, 0.2, 0.5] {
             let s = ds.split(fraction, seed);
             assert_partition(&ds, &s);
-            assert_eq!(images_of(&ds, &s.val).len(), (20.0 * fraction) as usize);
+            assert_eq!(
+                images_of(&ds, &s.val).len(),
+                (n as f64 * fraction).round() as usize
+            );
             assert_eq!(s.val.len() % 3, 0);
         }
     }
+}
+
+#[test]
+fn the_demo_set_is_too_small_to_hold_images_out() {
+    let ds = demo();
+    assert!(ds.images.len() < MIN_IMAGES_TO_SPLIT);
+    let s = ds.split(0.2, 42);
+    assert_eq!(s.train, (0..30).collect::<Vec<_>>());
+    assert_eq!(s.val, s.train);
+    let note = s.note.unwrap();
+    assert!(
+        note.contains("only 10 images") && note.contains("all 30 pairs"),
+        "{note}"
+    );
 }
 
 #[test]
@@ -105,10 +121,11 @@ fn the_tutorials_four_pairs_train_and_validate_on_everything() {
 #[test]
 fn an_empty_validation_side_falls_back_too() {
     let dir = tempfile::tempdir().unwrap();
-    let ds = synthetic(dir.path(), 6, 2);
-    for fraction in [0.0, 0.05] {
+    let n = MIN_IMAGES_TO_SPLIT.max(20);
+    let ds = synthetic(dir.path(), n, 2);
+    for fraction in [0.0, 0.4 / n as f64] {
         let s = ds.split(fraction, 1);
-        assert_eq!((s.train.len(), s.val.len()), (12, 12));
+        assert_eq!((s.train.len(), s.val.len()), (2 * n, 2 * n));
         assert!(
             s.note.as_deref().unwrap().contains("one side empty"),
             "{:?}",
@@ -116,5 +133,8 @@ fn an_empty_validation_side_falls_back_too() {
         );
     }
     let s = ds.split(0.2, 1);
-    assert_eq!((s.val.len(), s.note), (2, None));
+    assert_eq!(
+        (s.val.len(), s.note),
+        (2 * (n as f64 * 0.2).round() as usize, None)
+    );
 }

@@ -31,7 +31,7 @@ fn random_batch(cfg: &ClipConfig, b: usize, l: usize) -> (Tensor, Tensor, Tensor
 fn uncovered(model: &ClipModel, b: usize, l: usize) -> Vec<String> {
     let (images, ids, mask) = random_batch(&model.config, b, l);
     let e = model.forward(&images, &ids, &mask, true).unwrap();
-    let loss = model.loss(&e).unwrap();
+    let loss = model.loss(&e, None).unwrap();
     assert!(loss.to_scalar::<f32>().unwrap().is_finite());
     let grads = loss.backward().unwrap();
     let mut bad = vec![];

@@ -140,7 +140,7 @@ fn run(args: Args) -> Result<ExitCode> {
                             .to_string()
                     },
                 );
-                let loss = model.loss(&e)?.to_scalar::<f32>()?;
+                let loss = model.loss(&e, None)?.to_scalar::<f32>()?;
                 report.metric(&format!("loss_{mode}"), loss);
                 report.check(
                     &format!("loss ({mode})"),

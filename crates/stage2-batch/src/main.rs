@@ -190,7 +190,7 @@ fn load(
         .filter(|b| !image_bad.contains(b))
         .collect();
     let rows_detail = match row_bad.len() {
-        0 => format!("{} usable rows, none bad", ds.pairs.len()),
+        0 => format!("{} pairs, no bad rows", ds.pairs.len()),
         n if args.skip_bad => format!(
             "{} left out (--skip-bad), {} usable",
             rows(n),

@@ -93,7 +93,7 @@ fn run(args: Args) -> Result<ExitCode> {
         false,
     )?;
     let chance = match cfg.loss {
-        LossKind::Clip => (n as f64).ln(),
+        LossKind::Clip => clip_core::loss::clip_chance(&batch.positives)?,
         LossKind::Soft => {
             let perm: Vec<u32> = (0..n as u32).map(|i| (i + 1) % n as u32).collect();
             let idx = candle_core::Tensor::new(perm.as_slice(), &dev)?;
@@ -101,7 +101,7 @@ fn run(args: Args) -> Result<ExitCode> {
                 image: e.image.clone(),
                 text: e.text.index_select(&idx, 0)?,
             };
-            model.loss(&shuffled)?.to_scalar::<f32>()? as f64
+            model.loss(&shuffled, None)?.to_scalar::<f32>()? as f64
         }
     };
 
@@ -134,7 +134,7 @@ fn run(args: Args) -> Result<ExitCode> {
             cfg.loss,
             outcome.loss,
             chance,
-            if cfg.loss == LossKind::Clip { "ln B" } else { "same embeddings, pairs shuffled" },
+            if cfg.loss == LossKind::Clip { "uniform over the batch: ln B, less where pairs share an image or caption" } else { "same embeddings, pairs shuffled" },
             if near { String::new() } else { " — far from chance for an untrained model: check the loss, the temperature and the inputs".into() }
         ),
     );

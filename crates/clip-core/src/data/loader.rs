@@ -33,6 +33,10 @@ pub struct Batch {
     pub attention_mask: Tensor,
     /// Indices into `Dataset::pairs`.
     pub pairs: Vec<usize>,
+    /// (B, B) f32: 1 where pairs i and j share their image or their caption, so either is a right
+    /// answer for the other. The identity when every image and caption in the batch is distinct;
+    /// captions made from class labels repeat many times per batch.
+    pub positives: Tensor,
 }
 
 /// A distinct, well-mixed shuffle seed for each epoch of a run.
@@ -47,6 +51,7 @@ struct RawBatch {
     mask: Vec<u32>,
     len: usize,
     pairs: Vec<usize>,
+    positives: Vec<f32>,
 }
 
 /// What the worker thread needs, shared with it.
@@ -71,12 +76,20 @@ impl Shared {
         let images = self.store.batch_pixels(&image_indices, augment_seed)?;
         let seqs: Vec<&[u32]> = pairs.iter().map(|&p| self.tokens[p].as_slice()).collect();
         let (ids, mask, len) = pad(&seqs, self.pad);
+        let mut positives = Vec::with_capacity(pairs.len() * pairs.len());
+        for i in 0..pairs.len() {
+            for j in 0..pairs.len() {
+                let same = i == j || image_indices[i] == image_indices[j] || seqs[i] == seqs[j];
+                positives.push(if same { 1.0 } else { 0.0 });
+            }
+        }
         Ok(RawBatch {
             images,
             ids,
             mask,
             len,
             pairs: pairs.to_vec(),
+            positives,
         })
     }
 }
@@ -87,6 +100,7 @@ fn to_batch(raw: RawBatch, size: usize, device: &Device) -> Result<Batch> {
         images: Tensor::from_vec(raw.images, (b, 3, size, size), device)?,
         input_ids: Tensor::from_vec(raw.ids, (b, raw.len), device)?,
         attention_mask: Tensor::from_vec(raw.mask, (b, raw.len), device)?,
+        positives: Tensor::from_vec(raw.positives, (b, b), device)?,
         pairs: raw.pairs,
     })
 }

@@ -29,7 +29,7 @@ pub use dataset::{BadRow, Dataset, ImageEntry, LoadOptions, Pair, Source, DEFAUL
 pub use folders::render_template;
 pub use image::{normalised_range, IMAGENET_MEAN, IMAGENET_STD, IMAGE_EXTENSIONS};
 pub use loader::{epoch_seed, Batch, Batches, Loader};
-pub use split::Split;
+pub use split::{Split, MIN_IMAGES_TO_SPLIT};
 pub use store::ImageStore;
 pub use tokenizer::{TextTokenizer, UnkReport, SPECIAL_TOKENS};
 

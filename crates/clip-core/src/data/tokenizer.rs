@@ -7,7 +7,7 @@
 //! sequences of known single-character tokens. The tokenizer is saved next to the checkpoint so
 //! predictions read text exactly as training did.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
@@ -286,7 +286,7 @@ impl TextTokenizer {
         };
         // In order of first appearance, so ties read as the captions do ("枸, 杞").
         let mut unknown: Vec<(String, usize)> = vec![];
-        let mut index: std::collections::HashMap<String, usize> = Default::default();
+        let mut index: HashMap<String, usize> = HashMap::new();
         for c in captions {
             let enc = tk(self.inner.encode(c.as_str(), false))?;
             r.total_tokens += enc.len();
@@ -305,7 +305,7 @@ impl TextTokenizer {
                 }
             }
         }
-        unknown.sort_by(|a, b| b.1.cmp(&a.1));
+        unknown.sort_by_key(|u| std::cmp::Reverse(u.1));
         r.unknown = unknown;
         Ok(r)
     }

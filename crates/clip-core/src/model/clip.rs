@@ -157,10 +157,11 @@ impl ClipModel {
         })
     }
 
-    /// The configured contrastive loss of a batch of embeddings.
-    pub fn loss(&self, e: &Embeddings) -> Result<Tensor> {
+    /// The configured contrastive loss of a batch of embeddings. `positives` (B×B) marks pairs
+    /// that share an image or a caption (see [`loss::clip_loss`]); the `soft` loss ignores it.
+    pub fn loss(&self, e: &Embeddings, positives: Option<&Tensor>) -> Result<Tensor> {
         match (self.config.loss, &self.logit_scale) {
-            (LossKind::Clip, Some(s)) => loss::clip_loss(&e.image, &e.text, s),
+            (LossKind::Clip, Some(s)) => loss::clip_loss(&e.image, &e.text, s, positives),
             _ => loss::soft_loss(&e.image, &e.text, self.config.temperature),
         }
     }

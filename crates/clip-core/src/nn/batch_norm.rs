@@ -34,25 +34,51 @@ impl BatchNorm2d {
     }
 }
 
+impl BatchNorm2d {
+    /// Running statistics follow PyTorch: momentum 0.1, unbiased variance.
+    fn update_running(&self, mean: &Tensor, var: &Tensor, n: usize) -> candle_core::Result<()> {
+        let m = self.momentum;
+        let unbiased = (var.detach().flatten_all()? * (n as f64 / (n as f64 - 1.0)))?;
+        let rm =
+            ((self.running_mean.as_tensor() * (1.0 - m))? + (mean.detach().flatten_all()? * m)?)?;
+        let rv = ((self.running_var.as_tensor() * (1.0 - m))? + (unbiased * m)?)?;
+        self.running_mean.set(&rm)?;
+        self.running_var.set(&rv)
+    }
+}
+
 impl ModuleT for BatchNorm2d {
     fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
+        let n = b * h * w;
+        if train && n < 2 {
+            candle_core::bail!("BatchNorm in training mode needs more than one value per channel (got batch {b} of {h}×{w}): use a batch size of at least 2")
+        }
+        if train && x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
+            // One fused kernel per direction (see `batch_norm_cpu`).
+            let stats = std::sync::Arc::new(std::sync::Mutex::new(None));
+            let op = super::batch_norm_cpu::BatchNormTrain {
+                eps: self.eps as f32,
+                stats: stats.clone(),
+            };
+            let y = x.contiguous()?.apply_op3(&self.weight, &self.bias, op)?;
+            let (mean, var) = stats
+                .lock()
+                .unwrap()
+                .take()
+                .expect("the forward pass stores the batch statistics");
+            self.update_running(
+                &Tensor::new(mean, x.device())?,
+                &Tensor::new(var, x.device())?,
+                n,
+            )?;
+            return Ok(y);
+        }
         let (mean, var) = if train {
-            let n = b * h * w;
-            if n < 2 {
-                candle_core::bail!("BatchNorm in training mode needs more than one value per channel (got batch {b} of {h}×{w}): use a batch size of at least 2")
-            }
             let mean = x.mean_keepdim((0, 2, 3))?;
             let xc = x.broadcast_sub(&mean)?;
             let var = xc.sqr()?.mean_keepdim((0, 2, 3))?;
-            // Running statistics follow PyTorch: momentum 0.1, unbiased variance.
-            let m = self.momentum;
-            let unbiased = (var.detach().flatten_all()? * (n as f64 / (n as f64 - 1.0)))?;
-            let rm = ((self.running_mean.as_tensor() * (1.0 - m))?
-                + (mean.detach().flatten_all()? * m)?)?;
-            let rv = ((self.running_var.as_tensor() * (1.0 - m))? + (unbiased * m)?)?;
-            self.running_mean.set(&rm)?;
-            self.running_var.set(&rv)?;
+            self.update_running(&mean, &var, n)?;
             (mean, var)
         } else {
             (
@@ -72,4 +98,34 @@ impl ModuleT for BatchNorm2d {
         xn.broadcast_mul(&self.weight.reshape((1, c, 1, 1))?)?
             .broadcast_add(&self.bias.reshape((1, c, 1, 1))?)
     }
+}
+
+/// The composed (device-agnostic) training-mode BatchNorm, for comparing with the fused kernel.
+pub fn batch_norm_reference(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+) -> candle_core::Result<Tensor> {
+    let c = x.dim(1)?;
+    let mean = x.mean_keepdim((0, 2, 3))?;
+    let xc = x.broadcast_sub(&mean)?;
+    let var = xc.sqr()?.mean_keepdim((0, 2, 3))?;
+    let xn = xc.broadcast_div(&(var + eps)?.sqrt()?)?;
+    xn.broadcast_mul(&weight.reshape((1, c, 1, 1))?)?
+        .broadcast_add(&bias.reshape((1, c, 1, 1))?)
+}
+
+/// The fused CPU kernel (training mode, batch statistics), exposed for tests and benchmarks.
+pub fn batch_norm_train_cpu(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+) -> candle_core::Result<Tensor> {
+    let op = super::batch_norm_cpu::BatchNormTrain {
+        eps: eps as f32,
+        stats: Default::default(),
+    };
+    x.contiguous()?.apply_op3(weight, bias, op)
 }

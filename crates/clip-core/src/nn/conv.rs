@@ -5,8 +5,9 @@ use crate::params::{Init, ParamBuilder};
 
 /// `nn.Conv2d` without bias (ResNet convolutions are always followed by BatchNorm).
 ///
-/// When gradients are needed the convolution is computed as im2col + matrix product, built from
-/// differentiable tensor ops. candle's own `conv2d` backward computes the input gradient with a
+/// On the CPU it runs [`conv2d_cpu`](super::conv_cpu::conv2d_cpu), whose three products are all
+/// im2col + GEMM. Elsewhere, when gradients are needed, the convolution is computed as im2col +
+/// matrix product built from differentiable tensor ops. candle's own `conv2d` backward computes the input gradient with a
 /// naive transposed-convolution kernel (on CPU and CUDA alike) that made a training step ~10×
 /// slower than its forward; through im2col, both gradients are matrix products (BLAS / cuBLAS)
 /// plus cheap shifted adds. Inference keeps candle's native (im2col or cuDNN) forward.
@@ -38,7 +39,9 @@ impl Conv2d {
 
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        if x.track_op() || self.weight.track_op() {
+        if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
+            super::conv_cpu::conv2d_cpu(x, &self.weight, self.stride, self.padding)
+        } else if x.track_op() || self.weight.track_op() {
             conv2d_im2col(x, &self.weight, self.stride, self.padding)
         } else {
             x.conv2d(&self.weight, self.padding, self.stride, 1, 1)

@@ -2,14 +2,17 @@
 //! through every op (candle 0.11's fused LayerNorm, `softmax_last_dim` and strided max-pool do not).
 
 mod batch_norm;
+mod batch_norm_cpu;
 mod conv;
+mod conv_cpu;
 mod dropout;
 mod layer_norm;
 mod linear;
 mod max_pool;
 
-pub use batch_norm::BatchNorm2d;
+pub use batch_norm::{batch_norm_reference, batch_norm_train_cpu, BatchNorm2d};
 pub use conv::{conv2d_im2col, Conv2d};
+pub use conv_cpu::conv2d_cpu;
 pub use dropout::{Dropout, DropoutRng};
 pub use layer_norm::LayerNorm;
 pub use linear::{Embedding, Linear};

@@ -1,0 +1,66 @@
+//! Stage 3 as a user runs it: it passes on the demo set, and names the tensors whose gradient a
+//! deliberately detached tower cuts off.
+
+use std::process::Command;
+
+fn run(args: &[&str]) -> (bool, String) {
+    let o = Command::new(env!("CARGO_BIN_EXE_stage3-step"))
+        .args(["--device", "cpu"])
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        o.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        ),
+    )
+}
+
+#[test]
+fn passes_on_the_demo_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("s3.json");
+    let (ok, log) = run(&["--json", json.to_str().unwrap()]);
+    assert!(ok, "{log}");
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
+    assert_eq!(r["passed"], true);
+    assert_eq!(r["metrics"]["no_gradient"].as_array().unwrap().len(), 0);
+    let (loss, chance) = (
+        r["metrics"]["loss"].as_f64().unwrap(),
+        r["metrics"]["chance_loss"].as_f64().unwrap(),
+    );
+    assert!((loss - chance).abs() < 0.5 * chance, "{loss} vs {chance}");
+}
+
+#[test]
+fn names_every_tensor_behind_a_cut_gradient() {
+    let (ok, log) = run(&["--cut-gradient", "image"]);
+    assert!(!ok, "{log}");
+    assert!(log.contains("[FAIL] gradients"), "{log}");
+    assert!(log.contains("image_encoder.model.conv1.weight"), "{log}");
+    assert!(
+        !log.contains("text_encoder.model.embeddings.word_embeddings.weight"),
+        "the text tower still learns:\n{log}"
+    );
+
+    let (ok, log) = run(&["--cut-gradient", "text", "--preset", "tiny"]);
+    assert!(!ok);
+    assert!(
+        log.contains("text_encoder.model.embeddings.word_embeddings.weight"),
+        "{log}"
+    );
+}
+
+#[test]
+fn frozen_towers_pass_and_stay_unchanged() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("frozen.toml");
+    std::fs::write(&cfg, "[train]\nfreeze_text = true\n").unwrap();
+    let (ok, log) = run(&["--config", cfg.to_str().unwrap()]);
+    assert!(ok, "{log}");
+    assert!(log.contains("frozen tensors unchanged"), "{log}");
+}

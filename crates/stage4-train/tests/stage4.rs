@@ -1,0 +1,70 @@
+//! Stage 4's gate as a user meets it: too short a run fails with advice; a bad dataset path is
+//! a clear error.
+
+use std::process::Command;
+
+fn run(args: &[&str]) -> (Option<i32>, String) {
+    let o = Command::new(env!("CARGO_BIN_EXE_stage4-train"))
+        .args(["--device", "cpu"])
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        o.status.code(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        ),
+    )
+}
+
+#[test]
+fn too_short_a_run_fails_the_gate_with_advice_and_still_writes_the_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let json = dir.path().join("s4.json");
+    let (code, log) = run(&[
+        "--epochs",
+        "2",
+        "--out",
+        out.to_str().unwrap(),
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(1), "{log}");
+    assert!(
+        log.contains("[FAIL] loss fell") && log.contains("try more epochs"),
+        "{log}"
+    );
+    assert!(log.contains("epoch   2:"), "{log}");
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
+    assert_eq!(r["passed"], false);
+    for f in [
+        "model.safetensors",
+        "config.toml",
+        "tokenizer.json",
+        "loss.csv",
+        "last/state.json",
+        "similarity_before.png",
+    ] {
+        assert!(out.join(f).is_file(), "missing {f}");
+    }
+}
+
+#[test]
+fn a_missing_dataset_is_a_clear_error() {
+    let (code, log) = run(&[
+        "--data",
+        "/nonexistent/photos",
+        "--out",
+        "/tmp/never-written",
+    ]);
+    assert_eq!(code, Some(2), "{log}");
+    assert!(
+        log.contains("/nonexistent/photos") && log.contains("not found"),
+        "{log}"
+    );
+    assert!(!std::path::Path::new("/tmp/never-written").exists());
+}

@@ -48,11 +48,7 @@ pub fn run(args: &[String]) -> Result<bool> {
     let mut source = PathBuf::from(SOURCE);
     let mut it = args.iter();
     while let Some(a) = it.next() {
-        let mut val = || {
-            it.next()
-                .cloned()
-                .with_context(|| format!("{a} needs a value"))
-        };
+        let mut val = || it.next().cloned().with_context(|| format!("{a} needs a value"));
         match a.as_str() {
             "-h" | "--help" => {
                 print!("{USAGE}");
@@ -60,21 +56,13 @@ pub fn run(args: &[String]) -> Result<bool> {
             }
             "--config" => config = PathBuf::from(val()?),
             "--epochs" => epochs = Some(val()?),
-            "--train-limit" => {
-                limit = Some(
-                    val()?
-                        .parse::<usize>()
-                        .context("--train-limit takes a number")?,
-                )
-            }
+            "--train-limit" => limit = Some(val()?.parse::<usize>().context("--train-limit takes a number")?),
             "--out" => out = PathBuf::from(val()?),
             "--source" => source = PathBuf::from(val()?),
             _ => bail!("unknown option {a:?}\n\n{USAGE}"),
         }
     }
-    if !source.join("train-images-idx3-ubyte.gz").is_file()
-        && !source.join("train-images-idx3-ubyte").is_file()
-    {
+    if !source.join("train-images-idx3-ubyte.gz").is_file() && !source.join("train-images-idx3-ubyte").is_file() {
         bail!(
             "Fashion-MNIST is not in {}: install it with `sudo apt-get install dataset-fashion-mnist` (Debian/Ubuntu), or pass --source DIR holding the IDX files",
             source.display()
@@ -114,12 +102,8 @@ pub fn run(args: &[String]) -> Result<bool> {
     let t = Instant::now();
     let status = cmd.status().context("running stage4-train")?;
     let train_secs = t.elapsed().as_secs_f64();
-    let r: Value = serde_json::from_str(
-        &std::fs::read_to_string(&report)
-            .with_context(|| format!("reading {}", report.display()))?,
-    )?;
-    if !status.success() && !run.join("model.safetensors").is_file() {
-        bail!("stage 4 failed before saving a model");
+    if !run.join("model.safetensors").is_file() {
+        bail!("stage 4 failed before saving a model (see its output above)");
     }
 
     let t = Instant::now();
@@ -133,20 +117,14 @@ pub fn run(args: &[String]) -> Result<bool> {
         .output()
         .context("running clip-predict eval")?;
     if !o.status.success() {
-        bail!(
-            "clip-predict eval failed: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
+        bail!("clip-predict eval failed: {}", String::from_utf8_lossy(&o.stderr));
     }
     let eval: Value = serde_json::from_slice(&o.stdout).context("parsing clip-predict's JSON")?;
     let metrics: Value = serde_json::from_str(&std::fs::read_to_string(run.join("metrics.json"))?)?;
     let history = metrics["history"].as_array().cloned().unwrap_or_default();
-    let pps: Vec<f64> = history
-        .iter()
-        .filter_map(|h| h["pairs_per_second"].as_f64())
-        .collect();
+    let pps: Vec<f64> = history.iter().filter_map(|h| h["pairs_per_second"].as_f64()).collect();
     let line = json!({
-        "preset": r["metrics"]["config"].as_str().unwrap_or("fashion-mnist"),
+        "preset": metrics["config"],
         "epochs": history.len(),
         "train_images": count_files(&train_dir),
         "wall_seconds": (started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
@@ -179,11 +157,9 @@ fn read_idx(source: &Path, name: &str) -> Result<Vec<u8>> {
         std::fs::read(&plain)?
     } else {
         let mut out = vec![];
-        flate2::read::GzDecoder::new(
-            std::fs::File::open(&gz).with_context(|| format!("opening {}", gz.display()))?,
-        )
-        .read_to_end(&mut out)
-        .with_context(|| format!("decompressing {}", gz.display()))?;
+        flate2::read::GzDecoder::new(std::fs::File::open(&gz).with_context(|| format!("opening {}", gz.display()))?)
+            .read_to_end(&mut out)
+            .with_context(|| format!("decompressing {}", gz.display()))?;
         out
     };
     Ok(bytes)
@@ -197,8 +173,7 @@ fn export(source: &Path, prefix: &str, dir: &Path, limit: Option<usize>) -> Resu
     }
     let images = read_idx(source, &format!("{prefix}-images-idx3-ubyte"))?;
     let labels = read_idx(source, &format!("{prefix}-labels-idx1-ubyte"))?;
-    let be =
-        |b: &[u8], at: usize| u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]) as usize;
+    let be = |b: &[u8], at: usize| u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]) as usize;
     if images.len() < 16 || be(&images, 0) != 2051 || labels.len() < 8 || be(&labels, 0) != 2049 {
         bail!("{prefix}: not Fashion-MNIST IDX files (bad magic numbers)");
     }

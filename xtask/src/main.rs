@@ -3,6 +3,7 @@
 //! `cargo xtask verify` runs the four stages as one gated pipeline, each stage as its own binary
 //! exactly as a user would run it, and stops at the first failing gate.
 
+mod bench;
 mod fashion;
 mod verify;
 
@@ -13,6 +14,7 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("verify") => verify::run(&args[1..]),
         Some("fashion-mnist") => fashion::run(&args[1..]),
+        Some("bench") => bench::run(&args[1..]),
         Some("-h" | "--help" | "help") | None => {
             print!("{HELP}");
             Ok(true)
@@ -39,4 +41,6 @@ Tasks:
   fashion-mnist
             Train on Fashion-MNIST (Debian package dataset-fashion-mnist) as class folders and
             report zero-shot test accuracy as one JSON line.
+  bench     Speed as JSON lines: training steps against the PyTorch reference (a ratio), the
+            data loader, and text → image search over 1,000,000 embeddings.
 ";

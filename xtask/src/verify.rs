@@ -76,11 +76,7 @@ fn parse(args: &[String]) -> Result<Option<Opts>> {
     let mut device = "cpu".to_string();
     let mut it = args.iter();
     while let Some(a) = it.next() {
-        let mut val = || {
-            it.next()
-                .cloned()
-                .with_context(|| format!("{a} needs a value"))
-        };
+        let mut val = || it.next().cloned().with_context(|| format!("{a} needs a value"));
         match a.as_str() {
             "-h" | "--help" => {
                 print!("{USAGE}");
@@ -147,8 +143,7 @@ pub fn run(args: &[String]) -> Result<bool> {
         }
         if n == 4 {
             if run_dir.exists() {
-                std::fs::remove_dir_all(&run_dir)
-                    .with_context(|| format!("clearing {}", run_dir.display()))?;
+                std::fs::remove_dir_all(&run_dir).with_context(|| format!("clearing {}", run_dir.display()))?;
             }
             cmd.arg("--out").arg(&run_dir);
             if let Some(e) = &o.epochs {
@@ -264,9 +259,6 @@ pub fn display(cmd: &Command) -> String {
         .file_name()
         .map(|f| f.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let args: Vec<String> = cmd
-        .get_args()
-        .map(|a| a.to_string_lossy().into_owned())
-        .collect();
+    let args: Vec<String> = cmd.get_args().map(|a| a.to_string_lossy().into_owned()).collect();
     format!("{prog} {}", args.join(" "))
 }

@@ -47,25 +47,17 @@ impl Drop for TempDir {
 }
 
 fn synthetic(n: usize) -> Result<TempDir> {
-    let dir =
-        TempDir(std::env::temp_dir().join(format!("clipmine-bench-loader-{}", std::process::id())));
-    std::fs::create_dir_all(dir.0.join("images"))
-        .with_context(|| format!("creating {}", dir.0.display()))?;
+    let dir = TempDir(std::env::temp_dir().join(format!("clipmine-bench-loader-{}", std::process::id())));
+    std::fs::create_dir_all(dir.0.join("images")).with_context(|| format!("creating {}", dir.0.display()))?;
     let mut csv = String::from("image,caption\n");
     for i in 0..n {
         // Smooth gradients plus a per-image pattern: compresses and decodes like a photo, not like noise.
         let k = i as u32;
         let img = RgbImage::from_fn(320, 240, |x, y| {
-            Rgb([
-                (x + k * 7) as u8,
-                (y * 2 + k * 13) as u8,
-                ((x ^ y) + k) as u8,
-            ])
+            Rgb([(x + k * 7) as u8, (y * 2 + k * 13) as u8, ((x ^ y) + k) as u8])
         });
         img.save(dir.0.join(format!("images/{i}.jpg")))?;
-        csv.push_str(&format!(
-            "{i}.jpg,picture number {i}\n{i}.jpg,第{i}張照片\n"
-        ));
+        csv.push_str(&format!("{i}.jpg,picture number {i}\n{i}.jpg,第{i}張照片\n"));
     }
     std::fs::write(dir.0.join("captions.csv"), csv)?;
     Ok(dir)
@@ -93,12 +85,7 @@ fn main() -> Result<()> {
     let mut batches = 0;
     let mut seen = 0;
     for epoch in 0..args.epochs {
-        for batch in loader.batches(
-            &pairs,
-            batch_size,
-            Some(epoch_seed(cfg.seed, epoch)),
-            args.augment,
-        ) {
+        for batch in loader.batches(&pairs, batch_size, Some(epoch_seed(cfg.seed, epoch)), args.augment) {
             let batch = batch?;
             seen += batch.pairs.len();
             batches += 1;

@@ -229,7 +229,11 @@ impl ClipConfig {
             loss: LossKind::Clip,
             temperature: 1.0,
             seed: 42,
+            // From scratch, both towers need the heads' learning rate (the tutorial's 1e-4 / 1e-5
+            // are for pretrained towers). 16 pairs per batch give enough negatives per step.
             train: TrainConfig {
+                batch_size: 16,
+                epochs: 40,
                 lr_image: 1e-3,
                 lr_text: 1e-3,
                 lr_head: 1e-3,
@@ -285,19 +289,14 @@ impl ClipConfig {
         match name {
             "tiny" => Ok(Self::tiny()),
             "simple-clip" => Ok(Self::simple_clip()),
-            _ => bail!(
-                "unknown preset {name:?}; the presets are: {}",
-                PRESETS.join(", ")
-            ),
+            _ => bail!("unknown preset {name:?}; the presets are: {}", PRESETS.join(", ")),
         }
     }
 
     /// Reads a TOML config. Errors name the file, and TOML's message names the line and column.
     pub fn from_toml_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("reading config {}", path.display()))?;
-        let cfg =
-            Self::from_toml_str(&text).with_context(|| format!("in config {}", path.display()))?;
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?;
+        let cfg = Self::from_toml_str(&text).with_context(|| format!("in config {}", path.display()))?;
         Ok(cfg)
     }
 
@@ -349,22 +348,17 @@ impl ClipConfig {
                 i.depths, i.widths
             ));
         }
-        if i.depths.iter().any(|&d| d == 0) || i.widths.iter().any(|&w| w == 0) || i.stem_width == 0
-        {
+        if i.depths.iter().any(|&d| d == 0) || i.widths.iter().any(|&w| w == 0) || i.stem_width == 0 {
             errs.push("image depths and widths must all be at least 1".into());
         }
         if i.stem_kernel == 0 || i.stem_kernel % 2 == 0 {
-            errs.push(format!(
-                "image.stem_kernel must be odd (got {})",
-                i.stem_kernel
-            ));
+            errs.push(format!("image.stem_kernel must be odd (got {})", i.stem_kernel));
         }
         if i.stem_stride == 0 {
             errs.push("image.stem_stride must be at least 1".into());
         }
-        let reduction = i.stem_stride.max(1)
-            * if i.stem_pool { 2 } else { 1 }
-            * (1usize << i.depths.len().saturating_sub(1));
+        let reduction =
+            i.stem_stride.max(1) * if i.stem_pool { 2 } else { 1 } * (1usize << i.depths.len().saturating_sub(1));
         if i.image_size < reduction {
             errs.push(format!(
                 "image.image_size {} is smaller than the ResNet's total stride {} (stem × pool × stages): use larger images or fewer stages",
@@ -384,10 +378,7 @@ impl ClipConfig {
             ));
         }
         if t.n_layers == 0 || t.hidden_dim == 0 || t.max_position_embeddings < 2 {
-            errs.push(
-                "text.n_layers, text.hidden_dim must be ≥ 1 and text.max_position_embeddings ≥ 2"
-                    .into(),
-            );
+            errs.push("text.n_layers, text.hidden_dim must be ≥ 1 and text.max_position_embeddings ≥ 2".into());
         }
         if self.projection_dim == 0 {
             errs.push("projection_dim must be at least 1".into());
@@ -406,7 +397,10 @@ impl ClipConfig {
         }
         let tr = &self.train;
         if tr.batch_size < 2 {
-            errs.push(format!("train.batch_size must be at least 2 (contrastive loss compares pairs in a batch; got {})", tr.batch_size));
+            errs.push(format!(
+                "train.batch_size must be at least 2 (contrastive loss compares pairs in a batch; got {})",
+                tr.batch_size
+            ));
         }
         if tr.accumulate == 0 {
             errs.push("train.accumulate must be at least 1".into());
@@ -417,9 +411,7 @@ impl ClipConfig {
             ("lr_head", tr.lr_head),
         ] {
             if !(lr >= 0.0 && lr.is_finite()) {
-                errs.push(format!(
-                    "train.{name} must be a finite number ≥ 0 (got {lr})"
-                ));
+                errs.push(format!("train.{name} must be a finite number ≥ 0 (got {lr})"));
             }
         }
         if !(0.0..1.0).contains(&self.data.val_fraction) {

@@ -41,9 +41,9 @@ pub fn parse_device(name: &str) -> Result<Device> {
                 bail!("this build has no CUDA support: rebuild with `--features cuda` (or use --device cpu)")
             }
             let ordinal: usize = match s.strip_prefix("cuda:") {
-                Some(n) => n.parse().map_err(|_| {
-                    anyhow::anyhow!("bad CUDA ordinal in {s:?}: expected cuda:0, cuda:1, …")
-                })?,
+                Some(n) => n
+                    .parse()
+                    .map_err(|_| anyhow::anyhow!("bad CUDA ordinal in {s:?}: expected cuda:0, cuda:1, …"))?,
                 None => 0,
             };
             match std::panic::catch_unwind(|| Device::new_cuda(ordinal)) {

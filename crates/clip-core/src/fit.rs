@@ -13,9 +13,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::checkpoint::{
-    save_weights, write_atomic, CONFIG, LAST, METRICS, OPTIMIZER, STATE, TOKENIZER, WEIGHTS,
-};
+use crate::checkpoint::{save_weights, write_atomic, CONFIG, LAST, METRICS, OPTIMIZER, STATE, TOKENIZER, WEIGHTS};
 use crate::config::{ClipConfig, Schedule};
 use crate::data::Batch;
 use crate::embed::{embed_store_images, embed_texts};
@@ -27,6 +25,9 @@ use crate::prepare::Prepared;
 use crate::retrieval::{to_rows, Recall};
 use crate::schedule::{cosine, Plateau};
 use crate::train::{eval_loss, train_step};
+
+/// Recall is computed over at most this many pairs: its similarity matrix grows with the square.
+pub const MAX_RECALL_PAIRS: usize = 2000;
 
 /// One line of the training history.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -67,8 +68,7 @@ impl Trainer {
     pub fn new(cfg: &ClipConfig, data: Prepared, out: &Path) -> Result<Self> {
         let model = ClipModel::new(cfg, &data.device)?;
         let opt = AdamW::new(&model.params, &cfg.train)?;
-        std::fs::create_dir_all(out)
-            .with_context(|| format!("creating run folder {}", out.display()))?;
+        std::fs::create_dir_all(out).with_context(|| format!("creating run folder {}", out.display()))?;
         write_atomic(&out.join(CONFIG), cfg.to_toml()?.as_bytes())?;
         data.tokenizer.save(&out.join(TOKENIZER))?;
         let state = TrainState {
@@ -96,8 +96,7 @@ impl Trainer {
         t.opt.load(&last.join(OPTIMIZER))?;
         let state_path = last.join(STATE);
         t.state = serde_json::from_str(
-            &std::fs::read_to_string(&state_path)
-                .with_context(|| format!("reading {}", state_path.display()))?,
+            &std::fs::read_to_string(&state_path).with_context(|| format!("reading {}", state_path.display()))?,
         )
         .with_context(|| format!("parsing {}", state_path.display()))?;
         Ok(t)
@@ -154,29 +153,17 @@ impl Trainer {
                 continue;
             }
             if self.cfg.train.schedule == Schedule::Cosine {
-                self.opt.scale_lr(cosine(
-                    self.opt.step,
-                    self.cfg.train.warmup_steps as u64,
-                    total_steps,
-                ));
+                self.opt
+                    .scale_lr(cosine(self.opt.step, self.cfg.train.warmup_steps as u64, total_steps));
             }
             let n: usize = pending.iter().map(|b| b.pairs.len()).sum();
-            let out = train_step(
-                &self.model,
-                &mut self.opt,
-                &pending,
-                self.cfg.train.clip_grad_norm,
-            )
-            .with_context(|| format!("epoch {}, step {}", epoch + 1, step + 1))?;
+            let out = train_step(&self.model, &mut self.opt, &pending, self.cfg.train.clip_grad_norm)
+                .with_context(|| format!("epoch {}, step {}", epoch + 1, step + 1))?;
             pending.clear();
             pairs += n;
             losses.push(out.loss);
             step += 1;
-            on_step(
-                step,
-                out.loss,
-                pairs as f64 / started.elapsed().as_secs_f64().max(1e-9),
-            );
+            on_step(step, out.loss, pairs as f64 / started.elapsed().as_secs_f64().max(1e-9));
         }
         if losses.is_empty() {
             bail!(
@@ -185,10 +172,7 @@ impl Trainer {
             );
         }
         let mean = losses.iter().sum::<f64>() / losses.len() as f64;
-        Ok((
-            mean,
-            pairs as f64 / started.elapsed().as_secs_f64().max(1e-9),
-        ))
+        Ok((mean, pairs as f64 / started.elapsed().as_secs_f64().max(1e-9)))
     }
 
     /// Validation loss (mean over batches, evaluation mode) and retrieval recall.
@@ -196,25 +180,24 @@ impl Trainer {
         let val = &self.data.split.val;
         let mut total = 0.0;
         let mut count = 0usize;
-        for b in self
-            .data
-            .loader
-            .batches(val, self.cfg.train.batch_size, None, false)
-        {
+        // A fixed shuffle: the same batches every epoch (comparable losses), but not in file order —
+        // class folders in order would put one class per batch and make the loss trivial.
+        let order = Some(crate::data::epoch_seed(self.cfg.seed ^ 0x7a1, 0));
+        for b in self.data.loader.batches(val, self.cfg.train.batch_size, order, false) {
             let b = b?;
             total += eval_loss(&self.model, &b)? * b.pairs.len() as f64;
             count += b.pairs.len();
         }
-        let loss = if count > 0 {
-            total / count as f64
-        } else {
-            f64::NAN
-        };
+        let loss = if count > 0 { total / count as f64 } else { f64::NAN };
         Ok((loss, self.recall(val)?))
     }
 
-    /// Recall@K over the given pairs: their distinct images against their captions.
+    /// Recall@K over the given pairs — an evenly spaced sample of at most [`MAX_RECALL_PAIRS`] —
+    /// their distinct images against their captions.
     pub fn recall(&self, pairs: &[usize]) -> Result<Recall> {
+        let step = pairs.len().div_ceil(MAX_RECALL_PAIRS).max(1);
+        let sample: Vec<usize> = pairs.iter().copied().step_by(step).collect();
+        let pairs = &sample[..];
         let ds = &self.data.dataset;
         let images: Vec<usize> = pairs
             .iter()
@@ -223,19 +206,13 @@ impl Trainer {
             .into_iter()
             .collect();
         let pos = |img: usize| images.iter().position(|&i| i == img).unwrap();
-        let texts: Vec<&str> = pairs
-            .iter()
-            .map(|&p| ds.pairs[p].caption.as_str())
-            .collect();
+        let texts: Vec<&str> = pairs.iter().map(|&p| ds.pairs[p].caption.as_str()).collect();
         let text_image: Vec<usize> = pairs.iter().map(|&p| pos(ds.pairs[p].image)).collect();
         let dev = &self.data.device;
         let bs = self.cfg.train.batch_size.max(16);
         let ie = embed_store_images(&self.model, &self.data.store, &images, bs, dev)?;
         let te = embed_texts(&self.model, &self.data.tokenizer, &texts, bs, dev)?;
-        Ok(Recall::compute(
-            &to_rows(&cosine_similarity(&ie, &te)?)?,
-            &text_image,
-        ))
+        Ok(Recall::compute(&to_rows(&cosine_similarity(&ie, &te)?)?, &text_image))
     }
 
     /// Cosine similarities of a fixed set of pairs (up to 16 distinct training images, one caption
@@ -253,9 +230,7 @@ impl Trainer {
             .take(16)
             .collect();
         let b = self.data.loader.batch(&pairs)?;
-        let e = self
-            .model
-            .forward(&b.images, &b.input_ids, &b.attention_mask, false)?;
+        let e = self.model.forward(&b.images, &b.input_ids, &b.attention_mask, false)?;
         to_rows(&cosine_similarity(&e.image, &e.text)?)
     }
 
@@ -304,10 +279,7 @@ impl Trainer {
         std::fs::create_dir_all(&tmp)?;
         save_weights(&self.model.params, &tmp.join(WEIGHTS))?;
         self.opt.save(&tmp.join(OPTIMIZER))?;
-        write_atomic(
-            &tmp.join(STATE),
-            serde_json::to_string_pretty(&self.state)?.as_bytes(),
-        )?;
+        write_atomic(&tmp.join(STATE), serde_json::to_string_pretty(&self.state)?.as_bytes())?;
         let last = self.out.join(LAST);
         let old = self.out.join(format!("{LAST}.old"));
         let _ = std::fs::remove_dir_all(&old);
@@ -333,7 +305,8 @@ impl Trainer {
             &self.out.join(METRICS),
             serde_json::to_string_pretty(&metrics)?.as_bytes(),
         )?;
-        let mut csv = String::from("epoch,train_loss,val_loss,lr_image,lr_text,lr_head,i2t_r1,t2i_r1,seconds,pairs_per_second\n");
+        let mut csv =
+            String::from("epoch,train_loss,val_loss,lr_image,lr_text,lr_head,i2t_r1,t2i_r1,seconds,pairs_per_second\n");
         for r in h {
             csv.push_str(&format!(
                 "{},{:.6},{:.6},{:e},{:e},{:e},{:.4},{:.4},{:.3},{:.1}\n",

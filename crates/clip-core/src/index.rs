@@ -73,9 +73,7 @@ pub fn model_fingerprint(run: &Path) -> Result<String> {
 /// Every image file under `root`, recursively, as sorted relative paths.
 pub fn list_images(root: &Path) -> Result<Vec<String>> {
     fn walk(dir: &Path, root: &Path, out: &mut Vec<String>) -> Result<()> {
-        for e in
-            std::fs::read_dir(dir).with_context(|| format!("reading folder {}", dir.display()))?
-        {
+        for e in std::fs::read_dir(dir).with_context(|| format!("reading folder {}", dir.display()))? {
             let p = e?.path();
             if p.is_dir() {
                 walk(&p, root, out)?;
@@ -84,12 +82,7 @@ pub fn list_images(root: &Path) -> Result<Vec<String>> {
                 .and_then(|x| x.to_str())
                 .is_some_and(|x| IMAGE_EXTENSIONS.contains(&x.to_ascii_lowercase().as_str()))
             {
-                out.push(
-                    p.strip_prefix(root)
-                        .unwrap_or(&p)
-                        .to_string_lossy()
-                        .into_owned(),
-                );
+                out.push(p.strip_prefix(root).unwrap_or(&p).to_string_lossy().into_owned());
             }
         }
         Ok(())
@@ -128,10 +121,7 @@ pub fn embed_image_files(
     let mut ok = vec![];
     let mut failed = vec![];
     for (c, group) in paths.chunks(chunk.max(1)).enumerate() {
-        let decoded: Vec<Result<Tensor>> = group
-            .par_iter()
-            .map(|p| ImageStore::load_one(p, cfg))
-            .collect();
+        let decoded: Vec<Result<Tensor>> = group.par_iter().map(|p| ImageStore::load_one(p, cfg)).collect();
         let mut good = vec![];
         for (i, d) in decoded.into_iter().enumerate() {
             let idx = c * chunk.max(1) + i;
@@ -160,10 +150,9 @@ pub fn embed_image_files(
 impl ImageIndex {
     pub fn load(dir: &Path) -> Result<Self> {
         let mpath = dir.join(MANIFEST);
-        let text = std::fs::read_to_string(&mpath)
-            .with_context(|| format!("reading index manifest {}", mpath.display()))?;
-        let m: Manifest =
-            serde_json::from_str(&text).with_context(|| format!("parsing {}", mpath.display()))?;
+        let text =
+            std::fs::read_to_string(&mpath).with_context(|| format!("reading index manifest {}", mpath.display()))?;
+        let m: Manifest = serde_json::from_str(&text).with_context(|| format!("parsing {}", mpath.display()))?;
         let epath = dir.join(EMBEDDINGS);
         let mut t = candle_core::safetensors::load(&epath, &Device::Cpu)
             .with_context(|| format!("reading {}", epath.display()))?;
@@ -194,20 +183,14 @@ impl ImageIndex {
         if !self.entries.is_empty() {
             map.insert("embeddings".to_string(), self.embeddings.clone());
         }
-        write_atomic(
-            &dir.join(EMBEDDINGS),
-            &crate::optim::safetensors_bytes(&map)?,
-        )?;
+        write_atomic(&dir.join(EMBEDDINGS), &crate::optim::safetensors_bytes(&map)?)?;
         let m = Manifest {
             fingerprint: self.fingerprint.clone(),
             root: self.root.clone(),
             dim: self.embeddings.dim(1)?,
             entries: self.entries.clone(),
         };
-        write_atomic(
-            &dir.join(MANIFEST),
-            serde_json::to_string_pretty(&m)?.as_bytes(),
-        )
+        write_atomic(&dir.join(MANIFEST), serde_json::to_string_pretty(&m)?.as_bytes())
     }
 
     /// Builds or refreshes an index of `root`: files unchanged since `previous` (same model, path,
@@ -254,18 +237,12 @@ impl ImageIndex {
         }
         stats.removed = old.keys().filter(|k| !files.contains(k)).count();
         let paths: Vec<PathBuf> = todo.iter().map(|&i| root.join(&keep[i].0.path)).collect();
-        let (new_emb, ok, failed) =
-            embed_image_files(model, &model.config, &paths, chunk, on_progress)?;
-        let failed_set: std::collections::HashSet<usize> =
-            failed.iter().map(|(i, _)| todo[*i]).collect();
+        let (new_emb, ok, failed) = embed_image_files(model, &model.config, &paths, chunk, on_progress)?;
+        let failed_set: std::collections::HashSet<usize> = failed.iter().map(|(i, _)| todo[*i]).collect();
         for (i, reason) in failed {
             stats.failed.push((keep[todo[i]].0.path.clone(), reason));
         }
-        let new_rows: HashMap<usize, usize> = ok
-            .iter()
-            .enumerate()
-            .map(|(row, &i)| (todo[i], row))
-            .collect();
+        let new_rows: HashMap<usize, usize> = ok.iter().enumerate().map(|(row, &i)| (todo[i], row)).collect();
         let mut rows = vec![];
         let mut entries = vec![];
         for (k, (entry, old_row)) in keep.into_iter().enumerate() {
@@ -317,18 +294,11 @@ pub fn top_k(matrix: &Tensor, query: &Tensor, k: usize) -> Result<Vec<(usize, f3
     if n == 0 {
         return Ok(vec![]);
     }
-    let q = query
-        .to_device(matrix.device())?
-        .flatten_all()?
-        .unsqueeze(1)?;
+    let q = query.to_device(matrix.device())?.flatten_all()?.unsqueeze(1)?;
     let scores = matrix.matmul(&q)?.squeeze(1)?.to_vec1::<f32>()?;
     let k = k.min(n);
     let mut idx: Vec<usize> = (0..n).collect();
-    let cmp = |a: &usize, b: &usize| {
-        scores[*b]
-            .partial_cmp(&scores[*a])
-            .unwrap_or(std::cmp::Ordering::Equal)
-    };
+    let cmp = |a: &usize, b: &usize| scores[*b].partial_cmp(&scores[*a]).unwrap_or(std::cmp::Ordering::Equal);
     if k < n {
         idx.select_nth_unstable_by(k - 1, cmp);
         idx.truncate(k);

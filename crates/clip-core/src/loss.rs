@@ -51,18 +51,11 @@ pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
 /// batch of captions made from class labels ("a photo of a shirt" ten times) asks the model to
 /// tell identical captions apart — impossible, and it drags the text embeddings of similar
 /// classes together. With distinct pairs `positives` is the identity and the loss is CLIP's.
-pub fn clip_loss(
-    image: &Tensor,
-    text: &Tensor,
-    logit_scale: &Tensor,
-    positives: Option<&Tensor>,
-) -> Result<Tensor> {
+pub fn clip_loss(image: &Tensor, text: &Tensor, logit_scale: &Tensor, positives: Option<&Tensor>) -> Result<Tensor> {
     let b = image.dim(0)?;
     let img = l2_normalize(image)?;
     let txt = l2_normalize(text)?;
-    let scale = logit_scale
-        .clamp(f64::NEG_INFINITY, CLIP_MAX_LOGIT_SCALE)?
-        .exp()?;
+    let scale = logit_scale.clamp(f64::NEG_INFINITY, CLIP_MAX_LOGIT_SCALE)?.exp()?;
     let logits = img.matmul(&txt.t()?)?.broadcast_mul(&scale)?;
     let mask = match positives {
         Some(p) => p.detach(),
@@ -79,12 +72,7 @@ fn positive_nll(logits: &Tensor, mask: &Tensor) -> Result<Tensor> {
     // log(0) for the negatives, as −1e9 so the max-shift below stays finite.
     let masked = (lp + ((mask - 1.0)? * 1e9)?)?;
     let max = masked.max_keepdim(D::Minus1)?.detach();
-    let lse = (masked
-        .broadcast_sub(&max)?
-        .exp()?
-        .sum_keepdim(D::Minus1)?
-        .log()?
-        + max)?;
+    let lse = (masked.broadcast_sub(&max)?.exp()?.sum_keepdim(D::Minus1)?.log()? + max)?;
     Ok(lse.squeeze(D::Minus1)?.neg()?)
 }
 
@@ -115,10 +103,7 @@ mod tests {
         let img = t(&[1.0, 0.2, 0.1, 0.9, 0.5, 0.5], 3, 2);
         let txt = t(&[0.9, 0.1, 0.2, 1.0, 0.6, 0.4], 3, 2);
         let s = Tensor::new(2.0f32, &Device::Cpu).unwrap();
-        let plain = clip_loss(&img, &txt, &s, None)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let plain = clip_loss(&img, &txt, &s, None).unwrap().to_scalar::<f32>().unwrap();
         let eye = Tensor::eye(3, candle_core::DType::F32, &Device::Cpu).unwrap();
         let same = clip_loss(&img, &txt, &s, Some(&eye))
             .unwrap()
@@ -137,11 +122,7 @@ mod tests {
             let col: f32 = (0..3).map(|j| l[j][i].exp()).sum();
             want += -(l[i][i].exp() / row).ln() - (l[i][i].exp() / col).ln();
         }
-        assert!(
-            (plain - want / 6.0).abs() < 1e-4,
-            "{plain} vs {}",
-            want / 6.0
-        );
+        assert!((plain - want / 6.0).abs() < 1e-4, "{plain} vs {}", want / 6.0);
         // Pairs 0 and 1 share a caption: either answer is right, so the loss can only fall.
         let dup = t(&[1., 1., 0., 1., 1., 0., 0., 0., 1.], 3, 3);
         let with_dup = clip_loss(&img, &txt, &s, Some(&dup))
@@ -150,8 +131,6 @@ mod tests {
             .unwrap();
         assert!(with_dup < plain);
         assert!((clip_chance(&eye).unwrap() - 3f64.ln()).abs() < 1e-9);
-        assert!(
-            (clip_chance(&dup).unwrap() - (2.0 * (1.5f64).ln() + 3f64.ln()) / 3.0).abs() < 1e-9
-        );
+        assert!((clip_chance(&dup).unwrap() - (2.0 * (1.5f64).ln() + 3f64.ln()) / 3.0).abs() < 1e-9);
     }
 }

@@ -102,11 +102,7 @@ impl AdamW {
     pub fn grads_by_name(&self, grads: &GradStore) -> Grads {
         self.slots
             .iter()
-            .filter_map(|s| {
-                grads
-                    .get(s.var.as_tensor())
-                    .map(|g| (s.name.clone(), g.clone()))
-            })
+            .filter_map(|s| grads.get(s.var.as_tensor()).map(|g| (s.name.clone(), g.clone())))
             .collect()
     }
 
@@ -165,14 +161,8 @@ impl AdamW {
     pub fn save(&self, path: &Path) -> Result<()> {
         let mut tensors = HashMap::new();
         for s in &self.slots {
-            tensors.insert(
-                format!("m.{}", s.name),
-                s.m.as_tensor().to_device(&Device::Cpu)?,
-            );
-            tensors.insert(
-                format!("v.{}", s.name),
-                s.v.as_tensor().to_device(&Device::Cpu)?,
-            );
+            tensors.insert(format!("m.{}", s.name), s.m.as_tensor().to_device(&Device::Cpu)?);
+            tensors.insert(format!("v.{}", s.name), s.v.as_tensor().to_device(&Device::Cpu)?);
         }
         let bytes = safetensors_bytes(&tensors)?;
         crate::checkpoint::write_atomic(path, &bytes)?;
@@ -192,8 +182,7 @@ impl AdamW {
             .with_context(|| format!("reading optimiser state {}", path.display()))?;
         let meta_path = path.with_extension("json");
         let meta: OptimMeta = serde_json::from_str(
-            &std::fs::read_to_string(&meta_path)
-                .with_context(|| format!("reading {}", meta_path.display()))?,
+            &std::fs::read_to_string(&meta_path).with_context(|| format!("reading {}", meta_path.display()))?,
         )
         .with_context(|| format!("parsing {}", meta_path.display()))?;
         for s in &self.slots {
@@ -201,7 +190,11 @@ impl AdamW {
                 tensors.get(&format!("m.{}", s.name)),
                 tensors.get(&format!("v.{}", s.name)),
             ) else {
-                bail!("optimiser state {} has no moments for {} — was it saved with other frozen towers?", path.display(), s.name)
+                bail!(
+                    "optimiser state {} has no moments for {} — was it saved with other frozen towers?",
+                    path.display(),
+                    s.name
+                )
             };
             let dev = s.var.device();
             s.m.set(&m.to_device(dev)?)?;

@@ -15,9 +15,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use rand::{Rng, SeedableRng};
 
 /// Which optimiser group a parameter belongs to (each has its own learning rate).
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Group {
     ImageTower,
@@ -108,11 +106,7 @@ impl ParamStore {
 
     pub fn entries(&self) -> Vec<(String, Entry)> {
         let inner = self.inner.lock().unwrap();
-        inner
-            .entries
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect()
+        inner.entries.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
     }
 
     pub fn get(&self, name: &str) -> Option<Entry> {
@@ -156,14 +150,7 @@ impl ParamStore {
             .sum()
     }
 
-    fn create(
-        &self,
-        name: String,
-        shape: &[usize],
-        init: Init,
-        group: Group,
-        kind: Kind,
-    ) -> Result<Tensor> {
+    fn create(&self, name: String, shape: &[usize], init: Init, group: Group, kind: Kind) -> Result<Tensor> {
         let mut inner = self.inner.lock().unwrap();
         if inner.entries.contains_key(&name) {
             bail!("internal error: parameter {name} created twice");
@@ -171,9 +158,7 @@ impl ParamStore {
         let n: usize = shape.iter().product();
         let data: Vec<f32> = match init {
             Init::Const(c) => vec![c as f32; n],
-            Init::Uniform { bound } => (0..n)
-                .map(|_| inner.rng.random_range(-bound..=bound) as f32)
-                .collect(),
+            Init::Uniform { bound } => (0..n).map(|_| inner.rng.random_range(-bound..=bound) as f32).collect(),
             Init::Normal { std } => {
                 let mut v = Vec::with_capacity(n);
                 while v.len() < n {
@@ -224,11 +209,9 @@ impl ParamStore {
         for (name, e) in self.entries() {
             match loaded.get(&name) {
                 None => missing.push(name),
-                Some(t) if t.dims() != e.var.dims() => mismatched.push(format!(
-                    "{name}: file {:?}, model {:?}",
-                    t.dims(),
-                    e.var.dims()
-                )),
+                Some(t) if t.dims() != e.var.dims() => {
+                    mismatched.push(format!("{name}: file {:?}, model {:?}", t.dims(), e.var.dims()))
+                }
                 Some(_) => {}
             }
         }
@@ -249,9 +232,7 @@ impl ParamStore {
             );
         }
         for (name, e) in self.entries() {
-            let t = loaded[&name]
-                .to_dtype(DType::F32)?
-                .to_device(&self.device)?;
+            let t = loaded[&name].to_dtype(DType::F32)?.to_device(&self.device)?;
             e.var.set(&t)?;
         }
         Ok(())
@@ -274,10 +255,7 @@ impl ParamBuilder {
         } else {
             format!("{}.{}", self.prefix, name)
         };
-        Self {
-            prefix,
-            ..self.clone()
-        }
+        Self { prefix, ..self.clone() }
     }
 
     fn full_name(&self, name: &str) -> String {
@@ -304,8 +282,7 @@ impl ParamBuilder {
     /// A buffer (running statistics): returns the variable so the forward pass can update it.
     pub fn buffer(&self, name: &str, shape: &[usize], init: Init) -> Result<Var> {
         let full = self.full_name(name);
-        self.store
-            .create(full.clone(), shape, init, self.group, Kind::Buffer)?;
+        self.store.create(full.clone(), shape, init, self.group, Kind::Buffer)?;
         Ok(self.store.get(&full).expect("just created").var)
     }
 

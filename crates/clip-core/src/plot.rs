@@ -14,12 +14,7 @@ const GRID: Rgb<u8> = Rgb([225, 225, 225]);
 pub fn line_plot(path: &Path, series: &[(&[f64], [u8; 3])]) -> Result<()> {
     let (w, h, m) = (640u32, 400u32, 40u32);
     let mut img = RgbImage::from_pixel(w, h, BG);
-    let n = series
-        .iter()
-        .map(|(s, _)| s.len())
-        .max()
-        .unwrap_or(0)
-        .max(2);
+    let n = series.iter().map(|(s, _)| s.len()).max().unwrap_or(0).max(2);
     let ymax = series
         .iter()
         .flat_map(|(s, _)| s.iter())
@@ -75,8 +70,7 @@ pub fn heat_map(path: &Path, m: &[Vec<f32>], lo: f32, hi: f32) -> Result<()> {
             let c = colour_scale(t);
             for dy in 0..cell {
                 for dx in 0..cell {
-                    let on_edge =
-                        i == j && (dy == 0 || dx == 0 || dy == cell - 1 || dx == cell - 1);
+                    let on_edge = i == j && (dy == 0 || dx == 0 || dy == cell - 1 || dx == cell - 1);
                     img.put_pixel(
                         1 + j as u32 * cell + dx,
                         1 + i as u32 * cell + dy,

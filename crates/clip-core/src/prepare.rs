@@ -66,11 +66,7 @@ pub fn prepare(
     let tokenizer = match tokenizer.or(args.tokenizer.as_deref()) {
         Some(file) => TextTokenizer::from_file(file, cfg.max_tokens())?,
         None => {
-            let captions: Vec<String> = split
-                .train
-                .iter()
-                .map(|&i| dataset.pairs[i].caption.clone())
-                .collect();
+            let captions: Vec<String> = split.train.iter().map(|&i| dataset.pairs[i].caption.clone()).collect();
             TextTokenizer::train(&captions, cfg.text.vocab_size, cfg.max_tokens())?
         }
     };

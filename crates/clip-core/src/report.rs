@@ -44,10 +44,7 @@ impl Report {
     /// Records a check and prints it as it happens.
     pub fn check(&mut self, name: &str, passed: bool, detail: impl Into<String>) -> bool {
         let detail = detail.into();
-        println!(
-            "  [{}] {name}: {detail}",
-            if passed { "ok" } else { "FAIL" }
-        );
+        println!("  [{}] {name}: {detail}", if passed { "ok" } else { "FAIL" });
         self.passed &= passed;
         self.checks.push(Check {
             name: name.into(),
@@ -58,10 +55,8 @@ impl Report {
     }
 
     pub fn metric(&mut self, key: &str, value: impl Serialize) {
-        self.metrics.insert(
-            key.into(),
-            serde_json::to_value(value).unwrap_or(Value::Null),
-        );
+        self.metrics
+            .insert(key.into(), serde_json::to_value(value).unwrap_or(Value::Null));
     }
 
     pub fn failed_checks(&self) -> Vec<&Check> {
@@ -103,6 +98,5 @@ impl Report {
 /// Writes JSON via a temporary file and a rename, so a crash never leaves half a file.
 pub fn write_json_atomic(path: &Path, value: &impl Serialize) -> Result<()> {
     let text = serde_json::to_string_pretty(value)?;
-    crate::checkpoint::write_atomic(path, text.as_bytes())
-        .with_context(|| format!("writing {}", path.display()))
+    crate::checkpoint::write_atomic(path, text.as_bytes()).with_context(|| format!("writing {}", path.display()))
 }

@@ -27,10 +27,7 @@ impl Recall {
         let ks = [1usize, 5, 10];
         for (i, row) in sim.iter().enumerate() {
             let order = argsort_desc(row);
-            let first = order
-                .iter()
-                .position(|&j| text_image[j] == i)
-                .unwrap_or(usize::MAX);
+            let first = order.iter().position(|&j| text_image[j] == i).unwrap_or(usize::MAX);
             for (c, k) in ks.iter().enumerate() {
                 i2t[c] += (first < *k) as usize;
             }

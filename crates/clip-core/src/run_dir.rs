@@ -36,9 +36,7 @@ impl RunDir {
                 missing.join(", ")
             );
         }
-        Ok(Self {
-            dir: dir.to_path_buf(),
-        })
+        Ok(Self { dir: dir.to_path_buf() })
     }
 
     pub fn config(&self) -> Result<ClipConfig> {

@@ -56,11 +56,7 @@ pub fn train_step(
             );
         }
         total_loss += value;
-        let loss = if micro_batches.len() > 1 {
-            (loss / k)?
-        } else {
-            loss
-        };
+        let loss = if micro_batches.len() > 1 { (loss / k)? } else { loss };
         let grads = opt.grads_by_name(&loss.backward()?);
         for (name, g) in grads {
             match acc.remove(&name) {
@@ -71,7 +67,10 @@ pub fn train_step(
     }
     let grad_norm = AdamW::grad_norm(&acc)?;
     if !grad_norm.is_finite() {
-        bail!("the gradient norm is {grad_norm} at step {}: lower the learning rates or set train.clip_grad_norm", opt.step + 1);
+        bail!(
+            "the gradient norm is {grad_norm} at step {}: lower the learning rates or set train.clip_grad_norm",
+            opt.step + 1
+        );
     }
     if clip_grad_norm > 0.0 && grad_norm > clip_grad_norm {
         let s = clip_grad_norm / (grad_norm + 1e-6);
@@ -89,12 +88,7 @@ pub fn train_step(
 
 /// Loss of a batch in evaluation mode (no dropout, BatchNorm running statistics).
 pub fn eval_loss(model: &ClipModel, batch: &Batch) -> Result<f64> {
-    let e = model.forward(
-        &batch.images,
-        &batch.input_ids,
-        &batch.attention_mask,
-        false,
-    )?;
+    let e = model.forward(&batch.images, &batch.input_ids, &batch.attention_mask, false)?;
     Ok(model.loss(&e, Some(&batch.positives))?.to_scalar::<f32>()? as f64)
 }
 

@@ -4,9 +4,7 @@ use candle_core::{Device, Tensor, Var};
 use clip_core::nn::conv2d_im2col;
 
 fn pseudo(n: usize, seed: f32) -> Vec<f32> {
-    (0..n)
-        .map(|i| ((i as f32 + seed) * 0.618_034).fract() - 0.5)
-        .collect()
+    (0..n).map(|i| ((i as f32 + seed) * 0.618_034).fract() - 0.5).collect()
 }
 
 #[test]
@@ -18,14 +16,10 @@ fn im2col_convolution_matches_candle_forward_and_backward() {
         (5, 8, 8, 8, 1, 2, 0),
         (5, 3, 6, 6, 1, 1, 0),
     ] {
-        let x = Var::from_tensor(
-            &Tensor::from_vec(pseudo(2 * c * h * w, 1.0), (2, c, h, w), &Device::Cpu).unwrap(),
-        )
-        .unwrap();
-        let kk = Var::from_tensor(
-            &Tensor::from_vec(pseudo(o * c * k * k, 7.0), (o, c, k, k), &Device::Cpu).unwrap(),
-        )
-        .unwrap();
+        let x = Var::from_tensor(&Tensor::from_vec(pseudo(2 * c * h * w, 1.0), (2, c, h, w), &Device::Cpu).unwrap())
+            .unwrap();
+        let kk = Var::from_tensor(&Tensor::from_vec(pseudo(o * c * k * k, 7.0), (o, c, k, k), &Device::Cpu).unwrap())
+            .unwrap();
         let ours = conv2d_im2col(x.as_tensor(), kk.as_tensor(), s, p).unwrap();
         let theirs = x.as_tensor().conv2d(kk.as_tensor(), p, s, 1, 1).unwrap();
         assert_eq!(ours.dims(), theirs.dims());
@@ -37,26 +31,11 @@ fn im2col_convolution_matches_candle_forward_and_backward() {
             .unwrap()
             .to_scalar::<f32>()
             .unwrap();
-        assert!(
-            diff < 1e-4,
-            "forward differs by {diff} for {:?}",
-            (c, o, h, w, k, s, p)
-        );
+        assert!(diff < 1e-4, "forward differs by {diff} for {:?}", (c, o, h, w, k, s, p));
 
-        let weights =
-            Tensor::from_vec(pseudo(ours.elem_count(), 3.0), ours.dims(), &Device::Cpu).unwrap();
-        let g1 = (ours * &weights)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let g2 = (theirs * &weights)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let weights = Tensor::from_vec(pseudo(ours.elem_count(), 3.0), ours.dims(), &Device::Cpu).unwrap();
+        let g1 = (ours * &weights).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (theirs * &weights).unwrap().sum_all().unwrap().backward().unwrap();
         for v in [&x, &kk] {
             let a = g1.get(v.as_tensor()).unwrap();
             let b = g2.get(v.as_tensor()).unwrap();
@@ -68,11 +47,7 @@ fn im2col_convolution_matches_candle_forward_and_backward() {
                 .unwrap()
                 .to_scalar::<f32>()
                 .unwrap();
-            assert!(
-                d < 1e-4,
-                "gradient differs by {d} for {:?}",
-                (c, o, h, w, k, s, p)
-            );
+            assert!(d < 1e-4, "gradient differs by {d} for {:?}", (c, o, h, w, k, s, p));
         }
     }
 }
@@ -90,14 +65,10 @@ fn cpu_kernel_matches_candle_forward_and_backward() {
         (2, 5, 8, 8, 8, 1, 2, 0),
         (3, 5, 3, 6, 6, 1, 1, 0),
     ] {
-        let x = Var::from_tensor(
-            &Tensor::from_vec(pseudo(b * c * h * w, 2.0), (b, c, h, w), &Device::Cpu).unwrap(),
-        )
-        .unwrap();
-        let kk = Var::from_tensor(
-            &Tensor::from_vec(pseudo(o * c * k * k, 5.0), (o, c, k, k), &Device::Cpu).unwrap(),
-        )
-        .unwrap();
+        let x = Var::from_tensor(&Tensor::from_vec(pseudo(b * c * h * w, 2.0), (b, c, h, w), &Device::Cpu).unwrap())
+            .unwrap();
+        let kk = Var::from_tensor(&Tensor::from_vec(pseudo(o * c * k * k, 5.0), (o, c, k, k), &Device::Cpu).unwrap())
+            .unwrap();
         let ours = conv2d_cpu(x.as_tensor(), kk.as_tensor(), s, p).unwrap();
         let theirs = x.as_tensor().conv2d(kk.as_tensor(), p, s, 1, 1).unwrap();
         assert_eq!(ours.dims(), theirs.dims());
@@ -114,20 +85,9 @@ fn cpu_kernel_matches_candle_forward_and_backward() {
             "forward differs by {diff} for {:?}",
             (b, c, o, h, w, k, s, p)
         );
-        let weights =
-            Tensor::from_vec(pseudo(ours.elem_count(), 3.0), ours.dims(), &Device::Cpu).unwrap();
-        let g1 = (ours * &weights)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let g2 = (theirs * &weights)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let weights = Tensor::from_vec(pseudo(ours.elem_count(), 3.0), ours.dims(), &Device::Cpu).unwrap();
+        let g1 = (ours * &weights).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (theirs * &weights).unwrap().sum_all().unwrap().backward().unwrap();
         for v in [&x, &kk] {
             let a = g1.get(v.as_tensor()).unwrap();
             let bb = g2.get(v.as_tensor()).unwrap();
@@ -139,11 +99,7 @@ fn cpu_kernel_matches_candle_forward_and_backward() {
                 .unwrap()
                 .to_scalar::<f32>()
                 .unwrap();
-            assert!(
-                d < 1e-3,
-                "gradient differs by {d} for {:?}",
-                (b, c, o, h, w, k, s, p)
-            );
+            assert!(d < 1e-3, "gradient differs by {d} for {:?}", (b, c, o, h, w, k, s, p));
         }
     }
 }
@@ -153,14 +109,11 @@ fn fused_batch_norm_matches_the_composed_one_forward_and_backward() {
     use clip_core::nn::{batch_norm_reference, batch_norm_train_cpu};
     let (b, c, h, w) = (3, 4, 5, 6);
     let x = Var::from_tensor(
-        &(Tensor::from_vec(pseudo(b * c * h * w, 1.5), (b, c, h, w), &Device::Cpu).unwrap() * 3.0)
-            .unwrap(),
+        &(Tensor::from_vec(pseudo(b * c * h * w, 1.5), (b, c, h, w), &Device::Cpu).unwrap() * 3.0).unwrap(),
     )
     .unwrap();
-    let g =
-        Var::from_tensor(&Tensor::new(&[1.0f32, 0.5, -2.0, 1.5], &Device::Cpu).unwrap()).unwrap();
-    let be =
-        Var::from_tensor(&Tensor::new(&[0.1f32, -0.3, 0.0, 2.0], &Device::Cpu).unwrap()).unwrap();
+    let g = Var::from_tensor(&Tensor::new(&[1.0f32, 0.5, -2.0, 1.5], &Device::Cpu).unwrap()).unwrap();
+    let be = Var::from_tensor(&Tensor::new(&[0.1f32, -0.3, 0.0, 2.0], &Device::Cpu).unwrap()).unwrap();
     let ours = batch_norm_train_cpu(x.as_tensor(), g.as_tensor(), be.as_tensor(), 1e-5).unwrap();
     let theirs = batch_norm_reference(x.as_tensor(), g.as_tensor(), be.as_tensor(), 1e-5).unwrap();
     let d = (&ours - &theirs)
@@ -172,20 +125,9 @@ fn fused_batch_norm_matches_the_composed_one_forward_and_backward() {
         .to_scalar::<f32>()
         .unwrap();
     assert!(d < 1e-4, "forward differs by {d}");
-    let weights =
-        Tensor::from_vec(pseudo(ours.elem_count(), 9.0), ours.dims(), &Device::Cpu).unwrap();
-    let g1 = (ours * &weights)
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .backward()
-        .unwrap();
-    let g2 = (theirs * &weights)
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .backward()
-        .unwrap();
+    let weights = Tensor::from_vec(pseudo(ours.elem_count(), 9.0), ours.dims(), &Device::Cpu).unwrap();
+    let g1 = (ours * &weights).unwrap().sum_all().unwrap().backward().unwrap();
+    let g2 = (theirs * &weights).unwrap().sum_all().unwrap().backward().unwrap();
     for v in [&x, &g, &be] {
         let a = g1.get(v.as_tensor()).unwrap();
         let bb = g2.get(v.as_tensor()).unwrap();

@@ -31,10 +31,7 @@ fn dataset(captions: &[u8]) -> tempfile::TempDir {
 /// Loading fails with a message that names `captions.csv:LINE` and contains `reason`; with
 /// `skip_bad` that row alone is reported and the `kept` others load.
 fn assert_bad_row(dir: &Path, line: usize, reason: &str, kept: usize) {
-    let err = format!(
-        "{:#}",
-        Dataset::load(dir, &LoadOptions::default()).unwrap_err()
-    );
+    let err = format!("{:#}", Dataset::load(dir, &LoadOptions::default()).unwrap_err());
     assert!(
         err.contains(&format!("captions.csv:{line}: ")),
         "no file:line in: {err}"
@@ -47,9 +44,7 @@ fn assert_bad_row(dir: &Path, line: usize, reason: &str, kept: usize) {
     assert_eq!(ds.bad[0].line, line);
     assert!(ds.bad[0].file.ends_with("captions.csv"));
     assert!(
-        ds.bad[0]
-            .to_string()
-            .contains(&format!("captions.csv:{line}: ")),
+        ds.bad[0].to_string().contains(&format!("captions.csv:{line}: ")),
         "{}",
         ds.bad[0]
     );
@@ -72,10 +67,7 @@ fn empty_caption() {
 #[test]
 fn wrong_number_of_fields() {
     let dir = dataset(b"image,caption\na.png,one\nb.png,a dog, running\nb.png\nb.png,four\n");
-    let err = format!(
-        "{:#}",
-        Dataset::load(dir.path(), &LoadOptions::default()).unwrap_err()
-    );
+    let err = format!("{:#}", Dataset::load(dir.path(), &LoadOptions::default()).unwrap_err());
     assert!(
         err.contains("captions.csv:3: expected 2 fields as in the header, found 3"),
         "{err}"
@@ -99,18 +91,10 @@ fn invalid_utf8() {
 
 #[test]
 fn image_paths_that_escape_the_dataset_folder() {
-    let dir = dataset(
-        b"image,caption\na.png,one\n../b.png,two\n/etc/passwd,three\nimages/../../x.png,four\n",
-    );
-    let err = format!(
-        "{:#}",
-        Dataset::load(dir.path(), &LoadOptions::default()).unwrap_err()
-    );
+    let dir = dataset(b"image,caption\na.png,one\n../b.png,two\n/etc/passwd,three\nimages/../../x.png,four\n");
+    let err = format!("{:#}", Dataset::load(dir.path(), &LoadOptions::default()).unwrap_err());
     for line in [3, 4, 5] {
-        assert!(
-            err.contains(&format!("captions.csv:{line}: image path")),
-            "{err}"
-        );
+        assert!(err.contains(&format!("captions.csv:{line}: image path")), "{err}");
     }
     assert!(err.contains("escapes the dataset folder"), "{err}");
     let ds = Dataset::load(dir.path(), &SKIP).unwrap();
@@ -124,17 +108,13 @@ fn no_usable_rows_is_an_error_even_when_skipping() {
         let err = format!("{:#}", Dataset::load(dir.path(), &opts).unwrap_err());
         assert!(err.contains("no usable rows (2 bad)"), "{err}");
         assert!(
-            err.contains("captions.csv:2: image not found")
-                && err.contains("captions.csv:3: empty caption"),
+            err.contains("captions.csv:2: image not found") && err.contains("captions.csv:3: empty caption"),
             "{err}"
         );
     }
     let dir = dataset(b"image,caption\n");
     let err = format!("{:#}", Dataset::load(dir.path(), &SKIP).unwrap_err());
-    assert!(
-        err.contains("captions.csv: no usable rows (0 bad)"),
-        "{err}"
-    );
+    assert!(err.contains("captions.csv: no usable rows (0 bad)"), "{err}");
 }
 
 #[test]
@@ -152,15 +132,9 @@ fn invalid_json_lines() {
     let dir = tempfile::tempdir().unwrap();
     draw(&dir.path().join("a.png"));
     std::fs::write(dir.path().join("captions.jsonl"), "{\"image\": \"a.png\", \"caption\": \"one\"}\n{\"image\": \"a.png\", caption: two}\n[1]\n{\"image\": \"a.png\"}\n").unwrap();
-    let err = format!(
-        "{:#}",
-        Dataset::load(dir.path(), &LoadOptions::default()).unwrap_err()
-    );
+    let err = format!("{:#}", Dataset::load(dir.path(), &LoadOptions::default()).unwrap_err());
     assert!(err.contains("captions.jsonl:2: invalid JSON"), "{err}");
-    assert!(
-        err.contains("captions.jsonl:3: expected a JSON object"),
-        "{err}"
-    );
+    assert!(err.contains("captions.jsonl:3: expected a JSON object"), "{err}");
     assert!(err.contains("captions.jsonl:4: no caption field"), "{err}");
     assert_eq!(Dataset::load(dir.path(), &SKIP).unwrap().pairs.len(), 1);
 }
@@ -173,10 +147,7 @@ fn assert_undecodable(bytes: impl FnOnce(Vec<u8>) -> Vec<u8>) {
     std::fs::write(&b, bytes(std::fs::read(&b).unwrap())).unwrap();
     let cfg = ClipConfig::tiny();
     let ds = Dataset::load(dir.path(), &LoadOptions::default()).unwrap();
-    let err = format!(
-        "{:#}",
-        ImageStore::load(&ds, &cfg, false, false).err().unwrap()
-    );
+    let err = format!("{:#}", ImageStore::load(&ds, &cfg, false, false).err().unwrap());
     assert!(
         err.contains("captions.csv:3: cannot decode image b.png (used by 2 captions)"),
         "{err}"
@@ -209,10 +180,7 @@ fn truncated_jpeg() {
         .unwrap();
     let bytes = std::fs::read(&path).unwrap();
     std::fs::write(&path, &bytes[..bytes.len() / 3]).unwrap();
-    let err = format!(
-        "{:#}",
-        ImageStore::load_one(&path, &ClipConfig::tiny()).unwrap_err()
-    );
+    let err = format!("{:#}", ImageStore::load_one(&path, &ClipConfig::tiny()).unwrap_err());
     assert!(err.contains("a.jpg: cannot decode image"), "{err}");
 }
 
@@ -246,10 +214,7 @@ fn many_bad_rows_are_summarised() {
         csv.extend(format!("gone{i}.png,x\n").bytes());
     }
     let dir = dataset(&csv);
-    let err = format!(
-        "{:#}",
-        Dataset::load(dir.path(), &LoadOptions::default()).unwrap_err()
-    );
+    let err = format!("{:#}", Dataset::load(dir.path(), &LoadOptions::default()).unwrap_err());
     assert!(err.contains("25 bad rows (of 26)"), "{err}");
     assert_eq!(err.matches("image not found").count(), 10, "{err}");
     assert!(err.contains("… and 15 more"), "{err}");
@@ -258,10 +223,7 @@ fn many_bad_rows_are_summarised() {
 #[test]
 fn bad_rows_display_like_compiler_messages() {
     let row = BadRow::new(Path::new("data/captions.csv"), 7, "empty caption for a.png");
-    assert_eq!(
-        row.to_string(),
-        "data/captions.csv:7: empty caption for a.png"
-    );
+    assert_eq!(row.to_string(), "data/captions.csv:7: empty caption for a.png");
     assert_eq!(
         BadRow::new(Path::new("cat/1.png"), 0, "cannot decode image").to_string(),
         "cat/1.png: cannot decode image"

@@ -5,8 +5,8 @@ use std::sync::Arc;
 
 use candle_core::{Device, IndexOp, Tensor};
 use clip_core::data::{
-    epoch_seed, normalised_range, Batch, Dataset, ImageStore, LoadOptions, Loader, TextTokenizer,
-    IMAGENET_MEAN, IMAGENET_STD,
+    epoch_seed, normalised_range, Batch, Dataset, ImageStore, LoadOptions, Loader, TextTokenizer, IMAGENET_MEAN,
+    IMAGENET_STD,
 };
 use clip_core::ClipConfig;
 use image::{GrayImage, ImageBuffer, Luma, LumaA, Rgb, RgbImage, Rgba, RgbaImage};
@@ -21,9 +21,7 @@ struct Demo {
 
 fn demo() -> Demo {
     let cfg = ClipConfig::tiny();
-    let (ds, store) =
-        Dataset::load_with_images(&Dataset::demo_dir(), &LoadOptions::default(), &cfg, false)
-            .unwrap();
+    let (ds, store) = Dataset::load_with_images(&Dataset::demo_dir(), &LoadOptions::default(), &cfg, false).unwrap();
     let tok = TextTokenizer::train(&ds.captions(), cfg.text.vocab_size, cfg.max_tokens()).unwrap();
     let store = Arc::new(store);
     let loader = Loader::new(&ds, store.clone(), &tok, &cfg, &Device::Cpu).unwrap();
@@ -104,8 +102,7 @@ fn every_pixel_layout_becomes_rgb() {
 
     let cfg = ClipConfig::tiny();
     let s = cfg.image.image_size;
-    let (ds, store) =
-        Dataset::load_with_images(dir.path(), &LoadOptions::default(), &cfg, false).unwrap();
+    let (ds, store) = Dataset::load_with_images(dir.path(), &LoadOptions::default(), &cfg, false).unwrap();
     assert_eq!(ds.images.len(), names.len());
     let px = |name: &str, x: usize, y: usize| {
         let i = ds.images.iter().position(|e| e.name == name).unwrap();
@@ -145,10 +142,7 @@ fn every_pixel_layout_becomes_rgb() {
 #[test]
 fn pixels_are_normalised_with_imagenet_statistics() {
     let (lo, hi) = normalised_range();
-    assert!(
-        (lo + 2.1179).abs() < 1e-3 && (hi - 2.64).abs() < 1e-3,
-        "{lo} {hi}"
-    );
+    assert!((lo + 2.1179).abs() < 1e-3 && (hi - 2.64).abs() < 1e-3, "{lo} {hi}");
 
     let dir = tempfile::tempdir().unwrap();
     RgbImage::from_pixel(10, 10, Rgb([255, 255, 255]))
@@ -164,9 +158,7 @@ fn pixels_are_normalised_with_imagenet_statistics() {
         for c in 0..3 {
             let want = (v - IMAGENET_MEAN[c]) / IMAGENET_STD[c];
             assert!(
-                values(&t.i(c).unwrap())
-                    .iter()
-                    .all(|x| (x - want).abs() < 1e-5),
+                values(&t.i(c).unwrap()).iter().all(|x| (x - want).abs() < 1e-5),
                 "{name} channel {c}"
             );
         }
@@ -176,9 +168,7 @@ fn pixels_are_normalised_with_imagenet_statistics() {
     let all: Vec<usize> = (0..d.ds.images.len()).collect();
     let v = values(&d.store.batch_tensor(&all, None, &Device::Cpu).unwrap());
     assert!(v.iter().all(|x| (lo - 1e-5..=hi + 1e-5).contains(x)));
-    let (min, max) = v
-        .iter()
-        .fold((f32::MAX, f32::MIN), |(a, b), &x| (a.min(x), b.max(x)));
+    let (min, max) = v.iter().fold((f32::MAX, f32::MIN), |(a, b), &x| (a.min(x), b.max(x)));
     assert!(
         min < -1.5 && max > 2.0,
         "the demo images span dark and bright: {min} {max}"
@@ -199,11 +189,7 @@ fn plain_resize_or_centre_crop() {
     let green = (1.0 - IMAGENET_MEAN[1]) / IMAGENET_STD[1];
     let at = |t: &Tensor, c: usize, x: usize| t.i((c, 32, x)).unwrap().to_scalar::<f32>().unwrap();
     let plain = ImageStore::load_one(&path, &cfg).unwrap();
-    assert!(
-        at(&plain, 0, 0) > 2.0
-            && at(&plain, 2, 63) > 2.0
-            && (at(&plain, 1, 32) - green).abs() < 1e-5
-    );
+    assert!(at(&plain, 0, 0) > 2.0 && at(&plain, 2, 63) > 2.0 && (at(&plain, 1, 32) - green).abs() < 1e-5);
     cfg.data.center_crop = true;
     let crop = ImageStore::load_one(&path, &cfg).unwrap();
     for x in [0, 32, 63] {
@@ -214,11 +200,7 @@ fn plain_resize_or_centre_crop() {
 #[test]
 fn load_one_prepares_an_image_as_training_does() {
     let d = demo();
-    let i =
-        d.ds.images
-            .iter()
-            .position(|e| e.name == "coffee.jpg")
-            .unwrap();
+    let i = d.ds.images.iter().position(|e| e.name == "coffee.jpg").unwrap();
     let one = ImageStore::load_one(&d.ds.images[i].path, &d.cfg).unwrap();
     let stored = d
         .store
@@ -302,12 +284,7 @@ fn the_last_partial_batch_is_kept_only_with_two_pairs() {
     assert_eq!(d.loader.batches(&ten, 4, None, false).len(), 3);
     let errs: Vec<_> = d.loader.batches(&ten, 1, None, false).collect();
     assert_eq!(errs.len(), 1);
-    assert!(errs[0]
-        .as_ref()
-        .err()
-        .unwrap()
-        .to_string()
-        .contains("at least 2 pairs"));
+    assert!(errs[0].as_ref().err().unwrap().to_string().contains("at least 2 pairs"));
 }
 
 #[test]
@@ -327,10 +304,7 @@ fn augmentation_is_seeded_and_stays_in_range() {
     let (lo, hi) = normalised_range();
     assert!(a.iter().all(|x| (lo - 1e-5..=hi + 1e-5).contains(x)));
     // The same image twice in a batch gets two different crops.
-    let twice = d
-        .store
-        .batch_tensor(&[0, 0], Some(9), &Device::Cpu)
-        .unwrap();
+    let twice = d.store.batch_tensor(&[0, 0], Some(9), &Device::Cpu).unwrap();
     assert_ne!(values(&twice.i(0).unwrap()), values(&twice.i(1).unwrap()));
 }
 
@@ -340,10 +314,7 @@ fn a_fixed_batch_may_repeat_an_image() {
     // Pairs 0, 1 and 2 are the three captions of the astronaut.
     let b = d.loader.batch(&[0, 1, 2]).unwrap();
     assert_eq!(b.images.dims()[0], 3);
-    assert_eq!(
-        values(&b.images.i(0).unwrap()),
-        values(&b.images.i(2).unwrap())
-    );
+    assert_eq!(values(&b.images.i(0).unwrap()), values(&b.images.i(2).unwrap()));
     assert!(d.loader.batch(&[0, 999]).is_err());
 }
 
@@ -374,10 +345,7 @@ fn the_loader_refuses_a_store_or_tokenizer_that_does_not_fit() {
         .err()
         .unwrap()
         .to_string();
-    assert!(
-        err.contains("not made from this dataset and config"),
-        "{err}"
-    );
+    assert!(err.contains("not made from this dataset and config"), "{err}");
 }
 
 #[test]

@@ -14,11 +14,9 @@ fn fixture(name: &str) -> PathBuf {
 /// A small picture (its format from the extension), different for each `seed`.
 fn draw(path: &Path, seed: u8) {
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-    RgbImage::from_fn(40, 30, |x, y| {
-        Rgb([x as u8 * 6, y as u8 * 8, seed.wrapping_mul(37)])
-    })
-    .save(path)
-    .unwrap();
+    RgbImage::from_fn(40, 30, |x, y| Rgb([x as u8 * 6, y as u8 * 8, seed.wrapping_mul(37)]))
+        .save(path)
+        .unwrap();
 }
 
 /// Copies a fixture folder into a temporary directory and draws the images it names in
@@ -57,10 +55,7 @@ fn the_demo_set_loads() {
     assert!(ds.image_root.ends_with("assets/demo/images"));
     assert_eq!(ds.images[0].name, "astronaut.jpg");
     assert_eq!(ds.pairs[0].caption, "穿橙色太空衣的太空人");
-    assert_eq!(
-        ds.pairs[2].caption,
-        "an astronaut in an orange suit, with a helmet"
-    );
+    assert_eq!(ds.pairs[2].caption, "an astronaut in an orange suit, with a helmet");
     assert_eq!(
         ds.pairs.iter().map(|p| p.line).collect::<Vec<_>>(),
         (2..32).collect::<Vec<_>>()
@@ -126,15 +121,9 @@ fn tsv_with_an_id_column_and_chinese_captions() {
             ..
         }
     ));
-    assert_eq!(
-        ds.captions(),
-        ["一隻貓", "a cat, sitting", "一隻狗", "a dog"]
-    );
+    assert_eq!(ds.captions(), ["一隻貓", "a cat, sitting", "一隻狗", "a dog"]);
     assert_eq!(ds.images.len(), 2);
-    assert_eq!(
-        ds.pairs.iter().map(|p| p.image).collect::<Vec<_>>(),
-        [0, 0, 1, 1]
-    );
+    assert_eq!(ds.pairs.iter().map(|p| p.image).collect::<Vec<_>>(), [0, 0, 1, 1]);
 }
 
 #[test]
@@ -148,14 +137,8 @@ fn json_lines_with_mixed_keys_and_caption_lists() {
             ..
         }
     ));
-    assert_eq!(
-        ds.captions(),
-        ["一隻貓", "a cat, \"sitting\"", "一隻狗", "a dog"]
-    );
-    assert_eq!(
-        ds.pairs.iter().map(|p| p.line).collect::<Vec<_>>(),
-        [1, 2, 4, 4]
-    );
+    assert_eq!(ds.captions(), ["一隻貓", "a cat, \"sitting\"", "一隻狗", "a dog"]);
+    assert_eq!(ds.pairs.iter().map(|p| p.line).collect::<Vec<_>>(), [1, 2, 4, 4]);
     assert_eq!(ds.captions_per_image(), vec![2, 2]);
 }
 
@@ -170,10 +153,7 @@ fn flickr30k_pipe_separated_results() {
             ..
         }
     ));
-    assert_eq!(
-        ds.captions()[0],
-        "Two young men , one in a hat , stand near a wall ."
-    );
+    assert_eq!(ds.captions()[0], "Two young men , one in a hat , stand near a wall .");
     assert_eq!(ds.images[1].name, "11_b.jpg");
     assert_eq!(ds.pairs.len(), 4);
 }
@@ -190,17 +170,11 @@ fn image_paths_may_include_the_images_folder() {
     .unwrap();
     let ds = Dataset::load(dir.path(), &LoadOptions::default()).unwrap();
     assert_eq!(ds.pairs.len(), 3);
-    assert_eq!(
-        ds.images.len(),
-        2,
-        "`a.png` and `images/a.png` are one picture"
-    );
+    assert_eq!(ds.images.len(), 2, "`a.png` and `images/a.png` are one picture");
     for p in &ds.pairs {
         assert!(ds.images[p.image].path.is_file());
     }
-    assert!(ds.images[ds.pairs[2].image]
-        .path
-        .ends_with("images/sub/b.png"));
+    assert!(ds.images[ds.pairs[2].image].path.ends_with("images/sub/b.png"));
 }
 
 #[test]
@@ -231,11 +205,7 @@ fn class_folders_with_templates_keep_labels() {
     assert_eq!(ds.images.len(), 3);
     assert_eq!(
         ds.captions(),
-        [
-            "a photo of a 人蔘",
-            "a photo of a 人蔘",
-            "a photo of a 枸杞"
-        ]
+        ["a photo of a 人蔘", "a photo of a 人蔘", "a photo of a 枸杞"]
     );
     assert_eq!(
         ds.pairs.iter().map(|p| p.label).collect::<Vec<_>>(),

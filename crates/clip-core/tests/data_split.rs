@@ -47,10 +47,7 @@ fn a_split_holds_out_whole_images() {
     // 5 of 25 images, with all 3 captions each.
     assert_eq!(images_of(&ds, &s.val).len(), 5);
     assert_eq!((s.train.len(), s.val.len()), (60, 15));
-    assert!(
-        s.train.windows(2).all(|w| w[0] < w[1]),
-        "pairs keep file order"
-    );
+    assert!(s.train.windows(2).all(|w| w[0] < w[1]), "pairs keep file order");
 }
 
 #[test]
@@ -71,10 +68,7 @@ fn captions_of_an_image_stay_together_for_any_seed_and_fraction() {
         for fraction in [0.1, 0.2, 0.5] {
             let s = ds.split(fraction, seed);
             assert_partition(&ds, &s);
-            assert_eq!(
-                images_of(&ds, &s.val).len(),
-                (n as f64 * fraction).round() as usize
-            );
+            assert_eq!(images_of(&ds, &s.val).len(), (n as f64 * fraction).round() as usize);
             assert_eq!(s.val.len() % 3, 0);
         }
     }
@@ -112,10 +106,7 @@ fn the_tutorials_four_pairs_train_and_validate_on_everything() {
     assert_eq!(s.val, s.train);
     assert!(s.is_fallback());
     let note = s.note.unwrap();
-    assert!(
-        note.contains("only 4 images") && note.contains("all 4 pairs"),
-        "{note}"
-    );
+    assert!(note.contains("only 4 images") && note.contains("all 4 pairs"), "{note}");
 }
 
 #[test]
@@ -126,15 +117,8 @@ fn an_empty_validation_side_falls_back_too() {
     for fraction in [0.0, 0.4 / n as f64] {
         let s = ds.split(fraction, 1);
         assert_eq!((s.train.len(), s.val.len()), (2 * n, 2 * n));
-        assert!(
-            s.note.as_deref().unwrap().contains("one side empty"),
-            "{:?}",
-            s.note
-        );
+        assert!(s.note.as_deref().unwrap().contains("one side empty"), "{:?}", s.note);
     }
     let s = ds.split(0.2, 1);
-    assert_eq!(
-        (s.val.len(), s.note),
-        (2 * (n as f64 * 0.2).round() as usize, None)
-    );
+    assert_eq!((s.val.len(), s.note), (2 * (n as f64 * 0.2).round() as usize, None));
 }

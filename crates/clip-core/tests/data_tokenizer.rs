@@ -22,10 +22,7 @@ fn tokens(tok: &TextTokenizer, text: &str) -> Vec<String> {
 #[test]
 fn each_chinese_character_is_its_own_token() {
     let tok = TextTokenizer::train(&strings(&HERBS), 2048, 64).unwrap();
-    assert_eq!(
-        tokens(&tok, "銀川枸杞"),
-        ["[CLS]", "銀", "川", "枸", "杞", "[SEP]"]
-    );
+    assert_eq!(tokens(&tok, "銀川枸杞"), ["[CLS]", "銀", "川", "枸", "杞", "[SEP]"]);
     assert_eq!(tokens(&tok, "人蔘"), ["[CLS]", "人", "蔘", "[SEP]"]);
     assert_eq!(tokens(&tok, "枸杞"), ["[CLS]", "枸", "杞", "[SEP]"]);
     let r = tok.unknown_report(&strings(&HERBS)).unwrap();
@@ -45,14 +42,9 @@ fn the_demo_captions_tokenise_without_unknowns() {
     assert_eq!(r.unknown_tokens, 0, "{:?}", r.unknown);
     assert!(r.total_tokens > 200, "{r:?}");
     assert_eq!(r.truncated, 0);
-    assert_eq!(
-        tokens(&tok, "一杯咖啡"),
-        ["[CLS]", "一", "杯", "咖", "啡", "[SEP]"]
-    );
+    assert_eq!(tokens(&tok, "一杯咖啡"), ["[CLS]", "一", "杯", "咖", "啡", "[SEP]"]);
     // English words are learned whole or in pieces; the caption round-trips.
-    let ids = tok
-        .encode("an astronaut in an orange suit, with a helmet")
-        .unwrap();
+    let ids = tok.encode("an astronaut in an orange suit, with a helmet").unwrap();
     assert_eq!(
         tok.decode(&ids).unwrap(),
         "an astronaut in an orange suit, with a helmet"
@@ -76,14 +68,8 @@ fn training_is_reproducible() {
     let ds = Dataset::load(&Dataset::demo_dir(), &LoadOptions::default()).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let (a, b) = (dir.path().join("a.json"), dir.path().join("b.json"));
-    TextTokenizer::train(&ds.captions(), 300, 64)
-        .unwrap()
-        .save(&a)
-        .unwrap();
-    TextTokenizer::train(&ds.captions(), 300, 64)
-        .unwrap()
-        .save(&b)
-        .unwrap();
+    TextTokenizer::train(&ds.captions(), 300, 64).unwrap().save(&a).unwrap();
+    TextTokenizer::train(&ds.captions(), 300, 64).unwrap().save(&b).unwrap();
     assert_eq!(
         std::fs::read_to_string(&a).unwrap(),
         std::fs::read_to_string(&b).unwrap()
@@ -97,8 +83,7 @@ fn a_saved_tokenizer_loads_and_encodes_the_same() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("run/tokenizer.json");
     tok.save(&path).unwrap();
-    let json: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     assert_eq!(json["model"]["type"], "WordPiece");
     assert_eq!(json["normalizer"]["handle_chinese_chars"], true);
     let loaded = TextTokenizer::from_file(&path, 64).unwrap();
@@ -149,9 +134,7 @@ fn lower_case_and_accents_are_normalised() {
 #[test]
 fn unknown_text_is_named() {
     let tok = TextTokenizer::train(&strings(&["a cup of tea", "tea"]), 200, 32).unwrap();
-    let r = tok
-        .unknown_report(&strings(&["枸杞 tea", "a cup of 枸杞"]))
-        .unwrap();
+    let r = tok.unknown_report(&strings(&["枸杞 tea", "a cup of 枸杞"])).unwrap();
     assert_eq!(r.unknown_tokens, 4);
     assert_eq!(r.total_tokens, 8);
     assert_eq!(r.unknown, [("枸".to_string(), 2), ("杞".to_string(), 2)]);
@@ -170,14 +153,11 @@ fn a_tokenizer_too_big_for_the_model_is_refused() {
     cfg.text.vocab_size = 50;
     let err = tok.check_fits(&cfg).unwrap_err().to_string();
     assert!(
-        err.contains("text.vocab_size = 50")
-            && err.contains(&format!("at least {}", tok.vocab_size())),
+        err.contains("text.vocab_size = 50") && err.contains(&format!("at least {}", tok.vocab_size())),
         "{err}"
     );
     // The characters alone need more entries than asked for.
-    let err = TextTokenizer::train(&ds.captions(), 50, 64)
-        .unwrap_err()
-        .to_string();
+    let err = TextTokenizer::train(&ds.captions(), 50, 64).unwrap_err().to_string();
     assert!(err.contains("raise text.vocab_size"), "{err}");
 }
 
@@ -194,9 +174,7 @@ fn loading_errors_name_the_file() {
         .unwrap()
         .save(&path)
         .unwrap();
-    let json = std::fs::read_to_string(&path)
-        .unwrap()
-        .replace("[CLS]", "<s>");
+    let json = std::fs::read_to_string(&path).unwrap().replace("[CLS]", "<s>");
     std::fs::write(&path, json).unwrap();
     let err = format!("{:#}", TextTokenizer::from_file(&path, 64).unwrap_err());
     assert!(err.contains("tokenizer.json has no [CLS] token"), "{err}");

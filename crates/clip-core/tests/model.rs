@@ -10,9 +10,7 @@ fn random_batch(cfg: &ClipConfig, b: usize, l: usize) -> (Tensor, Tensor, Tensor
     let s = cfg.image.image_size;
     let n = b * 3 * s * s;
     // Deterministic pseudo-random inputs (candle's CPU RNG cannot be seeded).
-    let px: Vec<f32> = (0..n)
-        .map(|i| ((i as f32 * 0.618_034).fract() - 0.5) * 3.0)
-        .collect();
+    let px: Vec<f32> = (0..n).map(|i| ((i as f32 * 0.618_034).fract() - 0.5) * 3.0).collect();
     let images = Tensor::from_vec(px, (b, 3, s, s), &dev).unwrap();
     let ids: Vec<u32> = (0..b * l)
         .map(|i| (5 + (i * 7919) % (cfg.text.vocab_size - 5)) as u32)
@@ -146,17 +144,10 @@ fn the_coverage_check_catches_a_fused_layer_norm() {
     let beta = Tensor::zeros(2, DType::F32, &Device::Cpu).unwrap();
     let h = x.matmul(w.as_tensor()).unwrap();
     let fused = candle_nn::ops::layer_norm(&h, &gamma, &beta, 1e-5).unwrap();
-    let g = (fused.sqr().unwrap().sum_all().unwrap())
-        .backward()
-        .unwrap();
-    let fused_grad = g.get(w.as_tensor()).map(|t| {
-        t.abs()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    });
+    let g = (fused.sqr().unwrap().sum_all().unwrap()).backward().unwrap();
+    let fused_grad = g
+        .get(w.as_tensor())
+        .map(|t| t.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap());
     assert!(
         fused_grad.is_none() || fused_grad == Some(0.0),
         "fused layer_norm now has a backward: {fused_grad:?}"
@@ -170,13 +161,7 @@ fn the_coverage_check_catches_a_fused_layer_norm() {
         .broadcast_mul(&Tensor::new(&[1f32, 3.], &Device::Cpu).unwrap())
         .unwrap();
     let ours = candle_core::Module::forward(&ln, &scaled).unwrap();
-    let g = ours
-        .narrow(1, 0, 1)
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .backward()
-        .unwrap();
+    let g = ours.narrow(1, 0, 1).unwrap().sum_all().unwrap().backward().unwrap();
     let ours_grad = g
         .get(w.as_tensor())
         .unwrap()
@@ -197,11 +182,7 @@ fn frozen_towers_are_not_trainable() {
     let (t, f) = model.params.count(Group::ImageTower);
     assert_eq!(t, 0);
     assert!(f > 0);
-    assert!(model
-        .params
-        .trainable()
-        .iter()
-        .all(|(_, g, _)| *g != Group::ImageTower));
+    assert!(model.params.trainable().iter().all(|(_, g, _)| *g != Group::ImageTower));
     // Gradients still reach every other trainable variable.
     assert!(uncovered(&model, 3, 4).is_empty());
 
@@ -224,13 +205,7 @@ fn batch_norm_uses_batch_statistics_in_training_and_running_ones_in_eval() {
     // Train mode: each channel normalised to mean 0, variance 1 over (N, H, W).
     let y = bn.forward_t(&x, true).unwrap();
     let mean = y.mean((0, 2, 3)).unwrap().to_vec1::<f32>().unwrap();
-    let var = y
-        .sqr()
-        .unwrap()
-        .mean((0, 2, 3))
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap();
+    let var = y.sqr().unwrap().mean((0, 2, 3)).unwrap().to_vec1::<f32>().unwrap();
     for c in 0..2 {
         assert!(mean[c].abs() < 1e-4, "{mean:?}");
         assert!((var[c] - 1.0).abs() < 1e-3, "{var:?}");
@@ -248,16 +223,8 @@ fn batch_norm_uses_batch_statistics_in_training_and_running_ones_in_eval() {
         .as_tensor()
         .to_vec1::<f32>()
         .unwrap();
-    let xc = x
-        .broadcast_sub(&x.mean_keepdim((0, 2, 3)).unwrap())
-        .unwrap();
-    let biased = xc
-        .sqr()
-        .unwrap()
-        .mean((0, 2, 3))
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap();
+    let xc = x.broadcast_sub(&x.mean_keepdim((0, 2, 3)).unwrap()).unwrap();
+    let biased = xc.sqr().unwrap().mean((0, 2, 3)).unwrap().to_vec1::<f32>().unwrap();
     for c in 0..2 {
         let unbiased = biased[c] * 18.0 / 17.0;
         assert!((rv[c] - (0.9 + 0.1 * unbiased)).abs() < 1e-3, "{rv:?}");
@@ -305,9 +272,7 @@ fn max_pool_matches_pytorch_semantics_and_its_gradient_matches_finite_difference
         let data: Vec<f32> = (0..h * w)
             .map(|i| ((i * 37 % 101) as f32 * 0.731).sin() * 2.0)
             .collect();
-        let x =
-            Var::from_tensor(&Tensor::from_vec(data.clone(), (1, 1, h, w), &Device::Cpu).unwrap())
-                .unwrap();
+        let x = Var::from_tensor(&Tensor::from_vec(data.clone(), (1, 1, h, w), &Device::Cpu).unwrap()).unwrap();
         let y = clip_core::nn::max_pool_3x3_s2(x.as_tensor()).unwrap();
         assert_eq!(y.dims(), &[1, 1, (h - 1) / 2 + 1, (w - 1) / 2 + 1]);
         let got = y.flatten_all().unwrap().to_vec1::<f32>().unwrap();
@@ -363,15 +328,11 @@ fn invalid_shapes_are_rejected_with_a_reason() {
 
 #[test]
 fn configs_read_from_toml_name_the_bad_line() {
-    let cfg = ClipConfig::from_toml_str(
-        "name = \"mine\"\nprojection_dim = 64\n[image]\nimage_size = 32\n",
-    )
-    .unwrap();
+    let cfg = ClipConfig::from_toml_str("name = \"mine\"\nprojection_dim = 64\n[image]\nimage_size = 32\n").unwrap();
     assert_eq!(cfg.projection_dim, 64);
     assert_eq!(cfg.image.image_size, 32);
     assert_eq!(cfg.text.dim, ClipConfig::tiny().text.dim);
-    let cfg =
-        ClipConfig::from_toml_str("preset = \"simple-clip\"\n[train]\nbatch_size = 16\n").unwrap();
+    let cfg = ClipConfig::from_toml_str("preset = \"simple-clip\"\n[train]\nbatch_size = 16\n").unwrap();
     assert_eq!(cfg.image.depths, vec![3, 4, 6, 3]);
     assert_eq!(cfg.train.batch_size, 16);
     let err = format!(
@@ -380,4 +341,32 @@ fn configs_read_from_toml_name_the_bad_line() {
     );
     assert!(err.contains("line 4"), "{err}");
     assert!(err.contains("image_sise"), "{err}");
+}
+
+#[test]
+fn the_shipped_configs_parse_and_tiny_toml_is_the_preset() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../assets/configs");
+    let mut n = 0;
+    for e in std::fs::read_dir(&dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "toml") {
+            let cfg = ClipConfig::from_toml_file(&p).unwrap_or_else(|e| panic!("{}: {e:#}", p.display()));
+            ClipModel::new(
+                &ClipConfig {
+                    image: clip_core::config::ImageConfig {
+                        image_size: cfg.image.image_size.min(64),
+                        ..cfg.image.clone()
+                    },
+                    ..cfg.clone()
+                },
+                &Device::Cpu,
+            )
+            .map(|_| ())
+            .unwrap_or_else(|e| panic!("{}: {e:#}", p.display()));
+            n += 1;
+        }
+    }
+    assert!(n >= 3);
+    let tiny = ClipConfig::from_toml_file(&dir.join("tiny.toml")).unwrap();
+    assert_eq!(tiny.to_toml().unwrap(), ClipConfig::tiny().to_toml().unwrap());
 }

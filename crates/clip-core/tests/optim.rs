@@ -26,14 +26,8 @@ fn adamw_follows_pytorch_with_a_learning_rate_per_group() {
     };
     let mut opt = AdamW::new(&store, &cfg).unwrap();
     let mut grads = HashMap::new();
-    grads.insert(
-        "w".to_string(),
-        Tensor::new(&[0.5f32, -2.0], &Device::Cpu).unwrap(),
-    );
-    grads.insert(
-        "h".to_string(),
-        Tensor::new(&[0.5f32, -2.0], &Device::Cpu).unwrap(),
-    );
+    grads.insert("w".to_string(), Tensor::new(&[0.5f32, -2.0], &Device::Cpu).unwrap());
+    grads.insert("h".to_string(), Tensor::new(&[0.5f32, -2.0], &Device::Cpu).unwrap());
     opt.step(&grads).unwrap();
     opt.step(&grads).unwrap();
     // PyTorch AdamW by hand, two steps with the same gradient g: m̂ = g, v̂ = g², so each step
@@ -48,25 +42,10 @@ fn adamw_follows_pytorch_with_a_learning_rate_per_group() {
     };
     let img = w_img.to_vec1::<f32>().unwrap();
     // The image tower has no weight decay (as in the tutorial); the heads have it.
-    assert!(
-        (img[0] as f64 - expect(0.1, 0.0, 0.5)).abs() < 1e-5,
-        "{img:?}"
-    );
-    assert!(
-        (img[1] as f64 - expect(0.1, 0.0, -2.0)).abs() < 1e-5,
-        "{img:?}"
-    );
-    let head = store
-        .get("h")
-        .unwrap()
-        .var
-        .as_tensor()
-        .to_vec1::<f32>()
-        .unwrap();
-    assert!(
-        (head[0] as f64 - expect(0.01, 0.5, 0.5)).abs() < 1e-5,
-        "{head:?}"
-    );
+    assert!((img[0] as f64 - expect(0.1, 0.0, 0.5)).abs() < 1e-5, "{img:?}");
+    assert!((img[1] as f64 - expect(0.1, 0.0, -2.0)).abs() < 1e-5, "{img:?}");
+    let head = store.get("h").unwrap().var.as_tensor().to_vec1::<f32>().unwrap();
+    assert!((head[0] as f64 - expect(0.01, 0.5, 0.5)).abs() < 1e-5, "{head:?}");
     assert_eq!(opt.step, 2);
 }
 
@@ -85,10 +64,7 @@ fn frozen_parameters_get_no_optimiser_state_and_state_round_trips() {
     let mut opt = AdamW::new(&store, &cfg).unwrap();
     assert_eq!(opt.names().collect::<Vec<_>>(), vec!["t"]);
     let mut grads = HashMap::new();
-    grads.insert(
-        "t".to_string(),
-        Tensor::new(&[0.1f32, 0.2, 0.3], &Device::Cpu).unwrap(),
-    );
+    grads.insert("t".to_string(), Tensor::new(&[0.1f32, 0.2, 0.3], &Device::Cpu).unwrap());
     opt.step(&grads).unwrap();
     opt.scale_lr(0.5);
     let dir = tempfile::tempdir().unwrap();
@@ -101,21 +77,9 @@ fn frozen_parameters_get_no_optimiser_state_and_state_round_trips() {
     // The same next step from the same state.
     let before = store.get("t").unwrap().var.as_tensor().copy().unwrap();
     opt.step(&grads).unwrap();
-    let a = store
-        .get("t")
-        .unwrap()
-        .var
-        .as_tensor()
-        .to_vec1::<f32>()
-        .unwrap();
+    let a = store.get("t").unwrap().var.as_tensor().to_vec1::<f32>().unwrap();
     store.get("t").unwrap().var.set(&before).unwrap();
     again.step(&grads).unwrap();
-    let b = store
-        .get("t")
-        .unwrap()
-        .var
-        .as_tensor()
-        .to_vec1::<f32>()
-        .unwrap();
+    let b = store.get("t").unwrap().var.as_tensor().to_vec1::<f32>().unwrap();
     assert_eq!(a, b);
 }

@@ -87,11 +87,6 @@ fn resume_reproduces_the_uninterrupted_losses() {
 fn resume_without_a_checkpoint_says_why() {
     let cfg = ClipConfig::tiny();
     let empty = tempfile::tempdir().unwrap();
-    let err = Trainer::resume(&cfg, demo(&cfg), empty.path())
-        .err()
-        .unwrap();
-    assert!(
-        format!("{err:#}").contains("no checkpoint to resume from"),
-        "{err:#}"
-    );
+    let err = Trainer::resume(&cfg, demo(&cfg), empty.path()).err().unwrap();
+    assert!(format!("{err:#}").contains("no checkpoint to resume from"), "{err:#}");
 }

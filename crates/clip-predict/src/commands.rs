@@ -28,15 +28,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             texts,
             captions,
             top,
-        } => image_to_text(
-            &run,
-            &images,
-            texts,
-            captions.as_deref(),
-            top,
-            json,
-            &device,
-        ),
+        } => image_to_text(&run, &images, texts, captions.as_deref(), top, json, &device),
         Cmd::TextToImage {
             run,
             text,
@@ -77,11 +69,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             json,
             &device,
         ),
-        Cmd::Demo { run, data } => demo(
-            &run,
-            data.unwrap_or_else(Dataset::demo_dir).as_path(),
-            &device,
-        ),
+        Cmd::Demo { run, data } => demo(&run, data.unwrap_or_else(Dataset::demo_dir).as_path(), &device),
     }
 }
 
@@ -100,12 +88,7 @@ fn load(run: &Path, device: &Device) -> Result<Loaded> {
         LossKind::Clip => model.logit_scale()?.unwrap_or(1.0),
         LossKind::Soft => (1.0 / model.config.temperature) as f32,
     };
-    Ok(Loaded {
-        run,
-        model,
-        tok,
-        scale,
-    })
+    Ok(Loaded { run, model, tok, scale })
 }
 
 /// Candidate captions from --texts, or a file: a dataset's captions file (its caption column) or
@@ -169,7 +152,11 @@ fn image_to_text(
         for (row, &i) in ok.iter().enumerate() {
             let order = argsort_desc(&logits[row]);
             let probs = softmax(&logits[row], 1.0);
-            let ranked: Vec<_> = order.iter().take(top).map(|&j| json!({"caption": texts[j], "score": cos[row][j], "probability": probs[j]})).collect();
+            let ranked: Vec<_> = order
+                .iter()
+                .take(top)
+                .map(|&j| json!({"caption": texts[j], "score": cos[row][j], "probability": probs[j]}))
+                .collect();
             out.push(json!({"image": images[i].display().to_string(), "captions": ranked}));
         }
     }
@@ -247,7 +234,10 @@ fn text_to_image(
     let t = std::time::Instant::now();
     let hits = idx.search(&q, top)?;
     let ms = t.elapsed().as_secs_f64() * 1e3;
-    let rows: Vec<_> = hits.iter().map(|(i, s)| json!({"image": idx.root.join(&idx.entries[*i].path).display().to_string(), "score": s})).collect();
+    let rows: Vec<_> = hits
+        .iter()
+        .map(|(i, s)| json!({"image": idx.root.join(&idx.entries[*i].path).display().to_string(), "score": s}))
+        .collect();
     if let Some(path) = sheet {
         let items: Vec<(PathBuf, f32)> = hits
             .iter()
@@ -263,10 +253,7 @@ fn text_to_image(
             )?
         );
     } else {
-        println!(
-            "{text}  ({} images searched in {ms:.1} ms)",
-            idx.entries.len()
-        );
+        println!("{text}  ({} images searched in {ms:.1} ms)", idx.entries.len());
         println!("  {:<4} {:>7}  image", "rank", "cosine");
         for (k, r) in rows.iter().enumerate() {
             println!(
@@ -305,9 +292,7 @@ fn index(
             .unwrap()
             .progress_chars("=> "),
     );
-    let (idx, stats) = ImageIndex::update(previous, &m.model, &fp, images, batch_size, |n| {
-        bar.inc(n as u64)
-    })?;
+    let (idx, stats) = ImageIndex::update(previous, &m.model, &fp, images, batch_size, |n| bar.inc(n as u64))?;
     bar.finish_and_clear();
     idx.save(&out)?;
     if json {
@@ -362,9 +347,7 @@ fn eval(
         eprintln!("skipped: {b}");
     }
     let started = std::time::Instant::now();
-    let all: Vec<usize> = (0..ds.images.len())
-        .filter(|i| store.contains(*i))
-        .collect();
+    let all: Vec<usize> = (0..ds.images.len()).filter(|i| store.contains(*i)).collect();
     let img = l2_normalize(&clip_core::embed::embed_store_images(
         &m.model, &store, &all, batch_size, device,
     )?)?;
@@ -452,13 +435,8 @@ fn eval(
         return Ok(ExitCode::SUCCESS);
     }
     // Caption dataset: recall both ways over every pair whose image could be read.
-    let pos: std::collections::HashMap<usize, usize> =
-        all.iter().enumerate().map(|(r, &i)| (i, r)).collect();
-    let pairs: Vec<_> = ds
-        .pairs
-        .iter()
-        .filter(|p| pos.contains_key(&p.image))
-        .collect();
+    let pos: std::collections::HashMap<usize, usize> = all.iter().enumerate().map(|(r, &i)| (i, r)).collect();
+    let pairs: Vec<_> = ds.pairs.iter().filter(|p| pos.contains_key(&p.image)).collect();
     let texts: Vec<&str> = pairs.iter().map(|p| p.caption.as_str()).collect();
     let txt = l2_normalize(&embed_texts(&m.model, &m.tok, &texts, batch_size, device)?)?;
     let text_image: Vec<usize> = pairs.iter().map(|p| pos[&p.image]).collect();
@@ -471,11 +449,7 @@ fn eval(
             )?
         );
     } else {
-        println!(
-            "retrieval on {} images / {} captions",
-            all.len(),
-            texts.len()
-        );
+        println!("retrieval on {} images / {} captions", all.len(), texts.len());
         println!(
             "  image → text  R@1 {:.3}  R@5 {:.3}  R@10 {:.3}",
             r.i2t_r1, r.i2t_r5, r.i2t_r10
@@ -500,10 +474,7 @@ fn demo(run: &Path, data: &Path, device: &Device) -> Result<ExitCode> {
     let texts: Vec<&str> = ds.pairs.iter().map(|p| p.caption.as_str()).collect();
     let txt = l2_normalize(&embed_texts(&m.model, &m.tok, &texts, 64, device)?)?;
     let sim = to_rows(&img.matmul(&txt.t()?)?)?;
-    println!(
-        "image → text: the best of all {} captions for each image",
-        texts.len()
-    );
+    println!("image → text: the best of all {} captions for each image", texts.len());
     let mut right = 0;
     for (i, e) in ds.images.iter().enumerate() {
         let j = argsort_desc(&sim[i])[0];
@@ -517,10 +488,7 @@ fn demo(run: &Path, data: &Path, device: &Device) -> Result<ExitCode> {
             texts[j]
         );
     }
-    println!(
-        "  {right}/{} images got one of their own captions\n",
-        ds.images.len()
-    );
+    println!("  {right}/{} images got one of their own captions\n", ds.images.len());
     println!(
         "text → image: the best of all {} images for each caption",
         ds.images.len()
@@ -539,10 +507,7 @@ fn demo(run: &Path, data: &Path, device: &Device) -> Result<ExitCode> {
             col[i]
         );
     }
-    println!(
-        "  {right_t}/{} captions found their own image",
-        ds.pairs.len()
-    );
+    println!("  {right_t}/{} captions found their own image", ds.pairs.len());
     Ok(ExitCode::SUCCESS)
 }
 
@@ -551,8 +516,7 @@ fn contact_sheet(path: &Path, items: &[(PathBuf, f32)]) -> Result<()> {
     let cell = 160u32;
     let cols = 3u32.min(items.len().max(1) as u32);
     let rows = (items.len() as u32).div_ceil(cols).max(1);
-    let mut sheet =
-        image::RgbImage::from_pixel(cols * cell, rows * (cell + 12), image::Rgb([255, 255, 255]));
+    let mut sheet = image::RgbImage::from_pixel(cols * cell, rows * (cell + 12), image::Rgb([255, 255, 255]));
     for (k, (p, score)) in items.iter().enumerate() {
         let (cx, cy) = ((k as u32 % cols) * cell, (k as u32 / cols) * (cell + 12));
         if let Ok(img) = image::open(p) {

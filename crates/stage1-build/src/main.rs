@@ -93,10 +93,7 @@ fn run(args: Args) -> Result<ExitCode> {
             fmt_count(tr),
             fmt_count(fr)
         );
-        parts.insert(
-            g.as_str().into(),
-            serde_json::json!({ "trainable": tr, "frozen": fr }),
-        );
+        parts.insert(g.as_str().into(), serde_json::json!({ "trainable": tr, "frozen": fr }));
     }
     let total = model.params.total_params();
     println!("  {:<12} {:>14}\n", "total", fmt_count(total));
@@ -136,8 +133,7 @@ fn run(args: Args) -> Result<ExitCode> {
                     if finite {
                         "every embedding value is finite".into()
                     } else {
-                        "NaN or Inf in the embeddings: the initialisation or a layer is broken"
-                            .to_string()
+                        "NaN or Inf in the embeddings: the initialisation or a layer is broken".to_string()
                     },
                 );
                 let loss = model.loss(&e, None)?.to_scalar::<f32>()?;
@@ -157,8 +153,5 @@ fn run(args: Args) -> Result<ExitCode> {
 }
 
 fn all_finite(t: &Tensor) -> Result<bool> {
-    Ok(t.flatten_all()?
-        .to_vec1::<f32>()?
-        .iter()
-        .all(|v| v.is_finite()))
+    Ok(t.flatten_all()?.to_vec1::<f32>()?.iter().all(|v| v.is_finite()))
 }

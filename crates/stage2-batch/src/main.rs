@@ -15,8 +15,8 @@ use anyhow::Result;
 use clap::Parser;
 use clip_core::cli::fmt_count;
 use clip_core::data::{
-    normalised_range, Batch, Dataset, ImageStore, LoadOptions, Loader, Split, TextTokenizer,
-    UnkReport, DEFAULT_TEMPLATE,
+    normalised_range, Batch, Dataset, ImageStore, LoadOptions, Loader, Split, TextTokenizer, UnkReport,
+    DEFAULT_TEMPLATE,
 };
 use clip_core::report::Report;
 use clip_core::{device, ClipConfig, ClipModel};
@@ -28,9 +28,7 @@ const MAX_UNKNOWN_SHARE: f64 = 0.01;
 const LABEL_COLUMNS: usize = 16;
 
 #[derive(Parser)]
-#[command(
-    about = "Stage 2 — load the data, check every row and image, build one batch and run the model on it."
-)]
+#[command(about = "Stage 2 — load the data, check every row and image, build one batch and run the model on it.")]
 struct Args {
     #[command(flatten)]
     model: clip_core::cli::ModelArgs,
@@ -95,11 +93,12 @@ fn check(args: &Args, report: &mut Report) -> Result<()> {
     println!("\nbatch: the first training pairs, as one training step will see them");
     let store = Arc::new(store);
     let loader = Loader::new(&ds, store, &tok, &cfg, &dev)?;
-    let b = args
-        .batch_size
-        .unwrap_or(cfg.train.batch_size)
-        .min(split.train.len());
-    if !report.check("batch size", b >= 2, format!("{b} pairs (a contrastive loss compares each pair with the others, so it needs at least 2)")) {
+    let b = args.batch_size.unwrap_or(cfg.train.batch_size).min(split.train.len());
+    if !report.check(
+        "batch size",
+        b >= 2,
+        format!("{b} pairs (a contrastive loss compares each pair with the others, so it needs at least 2)"),
+    ) {
         return Ok(());
     }
     let batch = loader.batch(&split.train[..b])?;
@@ -108,22 +107,21 @@ fn check(args: &Args, report: &mut Report) -> Result<()> {
     println!("\nmodel: the untrained model on this batch (evaluation mode)");
     let t = Instant::now();
     let model = ClipModel::new(&cfg, &dev)?;
-    let e = model.forward(
-        &batch.images,
-        &batch.input_ids,
-        &batch.attention_mask,
-        false,
-    )?;
+    let e = model.forward(&batch.images, &batch.input_ids, &batch.attention_mask, false)?;
     let ms = t.elapsed().as_secs_f64() * 1e3;
     report.metric("forward_ms", ms);
     let want = [b, cfg.projection_dim];
-    report.check("forward", e.image.dims() == want && e.text.dims() == want, format!("embeddings: image {:?}, text {:?}, expected {want:?} each; {ms:.0} ms to build and run", e.image.dims(), e.text.dims()));
+    report.check(
+        "forward",
+        e.image.dims() == want && e.text.dims() == want,
+        format!(
+            "embeddings: image {:?}, text {:?}, expected {want:?} each; {ms:.0} ms to build and run",
+            e.image.dims(),
+            e.text.dims()
+        ),
+    );
     let sim = clip_core::loss::cosine_similarity(&e.image, &e.text)?.to_vec2::<f32>()?;
-    let captions: Vec<&str> = batch
-        .pairs
-        .iter()
-        .map(|&p| ds.pairs[p].caption.as_str())
-        .collect();
+    let captions: Vec<&str> = batch.pairs.iter().map(|&p| ds.pairs[p].caption.as_str()).collect();
     print_similarity(&sim, &captions);
     let finite = sim.iter().flatten().all(|v| v.is_finite());
     report.check(
@@ -140,11 +138,7 @@ fn check(args: &Args, report: &mut Report) -> Result<()> {
 }
 
 /// Loads and checks the rows, then decodes every image. `None` when nothing is left to check.
-fn load(
-    args: &Args,
-    cfg: &ClipConfig,
-    report: &mut Report,
-) -> Result<Option<(Dataset, ImageStore)>> {
+fn load(args: &Args, cfg: &ClipConfig, report: &mut Report) -> Result<Option<(Dataset, ImageStore)>> {
     let path = args.data.clone().unwrap_or_else(Dataset::demo_dir);
     println!("\ndataset: {}", path.display());
     println!("  every row is checked and every image decoded now, so a bad file stops this step, not a training run");
@@ -178,10 +172,7 @@ fn load(
     }
     report.metric("load_seconds", rows_seconds);
     report.metric("decode_seconds", decode_seconds);
-    report.metric(
-        "bad_rows",
-        ds.bad.iter().map(|b| b.to_string()).collect::<Vec<_>>(),
-    );
+    report.metric("bad_rows", ds.bad.iter().map(|b| b.to_string()).collect::<Vec<_>>());
 
     let row_bad: Vec<String> = ds
         .bad
@@ -191,11 +182,7 @@ fn load(
         .collect();
     let rows_detail = match row_bad.len() {
         0 => format!("{} pairs, no bad rows", ds.pairs.len()),
-        n if args.skip_bad => format!(
-            "{} left out (--skip-bad), {} usable",
-            rows(n),
-            ds.pairs.len()
-        ),
+        n if args.skip_bad => format!("{} left out (--skip-bad), {} usable", rows(n), ds.pairs.len()),
         n => format!(
             "{}: {} — fix them, or leave them out with --skip-bad",
             rows(n),
@@ -231,11 +218,7 @@ fn load(
         println!("    … and {} more", ds.bad.len() - 10);
     }
 
-    let per_image: Vec<usize> = ds
-        .captions_per_image()
-        .into_iter()
-        .filter(|&n| n > 0)
-        .collect();
+    let per_image: Vec<usize> = ds.captions_per_image().into_iter().filter(|&n| n > 0).collect();
     let (min, mean, max) = stats(&per_image);
     println!(
         "  {} pairs of {} images; captions per image: min {min}, mean {mean:.1}, max {max}",
@@ -287,13 +270,7 @@ fn split(ds: &Dataset, cfg: &ClipConfig, report: &mut Report) -> Split {
     s
 }
 
-fn tokenizer(
-    args: &Args,
-    ds: &Dataset,
-    split: &Split,
-    cfg: &ClipConfig,
-    report: &mut Report,
-) -> Result<TextTokenizer> {
+fn tokenizer(args: &Args, ds: &Dataset, split: &Split, cfg: &ClipConfig, report: &mut Report) -> Result<TextTokenizer> {
     println!("\ntokenizer: captions become ids; text the tokenizer has no entry for becomes [UNK], which the model cannot learn from");
     let train_captions = ds.captions_of(&split.train);
     let (tok, trained) = match &args.tokenizer {
@@ -305,10 +282,7 @@ fn tokenizer(
     };
     let what = match &args.tokenizer {
         Some(path) => format!("{} (loaded)", path.display()),
-        None => format!(
-            "WordPiece trained on the {} training captions",
-            train_captions.len()
-        ),
+        None => format!("WordPiece trained on the {} training captions", train_captions.len()),
     };
     let fits = tok.check_fits(cfg);
     report.check(
@@ -331,7 +305,10 @@ fn tokenizer(
         .map(|p| tok.encode(&p.caption).map(|ids| ids.len()))
         .collect::<Result<Vec<_>>>()?;
     let (min, mean, max) = stats(&lengths);
-    println!("  caption length in tokens, with [CLS] and [SEP]: min {min}, mean {mean:.1}, max {max} (limit {})", cfg.max_tokens());
+    println!(
+        "  caption length in tokens, with [CLS] and [SEP]: min {min}, mean {mean:.1}, max {max} (limit {})",
+        cfg.max_tokens()
+    );
     report.metric(
         "caption_tokens",
         serde_json::json!({ "min": min, "mean": mean, "max": max }),
@@ -340,17 +317,9 @@ fn tokenizer(
     // A tokenizer trained here knows every training caption; the validation captions may use text
     // the training captions never do, which no tokenizer trained on them could know, so they are
     // shown but not gated. A loaded tokenizer is judged on every caption.
-    let gated = if trained {
-        train_captions
-    } else {
-        ds.captions()
-    };
+    let gated = if trained { train_captions } else { ds.captions() };
     let r = tok.unknown_report(&gated)?;
-    let whose = if trained {
-        "training captions"
-    } else {
-        "captions"
-    };
+    let whose = if trained { "training captions" } else { "captions" };
     let ok = r.share() <= MAX_UNKNOWN_SHARE;
     let measured = format!(
         "{} of {} tokens of the {whose} are [UNK] ({:.2} %, limit {:.0} %)",
@@ -369,10 +338,7 @@ fn tokenizer(
         } else {
             "train one on your captions (leave out --tokenizer) or pick a tokenizer that covers them"
         };
-        format!(
-            "this tokenizer has no entry for {}: {fix}; {measured}",
-            r.examples(12)
-        )
+        format!("this tokenizer has no entry for {}: {fix}; {measured}", r.examples(12))
     };
     report.check("unknown tokens", ok, detail);
     report.metric("unknown_share", r.share());
@@ -383,7 +349,11 @@ fn tokenizer(
         report.metric("val_unknown_share", v.share());
     }
     if r.truncated > 0 {
-        println!("  {} captions are longer than {} tokens and will be cut (raise data.max_length to keep them whole)", r.truncated, cfg.max_tokens());
+        println!(
+            "  {} captions are longer than {} tokens and will be cut (raise data.max_length to keep them whole)",
+            r.truncated,
+            cfg.max_tokens()
+        );
     }
     Ok(tok)
 }
@@ -400,21 +370,14 @@ fn print_validation_unknowns(v: &UnkReport) {
     }
 }
 
-fn check_batch(
-    batch: &Batch,
-    tok: &TextTokenizer,
-    cfg: &ClipConfig,
-    report: &mut Report,
-) -> Result<()> {
+fn check_batch(batch: &Batch, tok: &TextTokenizer, cfg: &ClipConfig, report: &mut Report) -> Result<()> {
     let b = batch.pairs.len();
     let s = cfg.image.image_size;
     let (lo, hi) = normalised_range();
     let values = batch.images.flatten_all()?.to_vec1::<f32>()?;
     let (min, max) = values
         .iter()
-        .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, z), &v| {
-            (a.min(v), z.max(v))
-        });
+        .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, z), &v| (a.min(v), z.max(v)));
     let in_range = min >= lo - 1e-4 && max <= hi + 1e-4;
     let shape_ok = batch.images.dims() == [b, 3, s, s];
     report.check(
@@ -423,16 +386,18 @@ fn check_batch(
         format!(
             "{:?} f32, values in [{min:.3}, {max:.3}]: ImageNet-normalised pixels lie in [{lo:.3}, {hi:.3}]{}",
             batch.images.dims(),
-            if min < max { "" } else { "; every value is the same, so the images carry no signal" }
+            if min < max {
+                ""
+            } else {
+                "; every value is the same, so the images carry no signal"
+            }
         ),
     );
 
     let ids = batch.input_ids.to_vec2::<u32>()?;
     let mask = batch.attention_mask.to_vec2::<u32>()?;
     let l = batch.input_ids.dim(1)?;
-    let shapes_ok = batch.input_ids.dims() == [b, l]
-        && batch.attention_mask.dims() == [b, l]
-        && l <= cfg.max_tokens();
+    let shapes_ok = batch.input_ids.dims() == [b, l] && batch.attention_mask.dims() == [b, l] && l <= cfg.max_tokens();
     report.check(
         "token tensors",
         shapes_ok,
@@ -462,7 +427,10 @@ fn check_batch(
         "mask",
         bad_rows.is_empty(),
         if bad_rows.is_empty() {
-            format!("1 on every token up to [SEP], 0 on the [PAD]s after it ({} padded positions)", mask.iter().flatten().filter(|&&m| m == 0).count())
+            format!(
+                "1 on every token up to [SEP], 0 on the [PAD]s after it ({} padded positions)",
+                mask.iter().flatten().filter(|&&m| m == 0).count()
+            )
         } else {
             format!("rows {bad_rows:?} have padding the mask does not hide (or no [SEP]): attention would read [PAD]s")
         },
@@ -475,12 +443,7 @@ fn check_batch(
 fn print_similarity(sim: &[Vec<f32>], captions: &[&str]) {
     println!("  cosine similarity: row k is the image of pair k, column k its caption; training should make the diagonal stand out");
     let pad = " ".repeat(LABEL_COLUMNS + 6);
-    println!(
-        "{pad}{}",
-        (0..sim.len())
-            .map(|j| format!("{j:>6}"))
-            .collect::<String>()
-    );
+    println!("{pad}{}", (0..sim.len()).map(|j| format!("{j:>6}")).collect::<String>());
     for (k, row) in sim.iter().enumerate() {
         println!(
             "  {k:>2} {} {}",
@@ -516,12 +479,7 @@ fn fit_width(text: &str, columns: usize) -> String {
 
 /// The first few problems, for a check's one-line detail (all are listed below the checks).
 fn first(problems: &[String]) -> String {
-    let mut s = problems
-        .iter()
-        .take(3)
-        .cloned()
-        .collect::<Vec<_>>()
-        .join("; ");
+    let mut s = problems.iter().take(3).cloned().collect::<Vec<_>>().join("; ");
     if problems.len() > 3 {
         s.push_str(&format!("; … ({} in all)", problems.len()));
     }

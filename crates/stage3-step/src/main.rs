@@ -86,12 +86,7 @@ fn run(args: Args) -> Result<ExitCode> {
 
     // The loss an untrained model should have: ln B for the clip loss (uniform over B captions);
     // for the soft loss, the same loss with the pairs shuffled (what no learning looks like).
-    let e = model.forward(
-        &batch.images,
-        &batch.input_ids,
-        &batch.attention_mask,
-        false,
-    )?;
+    let e = model.forward(&batch.images, &batch.input_ids, &batch.attention_mask, false)?;
     let chance = match cfg.loss {
         LossKind::Clip => clip_core::loss::clip_chance(&batch.positives)?,
         LossKind::Soft => {
@@ -107,12 +102,7 @@ fn run(args: Args) -> Result<ExitCode> {
 
     let before = snapshot(&model)?;
     let t = Instant::now();
-    let outcome = match train_step(
-        &model,
-        &mut opt,
-        std::slice::from_ref(&batch),
-        cfg.train.clip_grad_norm,
-    ) {
+    let outcome = match train_step(&model, &mut opt, std::slice::from_ref(&batch), cfg.train.clip_grad_norm) {
         Ok(o) => o,
         Err(e) => {
             report.check("step", false, format!("{e:#}"));
@@ -134,8 +124,16 @@ fn run(args: Args) -> Result<ExitCode> {
             cfg.loss,
             outcome.loss,
             chance,
-            if cfg.loss == LossKind::Clip { "uniform over the batch: ln B, less where pairs share an image or caption" } else { "same embeddings, pairs shuffled" },
-            if near { String::new() } else { " — far from chance for an untrained model: check the loss, the temperature and the inputs".into() }
+            if cfg.loss == LossKind::Clip {
+                "uniform over the batch: ln B, less where pairs share an image or caption"
+            } else {
+                "same embeddings, pairs shuffled"
+            },
+            if near {
+                String::new()
+            } else {
+                " — far from chance for an untrained model: check the loss, the temperature and the inputs".into()
+            }
         ),
     );
     report.check(
@@ -247,12 +245,7 @@ fn list(prefix: &str, names: &[&str]) -> String {
     }
     let mut s = format!(
         "{prefix}{}",
-        names
-            .iter()
-            .take(12)
-            .cloned()
-            .collect::<Vec<_>>()
-            .join(", ")
+        names.iter().take(12).cloned().collect::<Vec<_>>().join(", ")
     );
     if names.len() > 12 {
         s.push_str(&format!(" … and {} more", names.len() - 12));

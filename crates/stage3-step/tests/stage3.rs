@@ -25,8 +25,7 @@ fn passes_on_the_demo_set() {
     let json = dir.path().join("s3.json");
     let (ok, log) = run(&["--json", json.to_str().unwrap()]);
     assert!(ok, "{log}");
-    let r: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
+    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
     assert_eq!(r["passed"], true);
     assert_eq!(r["metrics"]["no_gradient"].as_array().unwrap().len(), 0);
     let (loss, chance) = (

@@ -99,10 +99,7 @@ fn run(args: Args) -> Result<ExitCode> {
         out.display()
     );
 
-    let tokenizer = args
-        .resume
-        .as_ref()
-        .map(|r| r.join(clip_core::checkpoint::TOKENIZER));
+    let tokenizer = args.resume.as_ref().map(|r| r.join(clip_core::checkpoint::TOKENIZER));
     let data = prepare(&cfg, &args.data, tokenizer.as_deref(), &dev, true)?;
     println!(
         "data: {} pairs of {} images; training on {}, validating on {}{}",
@@ -121,17 +118,9 @@ fn run(args: Args) -> Result<ExitCode> {
         None => Trainer::new(&cfg, data, &out)?,
     };
     if t.state.epoch == 0 {
-        plot::heat_map(
-            &out.join("similarity_before.png"),
-            &t.fixed_similarity()?,
-            -1.0,
-            1.0,
-        )?;
+        plot::heat_map(&out.join("similarity_before.png"), &t.fixed_similarity()?, -1.0, 1.0)?;
     } else {
-        println!(
-            "resuming after epoch {} of {}",
-            t.state.epoch, cfg.train.epochs
-        );
+        println!("resuming after epoch {} of {}", t.state.epoch, cfg.train.epochs);
     }
 
     // The loop: train an epoch, validate, schedule, checkpoint.
@@ -183,8 +172,7 @@ fn run(args: Args) -> Result<ExitCode> {
     );
     report.check(
         "finite",
-        h.iter()
-            .all(|r| r.train_loss.is_finite() && r.val_loss.is_finite()),
+        h.iter().all(|r| r.train_loss.is_finite() && r.val_loss.is_finite()),
         "no NaN or Inf in any epoch's losses",
     );
     let threshold = 0.5 * first;
@@ -197,31 +185,48 @@ fn run(args: Args) -> Result<ExitCode> {
         format!(
             "mean training loss {first:.4} (epoch 1) → {last:.4} (epoch {}), needs ≤ {threshold:.4} (half the first){}",
             h.len(),
-            if last <= threshold { "" } else { " — try more epochs, higher learning rates (--lr-head, --lr-image, --lr-text), or check stage 3" }
+            if last <= threshold {
+                ""
+            } else {
+                " — try more epochs, higher learning rates (--lr-head, --lr-image, --lr-text), or check stage 3"
+            }
         ),
     );
     t.load_best()?;
-    plot::heat_map(
-        &out.join("similarity_after.png"),
-        &t.fixed_similarity()?,
-        -1.0,
-        1.0,
-    )?;
+    plot::heat_map(&out.join("similarity_after.png"), &t.fixed_similarity()?, -1.0, 1.0)?;
     let r = t.recall(&t.data.split.train)?;
     report.metric("train_recall", r);
     report.metric("best_epoch", t.state.best_epoch);
     report.metric("best_val_loss", t.state.best_val_loss);
     report.metric("run", out.display().to_string());
     let detail = format!(
-        "best model (epoch {}) on the training pairs: R@1 image→text {:.3}, text→image {:.3}",
-        t.state.best_epoch, r.i2t_r1, r.t2i_r1
+        "best model (epoch {}) on {} training pairs: R@1 image→text {:.3}, text→image {:.3}",
+        t.state.best_epoch,
+        if t.data.split.train.len() > clip_core::fit::MAX_RECALL_PAIRS {
+            format!(
+                "a sample of {} of the {}",
+                clip_core::fit::MAX_RECALL_PAIRS,
+                t.data.split.train.len()
+            )
+        } else {
+            format!("all {}", t.data.split.train.len())
+        },
+        r.i2t_r1,
+        r.t2i_r1
     );
     if t.data.dataset.images.len() <= SMALL_DATASET {
         let perfect = r.i2t_r1 == 1.0 && r.t2i_r1 == 1.0;
         report.check(
             "retrieval",
             perfect,
-            format!("{detail}{}", if perfect { "" } else { " — a small dataset should be learned perfectly: train longer or raise the learning rates" }),
+            format!(
+                "{detail}{}",
+                if perfect {
+                    ""
+                } else {
+                    " — a small dataset should be learned perfectly: train longer or raise the learning rates"
+                }
+            ),
         );
     } else {
         report.check("retrieval", true, detail);

@@ -38,8 +38,7 @@ fn too_short_a_run_fails_the_gate_with_advice_and_still_writes_the_run() {
         "{log}"
     );
     assert!(log.contains("epoch   2:"), "{log}");
-    let r: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
+    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
     assert_eq!(r["passed"], false);
     for f in [
         "model.safetensors",
@@ -55,12 +54,7 @@ fn too_short_a_run_fails_the_gate_with_advice_and_still_writes_the_run() {
 
 #[test]
 fn a_missing_dataset_is_a_clear_error() {
-    let (code, log) = run(&[
-        "--data",
-        "/nonexistent/photos",
-        "--out",
-        "/tmp/never-written",
-    ]);
+    let (code, log) = run(&["--data", "/nonexistent/photos", "--out", "/tmp/never-written"]);
     assert_eq!(code, Some(2), "{log}");
     assert!(
         log.contains("/nonexistent/photos") && log.contains("not found"),

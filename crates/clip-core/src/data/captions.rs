@@ -57,11 +57,8 @@ pub(crate) struct Parsed {
 /// Reads a captions file. Errors are for the file as a whole (unreadable, no header); problems of
 /// single rows are returned in `bad`.
 pub(crate) fn read(path: &Path) -> Result<Parsed> {
-    let bytes =
-        std::fs::read(path).with_context(|| format!("reading captions file {}", path.display()))?;
-    let bytes = bytes
-        .strip_prefix(b"\xef\xbb\xbf".as_slice())
-        .unwrap_or(&bytes);
+    let bytes = std::fs::read(path).with_context(|| format!("reading captions file {}", path.display()))?;
+    let bytes = bytes.strip_prefix(b"\xef\xbb\xbf".as_slice()).unwrap_or(&bytes);
     let ext = path
         .extension()
         .and_then(|e| e.to_str())
@@ -77,11 +74,7 @@ pub(crate) fn read(path: &Path) -> Result<Parsed> {
 /// Index of the first header name found in `names`, compared trimmed and case-insensitively.
 fn find_column(header: &[String], names: &[&str]) -> Option<usize> {
     header.iter().position(|h| {
-        let h = h
-            .trim()
-            .trim_start_matches('\u{feff}')
-            .trim_matches('"')
-            .trim();
+        let h = h.trim().trim_start_matches('\u{feff}').trim_matches('"').trim();
         names.contains(&h.to_lowercase().as_str())
     })
 }
@@ -107,18 +100,16 @@ fn read_delimited(path: &Path, bytes: &[u8], ext: &str) -> Result<Parsed> {
         (b'\t', CaptionFormat::Tsv),
         (b'|', CaptionFormat::Pipe),
     ]);
-    let Some((delimiter, format, image_col, caption_col, n_fields)) =
-        candidates.into_iter().find_map(|(d, f)| {
-            let header: Vec<String> = first_line.split(d as char).map(str::to_string).collect();
-            Some((
-                d,
-                f,
-                find_column(&header, &IMAGE_COLUMNS)?,
-                find_column(&header, &CAPTION_COLUMNS)?,
-                header.len(),
-            ))
-        })
-    else {
+    let Some((delimiter, format, image_col, caption_col, n_fields)) = candidates.into_iter().find_map(|(d, f)| {
+        let header: Vec<String> = first_line.split(d as char).map(str::to_string).collect();
+        Some((
+            d,
+            f,
+            find_column(&header, &IMAGE_COLUMNS)?,
+            find_column(&header, &CAPTION_COLUMNS)?,
+            header.len(),
+        ))
+    }) else {
         bail!(
             "{}:1: the header {first_line:?} must name an image column ({}) and a caption column ({}), separated by commas, tabs or |",
             path.display(),
@@ -168,11 +159,7 @@ fn read_delimited(path: &Path, bytes: &[u8], ext: &str) -> Result<Parsed> {
         }
         let field = |i: usize| std::str::from_utf8(&record[i]).map(|s| s.trim().to_string());
         let (Ok(image), Ok(caption)) = (field(image_col), field(caption_col)) else {
-            bad.push(BadRow::new(
-                path,
-                line,
-                "invalid UTF-8: save the file as UTF-8",
-            ));
+            bad.push(BadRow::new(path, line, "invalid UTF-8: save the file as UTF-8"));
             continue;
         };
         push_row(path, line, image, caption, &mut rows, &mut bad);
@@ -180,28 +167,13 @@ fn read_delimited(path: &Path, bytes: &[u8], ext: &str) -> Result<Parsed> {
     Ok(Parsed { format, rows, bad })
 }
 
-fn push_row(
-    path: &Path,
-    line: usize,
-    image: String,
-    caption: String,
-    rows: &mut Vec<Row>,
-    bad: &mut Vec<BadRow>,
-) {
+fn push_row(path: &Path, line: usize, image: String, caption: String, rows: &mut Vec<Row>, bad: &mut Vec<BadRow>) {
     if image.is_empty() {
         bad.push(BadRow::new(path, line, "empty image name"));
     } else if caption.is_empty() {
-        bad.push(BadRow::new(
-            path,
-            line,
-            format!("empty caption for {image}"),
-        ));
+        bad.push(BadRow::new(path, line, format!("empty caption for {image}")));
     } else {
-        rows.push(Row {
-            line,
-            image,
-            caption,
-        });
+        rows.push(Row { line, image, caption });
     }
 }
 
@@ -213,11 +185,7 @@ fn read_json_lines(path: &Path, bytes: &[u8]) -> Parsed {
     for (i, raw) in bytes.split(|&b| b == b'\n').enumerate() {
         let line = i + 1;
         let Ok(text) = std::str::from_utf8(raw) else {
-            bad.push(BadRow::new(
-                path,
-                line,
-                "invalid UTF-8: save the file as UTF-8",
-            ));
+            bad.push(BadRow::new(path, line, "invalid UTF-8: save the file as UTF-8"));
             continue;
         };
         let text = text.trim();
@@ -260,21 +228,10 @@ fn read_json_lines(path: &Path, bytes: &[u8]) -> Parsed {
             }
         };
         match get(&CAPTION_COLUMNS) {
-            Some(Value::String(s)) => {
-                push_row(path, line, image, s.trim().to_string(), &mut rows, &mut bad)
-            }
-            Some(Value::Array(items))
-                if !items.is_empty() && items.iter().all(Value::is_string) =>
-            {
+            Some(Value::String(s)) => push_row(path, line, image, s.trim().to_string(), &mut rows, &mut bad),
+            Some(Value::Array(items)) if !items.is_empty() && items.iter().all(Value::is_string) => {
                 for s in items.iter().filter_map(Value::as_str) {
-                    push_row(
-                        path,
-                        line,
-                        image.clone(),
-                        s.trim().to_string(),
-                        &mut rows,
-                        &mut bad,
-                    );
+                    push_row(path, line, image.clone(), s.trim().to_string(), &mut rows, &mut bad);
                 }
             }
             Some(_) => bad.push(BadRow::new(

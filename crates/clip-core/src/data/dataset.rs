@@ -13,12 +13,7 @@ use crate::config::ClipConfig;
 /// The caption of a class-folder image when no template is given.
 pub const DEFAULT_TEMPLATE: &str = "a photo of a {label}";
 /// Captions files looked for, in this order, when a dataset is given as a folder.
-pub const CAPTION_FILES: [&str; 4] = [
-    "captions.csv",
-    "captions.tsv",
-    "captions.txt",
-    "captions.jsonl",
-];
+pub const CAPTION_FILES: [&str; 4] = ["captions.csv", "captions.tsv", "captions.txt", "captions.jsonl"];
 
 /// An image file used by one or more pairs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -92,13 +87,8 @@ impl Default for LoadOptions {
 /// Where the pairs came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Source {
-    Captions {
-        file: PathBuf,
-        format: CaptionFormat,
-    },
-    ClassFolders {
-        templates: Vec<String>,
-    },
+    Captions { file: PathBuf, format: CaptionFormat },
+    ClassFolders { templates: Vec<String> },
 }
 
 impl fmt::Display for Source {
@@ -140,11 +130,7 @@ impl Dataset {
         if !path.is_dir() {
             bail!("dataset {} not found: give a folder (with images and captions.csv, or class folders) or a captions file", path.display());
         }
-        if let Some(file) = CAPTION_FILES
-            .iter()
-            .map(|n| path.join(n))
-            .find(|p| p.is_file())
-        {
+        if let Some(file) = CAPTION_FILES.iter().map(|n| path.join(n)).find(|p| p.is_file()) {
             return Self::from_captions_file(&file, opts);
         }
         let root = absolute(path)?;
@@ -183,8 +169,7 @@ impl Dataset {
     pub fn drop_undecodable(&mut self, store: &ImageStore, bad: Vec<BadRow>) -> Result<()> {
         self.pairs.retain(|p| store.contains(p.image));
         self.bad.extend(bad);
-        self.bad
-            .sort_by(|a, b| (&a.file, a.line).cmp(&(&b.file, b.line)));
+        self.bad.sort_by(|a, b| (&a.file, a.line).cmp(&(&b.file, b.line)));
         if self.pairs.is_empty() {
             bail!(
                 "{}: no image could be decoded:{}",
@@ -202,10 +187,7 @@ impl Dataset {
 
     /// The captions of some pairs (e.g. the training side of a split, to train a tokenizer on).
     pub fn captions_of(&self, pairs: &[usize]) -> Vec<String> {
-        pairs
-            .iter()
-            .map(|&i| self.pairs[i].caption.clone())
-            .collect()
+        pairs.iter().map(|&i| self.pairs[i].caption.clone()).collect()
     }
 
     /// How many pairs use each image (0 for images whose pairs were dropped).
@@ -253,17 +235,9 @@ impl Dataset {
                 found
                     .entry(rel.clone())
                     .or_insert_with(|| {
-                        bases
-                            .iter()
-                            .map(|b| b.join(&rel))
-                            .find(|p| p.is_file())
-                            .ok_or_else(|| {
-                                format!(
-                                    "image not found: {} (looked in {})",
-                                    row.image,
-                                    image_root.display()
-                                )
-                            })
+                        bases.iter().map(|b| b.join(&rel)).find(|p| p.is_file()).ok_or_else(|| {
+                            format!("image not found: {} (looked in {})", row.image, image_root.display())
+                        })
                     })
                     .clone()
             });
@@ -306,11 +280,7 @@ impl Dataset {
     pub(crate) fn check_rows(self, opts: &LoadOptions) -> Result<Self> {
         let file = self.source_path().display();
         if self.pairs.is_empty() {
-            bail!(
-                "{file}: no usable rows ({} bad){}",
-                self.bad.len(),
-                list_bad(&self.bad)
-            );
+            bail!("{file}: no usable rows ({} bad){}", self.bad.len(), list_bad(&self.bad));
         }
         if !opts.skip_bad && !self.bad.is_empty() {
             bail!(
@@ -333,12 +303,7 @@ fn images_dir(dir: &Path) -> Option<PathBuf> {
     std::fs::read_dir(dir)
         .ok()?
         .filter_map(|e| e.ok())
-        .find(|e| {
-            e.file_name()
-                .to_str()
-                .is_some_and(|n| n.eq_ignore_ascii_case("images"))
-                && e.path().is_dir()
-        })
+        .find(|e| e.file_name().to_str().is_some_and(|n| n.eq_ignore_ascii_case("images")) && e.path().is_dir())
         .map(|e| e.path())
 }
 
@@ -351,7 +316,9 @@ fn relative_image_path(name: &str) -> std::result::Result<PathBuf, String> {
             Component::Normal(part) => rel.push(part),
             Component::CurDir => {}
             Component::ParentDir | Component::RootDir | Component::Prefix(_) => {
-                return Err(format!("image path {name} escapes the dataset folder: write it relative to the folder, without `..`"));
+                return Err(format!(
+                    "image path {name} escapes the dataset folder: write it relative to the folder, without `..`"
+                ));
             }
         }
     }
@@ -365,8 +332,6 @@ fn relative_image_path(name: &str) -> std::result::Result<PathBuf, String> {
 pub(crate) fn absolute(path: &Path) -> Result<PathBuf> {
     match path.canonicalize() {
         Ok(p) => Ok(p),
-        Err(_) => {
-            std::path::absolute(path).with_context(|| format!("resolving {}", path.display()))
-        }
+        Err(_) => std::path::absolute(path).with_context(|| format!("resolving {}", path.display())),
     }
 }

@@ -33,15 +33,10 @@ pub(crate) fn load(root: &Path, templates: &[String]) -> Result<Option<Dataset>>
         let name = entry.file_name().to_string_lossy().into_owned();
         if !name.starts_with('.') && entry.file_type()?.is_dir() {
             let mut files = vec![];
-            for f in std::fs::read_dir(entry.path())
-                .with_context(|| format!("reading {}", entry.path().display()))?
-            {
+            for f in std::fs::read_dir(entry.path()).with_context(|| format!("reading {}", entry.path().display()))? {
                 let f = f?;
                 let file = f.file_name().to_string_lossy().into_owned();
-                if !file.starts_with('.')
-                    && f.file_type()?.is_file()
-                    && is_image_file(Path::new(&file))
-                {
+                if !file.starts_with('.') && f.file_type()?.is_file() && is_image_file(Path::new(&file)) {
                     files.push(file);
                 }
             }

@@ -77,8 +77,7 @@ pub(crate) fn fit(rgb: &RgbImage, size: u32, center_crop: bool) -> RgbImage {
     let (w, h) = rgb.dimensions();
     if center_crop && w != h {
         let side = w.min(h);
-        let square =
-            image::imageops::crop_imm(rgb, (w - side) / 2, (h - side) / 2, side, side).to_image();
+        let square = image::imageops::crop_imm(rgb, (w - side) / 2, (h - side) / 2, side, side).to_image();
         return fit(&square, size, false);
     }
     if (w, h) == (size, size) {
@@ -112,9 +111,7 @@ pub(crate) fn augment_into(rgb: &[u8], size: usize, seed: u64, out: &mut [f32]) 
     // torchvision's retry loop: a crop at an extreme ratio may not fit; after 10 tries, keep it all.
     for _ in 0..10 {
         let area = s * s * rng.random_range(CROP_SCALE.0..=CROP_SCALE.1);
-        let ratio = rng
-            .random_range(CROP_RATIO.0.ln()..=CROP_RATIO.1.ln())
-            .exp();
+        let ratio = rng.random_range(CROP_RATIO.0.ln()..=CROP_RATIO.1.ln()).exp();
         let (w, h) = ((area * ratio).sqrt(), (area / ratio).sqrt());
         if w <= s && h <= s {
             (cw, ch) = (w, h);

@@ -151,13 +151,7 @@ impl Loader {
     /// Batches of `batch_size` pairs, shuffled with `shuffle_seed` (in the given order with
     /// `None`), augmented when `augment`. The last partial batch is kept when it has at least 2
     /// pairs (a contrastive loss and BatchNorm need 2) and dropped otherwise.
-    pub fn batches(
-        &self,
-        pairs: &[usize],
-        batch_size: usize,
-        shuffle_seed: Option<u64>,
-        augment: bool,
-    ) -> Batches {
+    pub fn batches(&self, pairs: &[usize], batch_size: usize, shuffle_seed: Option<u64>, augment: bool) -> Batches {
         let mut batches = Batches {
             rx: None,
             worker: None,

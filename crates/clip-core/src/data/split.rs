@@ -42,12 +42,13 @@ impl Dataset {
         let n = images.len();
         let n_val = (n as f64 * val_fraction.clamp(0.0, 1.0)).round() as usize;
         let all: Vec<usize> = (0..self.pairs.len()).collect();
-        let fallback = |why: String| {
-            Split {
+        let fallback = |why: String| Split {
             train: all.clone(),
             val: all.clone(),
-            note: Some(format!("{why}: training and validating on all {} pairs, so validation loss measures fit, not generalisation", all.len())),
-        }
+            note: Some(format!(
+                "{why}: training and validating on all {} pairs, so validation loss measures fit, not generalisation",
+                all.len()
+            )),
         };
         if n < MIN_IMAGES_TO_SPLIT {
             return fallback(format!(
@@ -65,10 +66,6 @@ impl Dataset {
             is_val[i] = true;
         }
         let (val, train) = all.iter().partition(|&&p| is_val[self.pairs[p].image]);
-        Split {
-            train,
-            val,
-            note: None,
-        }
+        Split { train, val, note: None }
     }
 }

@@ -30,12 +30,7 @@ impl ImageStore {
     /// Decodes every image of `ds` in parallel to `cfg.image.image_size` pixels. Images that fail
     /// become [`BadRow`]s naming the captions line that first used them; without `skip_bad` any
     /// failure is an error listing them. `progress` shows a progress bar (on a terminal).
-    pub fn load(
-        ds: &Dataset,
-        cfg: &ClipConfig,
-        skip_bad: bool,
-        progress: bool,
-    ) -> Result<(ImageStore, Vec<BadRow>)> {
+    pub fn load(ds: &Dataset, cfg: &ClipConfig, skip_bad: bool, progress: bool) -> Result<(ImageStore, Vec<BadRow>)> {
         let size = cfg.image.image_size;
         let n = ds.images.len();
         let per = 3 * size * size;
@@ -46,10 +41,8 @@ impl ImageStore {
             ProgressBar::hidden()
         };
         bar.set_style(
-            ProgressStyle::with_template(
-                "decoding images {bar:30} {pos}/{len} {per_sec} eta {eta}",
-            )
-            .unwrap_or(ProgressStyle::default_bar()),
+            ProgressStyle::with_template("decoding images {bar:30} {pos}/{len} {per_sec} eta {eta}")
+                .unwrap_or(ProgressStyle::default_bar()),
         );
         let errors: Vec<Option<String>> = pixels
             .par_chunks_mut(per.max(1))
@@ -71,16 +64,13 @@ impl ImageStore {
         let decoded: Vec<bool> = errors.iter().map(Option::is_none).collect();
         let bad = bad_rows(ds, &errors);
         if !skip_bad && !bad.is_empty() {
-            bail!("{} images cannot be decoded:{}\nreplace them, or leave their captions out with --skip-bad", bad.len(), list_bad(&bad));
+            bail!(
+                "{} images cannot be decoded:{}\nreplace them, or leave their captions out with --skip-bad",
+                bad.len(),
+                list_bad(&bad)
+            );
         }
-        Ok((
-            ImageStore {
-                size,
-                pixels,
-                decoded,
-            },
-            bad,
-        ))
+        Ok((ImageStore { size, pixels, decoded }, bad))
     }
 
     /// Side of the stored square images, in pixels.
@@ -109,30 +99,22 @@ impl ImageStore {
     /// Image `i` as HWC u8 RGB, S×S.
     pub fn rgb(&self, i: usize) -> Option<&[u8]> {
         let per = 3 * self.size * self.size;
-        self.contains(i)
-            .then(|| &self.pixels[i * per..(i + 1) * per])
+        self.contains(i).then(|| &self.pixels[i * per..(i + 1) * per])
     }
 
     /// Normalised CHW f32 values of some images, back to back (B·3·S·S), built in parallel.
     /// With `augment_seed`, each image gets its own random crop and flip, derived from the seed and
     /// its position in the batch.
-    pub fn batch_pixels(
-        &self,
-        image_indices: &[usize],
-        augment_seed: Option<u64>,
-    ) -> Result<Vec<f32>> {
+    pub fn batch_pixels(&self, image_indices: &[usize], augment_seed: Option<u64>) -> Result<Vec<f32>> {
         let per = 3 * self.size * self.size;
         let sources = image_indices
             .iter()
             .map(|&i| match self.rgb(i) {
                 Some(rgb) => Ok(rgb),
-                None if i < self.len() => bail!(
-                    "image {i} was not decoded: drop its pairs first (Dataset::drop_undecodable)"
-                ),
-                None => bail!(
-                    "image index {i} is out of range: the store holds {} images",
-                    self.len()
-                ),
+                None if i < self.len() => {
+                    bail!("image {i} was not decoded: drop its pairs first (Dataset::drop_undecodable)")
+                }
+                None => bail!("image index {i} is out of range: the store holds {} images", self.len()),
             })
             .collect::<Result<Vec<_>>>()?;
         let mut out = vec![0f32; image_indices.len() * per];
@@ -147,19 +129,10 @@ impl ImageStore {
     }
 
     /// A batch of images as a (B, 3, S, S) f32 tensor.
-    pub fn batch_tensor(
-        &self,
-        image_indices: &[usize],
-        augment_seed: Option<u64>,
-        device: &Device,
-    ) -> Result<Tensor> {
+    pub fn batch_tensor(&self, image_indices: &[usize], augment_seed: Option<u64>, device: &Device) -> Result<Tensor> {
         let s = self.size;
         let data = self.batch_pixels(image_indices, augment_seed)?;
-        Ok(Tensor::from_vec(
-            data,
-            (image_indices.len(), 3, s, s),
-            device,
-        )?)
+        Ok(Tensor::from_vec(data, (image_indices.len(), 3, s, s), device)?)
     }
 
     /// One image file prepared exactly as for training, without augmentation: (3, S, S), for
@@ -207,15 +180,9 @@ fn bad_rows(ds: &Dataset, errors: &[Option<String>]) -> Vec<BadRow> {
                     } else {
                         String::new()
                     };
-                    BadRow::new(
-                        file,
-                        line,
-                        format!("cannot decode image {}{more}: {e}", img.name),
-                    )
+                    BadRow::new(file, line, format!("cannot decode image {}{more}: {e}", img.name))
                 }
-                Source::ClassFolders { .. } => {
-                    BadRow::new(&img.path, 0, format!("cannot decode image: {e}"))
-                }
+                Source::ClassFolders { .. } => BadRow::new(&img.path, 0, format!("cannot decode image: {e}")),
             })
         })
         .collect();

@@ -18,8 +18,8 @@ use tokenizers::normalizers::bert::BertNormalizer;
 use tokenizers::pre_tokenizers::bert::BertPreTokenizer;
 use tokenizers::processors::bert::BertProcessing;
 use tokenizers::{
-    AddedToken, NormalizedString, Normalizer, OffsetReferential, OffsetType, PreTokenizedString,
-    PreTokenizer, Tokenizer,
+    AddedToken, NormalizedString, Normalizer, OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer,
+    Tokenizer,
 };
 
 use super::wordpiece::train_vocab;
@@ -122,11 +122,8 @@ impl TextTokenizer {
                 "the captions use so many distinct characters that the tokenizer needs {needed} entries for them alone, more than the vocabulary size {vocab_size}: raise text.vocab_size to at least {needed}"
             )
         })?;
-        let vocab: serde_json::Map<String, serde_json::Value> = vocab
-            .into_iter()
-            .enumerate()
-            .map(|(i, t)| (t, i.into()))
-            .collect();
+        let vocab: serde_json::Map<String, serde_json::Value> =
+            vocab.into_iter().enumerate().map(|(i, t)| (t, i.into())).collect();
         // Through JSON because `WordPiece`'s builder wants the `ahash` map type of its own.
         let json = serde_json::json!({
             "type": "WordPiece",
@@ -135,16 +132,12 @@ impl TextTokenizer {
             "max_input_chars_per_word": 100,
             "vocab": vocab,
         });
-        let model: WordPiece =
-            serde_json::from_str(&json.to_string()).context("building the WordPiece model")?;
+        let model: WordPiece = serde_json::from_str(&json.to_string()).context("building the WordPiece model")?;
         let mut inner = Tokenizer::new(model);
         inner
             .with_normalizer(Some(normalizer))
             .with_pre_tokenizer(Some(BertPreTokenizer))
-            .with_post_processor(Some(BertProcessing::new(
-                ("[SEP]".into(), 3),
-                ("[CLS]".into(), 2),
-            )))
+            .with_post_processor(Some(BertProcessing::new(("[SEP]".into(), 3), ("[CLS]".into(), 2))))
             .with_decoder(Some(WordPieceDecoder::new(PREFIX.into(), true)));
         inner.add_special_tokens(&SPECIAL_TOKENS.map(|t| AddedToken::from(t, true)));
         Self::wrap(inner, max_len, "the trained tokenizer")
@@ -153,29 +146,24 @@ impl TextTokenizer {
     /// Loads a `tokenizer.json` (ours, or a BERT-style one from the Hub). Its own padding and
     /// truncation settings are ignored: captions are cut at `max_len` and padded per batch.
     pub fn from_file(path: &Path, max_len: usize) -> Result<Self> {
-        let inner = tk(Tokenizer::from_file(path))
-            .with_context(|| format!("reading tokenizer {}", path.display()))?;
+        let inner = tk(Tokenizer::from_file(path)).with_context(|| format!("reading tokenizer {}", path.display()))?;
         Self::wrap(inner, max_len, &format!("tokenizer {}", path.display()))
     }
 
     fn wrap(mut inner: Tokenizer, max_len: usize, what: &str) -> Result<Self> {
         if max_len < 2 {
-            bail!(
-                "the longest caption must allow at least 2 tokens ([CLS] and [SEP]), got {max_len}"
-            );
+            bail!("the longest caption must allow at least 2 tokens ([CLS] and [SEP]), got {max_len}");
         }
         inner.with_padding(None);
         tk(inner.with_truncation(None).map(|_| ()))?;
         let id = |t: &str| {
-            inner.token_to_id(t).with_context(|| format!("{what} has no {t} token: clipmine needs a BERT-style tokenizer ([PAD], [CLS], [SEP], [UNK])"))
+            inner.token_to_id(t).with_context(|| {
+                format!("{what} has no {t} token: clipmine needs a BERT-style tokenizer ([PAD], [CLS], [SEP], [UNK])")
+            })
         };
         let (pad, cls, sep) = (id("[PAD]")?, id("[CLS]")?, id("[SEP]")?);
         let unk = inner.token_to_id("[UNK]");
-        let vocab_size = inner
-            .get_vocab(true)
-            .values()
-            .max()
-            .map_or(0, |&m| m as usize + 1);
+        let vocab_size = inner.get_vocab(true).values().max().map_or(0, |&m| m as usize + 1);
         Ok(Self {
             inner,
             max_len,
@@ -208,14 +196,8 @@ impl TextTokenizer {
 
     /// Encodes and pads to the longest caption: (ids, mask), each (B, L) u32, mask 1 on tokens.
     pub fn encode_batch(&self, texts: &[&str], device: &Device) -> Result<(Tensor, Tensor)> {
-        let seqs = texts
-            .iter()
-            .map(|t| self.encode(t))
-            .collect::<Result<Vec<_>>>()?;
-        let (ids, mask, l) = pad(
-            &seqs.iter().map(Vec::as_slice).collect::<Vec<_>>(),
-            self.pad,
-        );
+        let seqs = texts.iter().map(|t| self.encode(t)).collect::<Result<Vec<_>>>()?;
+        let (ids, mask, l) = pad(&seqs.iter().map(Vec::as_slice).collect::<Vec<_>>(), self.pad);
         Ok((
             Tensor::from_vec(ids, (texts.len(), l), device)?,
             Tensor::from_vec(mask, (texts.len(), l), device)?,

@@ -39,11 +39,7 @@ pub(crate) fn train_vocab(
     if vocab.len() > vocab_size {
         return Err(vocab.len());
     }
-    let mut ids: HashMap<String, u32> = vocab
-        .iter()
-        .enumerate()
-        .map(|(i, s)| (s.clone(), i as u32))
-        .collect();
+    let mut ids: HashMap<String, u32> = vocab.iter().enumerate().map(|(i, s)| (s.clone(), i as u32)).collect();
 
     let mut words: Vec<(Vec<u32>, i64)> = words
         .iter()
@@ -51,13 +47,7 @@ pub(crate) fn train_vocab(
             let syms = w
                 .chars()
                 .enumerate()
-                .map(|(i, c)| {
-                    ids[&if i == 0 {
-                        c.to_string()
-                    } else {
-                        format!("{prefix}{c}")
-                    }]
-                })
+                .map(|(i, c)| ids[&if i == 0 { c.to_string() } else { format!("{prefix}{c}") }])
                 .collect();
             (syms, n as i64)
         })
@@ -71,8 +61,7 @@ pub(crate) fn train_vocab(
         }
     }
     // Max-heap on (count, smaller pair first); stale entries are re-checked when popped.
-    let mut heap: BinaryHeap<(i64, Reverse<Pair>)> =
-        counts.iter().map(|(&p, &c)| (c, Reverse(p))).collect();
+    let mut heap: BinaryHeap<(i64, Reverse<Pair>)> = counts.iter().map(|(&p, &c)| (c, Reverse(p))).collect();
 
     while vocab.len() < vocab_size {
         let Some((count, Reverse(pair))) = heap.pop() else {
@@ -87,21 +76,13 @@ pub(crate) fn train_vocab(
         }
         let (a, b) = pair;
         let right = &vocab[b as usize];
-        let piece = format!(
-            "{}{}",
-            vocab[a as usize],
-            right.strip_prefix(prefix).unwrap_or(right)
-        );
+        let piece = format!("{}{}", vocab[a as usize], right.strip_prefix(prefix).unwrap_or(right));
         let new = *ids.entry(piece.clone()).or_insert_with(|| {
             vocab.push(piece);
             (vocab.len() - 1) as u32
         });
         let mut touched = BTreeSet::new();
-        let mut affected: Vec<usize> = where_
-            .remove(&pair)
-            .unwrap_or_default()
-            .into_iter()
-            .collect();
+        let mut affected: Vec<usize> = where_.remove(&pair).unwrap_or_default().into_iter().collect();
         affected.sort_unstable();
         for wi in affected {
             let (syms, n) = &mut words[wi];
@@ -149,13 +130,7 @@ mod tests {
 
     #[test]
     fn merges_frequent_pairs_into_whole_words() {
-        let v = train_vocab(
-            &words(&[("cat", 5), ("cap", 2), ("人", 1)]),
-            &["[PAD]"],
-            100,
-            "##",
-        )
-        .unwrap();
+        let v = train_vocab(&words(&[("cat", 5), ("cap", 2), ("人", 1)]), &["[PAD]"], 100, "##").unwrap();
         assert_eq!(&v[..4], ["[PAD]", "a", "c", "p"]);
         assert!(v.contains(&"##a".to_string()) && v.contains(&"人".to_string()));
         assert!(
@@ -168,10 +143,7 @@ mod tests {
         );
         let ca = v.iter().position(|s| s == "ca").unwrap();
         let cat = v.iter().position(|s| s == "cat").unwrap();
-        assert!(
-            ca < cat,
-            "pieces are numbered in the order they are learned"
-        );
+        assert!(ca < cat, "pieces are numbered in the order they are learned");
     }
 
     #[test]

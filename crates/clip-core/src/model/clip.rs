@@ -77,9 +77,7 @@ impl ClipModel {
             &dropout_rng,
         )?;
         let logit_scale = match config.loss {
-            LossKind::Clip => {
-                Some(heads.param("logit_scale", &[], Init::Const(loss::CLIP_INIT_LOGIT_SCALE))?)
-            }
+            LossKind::Clip => Some(heads.param("logit_scale", &[], Init::Const(loss::CLIP_INIT_LOGIT_SCALE))?),
             LossKind::Soft => None,
         };
         Ok(Self {
@@ -129,15 +127,8 @@ impl ClipModel {
     }
 
     /// Token ids and attention mask (B, L) → embeddings (B, P).
-    pub fn encode_text(
-        &self,
-        input_ids: &Tensor,
-        attention_mask: &Tensor,
-        train: bool,
-    ) -> Result<Tensor> {
-        let mut cls = self
-            .text_encoder
-            .forward(input_ids, attention_mask, train)?;
+    pub fn encode_text(&self, input_ids: &Tensor, attention_mask: &Tensor, train: bool) -> Result<Tensor> {
+        let mut cls = self.text_encoder.forward(input_ids, attention_mask, train)?;
         if self.is_cut(Tower::Text) {
             cls = cls.detach();
         }
@@ -169,11 +160,7 @@ impl ClipModel {
     /// The current logit scale exp(s) of the `clip` loss, if any.
     pub fn logit_scale(&self) -> Result<Option<f32>> {
         Ok(match &self.logit_scale {
-            Some(s) => Some(
-                s.clamp(0.0, loss::CLIP_MAX_LOGIT_SCALE)?
-                    .exp()?
-                    .to_scalar::<f32>()?,
-            ),
+            Some(s) => Some(s.clamp(0.0, loss::CLIP_MAX_LOGIT_SCALE)?.exp()?.to_scalar::<f32>()?),
             None => None,
         })
     }

@@ -38,11 +38,7 @@ impl Attention {
     fn forward(&self, x: &Tensor, mask_bias: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         let (b, l, d) = x.dims3()?;
         let dh = d / self.n_heads;
-        let heads = |t: Tensor| {
-            t.reshape((b, l, self.n_heads, dh))?
-                .transpose(1, 2)?
-                .contiguous()
-        };
+        let heads = |t: Tensor| t.reshape((b, l, self.n_heads, dh))?.transpose(1, 2)?.contiguous();
         let q = (heads(self.q_lin.forward(x)?)? / (dh as f64).sqrt())?;
         let k = heads(self.k_lin.forward(x)?)?;
         let v = heads(self.v_lin.forward(x)?)?;
@@ -100,12 +96,7 @@ impl DistilBert {
         let e = pb.pp("embeddings");
         let t = pb.pp("transformer").pp("layer");
         Ok(Self {
-            word_embeddings: Embedding::new(
-                &e.pp("word_embeddings"),
-                cfg.vocab_size,
-                cfg.dim,
-                INIT_STD,
-            )?,
+            word_embeddings: Embedding::new(&e.pp("word_embeddings"), cfg.vocab_size, cfg.dim, INIT_STD)?,
             position_embeddings: Embedding::new(
                 &e.pp("position_embeddings"),
                 cfg.max_position_embeddings,
@@ -121,29 +112,23 @@ impl DistilBert {
         })
     }
 
-    pub fn forward(
-        &self,
-        input_ids: &Tensor,
-        attention_mask: &Tensor,
-        train: bool,
-    ) -> candle_core::Result<Tensor> {
+    pub fn forward(&self, input_ids: &Tensor, attention_mask: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         let (b, l) = input_ids.dims2()?;
         if l > self.max_positions {
-            candle_core::bail!("captions of {l} tokens exceed the text tower's {} positions: lower data.max_length", self.max_positions)
+            candle_core::bail!(
+                "captions of {l} tokens exceed the text tower's {} positions: lower data.max_length",
+                self.max_positions
+            )
         }
         let dev = input_ids.device();
         let pos = Tensor::arange(0u32, l as u32, dev)?
             .unsqueeze(0)?
             .broadcast_as((b, l))?
             .contiguous()?;
-        let x =
-            (self.word_embeddings.forward(input_ids)? + self.position_embeddings.forward(&pos)?)?;
-        let mut x = self
-            .dropout
-            .forward_t(&self.layer_norm.forward(&x)?, train)?;
+        let x = (self.word_embeddings.forward(input_ids)? + self.position_embeddings.forward(&pos)?)?;
+        let mut x = self.dropout.forward_t(&self.layer_norm.forward(&x)?, train)?;
         // 0 where attended, −1e9 where padded.
-        let mask_bias =
-            ((attention_mask.to_dtype(DType::F32)? - 1.0)? * 1e9)?.reshape((b, 1, 1, l))?;
+        let mask_bias = ((attention_mask.to_dtype(DType::F32)? - 1.0)? * 1e9)?.reshape((b, 1, 1, l))?;
         for layer in &self.layers {
             x = layer.forward(&x, &mask_bias, train)?;
         }

@@ -14,13 +14,7 @@ pub struct ProjectionHead {
 }
 
 impl ProjectionHead {
-    pub fn new(
-        pb: &ParamBuilder,
-        d_in: usize,
-        d_out: usize,
-        dropout: f64,
-        rng: &DropoutRng,
-    ) -> Result<Self> {
+    pub fn new(pb: &ParamBuilder, d_in: usize, d_out: usize, dropout: f64, rng: &DropoutRng) -> Result<Self> {
         Ok(Self {
             projection: Linear::new(&pb.pp("projection"), d_in, d_out)?,
             fc: Linear::new(&pb.pp("fc"), d_out, d_out)?,

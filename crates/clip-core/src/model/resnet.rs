@@ -21,13 +21,7 @@ struct ResBlock {
 }
 
 impl ResBlock {
-    fn new(
-        pb: &ParamBuilder,
-        block: Block,
-        c_in: usize,
-        width: usize,
-        stride: usize,
-    ) -> Result<Self> {
+    fn new(pb: &ParamBuilder, block: Block, c_in: usize, width: usize, stride: usize) -> Result<Self> {
         let (convs, c_out) = match block {
             Block::Basic => (
                 vec![
@@ -102,14 +96,7 @@ pub struct ResNet {
 impl ResNet {
     pub fn new(pb: &ParamBuilder, cfg: &ImageConfig) -> Result<Self> {
         let k = cfg.stem_kernel;
-        let conv1 = Conv2d::new(
-            &pb.pp("conv1"),
-            3,
-            cfg.stem_width,
-            k,
-            cfg.stem_stride,
-            k / 2,
-        )?;
+        let conv1 = Conv2d::new(&pb.pp("conv1"), 3, cfg.stem_width, k, cfg.stem_stride, k / 2)?;
         let bn1 = BatchNorm2d::new(&pb.pp("bn1"), cfg.stem_width)?;
         let mut c_in = cfg.stem_width;
         let mut layers = vec![];

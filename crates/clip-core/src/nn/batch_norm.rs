@@ -39,8 +39,7 @@ impl BatchNorm2d {
     fn update_running(&self, mean: &Tensor, var: &Tensor, n: usize) -> candle_core::Result<()> {
         let m = self.momentum;
         let unbiased = (var.detach().flatten_all()? * (n as f64 / (n as f64 - 1.0)))?;
-        let rm =
-            ((self.running_mean.as_tensor() * (1.0 - m))? + (mean.detach().flatten_all()? * m)?)?;
+        let rm = ((self.running_mean.as_tensor() * (1.0 - m))? + (mean.detach().flatten_all()? * m)?)?;
         let rv = ((self.running_var.as_tensor() * (1.0 - m))? + (unbiased * m)?)?;
         self.running_mean.set(&rm)?;
         self.running_var.set(&rv)
@@ -67,11 +66,7 @@ impl ModuleT for BatchNorm2d {
                 .unwrap()
                 .take()
                 .expect("the forward pass stores the batch statistics");
-            self.update_running(
-                &Tensor::new(mean, x.device())?,
-                &Tensor::new(var, x.device())?,
-                n,
-            )?;
+            self.update_running(&Tensor::new(mean, x.device())?, &Tensor::new(var, x.device())?, n)?;
             return Ok(y);
         }
         let (mean, var) = if train {
@@ -82,31 +77,18 @@ impl ModuleT for BatchNorm2d {
             (mean, var)
         } else {
             (
-                self.running_mean
-                    .as_tensor()
-                    .detach()
-                    .reshape((1, c, 1, 1))?,
-                self.running_var
-                    .as_tensor()
-                    .detach()
-                    .reshape((1, c, 1, 1))?,
+                self.running_mean.as_tensor().detach().reshape((1, c, 1, 1))?,
+                self.running_var.as_tensor().detach().reshape((1, c, 1, 1))?,
             )
         };
-        let xn = x
-            .broadcast_sub(&mean)?
-            .broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        let xn = x.broadcast_sub(&mean)?.broadcast_div(&(var + self.eps)?.sqrt()?)?;
         xn.broadcast_mul(&self.weight.reshape((1, c, 1, 1))?)?
             .broadcast_add(&self.bias.reshape((1, c, 1, 1))?)
     }
 }
 
 /// The composed (device-agnostic) training-mode BatchNorm, for comparing with the fused kernel.
-pub fn batch_norm_reference(
-    x: &Tensor,
-    weight: &Tensor,
-    bias: &Tensor,
-    eps: f64,
-) -> candle_core::Result<Tensor> {
+pub fn batch_norm_reference(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
     let c = x.dim(1)?;
     let mean = x.mean_keepdim((0, 2, 3))?;
     let xc = x.broadcast_sub(&mean)?;
@@ -117,12 +99,7 @@ pub fn batch_norm_reference(
 }
 
 /// The fused CPU kernel (training mode, batch statistics), exposed for tests and benchmarks.
-pub fn batch_norm_train_cpu(
-    x: &Tensor,
-    weight: &Tensor,
-    bias: &Tensor,
-    eps: f64,
-) -> candle_core::Result<Tensor> {
+pub fn batch_norm_train_cpu(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
     let op = super::batch_norm_cpu::BatchNormTrain {
         eps: eps as f32,
         stats: Default::default(),

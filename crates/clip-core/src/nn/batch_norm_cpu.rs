@@ -34,10 +34,7 @@ fn stats(x: &[f32], b: usize, c: usize, hw: usize) -> (Vec<f32>, Vec<f32>) {
         .map(|ch| {
             let mut sum = 0f64;
             for bi in 0..b {
-                sum += x[(bi * c + ch) * hw..][..hw]
-                    .iter()
-                    .map(|&v| v as f64)
-                    .sum::<f64>();
+                sum += x[(bi * c + ch) * hw..][..hw].iter().map(|&v| v as f64).sum::<f64>();
             }
             let mean = sum / n;
             let mut sq = 0f64;
@@ -101,8 +98,7 @@ impl CustomOp3 for BatchNormTrain {
         gy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (b, c, h, w) = x.dims4()?;
-        let packed =
-            x.apply_op3_no_bwd(gamma, &gy.contiguous()?, &BatchNormGrad { eps: self.eps })?;
+        let packed = x.apply_op3_no_bwd(gamma, &gy.contiguous()?, &BatchNormGrad { eps: self.eps })?;
         let n = b * c * h * w;
         let gx = packed.narrow(0, 0, n)?.reshape((b, c, h, w))?;
         let ggamma = packed.narrow(0, n, c)?;
@@ -157,11 +153,7 @@ impl CustomOp3 for BatchNormGrad {
             let ch = i % c;
             let off = i * hw;
             let k = gamma[ch] * rstd[ch] / n;
-            for ((d, &g), &v) in dxc
-                .iter_mut()
-                .zip(&gy[off..off + hw])
-                .zip(&x[off..off + hw])
-            {
+            for ((d, &g), &v) in dxc.iter_mut().zip(&gy[off..off + hw]).zip(&x[off..off + hw]) {
                 let xhat = (v - mean[ch]) * rstd[ch];
                 *d = k * (n * g - sum_dy[ch] - xhat * sum_dy_xhat[ch]);
             }

@@ -20,14 +20,7 @@ pub struct Conv2d {
 
 impl Conv2d {
     /// Kaiming-normal (fan_out, ReLU) initialisation, as torchvision and timm do.
-    pub fn new(
-        pb: &ParamBuilder,
-        c_in: usize,
-        c_out: usize,
-        k: usize,
-        stride: usize,
-        padding: usize,
-    ) -> Result<Self> {
+    pub fn new(pb: &ParamBuilder, c_in: usize, c_out: usize, k: usize, stride: usize, padding: usize) -> Result<Self> {
         let std = (2.0 / (c_out * k * k) as f64).sqrt();
         Ok(Self {
             weight: pb.param("weight", &[c_out, c_in, k, k], Init::Normal { std })?,
@@ -50,12 +43,7 @@ impl Module for Conv2d {
 }
 
 /// Convolution as im2col + matmul, differentiable through every op.
-pub fn conv2d_im2col(
-    x: &Tensor,
-    w: &Tensor,
-    stride: usize,
-    padding: usize,
-) -> candle_core::Result<Tensor> {
+pub fn conv2d_im2col(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> candle_core::Result<Tensor> {
     let (b, c, h, wd) = x.dims4()?;
     let (o, c_w, kh, kw) = w.dims4()?;
     if c != c_w {
@@ -86,26 +74,13 @@ pub fn conv2d_im2col(
 }
 
 /// The (ho, wo) grid of `x` starting at (di, dj) with step `stride`.
-fn shifted(
-    x: &Tensor,
-    di: usize,
-    dj: usize,
-    stride: usize,
-    ho: usize,
-    wo: usize,
-) -> candle_core::Result<Tensor> {
+fn shifted(x: &Tensor, di: usize, dj: usize, stride: usize, ho: usize, wo: usize) -> candle_core::Result<Tensor> {
     let x = step_axis(x, 2, di, stride, ho)?;
     step_axis(&x, 3, dj, stride, wo)
 }
 
 /// Elements start, start+s, …, start+s·(n−1) along `axis`, via a reshape into s phases.
-fn step_axis(
-    x: &Tensor,
-    axis: usize,
-    start: usize,
-    s: usize,
-    n: usize,
-) -> candle_core::Result<Tensor> {
+fn step_axis(x: &Tensor, axis: usize, start: usize, s: usize, n: usize) -> candle_core::Result<Tensor> {
     if s == 1 {
         return x.narrow(axis, start, n);
     }

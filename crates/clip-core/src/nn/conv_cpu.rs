@@ -33,9 +33,7 @@ impl Geometry {
             candle_core::bail!("conv2d: input {x:?} does not fit kernel {w:?}")
         }
         if h + 2 * pad < k || wd + 2 * pad < k {
-            candle_core::bail!(
-                "conv2d: input {h}×{wd} (padding {pad}) is smaller than the {k}×{k} kernel"
-            )
+            candle_core::bail!("conv2d: input {h}×{wd} (padding {pad}) is smaller than the {k}×{k} kernel")
         }
         let ho = (h + 2 * pad - k) / stride + 1;
         let wo = (wd + 2 * pad - k) / stride + 1;
@@ -99,10 +97,7 @@ fn im2col(g: &Geometry, x: &[f32], cols: &mut [f32]) {
                     if g.stride == 1 {
                         out[lo..hi].copy_from_slice(&src[j0..j0 + (hi - lo)]);
                     } else {
-                        for (o, v) in out[lo..hi]
-                            .iter_mut()
-                            .zip(src[j0..].iter().step_by(g.stride))
-                        {
+                        for (o, v) in out[lo..hi].iter_mut().zip(src[j0..].iter().step_by(g.stride)) {
                             *o = *v;
                         }
                     }
@@ -205,26 +200,20 @@ fn forward(g: &Geometry, x: &[f32], w: &[f32]) -> Vec<f32> {
     let (ckk, n, o) = (g.ckk(), g.n(), g.o);
     let mut y = vec![0f32; g.b * o * n];
     let per = chunks(g.b);
-    y.par_chunks_mut(per * o * n)
-        .enumerate()
-        .for_each(|(ci, ys)| {
-            let mut cols = if g.is_pointwise() {
-                vec![]
+    y.par_chunks_mut(per * o * n).enumerate().for_each(|(ci, ys)| {
+        let mut cols = if g.is_pointwise() { vec![] } else { vec![0f32; ckk * n] };
+        for (bi, yb) in ys.chunks_mut(o * n).enumerate() {
+            let b = ci * per + bi;
+            let xb = &x[b * g.c * g.h * g.w..][..g.c * g.h * g.w];
+            let colsb: &[f32] = if g.is_pointwise() {
+                xb
             } else {
-                vec![0f32; ckk * n]
+                im2col(g, xb, &mut cols);
+                &cols
             };
-            for (bi, yb) in ys.chunks_mut(o * n).enumerate() {
-                let b = ci * per + bi;
-                let xb = &x[b * g.c * g.h * g.w..][..g.c * g.h * g.w];
-                let colsb: &[f32] = if g.is_pointwise() {
-                    xb
-                } else {
-                    im2col(g, xb, &mut cols);
-                    &cols
-                };
-                matmul(o, n, ckk, yb, false, w, ckk, 1, colsb, n, 1);
-            }
-        });
+            matmul(o, n, ckk, yb, false, w, ckk, 1, colsb, n, 1);
+        }
+    });
     y
 }
 
@@ -233,22 +222,20 @@ fn grad_input(g: &Geometry, gy: &[f32], w: &[f32]) -> Vec<f32> {
     let img = g.c * g.h * g.w;
     let mut gx = vec![0f32; g.b * img];
     let per = chunks(g.b);
-    gx.par_chunks_mut(per * img)
-        .enumerate()
-        .for_each(|(ci, gxs)| {
-            let mut cols = vec![0f32; ckk * n];
-            for (bi, gxb) in gxs.chunks_mut(img).enumerate() {
-                let b = ci * per + bi;
-                let gyb = &gy[b * o * n..][..o * n];
-                if g.is_pointwise() {
-                    // gx_b (C, N) = Wᵀ (C, O) · gy_b (O, N)
-                    matmul(ckk, n, o, gxb, false, w, 1, ckk, gyb, n, 1);
-                } else {
-                    matmul(ckk, n, o, &mut cols, false, w, 1, ckk, gyb, n, 1);
-                    col2im(g, &cols, gxb);
-                }
+    gx.par_chunks_mut(per * img).enumerate().for_each(|(ci, gxs)| {
+        let mut cols = vec![0f32; ckk * n];
+        for (bi, gxb) in gxs.chunks_mut(img).enumerate() {
+            let b = ci * per + bi;
+            let gyb = &gy[b * o * n..][..o * n];
+            if g.is_pointwise() {
+                // gx_b (C, N) = Wᵀ (C, O) · gy_b (O, N)
+                matmul(ckk, n, o, gxb, false, w, 1, ckk, gyb, n, 1);
+            } else {
+                matmul(ckk, n, o, &mut cols, false, w, 1, ckk, gyb, n, 1);
+                col2im(g, &cols, gxb);
             }
-        });
+        }
+    });
     gx
 }
 
@@ -260,11 +247,7 @@ fn grad_weight(g: &Geometry, x: &[f32], gy: &[f32]) -> Vec<f32> {
         .into_par_iter()
         .map(|ci| {
             let mut gw = vec![0f32; o * ckk];
-            let mut cols = if g.is_pointwise() {
-                vec![]
-            } else {
-                vec![0f32; ckk * n]
-            };
+            let mut cols = if g.is_pointwise() { vec![] } else { vec![0f32; ckk * n] };
             for b in ci * per..((ci + 1) * per).min(g.b) {
                 let xb = &x[b * img..][..img];
                 let colsb: &[f32] = if g.is_pointwise() {
@@ -274,19 +257,7 @@ fn grad_weight(g: &Geometry, x: &[f32], gy: &[f32]) -> Vec<f32> {
                     &cols
                 };
                 // gw (O, CKK) += gy_b (O, N) · cols_bᵀ (N, CKK)
-                matmul(
-                    o,
-                    ckk,
-                    n,
-                    &mut gw,
-                    true,
-                    &gy[b * o * n..][..o * n],
-                    n,
-                    1,
-                    colsb,
-                    1,
-                    n,
-                );
+                matmul(o, ckk, n, &mut gw, true, &gy[b * o * n..][..o * n], n, 1, colsb, 1, n);
             }
             gw
         })
@@ -311,25 +282,13 @@ impl CustomOp2 for Conv2dOp {
         "clipmine-conv2d"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let g = Geometry::new(l1.dims(), l2.dims(), self.stride, self.pad)?;
         let y = forward(&g, slice(s1, l1)?, slice(s2, l2)?);
         Ok((CpuStorage::F32(y), Shape::from((g.b, g.o, g.ho, g.wo))))
     }
 
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        _y: &Tensor,
-        gy: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, x: &Tensor, w: &Tensor, _y: &Tensor, gy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let gy = gy.contiguous()?;
         let gx = gy.apply_op2_no_bwd(
             w,
@@ -361,13 +320,7 @@ impl CustomOp2 for GradInput {
     fn name(&self) -> &'static str {
         "clipmine-conv2d-grad-input"
     }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let g = Geometry::new(&self.x_dims, l2.dims(), self.stride, self.pad)?;
         if l1.dims() != [g.b, g.o, g.ho, g.wo] {
             candle_core::bail!(
@@ -391,13 +344,7 @@ impl CustomOp2 for GradWeight {
     fn name(&self) -> &'static str {
         "clipmine-conv2d-grad-weight"
     }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let g = Geometry::new(l1.dims(), &self.w_dims, self.stride, self.pad)?;
         if l2.dims() != [g.b, g.o, g.ho, g.wo] {
             candle_core::bail!(
@@ -413,11 +360,6 @@ impl CustomOp2 for GradWeight {
 
 /// Convolution of f32 tensors on the CPU with this module's forward and backward kernels.
 pub fn conv2d_cpu(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
-    x.contiguous()?.apply_op2(
-        &w.contiguous()?,
-        Conv2dOp {
-            stride,
-            pad: padding,
-        },
-    )
+    x.contiguous()?
+        .apply_op2(&w.contiguous()?, Conv2dOp { stride, pad: padding })
 }

@@ -12,9 +12,7 @@ pub struct DropoutRng(Arc<Mutex<rand::rngs::StdRng>>);
 
 impl DropoutRng {
     pub fn new(seed: u64) -> Self {
-        Self(Arc::new(Mutex::new(rand::rngs::StdRng::seed_from_u64(
-            seed,
-        ))))
+        Self(Arc::new(Mutex::new(rand::rngs::StdRng::seed_from_u64(seed))))
     }
     pub fn reseed(&self, seed: u64) {
         *self.0.lock().unwrap() = rand::rngs::StdRng::seed_from_u64(seed);

@@ -62,8 +62,6 @@ impl Module for Embedding {
     fn forward(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
         let mut shape = ids.dims().to_vec();
         shape.push(self.dim);
-        self.weight
-            .index_select(&ids.flatten_all()?, 0)?
-            .reshape(shape)
+        self.weight.index_select(&ids.flatten_all()?, 0)?.reshape(shape)
     }
 }

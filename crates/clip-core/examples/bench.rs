@@ -1,0 +1,148 @@
+//! Benchmarks printed as JSON lines (run through `cargo xtask bench`):
+//!
+//!     bench train  [--preset tiny | --config FILE] [--batch-size B] [--steps N] [--seq-len L]
+//!     bench search [--n 1000000] [--dim 256] [--queries 20] [--top 10]
+//!
+//! `train` times full training steps (forward, backward, AdamW) on random data, like the PyTorch
+//! reference's `bench`; `search` times text → image queries over a synthetic index.
+
+use std::time::Instant;
+
+use anyhow::Result;
+use candle_core::{DType, Device, Tensor};
+use clap::{Parser, Subcommand};
+use clip_core::data::Batch;
+use clip_core::index::top_k;
+use clip_core::optim::AdamW;
+use clip_core::train::train_step;
+use clip_core::{ClipConfig, ClipModel};
+use serde_json::json;
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    Train {
+        #[arg(long)]
+        preset: Option<String>,
+        #[arg(long)]
+        config: Option<std::path::PathBuf>,
+        #[arg(long)]
+        batch_size: Option<usize>,
+        #[arg(long, default_value_t = 10)]
+        steps: usize,
+        #[arg(long, default_value_t = 2)]
+        warmup: usize,
+        #[arg(long, default_value_t = 32)]
+        seq_len: usize,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
+    Search {
+        #[arg(long, default_value_t = 1_000_000)]
+        n: usize,
+        #[arg(long, default_value_t = 256)]
+        dim: usize,
+        #[arg(long, default_value_t = 20)]
+        queries: usize,
+        #[arg(long, default_value_t = 10)]
+        top: usize,
+    },
+}
+
+/// A deterministic pseudo-random f32 stream (candle's CPU RNG cannot be seeded).
+fn pseudo(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+        })
+        .collect()
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Train {
+            preset,
+            config,
+            batch_size,
+            steps,
+            warmup,
+            seq_len,
+            device,
+        } => {
+            let cfg = ClipConfig::resolve(config.as_deref(), preset.as_deref())?;
+            let dev = clip_core::device::parse_device(&device)?;
+            let b = batch_size.unwrap_or(cfg.train.batch_size);
+            let l = seq_len.min(cfg.max_tokens());
+            let s = cfg.image.image_size;
+            let model = ClipModel::new(&cfg, &dev)?;
+            let mut opt = AdamW::new(&model.params, &cfg.train)?;
+            let ids: Vec<u32> = (0..b * l)
+                .map(|i| (5 + (i * 7919) % (cfg.text.vocab_size - 5)) as u32)
+                .collect();
+            let batch = Batch {
+                images: Tensor::from_vec(pseudo(b * 3 * s * s, 1), (b, 3, s, s), &dev)?,
+                input_ids: Tensor::from_vec(ids, (b, l), &dev)?,
+                attention_mask: Tensor::ones((b, l), DType::U32, &dev)?,
+                pairs: (0..b).collect(),
+                positives: Tensor::eye(b, DType::F32, &dev)?,
+            };
+            let mut times = vec![];
+            let mut losses = vec![];
+            for step in 0..warmup + steps {
+                let t = Instant::now();
+                let out = train_step(&model, &mut opt, std::slice::from_ref(&batch), 0.0)?;
+                if step >= warmup {
+                    times.push(t.elapsed().as_secs_f64());
+                    losses.push(out.loss);
+                }
+            }
+            let mean = times.iter().sum::<f64>() / times.len().max(1) as f64;
+            println!(
+                "{}",
+                json!({
+                    "impl": "clipmine", "bench": "train", "config": cfg.name, "device": clip_core::device::describe(&dev),
+                    "params": model.params.total_params(), "loss": cfg.loss.to_string(), "batch_size": b,
+                    "image_size": s, "seq_len": l, "steps": steps, "ms_per_step": mean * 1e3,
+                    "pairs_per_s": b as f64 / mean, "losses": losses,
+                })
+            );
+        }
+        Cmd::Search { n, dim, queries, top } => {
+            let t = Instant::now();
+            let m = Tensor::from_vec(pseudo(n * dim, 7), (n, dim), &Device::Cpu)?;
+            let m = clip_core::loss::l2_normalize(&m)?;
+            let build = t.elapsed().as_secs_f64();
+            let mut times = vec![];
+            for q in 0..queries {
+                let query = clip_core::loss::l2_normalize(&Tensor::from_vec(
+                    pseudo(dim, 100 + q as u64),
+                    (1, dim),
+                    &Device::Cpu,
+                )?)?
+                .squeeze(0)?;
+                let t = Instant::now();
+                let hits = top_k(&m, &query, top)?;
+                times.push(t.elapsed().as_secs_f64() * 1e3);
+                assert_eq!(hits.len(), top.min(n));
+            }
+            times.sort_by(|a, b| a.partial_cmp(b).unwrap());
+            println!(
+                "{}",
+                json!({
+                    "impl": "clipmine", "bench": "search", "embeddings": n, "dim": dim, "top": top, "queries": queries,
+                    "median_ms": times[times.len() / 2], "max_ms": times[times.len() - 1], "setup_s": build,
+                })
+            );
+        }
+    }
+    Ok(())
+}

@@ -15,8 +15,8 @@ use crate::verify::workspace_root;
 const USAGE: &str = "\
 cargo xtask bench [WHAT…] [OPTIONS]
 
-WHAT: train (clipmine vs the PyTorch reference), loader (data pipeline), search (1M-image index);
-      default: all three.
+WHAT: train (clipmine vs the PyTorch reference), loader (data pipeline against training steps),
+      index (building an image index), search (a query over 1,000,000 embeddings); default: all.
 Options:
   --preset NAME     model for `train` (default tiny)
   --batch-size B    (default 16)
@@ -38,7 +38,7 @@ pub fn run(args: &[String]) -> Result<bool> {
                 print!("{USAGE}");
                 return Ok(true);
             }
-            "train" | "loader" | "search" => what.push(a.clone()),
+            "train" | "loader" | "index" | "search" => what.push(a.clone()),
             "--preset" => preset = val()?,
             "--batch-size" => batch = val()?,
             "--steps" => steps = val()?,
@@ -47,7 +47,7 @@ pub fn run(args: &[String]) -> Result<bool> {
         }
     }
     if what.is_empty() {
-        what = vec!["train".into(), "loader".into(), "search".into()];
+        what = vec!["train".into(), "loader".into(), "index".into(), "search".into()];
     }
     let root = workspace_root();
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
@@ -68,6 +68,7 @@ pub fn run(args: &[String]) -> Result<bool> {
         bail!("building the benchmarks failed");
     }
     let examples = root.join("target/debug/examples");
+    let mut steps_per_s = None;
     for w in &what {
         match w.as_str() {
             "train" => {
@@ -83,6 +84,7 @@ pub fn run(args: &[String]) -> Result<bool> {
                     "12",
                 ]))?;
                 println!("{ours}");
+                steps_per_s = ours["ms_per_step"].as_f64().map(|ms| 1e3 / ms);
                 if reference {
                     let script = root.join("xtask/reference/simple_clip.py");
                     let theirs = Command::new("python3")
@@ -123,12 +125,20 @@ pub fn run(args: &[String]) -> Result<bool> {
             }
             "loader" => {
                 for extra in [vec![], vec!["--synthetic", "1000", "--augment"]] {
-                    println!(
-                        "{}",
-                        json_line(Command::new(examples.join("bench_loader")).args(&extra))?
-                    );
+                    let l = json_line(
+                        Command::new(examples.join("bench_loader"))
+                            .args(["--batch-size", &batch])
+                            .args(&extra),
+                    )?;
+                    println!("{l}");
+                    // The loader must outpace training: batches it delivers per training step.
+                    if let (Some(bps), Some(sps)) = (l["batches_per_second"].as_f64(), steps_per_s) {
+                        let line = json!({"bench": "loader-vs-train", "augment": !extra.is_empty(), "loader_batches_per_s": bps, "train_steps_per_s": sps, "headroom": bps / sps});
+                        println!("{line}");
+                    }
                 }
             }
+            "index" => println!("{}", json_line(Command::new(examples.join("bench")).args(["index"]))?),
             "search" => println!("{}", json_line(Command::new(examples.join("bench")).args(["search"]))?),
             _ => unreachable!(),
         }

@@ -39,8 +39,20 @@ pub struct EpochRecord {
     pub lr_text: f64,
     pub lr_head: f64,
     pub recall: Recall,
+    /// Zero-shot accuracy on validation, for class-folder datasets.
+    #[serde(default)]
+    pub zero_shot: Option<f64>,
     pub seconds: f64,
     pub pairs_per_second: f64,
+}
+
+/// What validation measured after an epoch.
+#[derive(Debug, Clone, Copy)]
+pub struct Validation {
+    pub loss: f64,
+    pub recall: Recall,
+    /// Zero-shot accuracy, when the dataset has class labels (see [`Trainer::zero_shot`]).
+    pub zero_shot: Option<f64>,
 }
 
 /// What `--resume` needs besides weights and optimiser state.
@@ -176,7 +188,7 @@ impl Trainer {
     }
 
     /// Validation loss (mean over batches, evaluation mode) and retrieval recall.
-    pub fn validate(&self) -> Result<(f64, Recall)> {
+    pub fn validate(&self) -> Result<Validation> {
         let val = &self.data.split.val;
         let mut total = 0.0;
         let mut count = 0usize;
@@ -189,7 +201,51 @@ impl Trainer {
             count += b.pairs.len();
         }
         let loss = if count > 0 { total / count as f64 } else { f64::NAN };
-        Ok((loss, self.recall(val)?))
+        Ok(Validation {
+            loss,
+            recall: self.recall(val)?,
+            zero_shot: self.zero_shot(val)?,
+        })
+    }
+
+    /// For class-folder datasets: the share of (a sample of) `pairs` whose image is closest to its
+    /// own class's caption among one caption per class. Retrieval recall means little there —
+    /// thousands of identical captions — while this is the accuracy `clip-predict eval` reports.
+    pub fn zero_shot(&self, pairs: &[usize]) -> Result<Option<f64>> {
+        let ds = &self.data.dataset;
+        if ds.labels.is_empty() {
+            return Ok(None);
+        }
+        let mut caption_of: Vec<Option<&str>> = vec![None; ds.labels.len()];
+        for p in &ds.pairs {
+            if let Some(l) = p.label {
+                caption_of[l].get_or_insert(p.caption.as_str());
+            }
+        }
+        let classes: Vec<usize> = (0..ds.labels.len()).filter(|&l| caption_of[l].is_some()).collect();
+        let texts: Vec<&str> = classes.iter().map(|&l| caption_of[l].unwrap()).collect();
+        let step = pairs.len().div_ceil(MAX_RECALL_PAIRS).max(1);
+        let sample: Vec<usize> = pairs
+            .iter()
+            .copied()
+            .step_by(step)
+            .filter(|&p| ds.pairs[p].label.is_some())
+            .collect();
+        if sample.is_empty() {
+            return Ok(None);
+        }
+        let dev = &self.data.device;
+        let bs = self.cfg.train.batch_size.max(16);
+        let images: Vec<usize> = sample.iter().map(|&p| ds.pairs[p].image).collect();
+        let ie = embed_store_images(&self.model, &self.data.store, &images, bs, dev)?;
+        let te = embed_texts(&self.model, &self.data.tokenizer, &texts, bs, dev)?;
+        let sim = to_rows(&cosine_similarity(&ie, &te)?)?;
+        let right = sample
+            .iter()
+            .zip(&sim)
+            .filter(|(&p, row)| classes[crate::retrieval::argsort_desc(row)[0]] == ds.pairs[p].label.unwrap())
+            .count();
+        Ok(Some(right as f64 / sample.len() as f64))
     }
 
     /// Recall@K over the given pairs — an evenly spaced sample of at most [`MAX_RECALL_PAIRS`] —
@@ -235,14 +291,8 @@ impl Trainer {
     }
 
     /// Records an epoch: schedule, history, checkpoints. Returns whether it is the best so far.
-    pub fn end_epoch(
-        &mut self,
-        train_loss: f64,
-        val_loss: f64,
-        recall: Recall,
-        seconds: f64,
-        pairs_per_second: f64,
-    ) -> Result<bool> {
+    pub fn end_epoch(&mut self, train_loss: f64, v: &Validation, seconds: f64, pairs_per_second: f64) -> Result<bool> {
+        let val_loss = v.loss;
         let lr = |g| self.opt.groups[&g].lr;
         self.state.history.push(EpochRecord {
             epoch: self.state.epoch + 1,
@@ -251,7 +301,8 @@ impl Trainer {
             lr_image: lr(Group::ImageTower),
             lr_text: lr(Group::TextTower),
             lr_head: lr(Group::Heads),
-            recall,
+            recall: v.recall,
+            zero_shot: v.zero_shot,
             seconds,
             pairs_per_second,
         });

@@ -18,8 +18,8 @@ fn demo(cfg: &ClipConfig) -> clip_core::prepare::Prepared {
 fn train(t: &mut Trainer, epochs: usize) {
     while t.state.epoch < epochs {
         let (loss, pps) = t.train_epoch(|_, _, _| {}).unwrap();
-        let (val, recall) = t.validate().unwrap();
-        t.end_epoch(loss, val, recall, 0.0, pps).unwrap();
+        let v = t.validate().unwrap();
+        t.end_epoch(loss, &v, 0.0, pps).unwrap();
     }
 }
 

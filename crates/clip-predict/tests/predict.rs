@@ -29,8 +29,8 @@ fn run_folder(dir: &Path, seed: u64) -> PathBuf {
     let out = dir.join(format!("run-{seed}"));
     let mut t = Trainer::new(&cfg, data, &out).unwrap();
     let (loss, pps) = t.train_epoch(|_, _, _| {}).unwrap();
-    let (val, r) = t.validate().unwrap();
-    t.end_epoch(loss, val, r, 0.0, pps).unwrap();
+    let v = t.validate().unwrap();
+    t.end_epoch(loss, &v, 0.0, pps).unwrap();
     out
 }
 

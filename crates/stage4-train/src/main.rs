@@ -153,13 +153,17 @@ fn run(args: Args) -> Result<ExitCode> {
                 return report.finish(args.model.json.as_deref());
             }
         };
-        let (val_loss, recall) = t.validate()?;
+        let v = t.validate()?;
         let secs = started.elapsed().as_secs_f64();
-        let best = t.end_epoch(train_loss, val_loss, recall, secs, pps)?;
+        let best = t.end_epoch(train_loss, &v, secs, pps)?;
+        // Class folders: zero-shot accuracy; captions: recall@1 both ways.
+        let quality = match v.zero_shot {
+            Some(acc) => format!("zero-shot acc {acc:.3}"),
+            None => format!("R@1 i→t {:.2} t→i {:.2}", v.recall.i2t_r1, v.recall.t2i_r1),
+        };
         println!(
-            "epoch {epoch:>3}: train {train_loss:.4}  val {val_loss:.4}  R@1 i→t {:.2} t→i {:.2}  lr {lr:.2e}  {pps:.0} pairs/s  {secs:.1}s{}",
-            recall.i2t_r1,
-            recall.t2i_r1,
+            "epoch {epoch:>3}: train {train_loss:.4}  val {:.4}  {quality}  lr {lr:.2e}  {pps:.0} pairs/s  {secs:.1}s{}",
+            v.loss,
             if best { "  *best" } else { "" }
         );
     }
@@ -199,37 +203,42 @@ fn run(args: Args) -> Result<ExitCode> {
     report.metric("best_epoch", t.state.best_epoch);
     report.metric("best_val_loss", t.state.best_val_loss);
     report.metric("run", out.display().to_string());
-    let detail = format!(
-        "best model (epoch {}) on {} training pairs: R@1 image→text {:.3}, text→image {:.3}",
-        t.state.best_epoch,
-        if t.data.split.train.len() > clip_core::fit::MAX_RECALL_PAIRS {
-            format!(
-                "a sample of {} of the {}",
-                clip_core::fit::MAX_RECALL_PAIRS,
-                t.data.split.train.len()
-            )
-        } else {
-            format!("all {}", t.data.split.train.len())
-        },
-        r.i2t_r1,
-        r.t2i_r1
-    );
-    if t.data.dataset.images.len() <= SMALL_DATASET {
-        let perfect = r.i2t_r1 == 1.0 && r.t2i_r1 == 1.0;
+    let n = t.data.split.train.len();
+    let which = if n > clip_core::fit::MAX_RECALL_PAIRS {
+        format!("a sample of {} of the {n}", clip_core::fit::MAX_RECALL_PAIRS)
+    } else {
+        format!("all {n}")
+    };
+    if let Some(acc) = t.zero_shot(&t.data.split.train)? {
+        report.metric("train_zero_shot", acc);
+        let val = t
+            .state
+            .history
+            .iter()
+            .filter_map(|h| h.zero_shot)
+            .next_back()
+            .unwrap_or(f64::NAN);
         report.check(
-            "retrieval",
-            perfect,
-            format!(
-                "{detail}{}",
-                if perfect {
-                    ""
-                } else {
-                    " — a small dataset should be learned perfectly: train longer or raise the learning rates"
-                }
-            ),
+            "zero-shot",
+            true,
+            format!("best model (epoch {}): accuracy {acc:.3} on {which} training pairs, {val:.3} on validation (last epoch)", t.state.best_epoch),
         );
     } else {
-        report.check("retrieval", true, detail);
+        let detail = format!(
+            "best model (epoch {}) on {which} training pairs: R@1 image→text {:.3}, text→image {:.3}",
+            t.state.best_epoch, r.i2t_r1, r.t2i_r1
+        );
+        if t.data.dataset.images.len() <= SMALL_DATASET {
+            let perfect = r.i2t_r1 == 1.0 && r.t2i_r1 == 1.0;
+            let advice = " — a small dataset should be learned perfectly: train longer or raise the learning rates";
+            report.check(
+                "retrieval",
+                perfect,
+                format!("{detail}{}", if perfect { "" } else { advice }),
+            );
+        } else {
+            report.check("retrieval", true, detail);
+        }
     }
     println!("\nrun folder: {} (model.safetensors, config.toml, tokenizer.json, metrics.json, loss.csv, loss.png, similarity_before/after.png)", out.display());
     report.finish(args.model.json.as_deref())

@@ -348,10 +348,10 @@ impl ClipConfig {
                 i.depths, i.widths
             ));
         }
-        if i.depths.iter().any(|&d| d == 0) || i.widths.iter().any(|&w| w == 0) || i.stem_width == 0 {
+        if i.depths.contains(&0) || i.widths.contains(&0) || i.stem_width == 0 {
             errs.push("image depths and widths must all be at least 1".into());
         }
-        if i.stem_kernel == 0 || i.stem_kernel % 2 == 0 {
+        if i.stem_kernel == 0 || i.stem_kernel.is_multiple_of(2) {
             errs.push(format!("image.stem_kernel must be odd (got {})", i.stem_kernel));
         }
         if i.stem_stride == 0 {
@@ -365,7 +365,7 @@ impl ClipConfig {
                 i.image_size, reduction
             ));
         }
-        if t.dim == 0 || t.n_heads == 0 || t.dim % t.n_heads != 0 {
+        if t.dim == 0 || t.n_heads == 0 || !t.dim.is_multiple_of(t.n_heads) {
             errs.push(format!(
                 "text.dim ({}) must be a positive multiple of text.n_heads ({})",
                 t.dim, t.n_heads

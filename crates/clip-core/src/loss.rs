@@ -117,6 +117,7 @@ mod tests {
             .unwrap();
         let l = (ci * 2f64.exp()).unwrap().to_vec2::<f32>().unwrap();
         let mut want = 0.0;
+        #[allow(clippy::needless_range_loop)]
         for i in 0..3 {
             let row: f32 = (0..3).map(|j| l[i][j].exp()).sum();
             let col: f32 = (0..3).map(|j| l[j][i].exp()).sum();

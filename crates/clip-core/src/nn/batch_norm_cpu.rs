@@ -49,11 +49,14 @@ fn stats(x: &[f32], b: usize, c: usize, hw: usize) -> (Vec<f32>, Vec<f32>) {
         .unzip()
 }
 
+/// Per-channel (mean, biased variance) of the last forward pass, shared with the caller.
+pub type BatchStats = Arc<Mutex<Option<(Vec<f32>, Vec<f32>)>>>;
+
 /// y = (x − mean) / √(var + eps) · weight + bias with batch statistics; the statistics are left
 /// in `stats` for the running averages.
 pub struct BatchNormTrain {
     pub eps: f32,
-    pub stats: Arc<Mutex<Option<(Vec<f32>, Vec<f32>)>>>,
+    pub stats: BatchStats,
 }
 
 impl CustomOp3 for BatchNormTrain {

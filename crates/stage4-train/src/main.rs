@@ -23,7 +23,10 @@ use indicatif::{ProgressBar, ProgressStyle};
 const SMALL_DATASET: usize = 64;
 
 #[derive(Parser)]
-#[command(about = "Stage 4 — train for many epochs, keep the best model, check that it learned.")]
+#[command(
+    about = "Stage 4 — train for many epochs, keep the best model, check that it learned.",
+    after_help = "Examples:\n  stage4-train                                   the demo set, tiny preset\n  stage4-train --data photos/ --epochs 60 --out runs/mine\n  stage4-train --resume runs/mine --epochs 80     continue where it stopped\n\nThe run folder holds model.safetensors (best by validation loss), config.toml, tokenizer.json,\nmetrics.json, loss.csv/png, similarity_before/after.png, and last/ for --resume.\nUse it with clip-predict."
+)]
 struct Args {
     #[command(flatten)]
     model: clip_core::cli::ModelArgs,
@@ -35,8 +38,10 @@ struct Args {
     /// Continue the run in this folder from its last completed epoch (up to --epochs in all).
     #[arg(long, value_name = "RUN", conflicts_with = "out")]
     resume: Option<PathBuf>,
+    /// Epochs in all (a resumed run continues up to this many) [default: the config's].
     #[arg(long)]
     epochs: Option<usize>,
+    /// Pairs per batch [default: the config's].
     #[arg(long)]
     batch_size: Option<usize>,
     /// Learning rate of the image tower.
@@ -54,6 +59,7 @@ struct Args {
     /// plateau (ReduceLROnPlateau on validation loss) or cosine (with --warmup-steps).
     #[arg(long, value_parser = ["plateau", "cosine"])]
     schedule: Option<String>,
+    /// Steps of linear warm-up for the cosine schedule.
     #[arg(long)]
     warmup_steps: Option<usize>,
     /// Clip gradients to this global norm (0 = off).
@@ -65,8 +71,10 @@ struct Args {
     /// Train-time augmentation (random resized crop + horizontal flip).
     #[arg(long)]
     augment: bool,
+    /// Keep the image tower's weights fixed (no gradient, no optimiser state).
     #[arg(long)]
     freeze_image: bool,
+    /// Keep the text tower's weights fixed (no gradient, no optimiser state).
     #[arg(long)]
     freeze_text: bool,
 }

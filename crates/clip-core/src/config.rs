@@ -402,6 +402,9 @@ impl ClipConfig {
                 tr.batch_size
             ));
         }
+        if tr.epochs == 0 {
+            errs.push("train.epochs must be at least 1".into());
+        }
         if tr.accumulate == 0 {
             errs.push("train.accumulate must be at least 1".into());
         }

@@ -160,13 +160,21 @@ fn passes_on_a_flickr8k_style_captions_txt() {
     std::fs::copy(&fixture, dir.path().join("captions.txt")).unwrap();
     std::fs::create_dir(dir.path().join("Images")).unwrap();
     for (i, name) in ["1000_aa.jpg", "1001_bb.jpg", "1002_cc.jpg"].iter().enumerate() {
-        let img = image::RgbImage::from_fn(120, 90, |x, y| image::Rgb([(x * 2) as u8, (y * 2 + i as u32 * 60) as u8, (i * 90) as u8]));
+        let img = image::RgbImage::from_fn(120, 90, |x, y| {
+            image::Rgb([(x * 2) as u8, (y * 2 + i as u32 * 60) as u8, (i * 90) as u8])
+        });
         img.save(dir.path().join("Images").join(name)).unwrap();
     }
     let json = dir.path().join("s2.json");
     let (out, text, report) = stage2(&["--data", dir.path().to_str().unwrap()], &json);
     assert!(out.status.success(), "{text}");
     assert_eq!(report["passed"], true);
-    assert_eq!((report["metrics"]["pairs"].as_u64(), report["metrics"]["images"].as_u64()), (Some(15), Some(3)));
+    assert_eq!(
+        (
+            report["metrics"]["pairs"].as_u64(),
+            report["metrics"]["images"].as_u64()
+        ),
+        (Some(15), Some(3))
+    );
     assert!(text.contains("captions per image: min 5, mean 5.0, max 5"), "{text}");
 }

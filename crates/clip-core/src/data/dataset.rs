@@ -125,6 +125,17 @@ impl Dataset {
     /// dataset with no usable rows always fails.
     pub fn load(path: &Path, opts: &LoadOptions) -> Result<Dataset> {
         if path.is_file() {
+            let ext = path
+                .extension()
+                .and_then(|e| e.to_str())
+                .unwrap_or("")
+                .to_ascii_lowercase();
+            if super::IMAGE_EXTENSIONS.contains(&ext.as_str()) {
+                bail!(
+                    "{} is an image: a dataset is a folder (images + captions.csv, or class folders) or a captions file",
+                    path.display()
+                );
+            }
             return Self::from_captions_file(path, opts);
         }
         if !path.is_dir() {

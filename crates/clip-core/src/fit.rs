@@ -78,31 +78,16 @@ pub struct Trainer {
 impl Trainer {
     /// A fresh run writing into `out` (created; its config and tokenizer are written now).
     pub fn new(cfg: &ClipConfig, data: Prepared, out: &Path) -> Result<Self> {
-        let model = ClipModel::new(cfg, &data.device)?;
-        let opt = AdamW::new(&model.params, &cfg.train)?;
+        let t = Self::build(cfg, data, out)?;
         std::fs::create_dir_all(out).with_context(|| format!("creating run folder {}", out.display()))?;
         write_atomic(&out.join(CONFIG), cfg.to_toml()?.as_bytes())?;
-        data.tokenizer.save(&out.join(TOKENIZER))?;
-        let state = TrainState {
-            epoch: 0,
-            best_val_loss: f64::INFINITY,
-            best_epoch: 0,
-            plateau: Plateau::new(cfg.train.patience, cfg.train.factor),
-            history: vec![],
-        };
-        Ok(Self {
-            cfg: cfg.clone(),
-            model,
-            opt,
-            data,
-            out: out.to_path_buf(),
-            state,
-        })
+        t.data.tokenizer.save(&out.join(TOKENIZER))?;
+        Ok(t)
     }
 
     /// Continues the run in `out` from its last completed epoch.
     pub fn resume(cfg: &ClipConfig, data: Prepared, out: &Path) -> Result<Self> {
-        let mut t = Self::new_without_writing(cfg, data, out)?;
+        let mut t = Self::build(cfg, data, out)?;
         let last = last_dir(out)?;
         t.model.params.load_safetensors(&last.join(WEIGHTS))?;
         t.opt.load(&last.join(OPTIMIZER))?;
@@ -114,7 +99,8 @@ impl Trainer {
         Ok(t)
     }
 
-    fn new_without_writing(cfg: &ClipConfig, data: Prepared, out: &Path) -> Result<Self> {
+    /// The model, optimiser and state of epoch 0, touching no file.
+    fn build(cfg: &ClipConfig, data: Prepared, out: &Path) -> Result<Self> {
         let model = ClipModel::new(cfg, &data.device)?;
         let opt = AdamW::new(&model.params, &cfg.train)?;
         let state = TrainState {

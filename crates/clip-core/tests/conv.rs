@@ -7,6 +7,32 @@ fn pseudo(n: usize, seed: f32) -> Vec<f32> {
     (0..n).map(|i| ((i as f32 + seed) * 0.618_034).fract() - 0.5).collect()
 }
 
+fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+/// Asserts two computations of the same function agree in value and in the gradient of a fixed
+/// weighted sum of their outputs with respect to each of `vars`.
+fn assert_same(ours: Tensor, theirs: Tensor, vars: &[&Var], tol: f32, what: &str) {
+    assert_eq!(ours.dims(), theirs.dims(), "{what}");
+    let d = max_diff(&ours, &theirs);
+    assert!(d < 1e-4, "{what}: forward differs by {d}");
+    let weights = Tensor::from_vec(pseudo(ours.elem_count(), 3.0), ours.dims(), &Device::Cpu).unwrap();
+    let g1 = (ours * &weights).unwrap().sum_all().unwrap().backward().unwrap();
+    let g2 = (theirs * &weights).unwrap().sum_all().unwrap().backward().unwrap();
+    for v in vars {
+        let d = max_diff(g1.get(v.as_tensor()).unwrap(), g2.get(v.as_tensor()).unwrap());
+        assert!(d < tol, "{what}: gradient differs by {d}");
+    }
+}
+
 #[test]
 fn im2col_convolution_matches_candle_forward_and_backward() {
     for &(c, o, h, w, k, s, p) in &[
@@ -22,33 +48,7 @@ fn im2col_convolution_matches_candle_forward_and_backward() {
             .unwrap();
         let ours = conv2d_im2col(x.as_tensor(), kk.as_tensor(), s, p).unwrap();
         let theirs = x.as_tensor().conv2d(kk.as_tensor(), p, s, 1, 1).unwrap();
-        assert_eq!(ours.dims(), theirs.dims());
-        let diff = (&ours - &theirs)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert!(diff < 1e-4, "forward differs by {diff} for {:?}", (c, o, h, w, k, s, p));
-
-        let weights = Tensor::from_vec(pseudo(ours.elem_count(), 3.0), ours.dims(), &Device::Cpu).unwrap();
-        let g1 = (ours * &weights).unwrap().sum_all().unwrap().backward().unwrap();
-        let g2 = (theirs * &weights).unwrap().sum_all().unwrap().backward().unwrap();
-        for v in [&x, &kk] {
-            let a = g1.get(v.as_tensor()).unwrap();
-            let b = g2.get(v.as_tensor()).unwrap();
-            let d = (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            assert!(d < 1e-4, "gradient differs by {d} for {:?}", (c, o, h, w, k, s, p));
-        }
+        assert_same(ours, theirs, &[&x, &kk], 1e-4, &format!("{:?}", (c, o, h, w, k, s, p)));
     }
 }
 
@@ -71,36 +71,13 @@ fn cpu_kernel_matches_candle_forward_and_backward() {
             .unwrap();
         let ours = conv2d_cpu(x.as_tensor(), kk.as_tensor(), s, p).unwrap();
         let theirs = x.as_tensor().conv2d(kk.as_tensor(), p, s, 1, 1).unwrap();
-        assert_eq!(ours.dims(), theirs.dims());
-        let diff = (&ours - &theirs)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert!(
-            diff < 1e-4,
-            "forward differs by {diff} for {:?}",
-            (b, c, o, h, w, k, s, p)
+        assert_same(
+            ours,
+            theirs,
+            &[&x, &kk],
+            1e-3,
+            &format!("{:?}", (b, c, o, h, w, k, s, p)),
         );
-        let weights = Tensor::from_vec(pseudo(ours.elem_count(), 3.0), ours.dims(), &Device::Cpu).unwrap();
-        let g1 = (ours * &weights).unwrap().sum_all().unwrap().backward().unwrap();
-        let g2 = (theirs * &weights).unwrap().sum_all().unwrap().backward().unwrap();
-        for v in [&x, &kk] {
-            let a = g1.get(v.as_tensor()).unwrap();
-            let bb = g2.get(v.as_tensor()).unwrap();
-            let d = (a - bb)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            assert!(d < 1e-3, "gradient differs by {d} for {:?}", (b, c, o, h, w, k, s, p));
-        }
     }
 }
 
@@ -116,29 +93,5 @@ fn fused_batch_norm_matches_the_composed_one_forward_and_backward() {
     let be = Var::from_tensor(&Tensor::new(&[0.1f32, -0.3, 0.0, 2.0], &Device::Cpu).unwrap()).unwrap();
     let ours = batch_norm_train_cpu(x.as_tensor(), g.as_tensor(), be.as_tensor(), 1e-5).unwrap();
     let theirs = batch_norm_reference(x.as_tensor(), g.as_tensor(), be.as_tensor(), 1e-5).unwrap();
-    let d = (&ours - &theirs)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    assert!(d < 1e-4, "forward differs by {d}");
-    let weights = Tensor::from_vec(pseudo(ours.elem_count(), 9.0), ours.dims(), &Device::Cpu).unwrap();
-    let g1 = (ours * &weights).unwrap().sum_all().unwrap().backward().unwrap();
-    let g2 = (theirs * &weights).unwrap().sum_all().unwrap().backward().unwrap();
-    for v in [&x, &g, &be] {
-        let a = g1.get(v.as_tensor()).unwrap();
-        let bb = g2.get(v.as_tensor()).unwrap();
-        let d = (a - bb)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert!(d < 1e-3, "gradient differs by {d}");
-    }
+    assert_same(ours, theirs, &[&x, &g, &be], 1e-3, "batch norm");
 }

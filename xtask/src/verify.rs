@@ -192,7 +192,12 @@ pub fn run(args: &[String]) -> Result<bool> {
         println!("  {} (the trained model)", run_dir.display());
         predict(&bin_dir, &run_dir, &o)?;
     }
-    println!("\nall stages passed.");
+    if rows.len() == STAGES.len() {
+        println!("\nall stages passed.");
+    } else {
+        let ran: Vec<String> = rows.iter().map(|r| r.0.to_string()).collect();
+        println!("\nstage {} passed (the others were not run).", ran.join(", "));
+    }
     Ok(all_ok)
 }
 

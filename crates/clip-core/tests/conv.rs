@@ -95,3 +95,18 @@ fn fused_batch_norm_matches_the_composed_one_forward_and_backward() {
     let theirs = batch_norm_reference(x.as_tensor(), g.as_tensor(), be.as_tensor(), 1e-5).unwrap();
     assert_same(ours, theirs, &[&x, &g, &be], 1e-3, "batch norm");
 }
+
+#[test]
+fn fused_layer_norm_matches_the_composed_one_forward_and_backward() {
+    use clip_core::nn::{layer_norm_cpu, layer_norm_reference};
+    // 150 rows: more than one parallel work item, with a partial last one.
+    let (r, d) = (150, 12);
+    let x =
+        Var::from_tensor(&(Tensor::from_vec(pseudo(r * d, 4.5), (3, r / 3, d), &Device::Cpu).unwrap() * 2.0).unwrap())
+            .unwrap();
+    let g = Var::from_tensor(&Tensor::from_vec(pseudo(d, 8.0), d, &Device::Cpu).unwrap()).unwrap();
+    let b = Var::from_tensor(&Tensor::from_vec(pseudo(d, 2.0), d, &Device::Cpu).unwrap()).unwrap();
+    let ours = layer_norm_cpu(x.as_tensor(), g.as_tensor(), b.as_tensor(), 1e-5).unwrap();
+    let theirs = layer_norm_reference(x.as_tensor(), g.as_tensor(), b.as_tensor(), 1e-5).unwrap();
+    assert_same(ours, theirs, &[&x, &g, &b], 1e-3, "layer norm");
+}

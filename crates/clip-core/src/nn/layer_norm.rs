@@ -3,9 +3,11 @@ use candle_core::{DType, Module, Tensor, D};
 
 use crate::params::{Init, ParamBuilder};
 
-/// LayerNorm over the last dimension, written with differentiable ops.
+/// LayerNorm over the last dimension, with a backward pass.
 ///
 /// `candle_nn::LayerNorm` uses a fused kernel with no backward: gradients stop there silently.
+/// On the CPU this runs our own fused kernel (forward and backward, see `layer_norm_cpu`);
+/// elsewhere it is composed from differentiable ops.
 #[derive(Clone, Debug)]
 pub struct LayerNorm {
     weight: Tensor,
@@ -25,11 +27,25 @@ impl LayerNorm {
 
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        debug_assert_eq!(x.dtype(), DType::F32);
-        let mean = x.mean_keepdim(D::Minus1)?;
-        let xc = x.broadcast_sub(&mean)?;
-        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
-        let xn = xc.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-        xn.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)
+        if x.device().is_cpu() && x.dtype() == DType::F32 {
+            let op = super::layer_norm_cpu::LayerNormOp { eps: self.eps as f32 };
+            return x.contiguous()?.apply_op3(&self.weight, &self.bias, op);
+        }
+        layer_norm_reference(x, &self.weight, &self.bias, self.eps)
     }
+}
+
+/// LayerNorm composed from differentiable tensor ops (any device).
+pub fn layer_norm_reference(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    let mean = x.mean_keepdim(D::Minus1)?;
+    let xc = x.broadcast_sub(&mean)?;
+    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+    let xn = xc.broadcast_div(&(var + eps)?.sqrt()?)?;
+    xn.broadcast_mul(weight)?.broadcast_add(bias)
+}
+
+/// The fused CPU kernel, exposed for tests and benchmarks.
+pub fn layer_norm_cpu(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    x.contiguous()?
+        .apply_op3(weight, bias, super::layer_norm_cpu::LayerNormOp { eps: eps as f32 })
 }

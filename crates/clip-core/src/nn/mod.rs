@@ -7,6 +7,7 @@ mod conv;
 mod conv_cpu;
 mod dropout;
 mod layer_norm;
+mod layer_norm_cpu;
 mod linear;
 mod max_pool;
 
@@ -14,7 +15,7 @@ pub use batch_norm::{batch_norm_reference, batch_norm_train_cpu, BatchNorm2d};
 pub use conv::{conv2d_im2col, Conv2d};
 pub use conv_cpu::conv2d_cpu;
 pub use dropout::{Dropout, DropoutRng};
-pub use layer_norm::LayerNorm;
+pub use layer_norm::{layer_norm_cpu, layer_norm_reference, LayerNorm};
 pub use linear::{Embedding, Linear};
 pub use max_pool::max_pool_3x3_s2;
 

@@ -1,0 +1,145 @@
+//! LayerNorm over the last dimension on the CPU as one fused kernel per direction.
+//!
+//! Composed from tensor ops, a LayerNorm is ~8 ops forward and ~20 backward, each a pass over
+//! the activations with its own allocation; the text tower and both heads run several per step.
+//! Here each direction is one pass per row.
+//!
+//! Layout: x (…, D) contiguous f32; weight and bias (D).
+
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
+    let Some((start, end)) = l.contiguous_offsets() else {
+        candle_core::bail!("layer norm: operands must be contiguous")
+    };
+    Ok(&s.as_slice::<f32>()?[start..end])
+}
+
+/// Rows per parallel work item: small tensors stay on one thread.
+const ROWS_PER_TASK: usize = 64;
+
+/// (mean, 1/√(var + eps)) of one row, accumulated in f64.
+fn row_stats(x: &[f32], eps: f32) -> (f32, f32) {
+    let n = x.len() as f64;
+    let mean = x.iter().map(|&v| v as f64).sum::<f64>() / n;
+    let var = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
+    (mean as f32, 1.0 / ((var as f32) + eps).sqrt())
+}
+
+pub struct LayerNormOp {
+    pub eps: f32,
+}
+
+impl CustomOp3 for LayerNormOp {
+    fn name(&self) -> &'static str {
+        "clipmine-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, gamma, beta) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
+        let d = gamma.len();
+        if d == 0 || x.len() % d != 0 || beta.len() != d {
+            candle_core::bail!("layer norm: input {:?} does not fit weight ({d})", l1.dims())
+        }
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(d * ROWS_PER_TASK)
+            .zip(x.par_chunks(d * ROWS_PER_TASK))
+            .for_each(|(ys, xs)| {
+                for (yr, xr) in ys.chunks_mut(d).zip(xs.chunks(d)) {
+                    let (mean, rstd) = row_stats(xr, self.eps);
+                    for ((o, &v), (&g, &b)) in yr.iter_mut().zip(xr).zip(gamma.iter().zip(beta)) {
+                        *o = (v - mean) * rstd * g + b;
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        _beta: &Tensor,
+        _y: &Tensor,
+        gy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let packed = x.apply_op3_no_bwd(gamma, &gy.contiguous()?, &LayerNormGrad { eps: self.eps })?;
+        let (n, d) = (x.elem_count(), gamma.elem_count());
+        let gx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
+        Ok((
+            Some(gx),
+            Some(packed.narrow(0, n, d)?),
+            Some(packed.narrow(0, n + d, d)?),
+        ))
+    }
+}
+
+/// The gradients of [`LayerNormOp`], packed as [dx, dweight, dbias].
+struct LayerNormGrad {
+    eps: f32,
+}
+
+impl CustomOp3 for LayerNormGrad {
+    fn name(&self) -> &'static str {
+        "clipmine-layer-norm-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, gamma, gy) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
+        let d = gamma.len();
+        let mut out = vec![0f32; x.len() + 2 * d];
+        let (dx, rest) = out.split_at_mut(x.len());
+        // dx = rstd · (ĝ − mean(ĝ) − x̂ · mean(ĝ·x̂)), ĝ = dy·γ; per task, partial Σ dy·x̂ and Σ dy.
+        let partials: Vec<(Vec<f32>, Vec<f32>)> = dx
+            .par_chunks_mut(d * ROWS_PER_TASK)
+            .zip(x.par_chunks(d * ROWS_PER_TASK).zip(gy.par_chunks(d * ROWS_PER_TASK)))
+            .map(|(dxs, (xs, gys))| {
+                let mut dgamma = vec![0f32; d];
+                let mut dbeta = vec![0f32; d];
+                let mut xhat = vec![0f32; d];
+                for ((dxr, xr), gr) in dxs.chunks_mut(d).zip(xs.chunks(d)).zip(gys.chunks(d)) {
+                    let (mean, rstd) = row_stats(xr, self.eps);
+                    let (mut m1, mut m2) = (0f32, 0f32);
+                    for j in 0..d {
+                        xhat[j] = (xr[j] - mean) * rstd;
+                        let gh = gr[j] * gamma[j];
+                        m1 += gh;
+                        m2 += gh * xhat[j];
+                        dgamma[j] += gr[j] * xhat[j];
+                        dbeta[j] += gr[j];
+                    }
+                    let (m1, m2) = (m1 / d as f32, m2 / d as f32);
+                    for j in 0..d {
+                        dxr[j] = rstd * (gr[j] * gamma[j] - m1 - xhat[j] * m2);
+                    }
+                }
+                (dgamma, dbeta)
+            })
+            .collect();
+        for (dg, db) in partials {
+            for j in 0..d {
+                rest[j] += dg[j];
+                rest[d + j] += db[j];
+            }
+        }
+        let len = out.len();
+        Ok((CpuStorage::F32(out), Shape::from(len)))
+    }
+}

@@ -48,5 +48,12 @@ pub fn save_weights(params: &ParamStore, path: &Path) -> Result<()> {
     for (name, t) in params.tensors() {
         tensors.insert(name, t.to_device(&Device::Cpu)?);
     }
-    write_atomic(path, &crate::optim::safetensors_bytes(&tensors)?)
+    write_atomic(path, &safetensors_bytes(&tensors)?)
+}
+
+/// Serialises tensors to safetensors bytes in memory (so they can be written atomically).
+pub fn safetensors_bytes(tensors: &std::collections::HashMap<String, candle_core::Tensor>) -> Result<Vec<u8>> {
+    let mut sorted: Vec<(&String, &candle_core::Tensor)> = tensors.iter().collect();
+    sorted.sort_by(|a, b| a.0.cmp(b.0));
+    Ok(safetensors::serialize(sorted, None)?)
 }

@@ -187,7 +187,7 @@ impl ImageIndex {
         if !self.entries.is_empty() {
             map.insert("embeddings".to_string(), self.embeddings.clone());
         }
-        write_atomic(&dir.join(EMBEDDINGS), &crate::optim::safetensors_bytes(&map)?)?;
+        write_atomic(&dir.join(EMBEDDINGS), &crate::checkpoint::safetensors_bytes(&map)?)?;
         let m = Manifest {
             fingerprint: self.fingerprint.clone(),
             root: self.root.clone(),

@@ -172,7 +172,7 @@ impl AdamW {
             tensors.insert(format!("m.{}", s.name), s.m.as_tensor().to_device(&Device::Cpu)?);
             tensors.insert(format!("v.{}", s.name), s.v.as_tensor().to_device(&Device::Cpu)?);
         }
-        let bytes = safetensors_bytes(&tensors)?;
+        let bytes = crate::checkpoint::safetensors_bytes(&tensors)?;
         crate::checkpoint::write_atomic(path, &bytes)?;
         let meta = OptimMeta {
             step: self.step,
@@ -251,11 +251,4 @@ struct OptimMeta {
     step: u64,
     groups: BTreeMap<Group, GroupSettings>,
     base: BTreeMap<Group, GroupSettings>,
-}
-
-/// Serialises tensors to safetensors bytes in memory (so they can be written atomically).
-pub fn safetensors_bytes(tensors: &HashMap<String, Tensor>) -> Result<Vec<u8>> {
-    let mut sorted: Vec<(&String, &Tensor)> = tensors.iter().collect();
-    sorted.sort_by(|a, b| a.0.cmp(b.0));
-    Ok(safetensors::serialize(sorted, None)?)
 }

@@ -12,13 +12,6 @@ use std::sync::{Arc, Mutex};
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-    let Some((start, end)) = l.contiguous_offsets() else {
-        candle_core::bail!("batch norm: operands must be contiguous")
-    };
-    Ok(&s.as_slice::<f32>()?[start..end])
-}
-
 fn dims(l: &Layout) -> Result<(usize, usize, usize)> {
     let &[b, c, h, w] = l.dims() else {
         candle_core::bail!("batch norm expects (B, C, H, W), got {:?}", l.dims())
@@ -74,7 +67,11 @@ impl CustomOp3 for BatchNormTrain {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (b, c, hw) = dims(l1)?;
-        let (x, gamma, beta) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
+        let (x, gamma, beta) = (
+            super::host_f32("batch norm", s1, l1)?,
+            super::host_f32("batch norm", s2, l2)?,
+            super::host_f32("batch norm", s3, l3)?,
+        );
         let (mean, var) = stats(x, b, c, hw);
         let mut y = vec![0f32; x.len()];
         y.par_chunks_mut(hw)
@@ -130,7 +127,11 @@ impl CustomOp3 for BatchNormGrad {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (b, c, hw) = dims(l1)?;
-        let (x, gamma, gy) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
+        let (x, gamma, gy) = (
+            super::host_f32("batch norm", s1, l1)?,
+            super::host_f32("batch norm", s2, l2)?,
+            super::host_f32("batch norm", s3, l3)?,
+        );
         let (mean, var) = stats(x, b, c, hw);
         let rstd: Vec<f32> = var.iter().map(|v| 1.0 / (v + self.eps).sqrt()).collect();
         // Per channel: Σ dy and Σ dy·x̂.

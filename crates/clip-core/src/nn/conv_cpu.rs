@@ -184,13 +184,6 @@ fn matmul(
     }
 }
 
-fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-    let Some((start, end)) = l.contiguous_offsets() else {
-        candle_core::bail!("conv2d: operands must be contiguous")
-    };
-    Ok(&s.as_slice::<f32>()?[start..end])
-}
-
 /// Images per work item: enough to keep both GEMM and threads busy.
 fn chunks(b: usize) -> usize {
     b.div_ceil(rayon::current_num_threads().max(1)).max(1)
@@ -284,7 +277,11 @@ impl CustomOp2 for Conv2dOp {
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let g = Geometry::new(l1.dims(), l2.dims(), self.stride, self.pad)?;
-        let y = forward(&g, slice(s1, l1)?, slice(s2, l2)?);
+        let y = forward(
+            &g,
+            super::host_f32("conv2d", s1, l1)?,
+            super::host_f32("conv2d", s2, l2)?,
+        );
         Ok((CpuStorage::F32(y), Shape::from((g.b, g.o, g.ho, g.wo))))
     }
 
@@ -329,7 +326,11 @@ impl CustomOp2 for GradInput {
                 (g.b, g.o, g.ho, g.wo)
             )
         }
-        let gx = grad_input(&g, slice(s1, l1)?, slice(s2, l2)?);
+        let gx = grad_input(
+            &g,
+            super::host_f32("conv2d", s1, l1)?,
+            super::host_f32("conv2d", s2, l2)?,
+        );
         Ok((CpuStorage::F32(gx), Shape::from(self.x_dims.clone())))
     }
 }
@@ -353,7 +354,11 @@ impl CustomOp2 for GradWeight {
                 (g.b, g.o, g.ho, g.wo)
             )
         }
-        let gw = grad_weight(&g, slice(s1, l1)?, slice(s2, l2)?);
+        let gw = grad_weight(
+            &g,
+            super::host_f32("conv2d", s1, l1)?,
+            super::host_f32("conv2d", s2, l2)?,
+        );
         Ok((CpuStorage::F32(gw), Shape::from(self.w_dims.clone())))
     }
 }

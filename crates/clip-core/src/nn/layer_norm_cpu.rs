@@ -9,13 +9,6 @@
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-    let Some((start, end)) = l.contiguous_offsets() else {
-        candle_core::bail!("layer norm: operands must be contiguous")
-    };
-    Ok(&s.as_slice::<f32>()?[start..end])
-}
-
 /// Rows per parallel work item: small tensors stay on one thread.
 const ROWS_PER_TASK: usize = 64;
 
@@ -45,7 +38,11 @@ impl CustomOp3 for LayerNormOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (x, gamma, beta) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
+        let (x, gamma, beta) = (
+            super::host_f32("layer norm", s1, l1)?,
+            super::host_f32("layer norm", s2, l2)?,
+            super::host_f32("layer norm", s3, l3)?,
+        );
         let d = gamma.len();
         if d == 0 || x.len() % d != 0 || beta.len() != d {
             candle_core::bail!("layer norm: input {:?} does not fit weight ({d})", l1.dims())
@@ -102,7 +99,11 @@ impl CustomOp3 for LayerNormGrad {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (x, gamma, gy) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
+        let (x, gamma, gy) = (
+            super::host_f32("layer norm", s1, l1)?,
+            super::host_f32("layer norm", s2, l2)?,
+            super::host_f32("layer norm", s3, l3)?,
+        );
         let d = gamma.len();
         let mut out = vec![0f32; x.len() + 2 * d];
         let (dx, rest) = out.split_at_mut(x.len());

@@ -328,7 +328,7 @@ impl Trainer {
         Ok(())
     }
 
-    /// metrics.json, loss.csv and loss.png from the history.
+    /// metrics.json and loss.csv from the history (the programs draw the curves).
     pub fn write_metrics(&self) -> Result<()> {
         let h = &self.state.history;
         let metrics = serde_json::json!({
@@ -359,13 +359,7 @@ impl Trainer {
                 r.pairs_per_second
             ));
         }
-        write_atomic(&self.out.join("loss.csv"), csv.as_bytes())?;
-        let train: Vec<f64> = h.iter().map(|r| r.train_loss).collect();
-        let val: Vec<f64> = h.iter().map(|r| r.val_loss).collect();
-        crate::plot::line_plot(
-            &self.out.join("loss.png"),
-            &[(&train, [31, 119, 180]), (&val, [255, 127, 14])],
-        )
+        write_atomic(&self.out.join("loss.csv"), csv.as_bytes())
     }
 
     /// Loads the best weights saved so far into the model.

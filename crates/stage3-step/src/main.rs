@@ -5,17 +5,20 @@
 //! missing (a layer with no backward cuts the graph silently), a parameter the optimiser did not
 //! move, a frozen one it did, BatchNorm statistics that never update.
 
+use std::collections::HashMap;
 use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::Result;
+use candle_core::{DType, Device, Tensor};
 use clap::Parser;
+use clip_cli::DataArgs;
+use clip_cli::Report;
 use clip_core::config::LossKind;
-use clip_core::model::{Embeddings, Tower};
+use clip_core::model::Embeddings;
 use clip_core::optim::AdamW;
-use clip_core::prepare::{prepare, DataArgs};
-use clip_core::report::Report;
-use clip_core::train::{changed, gradient_coverage, snapshot, train_step};
+use clip_core::prepare::prepare;
+use clip_core::train::train_step_with;
 use clip_core::{device, ClipModel};
 
 #[derive(Parser)]
@@ -24,7 +27,7 @@ use clip_core::{device, ClipModel};
 )]
 struct Args {
     #[command(flatten)]
-    model: clip_core::cli::ModelArgs,
+    model: clip_cli::ModelArgs,
     #[command(flatten)]
     data: DataArgs,
     /// Pairs in the batch (default: the config's train.batch_size).
@@ -36,7 +39,7 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    clip_core::cli::run_stage(|| run(Args::parse()))
+    clip_cli::run_stage(|| run(Args::parse()))
 }
 
 fn run(args: Args) -> Result<ExitCode> {
@@ -54,13 +57,8 @@ fn run(args: Args) -> Result<ExitCode> {
         cfg.loss,
         device::describe(&dev)
     );
-    let data = prepare(&cfg, &args.data, None, &dev, false)?;
+    let data = prepare(&cfg, &args.data.source(), &dev, &clip_core::progress::Silent)?;
     let model = ClipModel::new(&cfg, &dev)?;
-    model.cut_gradient(match args.cut_gradient.as_deref() {
-        Some("image") => Some(Tower::Image),
-        Some("text") => Some(Tower::Text),
-        _ => None,
-    });
     let mut opt = AdamW::new(&model.params, &cfg.train)?;
 
     // One batch: the first training pairs.
@@ -102,7 +100,24 @@ fn run(args: Args) -> Result<ExitCode> {
 
     let before = snapshot(&model)?;
     let t = Instant::now();
-    let outcome = match train_step(&model, &mut opt, std::slice::from_ref(&batch), cfg.train.clip_grad_norm) {
+    // The model's own training forward pass, with the tower named by --cut-gradient detached
+    // before its projection head: a deliberate bug, to see the gradient check catch it.
+    let cut = args.cut_gradient.as_deref();
+    let forward = |m: &ClipModel, b: &clip_core::data::Batch| -> Result<Embeddings> {
+        let mut image = m.image_features(&b.images, true)?;
+        let mut text = m.text_features(&b.input_ids, &b.attention_mask, true)?;
+        match cut {
+            Some("image") => image = image.detach(),
+            Some("text") => text = text.detach(),
+            _ => {}
+        }
+        Ok(Embeddings {
+            image: m.project_image(&image, true)?,
+            text: m.project_text(&text, true)?,
+        })
+    };
+    let batches = std::slice::from_ref(&batch);
+    let outcome = match train_step_with(&model, &mut opt, batches, cfg.train.clip_grad_norm, forward) {
         Ok(o) => o,
         Err(e) => {
             report.check("step", false, format!("{e:#}"));
@@ -243,12 +258,37 @@ fn list(prefix: &str, names: &[&str]) -> String {
     if names.is_empty() {
         return String::new();
     }
-    let mut s = format!(
-        "{prefix}{}",
-        names.iter().take(12).cloned().collect::<Vec<_>>().join(", ")
-    );
-    if names.len() > 12 {
-        s.push_str(&format!(" … and {} more", names.len() - 12));
+    format!("{prefix}{}", clip_core::listing::first_n(names, 12, ", "))
+}
+
+/// Per-variable gradient health: (name, finite, non-zero). A missing gradient counts as zero.
+fn gradient_coverage(names: &[String], grads: &HashMap<String, Tensor>) -> Result<Vec<(String, bool, bool)>> {
+    let mut out = vec![];
+    for n in names {
+        match grads.get(n) {
+            None => out.push((n.clone(), true, false)),
+            Some(g) => {
+                let v = g.flatten_all()?.to_vec1::<f32>()?;
+                let finite = v.iter().all(|x| x.is_finite());
+                let nonzero = v.iter().any(|x| *x != 0.0);
+                out.push((n.clone(), finite, nonzero));
+            }
+        }
     }
-    s
+    Ok(out)
+}
+
+/// Copies every tensor of the model to the CPU, by name (to compare before and after a step).
+fn snapshot(model: &ClipModel) -> Result<HashMap<String, Tensor>> {
+    model
+        .params
+        .entries()
+        .into_iter()
+        .map(|(n, e)| Ok((n, e.var.as_tensor().detach().to_device(&Device::Cpu)?.copy()?)))
+        .collect()
+}
+
+/// Whether two snapshots of a tensor differ anywhere.
+fn changed(a: &Tensor, b: &Tensor) -> Result<bool> {
+    Ok(a.ne(b)?.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()? > 0.0)
 }

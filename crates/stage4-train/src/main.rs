@@ -11,13 +11,13 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use clap::Parser;
+use clip_cli::plot;
+use clip_cli::DataArgs;
+use clip_cli::Report;
 use clip_core::checkpoint::RunDir;
-use clip_core::config::Schedule;
+use clip_core::device;
 use clip_core::fit::Trainer;
-use clip_core::prepare::{prepare, DataArgs};
-use clip_core::report::Report;
-use clip_core::{device, plot};
-use indicatif::{ProgressBar, ProgressStyle};
+use clip_core::prepare::prepare;
 
 /// Datasets up to this many images must be learned perfectly (retrieval on the training pairs).
 const SMALL_DATASET: usize = 64;
@@ -29,7 +29,7 @@ const SMALL_DATASET: usize = 64;
 )]
 struct Args {
     #[command(flatten)]
-    model: clip_core::cli::ModelArgs,
+    model: clip_cli::ModelArgs,
     #[command(flatten)]
     data: DataArgs,
     /// The run folder to write (default: a new folder under runs/).
@@ -38,49 +38,12 @@ struct Args {
     /// Continue the run in this folder from its last completed epoch (up to --epochs in all).
     #[arg(long, value_name = "RUN", conflicts_with = "out")]
     resume: Option<PathBuf>,
-    /// Epochs in all (a resumed run continues up to this many) [default: the config's].
-    #[arg(long)]
-    epochs: Option<usize>,
-    /// Pairs per batch [default: the config's].
-    #[arg(long)]
-    batch_size: Option<usize>,
-    /// Learning rate of the image tower.
-    #[arg(long)]
-    lr_image: Option<f64>,
-    /// Learning rate of the text tower.
-    #[arg(long)]
-    lr_text: Option<f64>,
-    /// Learning rate of the projection heads (and the clip loss's temperature).
-    #[arg(long)]
-    lr_head: Option<f64>,
-    /// Weight decay of the heads (the towers have none, as in the tutorial).
-    #[arg(long)]
-    weight_decay: Option<f64>,
-    /// plateau (ReduceLROnPlateau on validation loss) or cosine (with --warmup-steps).
-    #[arg(long, value_parser = ["plateau", "cosine"])]
-    schedule: Option<String>,
-    /// Steps of linear warm-up for the cosine schedule.
-    #[arg(long)]
-    warmup_steps: Option<usize>,
-    /// Clip gradients to this global norm (0 = off).
-    #[arg(long)]
-    clip_grad_norm: Option<f64>,
-    /// Accumulate gradients over this many batches per step.
-    #[arg(long)]
-    accumulate: Option<usize>,
-    /// Train-time augmentation (random resized crop + horizontal flip).
-    #[arg(long)]
-    augment: bool,
-    /// Keep the image tower's weights fixed (no gradient, no optimiser state).
-    #[arg(long)]
-    freeze_image: bool,
-    /// Keep the text tower's weights fixed (no gradient, no optimiser state).
-    #[arg(long)]
-    freeze_text: bool,
+    #[command(flatten)]
+    train: clip_cli::TrainArgs,
 }
 
 fn main() -> ExitCode {
-    clip_core::cli::run_stage(|| run(Args::parse()))
+    clip_cli::run_stage(|| run(Args::parse()))
 }
 
 fn run(args: Args) -> Result<ExitCode> {
@@ -91,7 +54,7 @@ fn run(args: Args) -> Result<ExitCode> {
         Some(run) => RunDir::open(run)?.config()?,
         None => args.model.load_config()?,
     };
-    apply_overrides(&mut cfg, &args);
+    args.train.apply(&mut cfg);
     cfg.validate()?;
     let dev = args.model.device()?;
     let out = match (&args.resume, &args.out) {
@@ -108,7 +71,9 @@ fn run(args: Args) -> Result<ExitCode> {
     );
 
     let tokenizer = args.resume.as_ref().map(|r| r.join(clip_core::checkpoint::TOKENIZER));
-    let data = prepare(&cfg, &args.data, tokenizer.as_deref(), &dev, true)?;
+    let mut source = args.data.source();
+    source.tokenizer = tokenizer.or(source.tokenizer);
+    let data = prepare(&cfg, &source, &dev, &clip_cli::progress::Bar::new())?;
     println!(
         "data: {} pairs of {} images; training on {}, validating on {}{}",
         data.dataset.pairs.len(),
@@ -140,13 +105,7 @@ fn run(args: Args) -> Result<ExitCode> {
     );
     while t.state.epoch < cfg.train.epochs {
         let epoch = t.state.epoch + 1;
-        let bar = ProgressBar::new(steps);
-        bar.set_style(
-            ProgressStyle::with_template("epoch {prefix} [{bar:30}] {pos}/{len} {msg}")
-                .unwrap()
-                .progress_chars("=> "),
-        );
-        bar.set_prefix(format!("{epoch}/{}", cfg.train.epochs));
+        let bar = clip_cli::progress::epoch_bar(epoch, cfg.train.epochs, steps);
         let lr = t.opt.groups[&clip_core::params::Group::Heads].lr;
         let started = Instant::now();
         let trained = t.train_epoch(|_, loss, pps| {
@@ -164,6 +123,7 @@ fn run(args: Args) -> Result<ExitCode> {
         let v = t.validate()?;
         let secs = started.elapsed().as_secs_f64();
         let best = t.end_epoch(train_loss, &v, secs, pps)?;
+        plot_losses(&t)?;
         // Class folders: zero-shot accuracy; captions: recall@1 both ways.
         let quality = match v.zero_shot {
             Some(acc) => format!("zero-shot acc {acc:.3}"),
@@ -252,47 +212,6 @@ fn run(args: Args) -> Result<ExitCode> {
     report.finish(args.model.json.as_deref())
 }
 
-fn apply_overrides(cfg: &mut clip_core::ClipConfig, a: &Args) {
-    let t = &mut cfg.train;
-    if let Some(v) = a.epochs {
-        t.epochs = v;
-    }
-    if let Some(v) = a.batch_size {
-        t.batch_size = v;
-    }
-    if let Some(v) = a.lr_image {
-        t.lr_image = v;
-    }
-    if let Some(v) = a.lr_text {
-        t.lr_text = v;
-    }
-    if let Some(v) = a.lr_head {
-        t.lr_head = v;
-    }
-    if let Some(v) = a.weight_decay {
-        t.weight_decay = v;
-    }
-    if let Some(v) = &a.schedule {
-        t.schedule = if v == "cosine" {
-            Schedule::Cosine
-        } else {
-            Schedule::Plateau
-        };
-    }
-    if let Some(v) = a.warmup_steps {
-        t.warmup_steps = v;
-    }
-    if let Some(v) = a.clip_grad_norm {
-        t.clip_grad_norm = v;
-    }
-    if let Some(v) = a.accumulate {
-        t.accumulate = v;
-    }
-    t.freeze_image |= a.freeze_image;
-    t.freeze_text |= a.freeze_text;
-    cfg.data.augment |= a.augment;
-}
-
 /// runs/<timestamp>, unique.
 fn new_run_dir() -> Result<PathBuf> {
     let secs = std::time::SystemTime::now()
@@ -310,4 +229,15 @@ fn new_run_dir() -> Result<PathBuf> {
         }
     }
     unreachable!()
+}
+
+/// loss.png: training and validation loss per epoch.
+fn plot_losses(t: &Trainer) -> Result<()> {
+    let h = &t.state.history;
+    let train: Vec<f64> = h.iter().map(|r| r.train_loss).collect();
+    let val: Vec<f64> = h.iter().map(|r| r.val_loss).collect();
+    plot::line_plot(
+        &t.out.join("loss.png"),
+        &[(&train, [31, 119, 180]), (&val, [255, 127, 14])],
+    )
 }

@@ -1,5 +1,3 @@
-use std::sync::atomic::{AtomicU8, Ordering};
-
 use anyhow::Result;
 use candle_core::{Device, ModuleT, Tensor};
 
@@ -27,15 +25,6 @@ pub struct ClipModel {
     text_projection: ProjectionHead,
     logit_scale: Option<Tensor>,
     dropout_rng: DropoutRng,
-    cut: AtomicU8,
-}
-
-/// A tower whose output can be cut from the graph on purpose (stage 3's `--cut-gradient`), to see
-/// the gradient check name every variable upstream of the cut.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Tower {
-    Image,
-    Text,
 }
 
 impl ClipModel {
@@ -89,7 +78,6 @@ impl ClipModel {
             text_projection,
             logit_scale,
             dropout_rng,
-            cut: AtomicU8::new(0),
         })
     }
 
@@ -102,37 +90,34 @@ impl ClipModel {
         self.dropout_rng.reseed(seed)
     }
 
-    /// Detaches a tower's output from the graph (a deliberate bug, for demonstrating the checks).
-    pub fn cut_gradient(&self, tower: Option<Tower>) {
-        let v = match tower {
-            None => 0,
-            Some(Tower::Image) => 1,
-            Some(Tower::Text) => 2,
-        };
-        self.cut.store(v, Ordering::Relaxed);
+    /// The image tower's pooled features (B, F), before the projection head.
+    pub fn image_features(&self, images: &Tensor, train: bool) -> Result<Tensor> {
+        Ok(self.image_encoder.forward_t(images, train)?)
     }
 
-    fn is_cut(&self, tower: Tower) -> bool {
-        let v = self.cut.load(Ordering::Relaxed);
-        (v == 1 && tower == Tower::Image) || (v == 2 && tower == Tower::Text)
+    /// The image projection head: tower features (B, F) → embeddings (B, P).
+    pub fn project_image(&self, features: &Tensor, train: bool) -> Result<Tensor> {
+        Ok(self.image_projection.forward_t(features, train)?)
+    }
+
+    /// The text tower's pooled output (B, D) (the CLS token), before the projection head.
+    pub fn text_features(&self, input_ids: &Tensor, attention_mask: &Tensor, train: bool) -> Result<Tensor> {
+        Ok(self.text_encoder.forward(input_ids, attention_mask, train)?)
+    }
+
+    /// The text projection head: tower output (B, D) → embeddings (B, P).
+    pub fn project_text(&self, features: &Tensor, train: bool) -> Result<Tensor> {
+        Ok(self.text_projection.forward_t(features, train)?)
     }
 
     /// Images (B, 3, S, S), normalised → embeddings (B, P).
     pub fn encode_image(&self, images: &Tensor, train: bool) -> Result<Tensor> {
-        let mut features = self.image_encoder.forward_t(images, train)?;
-        if self.is_cut(Tower::Image) {
-            features = features.detach();
-        }
-        Ok(self.image_projection.forward_t(&features, train)?)
+        self.project_image(&self.image_features(images, train)?, train)
     }
 
     /// Token ids and attention mask (B, L) → embeddings (B, P).
     pub fn encode_text(&self, input_ids: &Tensor, attention_mask: &Tensor, train: bool) -> Result<Tensor> {
-        let mut cls = self.text_encoder.forward(input_ids, attention_mask, train)?;
-        if self.is_cut(Tower::Text) {
-            cls = cls.detach();
-        }
-        Ok(self.text_projection.forward_t(&cls, train)?)
+        self.project_text(&self.text_features(input_ids, attention_mask, train)?, train)
     }
 
     pub fn forward(

@@ -42,7 +42,6 @@ fn tiny_learns_the_demo_set() {
         "tokenizer.json",
         "metrics.json",
         "loss.csv",
-        "loss.png",
         "last/state.json",
     ] {
         assert!(out.path().join(f).is_file(), "missing {f}");

@@ -16,7 +16,8 @@ const USAGE: &str = "\
 cargo xtask bench [WHAT…] [OPTIONS]
 
 WHAT: train (clipmine vs the PyTorch reference), loader (data pipeline against training steps),
-      index (building an image index), search (a query over 1,000,000 embeddings); default: all.
+      index (building an image index), search (a query over 1,000,000 embeddings), frozen (epochs
+      with both towers frozen: cached features against recomputing them); default: all.
 Options:
   --preset NAME     model for `train` (default tiny)
   --batch-size B    (default 16)
@@ -38,7 +39,7 @@ pub fn run(args: &[String]) -> Result<bool> {
                 print!("{USAGE}");
                 return Ok(true);
             }
-            "train" | "loader" | "index" | "search" => what.push(a.clone()),
+            "train" | "loader" | "index" | "search" | "frozen" => what.push(a.clone()),
             "--preset" => preset = val()?,
             "--batch-size" => batch = val()?,
             "--steps" => steps = val()?,
@@ -47,7 +48,13 @@ pub fn run(args: &[String]) -> Result<bool> {
         }
     }
     if what.is_empty() {
-        what = vec!["train".into(), "loader".into(), "index".into(), "search".into()];
+        what = vec![
+            "train".into(),
+            "loader".into(),
+            "index".into(),
+            "search".into(),
+            "frozen".into(),
+        ];
     }
     let root = workspace_root();
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
@@ -62,6 +69,8 @@ pub fn run(args: &[String]) -> Result<bool> {
             "bench",
             "--example",
             "bench_loader",
+            "--example",
+            "bench_frozen",
         ])
         .status()?;
     if !status.success() {
@@ -140,6 +149,14 @@ pub fn run(args: &[String]) -> Result<bool> {
             }
             "index" => println!("{}", json_line(Command::new(examples.join("bench")).args(["index"]))?),
             "search" => println!("{}", json_line(Command::new(examples.join("bench")).args(["search"]))?),
+            "frozen" => {
+                for args in [
+                    ["--preset", "tiny", "--images", "256"],
+                    ["--preset", "simple-clip", "--images", "32"],
+                ] {
+                    println!("{}", json_line(Command::new(examples.join("bench_frozen")).args(args))?);
+                }
+            }
             _ => unreachable!(),
         }
     }

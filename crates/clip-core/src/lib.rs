@@ -19,6 +19,7 @@ pub mod report;
 pub const CANDLE_VERSION: &str = "0.11.1";
 pub mod data;
 pub mod embed;
+pub mod feature_cache;
 pub mod fit;
 pub mod index;
 pub mod optim;

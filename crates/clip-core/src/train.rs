@@ -46,7 +46,7 @@ pub fn train_step(
     let mut total_loss = 0.0;
     let mut acc: Grads = HashMap::new();
     for b in micro_batches {
-        let e = model.forward(&b.images, &b.input_ids, &b.attention_mask, true)?;
+        let e = model.forward_batch(b, true)?;
         let loss = model.loss(&e, Some(&b.positives))?;
         let value = loss.to_scalar::<f32>()? as f64;
         if !value.is_finite() {
@@ -88,7 +88,7 @@ pub fn train_step(
 
 /// Loss of a batch in evaluation mode (no dropout, BatchNorm running statistics).
 pub fn eval_loss(model: &ClipModel, batch: &Batch) -> Result<f64> {
-    let e = model.forward(&batch.images, &batch.input_ids, &batch.attention_mask, false)?;
+    let e = model.forward_batch(batch, false)?;
     Ok(model.loss(&e, Some(&batch.positives))?.to_scalar::<f32>()? as f64)
 }
 

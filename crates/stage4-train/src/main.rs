@@ -25,7 +25,7 @@ const SMALL_DATASET: usize = 64;
 #[derive(Parser)]
 #[command(
     about = "Stage 4 — train for many epochs, keep the best model, check that it learned.",
-    after_help = "Examples:\n  stage4-train                                   the demo set, tiny preset\n  stage4-train --data photos/ --epochs 60 --out runs/mine\n  stage4-train --resume runs/mine --epochs 80     continue where it stopped\n\nThe run folder holds model.safetensors (best by validation loss), config.toml, tokenizer.json,\nmetrics.json, loss.csv/png, similarity_before/after.png, and last/ for --resume.\nUse it with clip-predict."
+    after_help = "Examples:\n  stage4-train                                   the demo set, tiny preset\n  stage4-train --data photos/ --epochs 60 --out runs/mine\n  stage4-train --resume runs/mine --epochs 80     continue where it stopped\n  stage4-train --freeze both --epochs 20          train only the heads (tower features cached)\n\nThe run folder holds model.safetensors (best by validation loss), config.toml, tokenizer.json,\nmetrics.json, loss.csv/png, similarity_before/after.png, and last/ for --resume.\nUse it with clip-predict."
 )]
 struct Args {
     #[command(flatten)]
@@ -71,12 +71,24 @@ struct Args {
     /// Train-time augmentation (random resized crop + horizontal flip).
     #[arg(long)]
     augment: bool,
-    /// Keep the image tower's weights fixed (no gradient, no optimiser state).
-    #[arg(long)]
+    /// Keep a tower fixed (image, text or both): it runs in evaluation mode, gets no gradient and
+    /// no optimiser state, and its features are computed once and cached (the image tower's only
+    /// without --augment), so an epoch costs only what still trains.
+    #[arg(long, value_name = "TOWER", value_parser = ["image", "text", "both"])]
+    freeze: Option<String>,
+    /// Same as --freeze image (kept for older scripts).
+    #[arg(long, hide = true)]
     freeze_image: bool,
-    /// Keep the text tower's weights fixed (no gradient, no optimiser state).
-    #[arg(long)]
+    /// Same as --freeze text (kept for older scripts).
+    #[arg(long, hide = true)]
     freeze_text: bool,
+    /// Where frozen towers' features are cached [default: RUN/feature-cache]; share one folder
+    /// between runs of the same frozen towers to compute them only once.
+    #[arg(long, value_name = "DIR")]
+    feature_cache: Option<PathBuf>,
+    /// Run frozen towers on every batch instead of caching their features.
+    #[arg(long, conflicts_with = "feature_cache")]
+    no_feature_cache: bool,
 }
 
 fn main() -> ExitCode {
@@ -91,7 +103,7 @@ fn run(args: Args) -> Result<ExitCode> {
         Some(run) => RunDir::open(run)?.config()?,
         None => args.model.load_config()?,
     };
-    apply_overrides(&mut cfg, &args);
+    apply_overrides(&mut cfg, &args)?;
     cfg.validate()?;
     let dev = args.model.device()?;
     let out = match (&args.resume, &args.out) {
@@ -125,6 +137,12 @@ fn run(args: Args) -> Result<ExitCode> {
         Some(_) => Trainer::resume(&cfg, data, &out)?,
         None => Trainer::new(&cfg, data, &out)?,
     };
+    if args.no_feature_cache {
+        t.set_feature_cache(None);
+    } else if let Some(dir) = &args.feature_cache {
+        t.set_feature_cache(Some(dir.clone()));
+    }
+    describe_frozen(&t)?;
     if t.state.epoch == 0 {
         plot::heat_map(&out.join("similarity_before.png"), &t.fixed_similarity()?, -1.0, 1.0)?;
     } else {
@@ -252,7 +270,52 @@ fn run(args: Args) -> Result<ExitCode> {
     report.finish(args.model.json.as_deref())
 }
 
-fn apply_overrides(cfg: &mut clip_core::ClipConfig, a: &Args) {
+/// Says which towers are frozen and where their cached features came from.
+fn describe_frozen(t: &Trainer) -> Result<()> {
+    let tr = &t.cfg.train;
+    if !tr.freeze_image && !tr.freeze_text {
+        return Ok(());
+    }
+    let (image, text) = t.cached_towers();
+    let started = Instant::now();
+    let frozen = t.frozen_features()?;
+    for (tower, is_frozen, cached, rows) in [
+        (
+            "image",
+            tr.freeze_image,
+            image,
+            frozen.as_ref().and_then(|f| f.image.as_ref()),
+        ),
+        (
+            "text",
+            tr.freeze_text,
+            text,
+            frozen.as_ref().and_then(|f| f.text.as_ref()),
+        ),
+    ] {
+        if !is_frozen {
+            continue;
+        }
+        match rows {
+            Some(r) => println!(
+                "frozen {tower} tower: features of {} {}s cached in {} ({} reused, {} computed, {:.1}s)",
+                r.distinct(),
+                if tower == "image" { "image" } else { "distinct caption" },
+                r.file.display(),
+                r.reused,
+                r.computed,
+                started.elapsed().as_secs_f64()
+            ),
+            None if !cached && tower == "image" && t.cfg.data.augment => {
+                println!("frozen image tower: runs on every batch (augmented images are new inputs every epoch)")
+            }
+            None => println!("frozen {tower} tower: runs on every batch (--no-feature-cache)"),
+        }
+    }
+    Ok(())
+}
+
+fn apply_overrides(cfg: &mut clip_core::ClipConfig, a: &Args) -> Result<()> {
     let t = &mut cfg.train;
     if let Some(v) = a.epochs {
         t.epochs = v;
@@ -290,7 +353,11 @@ fn apply_overrides(cfg: &mut clip_core::ClipConfig, a: &Args) {
     }
     t.freeze_image |= a.freeze_image;
     t.freeze_text |= a.freeze_text;
+    if let Some(towers) = &a.freeze {
+        t.freeze(towers)?;
+    }
     cfg.data.augment |= a.augment;
+    Ok(())
 }
 
 /// runs/<timestamp>, unique.

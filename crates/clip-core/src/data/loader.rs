@@ -30,7 +30,7 @@ const PREFETCH: usize = 2;
 
 /// One batch of B pairs: pair k is (image k, caption k).
 pub struct Batch {
-    /// (B, 3, S, S) f32, normalised; an empty (B, 0) tensor when `image_features` is set.
+    /// (B, 3, S, S) f32, normalised; an empty (B, 0) CPU tensor when `image_features` is set.
     pub images: Tensor,
     /// (B, L) u32, `[CLS] … [SEP] [PAD]…`, L the longest caption of the batch.
     pub input_ids: Tensor,
@@ -132,8 +132,9 @@ fn to_batch(raw: RawBatch, size: usize, device: &Device) -> Result<Batch> {
         })
     };
     Ok(Batch {
+        // Kept on the CPU: nothing reads it, and some GPU back-ends reject empty allocations.
         images: if raw.image_features.is_some() {
-            Tensor::zeros((b, 0), candle_core::DType::F32, device)?
+            Tensor::zeros((b, 0), candle_core::DType::F32, &Device::Cpu)?
         } else {
             Tensor::from_vec(raw.images, (b, 3, size, size), device)?
         },

@@ -19,6 +19,7 @@ Options:
   --device DEV      auto | cpu | cuda[:N] | metal (default: cpu)
   --seed N          seed for every stage (default: the config's)
   --epochs N        override the number of training epochs (stage 4)
+  --freeze TOWER    image | text | both: keep towers fixed in stages 3 and 4
   --out DIR         where reports and the run go (default: target/verify)
   --from N          start at stage N (later stages reuse nothing from skipped ones)
   --only N          run stage N alone
@@ -57,6 +58,7 @@ struct Opts {
     shared: Vec<String>,
     data: Vec<String>,
     epochs: Option<String>,
+    freeze: Vec<String>,
     out: PathBuf,
     from: u8,
     only: Option<u8>,
@@ -68,6 +70,7 @@ fn parse(args: &[String]) -> Result<Option<Opts>> {
         shared: vec![],
         data: vec![],
         epochs: None,
+        freeze: vec![],
         out: PathBuf::from("target/verify"),
         from: 1,
         only: None,
@@ -93,6 +96,7 @@ fn parse(args: &[String]) -> Result<Option<Opts>> {
             }
             "--skip-bad" => o.data.push(a.clone()),
             "--epochs" => o.epochs = Some(val()?),
+            "--freeze" => o.freeze = vec![a.clone(), val()?],
             "--out" => o.out = PathBuf::from(val()?),
             "--from" => o.from = val()?.parse().context("--from takes a stage number 1–4")?,
             "--only" => o.only = Some(val()?.parse().context("--only takes a stage number 1–4")?),
@@ -140,6 +144,9 @@ pub fn run(args: &[String]) -> Result<bool> {
         cmd.args(&o.shared).arg("--json").arg(&json);
         if n >= 2 {
             cmd.args(&o.data);
+        }
+        if n >= 3 {
+            cmd.args(&o.freeze);
         }
         if n == 4 {
             if run_dir.exists() {

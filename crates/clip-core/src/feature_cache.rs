@@ -106,10 +106,11 @@ pub fn tower_fingerprint(params: &ParamStore, cfg: &ClipConfig, tower: CachedTow
 /// Everything besides the weights that decides a tower's output for a stored input.
 fn preprocessing(cfg: &ClipConfig, tower: CachedTower) -> Result<String> {
     Ok(match tower {
+        // The whole data section, not just `center_crop`: whatever decides the pixels is there.
         CachedTower::Image => format!(
-            "image {} center_crop {} mean {:?} std {:?}",
+            "image {} data {} mean {:?} std {:?}",
             serde_json::to_string(&cfg.image)?,
-            cfg.data.center_crop,
+            serde_json::to_string(&cfg.data)?,
             IMAGENET_MEAN,
             IMAGENET_STD
         ),

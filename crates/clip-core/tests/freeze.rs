@@ -157,6 +157,13 @@ fn the_cache_is_computed_once_and_hit_afterwards() {
     t.fixed_similarity().unwrap();
     assert_eq!(t.model.tower_calls(), calls);
 
+    // Resuming the run reads its own cache.
+    let mut resumed = Trainer::resume(&cfg, data(&cfg, None), run.path()).unwrap();
+    train(&mut resumed, 3);
+    let f = resumed.frozen_features().unwrap().unwrap();
+    assert_eq!(f.image.as_ref().unwrap().computed, 0);
+    assert_eq!(resumed.model.tower_calls(), (0, 0));
+
     // A new run on the same cache folder reads every feature and runs no tower at all.
     let other = tempfile::tempdir().unwrap();
     let mut t2 = Trainer::new(&cfg, data(&cfg, None), other.path()).unwrap();
@@ -301,4 +308,28 @@ fn cached_features_give_the_same_losses_as_running_the_towers() {
         );
         assert_eq!((ra.i2t_r1, ra.t2i_r1), (rb.i2t_r1, rb.t2i_r1));
     }
+}
+
+#[test]
+fn cached_features_of_a_trainable_tower_are_refused() {
+    let cfg = frozen(true, false);
+    let d = data(&cfg, None);
+    let model = ClipModel::new(&cfg, &Device::Cpu).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cache = FeatureCache::new(dir.path());
+    let f = clip_core::feature_cache::FrozenFeatures {
+        image: Some(cache.image_features(&model, &d.store, 8).unwrap()),
+        text: Some(
+            cache
+                .text_features(&model, &d.loader, d.dataset.pairs.len(), 8)
+                .unwrap(),
+        ),
+    };
+    let b = d.loader.batch_with(&d.split.train[..4], Some(&f)).unwrap();
+    let err = model.forward_batch(&b, true).err().unwrap();
+    assert!(format!("{err:#}").contains("not frozen"), "{err:#}");
+    let f = clip_core::feature_cache::FrozenFeatures { text: None, ..f };
+    let b = d.loader.batch_with(&d.split.train[..4], Some(&f)).unwrap();
+    assert_eq!(b.images.dims(), [4, 0]);
+    model.forward_batch(&b, true).unwrap();
 }

@@ -201,6 +201,12 @@ impl ClipModel {
     /// Embeddings of a batch: a tower whose cached features the batch carries is not run (its
     /// features go straight to the head); the others run as in [`ClipModel::forward`].
     pub fn forward_batch(&self, b: &Batch, train: bool) -> Result<Embeddings> {
+        // Features stand in for a tower only while its weights cannot change.
+        if (b.image_features.is_some() && !self.image_frozen()) || (b.text_features.is_some() && !self.text_frozen()) {
+            anyhow::bail!(
+                "a batch carries cached features of a tower that is not frozen: they would go stale as it trains"
+            );
+        }
         let image = match &b.image_features {
             Some(f) => self.project_image(f, train)?,
             None => self.encode_image(&b.images, train)?,

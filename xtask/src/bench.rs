@@ -51,6 +51,8 @@ enum What {
     Index,
     /// A query over 1,000,000 embeddings.
     Search,
+    /// Epochs with both towers frozen: cached features against recomputing them.
+    Frozen,
 }
 
 pub fn run(args: Args) -> Result<bool> {
@@ -63,7 +65,7 @@ pub fn run(args: Args) -> Result<bool> {
     } = args;
     let (batch, steps, reference) = (batch_size.to_string(), steps.to_string(), !no_reference);
     if what.is_empty() {
-        what = vec![What::Train, What::Loader, What::Index, What::Search];
+        what = vec![What::Train, What::Loader, What::Index, What::Search, What::Frozen];
     }
     let root = workspace_root();
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
@@ -78,6 +80,8 @@ pub fn run(args: Args) -> Result<bool> {
             "bench",
             "--example",
             "bench_loader",
+            "--example",
+            "bench_frozen",
         ])
         .status()?;
     if !status.success() {
@@ -156,6 +160,14 @@ pub fn run(args: Args) -> Result<bool> {
             }
             What::Index => println!("{}", json_line(Command::new(examples.join("bench")).args(["index"]))?),
             What::Search => println!("{}", json_line(Command::new(examples.join("bench")).args(["search"]))?),
+            What::Frozen => {
+                for args in [
+                    ["--preset", "tiny", "--images", "256"],
+                    ["--preset", "simple-clip", "--images", "32"],
+                ] {
+                    println!("{}", json_line(Command::new(examples.join("bench_frozen")).args(args))?);
+                }
+            }
         }
     }
     Ok(true)

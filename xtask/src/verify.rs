@@ -63,6 +63,9 @@ pub struct Args {
     /// Override the number of training epochs (stage 4).
     #[arg(long, value_name = "N")]
     epochs: Option<usize>,
+    /// image | text | both: keep towers fixed in stages 3 and 4.
+    #[arg(long, value_name = "TOWER", value_parser = ["image", "text", "both"])]
+    freeze: Option<String>,
     /// Where reports and the run go (relative paths are under the workspace root).
     #[arg(long, value_name = "DIR", default_value = "target/verify")]
     out: PathBuf,
@@ -138,6 +141,9 @@ pub fn run(o: Args) -> Result<bool> {
         cmd.args(o.shared()).arg("--json").arg(&json);
         if n >= 2 {
             cmd.args(o.data());
+        }
+        if let (true, Some(f)) = (n >= 3, &o.freeze) {
+            cmd.args(["--freeze", f]);
         }
         if n == 4 {
             if run_dir.exists() {

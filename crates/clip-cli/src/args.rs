@@ -108,11 +108,16 @@ pub struct TrainArgs {
     /// Train-time augmentation (random resized crop + horizontal flip).
     #[arg(long)]
     pub augment: bool,
-    /// Keep the image tower's weights fixed (no gradient, no optimiser state).
-    #[arg(long)]
+    /// Keep a tower fixed (image, text or both): it runs in evaluation mode, gets no gradient and
+    /// no optimiser state, and its features are computed once and cached (the image tower's only
+    /// without --augment), so an epoch costs only what still trains.
+    #[arg(long, value_name = "TOWER", value_parser = ["image", "text", "both"])]
+    pub freeze: Option<String>,
+    /// Same as --freeze image (kept for older scripts).
+    #[arg(long, hide = true)]
     pub freeze_image: bool,
-    /// Keep the text tower's weights fixed (no gradient, no optimiser state).
-    #[arg(long)]
+    /// Same as --freeze text (kept for older scripts).
+    #[arg(long, hide = true)]
     pub freeze_text: bool,
 }
 
@@ -126,7 +131,7 @@ fn parse_schedule(s: &str) -> std::result::Result<Schedule, String> {
 
 impl TrainArgs {
     /// Writes every given flag into `cfg`; flags not given leave the config's value.
-    pub fn apply(&self, cfg: &mut ClipConfig) {
+    pub fn apply(&self, cfg: &mut ClipConfig) -> Result<()> {
         let t = &mut cfg.train;
         set(&mut t.epochs, self.epochs);
         set(&mut t.batch_size, self.batch_size);
@@ -140,7 +145,11 @@ impl TrainArgs {
         set(&mut t.accumulate, self.accumulate);
         t.freeze_image |= self.freeze_image;
         t.freeze_text |= self.freeze_text;
+        if let Some(towers) = &self.freeze {
+            t.freeze(towers)?;
+        }
         cfg.data.augment |= self.augment;
+        Ok(())
     }
 }
 
@@ -177,11 +186,11 @@ mod tests {
     fn given_flags_override_the_config_and_only_those() {
         let mut cfg = ClipConfig::default();
         let before = cfg.clone();
-        let cli = Cli::parse_from(["x", "--epochs", "7", "--schedule", "cosine", "--freeze-text"]);
-        cli.train.apply(&mut cfg);
+        let cli = Cli::parse_from(["x", "--epochs", "7", "--schedule", "cosine", "--freeze", "text"]);
+        cli.train.apply(&mut cfg).unwrap();
         assert_eq!(cfg.train.epochs, 7);
         assert_eq!(cfg.train.schedule, Schedule::Cosine);
-        assert!(cfg.train.freeze_text);
+        assert!(cfg.train.freeze_text && !cfg.train.freeze_image);
         assert_eq!(cfg.train.lr_head, before.train.lr_head);
         assert_eq!(cfg.train.batch_size, before.train.batch_size);
         assert!(Cli::try_parse_from(["x", "--schedule", "linear"]).is_err());

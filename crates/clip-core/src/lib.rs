@@ -13,6 +13,8 @@ pub mod data;
 pub mod device;
 /// Embedding many images or captions in evaluation mode.
 pub mod embed;
+/// Frozen towers' outputs computed once and kept on disk.
+pub mod feature_cache;
 /// Training over many epochs, with validation, checkpoints and resume.
 pub mod fit;
 /// An incremental image index for text → image search.

@@ -34,7 +34,7 @@ pub fn train_step(
     clip_grad_norm: f64,
 ) -> Result<StepOutcome> {
     train_step_with(model, opt, micro_batches, clip_grad_norm, |m, b| {
-        m.forward(&b.images, &b.input_ids, &b.attention_mask, true)
+        m.forward_batch(b, true)
     })
 }
 
@@ -97,6 +97,6 @@ pub fn train_step_with(
 
 /// Loss of a batch in evaluation mode (no dropout, BatchNorm running statistics).
 pub fn eval_loss(model: &ClipModel, batch: &Batch) -> Result<f64> {
-    let e = model.forward(&batch.images, &batch.input_ids, &batch.attention_mask, false)?;
+    let e = model.forward_batch(batch, false)?;
     Ok(model.loss(&e, Some(&batch.positives))?.to_scalar::<f32>()? as f64)
 }

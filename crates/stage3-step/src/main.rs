@@ -3,7 +3,8 @@
 //! One batch, one forward pass, one backward pass, one AdamW step. Then the checks that catch the
 //! bugs a loss curve hides: a loss far from its value at chance, a variable whose gradient is
 //! missing (a layer with no backward cuts the graph silently), a parameter the optimiser did not
-//! move, a frozen one it did, BatchNorm statistics that never update.
+//! move, a frozen one it did, BatchNorm statistics that never update in a trainable image tower
+//! (or that move in a frozen one, which must run in evaluation mode).
 
 use std::collections::HashMap;
 use std::process::ExitCode;
@@ -33,6 +34,9 @@ struct Args {
     /// Pairs in the batch (default: the config's train.batch_size).
     #[arg(long)]
     batch_size: Option<usize>,
+    /// Keep a tower fixed (image, text or both): it runs in evaluation mode and gets no gradient.
+    #[arg(long, value_name = "TOWER", value_parser = ["image", "text", "both"])]
+    freeze: Option<String>,
     /// Deliberately detach a tower's output (image or text) to see the gradient check catch it.
     #[arg(long, value_name = "TOWER", value_parser = ["image", "text"])]
     cut_gradient: Option<String>,
@@ -48,6 +52,9 @@ fn run(args: Args) -> Result<ExitCode> {
     let mut cfg = args.model.load_config()?;
     if let Some(b) = args.batch_size {
         cfg.train.batch_size = b;
+    }
+    if let Some(towers) = &args.freeze {
+        cfg.train.freeze(towers)?;
     }
     cfg.validate()?;
     let dev = args.model.device()?;
@@ -190,7 +197,8 @@ fn run(args: Args) -> Result<ExitCode> {
         },
     );
 
-    // Parameters moved; frozen ones and never-trained ones did not; BatchNorm statistics did.
+    // Parameters moved; frozen ones and never-trained ones did not; BatchNorm statistics did in a
+    // trainable image tower, and did not in a frozen one (it runs in evaluation mode).
     let after = snapshot(&model)?;
     let mut unchanged = vec![];
     let mut frozen_moved = vec![];
@@ -239,18 +247,29 @@ fn run(args: Args) -> Result<ExitCode> {
             format!("frozen tensors changed{}", list(": ", &frozen_ref))
         },
     );
-    report.check(
-        "batch norm",
-        stats_moved == stats_total,
-        format!(
-            "{stats_moved} of {stats_total} BatchNorm layers updated their running statistics{}",
-            if stats_moved == stats_total {
-                ""
+    let (bn_ok, bn_detail) = if cfg.train.freeze_image {
+        (
+            stats_moved == 0,
+            if stats_moved == 0 {
+                format!("all {stats_total} BatchNorm layers of the frozen image tower kept their running statistics (it runs in evaluation mode)")
             } else {
-                " — is training mode reaching the image tower?"
-            }
-        ),
-    );
+                format!("{stats_moved} of {stats_total} BatchNorm layers of the frozen image tower changed their running statistics — a frozen tower must run in evaluation mode")
+            },
+        )
+    } else {
+        (
+            stats_moved == stats_total,
+            format!(
+                "{stats_moved} of {stats_total} BatchNorm layers of the trainable image tower updated their running statistics{}",
+                if stats_moved == stats_total {
+                    ""
+                } else {
+                    " — is training mode reaching the image tower?"
+                }
+            ),
+        )
+    };
+    report.check("batch norm", bn_ok, bn_detail);
     report.finish(args.model.json.as_deref())
 }
 

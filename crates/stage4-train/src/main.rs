@@ -25,7 +25,7 @@ const SMALL_DATASET: usize = 64;
 #[derive(Parser)]
 #[command(
     about = "Stage 4 — train for many epochs, keep the best model, check that it learned.",
-    after_help = "Examples:\n  stage4-train                                   the demo set, tiny preset\n  stage4-train --data photos/ --epochs 60 --out runs/mine\n  stage4-train --resume runs/mine --epochs 80     continue where it stopped\n\nThe run folder holds model.safetensors (best by validation loss), config.toml, tokenizer.json,\nmetrics.json, loss.csv/png, similarity_before/after.png, and last/ for --resume.\nUse it with clip-predict."
+    after_help = "Examples:\n  stage4-train                                   the demo set, tiny preset\n  stage4-train --data photos/ --epochs 60 --out runs/mine\n  stage4-train --resume runs/mine --epochs 80     continue where it stopped\n  stage4-train --freeze both --epochs 20          train only the heads (tower features cached)\n\nThe run folder holds model.safetensors (best by validation loss), config.toml, tokenizer.json,\nmetrics.json, loss.csv/png, similarity_before/after.png, and last/ for --resume.\nUse it with clip-predict."
 )]
 struct Args {
     #[command(flatten)]
@@ -40,6 +40,13 @@ struct Args {
     resume: Option<PathBuf>,
     #[command(flatten)]
     train: clip_cli::TrainArgs,
+    /// Where frozen towers' features are cached [default: RUN/feature-cache]; share one folder
+    /// between runs of the same frozen towers to compute them only once.
+    #[arg(long, value_name = "DIR")]
+    feature_cache: Option<PathBuf>,
+    /// Run frozen towers on every batch instead of caching their features.
+    #[arg(long, conflicts_with = "feature_cache")]
+    no_feature_cache: bool,
 }
 
 fn main() -> ExitCode {
@@ -54,7 +61,7 @@ fn run(args: Args) -> Result<ExitCode> {
         Some(run) => RunDir::open(run)?.config()?,
         None => args.model.load_config()?,
     };
-    args.train.apply(&mut cfg);
+    args.train.apply(&mut cfg)?;
     cfg.validate()?;
     let dev = args.model.device()?;
     let out = match (&args.resume, &args.out) {
@@ -90,6 +97,12 @@ fn run(args: Args) -> Result<ExitCode> {
         Some(_) => Trainer::resume(&cfg, data, &out)?,
         None => Trainer::new(&cfg, data, &out)?,
     };
+    if args.no_feature_cache {
+        t.set_feature_cache(None);
+    } else if let Some(dir) = &args.feature_cache {
+        t.set_feature_cache(Some(dir.clone()));
+    }
+    describe_frozen(&t)?;
     if t.state.epoch == 0 {
         plot::heat_map(&out.join("similarity_before.png"), &t.fixed_similarity()?, -1.0, 1.0)?;
     } else {
@@ -210,6 +223,51 @@ fn run(args: Args) -> Result<ExitCode> {
     }
     println!("\nrun folder: {} (model.safetensors, config.toml, tokenizer.json, metrics.json, loss.csv, loss.png, similarity_before/after.png)", out.display());
     report.finish(args.model.json.as_deref())
+}
+
+/// Says which towers are frozen and where their cached features came from.
+fn describe_frozen(t: &Trainer) -> Result<()> {
+    let tr = &t.cfg.train;
+    if !tr.freeze_image && !tr.freeze_text {
+        return Ok(());
+    }
+    let (image, text) = t.cached_towers();
+    let started = Instant::now();
+    let frozen = t.frozen_features()?;
+    for (tower, is_frozen, cached, rows) in [
+        (
+            "image",
+            tr.freeze_image,
+            image,
+            frozen.as_ref().and_then(|f| f.image.as_ref()),
+        ),
+        (
+            "text",
+            tr.freeze_text,
+            text,
+            frozen.as_ref().and_then(|f| f.text.as_ref()),
+        ),
+    ] {
+        if !is_frozen {
+            continue;
+        }
+        match rows {
+            Some(r) => println!(
+                "frozen {tower} tower: features of {} {}s cached in {} ({} reused, {} computed, {:.1}s)",
+                r.distinct(),
+                if tower == "image" { "image" } else { "distinct caption" },
+                r.file.display(),
+                r.reused,
+                r.computed,
+                started.elapsed().as_secs_f64()
+            ),
+            None if !cached && tower == "image" && t.cfg.data.augment => {
+                println!("frozen image tower: runs on every batch (augmented images are new inputs every epoch)")
+            }
+            None => println!("frozen {tower} tower: runs on every batch (--no-feature-cache)"),
+        }
+    }
+    Ok(())
 }
 
 /// runs/<timestamp>, unique.

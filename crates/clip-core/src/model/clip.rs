@@ -1,8 +1,11 @@
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use anyhow::Result;
 use candle_core::{Device, ModuleT, Tensor};
 
 use super::{DistilBert, ProjectionHead, ResNet};
 use crate::config::{ClipConfig, LossKind};
+use crate::data::Batch;
 use crate::loss;
 use crate::nn::DropoutRng;
 use crate::params::{Group, Init, ParamStore};
@@ -25,6 +28,8 @@ pub struct ClipModel {
     text_projection: ProjectionHead,
     logit_scale: Option<Tensor>,
     dropout_rng: DropoutRng,
+    /// Batches each tower has run on (image, text): evidence that cached features replace it.
+    tower_calls: [AtomicUsize; 2],
 }
 
 impl ClipModel {
@@ -78,6 +83,7 @@ impl ClipModel {
             text_projection,
             logit_scale,
             dropout_rng,
+            tower_calls: Default::default(),
         })
     }
 
@@ -90,22 +96,48 @@ impl ClipModel {
         self.dropout_rng.reseed(seed)
     }
 
-    /// The image tower's pooled features (B, F), before the projection head.
-    pub fn image_features(&self, images: &Tensor, train: bool) -> Result<Tensor> {
-        Ok(self.image_encoder.forward_t(images, train)?)
+    /// Whether the image tower is frozen: then it runs in evaluation mode even while training
+    /// (BatchNorm uses and keeps its running statistics) and gets no gradient.
+    pub fn image_frozen(&self) -> bool {
+        self.config.train.freeze_image
     }
 
-    /// The image projection head: tower features (B, F) → embeddings (B, P).
+    /// Whether the text tower is frozen: then it runs in evaluation mode (no dropout) even while
+    /// training and gets no gradient.
+    pub fn text_frozen(&self) -> bool {
+        self.config.train.freeze_text
+    }
+
+    /// Batches the (image, text) towers have run on since the model was built.
+    pub fn tower_calls(&self) -> (usize, usize) {
+        (
+            self.tower_calls[0].load(Ordering::Relaxed),
+            self.tower_calls[1].load(Ordering::Relaxed),
+        )
+    }
+
+    /// Images (B, 3, S, S), normalised → pooled image-tower features (B, D), before the head.
+    /// A frozen tower runs in evaluation mode whatever `train` says.
+    pub fn image_features(&self, images: &Tensor, train: bool) -> Result<Tensor> {
+        self.tower_calls[0].fetch_add(1, Ordering::Relaxed);
+        Ok(self.image_encoder.forward_t(images, train && !self.image_frozen())?)
+    }
+
+    /// Token ids and attention mask (B, L) → pooled text-tower features (B, dim), before the
+    /// head. A frozen tower runs in evaluation mode whatever `train` says.
+    pub fn text_features(&self, input_ids: &Tensor, attention_mask: &Tensor, train: bool) -> Result<Tensor> {
+        self.tower_calls[1].fetch_add(1, Ordering::Relaxed);
+        Ok(self
+            .text_encoder
+            .forward(input_ids, attention_mask, train && !self.text_frozen())?)
+    }
+
+    /// Pooled image features (B, D) → embeddings (B, P).
     pub fn project_image(&self, features: &Tensor, train: bool) -> Result<Tensor> {
         Ok(self.image_projection.forward_t(features, train)?)
     }
 
-    /// The text tower's pooled output (B, D) (the CLS token), before the projection head.
-    pub fn text_features(&self, input_ids: &Tensor, attention_mask: &Tensor, train: bool) -> Result<Tensor> {
-        Ok(self.text_encoder.forward(input_ids, attention_mask, train)?)
-    }
-
-    /// The text projection head: tower output (B, D) → embeddings (B, P).
+    /// Pooled text features (B, dim) → embeddings (B, P).
     pub fn project_text(&self, features: &Tensor, train: bool) -> Result<Tensor> {
         Ok(self.text_projection.forward_t(features, train)?)
     }
@@ -131,6 +163,26 @@ impl ClipModel {
             image: self.encode_image(images, train)?,
             text: self.encode_text(input_ids, attention_mask, train)?,
         })
+    }
+
+    /// Embeddings of a batch: a tower whose cached features the batch carries is not run (its
+    /// features go straight to the head); the others run as in [`ClipModel::forward`].
+    pub fn forward_batch(&self, b: &Batch, train: bool) -> Result<Embeddings> {
+        // Features stand in for a tower only while its weights cannot change.
+        if (b.image_features.is_some() && !self.image_frozen()) || (b.text_features.is_some() && !self.text_frozen()) {
+            anyhow::bail!(
+                "a batch carries cached features of a tower that is not frozen: they would go stale as it trains"
+            );
+        }
+        let image = match &b.image_features {
+            Some(f) => self.project_image(f, train)?,
+            None => self.encode_image(&b.images, train)?,
+        };
+        let text = match &b.text_features {
+            Some(f) => self.project_text(f, train)?,
+            None => self.encode_text(&b.input_ids, &b.attention_mask, train)?,
+        };
+        Ok(Embeddings { image, text })
     }
 
     /// The configured contrastive loss of a batch of embeddings. `positives` (B×B) marks pairs

@@ -6,10 +6,12 @@
 
 pub mod config;
 pub mod device;
+pub mod hub;
 pub mod loss;
 pub mod model;
 pub mod nn;
 pub mod params;
+pub mod pretrained;
 
 pub use config::ClipConfig;
 pub use model::ClipModel;

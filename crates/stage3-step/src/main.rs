@@ -55,7 +55,7 @@ fn run(args: Args) -> Result<ExitCode> {
         device::describe(&dev)
     );
     let data = prepare(&cfg, &args.data, None, &dev, false)?;
-    let model = ClipModel::new(&cfg, &dev)?;
+    let (model, _) = clip_core::pretrained::build(&cfg, &dev)?;
     model.cut_gradient(match args.cut_gradient.as_deref() {
         Some("image") => Some(Tower::Image),
         Some("text") => Some(Tower::Text),

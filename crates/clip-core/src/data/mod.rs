@@ -27,7 +27,7 @@ mod wordpiece;
 pub use captions::CaptionFormat;
 pub use dataset::{BadRow, Dataset, ImageEntry, LoadOptions, Pair, Source, DEFAULT_TEMPLATE};
 pub use folders::render_template;
-pub use image::{normalised_range, IMAGENET_MEAN, IMAGENET_STD, IMAGE_EXTENSIONS};
+pub use image::{normalised_range, Preprocess, IMAGENET_MEAN, IMAGENET_STD, IMAGE_EXTENSIONS};
 pub use loader::{epoch_seed, Batch, Batches, Loader};
 pub use split::{Split, MIN_IMAGES_TO_SPLIT};
 pub use store::ImageStore;

@@ -5,6 +5,7 @@
 
 mod bench;
 mod fashion;
+mod parity;
 mod verify;
 
 use std::process::ExitCode;
@@ -15,6 +16,7 @@ fn main() -> ExitCode {
         Some("verify") => verify::run(&args[1..]),
         Some("fashion-mnist") => fashion::run(&args[1..]),
         Some("bench") => bench::run(&args[1..]),
+        Some("parity") => parity::run(&args[1..]),
         Some("-h" | "--help" | "help") | None => {
             print!("{HELP}");
             Ok(true)
@@ -43,4 +45,5 @@ Tasks:
             report zero-shot test accuracy as one JSON line.
   bench     Speed as JSON lines: training steps against the PyTorch reference (a ratio), the
             data loader, and text → image search over 1,000,000 embeddings.
+  parity    clipmine's BERT text tower on all-MiniLM-L6-v2 (from PyPI) against transformers.
 ";

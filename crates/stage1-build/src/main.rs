@@ -202,7 +202,9 @@ mod pretrained {
         };
         match pretrained::probe(model, tok.as_ref()) {
             Ok(p) => report.metric("probe", &p),
-            Err(e) => report.check("probe", false, format!("{e:#}")),
+            Err(e) => {
+                report.check("probe", false, format!("{e:#}"));
+            }
         }
     }
 }

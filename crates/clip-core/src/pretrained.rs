@@ -499,7 +499,8 @@ pub fn tokenizer(cfg: &ClipConfig, hub: &Hub) -> Result<Option<(TextTokenizer, P
         .and_then(|j| j.get("do_lower_case").and_then(Value::as_bool))
         .unwrap_or_else(|| {
             let n = src.name().to_ascii_lowercase();
-            !(n.contains("cased") && !n.contains("uncased"))
+            // "…-cased" keeps case; "…-uncased" and names saying neither lower-case, as BERT.
+            !n.contains("cased") || n.contains("uncased")
         });
     Ok(Some((TextTokenizer::from_vocab(&vocab, lowercase, max_len)?, vocab)))
 }

@@ -11,12 +11,12 @@ use std::time::Instant;
 use anyhow::Result;
 use clap::Parser;
 use clip_core::config::LossKind;
+use clip_core::device;
 use clip_core::model::{Embeddings, Tower};
 use clip_core::optim::AdamW;
 use clip_core::prepare::{prepare, DataArgs};
 use clip_core::report::Report;
 use clip_core::train::{changed, gradient_coverage, snapshot, train_step};
-use clip_core::{device, ClipModel};
 
 #[derive(Parser)]
 #[command(

@@ -369,3 +369,41 @@ fn the_pretrained_presets_name_the_tutorials_models() {
     assert_eq!(cfg.text.revision.as_deref(), Some("v1"));
     assert_eq!(cfg.text.pooling, Pooling::Mean);
 }
+
+#[test]
+fn images_are_prepared_with_the_pretrained_crop_and_statistics() {
+    // A white 50×50 square in the middle of a black 100×100 image.
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("square.png");
+    image::RgbImage::from_fn(100, 100, |x, y| {
+        let inside = (25..75).contains(&x) && (25..75).contains(&y);
+        image::Rgb(if inside { [255; 3] } else { [0; 3] })
+    })
+    .save(&path)
+    .unwrap();
+    let mut cfg = ClipConfig::tiny();
+    cfg.image.image_size = 10;
+    cfg.image.mean = [0.5; 3];
+    cfg.image.std = [0.25; 3];
+    cfg.image.interpolation = Interpolation::Bicubic;
+    cfg.data.center_crop = true;
+    let values = |cfg: &ClipConfig| {
+        clip_core::data::ImageStore::load_one(&path, cfg)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    };
+    // crop_pct 0.5 keeps exactly the white square: (1 − 0.5) / 0.25 = 2 everywhere.
+    cfg.image.crop_pct = 0.5;
+    assert!(
+        values(&cfg).iter().all(|v| (v - 2.0).abs() < 1e-3),
+        "{:?}",
+        values(&cfg)
+    );
+    // The whole image: black corners, (0 − 0.5) / 0.25 = −2.
+    cfg.image.crop_pct = 1.0;
+    let v = values(&cfg);
+    assert!((v[0] + 2.0).abs() < 1e-3 && (v[55] - 2.0).abs() < 1e-3, "{v:?}");
+}

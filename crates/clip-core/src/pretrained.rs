@@ -307,7 +307,8 @@ pub struct LoadReport {
     pub fresh: usize,
 }
 
-/// Why a file's tensor is not one the tower uses (and is skipped), if it is such a tensor.
+/// Whether a file's tensor is one the tower does not use (and is skipped): classifiers, poolers,
+/// masked-LM heads and bookkeeping buffers.
 fn ignored(tower: TowerKind, name: &str) -> bool {
     if name.ends_with("num_batches_tracked") || name.ends_with("position_ids") {
         return true;

@@ -8,6 +8,7 @@
 
 mod bench;
 mod fashion;
+mod parity;
 mod verify;
 
 use std::process::ExitCode;
@@ -31,6 +32,7 @@ enum Task {
     Verify(verify::Args),
     FashionMnist(fashion::Args),
     Bench(bench::Args),
+    Parity(parity::Args),
 }
 
 fn main() -> ExitCode {
@@ -40,6 +42,7 @@ fn main() -> ExitCode {
         Some(Task::Verify(a)) => verify::run(a),
         Some(Task::FashionMnist(a)) => fashion::run(a),
         Some(Task::Bench(a)) => bench::run(a),
+        Some(Task::Parity(a)) => parity::run(a),
         None => Cli::command()
             .print_long_help()
             .map(|()| true)

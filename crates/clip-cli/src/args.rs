@@ -13,7 +13,9 @@ pub struct ModelArgs {
     /// A TOML config (see assets/configs/); wins over --preset.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// A named preset: tiny (CPU-sized, the default) or simple-clip (the tutorial's ResNet50 + DistilBERT).
+    /// A named preset: tiny (CPU-sized, the default), simple-clip (the tutorial's ResNet50 +
+    /// DistilBERT from scratch), simple-clip-pretrained (timm resnet50.a1_in1k + distilbert-base-uncased) or
+    /// simple-clip-pretrained-zh (a multilingual text tower).
     #[arg(long, value_name = "NAME")]
     pub preset: Option<String>,
     /// Where to run: auto (a GPU if compiled in and present), cpu, cuda, cuda:N, metal.

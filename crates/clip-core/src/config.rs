@@ -17,9 +17,26 @@ pub enum Block {
     Bottleneck,
 }
 
+/// How images are resampled to the model's size (timm's `interpolation`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Interpolation {
+    Nearest,
+    Bilinear,
+    Bicubic,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ImageConfig {
+    /// Start from a pretrained timm ResNet: a Hugging Face repo id (`timm/resnet50.a1_in1k`,
+    /// optionally `@revision`), a local folder with config.json + model.safetensors, or a
+    /// `.safetensors` file. Its config.json then sets the architecture and the preprocessing below.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pretrained: Option<String>,
+    /// Branch, tag or commit of `pretrained` (default `main`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub revision: Option<String>,
     /// Square input size in pixels.
     pub image_size: usize,
     pub block: Block,
@@ -35,11 +52,20 @@ pub struct ImageConfig {
     pub stem_stride: usize,
     /// Stem kernel size (7 in ResNet; 3 suits small images).
     pub stem_kernel: usize,
+    /// Per-channel normalisation (RGB), as the weights were trained with.
+    pub mean: [f64; 3],
+    pub std: [f64; 3],
+    /// With `data.center_crop`, the share of the shorter side kept (timm's `crop_pct`: resize
+    /// the shorter side to size / crop_pct, then crop the centre).
+    pub crop_pct: f64,
+    pub interpolation: Interpolation,
 }
 
 impl Default for ImageConfig {
     fn default() -> Self {
         Self {
+            pretrained: None,
+            revision: None,
             image_size: 64,
             block: Block::Basic,
             depths: vec![1, 1, 1, 1],
@@ -48,6 +74,10 @@ impl Default for ImageConfig {
             stem_pool: true,
             stem_stride: 2,
             stem_kernel: 7,
+            mean: [0.485, 0.456, 0.406],
+            std: [0.229, 0.224, 0.225],
+            crop_pct: 1.0,
+            interpolation: Interpolation::Bilinear,
         }
     }
 }
@@ -65,9 +95,52 @@ impl ImageConfig {
     }
 }
 
+/// Which transformer family the text tower is: the layout and names of its weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TextKind {
+    /// Hugging Face `DistilBertModel` (`transformer.layer.N.attention.q_lin`, …).
+    Distilbert,
+    /// Hugging Face `BertModel` and its family (MiniLM, bert-base-chinese …): token-type
+    /// embeddings, `encoder.layer.N.attention.self.query`, …
+    Bert,
+}
+
+/// How the text tower turns token states into one vector.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Pooling {
+    /// The first token ([CLS]), as the tutorial.
+    Cls,
+    /// The average over real (unpadded) tokens, as sentence-transformers models are trained.
+    Mean,
+}
+
+/// The feed-forward activation (Hugging Face's `hidden_act` / `activation`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Activation {
+    /// Exact (erf) GELU.
+    Gelu,
+    /// The tanh approximation (`gelu_new`, `gelu_pytorch_tanh`).
+    #[serde(alias = "gelu_pytorch_tanh")]
+    GeluNew,
+    Relu,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TextConfig {
+    /// Start from a pretrained Hugging Face model (`distilbert/distilbert-base-uncased`,
+    /// `google-bert/bert-base-chinese`, `org/name@revision`) or a local folder / `.safetensors`
+    /// file. Its config.json then sets `kind` and the architecture, and its tokenizer is used.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pretrained: Option<String>,
+    /// Branch, tag or commit of `pretrained` (default `main`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub revision: Option<String>,
+    pub kind: TextKind,
+    pub pooling: Pooling,
     pub vocab_size: usize,
     pub dim: usize,
     pub n_layers: usize,
@@ -77,11 +150,19 @@ pub struct TextConfig {
     pub max_position_embeddings: usize,
     pub dropout: f64,
     pub attention_dropout: f64,
+    pub layer_norm_eps: f64,
+    pub activation: Activation,
+    /// Rows of BERT's token-type table (only `kind = "bert"` has one).
+    pub type_vocab_size: usize,
 }
 
 impl Default for TextConfig {
     fn default() -> Self {
         Self {
+            pretrained: None,
+            revision: None,
+            kind: TextKind::Distilbert,
+            pooling: Pooling::Cls,
             vocab_size: 2048,
             dim: 128,
             n_layers: 2,
@@ -90,6 +171,9 @@ impl Default for TextConfig {
             max_position_embeddings: 64,
             dropout: 0.1,
             attention_dropout: 0.1,
+            layer_norm_eps: 1e-12,
+            activation: Activation::Gelu,
+            type_vocab_size: 2,
         }
     }
 }
@@ -230,7 +314,12 @@ impl Default for ClipConfig {
     }
 }
 
-pub const PRESETS: [&str; 2] = ["tiny", "simple-clip"];
+pub const PRESETS: [&str; 4] = [
+    "tiny",
+    "simple-clip",
+    "simple-clip-pretrained",
+    "simple-clip-pretrained-zh",
+];
 
 impl ClipConfig {
     /// Small enough to train on a 2-core CPU in minutes: the demo default.
@@ -276,6 +365,7 @@ impl ClipConfig {
                 stem_pool: true,
                 stem_stride: 2,
                 stem_kernel: 7,
+                ..ImageConfig::default()
             },
             text: TextConfig {
                 vocab_size: 30522,
@@ -286,6 +376,7 @@ impl ClipConfig {
                 max_position_embeddings: 512,
                 dropout: 0.1,
                 attention_dropout: 0.1,
+                ..TextConfig::default()
             },
             projection_dim: 256,
             head_dropout: 0.1,
@@ -301,10 +392,58 @@ impl ClipConfig {
         }
     }
 
+    /// The tutorial's own setup: timm `resnet50.a1_in1k` and `distilbert-base-uncased`, fine-tuned
+    /// at 1e-4 (image) / 1e-5 (text) / 1e-3 (heads). The architecture shown here is what the
+    /// repos' config.json files say; they are read again when the model is built.
+    pub fn simple_clip_pretrained() -> Self {
+        let base = Self::simple_clip();
+        Self {
+            name: "simple-clip-pretrained".into(),
+            image: ImageConfig {
+                pretrained: Some("timm/resnet50.a1_in1k".into()),
+                crop_pct: 0.95,
+                interpolation: Interpolation::Bicubic,
+                ..base.image.clone()
+            },
+            text: TextConfig {
+                pretrained: Some("distilbert/distilbert-base-uncased".into()),
+                ..base.text.clone()
+            },
+            train: TrainConfig {
+                lr_image: 1e-4,
+                lr_text: 1e-5,
+                lr_head: 1e-3,
+                ..base.train.clone()
+            },
+            data: DataConfig {
+                center_crop: true,
+                ..base.data.clone()
+            },
+            ..base
+        }
+    }
+
+    /// As `simple-clip-pretrained`, with a text tower that reads Chinese (and 100 other
+    /// languages): `distilbert-base-multilingual-cased`, whose vocabulary has 人, 蔘, 枸, 杞 ….
+    pub fn simple_clip_pretrained_zh() -> Self {
+        let base = Self::simple_clip_pretrained();
+        Self {
+            name: "simple-clip-pretrained-zh".into(),
+            text: TextConfig {
+                pretrained: Some("distilbert/distilbert-base-multilingual-cased".into()),
+                vocab_size: 119547,
+                ..base.text.clone()
+            },
+            ..base
+        }
+    }
+
     pub fn preset(name: &str) -> Result<Self> {
         match name {
             "tiny" => Ok(Self::tiny()),
             "simple-clip" => Ok(Self::simple_clip()),
+            "simple-clip-pretrained" => Ok(Self::simple_clip_pretrained()),
+            "simple-clip-pretrained-zh" => Ok(Self::simple_clip_pretrained_zh()),
             _ => bail!("unknown preset {name:?}; the presets are: {}", PRESETS.join(", ")),
         }
     }
@@ -340,13 +479,17 @@ impl ClipConfig {
         Ok(cfg)
     }
 
-    /// `--config FILE` wins over `--preset NAME`; neither gives `tiny`.
+    /// `--config FILE` wins over `--preset NAME`; neither gives `tiny`. A tower that names
+    /// `pretrained` weights gets its architecture from the model's own config.json (fetched into
+    /// the Hugging Face cache if needed, see [`crate::pretrained`]).
     pub fn resolve(config: Option<&Path>, preset: Option<&str>) -> Result<Self> {
-        match (config, preset) {
-            (Some(p), _) => Self::from_toml_file(p),
-            (None, Some(name)) => Self::preset(name),
-            (None, None) => Ok(Self::tiny()),
-        }
+        let mut cfg = match (config, preset) {
+            (Some(p), _) => Self::from_toml_file(p)?,
+            (None, Some(name)) => Self::preset(name)?,
+            (None, None) => Self::tiny(),
+        };
+        crate::pretrained::apply_configs(&mut cfg, &crate::hub::Hub::from_env())?;
+        Ok(cfg)
     }
 
     pub fn to_toml(&self) -> Result<String> {
@@ -392,6 +535,23 @@ impl ClipConfig {
                 "text.vocab_size {} is too small (it must hold the special tokens)",
                 t.vocab_size
             ));
+        }
+        for (c, name) in i.std.iter().zip(["R", "G", "B"]) {
+            if !(*c > 0.0 && c.is_finite()) {
+                errs.push(format!("image.std must be positive (channel {name} is {c})"));
+            }
+        }
+        if !(i.crop_pct > 0.0 && i.crop_pct <= 1.0) {
+            errs.push(format!("image.crop_pct must be in (0, 1] (got {})", i.crop_pct));
+        }
+        if !(t.layer_norm_eps > 0.0 && t.layer_norm_eps < 1.0) {
+            errs.push(format!(
+                "text.layer_norm_eps must be in (0, 1) (got {})",
+                t.layer_norm_eps
+            ));
+        }
+        if t.kind == TextKind::Bert && t.type_vocab_size == 0 {
+            errs.push("text.type_vocab_size must be at least 1 for a BERT text tower".into());
         }
         if t.n_layers == 0 || t.hidden_dim == 0 || t.max_position_embeddings < 2 {
             errs.push("text.n_layers, text.hidden_dim must be ≥ 1 and text.max_position_embeddings ≥ 2".into());

@@ -90,6 +90,7 @@ impl Trainer {
     /// A fresh run writing into `out` (created; its config and tokenizer are written now).
     pub fn new(cfg: &ClipConfig, data: Prepared, out: &Path) -> Result<Self> {
         let t = Self::build(cfg, data, out)?;
+        crate::pretrained::load_pretrained(&t.model, &crate::hub::Hub::from_env())?;
         std::fs::create_dir_all(out).with_context(|| format!("creating run folder {}", out.display()))?;
         write_atomic(&out.join(CONFIG), cfg.to_toml()?.as_bytes())?;
         t.data.tokenizer.save(&out.join(TOKENIZER))?;

@@ -17,13 +17,15 @@ pub mod embed;
 pub mod feature_cache;
 /// Training over many epochs, with validation, checkpoints and resume.
 pub mod fit;
+/// Finding a model's files: the Hugging Face cache and Hub (hf-hub), or a local path.
+pub mod hub;
 /// An incremental image index for text → image search.
 pub mod index;
 /// Long lists cut short in messages ("… and N more").
 pub mod listing;
 /// The contrastive losses (`clip`, `soft`) and cosine similarity.
 pub mod loss;
-/// The CLIP model: ResNet image tower, DistilBERT text tower, projection heads.
+/// The CLIP model: ResNet image tower, DistilBERT / BERT text tower, projection heads.
 pub mod model;
 /// Layers with working backward passes (convolution, BatchNorm, LayerNorm, attention …).
 pub mod nn;
@@ -33,6 +35,8 @@ pub mod optim;
 pub mod params;
 /// Dataset → split → tokenizer → images → loader, for the training stages.
 pub mod prepare;
+/// Starting from open-source towers: configs, weights (name mapping) and tokenizers.
+pub mod pretrained;
 /// Progress of long work, reported to whoever shows it.
 pub mod progress;
 /// Recall@K and ranking helpers.

@@ -57,6 +57,12 @@ pub fn prepare(cfg: &ClipConfig, source: &DataSource, device: &Device, progress:
     let split = dataset.split(cfg.data.val_fraction, cfg.seed);
     let tokenizer = match &source.tokenizer {
         Some(file) => TextTokenizer::from_file(file, cfg.max_tokens())?,
+        // A pretrained text tower reads text with its own tokenizer.
+        None if cfg.text.pretrained.is_some() => {
+            crate::pretrained::tokenizer(cfg, &crate::hub::Hub::from_env())?
+                .context("the pretrained text tower has no tokenizer")?
+                .0
+        }
         None => {
             let captions: Vec<String> = split.train.iter().map(|&i| dataset.pairs[i].caption.clone()).collect();
             TextTokenizer::train(&captions, cfg.text.vocab_size, cfg.max_tokens())?

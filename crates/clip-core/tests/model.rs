@@ -119,6 +119,30 @@ fn every_trainable_variable_gets_a_gradient_tiny_both_losses() {
 }
 
 #[test]
+fn every_trainable_variable_gets_a_gradient_bert_text_towers() {
+    // The BERT naming scheme (token-type embeddings, hidden dropout after attention) with each
+    // pooling and activation a pretrained config can ask for.
+    use clip_core::config::{Activation, Pooling, TextKind};
+    for (pooling, activation) in [(Pooling::Mean, Activation::GeluNew), (Pooling::Cls, Activation::Relu)] {
+        let mut cfg = ClipConfig::tiny();
+        cfg.text.kind = TextKind::Bert;
+        cfg.text.pooling = pooling;
+        cfg.text.activation = activation;
+        let model = ClipModel::new(&cfg, &Device::Cpu).unwrap();
+        assert!(model
+            .params
+            .get("text_encoder.model.encoder.layer.0.attention.self.query.weight")
+            .is_some());
+        assert!(model
+            .params
+            .get("text_encoder.model.embeddings.token_type_embeddings.weight")
+            .is_some());
+        let bad = uncovered(&model, 4, 6);
+        assert!(bad.is_empty(), "{pooling:?} {activation:?}: {bad:?}");
+    }
+}
+
+#[test]
 fn every_trainable_variable_gets_a_gradient_simple_clip_both_losses() {
     // The full ResNet50 + DistilBERT-base graph, at 64×64 so it runs in seconds on a CPU: the set of
     // parameters and ops is the same as at 224×224.

@@ -11,8 +11,8 @@ use candle_core::{DType, Tensor};
 use clap::Parser;
 use clip_cli::fmt_count;
 use clip_cli::Report;
+use clip_core::device;
 use clip_core::params::Group;
-use clip_core::{device, ClipModel};
 
 #[derive(Parser)]
 #[command(about = "Stage 1 — build the model, count its parameters and run a random forward pass.")]
@@ -75,8 +75,11 @@ fn run(args: Args) -> Result<ExitCode> {
 
     // Build: every tensor is allocated and initialised here.
     let t = Instant::now();
-    let model = match ClipModel::new(&cfg, &dev) {
-        Ok(m) => m,
+    let model = match clip_core::pretrained::build(&cfg, &dev) {
+        Ok((m, loaded)) => {
+            pretrained::show(&loaded, &mut report);
+            m
+        }
         Err(e) => {
             report.check("build", false, format!("{e:#} — check the config's shapes"));
             return report.finish(args.model.json.as_deref());
@@ -149,7 +152,61 @@ fn run(args: Args) -> Result<ExitCode> {
             }
         }
     }
+    if args.model.json.is_some() {
+        pretrained::probe(&model, &mut report);
+    }
     report.finish(args.model.json.as_deref())
+}
+
+/// What came from pretrained weights, and the probe values to compare with PyTorch.
+mod pretrained {
+    use clip_cli::Report;
+    use clip_core::hub::Hub;
+    use clip_core::pretrained::{self, LoadReport};
+    use clip_core::ClipModel;
+
+    pub fn show(loaded: &LoadReport, report: &mut Report) {
+        if loaded.towers.is_empty() {
+            return;
+        }
+        println!("\npretrained weights:");
+        for t in &loaded.towers {
+            println!(
+                "  {:<5} tower  {}{}\n               {}: {} tensors loaded, {} ignored",
+                format!("{:?}", t.tower).to_lowercase(),
+                t.source,
+                t.commit
+                    .as_deref()
+                    .map(|c| format!(" (commit {c})"))
+                    .unwrap_or_default(),
+                t.file.display(),
+                t.loaded,
+                t.ignored
+            );
+        }
+        println!(
+            "  {} tensors start fresh (projection heads, logit_scale, towers without pretrained weights)",
+            loaded.fresh
+        );
+        report.metric("pretrained", loaded);
+    }
+
+    /// The first 8 pooled values of each tower (eval mode, before the heads) on fixed inputs.
+    pub fn probe(model: &ClipModel, report: &mut Report) {
+        let tok = match pretrained::tokenizer(&model.config, &Hub::from_env()) {
+            Ok(t) => t.map(|(t, _)| t),
+            Err(e) => {
+                report.check("probe", false, format!("loading the text model's tokenizer: {e:#}"));
+                return;
+            }
+        };
+        match pretrained::probe(model, tok.as_ref()) {
+            Ok(p) => report.metric("probe", &p),
+            Err(e) => {
+                report.check("probe", false, format!("{e:#}"));
+            }
+        }
+    }
 }
 
 fn all_finite(t: &Tensor) -> Result<bool> {

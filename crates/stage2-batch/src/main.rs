@@ -16,8 +16,7 @@ use clap::Parser;
 use clip_cli::fmt_count;
 use clip_cli::Report;
 use clip_core::data::{
-    normalised_range, Batch, Dataset, ImageStore, LoadOptions, Loader, Split, TextTokenizer, UnkReport,
-    DEFAULT_TEMPLATE,
+    Batch, Dataset, ImageStore, LoadOptions, Loader, Split, TextTokenizer, UnkReport, DEFAULT_TEMPLATE,
 };
 use clip_core::{device, ClipConfig, ClipModel};
 use unicode_width::UnicodeWidthChar;
@@ -270,16 +269,24 @@ fn split(ds: &Dataset, cfg: &ClipConfig, report: &mut Report) -> Split {
 fn tokenizer(args: &Args, ds: &Dataset, split: &Split, cfg: &ClipConfig, report: &mut Report) -> Result<TextTokenizer> {
     println!("\ntokenizer: captions become ids; text the tokenizer has no entry for becomes [UNK], which the model cannot learn from");
     let train_captions = ds.captions_of(&split.train);
-    let (tok, trained) = match &args.tokenizer {
-        Some(path) => (TextTokenizer::from_file(path, cfg.max_tokens())?, false),
-        None => (
+    // A pretrained text tower reads with its own tokenizer, from the same repo or folder.
+    let pretrained = match (&args.tokenizer, &cfg.text.pretrained) {
+        (None, Some(name)) => clip_core::pretrained::tokenizer(cfg, &clip_core::hub::Hub::from_env())?
+            .map(|(t, file)| (t, name.clone(), file)),
+        _ => None,
+    };
+    let (tok, trained) = match (&args.tokenizer, &pretrained) {
+        (Some(path), _) => (TextTokenizer::from_file(path, cfg.max_tokens())?, false),
+        (None, Some((t, _, _))) => (t.clone(), false),
+        (None, None) => (
             TextTokenizer::train(&train_captions, cfg.text.vocab_size, cfg.max_tokens())?,
             true,
         ),
     };
-    let what = match &args.tokenizer {
-        Some(path) => format!("{} (loaded)", path.display()),
-        None => format!("WordPiece trained on the {} training captions", train_captions.len()),
+    let what = match (&args.tokenizer, &pretrained) {
+        (Some(path), _) => format!("{} (loaded)", path.display()),
+        (None, Some((_, name, file))) => format!("{name}'s own tokenizer ({})", file.display()),
+        (None, None) => format!("WordPiece trained on the {} training captions", train_captions.len()),
     };
     let fits = tok.check_fits(cfg);
     report.check(
@@ -331,9 +338,13 @@ fn tokenizer(args: &Args, ds: &Dataset, split: &Split, cfg: &ClipConfig, report:
         format!("{measured}; unknown: {}", r.examples(12))
     } else {
         let fix = if trained {
-            "shorten the long words, or raise text.vocab_size"
+            "shorten the long words, or raise text.vocab_size".to_string()
+        } else if let Some((_, name, _)) = &pretrained {
+            format!(
+                "the pretrained text model {name} cannot read these captions; pick one whose vocabulary covers them, e.g. text.pretrained = \"distilbert/distilbert-base-multilingual-cased\" (the simple-clip-pretrained-zh preset) or \"google-bert/bert-base-chinese\" for Chinese, or train from scratch with a tokenizer trained on your captions (the simple-clip preset)"
+            )
         } else {
-            "train one on your captions (leave out --tokenizer) or pick a tokenizer that covers them"
+            "train one on your captions (leave out --tokenizer) or pick a tokenizer that covers them".to_string()
         };
         format!("this tokenizer has no entry for {}: {fix}; {measured}", r.examples(12))
     };
@@ -370,7 +381,7 @@ fn print_validation_unknowns(v: &UnkReport) {
 fn check_batch(batch: &Batch, tok: &TextTokenizer, cfg: &ClipConfig, report: &mut Report) -> Result<()> {
     let b = batch.pairs.len();
     let s = cfg.image.image_size;
-    let (lo, hi) = normalised_range();
+    let (lo, hi) = clip_core::data::Preprocess::from_config(cfg).normalised_range();
     let values = batch.images.flatten_all()?.to_vec1::<f32>()?;
     let (min, max) = values
         .iter()
@@ -381,7 +392,7 @@ fn check_batch(batch: &Batch, tok: &TextTokenizer, cfg: &ClipConfig, report: &mu
         "image tensor",
         shape_ok && in_range && min < max,
         format!(
-            "{:?} f32, values in [{min:.3}, {max:.3}]: ImageNet-normalised pixels lie in [{lo:.3}, {hi:.3}]{}",
+            "{:?} f32, values in [{min:.3}, {max:.3}]: pixels normalised with image.mean / image.std lie in [{lo:.3}, {hi:.3}]{}",
             batch.images.dims(),
             if min < max {
                 ""

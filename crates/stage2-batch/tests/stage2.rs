@@ -178,3 +178,38 @@ fn passes_on_a_flickr8k_style_captions_txt() {
     );
     assert!(text.contains("captions per image: min 5, mean 5.0, max 5"), "{text}");
 }
+
+#[test]
+fn a_pretrained_english_tokenizer_fails_on_chinese_captions_and_suggests_a_model_that_reads_them() {
+    // The tiny DistilBERT fixture, in a Hugging Face cache read offline: its vocabulary is a few
+    // English words, as distilbert-base-uncased has no entry for most of the demo set's 人蔘 / 枸杞.
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = Path::new(env!("CARGO_MANIFEST_DIR")).join("../clip-core/tests/fixtures/pretrained/hub");
+    let config = tmp.path().join("clip.toml");
+    std::fs::write(
+        &config,
+        "preset = \"tiny\"\n[text]\npretrained = \"clipmine-test/tiny-distilbert\"\n[data]\nmax_length = 40\n",
+    )
+    .unwrap();
+    let json = tmp.path().join("report.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_stage2-batch"))
+        .args(["--device", "cpu", "--config"])
+        .arg(&config)
+        .arg("--json")
+        .arg(&json)
+        .env("HF_HUB_OFFLINE", "1")
+        .env("HF_HUB_CACHE", &cache)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(failed_checks(&report), ["unknown tokens"], "{text}");
+    assert!(text.contains("clipmine-test/tiny-distilbert's own tokenizer"), "{text}");
+    assert!(text.contains("distilbert/distilbert-base-multilingual-cased"), "{text}");
+    assert!(text.contains("bert-base-chinese"), "{text}");
+}

@@ -65,7 +65,7 @@ fn run(args: Args) -> Result<ExitCode> {
         device::describe(&dev)
     );
     let data = prepare(&cfg, &args.data.source(), &dev, &clip_core::progress::Silent)?;
-    let model = ClipModel::new(&cfg, &dev)?;
+    let (model, _) = clip_core::pretrained::build(&cfg, &dev)?;
     let mut opt = AdamW::new(&model.params, &cfg.train)?;
 
     // One batch: the first training pairs.

@@ -96,3 +96,49 @@ fn frozen_towers_train_from_cached_features() {
     let files: Vec<_> = std::fs::read_dir(&cache).unwrap().collect();
     assert_eq!(files.len(), 2, "one file per tower: {files:?}");
 }
+
+#[test]
+fn a_run_from_pretrained_towers_starts_from_their_weights_and_keeps_their_tokenizer() {
+    // The tiny fixture models from a Hugging Face cache, offline. With the towers' learning rates
+    // at 0 their weights must come out exactly as the files hold them.
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../clip-core/tests/fixtures/pretrained/hub");
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("clip.toml");
+    std::fs::write(
+        &config,
+        "preset = \"tiny\"\n[image]\npretrained = \"clipmine-test/tiny-resnet-basic\"\n[text]\npretrained = \"clipmine-test/tiny-bert\"\npooling = \"mean\"\n[data]\nmax_length = 32\n[train]\nepochs = 1\nbatch_size = 15\nlr_image = 0.0\nlr_text = 0.0\n",
+    )
+    .unwrap();
+    let out = dir.path().join("run");
+    let o = Command::new(env!("CARGO_BIN_EXE_stage4-train"))
+        .args(["--device", "cpu", "--config"])
+        .arg(&config)
+        .arg("--out")
+        .arg(&out)
+        .env("HF_HUB_OFFLINE", "1")
+        .env("HF_HUB_CACHE", &fixtures)
+        .output()
+        .unwrap();
+    let log = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(out.join("model.safetensors").is_file(), "{log}");
+
+    let snap = fixtures.join("models--clipmine-test--tiny-bert/snapshots/0123456789abcdef0123456789abcdef01234567");
+    let file = candle_core::safetensors::load(snap.join("model.safetensors"), &candle_core::Device::Cpu).unwrap();
+    let run = candle_core::safetensors::load(out.join("model.safetensors"), &candle_core::Device::Cpu).unwrap();
+    let flat = |t: &candle_core::Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert_eq!(
+        flat(&run["text_encoder.model.encoder.layer.1.output.dense.weight"]),
+        flat(&file["bert.encoder.layer.1.output.dense.weight"])
+    );
+    // The run keeps the model's own tokenizer (its 36-entry vocabulary) and the resolved config.
+    let tok = clip_core::data::TextTokenizer::from_file(&out.join("tokenizer.json"), 32).unwrap();
+    assert_eq!(tok.vocab_size(), 36);
+    assert_eq!(tok.encode("a photo of a cat").unwrap(), [2, 5, 6, 7, 5, 9, 3]);
+    let cfg = clip_core::ClipConfig::from_toml_file(&out.join("config.toml")).unwrap();
+    assert_eq!((cfg.text.kind, cfg.text.dim), (clip_core::config::TextKind::Bert, 24));
+    assert_eq!(cfg.text.pretrained.as_deref(), Some("clipmine-test/tiny-bert"));
+}

@@ -12,7 +12,10 @@ use image::imageops::FilterType;
 use image::{DynamicImage, ImageDecoder, ImageReader, RgbImage};
 use rand::{Rng, SeedableRng};
 
-/// ImageNet statistics, as the tutorial's `A.Normalize()` and every torchvision ResNet use.
+use crate::config::{ClipConfig, Interpolation};
+
+/// ImageNet statistics, as the tutorial's `A.Normalize()` and every torchvision ResNet use
+/// (the default of `image.mean` / `image.std`).
 pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
 pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
 /// File extensions taken as images in class folders (compared case-insensitively).
@@ -31,13 +34,56 @@ pub(crate) fn is_image_file(path: &Path) -> bool {
 /// The smallest and largest value a normalised pixel can take (black in the channel with the
 /// largest mean/std ratio, white in the one with the smallest): about [-2.118, 2.640].
 pub fn normalised_range() -> (f32, f32) {
-    let lo = (0..3)
-        .map(|c| -IMAGENET_MEAN[c] / IMAGENET_STD[c])
-        .fold(f32::INFINITY, f32::min);
-    let hi = (0..3)
-        .map(|c| (1.0 - IMAGENET_MEAN[c]) / IMAGENET_STD[c])
-        .fold(f32::NEG_INFINITY, f32::max);
-    (lo, hi)
+    Preprocess::default().normalised_range()
+}
+
+/// How a decoded image becomes the model's input: the size, the centre crop, the resampling
+/// filter and the per-channel normalisation. From-scratch towers use the tutorial's (ImageNet
+/// statistics, plain bilinear resize); a pretrained timm tower uses its own `pretrained_cfg`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Preprocess {
+    pub size: usize,
+    pub center_crop: bool,
+    /// Share of the shorter side the centre crop keeps (timm's `crop_pct`).
+    pub crop_pct: f32,
+    pub filter: FilterType,
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+}
+
+impl Default for Preprocess {
+    fn default() -> Self {
+        Self::from_config(&ClipConfig::default())
+    }
+}
+
+impl Preprocess {
+    pub fn from_config(cfg: &ClipConfig) -> Self {
+        let i = &cfg.image;
+        Self {
+            size: i.image_size,
+            center_crop: cfg.data.center_crop,
+            crop_pct: i.crop_pct as f32,
+            filter: match i.interpolation {
+                Interpolation::Nearest => FilterType::Nearest,
+                Interpolation::Bilinear => FilterType::Triangle,
+                Interpolation::Bicubic => FilterType::CatmullRom,
+            },
+            mean: i.mean.map(|v| v as f32),
+            std: i.std.map(|v| v as f32),
+        }
+    }
+
+    /// The smallest and largest value a normalised pixel can take.
+    pub fn normalised_range(&self) -> (f32, f32) {
+        let lo = (0..3)
+            .map(|c| -self.mean[c] / self.std[c])
+            .fold(f32::INFINITY, f32::min);
+        let hi = (0..3)
+            .map(|c| (1.0 - self.mean[c]) / self.std[c])
+            .fold(f32::NEG_INFINITY, f32::max);
+        (lo, hi)
+    }
 }
 
 /// Decodes a file (format from its content, not its name) and applies its EXIF orientation, so a
@@ -72,31 +118,39 @@ pub(crate) fn to_rgb(img: DynamicImage) -> RgbImage {
 }
 
 /// To `size`×`size`: a plain resize as the tutorial (aspect ratio not kept), or with `center_crop`
-/// the centred square of the shorter side, resized (the same as shorter-side resize + centre crop).
-pub(crate) fn fit(rgb: &RgbImage, size: u32, center_crop: bool) -> RgbImage {
+/// the centred square of `crop_pct` of the shorter side, resized (the same as timm's evaluation
+/// transform: shorter side to size / crop_pct, then a centre crop).
+pub(crate) fn fit(rgb: &RgbImage, p: &Preprocess) -> RgbImage {
     let (w, h) = rgb.dimensions();
-    if center_crop && w != h {
-        let side = w.min(h);
+    let size = p.size as u32;
+    if p.center_crop && (w != h || p.crop_pct < 1.0) {
+        let side = ((w.min(h) as f32 * p.crop_pct).round() as u32).clamp(1, w.min(h));
         let square = image::imageops::crop_imm(rgb, (w - side) / 2, (h - side) / 2, side, side).to_image();
-        return fit(&square, size, false);
+        return fit(
+            &square,
+            &Preprocess {
+                center_crop: false,
+                ..*p
+            },
+        );
     }
     if (w, h) == (size, size) {
         return rgb.clone();
     }
-    image::imageops::resize(rgb, size, size, FilterType::Triangle)
+    image::imageops::resize(rgb, size, size, p.filter)
 }
 
 /// Decodes a file into the store's layout: `size`×`size` 8-bit RGB.
-pub(crate) fn prepare(path: &Path, size: u32, center_crop: bool) -> Result<RgbImage> {
-    Ok(fit(&to_rgb(decode(path)?), size, center_crop))
+pub(crate) fn prepare(path: &Path, p: &Preprocess) -> Result<RgbImage> {
+    Ok(fit(&to_rgb(decode(path)?), p))
 }
 
 /// HWC u8 → CHW f32, normalised. `out` holds 3·S·S values.
-pub(crate) fn normalise_into(rgb: &[u8], size: usize, out: &mut [f32]) {
-    let plane = size * size;
+pub(crate) fn normalise_into(rgb: &[u8], p: &Preprocess, out: &mut [f32]) {
+    let plane = p.size * p.size;
     for (i, px) in rgb.chunks_exact(3).enumerate() {
         for c in 0..3 {
-            out[c * plane + i] = (px[c] as f32 / 255.0 - IMAGENET_MEAN[c]) / IMAGENET_STD[c];
+            out[c * plane + i] = (px[c] as f32 / 255.0 - p.mean[c]) / p.std[c];
         }
     }
 }
@@ -104,7 +158,8 @@ pub(crate) fn normalise_into(rgb: &[u8], size: usize, out: &mut [f32]) {
 /// A random resized crop of the stored image (area share in [`CROP_SCALE`], aspect ratio in
 /// [`CROP_RATIO`]) resampled bilinearly back to S×S, flipped left–right half the time, then
 /// normalised. The same seed gives the same result.
-pub(crate) fn augment_into(rgb: &[u8], size: usize, seed: u64, out: &mut [f32]) {
+pub(crate) fn augment_into(rgb: &[u8], p: &Preprocess, seed: u64, out: &mut [f32]) {
+    let size = p.size;
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let s = size as f32;
     let (mut cw, mut ch, mut cx, mut cy) = (s, s, 0.0, 0.0);
@@ -138,7 +193,7 @@ pub(crate) fn augment_into(rgb: &[u8], size: usize, seed: u64, out: &mut [f32]) 
                 let top = at(x0, y0, c) * (1.0 - fx) + at(x1, y0, c) * fx;
                 let bottom = at(x0, y1, c) * (1.0 - fx) + at(x1, y1, c) * fx;
                 let v = top * (1.0 - fy) + bottom * fy;
-                out[c * plane + y * size + xo] = (v / 255.0 - IMAGENET_MEAN[c]) / IMAGENET_STD[c];
+                out[c * plane + y * size + xo] = (v / 255.0 - p.mean[c]) / p.std[c];
             }
         }
     }

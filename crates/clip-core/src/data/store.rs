@@ -12,7 +12,7 @@ use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
-use super::image::{augment_into, normalise_into, prepare};
+use super::image::{augment_into, normalise_into, prepare, Preprocess};
 use super::{list_bad, mix, BadRow, Dataset, Source};
 use crate::config::ClipConfig;
 use crate::progress::Progress;
@@ -20,6 +20,7 @@ use crate::progress::Progress;
 /// The image size and count (not the pixels) when debug-printed.
 pub struct ImageStore {
     size: usize,
+    prep: Preprocess,
     /// Image i is `pixels[i·3·S² ..][..3·S²]`, HWC u8 RGB.
     pixels: Vec<u8>,
     /// False where the image could not be decoded (its pixels are zeros).
@@ -36,7 +37,8 @@ impl ImageStore {
         skip_bad: bool,
         progress: &dyn Progress,
     ) -> Result<(ImageStore, Vec<BadRow>)> {
-        let size = cfg.image.image_size;
+        let prep = Preprocess::from_config(cfg);
+        let size = prep.size;
         let n = ds.images.len();
         let per = 3 * size * size;
         let mut pixels = vec![0u8; n * per];
@@ -45,7 +47,7 @@ impl ImageStore {
             .par_chunks_mut(per.max(1))
             .zip(ds.images.par_iter())
             .map(|(dst, entry)| {
-                let r = prepare(&entry.path, size as u32, cfg.data.center_crop);
+                let r = prepare(&entry.path, &prep);
                 progress.inc(1);
                 match r {
                     Ok(img) => {
@@ -67,10 +69,23 @@ impl ImageStore {
                 list_bad(&bad)
             );
         }
-        Ok((ImageStore { size, pixels, decoded }, bad))
+        Ok((
+            ImageStore {
+                size,
+                prep,
+                pixels,
+                decoded,
+            },
+            bad,
+        ))
     }
 
     /// Side of the stored square images, in pixels.
+    /// How the stored images were prepared, and how they are normalised.
+    pub fn preprocess(&self) -> &Preprocess {
+        &self.prep
+    }
+
     pub fn size(&self) -> usize {
         self.size
     }
@@ -119,8 +134,8 @@ impl ImageStore {
             .zip(sources.par_iter())
             .enumerate()
             .for_each(|(k, (dst, rgb))| match augment_seed {
-                Some(seed) => augment_into(rgb, self.size, mix(seed, k as u64), dst),
-                None => normalise_into(rgb, self.size, dst),
+                Some(seed) => augment_into(rgb, &self.prep, mix(seed, k as u64), dst),
+                None => normalise_into(rgb, &self.prep, dst),
             });
         Ok(out)
     }
@@ -135,11 +150,12 @@ impl ImageStore {
     /// One image file prepared exactly as for training, without augmentation: (3, S, S), for
     /// prediction.
     pub fn load_one(path: &Path, cfg: &ClipConfig) -> Result<Tensor> {
-        let s = cfg.image.image_size;
-        let rgb = prepare(path, s as u32, cfg.data.center_crop)
-            .map_err(|e| anyhow::anyhow!("{}: cannot decode image: {e:#}", path.display()))?;
+        let prep = Preprocess::from_config(cfg);
+        let s = prep.size;
+        let rgb =
+            prepare(path, &prep).map_err(|e| anyhow::anyhow!("{}: cannot decode image: {e:#}", path.display()))?;
         let mut out = vec![0f32; 3 * s * s];
-        normalise_into(rgb.as_raw(), s, &mut out);
+        normalise_into(rgb.as_raw(), &prep, &mut out);
         Ok(Tensor::from_vec(out, (3, s, s), &Device::Cpu)?)
     }
 }

@@ -150,6 +150,40 @@ impl TextTokenizer {
         Self::wrap(inner, max_len, &format!("tokenizer {}", path.display()))
     }
 
+    /// BERT's WordPiece pipeline (the `tokenizers` crate's BERT normaliser, pre-tokenizer,
+    /// WordPiece model, [CLS]/[SEP] post-processor and decoder) over a `vocab.txt`, for models
+    /// on the Hub that ship only their vocabulary (bert-base-chinese's first releases and others).
+    pub fn from_vocab(vocab: &Path, lowercase: bool, max_len: usize) -> Result<Self> {
+        let what = format!("vocabulary {}", vocab.display());
+        let path = vocab
+            .to_str()
+            .with_context(|| format!("{what}: the path is not UTF-8"))?;
+        let model = tk(WordPiece::from_file(path)
+            .unk_token("[UNK]".into())
+            .continuing_subword_prefix(PREFIX.into())
+            .build())
+        .with_context(|| format!("reading {what}"))?;
+        let mut inner = Tokenizer::new(model);
+        let id = |t: &str| {
+            inner
+                .token_to_id(t)
+                .with_context(|| format!("{what} has no {t} token: clipmine needs a BERT-style vocabulary"))
+        };
+        let (cls, sep) = (id("[CLS]")?, id("[SEP]")?);
+        inner
+            .with_normalizer(Some(BertNormalizer::new(true, true, None, lowercase)))
+            .with_pre_tokenizer(Some(BertPreTokenizer))
+            .with_post_processor(Some(BertProcessing::new(("[SEP]".into(), sep), ("[CLS]".into(), cls))))
+            .with_decoder(Some(WordPieceDecoder::new(PREFIX.into(), true)));
+        let specials: Vec<AddedToken> = SPECIAL_TOKENS
+            .iter()
+            .filter(|t| inner.token_to_id(t).is_some())
+            .map(|t| AddedToken::from(*t, true))
+            .collect();
+        inner.add_special_tokens(&specials);
+        Self::wrap(inner, max_len, &what)
+    }
+
     fn wrap(mut inner: Tokenizer, max_len: usize, what: &str) -> Result<Self> {
         if max_len < 2 {
             bail!("the longest caption must allow at least 2 tokens ([CLS] and [SEP]), got {max_len}");

@@ -3,7 +3,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use anyhow::Result;
 use candle_core::{Device, ModuleT, Tensor};
 
-use super::{DistilBert, ProjectionHead, ResNet};
+use super::{ProjectionHead, ResNet, TextEncoder};
 use crate::config::{ClipConfig, LossKind};
 use crate::data::Batch;
 use crate::loss;
@@ -17,13 +17,13 @@ pub struct Embeddings {
 }
 
 /// The whole model. Parameter names follow the tutorial's PyTorch `CLIPModel`:
-/// `image_encoder.model.*` (timm ResNet), `text_encoder.model.*` (HF DistilBERT),
+/// `image_encoder.model.*` (timm ResNet), `text_encoder.model.*` (HF DistilBERT or BERT),
 /// `image_projection.*`, `text_projection.*`, and `logit_scale` for the `clip` loss.
 pub struct ClipModel {
     pub config: ClipConfig,
     pub params: ParamStore,
     image_encoder: ResNet,
-    text_encoder: DistilBert,
+    text_encoder: TextEncoder,
     image_projection: ProjectionHead,
     text_projection: ProjectionHead,
     logit_scale: Option<Tensor>,
@@ -46,7 +46,7 @@ impl ClipModel {
                 .pp("model"),
             &config.image,
         )?;
-        let text_encoder = DistilBert::new(
+        let text_encoder = TextEncoder::new(
             &params
                 .root(Group::TextTower, !tr.freeze_text)
                 .pp("text_encoder")
@@ -85,6 +85,16 @@ impl ClipModel {
             dropout_rng,
             tower_calls: Default::default(),
         })
+    }
+
+    /// The image tower alone (pooled features before the head).
+    pub fn image_tower(&self) -> &ResNet {
+        &self.image_encoder
+    }
+
+    /// The text tower alone (pooled states before the head).
+    pub fn text_tower(&self) -> &TextEncoder {
+        &self.text_encoder
     }
 
     pub fn device(&self) -> &Device {

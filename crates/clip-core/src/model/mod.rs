@@ -1,11 +1,11 @@
-//! The CLIP model: a ResNet image tower, a DistilBERT text tower, and a projection head for each.
+//! The CLIP model: a ResNet image tower, a DistilBERT / BERT text tower, and a projection head for each.
 
 mod clip;
-mod distilbert;
 mod head;
 mod resnet;
+mod text_encoder;
 
 pub use clip::{ClipModel, Embeddings};
-pub use distilbert::DistilBert;
 pub use head::ProjectionHead;
 pub use resnet::ResNet;
+pub use text_encoder::TextEncoder;

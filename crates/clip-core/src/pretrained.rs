@@ -1,0 +1,554 @@
+//! Pretrained towers: a timm ResNet and a Hugging Face DistilBERT / BERT, named in the config
+//! (`image.pretrained`, `text.pretrained`) and loaded into the model's own trainable layers.
+//!
+//! Three steps, each usable alone:
+//! 1. [`apply_configs`] reads each named model's `config.json` and sets the tower's architecture
+//!    from it (and, for timm, the image preprocessing of its `pretrained_cfg`), so a user names a
+//!    model and nothing else.
+//! 2. [`load_pretrained`] copies the weights into the [`ParamStore`](crate::params::ParamStore)
+//!    under the tower's own names, after mapping the file's names (`distilbert.` / `bert.`
+//!    prefixes, timm's bare names, old `gamma`/`beta`) and skipping what the tower does not use
+//!    (classifier `fc`, pooler, masked-LM `vocab_*` / `cls.*`, `num_batches_tracked`,
+//!    `position_ids`). Every tower tensor must come from the file with the same shape; the heads
+//!    and `logit_scale` start fresh.
+//! 3. [`tokenizer`] gives the text model's own tokenizer (`tokenizer.json`, or BERT's WordPiece
+//!    pipeline built from `vocab.txt`).
+//!
+//! Candle-transformers' BERT and ResNet are inference-only, so they are not used: the weights go
+//! into clipmine's layers, which train.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use serde_json::Value;
+
+use crate::config::{Activation, Block, ClipConfig, ImageConfig, Interpolation, TextConfig, TextKind};
+use crate::data::TextTokenizer;
+use crate::hub::{snapshot_commit, Hub, ModelSource};
+use crate::model::ClipModel;
+use crate::params::Group;
+
+/// Parameter-name prefixes of the two towers in the [`ClipModel`].
+pub const IMAGE_PREFIX: &str = "image_encoder.model.";
+pub const TEXT_PREFIX: &str = "text_encoder.model.";
+
+/// Which tower a pretrained model is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TowerKind {
+    Image,
+    Text,
+}
+
+impl TowerKind {
+    fn prefix(self) -> &'static str {
+        match self {
+            TowerKind::Image => IMAGE_PREFIX,
+            TowerKind::Text => TEXT_PREFIX,
+        }
+    }
+    fn group(self) -> Group {
+        match self {
+            TowerKind::Image => Group::ImageTower,
+            TowerKind::Text => Group::TextTower,
+        }
+    }
+}
+
+/// The source a tower's config names, if any.
+pub fn source(cfg: &ClipConfig, tower: TowerKind) -> Result<Option<ModelSource>> {
+    let (spec, rev) = match tower {
+        TowerKind::Image => (&cfg.image.pretrained, &cfg.image.revision),
+        TowerKind::Text => (&cfg.text.pretrained, &cfg.text.revision),
+    };
+    spec.as_deref()
+        .map(|s| ModelSource::parse(s, rev.as_deref()))
+        .transpose()
+        .with_context(|| format!("{} tower", tower_name(tower)))
+}
+
+fn tower_name(t: TowerKind) -> &'static str {
+    match t {
+        TowerKind::Image => "image",
+        TowerKind::Text => "text",
+    }
+}
+
+fn read_json(path: &Path) -> Result<Value> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+}
+
+/// Sets the architecture of every tower that names pretrained weights from the model's
+/// config.json, then validates the config. A `.safetensors` file without a config.json beside it
+/// keeps the architecture the config file gives.
+pub fn apply_configs(cfg: &mut ClipConfig, hub: &Hub) -> Result<()> {
+    for tower in [TowerKind::Image, TowerKind::Text] {
+        let Some(src) = source(cfg, tower)? else { continue };
+        let file = match &src {
+            ModelSource::Local { dir, weights: Some(_) } if !dir.join("config.json").is_file() => continue,
+            _ => src.get(hub, "config.json")?,
+        };
+        let json = read_json(&file)?;
+        let r = match tower {
+            TowerKind::Image => image_config_from_json(&mut cfg.image, &json),
+            TowerKind::Text => text_config_from_json(&mut cfg.text, &json),
+        };
+        r.with_context(|| {
+            format!(
+                "reading the {} tower's architecture from {}",
+                tower_name(tower),
+                file.display()
+            )
+        })?;
+    }
+    cfg.validate()
+}
+
+/// timm ResNets clipmine's tower reproduces: (block, depths).
+fn timm_resnet(arch: &str) -> Option<(Block, [usize; 4])> {
+    Some(match arch {
+        "resnet18" => (Block::Basic, [2, 2, 2, 2]),
+        "resnet34" => (Block::Basic, [3, 4, 6, 3]),
+        "resnet26" => (Block::Bottleneck, [2, 2, 2, 2]),
+        "resnet50" => (Block::Bottleneck, [3, 4, 6, 3]),
+        "resnet101" => (Block::Bottleneck, [3, 4, 23, 3]),
+        "resnet152" => (Block::Bottleneck, [3, 8, 36, 3]),
+        "resnet200" => (Block::Bottleneck, [3, 24, 36, 3]),
+        _ => return None,
+    })
+}
+
+fn usizes(v: &Value, what: &str) -> Result<Vec<usize>> {
+    v.as_array()
+        .and_then(|a| {
+            a.iter()
+                .map(|x| x.as_u64().map(|n| n as usize))
+                .collect::<Option<Vec<_>>>()
+        })
+        .with_context(|| format!("{what} must be a list of whole numbers, got {v}"))
+}
+
+fn floats3(v: &Value, what: &str) -> Result<[f64; 3]> {
+    let a: Vec<f64> = v
+        .as_array()
+        .and_then(|a| a.iter().map(Value::as_f64).collect())
+        .with_context(|| format!("{what} must be a list of numbers, got {v}"))?;
+    match a.as_slice() {
+        [x] => Ok([*x; 3]),
+        [r, g, b] => Ok([*r, *g, *b]),
+        _ => bail!("{what} must have 3 values (R, G, B), got {v}"),
+    }
+}
+
+/// A timm config.json: `architecture`, optional `model_args` (a custom ResNet), `pretrained_cfg`.
+pub fn image_config_from_json(img: &mut ImageConfig, json: &Value) -> Result<()> {
+    if let Some(mt) = json.get("model_type").and_then(Value::as_str) {
+        bail!("this is a Hugging Face transformers model (model_type {mt:?}), not a timm model: the image tower loads timm ResNets such as timm/resnet50.a1_in1k");
+    }
+    let arch = json
+        .get("architecture")
+        .and_then(Value::as_str)
+        .context("no `architecture` key: the image tower expects a timm model's config.json")?;
+    let base = arch.split('.').next().unwrap_or(arch);
+    let Some((block, depths)) = timm_resnet(base) else {
+        bail!(
+            "timm architecture {arch:?} is not one clipmine's ResNet reproduces: use resnet18, resnet26, resnet34, resnet50, resnet101, resnet152 or resnet200 (plain stem, v1.5 blocks; the `d`, `t` and other variants differ)"
+        );
+    };
+    img.block = block;
+    img.depths = depths.to_vec();
+    img.widths = vec![64, 128, 256, 512];
+    img.stem_width = 64;
+    img.stem_kernel = 7;
+    img.stem_stride = 2;
+    img.stem_pool = true;
+    if let Some(args) = json.get("model_args").and_then(Value::as_object) {
+        for (k, v) in args {
+            let default_ok = match k.as_str() {
+                "layers" => {
+                    img.depths = usizes(v, "model_args.layers")?;
+                    true
+                }
+                "channels" => {
+                    img.widths = usizes(v, "model_args.channels")?;
+                    true
+                }
+                // Only timm's deep stems use stem_width; the plain stem is always 64 wide.
+                "stem_width" | "num_classes" | "global_pool" | "drop_rate" | "drop_path_rate" | "zero_init_last"
+                | "pretrained" => true,
+                "in_chans" => v.as_u64() == Some(3),
+                "stem_type" => v.as_str() == Some(""),
+                "avg_down" | "replace_stem_pool" => v.as_bool() == Some(false),
+                "cardinality" | "block_reduce_first" | "down_kernel_size" => v.as_u64() == Some(1),
+                "base_width" => v.as_u64() == Some(64),
+                "output_stride" => v.as_u64() == Some(32),
+                _ => v.is_null(),
+            };
+            if !default_ok {
+                bail!("timm model_args {k} = {v} changes the ResNet in a way clipmine's tower does not reproduce");
+            }
+        }
+    }
+    let Some(p) = json.get("pretrained_cfg") else {
+        return Ok(());
+    };
+    if let Some(size) = p.get("input_size") {
+        let s = usizes(size, "pretrained_cfg.input_size")?;
+        match s.as_slice() {
+            [3, h, w] if h == w => img.image_size = *h,
+            _ => bail!("pretrained_cfg.input_size {size} is not a square RGB input; clipmine's images are square"),
+        }
+    }
+    if let Some(m) = p.get("mean") {
+        img.mean = floats3(m, "pretrained_cfg.mean")?;
+    }
+    if let Some(s) = p.get("std") {
+        img.std = floats3(s, "pretrained_cfg.std")?;
+    }
+    if let Some(c) = p.get("crop_pct").and_then(Value::as_f64) {
+        img.crop_pct = c;
+    }
+    if let Some(i) = p.get("interpolation").and_then(Value::as_str) {
+        img.interpolation = match i {
+            "bicubic" => Interpolation::Bicubic,
+            "bilinear" => Interpolation::Bilinear,
+            "nearest" => Interpolation::Nearest,
+            other => bail!("pretrained_cfg.interpolation {other:?} is not one of bilinear, bicubic, nearest"),
+        };
+    }
+    Ok(())
+}
+
+fn num(json: &Value, key: &str) -> Result<usize> {
+    json.get(key)
+        .and_then(Value::as_u64)
+        .map(|n| n as usize)
+        .with_context(|| format!("no whole number `{key}`"))
+}
+
+fn activation(name: &str) -> Result<Activation> {
+    Ok(match name {
+        "gelu" => Activation::Gelu,
+        "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Activation::GeluNew,
+        "relu" => Activation::Relu,
+        other => bail!("activation {other:?} is not one of gelu, gelu_new, relu"),
+    })
+}
+
+/// A Hugging Face config.json of a DistilBERT or BERT model (`model_type`).
+pub fn text_config_from_json(text: &mut TextConfig, json: &Value) -> Result<()> {
+    let mt = json
+        .get("model_type")
+        .and_then(Value::as_str)
+        .context("no `model_type` key: the text tower expects a Hugging Face config.json")?;
+    let f = |k: &str, default: f64| json.get(k).and_then(Value::as_f64).unwrap_or(default);
+    match mt {
+        "distilbert" => {
+            if json.get("sinusoidal_pos_embds").and_then(Value::as_bool) == Some(true) {
+                bail!("sinusoidal position embeddings are not supported (sinusoidal_pos_embds = true)");
+            }
+            text.kind = TextKind::Distilbert;
+            text.dim = num(json, "dim")?;
+            text.n_layers = num(json, "n_layers")?;
+            text.n_heads = num(json, "n_heads")?;
+            text.hidden_dim = num(json, "hidden_dim")?;
+            text.dropout = f("dropout", 0.1);
+            text.attention_dropout = f("attention_dropout", 0.1);
+            text.activation = activation(json.get("activation").and_then(Value::as_str).unwrap_or("gelu"))?;
+            // DistilBERT's LayerNorms are built with eps 1e-12, whatever the config says.
+            text.layer_norm_eps = 1e-12;
+        }
+        "bert" => {
+            let pos = json.get("position_embedding_type").and_then(Value::as_str).unwrap_or("absolute");
+            if pos != "absolute" {
+                bail!("position_embedding_type {pos:?} is not supported (only absolute)");
+            }
+            text.kind = TextKind::Bert;
+            text.dim = num(json, "hidden_size")?;
+            text.n_layers = num(json, "num_hidden_layers")?;
+            text.n_heads = num(json, "num_attention_heads")?;
+            text.hidden_dim = num(json, "intermediate_size")?;
+            text.type_vocab_size = num(json, "type_vocab_size").unwrap_or(2);
+            text.dropout = f("hidden_dropout_prob", 0.1);
+            text.attention_dropout = f("attention_probs_dropout_prob", 0.1);
+            text.layer_norm_eps = f("layer_norm_eps", 1e-12);
+            text.activation = activation(json.get("hidden_act").and_then(Value::as_str).unwrap_or("gelu"))?;
+        }
+        other => bail!(
+            "model_type {other:?} is not a text tower clipmine has: use a DistilBERT or BERT model (kind distilbert or bert), e.g. distilbert/distilbert-base-uncased, google-bert/bert-base-chinese"
+        ),
+    }
+    text.vocab_size = num(json, "vocab_size")?;
+    text.max_position_embeddings = num(json, "max_position_embeddings")?;
+    Ok(())
+}
+
+/// What was loaded into one tower.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TowerLoad {
+    pub tower: TowerKind,
+    /// `org/name@revision` or the local path.
+    pub source: String,
+    /// The Hub commit the files came from, when they are in a Hub cache.
+    pub commit: Option<String>,
+    pub file: PathBuf,
+    pub loaded: usize,
+    pub ignored: usize,
+}
+
+/// What [`load_pretrained`] did: per tower, and the tensors that start from fresh values.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct LoadReport {
+    pub towers: Vec<TowerLoad>,
+    /// Model tensors not loaded from any file (heads, `logit_scale`, towers without `pretrained`).
+    pub fresh: usize,
+}
+
+/// Whether a file's tensor is one the tower does not use (and is skipped): classifiers, poolers,
+/// masked-LM heads and bookkeeping buffers.
+fn ignored(tower: TowerKind, name: &str) -> bool {
+    if name.ends_with("num_batches_tracked") || name.ends_with("position_ids") {
+        return true;
+    }
+    match tower {
+        TowerKind::Image => name.starts_with("fc.") || name.starts_with("head."),
+        TowerKind::Text => [
+            "vocab_",
+            "cls.",
+            "pooler.",
+            "classifier.",
+            "pre_classifier.",
+            "qa_outputs.",
+        ]
+        .iter()
+        .any(|p| name.starts_with(p)),
+    }
+}
+
+/// A file's tensor name as the tower calls it (without the model prefix).
+fn tower_name_of(tower: TowerKind, name: &str) -> String {
+    let mut n = name;
+    if tower == TowerKind::Text {
+        for p in ["distilbert.", "bert."] {
+            if let Some(rest) = n.strip_prefix(p) {
+                n = rest;
+                break;
+            }
+        }
+    }
+    // Checkpoints from TensorFlow days call LayerNorm's parameters gamma and beta.
+    let mut out = n.to_string();
+    for (old, new) in [(".gamma", ".weight"), (".beta", ".bias")] {
+        if out.ends_with(old) && out.contains("LayerNorm") {
+            out.truncate(out.len() - old.len());
+            out.push_str(new);
+        }
+    }
+    out
+}
+
+/// Copies `tensors` (a file's, by its names) into the model's `tower`. Returns (loaded, ignored).
+pub fn load_tower(model: &ClipModel, tower: TowerKind, tensors: &HashMap<String, Tensor>) -> Result<(usize, usize)> {
+    let prefix = tower.prefix();
+    let store = &model.params;
+    let mut plan = vec![];
+    let mut unexpected = vec![];
+    let mut mismatched = vec![];
+    let mut mismatched_names = std::collections::HashSet::new();
+    let mut skipped = 0;
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    for name in names {
+        let t = &tensors[name];
+        let mapped = tower_name_of(tower, name);
+        if ignored(tower, &mapped) {
+            skipped += 1;
+            continue;
+        }
+        let full = format!("{prefix}{mapped}");
+        match store.get(&full) {
+            None => unexpected.push(name.clone()),
+            Some(e) if e.var.dims() != t.dims() => {
+                mismatched.push(format!(
+                    "{name}: file {:?}, tower {:?} ({full})",
+                    t.dims(),
+                    e.var.dims()
+                ));
+                mismatched_names.insert(full);
+            }
+            Some(e) => plan.push((full, e, t)),
+        }
+    }
+    let loaded: std::collections::HashSet<&str> = plan.iter().map(|(n, _, _)| n.as_str()).collect();
+    let missing: Vec<String> = store
+        .entries()
+        .into_iter()
+        .filter(|(n, e)| {
+            e.group == tower.group()
+                && n.starts_with(prefix)
+                && !loaded.contains(n.as_str())
+                && !mismatched_names.contains(n)
+        })
+        .map(|(n, e)| format!("{} {:?}", &n[prefix.len()..], e.var.dims()))
+        .collect();
+    if !missing.is_empty() || !mismatched.is_empty() || !unexpected.is_empty() {
+        let show = |v: &[String]| {
+            let mut s = v.iter().take(6).cloned().collect::<Vec<_>>().join(", ");
+            if v.len() > 6 {
+                s.push_str(&format!(" … and {} more", v.len() - 6));
+            }
+            s
+        };
+        let mut parts = vec![];
+        if !mismatched.is_empty() {
+            parts.push(format!(
+                "{} with another shape: {}",
+                mismatched.len(),
+                show(&mismatched)
+            ));
+        }
+        if !missing.is_empty() {
+            parts.push(format!(
+                "{} tower tensors missing from the file: {}",
+                missing.len(),
+                show(&missing)
+            ));
+        }
+        if !unexpected.is_empty() {
+            parts.push(format!(
+                "{} file tensors with no place in the tower: {}",
+                unexpected.len(),
+                show(&unexpected)
+            ));
+        }
+        bail!(
+            "the weights do not fit the {} tower: {} — is it the architecture its config.json describes?",
+            tower_name(tower),
+            parts.join("; ")
+        );
+    }
+    let device = store.device().clone();
+    for (name, e, t) in &plan {
+        let t = t.to_dtype(DType::F32)?.to_device(&device)?;
+        e.var.set(&t).with_context(|| format!("setting {name}"))?;
+    }
+    Ok((plan.len(), skipped))
+}
+
+/// Loads every tower whose config names `pretrained` weights into `model`.
+pub fn load_pretrained(model: &ClipModel, hub: &Hub) -> Result<LoadReport> {
+    let mut report = LoadReport::default();
+    let mut loaded = 0;
+    for tower in [TowerKind::Image, TowerKind::Text] {
+        let Some(src) = source(&model.config, tower)? else {
+            continue;
+        };
+        let file = src.weights(hub)?;
+        if file.extension().and_then(|e| e.to_str()) != Some("safetensors") {
+            bail!("{}: clipmine reads safetensors weights only", file.display());
+        }
+        let tensors = candle_core::safetensors::load(&file, &Device::Cpu)
+            .with_context(|| format!("reading weights {}", file.display()))?;
+        let (n, ignored) = load_tower(model, tower, &tensors)
+            .with_context(|| format!("loading {} into the {} tower", file.display(), tower_name(tower)))?;
+        loaded += n;
+        report.towers.push(TowerLoad {
+            tower,
+            source: src.describe(),
+            commit: snapshot_commit(&file),
+            file,
+            loaded: n,
+            ignored,
+        });
+    }
+    report.fresh = model.params.entries().len() - loaded;
+    Ok(report)
+}
+
+/// A new model with its pretrained towers loaded (the Hub settings from the environment).
+pub fn build(cfg: &ClipConfig, device: &Device) -> Result<(ClipModel, LoadReport)> {
+    let model = ClipModel::new(cfg, device)?;
+    let report = load_pretrained(&model, &Hub::from_env())?;
+    Ok((model, report))
+}
+
+/// The pretrained text model's tokenizer, and the file it came from; `None` when the text tower
+/// has no `pretrained`.
+pub fn tokenizer(cfg: &ClipConfig, hub: &Hub) -> Result<Option<(TextTokenizer, PathBuf)>> {
+    let Some(src) = source(cfg, TowerKind::Text)? else {
+        return Ok(None);
+    };
+    let max_len = cfg.max_tokens();
+    let json_err = match src.get(hub, "tokenizer.json") {
+        Ok(p) => return Ok(Some((TextTokenizer::from_file(&p, max_len)?, p))),
+        Err(e) => e,
+    };
+    let vocab = src.get(hub, "vocab.txt").map_err(|e| {
+        anyhow::anyhow!(
+            "{} has neither a tokenizer.json nor a vocab.txt: {json_err:#}; {e:#}",
+            src.describe()
+        )
+    })?;
+    // Lower-casing as the model was trained: tokenizer_config.json says; else the name does.
+    let lowercase = src
+        .get(hub, "tokenizer_config.json")
+        .ok()
+        .and_then(|p| read_json(&p).ok())
+        .and_then(|j| j.get("do_lower_case").and_then(Value::as_bool))
+        .unwrap_or_else(|| {
+            let n = src.name().to_ascii_lowercase();
+            // "…-cased" keeps case; "…-uncased" and names saying neither lower-case, as BERT.
+            !n.contains("cased") || n.contains("uncased")
+        });
+    Ok(Some((TextTokenizer::from_vocab(&vocab, lowercase, max_len)?, vocab)))
+}
+
+/// First values of each tower's pooled output on fixed inputs, in evaluation mode, so anyone
+/// can compare with PyTorch: the caption `a photo of a cat`, and an all-grey image (0.5 in
+/// every channel before normalisation, `torch.full((1, 3, S, S), 0.5)` then Normalize(mean, std)).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Probe {
+    pub caption: &'static str,
+    pub token_ids: Option<Vec<u32>>,
+    pub text: Option<Vec<f32>>,
+    pub image_size: usize,
+    pub image: Vec<f32>,
+}
+
+pub const PROBE_CAPTION: &str = "a photo of a cat";
+
+pub fn probe(model: &ClipModel, tokenizer: Option<&TextTokenizer>) -> Result<Probe> {
+    let dev = model.device();
+    let cfg = &model.config.image;
+    let s = cfg.image_size;
+    let plane = s * s;
+    let mut grey = vec![0f32; 3 * plane];
+    for c in 0..3 {
+        let v = ((0.5 - cfg.mean[c]) / cfg.std[c]) as f32;
+        grey[c * plane..(c + 1) * plane].fill(v);
+    }
+    let images = Tensor::from_vec(grey, (1, 3, s, s), dev)?;
+    let image = candle_core::ModuleT::forward_t(model.image_tower(), &images, false)?;
+    let first8 = |t: Tensor| -> Result<Vec<f32>> {
+        let v = t.flatten_all()?.to_vec1::<f32>()?;
+        Ok(v.into_iter().take(8).collect())
+    };
+    let (token_ids, text) = match tokenizer {
+        Some(tok) => {
+            let (ids, mask) = tok.encode_batch(&[PROBE_CAPTION], dev)?;
+            let pooled = model.text_tower().forward(&ids, &mask, false)?;
+            (Some(ids.flatten_all()?.to_vec1::<u32>()?), Some(first8(pooled)?))
+        }
+        None => (None, None),
+    };
+    Ok(Probe {
+        caption: PROBE_CAPTION,
+        token_ids,
+        text,
+        image_size: s,
+        image: first8(image)?,
+    })
+}

@@ -1,0 +1,86 @@
+//! Stage 1 on pretrained towers, as a user runs it offline: the tiny fixture models in a Hugging
+//! Face cache (HF_HUB_OFFLINE=1, HF_HUB_CACHE), the report saying what came from where, and the
+//! probe matching PyTorch's output for the same caption.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use candle_core::Device;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../clip-core/tests/fixtures/pretrained/hub")
+}
+
+fn stage1(config: &Path, json: &Path, cache: &Path) -> (Option<i32>, String, serde_json::Value) {
+    let out = Command::new(env!("CARGO_BIN_EXE_stage1-build"))
+        .args(["--device", "cpu", "--config"])
+        .arg(config)
+        .arg("--json")
+        .arg(json)
+        .env("HF_HUB_OFFLINE", "1")
+        .env("HF_HUB_CACHE", cache)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report = std::fs::read_to_string(json)
+        .map(|s| serde_json::from_str(&s).unwrap())
+        .unwrap_or(serde_json::Value::Null);
+    (out.status.code(), text, report)
+}
+
+#[test]
+fn loads_pretrained_towers_offline_and_records_the_probe() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("clip.toml");
+    std::fs::write(
+        &config,
+        "preset = \"tiny\"\n[image]\npretrained = \"clipmine-test/tiny-resnet-basic\"\n[text]\npretrained = \"clipmine-test/tiny-distilbert\"\n[data]\nmax_length = 32\n",
+    )
+    .unwrap();
+    let json = tmp.path().join("s1.json");
+    let (code, text, report) = stage1(&config, &json, &fixtures());
+    assert_eq!(code, Some(0), "{text}");
+    assert!(
+        text.contains("clipmine-test/tiny-distilbert@main (commit 0123456789abcdef"),
+        "{text}"
+    );
+    assert!(text.contains("tensors loaded"), "{text}");
+    let towers = report["metrics"]["pretrained"]["towers"].as_array().unwrap();
+    assert_eq!(towers.len(), 2);
+    assert_eq!(towers[1]["ignored"], 6);
+
+    // The probe's text values are PyTorch's [CLS] output for the same caption.
+    let probe = &report["metrics"]["probe"];
+    assert_eq!(probe["caption"], "a photo of a cat");
+    assert_eq!(probe["image_size"], 224);
+    let ours: Vec<f32> = serde_json::from_value(probe["text"].clone()).unwrap();
+    let out = candle_core::safetensors::load(
+        fixtures().join("models--clipmine-test--tiny-distilbert/outputs.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let torch: Vec<f32> = out["cls"].get(0).unwrap().to_vec1().unwrap();
+    assert_eq!(ours.len(), 8);
+    for (a, b) in ours.iter().zip(&torch) {
+        assert!((a - b).abs() < 1e-4, "probe {ours:?} vs PyTorch {:?}", &torch[..8]);
+    }
+    assert_eq!(probe["image"].as_array().unwrap().len(), 8);
+}
+
+#[test]
+fn an_uncached_model_offline_fails_naming_the_cache_and_the_fix() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("clip.toml");
+    std::fs::write(&config, "[text]\npretrained = \"distilbert/distilbert-base-uncased\"\n").unwrap();
+    let (code, text, _) = stage1(&config, &tmp.path().join("s1.json"), tmp.path());
+    assert_ne!(code, Some(0), "{text}");
+    assert!(text.contains("models--distilbert--distilbert-base-uncased"), "{text}");
+    assert!(
+        text.contains("huggingface-cli download distilbert/distilbert-base-uncased"),
+        "{text}"
+    );
+}

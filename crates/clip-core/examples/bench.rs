@@ -74,6 +74,20 @@ fn pseudo(n: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
+/// Peak resident memory of this process so far (Linux `VmHWM`), in MiB; `null` elsewhere.
+fn peak_rss_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kb / 1024.0)
+}
+
 fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::Train {
@@ -135,6 +149,8 @@ fn main() -> Result<()> {
                     "image_size": s, "seq_len": l, "steps": steps, "ms_per_step": mean * 1e3,
                     "pairs_per_s": b as f64 / mean, "losses": losses,
                     "forward_share": t_fwd / total, "backward_share": t_bwd / total, "optimizer_share": t_opt / total,
+                    "threads": rayon::current_num_threads(), "peak_rss_mb": peak_rss_mb(),
+                    "composed": clip_core::nn::dispatch::composed_forced(),
                 })
             );
         }

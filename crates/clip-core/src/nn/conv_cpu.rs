@@ -107,10 +107,10 @@ fn im2col(g: &Geometry, x: &[f32], cols: &mut [f32]) {
     }
 }
 
-/// Adds cols (C·K·K, Ho·Wo) back into one image gradient (C, H, W): the adjoint of `im2col`.
+/// Adds cols (C·K·K, Ho·Wo) into one image gradient (C, H, W), which starts zeroed: the adjoint
+/// of `im2col`.
 fn col2im(g: &Geometry, cols: &[f32], x: &mut [f32]) {
     let n = g.n();
-    x.fill(0.0);
     for c in 0..g.c {
         for ki in 0..g.k {
             for kj in 0..g.k {
@@ -279,8 +279,8 @@ impl CustomOp2 for Conv2dOp {
         let g = Geometry::new(l1.dims(), l2.dims(), self.stride, self.pad)?;
         let y = forward(
             &g,
-            super::host_f32("conv2d", s1, l1)?,
-            super::host_f32("conv2d", s2, l2)?,
+            super::dispatch::host_f32("conv2d", s1, l1)?,
+            super::dispatch::host_f32("conv2d", s2, l2)?,
         );
         Ok((CpuStorage::F32(y), Shape::from((g.b, g.o, g.ho, g.wo))))
     }
@@ -328,8 +328,8 @@ impl CustomOp2 for GradInput {
         }
         let gx = grad_input(
             &g,
-            super::host_f32("conv2d", s1, l1)?,
-            super::host_f32("conv2d", s2, l2)?,
+            super::dispatch::host_f32("conv2d", s1, l1)?,
+            super::dispatch::host_f32("conv2d", s2, l2)?,
         );
         Ok((CpuStorage::F32(gx), Shape::from(self.x_dims.clone())))
     }
@@ -356,8 +356,8 @@ impl CustomOp2 for GradWeight {
         }
         let gw = grad_weight(
             &g,
-            super::host_f32("conv2d", s1, l1)?,
-            super::host_f32("conv2d", s2, l2)?,
+            super::dispatch::host_f32("conv2d", s1, l1)?,
+            super::dispatch::host_f32("conv2d", s2, l2)?,
         );
         Ok((CpuStorage::F32(gw), Shape::from(self.w_dims.clone())))
     }

@@ -35,6 +35,12 @@ pub struct ImageConfig {
     pub stem_stride: usize,
     /// Stem kernel size (7 in ResNet; 3 suits small images).
     pub stem_kernel: usize,
+    /// Start every residual block's last BatchNorm scale γ at 0 (timm's and torchvision's
+    /// `zero_init_last`), so each block starts as the identity and a deep ResNet trains like a
+    /// shallow one at first. The price: on the very first step the blocks' other weights get
+    /// exactly zero gradient (as in PyTorch). On in `simple-clip` (as the reference's timm
+    /// ResNet50); off in `tiny`, whose first step stage 3 checks for a gradient everywhere.
+    pub zero_init_last: bool,
 }
 
 impl Default for ImageConfig {
@@ -48,6 +54,7 @@ impl Default for ImageConfig {
             stem_pool: true,
             stem_stride: 2,
             stem_kernel: 7,
+            zero_init_last: false,
         }
     }
 }
@@ -260,6 +267,7 @@ impl ClipConfig {
                 stem_pool: true,
                 stem_stride: 2,
                 stem_kernel: 7,
+                zero_init_last: true,
             },
             text: TextConfig {
                 vocab_size: 30522,

@@ -19,8 +19,14 @@ pub struct BatchNorm2d {
 
 impl BatchNorm2d {
     pub fn new(pb: &ParamBuilder, channels: usize) -> Result<Self> {
+        Self::with_scale(pb, channels, 1.0)
+    }
+
+    /// A BatchNorm whose scale γ starts at `gamma` (0 for a residual block's last one, see
+    /// `ImageConfig::zero_init_last`).
+    pub fn with_scale(pb: &ParamBuilder, channels: usize, gamma: f64) -> Result<Self> {
         Ok(Self {
-            weight: pb.param("weight", &[channels], Init::Const(1.0))?,
+            weight: pb.param("weight", &[channels], Init::Const(gamma))?,
             bias: pb.param("bias", &[channels], Init::Const(0.0))?,
             running_mean: pb.buffer("running_mean", &[channels], Init::Const(0.0))?,
             running_var: pb.buffer("running_var", &[channels], Init::Const(1.0))?,

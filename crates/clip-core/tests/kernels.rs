@@ -170,10 +170,15 @@ fn batch_norm_kernel() {
 
 #[test]
 fn conv_kernel() {
+    // Small maps take the whole-batch GEMM; ≥ 256 positions per image (or one image) the
+    // per-image GEMMs.
     for &(b, c, o, h, w, k, s, p) in &[
         (2, 2, 3, 5, 5, 3, 2, 1),
         (3, 3, 2, 4, 4, 1, 1, 0),
         (2, 2, 2, 5, 4, 3, 1, 1),
+        (1, 2, 3, 5, 5, 3, 1, 1),
+        (2, 2, 2, 17, 16, 3, 1, 1),
+        (2, 2, 3, 16, 16, 1, 1, 0),
     ] {
         let x = input(&[b, c, h, w], 2.0, 2.0);
         let wt = input(&[o, c, k, k], 5.0, 1.0);

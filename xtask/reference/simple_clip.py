@@ -367,6 +367,13 @@ def random_batch(cfg: Cfg, b: int, seq_len: int, device, gen: torch.Generator):
             "input_ids": ids.to(device), "attention_mask": mask.to(device)}
 
 
+def peak_rss_mb():
+    """Peak resident memory of this process so far, in MiB (Linux reports ru_maxrss in KiB)."""
+    import resource
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(kib / (1024.0 if sys.platform != "darwin" else 1024.0 * 1024.0), 1)
+
+
 def cmd_bench(a):
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -409,6 +416,7 @@ def cmd_bench(a):
         "ms_per_step": round(1000 * total / a.steps, 2),
         "forward_share": round(t_fwd / total, 3), "backward_share": round(t_bwd / total, 3),
         "optimizer_share": round(t_opt / total, 3), "losses": losses,
+        "peak_rss_mb": peak_rss_mb(),
     }
     print(json.dumps(out))
 

@@ -2,8 +2,9 @@
 //!
 //! `train` times training steps of the `tiny` preset in clipmine and, when PyTorch is installed,
 //! in the PyTorch reference of the same recipe (`xtask/reference/simple_clip.py bench`), in the
-//! same run on the same machine, and prints their ratio. Run it on an idle machine: a build
-//! beside a benchmark slows it several times.
+//! same run on the same machine, and prints their ratio of speed and of peak memory (RSS). The
+//! programs are built in the release profile. Run it on an idle machine: a build beside a
+//! benchmark slows it several times.
 
 use std::process::Command;
 
@@ -35,6 +36,9 @@ pub struct Args {
     /// Timed steps for `train`.
     #[arg(long, value_name = "N", default_value_t = 10)]
     steps: usize,
+    /// Caption tokens for `train` [default: 12 for tiny, 32 otherwise].
+    #[arg(long = "seq-len", value_name = "L")]
+    seq_len: Option<usize>,
     /// Skip the PyTorch reference.
     #[arg(long)]
     no_reference: bool,
@@ -61,12 +65,15 @@ pub fn run(args: Args) -> Result<bool> {
         preset,
         batch_size,
         steps,
+        seq_len,
         no_reference,
     } = args;
     let (batch, steps, reference) = (batch_size.to_string(), steps.to_string(), !no_reference);
+    let seq_len = seq_len.map(|l| l.to_string());
     if what.is_empty() {
         what = vec![What::Train, What::Loader, What::Index, What::Search, What::Frozen];
     }
+    let seq_len = seq_len.unwrap_or_else(|| if preset == "tiny" { "12" } else { "32" }.to_string());
     let root = workspace_root();
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let status = Command::new(&cargo)
@@ -74,6 +81,7 @@ pub fn run(args: Args) -> Result<bool> {
         .args([
             "build",
             "--quiet",
+            "--release",
             "-p",
             "clip-core",
             "--example",
@@ -87,7 +95,11 @@ pub fn run(args: Args) -> Result<bool> {
     if !status.success() {
         bail!("building the benchmarks failed");
     }
-    let examples = root.join("target/debug/examples");
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .map(|t| if t.is_relative() { root.join(t) } else { t })
+        .unwrap_or_else(|| root.join("target"));
+    let examples = target.join("release/examples");
     let mut steps_per_s = None;
     for w in what {
         match w {
@@ -101,7 +113,7 @@ pub fn run(args: Args) -> Result<bool> {
                     "--steps",
                     &steps,
                     "--seq-len",
-                    "12",
+                    &seq_len,
                 ]))?;
                 println!("{ours}");
                 steps_per_s = ours["ms_per_step"].as_f64().map(|ms| 1e3 / ms);
@@ -118,7 +130,7 @@ pub fn run(args: Args) -> Result<bool> {
                             "--steps",
                             &steps,
                             "--seq-len",
-                            "12",
+                            &seq_len,
                         ])
                         .output();
                     match theirs {
@@ -126,13 +138,17 @@ pub fn run(args: Args) -> Result<bool> {
                             let theirs: Value =
                                 serde_json::from_slice(last_line(&o.stdout)).context("parsing the reference's JSON")?;
                             println!("{theirs}");
-                            let (a, b) = (
-                                ours["pairs_per_s"].as_f64().unwrap_or(0.0),
-                                theirs["pairs_per_s"].as_f64().unwrap_or(f64::NAN),
-                            );
+                            let num = |v: &Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+                            let (a, b) = (num(&ours, "pairs_per_s"), num(&theirs, "pairs_per_s"));
+                            let (ra, rb) = (num(&ours, "peak_rss_mb"), num(&theirs, "peak_rss_mb"));
                             println!(
                                 "{}",
-                                json!({"bench": "train-ratio", "preset": preset, "batch_size": batch, "clipmine_pairs_per_s": a, "pytorch_pairs_per_s": b, "clipmine_over_pytorch": a / b})
+                                json!({
+                                    "bench": "train-ratio", "preset": preset, "batch_size": batch, "seq_len": seq_len,
+                                    "clipmine_threads": ours["threads"], "pytorch_threads": theirs["threads"],
+                                    "clipmine_pairs_per_s": a, "pytorch_pairs_per_s": b, "clipmine_over_pytorch": a / b,
+                                    "clipmine_peak_rss_mb": ra, "pytorch_peak_rss_mb": rb, "rss_clipmine_over_pytorch": ra / rb,
+                                })
                             );
                         }
                         Ok(o) => eprintln!(

@@ -74,6 +74,36 @@ fn pseudo(n: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
+/// Peak resident memory of this process so far (Linux `VmHWM`), in MiB; `null` elsewhere.
+fn peak_rss_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kb / 1024.0)
+}
+
+/// N(0, 1) values from [`pseudo`] (Box–Muller).
+fn normal(n: usize, seed: u64) -> Vec<f32> {
+    let u = pseudo(n + 1, seed);
+    (0..n)
+        .map(|i| {
+            let (u1, u2) = ((u[i] * 0.5 + 0.5).max(1e-7), u[i + 1] * 0.5 + 0.5);
+            let r = (-2.0 * u1.ln()).sqrt();
+            if i % 2 == 0 {
+                r * (std::f32::consts::TAU * u2).cos()
+            } else {
+                r * (std::f32::consts::TAU * u2).sin()
+            }
+        })
+        .collect()
+}
+
 fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::Train {
@@ -92,23 +122,40 @@ fn main() -> Result<()> {
             let s = cfg.image.image_size;
             let model = ClipModel::new(&cfg, &dev)?;
             let mut opt = AdamW::new(&model.params, &cfg.train)?;
-            let ids: Vec<u32> = (0..b * l)
-                .map(|i| (5 + (i * 7919) % (cfg.text.vocab_size - 5)) as u32)
-                .collect();
-            let batch = Batch {
-                images: Tensor::from_vec(pseudo(b * 3 * s * s, 1), (b, 3, s, s), &dev)?,
-                input_ids: Tensor::from_vec(ids, (b, l), &dev)?,
-                attention_mask: Tensor::ones((b, l), DType::U32, &dev)?,
-                pairs: (0..b).collect(),
-                positives: Tensor::eye(b, DType::F32, &dev)?,
-                image_features: None,
-                text_features: None,
+            // As the reference's `random_batch`: N(0, 1) pixels, token ids uniform in [4, vocab)
+            // after a [CLS]-like first token, and two batches taken in turn — so the losses of the
+            // two sides are comparable, not only their speed.
+            let cls = if cfg.text.vocab_size < 102 { 2 } else { 101 };
+            let make_batch = |seed: u64| -> Result<Batch> {
+                let ids: Vec<u32> = pseudo(b * l, seed + 10)
+                    .iter()
+                    .enumerate()
+                    .map(|(i, u)| {
+                        if i % l == 0 {
+                            cls
+                        } else {
+                            4 + ((u * 0.5 + 0.5) * (cfg.text.vocab_size - 4) as f32) as u32
+                                % (cfg.text.vocab_size as u32 - 4)
+                        }
+                    })
+                    .collect();
+                Ok(Batch {
+                    images: Tensor::from_vec(normal(b * 3 * s * s, seed), (b, 3, s, s), &dev)?,
+                    input_ids: Tensor::from_vec(ids, (b, l), &dev)?,
+                    attention_mask: Tensor::ones((b, l), DType::U32, &dev)?,
+                    pairs: (0..b).collect(),
+                    positives: Tensor::eye(b, DType::F32, &dev)?,
+                    image_features: None,
+                    text_features: None,
+                })
             };
+            let batches = [make_batch(1)?, make_batch(2)?];
             let mut times = vec![];
             let mut losses = vec![];
             // The same work as `train_step`, timed by phase (as the PyTorch reference reports it).
             let (mut t_fwd, mut t_bwd, mut t_opt) = (0.0, 0.0, 0.0);
             for step in 0..warmup + steps {
+                let batch = &batches[step % 2];
                 let t = Instant::now();
                 model.reseed_dropout(step as u64);
                 let e = model.forward(&batch.images, &batch.input_ids, &batch.attention_mask, true)?;
@@ -137,6 +184,8 @@ fn main() -> Result<()> {
                     "image_size": s, "seq_len": l, "steps": steps, "ms_per_step": mean * 1e3,
                     "pairs_per_s": b as f64 / mean, "losses": losses,
                     "forward_share": t_fwd / total, "backward_share": t_bwd / total, "optimizer_share": t_opt / total,
+                    "threads": rayon::current_num_threads(), "peak_rss_mb": peak_rss_mb(),
+                    "composed": clip_core::nn::dispatch::composed_forced(),
                 })
             );
         }

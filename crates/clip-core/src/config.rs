@@ -59,6 +59,12 @@ pub struct ImageConfig {
     /// the shorter side to size / crop_pct, then crop the centre).
     pub crop_pct: f64,
     pub interpolation: Interpolation,
+    /// Start every residual block's last BatchNorm scale γ at 0 (timm's and torchvision's
+    /// `zero_init_last`), so each block starts as the identity and a deep ResNet trains like a
+    /// shallow one at first. The price: on the very first step the blocks' other weights get
+    /// exactly zero gradient (as in PyTorch). On in `simple-clip` (as the reference's timm
+    /// ResNet50); off in `tiny`, whose first step stage 3 checks for a gradient everywhere.
+    pub zero_init_last: bool,
 }
 
 impl Default for ImageConfig {
@@ -78,6 +84,7 @@ impl Default for ImageConfig {
             std: [0.229, 0.224, 0.225],
             crop_pct: 1.0,
             interpolation: Interpolation::Bilinear,
+            zero_init_last: false,
         }
     }
 }
@@ -365,6 +372,7 @@ impl ClipConfig {
                 stem_pool: true,
                 stem_stride: 2,
                 stem_kernel: 7,
+                zero_init_last: true,
                 ..ImageConfig::default()
             },
             text: TextConfig {

@@ -310,12 +310,8 @@ pub fn top_k(matrix: &Tensor, query: &Tensor, k: usize) -> Result<Vec<(usize, f3
     if q.len() != p {
         bail!("the query has {} values, the index {p} per image", q.len());
     }
-    if matrix.device().is_cpu() && matrix.dtype() == DType::F32 {
-        let (storage, layout) = matrix.storage_and_layout();
-        if let (candle_core::Storage::Cpu(cpu), Some((start, end))) = (&*storage, layout.contiguous_offsets()) {
-            let data = &cpu.as_slice::<f32>()?[start..end];
-            return Ok(scan_top_k(data, p, &q, k));
-        }
+    if let Some(hits) = crate::nn::dispatch::with_host_f32(matrix, |data| scan_top_k(data, p, &q, k)) {
+        return Ok(hits);
     }
     let qt = Tensor::new(q.as_slice(), matrix.device())?.unsqueeze(1)?;
     let scores = matrix.matmul(&qt)?.squeeze(1)?.to_vec1::<f32>()?;

@@ -6,6 +6,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
+use std::sync::Mutex;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{backprop::GradStore, DType, Device, Tensor, Var};
@@ -13,6 +14,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::config::TrainConfig;
+use crate::nn::dispatch::{host_f32, host_f32_mut, use_cpu_kernel};
 use crate::params::{Group, ParamStore};
 
 /// Hyper-parameters of one group.
@@ -26,8 +28,58 @@ struct Slot {
     name: String,
     group: Group,
     var: Var,
-    m: Var,
-    v: Var,
+    moments: Moments,
+}
+
+/// Adam's first and second moments of one parameter.
+enum Moments {
+    /// Host vectors, updated in place with the parameter by one fused pass ([`AdamStep`]).
+    Host(Mutex<(Vec<f32>, Vec<f32>)>),
+    /// Tensors on the parameter's device, updated with tensor ops.
+    Device { m: Var, v: Var },
+}
+
+impl Moments {
+    fn tensors(&self, shape: &candle_core::Shape) -> Result<(Tensor, Tensor)> {
+        Ok(match self {
+            Moments::Host(mv) => {
+                let mv = mv.lock().unwrap();
+                (
+                    Tensor::from_slice(&mv.0, shape, &Device::Cpu)?,
+                    Tensor::from_slice(&mv.1, shape, &Device::Cpu)?,
+                )
+            }
+            Moments::Device { m, v } => (
+                m.as_tensor().to_device(&Device::Cpu)?,
+                v.as_tensor().to_device(&Device::Cpu)?,
+            ),
+        })
+    }
+
+    fn set(&self, m: &Tensor, v: &Tensor) -> Result<()> {
+        match self {
+            Moments::Host(mv) => {
+                let mut mv = mv.lock().unwrap();
+                let host =
+                    |t: &Tensor| -> Result<Vec<f32>> { Ok(t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?) };
+                let (m, v) = (host(m)?, host(v)?);
+                if m.len() != mv.0.len() || v.len() != mv.1.len() {
+                    bail!(
+                        "optimiser moments of {} values for a parameter of {}",
+                        m.len(),
+                        mv.0.len()
+                    )
+                }
+                *mv = (m, v);
+            }
+            Moments::Device { m: vm, v: vv } => {
+                let dev = vm.device();
+                vm.set(&m.to_device(dev)?)?;
+                vv.set(&v.to_device(dev)?)?;
+            }
+        }
+        Ok(())
+    }
 }
 
 pub struct AdamW {
@@ -74,12 +126,21 @@ impl AdamW {
         );
         let mut slots = vec![];
         for (name, group, var) in params.trainable() {
-            let zeros = var.as_tensor().zeros_like()?.detach();
+            // The one place the optimiser chooses its kernel, per parameter.
+            let moments = if use_cpu_kernel(var.as_tensor()) && var.is_contiguous() {
+                let n = var.elem_count();
+                Moments::Host(Mutex::new((vec![0f32; n], vec![0f32; n])))
+            } else {
+                let zeros = var.as_tensor().zeros_like()?.detach();
+                Moments::Device {
+                    m: Var::from_tensor(&zeros)?,
+                    v: Var::from_tensor(&zeros)?,
+                }
+            };
             slots.push(Slot {
                 name,
                 group,
-                m: Var::from_tensor(&zeros)?,
-                v: Var::from_tensor(&zeros)?,
+                moments,
                 var,
             });
         }
@@ -121,41 +182,63 @@ impl AdamW {
     }
 
     /// One AdamW update. Parameters without a gradient are skipped, as PyTorch skips `grad=None`.
-    pub fn step(&mut self, grads: &Grads) -> Result<()> {
+    ///
+    /// Returns the global L2 norm of the gradients it applied, computed in the same pass on the
+    /// CPU (so a caller that does not clip needs no separate pass over the gradients).
+    pub fn step(&mut self, grads: &Grads) -> Result<f64> {
         self.step += 1;
         let t = self.step as i32;
         let bc1 = 1.0 - self.beta1.powi(t);
         let bc2 = 1.0 - self.beta2.powi(t);
         let (b1, b2, eps) = (self.beta1, self.beta2, self.eps);
-        let update = |s: &Slot| -> Result<()> {
+        let update = |s: &Slot| -> Result<f64> {
             let Some(g) = grads.get(&s.name) else {
-                return Ok(());
+                return Ok(0.0);
             };
             let GroupSettings { lr, weight_decay } = self.groups[&s.group];
-            if s.var.device().is_cpu() && s.var.dtype() == DType::F32 {
-                return step_host(s, g, lr, weight_decay, (b1, b2, eps), (bc1, bc2));
+            match &s.moments {
+                Moments::Host(mv) => {
+                    let op = AdamStep {
+                        moments: mv,
+                        lr: lr as f32,
+                        decay: (1.0 - lr * weight_decay) as f32,
+                        b1: b1 as f32,
+                        b2: b2 as f32,
+                        eps: eps as f32,
+                        bc1: bc1 as f32,
+                        bc2: bc2 as f32,
+                        sum_sq: Mutex::new(0.0),
+                    };
+                    let g = g.detach().to_dtype(DType::F32)?.contiguous()?;
+                    s.var.as_tensor().inplace_op2(&g, &op)?;
+                    let sum_sq = *op.sum_sq.lock().unwrap();
+                    Ok(sum_sq)
+                }
+                Moments::Device { m: vm, v: vv } => {
+                    let p = s.var.as_tensor().detach();
+                    let g = g.detach();
+                    let sum_sq = g.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                    let m = ((vm.as_tensor() * b1)? + (&g * (1.0 - b1))?)?;
+                    let v = ((vv.as_tensor() * b2)? + (g.sqr()? * (1.0 - b2))?)?;
+                    // Decoupled weight decay first (p ← p − lr·wd·p), then the Adam step.
+                    let p = if weight_decay > 0.0 {
+                        (&p * (1.0 - lr * weight_decay))?
+                    } else {
+                        p
+                    };
+                    let denom = ((&v / bc2)?.sqrt()? + eps)?;
+                    let update = ((&m / bc1)? / denom)?;
+                    let p = (p - (update * lr)?)?;
+                    vm.set(&m)?;
+                    vv.set(&v)?;
+                    s.var.set(&p)?;
+                    Ok(sum_sq)
+                }
             }
-            let p = s.var.as_tensor().detach();
-            let g = g.detach();
-            let m = ((s.m.as_tensor() * b1)? + (&g * (1.0 - b1))?)?;
-            let v = ((s.v.as_tensor() * b2)? + (g.sqr()? * (1.0 - b2))?)?;
-            // Decoupled weight decay first (p ← p − lr·wd·p), then the Adam step.
-            let p = if weight_decay > 0.0 {
-                (&p * (1.0 - lr * weight_decay))?
-            } else {
-                p
-            };
-            let denom = ((&v / bc2)?.sqrt()? + eps)?;
-            let update = ((&m / bc1)? / denom)?;
-            let p = (p - (update * lr)?)?;
-            s.m.set(&m)?;
-            s.v.set(&v)?;
-            s.var.set(&p)?;
-            Ok(())
         };
         // Parameters are independent: update them in parallel.
-        self.slots.par_iter().map(update).collect::<Result<Vec<()>>>()?;
-        Ok(())
+        let sums = self.slots.par_iter().map(update).collect::<Result<Vec<f64>>>()?;
+        Ok(sums.iter().sum::<f64>().sqrt())
     }
 
     /// Sets every group's learning rate to `factor` × its base.
@@ -169,8 +252,9 @@ impl AdamW {
     pub fn save(&self, path: &Path) -> Result<()> {
         let mut tensors = HashMap::new();
         for s in &self.slots {
-            tensors.insert(format!("m.{}", s.name), s.m.as_tensor().to_device(&Device::Cpu)?);
-            tensors.insert(format!("v.{}", s.name), s.v.as_tensor().to_device(&Device::Cpu)?);
+            let (m, v) = s.moments.tensors(s.var.shape())?;
+            tensors.insert(format!("m.{}", s.name), m);
+            tensors.insert(format!("v.{}", s.name), v);
         }
         let bytes = crate::checkpoint::safetensors_bytes(&tensors)?;
         crate::checkpoint::write_atomic(path, &bytes)?;
@@ -204,9 +288,16 @@ impl AdamW {
                     s.name
                 )
             };
-            let dev = s.var.device();
-            s.m.set(&m.to_device(dev)?)?;
-            s.v.set(&v.to_device(dev)?)?;
+            if m.dims() != s.var.dims() || v.dims() != s.var.dims() {
+                bail!(
+                    "optimiser state {}: moments of {} have shape {:?}, the parameter {:?}",
+                    path.display(),
+                    s.name,
+                    m.dims(),
+                    s.var.dims()
+                )
+            }
+            s.moments.set(m, v)?;
         }
         self.step = meta.step;
         self.groups = meta.groups;
@@ -215,35 +306,79 @@ impl AdamW {
     }
 }
 
-/// The same update as the tensor path, as one loop over host memory: on the CPU the ten tensor
-/// ops per parameter cost more than the arithmetic (a fifth of a small model's training step).
-fn step_host(
-    s: &Slot,
-    g: &Tensor,
-    lr: f64,
-    wd: f64,
-    (b1, b2, eps): (f64, f64, f64),
-    (bc1, bc2): (f64, f64),
-) -> Result<()> {
-    let shape = s.var.shape().clone();
-    let host = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?) };
-    let (mut p, mut m, mut v, g) = (
-        host(s.var.as_tensor())?,
-        host(s.m.as_tensor())?,
-        host(s.v.as_tensor())?,
-        host(g)?,
-    );
-    let decay = (1.0 - lr * wd) as f32;
-    let (b1, b2, eps, lr, bc1, bc2) = (b1 as f32, b2 as f32, eps as f32, lr as f32, bc1 as f32, bc2 as f32);
-    for i in 0..p.len() {
-        m[i] = b1 * m[i] + (1.0 - b1) * g[i];
-        v[i] = b2 * v[i] + (1.0 - b2) * g[i] * g[i];
-        p[i] = p[i] * decay - lr * (m[i] / bc1) / ((v[i] / bc2).sqrt() + eps);
+/// Elements per parallel work item of the fused update: large tensors (the word-embedding table)
+/// are split across threads, small ones stay whole.
+const ADAM_CHUNK: usize = 1 << 16;
+
+/// The whole AdamW update of one parameter as one pass over (p, m, v, g), in place: on the CPU the
+/// ten tensor ops per parameter of the composed update cost more than the arithmetic. Also sums
+/// g² for the gradient norm.
+struct AdamStep<'a> {
+    moments: &'a Mutex<(Vec<f32>, Vec<f32>)>,
+    lr: f32,
+    /// 1 − lr·weight_decay (decoupled weight decay, applied before the Adam step as PyTorch).
+    decay: f32,
+    b1: f32,
+    b2: f32,
+    eps: f32,
+    bc1: f32,
+    bc2: f32,
+    sum_sq: Mutex<f64>,
+}
+
+impl candle_core::InplaceOp2 for AdamStep<'_> {
+    fn name(&self) -> &'static str {
+        "clipmine-adamw"
     }
-    s.m.set(&Tensor::from_vec(m, &shape, &Device::Cpu)?)?;
-    s.v.set(&Tensor::from_vec(v, &shape, &Device::Cpu)?)?;
-    s.var.set(&Tensor::from_vec(p, &shape, &Device::Cpu)?)?;
-    Ok(())
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut candle_core::CpuStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CpuStorage,
+        l2: &candle_core::Layout,
+    ) -> candle_core::Result<()> {
+        let p = host_f32_mut("adamw", s1, l1)?;
+        let g = host_f32("adamw", s2, l2)?;
+        let mut mv = self.moments.lock().unwrap();
+        let (m, v) = &mut *mv;
+        if g.len() != p.len() || m.len() != p.len() || v.len() != p.len() {
+            candle_core::bail!(
+                "adamw: gradient {:?} does not match parameter {:?}",
+                l2.dims(),
+                l1.dims()
+            )
+        }
+        let AdamStep {
+            lr,
+            decay,
+            b1,
+            b2,
+            eps,
+            bc1,
+            bc2,
+            ..
+        } = *self;
+        let (step_size, rbc2) = (lr / bc1, 1.0 / bc2);
+        let sum_sq: f64 = p
+            .par_chunks_mut(ADAM_CHUNK)
+            .zip(m.par_chunks_mut(ADAM_CHUNK))
+            .zip(v.par_chunks_mut(ADAM_CHUNK).zip(g.par_chunks(ADAM_CHUNK)))
+            .map(|((p, m), (v, g))| {
+                let mut sq = 0f32;
+                for i in 0..p.len() {
+                    let gi = g[i];
+                    sq += gi * gi;
+                    m[i] = b1 * m[i] + (1.0 - b1) * gi;
+                    v[i] = b2 * v[i] + (1.0 - b2) * gi * gi;
+                    p[i] = p[i] * decay - step_size * m[i] / ((v[i] * rbc2).sqrt() + eps);
+                }
+                sq as f64
+            })
+            .sum();
+        *self.sum_sq.lock().unwrap() = sum_sq;
+        Ok(())
+    }
 }
 
 #[derive(Serialize, Deserialize)]

@@ -26,7 +26,8 @@ pub fn step_seed(seed: u64, step: u64) -> u64 {
 
 /// Forward, backward and one AdamW update over one or more micro-batches (gradient accumulation).
 ///
-/// Errors when the loss is NaN/Inf, before any weight is touched.
+/// Errors when the loss is NaN/Inf, before any weight is touched; and when the gradient norm is,
+/// before the update with clipping on, after it without.
 pub fn train_step(
     model: &ClipModel,
     opt: &mut AdamW,
@@ -74,25 +75,35 @@ pub fn train_step_with(
             };
         }
     }
-    let grad_norm = AdamW::grad_norm(&acc)?;
-    if !grad_norm.is_finite() {
-        bail!(
-            "the gradient norm is {grad_norm} at step {}: lower the learning rates or set train.clip_grad_norm",
-            opt.step + 1
-        );
-    }
-    if clip_grad_norm > 0.0 && grad_norm > clip_grad_norm {
-        let s = clip_grad_norm / (grad_norm + 1e-6);
-        for g in acc.values_mut() {
-            *g = (&*g * s)?;
+    let grad_norm = if clip_grad_norm > 0.0 {
+        let grad_norm = AdamW::grad_norm(&acc)?;
+        check_grad_norm(grad_norm, opt.step + 1)?;
+        if grad_norm > clip_grad_norm {
+            let s = clip_grad_norm / (grad_norm + 1e-6);
+            for g in acc.values_mut() {
+                *g = (&*g * s)?;
+            }
         }
-    }
-    opt.step(&acc)?;
+        opt.step(&acc)?;
+        grad_norm
+    } else {
+        // Without clipping the norm is only reported: the update computes it in its own pass.
+        let grad_norm = opt.step(&acc)?;
+        check_grad_norm(grad_norm, opt.step)?;
+        grad_norm
+    };
     Ok(StepOutcome {
         loss: total_loss / k,
         grad_norm,
         grads: acc,
     })
+}
+
+fn check_grad_norm(grad_norm: f64, step: u64) -> Result<()> {
+    if !grad_norm.is_finite() {
+        bail!("the gradient norm is {grad_norm} at step {step}: lower the learning rates or set train.clip_grad_norm");
+    }
+    Ok(())
 }
 
 /// Loss of a batch in evaluation mode (no dropout, BatchNorm running statistics).

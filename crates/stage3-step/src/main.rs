@@ -169,7 +169,18 @@ fn run(args: Args) -> Result<ExitCode> {
 
     // Every trainable variable got a finite, non-zero gradient.
     let names: Vec<String> = opt.names().map(String::from).collect();
-    let coverage = gradient_coverage(&names, &outcome.grads)?;
+    let mut coverage = gradient_coverage(&names, &outcome.grads)?;
+    // A ResNet whose residual blocks start as the identity (timm's zero_init_last: the last
+    // BatchNorm γ of each block is 0) gives the blocks' other weights exactly zero gradient on the
+    // first step, as PyTorch does; step 1 moves γ off zero, so step 2 must reach them.
+    let second_step = cfg.image.zero_init_last && coverage.iter().any(|(_, _, nz)| !nz);
+    if second_step {
+        let again = train_step_with(&model, &mut opt, batches, cfg.train.clip_grad_norm, forward)?;
+        for (c, (_, finite, nonzero)) in coverage.iter_mut().zip(gradient_coverage(&names, &again.grads)?) {
+            c.1 &= finite;
+            c.2 |= nonzero;
+        }
+    }
     let missing: Vec<&str> = coverage
         .iter()
         .filter(|(_, _, nz)| !nz)
@@ -185,7 +196,15 @@ fn run(args: Args) -> Result<ExitCode> {
         "gradients",
         missing.is_empty() && not_finite.is_empty(),
         if missing.is_empty() && not_finite.is_empty() {
-            format!("all {} trainable tensors got a finite, non-zero gradient", names.len())
+            format!(
+                "all {} trainable tensors got a finite, non-zero gradient{}",
+                names.len(),
+                if second_step {
+                    " (over 2 steps: the residual blocks start as the identity, zero_init_last, so their weights get their first gradient on step 2)"
+                } else {
+                    ""
+                }
+            )
         } else {
             format!(
                 "{} of {} trainable tensors got no gradient{}{}: something between them and the loss cuts the graph (a detached tensor, or an op with no backward such as candle's fused layer_norm / softmax_last_dim)",

@@ -21,7 +21,8 @@ struct ResBlock {
 }
 
 impl ResBlock {
-    fn new(pb: &ParamBuilder, block: Block, c_in: usize, width: usize, stride: usize) -> Result<Self> {
+    /// `last_gamma`: the initial scale of the block's last BatchNorm (0 with `zero_init_last`).
+    fn new(pb: &ParamBuilder, block: Block, c_in: usize, width: usize, stride: usize, last_gamma: f64) -> Result<Self> {
         let (convs, c_out) = match block {
             Block::Basic => (
                 vec![
@@ -31,7 +32,7 @@ impl ResBlock {
                     ),
                     (
                         Conv2d::new(&pb.pp("conv2"), width, width, 3, 1, 1)?,
-                        BatchNorm2d::new(&pb.pp("bn2"), width)?,
+                        BatchNorm2d::with_scale(&pb.pp("bn2"), width, last_gamma)?,
                     ),
                 ],
                 width,
@@ -48,7 +49,7 @@ impl ResBlock {
                     ),
                     (
                         Conv2d::new(&pb.pp("conv3"), width, width * 4, 1, 1, 0)?,
-                        BatchNorm2d::new(&pb.pp("bn3"), width * 4)?,
+                        BatchNorm2d::with_scale(&pb.pp("bn3"), width * 4, last_gamma)?,
                     ),
                 ],
                 width * 4,
@@ -98,6 +99,7 @@ impl ResNet {
         let k = cfg.stem_kernel;
         let conv1 = Conv2d::new(&pb.pp("conv1"), 3, cfg.stem_width, k, cfg.stem_stride, k / 2)?;
         let bn1 = BatchNorm2d::new(&pb.pp("bn1"), cfg.stem_width)?;
+        let last_gamma = if cfg.zero_init_last { 0.0 } else { 1.0 };
         let mut c_in = cfg.stem_width;
         let mut layers = vec![];
         for (i, (&depth, &width)) in cfg.depths.iter().zip(&cfg.widths).enumerate() {
@@ -105,7 +107,7 @@ impl ResNet {
             let mut blocks = vec![];
             for j in 0..depth {
                 let stride = if i > 0 && j == 0 { 2 } else { 1 };
-                blocks.push(ResBlock::new(&lp.pp(j), cfg.block, c_in, width, stride)?);
+                blocks.push(ResBlock::new(&lp.pp(j), cfg.block, c_in, width, stride, last_gamma)?);
                 c_in = width * cfg.expansion();
             }
             layers.push(blocks);

@@ -19,10 +19,10 @@
 //! (sentence-transformers'), as `text.pooling` says.
 
 use anyhow::Result;
-use candle_core::{DType, Module, ModuleT, Tensor, D};
+use candle_core::{DType, Module, ModuleT, Tensor};
 
 use crate::config::{Activation, Pooling, TextConfig, TextKind};
-use crate::nn::{gelu, Dropout, DropoutRng, Embedding, LayerNorm, Linear};
+use crate::nn::{gelu, softmax_last_dim, Dropout, DropoutRng, Embedding, LayerNorm, Linear};
 use crate::params::ParamBuilder;
 
 const INIT_STD: f64 = 0.02;
@@ -118,8 +118,8 @@ impl Attention {
         let k = heads(self.key.forward(x)?)?;
         let v = heads(self.value.forward(x)?)?;
         let scores = q.matmul(&k.t()?.contiguous()?)?.broadcast_add(mask_bias)?;
-        // Not `softmax_last_dim`: that kernel has no backward.
-        let weights = candle_nn::ops::softmax(&scores, D::Minus1)?;
+        // Ours, not candle's `softmax_last_dim`: that kernel has no backward.
+        let weights = softmax_last_dim(&scores)?;
         let weights = self.dropout.forward_t(&weights, train)?;
         let ctx = weights.matmul(&v)?.transpose(1, 2)?.reshape((b, l, d))?;
         self.out.forward(&ctx)

@@ -19,8 +19,14 @@ pub struct BatchNorm2d {
 
 impl BatchNorm2d {
     pub fn new(pb: &ParamBuilder, channels: usize) -> Result<Self> {
+        Self::with_scale(pb, channels, 1.0)
+    }
+
+    /// A BatchNorm whose scale γ starts at `gamma` (0 for a residual block's last one, see
+    /// `ImageConfig::zero_init_last`).
+    pub fn with_scale(pb: &ParamBuilder, channels: usize, gamma: f64) -> Result<Self> {
         Ok(Self {
-            weight: pb.param("weight", &[channels], Init::Const(1.0))?,
+            weight: pb.param("weight", &[channels], Init::Const(gamma))?,
             bias: pb.param("bias", &[channels], Init::Const(0.0))?,
             running_mean: pb.buffer("running_mean", &[channels], Init::Const(0.0))?,
             running_var: pb.buffer("running_var", &[channels], Init::Const(1.0))?,
@@ -46,6 +52,24 @@ impl BatchNorm2d {
     }
 }
 
+impl BatchNorm2d {
+    /// The same update as [`Self::update_running`], in place on the host (fused kernel path).
+    fn update_running_host(&self, mean: &[f32], var: &[f32], n: usize) -> candle_core::Result<()> {
+        use super::batch_norm_cpu::RunningUpdate;
+        let momentum = self.momentum as f32;
+        self.running_mean.as_tensor().inplace_op1(&RunningUpdate {
+            momentum,
+            scale: 1.0,
+            batch: mean,
+        })?;
+        self.running_var.as_tensor().inplace_op1(&RunningUpdate {
+            momentum,
+            scale: n as f32 / (n as f32 - 1.0),
+            batch: var,
+        })
+    }
+}
+
 impl ModuleT for BatchNorm2d {
     fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
@@ -53,7 +77,7 @@ impl ModuleT for BatchNorm2d {
         if train && n < 2 {
             candle_core::bail!("BatchNorm in training mode needs more than one value per channel (got batch {b} of {h}×{w}): use a batch size of at least 2")
         }
-        if train && x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
+        if train && super::dispatch::use_cpu_kernel(x) {
             // One fused kernel per direction (see `batch_norm_cpu`).
             let stats = std::sync::Arc::new(std::sync::Mutex::new(None));
             let op = super::batch_norm_cpu::BatchNormTrain {
@@ -66,7 +90,7 @@ impl ModuleT for BatchNorm2d {
                 .unwrap()
                 .take()
                 .expect("the forward pass stores the batch statistics");
-            self.update_running(&Tensor::new(mean, x.device())?, &Tensor::new(var, x.device())?, n)?;
+            self.update_running_host(&mean, &var, n)?;
             return Ok(y);
         }
         let (mean, var) = if train {

@@ -68,9 +68,9 @@ impl CustomOp3 for BatchNormTrain {
     ) -> Result<(CpuStorage, Shape)> {
         let (b, c, hw) = dims(l1)?;
         let (x, gamma, beta) = (
-            super::host_f32("batch norm", s1, l1)?,
-            super::host_f32("batch norm", s2, l2)?,
-            super::host_f32("batch norm", s3, l3)?,
+            super::dispatch::host_f32("batch norm", s1, l1)?,
+            super::dispatch::host_f32("batch norm", s2, l2)?,
+            super::dispatch::host_f32("batch norm", s3, l3)?,
         );
         let (mean, var) = stats(x, b, c, hw);
         let mut y = vec![0f32; x.len()];
@@ -128,9 +128,9 @@ impl CustomOp3 for BatchNormGrad {
     ) -> Result<(CpuStorage, Shape)> {
         let (b, c, hw) = dims(l1)?;
         let (x, gamma, gy) = (
-            super::host_f32("batch norm", s1, l1)?,
-            super::host_f32("batch norm", s2, l2)?,
-            super::host_f32("batch norm", s3, l3)?,
+            super::dispatch::host_f32("batch norm", s1, l1)?,
+            super::dispatch::host_f32("batch norm", s2, l2)?,
+            super::dispatch::host_f32("batch norm", s3, l3)?,
         );
         let (mean, var) = stats(x, b, c, hw);
         let rstd: Vec<f32> = var.iter().map(|v| 1.0 / (v + self.eps).sqrt()).collect();
@@ -166,5 +166,36 @@ impl CustomOp3 for BatchNormGrad {
         rest[c..].copy_from_slice(&sum_dy);
         let len = out.len();
         Ok((CpuStorage::F32(out), Shape::from(len)))
+    }
+}
+
+/// running ← (1 − momentum)·running + momentum·scale·batch, in place: the running statistics'
+/// update as one pass instead of four tensor ops and two copies per statistic.
+pub struct RunningUpdate<'a> {
+    pub momentum: f32,
+    /// 1 for the mean; N/(N−1) turns the biased batch variance into PyTorch's unbiased one.
+    pub scale: f32,
+    pub batch: &'a [f32],
+}
+
+impl candle_core::InplaceOp1 for RunningUpdate<'_> {
+    fn name(&self) -> &'static str {
+        "clipmine-batch-norm-running"
+    }
+
+    fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> Result<()> {
+        let running = super::dispatch::host_f32_mut("batch norm", s, l)?;
+        if running.len() != self.batch.len() {
+            candle_core::bail!(
+                "batch norm: running statistic of {} channels, batch of {}",
+                running.len(),
+                self.batch.len()
+            )
+        }
+        let m = self.momentum;
+        for (r, &b) in running.iter_mut().zip(self.batch) {
+            *r = (1.0 - m) * *r + m * self.scale * b;
+        }
+        Ok(())
     }
 }

@@ -32,7 +32,7 @@ impl Conv2d {
 
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
+        if super::dispatch::use_cpu_kernel(x) {
             super::conv_cpu::conv2d_cpu(x, &self.weight, self.stride, self.padding)
         } else if x.track_op() || self.weight.track_op() {
             conv2d_im2col(x, &self.weight, self.stride, self.padding)

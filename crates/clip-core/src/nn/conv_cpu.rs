@@ -3,7 +3,8 @@
 //! candle 0.11 computes a convolution's input gradient with a naive transposed-convolution kernel
 //! (CPU and CUDA alike); in a ResNet that made the backward pass ~90 % of a training step. Here all
 //! three products — forward, input gradient, weight gradient — are one im2col (or col2im) and one
-//! GEMM per image, with the batch split across threads.
+//! GEMM per image, with the batch split across threads; small feature maps (< 256 positions per
+//! image) instead go through one GEMM for the whole batch, parallel inside.
 //!
 //! Layout: x (B, C, H, W), w (O, C, K, K), y (B, O, Ho, Wo), all contiguous f32.
 
@@ -107,10 +108,10 @@ fn im2col(g: &Geometry, x: &[f32], cols: &mut [f32]) {
     }
 }
 
-/// Adds cols (C·K·K, Ho·Wo) back into one image gradient (C, H, W): the adjoint of `im2col`.
+/// Adds cols (C·K·K, Ho·Wo) into one image gradient (C, H, W), which starts zeroed: the adjoint
+/// of `im2col`.
 fn col2im(g: &Geometry, cols: &[f32], x: &mut [f32]) {
     let n = g.n();
-    x.fill(0.0);
     for c in 0..g.c {
         for ki in 0..g.k {
             for kj in 0..g.k {
@@ -156,6 +157,7 @@ fn matmul(
     rhs: &[f32],
     rhs_rs: usize,
     rhs_cs: usize,
+    par: gemm::Parallelism,
 ) {
     debug_assert!(dst.len() >= m * n);
     // SAFETY: the slices cover every index the strides reach (checked by the callers' shapes).
@@ -179,9 +181,106 @@ fn matmul(
             false,
             false,
             false,
-            gemm::Parallelism::None,
+            par,
         )
     }
+}
+
+/// Per-image GEMMs run on one thread each (the batch is split across threads instead).
+const SERIAL: gemm::Parallelism = gemm::Parallelism::None;
+
+/// Below this many output positions per image the per-image GEMMs are too thin to run well (the
+/// 2×2 maps of `tiny`'s last stage give 4 columns): the whole batch then goes through one GEMM of
+/// B·Ho·Wo columns, parallel inside.
+const BATCHED_BELOW: usize = 256;
+
+fn batched(g: &Geometry) -> bool {
+    g.n() < BATCHED_BELOW && g.b > 1
+}
+
+fn parallel() -> gemm::Parallelism {
+    gemm::Parallelism::Rayon(rayon::current_num_threads().max(1))
+}
+
+/// The column matrices of the whole batch side by side, (C·K·K, B·Ho·Wo): image b's columns at
+/// [b·N, (b+1)·N).
+fn im2col_batch(g: &Geometry, x: &[f32]) -> Vec<f32> {
+    let (ckk, n, bn) = (g.ckk(), g.n(), g.b * g.n());
+    let img = g.c * g.h * g.w;
+    let mut all = vec![0f32; ckk * bn];
+    let mut tmp = if g.is_pointwise() { vec![] } else { vec![0f32; ckk * n] };
+    for b in 0..g.b {
+        let xb = &x[b * img..][..img];
+        let src: &[f32] = if g.is_pointwise() {
+            xb
+        } else {
+            im2col(g, xb, &mut tmp);
+            &tmp
+        };
+        for r in 0..ckk {
+            all[r * bn + b * n..][..n].copy_from_slice(&src[r * n..][..n]);
+        }
+    }
+    all
+}
+
+/// (B, R, N) → (R, B·N), and back with `unbatch`.
+fn batch_columns(t: &[f32], b: usize, r: usize, n: usize) -> Vec<f32> {
+    let mut out = vec![0f32; t.len()];
+    for bi in 0..b {
+        for ri in 0..r {
+            out[ri * b * n + bi * n..][..n].copy_from_slice(&t[(bi * r + ri) * n..][..n]);
+        }
+    }
+    out
+}
+
+fn unbatch_columns(t: &[f32], b: usize, r: usize, n: usize) -> Vec<f32> {
+    let mut out = vec![0f32; t.len()];
+    for bi in 0..b {
+        for ri in 0..r {
+            out[(bi * r + ri) * n..][..n].copy_from_slice(&t[ri * b * n + bi * n..][..n]);
+        }
+    }
+    out
+}
+
+fn forward_batched(g: &Geometry, x: &[f32], w: &[f32]) -> Vec<f32> {
+    let (ckk, n, o, bn) = (g.ckk(), g.n(), g.o, g.b * g.n());
+    let cols = im2col_batch(g, x);
+    let mut yt = vec![0f32; o * bn];
+    matmul(o, bn, ckk, &mut yt, false, w, ckk, 1, &cols, bn, 1, parallel());
+    unbatch_columns(&yt, g.b, o, n)
+}
+
+fn grad_input_batched(g: &Geometry, gy: &[f32], w: &[f32]) -> Vec<f32> {
+    let (ckk, n, o, bn) = (g.ckk(), g.n(), g.o, g.b * g.n());
+    let gyt = batch_columns(gy, g.b, o, n);
+    let mut cols = vec![0f32; ckk * bn];
+    matmul(ckk, bn, o, &mut cols, false, w, 1, ckk, &gyt, bn, 1, parallel());
+    if g.is_pointwise() {
+        return unbatch_columns(&cols, g.b, ckk, n);
+    }
+    let img = g.c * g.h * g.w;
+    let mut gx = vec![0f32; g.b * img];
+    let mut tmp = vec![0f32; ckk * n];
+    for b in 0..g.b {
+        for r in 0..ckk {
+            tmp[r * n..][..n].copy_from_slice(&cols[r * bn + b * n..][..n]);
+        }
+        col2im(g, &tmp, &mut gx[b * img..][..img]);
+    }
+    gx
+}
+
+fn grad_weight_batched(g: &Geometry, x: &[f32], gy: &[f32]) -> Vec<f32> {
+    let (ckk, n, o, bn) = (g.ckk(), g.n(), g.o, g.b * g.n());
+    let cols = im2col_batch(g, x);
+    let gyt = batch_columns(gy, g.b, o, n);
+    let mut gw = vec![0f32; o * ckk];
+    // gw (O, CKK) = gy (O, B·N) · colsᵀ (B·N, CKK)
+    matmul(o, ckk, bn, &mut gw, false, &gyt, bn, 1, &cols, 1, bn, parallel());
+    gw
 }
 
 /// Images per work item: enough to keep both GEMM and threads busy.
@@ -190,6 +289,9 @@ fn chunks(b: usize) -> usize {
 }
 
 fn forward(g: &Geometry, x: &[f32], w: &[f32]) -> Vec<f32> {
+    if batched(g) {
+        return forward_batched(g, x, w);
+    }
     let (ckk, n, o) = (g.ckk(), g.n(), g.o);
     let mut y = vec![0f32; g.b * o * n];
     let per = chunks(g.b);
@@ -204,13 +306,16 @@ fn forward(g: &Geometry, x: &[f32], w: &[f32]) -> Vec<f32> {
                 im2col(g, xb, &mut cols);
                 &cols
             };
-            matmul(o, n, ckk, yb, false, w, ckk, 1, colsb, n, 1);
+            matmul(o, n, ckk, yb, false, w, ckk, 1, colsb, n, 1, SERIAL);
         }
     });
     y
 }
 
 fn grad_input(g: &Geometry, gy: &[f32], w: &[f32]) -> Vec<f32> {
+    if batched(g) {
+        return grad_input_batched(g, gy, w);
+    }
     let (ckk, n, o) = (g.ckk(), g.n(), g.o);
     let img = g.c * g.h * g.w;
     let mut gx = vec![0f32; g.b * img];
@@ -222,9 +327,9 @@ fn grad_input(g: &Geometry, gy: &[f32], w: &[f32]) -> Vec<f32> {
             let gyb = &gy[b * o * n..][..o * n];
             if g.is_pointwise() {
                 // gx_b (C, N) = Wᵀ (C, O) · gy_b (O, N)
-                matmul(ckk, n, o, gxb, false, w, 1, ckk, gyb, n, 1);
+                matmul(ckk, n, o, gxb, false, w, 1, ckk, gyb, n, 1, SERIAL);
             } else {
-                matmul(ckk, n, o, &mut cols, false, w, 1, ckk, gyb, n, 1);
+                matmul(ckk, n, o, &mut cols, false, w, 1, ckk, gyb, n, 1, SERIAL);
                 col2im(g, &cols, gxb);
             }
         }
@@ -233,6 +338,9 @@ fn grad_input(g: &Geometry, gy: &[f32], w: &[f32]) -> Vec<f32> {
 }
 
 fn grad_weight(g: &Geometry, x: &[f32], gy: &[f32]) -> Vec<f32> {
+    if batched(g) {
+        return grad_weight_batched(g, x, gy);
+    }
     let (ckk, n, o) = (g.ckk(), g.n(), g.o);
     let img = g.c * g.h * g.w;
     let per = chunks(g.b);
@@ -250,7 +358,20 @@ fn grad_weight(g: &Geometry, x: &[f32], gy: &[f32]) -> Vec<f32> {
                     &cols
                 };
                 // gw (O, CKK) += gy_b (O, N) · cols_bᵀ (N, CKK)
-                matmul(o, ckk, n, &mut gw, true, &gy[b * o * n..][..o * n], n, 1, colsb, 1, n);
+                matmul(
+                    o,
+                    ckk,
+                    n,
+                    &mut gw,
+                    true,
+                    &gy[b * o * n..][..o * n],
+                    n,
+                    1,
+                    colsb,
+                    1,
+                    n,
+                    SERIAL,
+                );
             }
             gw
         })
@@ -279,8 +400,8 @@ impl CustomOp2 for Conv2dOp {
         let g = Geometry::new(l1.dims(), l2.dims(), self.stride, self.pad)?;
         let y = forward(
             &g,
-            super::host_f32("conv2d", s1, l1)?,
-            super::host_f32("conv2d", s2, l2)?,
+            super::dispatch::host_f32("conv2d", s1, l1)?,
+            super::dispatch::host_f32("conv2d", s2, l2)?,
         );
         Ok((CpuStorage::F32(y), Shape::from((g.b, g.o, g.ho, g.wo))))
     }
@@ -328,8 +449,8 @@ impl CustomOp2 for GradInput {
         }
         let gx = grad_input(
             &g,
-            super::host_f32("conv2d", s1, l1)?,
-            super::host_f32("conv2d", s2, l2)?,
+            super::dispatch::host_f32("conv2d", s1, l1)?,
+            super::dispatch::host_f32("conv2d", s2, l2)?,
         );
         Ok((CpuStorage::F32(gx), Shape::from(self.x_dims.clone())))
     }
@@ -356,8 +477,8 @@ impl CustomOp2 for GradWeight {
         }
         let gw = grad_weight(
             &g,
-            super::host_f32("conv2d", s1, l1)?,
-            super::host_f32("conv2d", s2, l2)?,
+            super::dispatch::host_f32("conv2d", s1, l1)?,
+            super::dispatch::host_f32("conv2d", s2, l2)?,
         );
         Ok((CpuStorage::F32(gw), Shape::from(self.w_dims.clone())))
     }

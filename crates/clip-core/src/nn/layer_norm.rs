@@ -1,5 +1,5 @@
 use anyhow::Result;
-use candle_core::{DType, Module, Tensor, D};
+use candle_core::{Module, Tensor, D};
 
 use crate::params::{Init, ParamBuilder};
 
@@ -27,7 +27,7 @@ impl LayerNorm {
 
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        if x.device().is_cpu() && x.dtype() == DType::F32 {
+        if super::dispatch::use_cpu_kernel(x) {
             let op = super::layer_norm_cpu::LayerNormOp { eps: self.eps as f32 };
             return x.contiguous()?.apply_op3(&self.weight, &self.bias, op);
         }

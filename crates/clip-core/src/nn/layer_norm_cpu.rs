@@ -39,9 +39,9 @@ impl CustomOp3 for LayerNormOp {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (x, gamma, beta) = (
-            super::host_f32("layer norm", s1, l1)?,
-            super::host_f32("layer norm", s2, l2)?,
-            super::host_f32("layer norm", s3, l3)?,
+            super::dispatch::host_f32("layer norm", s1, l1)?,
+            super::dispatch::host_f32("layer norm", s2, l2)?,
+            super::dispatch::host_f32("layer norm", s3, l3)?,
         );
         let d = gamma.len();
         if d == 0 || x.len() % d != 0 || beta.len() != d {
@@ -100,9 +100,9 @@ impl CustomOp3 for LayerNormGrad {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (x, gamma, gy) = (
-            super::host_f32("layer norm", s1, l1)?,
-            super::host_f32("layer norm", s2, l2)?,
-            super::host_f32("layer norm", s3, l3)?,
+            super::dispatch::host_f32("layer norm", s1, l1)?,
+            super::dispatch::host_f32("layer norm", s2, l2)?,
+            super::dispatch::host_f32("layer norm", s3, l3)?,
         );
         let d = gamma.len();
         let mut out = vec![0f32; x.len() + 2 * d];

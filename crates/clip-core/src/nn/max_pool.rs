@@ -6,7 +6,23 @@ use candle_core::Tensor;
 /// `maximum` of shifted views: pad with −∞ to an even size, split each spatial axis into
 /// (even, odd) phases, and a window starting at row 2i covers even[i], odd[i], even[i+1].
 /// Output size is ⌊(n − 1) / 2⌋ + 1, as PyTorch's.
+///
+/// On contiguous f32 CPU tensors it runs the fused kernel of `max_pool_cpu` instead.
 pub fn max_pool_3x3_s2(x: &Tensor) -> candle_core::Result<Tensor> {
+    if super::dispatch::use_cpu_kernel(x) {
+        max_pool_3x3_s2_cpu(x)
+    } else {
+        max_pool_3x3_s2_reference(x)
+    }
+}
+
+/// The fused CPU kernel, exposed for tests and benchmarks.
+pub fn max_pool_3x3_s2_cpu(x: &Tensor) -> candle_core::Result<Tensor> {
+    x.contiguous()?.apply_op1(super::max_pool_cpu::MaxPool3x3S2)
+}
+
+/// The composed (device-agnostic) max-pool.
+pub fn max_pool_3x3_s2_reference(x: &Tensor) -> candle_core::Result<Tensor> {
     let x = pool_axis(x, 2)?;
     pool_axis(&x, 3)
 }

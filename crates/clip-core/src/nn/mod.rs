@@ -1,37 +1,69 @@
 //! Trainable building blocks. Each one keeps the PyTorch parameter names and has a backward pass
 //! through every op (candle 0.11's fused LayerNorm, `softmax_last_dim` and strided max-pool do not).
+//!
+//! Ops with a fused CPU kernel (`*_cpu` modules, each with its own backward) choose it or the
+//! composed candle path in one place, [`dispatch::use_cpu_kernel`]; each also exposes both paths
+//! (`*_cpu` and `*_reference`) so tests can compare them.
 
 mod batch_norm;
 mod batch_norm_cpu;
 mod conv;
 mod conv_cpu;
+pub mod dispatch;
 mod dropout;
+mod gelu_cpu;
 mod layer_norm;
 mod layer_norm_cpu;
 mod linear;
 mod max_pool;
+mod max_pool_cpu;
+mod softmax_cpu;
 
 pub use batch_norm::{batch_norm_reference, batch_norm_train_cpu, BatchNorm2d};
 pub use conv::{conv2d_im2col, Conv2d};
 pub use conv_cpu::conv2d_cpu;
+pub use dispatch::{force_composed, use_cpu_kernel};
 pub use dropout::{Dropout, DropoutRng};
 pub use layer_norm::{layer_norm_cpu, layer_norm_reference, LayerNorm};
 pub use linear::{Embedding, Linear};
-pub use max_pool::max_pool_3x3_s2;
+pub use max_pool::{max_pool_3x3_s2, max_pool_3x3_s2_cpu, max_pool_3x3_s2_reference};
 
-/// The f32 data of a custom op's operand; the fused CPU kernels are only given contiguous tensors.
-pub(crate) fn host_f32<'a>(
-    op: &str,
-    s: &'a candle_core::CpuStorage,
-    l: &candle_core::Layout,
-) -> candle_core::Result<&'a [f32]> {
-    let Some((start, end)) = l.contiguous_offsets() else {
-        candle_core::bail!("{op}: operands must be contiguous")
-    };
-    Ok(&s.as_slice::<f32>()?[start..end])
-}
+use candle_core::{Result, Tensor, D};
 
 /// Exact (erf) GELU, as PyTorch's `nn.GELU()` and DistilBERT use.
-pub fn gelu(x: &candle_core::Tensor) -> candle_core::Result<candle_core::Tensor> {
+pub fn gelu(x: &Tensor) -> Result<Tensor> {
+    if dispatch::use_cpu_kernel(x) {
+        gelu_cpu(x)
+    } else {
+        gelu_reference(x)
+    }
+}
+
+/// GELU through candle's `gelu_erf` (differentiable on every device).
+pub fn gelu_reference(x: &Tensor) -> Result<Tensor> {
     x.gelu_erf()
+}
+
+/// The fused CPU GELU kernel, exposed for tests and benchmarks.
+pub fn gelu_cpu(x: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(gelu_cpu::Gelu)
+}
+
+/// Softmax over the last dimension, with a backward pass (candle's `softmax_last_dim` has none).
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    if dispatch::use_cpu_kernel(x) {
+        softmax_cpu(x)
+    } else {
+        softmax_reference(x)
+    }
+}
+
+/// Softmax composed from differentiable ops (any device).
+pub fn softmax_reference(x: &Tensor) -> Result<Tensor> {
+    candle_nn::ops::softmax(x, D::Minus1)
+}
+
+/// The fused CPU softmax kernel, exposed for tests and benchmarks.
+pub fn softmax_cpu(x: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(softmax_cpu::SoftmaxLastDim)
 }

@@ -1,0 +1,102 @@
+//! The ResNet stem's max-pool (3×3, stride 2, padding 1) on the CPU, with its backward.
+//!
+//! Composed from shifted views, it is ~20 tensor ops each way over the stem's largest activation.
+//! Here the forward is one pass, and the backward recomputes each window's arg-max (the first
+//! maximum in scan order, as PyTorch picks) and routes the gradient there, one (B, C) plane per
+//! work item.
+//!
+//! Layout: x (B, C, H, W) contiguous f32; y (B, C, ⌊(H−1)/2⌋+1, ⌊(W−1)/2⌋+1).
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::dispatch::host_f32;
+
+fn dims(l: &Layout) -> Result<(usize, usize, usize, usize)> {
+    let &[b, c, h, w] = l.dims() else {
+        candle_core::bail!("max-pool expects (B, C, H, W), got {:?}", l.dims())
+    };
+    if h == 0 || w == 0 {
+        candle_core::bail!("max-pool: empty {h}×{w} input")
+    }
+    Ok((b, c, h, w))
+}
+
+fn out_size(n: usize) -> usize {
+    (n - 1) / 2 + 1
+}
+
+/// Flat index within the plane of window (i, j)'s first maximum.
+fn argmax(x: &[f32], h: usize, w: usize, i: usize, j: usize) -> usize {
+    let (r0, c0) = ((2 * i).saturating_sub(1), (2 * j).saturating_sub(1));
+    let (r1, c1) = ((2 * i + 2).min(h), (2 * j + 2).min(w));
+    let mut best = r0 * w + c0;
+    for r in r0..r1 {
+        for c in c0..c1 {
+            if x[r * w + c] > x[best] {
+                best = r * w + c;
+            }
+        }
+    }
+    best
+}
+
+pub struct MaxPool3x3S2;
+
+impl CustomOp1 for MaxPool3x3S2 {
+    fn name(&self) -> &'static str {
+        "clipmine-max-pool"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = host_f32("max-pool", s, l)?;
+        let (b, c, h, w) = dims(l)?;
+        let (ho, wo) = (out_size(h), out_size(w));
+        let mut y = vec![0f32; b * c * ho * wo];
+        y.par_chunks_mut(ho * wo).zip(x.par_chunks(h * w)).for_each(|(yp, xp)| {
+            for i in 0..ho {
+                for j in 0..wo {
+                    yp[i * wo + j] = xp[argmax(xp, h, w, i, j)];
+                }
+            }
+        });
+        Ok((CpuStorage::F32(y), Shape::from((b, c, ho, wo))))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, gy: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(x.apply_op2_no_bwd(&gy.contiguous()?, &MaxPoolGrad)?))
+    }
+}
+
+/// dx: each output's gradient added at its window's arg-max.
+struct MaxPoolGrad;
+
+impl CustomOp2 for MaxPoolGrad {
+    fn name(&self) -> &'static str {
+        "clipmine-max-pool-grad"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (x, gy) = (host_f32("max-pool", s1, l1)?, host_f32("max-pool", s2, l2)?);
+        let (b, c, h, w) = dims(l1)?;
+        let (ho, wo) = (out_size(h), out_size(w));
+        if l2.dims() != [b, c, ho, wo] {
+            candle_core::bail!(
+                "max-pool backward: gradient {:?} does not match output {:?}",
+                l2.dims(),
+                (b, c, ho, wo)
+            )
+        }
+        let mut gx = vec![0f32; x.len()];
+        gx.par_chunks_mut(h * w)
+            .zip(x.par_chunks(h * w).zip(gy.par_chunks(ho * wo)))
+            .for_each(|(gp, (xp, gyp))| {
+                for i in 0..ho {
+                    for j in 0..wo {
+                        gp[argmax(xp, h, w, i, j)] += gyp[i * wo + j];
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(gx), l1.shape().clone()))
+    }
+}

@@ -1,0 +1,194 @@
+//! Every fused CPU kernel against the composed (device-agnostic) path and against central finite
+//! differences: values, and the gradients of a fixed weighted sum of the output for every input.
+
+use candle_core::{Device, Tensor, Var};
+use clip_core::nn;
+
+fn pseudo(n: usize, seed: f32) -> Vec<f32> {
+    (0..n).map(|i| ((i as f32 + seed) * 0.618_034).fract() - 0.5).collect()
+}
+
+fn input(shape: &[usize], seed: f32, scale: f32) -> Tensor {
+    let n = shape.iter().product();
+    (Tensor::from_vec(pseudo(n, seed), shape, &Device::Cpu).unwrap() * scale as f64).unwrap()
+}
+
+fn max_abs(t: &Tensor) -> f32 {
+    t.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+}
+
+fn flat(t: &Tensor) -> Vec<f32> {
+    t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+}
+
+type Op<'a> = &'a dyn Fn(&[Tensor]) -> candle_core::Result<Tensor>;
+
+/// Σ out·w for a fixed pseudo-random w, in f64 on the host.
+fn weighted(out: &Tensor) -> f64 {
+    let w = pseudo(out.elem_count(), 3.0);
+    flat(out).iter().zip(&w).map(|(a, b)| *a as f64 * *b as f64).sum()
+}
+
+/// Checks `fused` against `composed` (values and gradients) and the fused gradients against
+/// central differences of the fused forward, for every element of every input.
+fn check(what: &str, inputs: &[Tensor], fused: Op, composed: Op, fd_eps: f64, fd_tol: f64) {
+    let vars: Vec<Var> = inputs.iter().map(|t| Var::from_tensor(t).unwrap()).collect();
+    let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let (a, b) = (fused(&ts).unwrap(), composed(&ts).unwrap());
+    assert_eq!(a.dims(), b.dims(), "{what}: shapes differ");
+    let scale = max_abs(&b).max(1.0);
+    let d = max_abs(&(&a - &b).unwrap());
+    assert!(d <= 1e-4 * scale, "{what}: forward differs by {d}");
+    let w = Tensor::from_vec(pseudo(a.elem_count(), 3.0), a.dims(), &Device::Cpu).unwrap();
+    let ga = (&a * &w).unwrap().sum_all().unwrap().backward().unwrap();
+    let gb = (&b * &w).unwrap().sum_all().unwrap().backward().unwrap();
+    for (i, v) in vars.iter().enumerate() {
+        let (ga, gb) = (
+            ga.get(v.as_tensor())
+                .unwrap_or_else(|| panic!("{what}: fused gives input {i} no gradient")),
+            gb.get(v.as_tensor()).unwrap(),
+        );
+        let scale = max_abs(gb).max(1.0);
+        let d = max_abs(&(ga - gb).unwrap());
+        assert!(
+            d <= 1e-3 * scale,
+            "{what}: gradient of input {i} differs from the composed one by {d}"
+        );
+        // Central differences of the fused forward, element by element.
+        let analytic = flat(ga);
+        let base: Vec<Vec<f32>> = inputs.iter().map(flat).collect();
+        for j in 0..base[i].len() {
+            let at = |delta: f64| {
+                let mut xs: Vec<Tensor> = inputs.to_vec();
+                let mut data = base[i].clone();
+                data[j] = (data[j] as f64 + delta) as f32;
+                xs[i] = Tensor::from_vec(data, inputs[i].dims(), &Device::Cpu).unwrap();
+                weighted(&fused(&xs).unwrap())
+            };
+            let numeric = (at(fd_eps) - at(-fd_eps)) / (2.0 * fd_eps);
+            let err = (numeric - analytic[j] as f64).abs();
+            assert!(
+                err <= fd_tol * (1.0 + numeric.abs()),
+                "{what}: input {i}[{j}]: finite differences {numeric}, backward {}",
+                analytic[j]
+            );
+        }
+    }
+}
+
+#[test]
+fn gelu_kernel() {
+    let x = input(&[3, 37], 1.0, 8.0);
+    check(
+        "gelu",
+        &[x],
+        &|t| nn::gelu_cpu(&t[0]),
+        &|t| nn::gelu_reference(&t[0]),
+        1e-2,
+        2e-3,
+    );
+}
+
+#[test]
+fn softmax_kernel() {
+    // Rows of 5 (few per work item) and of 300 (several work items), with a −1e9 mask column.
+    let x = input(&[2, 3, 5], 2.0, 6.0);
+    check(
+        "softmax",
+        &[x],
+        &|t| nn::softmax_cpu(&t[0]),
+        &|t| nn::softmax_reference(&t[0]),
+        1e-2,
+        2e-3,
+    );
+    let big = input(&[60, 300], 4.0, 4.0);
+    let vars = Var::from_tensor(&big).unwrap();
+    let (a, b) = (
+        nn::softmax_cpu(vars.as_tensor()).unwrap(),
+        nn::softmax_reference(vars.as_tensor()).unwrap(),
+    );
+    assert!(max_abs(&(a - b).unwrap()) < 1e-6);
+    let masked = Tensor::cat(
+        &[
+            input(&[4, 3], 5.0, 3.0),
+            Tensor::full(-1e9f32, (4, 1), &Device::Cpu).unwrap(),
+        ],
+        1,
+    )
+    .unwrap();
+    let y = flat(&nn::softmax_cpu(&masked).unwrap());
+    assert!(y.iter().skip(3).step_by(4).all(|&p| p == 0.0), "{y:?}");
+}
+
+#[test]
+fn max_pool_kernel() {
+    // Distinct values (a permutation), so no window has a tie within the finite-difference step.
+    for (h, w) in [(7, 7), (8, 6), (5, 9), (2, 3)] {
+        let n = 2 * 3 * h * w;
+        let data: Vec<f32> = (0..n).map(|i| ((i * 37 + 11) % n) as f32 * 0.1).collect();
+        let x = Tensor::from_vec(data, (2, 3, h, w), &Device::Cpu).unwrap();
+        check(
+            &format!("max-pool {h}×{w}"),
+            &[x],
+            &|t| nn::max_pool_3x3_s2_cpu(&t[0]),
+            &|t| nn::max_pool_3x3_s2_reference(&t[0]),
+            1e-2,
+            1e-3,
+        );
+    }
+}
+
+#[test]
+fn layer_norm_kernel() {
+    let x = input(&[2, 5, 12], 4.5, 4.0);
+    let g = input(&[12], 8.0, 2.0);
+    let b = input(&[12], 2.0, 1.0);
+    check(
+        "layer norm",
+        &[x, g, b],
+        &|t| nn::layer_norm_cpu(&t[0], &t[1], &t[2], 1e-5),
+        &|t| nn::layer_norm_reference(&t[0], &t[1], &t[2], 1e-5),
+        1e-2,
+        5e-3,
+    );
+}
+
+#[test]
+fn batch_norm_kernel() {
+    let x = input(&[3, 4, 3, 2], 1.5, 6.0);
+    let g = Tensor::new(&[1.0f32, 0.5, -2.0, 1.5], &Device::Cpu).unwrap();
+    let b = Tensor::new(&[0.1f32, -0.3, 0.0, 2.0], &Device::Cpu).unwrap();
+    check(
+        "batch norm",
+        &[x, g, b],
+        &|t| nn::batch_norm_train_cpu(&t[0], &t[1], &t[2], 1e-5),
+        &|t| nn::batch_norm_reference(&t[0], &t[1], &t[2], 1e-5),
+        1e-2,
+        5e-3,
+    );
+}
+
+#[test]
+fn conv_kernel() {
+    // Small maps take the whole-batch GEMM; ≥ 256 positions per image (or one image) the
+    // per-image GEMMs.
+    for &(b, c, o, h, w, k, s, p) in &[
+        (2, 2, 3, 5, 5, 3, 2, 1),
+        (3, 3, 2, 4, 4, 1, 1, 0),
+        (2, 2, 2, 5, 4, 3, 1, 1),
+        (1, 2, 3, 5, 5, 3, 1, 1),
+        (2, 2, 2, 17, 16, 3, 1, 1),
+        (2, 2, 3, 16, 16, 1, 1, 0),
+    ] {
+        let x = input(&[b, c, h, w], 2.0, 2.0);
+        let wt = input(&[o, c, k, k], 5.0, 1.0);
+        check(
+            &format!("conv {:?}", (b, c, o, h, w, k, s, p)),
+            &[x, wt],
+            &|t| nn::conv2d_cpu(&t[0], &t[1], s, p),
+            &|t| nn::conv2d_im2col(&t[0], &t[1], s, p),
+            1e-2,
+            2e-3,
+        );
+    }
+}

@@ -191,7 +191,7 @@ where
                     .map_err(err)?
                     .label(s.name)
                     .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(3)));
-                let r = (s.width + 2).max(3);
+                let r = s.width / 2 + if pts.len() > 25 { 1 } else { 2 };
                 if pts.len() <= 60 {
                     chart
                         .draw_series(pts.iter().map(|&p| Circle::new(p, r, c.filled())))

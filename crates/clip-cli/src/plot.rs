@@ -227,7 +227,14 @@ where
     } else {
         let chart = b.build_cartesian_2d(0.8..x_max + 0.2, lo..hi).map_err(err)?;
         let span = hi - lo;
-        finish!(chart, move |v: &f64| if span < 0.05 {
+        let tiny = hi.abs().max(lo.abs()) < 0.01;
+        finish!(chart, move |v: &f64| if tiny {
+            if *v == 0.0 {
+                "0".to_string()
+            } else {
+                format!("{v:.1e}")
+            }
+        } else if span < 0.05 {
             format!("{v:.4}")
         } else if span < 2.0 {
             format!("{v:.2}")
@@ -543,10 +550,19 @@ impl Curves {
     }
 
     pub fn lr(&self) -> LinePlot<'_> {
+        // A log axis only when the rates span more than a factor of 20 (a cosine schedule's tail,
+        // towers and heads far apart); a few plateau steps read better on a linear one.
+        let positive = || self.lr.iter().flat_map(|(_, v)| v.iter().copied()).filter(|v| *v > 0.0);
+        let (lo, hi) = (positive().fold(f64::INFINITY, f64::min), positive().fold(0.0, f64::max));
+        let log_y = lo.is_finite() && hi / lo > 20.0;
         LinePlot {
             title: "Learning rate per epoch",
             x_label: "epoch",
-            y_label: "learning rate (log scale)",
+            y_label: if log_y {
+                "learning rate (log scale)"
+            } else {
+                "learning rate"
+            },
             series: self
                 .lr
                 .iter()
@@ -558,7 +574,7 @@ impl Curves {
                     width,
                 })
                 .collect(),
-            log_y: true,
+            log_y,
             y_range: None,
         }
     }

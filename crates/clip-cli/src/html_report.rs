@@ -473,3 +473,24 @@ fn render(t: &Trainer, fixed: &Fixed, ranking: Option<&Ranking>, thumbs: &mut Th
         escape(&run_name)
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_is_escaped_for_html() {
+        assert_eq!(
+            escape(r#"<script>alert("x & 'y'")</script> 人蔘"#),
+            "&lt;script&gt;alert(&quot;x &amp; &#39;y&#39;&quot;)&lt;/script&gt; 人蔘"
+        );
+    }
+
+    #[test]
+    fn inline_svg_names_no_url_and_scales() {
+        let svg = r#"<svg width="720" height="440" viewBox="0 0 720 440" xmlns="http://www.w3.org/2000/svg"><text>x</text></svg>"#;
+        let s = inline_svg(svg);
+        assert!(!s.contains("http"), "{s}");
+        assert!(s.starts_with("<svg class=\"plot\" "), "{s}");
+    }
+}

@@ -204,3 +204,64 @@ fn only_text_the_font_has_is_drawable() {
     assert_eq!(plot::shorten("abcdef", 4), "abc…");
     assert_eq!(plot::shorten("abc", 4), "abc");
 }
+
+#[test]
+fn a_contact_sheet_writes_rank_score_and_name_under_each_image() {
+    let dir = out_dir();
+    let photo = image::RgbImage::from_fn(300, 200, |x, y| image::Rgb([(x % 256) as u8, (y % 256) as u8, 90]));
+    let tiles: Vec<plot::Tile> = (0..4)
+        .map(|k| plot::Tile {
+            image: (k != 3).then(|| photo.clone()),
+            lines: vec![format!("#{}  cosine 0.{k}12", k + 1), format!("photo-{k}.jpg")],
+        })
+        .collect();
+    let path = dir.path().join("sheet.png");
+    plot::contact_sheet(&path, "Best images for \"a cup of coffee\"", &tiles).unwrap();
+    let img = open(&path);
+    let (cols, rows) = (3, 2);
+    let cell = plot::TILE + 16;
+    assert_eq!(img.width(), cols * cell);
+    assert!(
+        img.height() > rows * (plot::TILE + 36),
+        "room for two lines of text per tile"
+    );
+    // Text under the first tile (between the thumbnail and the next row) and in the title strip.
+    let top = 36;
+    let under = top + 4 + plot::TILE + 2;
+    assert!(
+        ink(&img, 8, under, 8 + plot::TILE, under + 36) > 0.02,
+        "no text under the first tile"
+    );
+    assert!(ink(&img, 0, 0, img.width(), 30) > 0.01, "no title");
+    // The missing image is a grey box, not a crash or a gap.
+    let (gx, gy) = (8 + plot::TILE / 2, top + cell + plot::TILE / 2);
+    assert_eq!(img.get_pixel(gx, gy).0, [220, 220, 220]);
+}
+
+#[test]
+fn empty_input_still_gives_a_labelled_picture_not_a_panic() {
+    let dir = out_dir();
+    let path = dir.path().join("empty.png");
+    plot::line_plot(
+        &path,
+        &LinePlot {
+            title: "Loss per epoch",
+            x_label: "epoch",
+            y_label: "loss",
+            series: vec![Series {
+                name: "train",
+                values: &[f64::NAN],
+                colour: plot::BLUE,
+                width: 2,
+            }],
+            log_y: true,
+            y_range: None,
+        },
+    )
+    .unwrap();
+    let img = open(&path);
+    assert!(
+        ink(&img, img.width() / 3, 4, 2 * img.width() / 3, 34) > 0.02,
+        "no title"
+    );
+}

@@ -158,3 +158,24 @@ fn the_run_folder_has_a_self_contained_report_and_labelled_plots() {
         assert!(colours.len() > 20, "{f} looks blank: {} colours", colours.len());
     }
 }
+
+#[test]
+fn a_resumed_run_keeps_the_similarity_before_training_in_its_report() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let o = out.to_str().unwrap();
+    run(&["--epochs", "1", "--out", o]);
+    let first: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("similarity.json")).unwrap()).unwrap();
+    assert!(first["before"].is_array() && first["after"].is_array());
+    let (_, log) = run(&["--resume", o, "--epochs", "2"]);
+    assert!(log.contains("resuming after epoch 1"), "{log}");
+    let again: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("similarity.json")).unwrap()).unwrap();
+    assert_eq!(again["before"], first["before"], "the untrained model's matrix is kept");
+    let html = std::fs::read_to_string(out.join("report.html")).unwrap();
+    assert!(
+        html.contains("Before training") && html.contains("Finished: 2 epochs"),
+        "report after resume"
+    );
+}

@@ -34,9 +34,13 @@ fn verify_passes_on_the_demo_set_and_the_model_finds_images_and_captions() {
         "loss.png",
         "similarity_before.png",
         "similarity_after.png",
+        "lr.png",
+        "quality.png",
+        "report.html",
     ] {
         assert!(run.join(f).is_file(), "missing {f}");
     }
+    assert!(log.contains(&run.join("report.html").display().to_string()), "{log}");
 
     // image → text: every demo image gets one of its own captions first, among all captions.
     let demo = root().join("assets/demo");

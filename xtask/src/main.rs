@@ -9,6 +9,7 @@
 mod bench;
 mod fashion;
 mod parity;
+mod ui_check;
 mod verify;
 
 use std::process::ExitCode;
@@ -20,7 +21,7 @@ use clap::{CommandFactory, Parser, Subcommand};
 #[command(
     name = "cargo xtask",
     bin_name = "cargo xtask",
-    after_help = "Examples:\n  cargo xtask verify                      the whole pipeline on the demo set, CPU\n  cargo xtask verify --data ~/photos/herbs --from 4 --epochs 80\n  cargo xtask fashion-mnist               class folders → stage 4 → zero-shot eval\n  cargo xtask bench train                 training steps against the PyTorch reference\n\n`cargo xtask TASK --help` for a task's options.\nExit status: 0 passed, 1 a gate failed, 2 an error."
+    after_help = "Examples:\n  cargo xtask verify                      the whole pipeline on the demo set, CPU\n  cargo xtask verify --data ~/photos/herbs --from 4 --epochs 80\n  cargo xtask fashion-mnist               class folders → stage 4 → zero-shot eval\n  cargo xtask bench train                 training steps against the PyTorch reference\n  cargo xtask ui-check                    report.html (and the search page) in headless Chromium\n\n`cargo xtask TASK --help` for a task's options.\nExit status: 0 passed, 1 a gate failed, 2 an error."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -33,6 +34,7 @@ enum Task {
     FashionMnist(fashion::Args),
     Bench(bench::Args),
     Parity(parity::Args),
+    UiCheck(ui_check::Args),
 }
 
 fn main() -> ExitCode {
@@ -43,6 +45,7 @@ fn main() -> ExitCode {
         Some(Task::FashionMnist(a)) => fashion::run(a),
         Some(Task::Bench(a)) => bench::run(a),
         Some(Task::Parity(a)) => parity::run(a),
+        Some(Task::UiCheck(a)) => ui_check::run(a),
         None => Cli::command()
             .print_long_help()
             .map(|()| true)

@@ -194,6 +194,13 @@ pub fn run(o: Args) -> Result<bool> {
     }
     if rows.iter().any(|r| r.0 == 4) {
         println!("  {} (the trained model)", run_dir.display());
+        let page = run_dir.join("report.html");
+        if page.is_file() {
+            println!(
+                "  {} (open it in a browser: curves, similarity, best captions and images)",
+                page.display()
+            );
+        }
         predict(&bin_dir, &run_dir, &o)?;
     }
     if rows.len() == STAGES.len() {

@@ -1,11 +1,13 @@
 //! What clipmine's programs (the four stages, `clip-predict`, `xtask`) share and the library does
-//! not need: command-line arguments, progress bars, the stage reports, plots.
+//! not need: command-line arguments, progress bars, the stage reports, plots, the HTML report.
 //!
 //! `clip-core` stays free of user-interface crates; everything here presents what it computes.
 
 /// Arguments every stage shares, so `cargo xtask verify` can pass the same flags to each.
 pub mod args;
-/// PNG plots: loss curves and similarity heat maps.
+/// `report.html`: a self-contained page per run folder (curves, similarity, rankings).
+pub mod html_report;
+/// Labelled plots: curves per epoch and heat maps, as PNG or SVG.
 pub mod plot;
 /// Terminal progress bars for clip-core's progress reports.
 pub mod progress;

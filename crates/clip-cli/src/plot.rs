@@ -1,90 +1,460 @@
-//! Small PNG plots with no font or plotting dependency: the loss curve and similarity heat maps.
+//! Labelled plots: line charts (loss, learning rate, recall per epoch) and heat maps (similarity
+//! and confusion matrices), as PNG files and, for `report.html`, as SVG text.
+//!
+//! Drawn with `plotters`; text uses an embedded subset of DejaVu Sans (`assets/fonts`), so a plot
+//! looks the same on every machine and no system font is looked up. The font has no Chinese,
+//! Japanese or Korean glyphs: a label it cannot draw is shown by its index only ([`drawable`]),
+//! and the full text goes into the run's `report.html`, which the browser draws.
 
 use std::path::Path;
+use std::sync::OnceLock;
 
-use anyhow::Result;
-use image::{Rgb, RgbImage};
+use ab_glyph::{Font, FontRef};
+use anyhow::{anyhow, Context, Result};
+use plotters::coord::Shift;
+use plotters::prelude::*;
+use plotters::style::{register_font, FontStyle};
 
-const BG: Rgb<u8> = Rgb([255, 255, 255]);
-const AXIS: Rgb<u8> = Rgb([60, 60, 60]);
-const GRID: Rgb<u8> = Rgb([225, 225, 225]);
+/// The embedded font: DejaVu Sans cut down to Latin, Greek and common symbols (38 KB).
+static FONT_BYTES: &[u8] = include_bytes!("../../../assets/fonts/DejaVuSans-subset.ttf");
+/// The family name plotters knows the embedded font by.
+const FAMILY: &str = "sans-serif";
 
-/// Line plot of several series (e.g. train and validation loss per epoch), each in its colour.
-/// Axes from 0 to the largest value; a light grid at each quarter.
-pub fn line_plot(path: &Path, series: &[(&[f64], [u8; 3])]) -> Result<()> {
-    let (w, h, m) = (640u32, 400u32, 40u32);
-    let mut img = RgbImage::from_pixel(w, h, BG);
-    let n = series.iter().map(|(s, _)| s.len()).max().unwrap_or(0).max(2);
-    let ymax = series
-        .iter()
-        .flat_map(|(s, _)| s.iter())
-        .cloned()
-        .filter(|v| v.is_finite())
-        .fold(1e-9, f64::max)
-        * 1.05;
-    for q in 0..=4 {
-        let y = h - m - (h - 2 * m) * q / 4;
-        for x in m..w - m {
-            img.put_pixel(x, y, GRID);
-        }
-    }
-    for x in m..w - m {
-        img.put_pixel(x, h - m, AXIS);
-    }
-    for y in m..=h - m {
-        img.put_pixel(m, y, AXIS);
-    }
-    let px = |i: usize, v: f64| -> (f64, f64) {
-        let x = m as f64 + (w - 2 * m) as f64 * i as f64 / (n - 1) as f64;
-        let y = (h - m) as f64 - (h - 2 * m) as f64 * (v / ymax).clamp(0.0, 1.0);
-        (x, y)
-    };
-    for (s, colour) in series {
-        for i in 1..s.len() {
-            if s[i - 1].is_finite() && s[i].is_finite() {
-                let (a, b) = (px(i - 1, s[i - 1]), px(i, s[i]));
-                line(&mut img, a, b, Rgb(*colour));
-            }
-        }
-        for (i, v) in s.iter().enumerate() {
-            if v.is_finite() {
-                let (x, y) = px(i, *v);
-                dot(&mut img, x, y, Rgb(*colour));
-            }
-        }
-    }
-    save(&img, path)
+/// Registers the embedded font with plotters once; every drawing function calls it first.
+fn font() -> Result<&'static FontRef<'static>> {
+    static FONT: OnceLock<Result<FontRef<'static>, String>> = OnceLock::new();
+    FONT.get_or_init(|| {
+        register_font(FAMILY, FontStyle::Normal, FONT_BYTES).map_err(|_| "invalid embedded font".to_string())?;
+        FontRef::try_from_slice(FONT_BYTES).map_err(|e| e.to_string())
+    })
+    .as_ref()
+    .map_err(|e| anyhow!("the embedded plot font: {e}"))
 }
 
-/// Heat map of a matrix (rows × cols), values mapped from [lo, hi] to a blue–white–red scale, one
-/// square cell per entry; the diagonal (matching pairs) is outlined.
-pub fn heat_map(path: &Path, m: &[Vec<f32>], lo: f32, hi: f32) -> Result<()> {
-    let rows = m.len().max(1);
-    let cols = m.first().map(|r| r.len()).unwrap_or(1).max(1);
-    let cell = (480 / rows.max(cols)).clamp(4, 48) as u32;
-    let (w, h) = (cols as u32 * cell + 2, rows as u32 * cell + 2);
-    let mut img = RgbImage::from_pixel(w, h, BG);
-    for (i, row) in m.iter().enumerate() {
-        for (j, v) in row.iter().enumerate() {
-            let t = ((v - lo) / (hi - lo).max(1e-9)).clamp(0.0, 1.0);
-            let c = colour_scale(t);
-            for dy in 0..cell {
-                for dx in 0..cell {
-                    let on_edge = i == j && (dy == 0 || dx == 0 || dy == cell - 1 || dx == cell - 1);
-                    img.put_pixel(
-                        1 + j as u32 * cell + dx,
-                        1 + i as u32 * cell + dy,
-                        if on_edge { Rgb([0, 0, 0]) } else { c },
-                    );
+/// Whether the embedded font has a glyph for every character of `s` (no CJK, no emoji).
+pub fn drawable(s: &str) -> bool {
+    match font() {
+        Ok(f) => s.chars().all(|c| c.is_whitespace() || f.glyph_id(c).0 != 0),
+        Err(_) => false,
+    }
+}
+
+/// `s` cut to at most `max` characters, with "…" when cut.
+pub fn shorten(s: &str, max: usize) -> String {
+    if s.chars().count() <= max {
+        s.to_string()
+    } else {
+        let mut t: String = s.chars().take(max.saturating_sub(1)).collect();
+        t.push('…');
+        t
+    }
+}
+
+/// One line of a [`LinePlot`]: a value per epoch (epoch 1 first); non-finite values are gaps.
+pub struct Series<'a> {
+    pub name: &'a str,
+    pub values: &'a [f64],
+    pub colour: [u8; 3],
+    /// Line width in pixels: give overlapping series decreasing widths so each stays visible.
+    pub width: u32,
+}
+
+/// A chart of values per epoch: title, axis labels, legend.
+pub struct LinePlot<'a> {
+    pub title: &'a str,
+    pub x_label: &'a str,
+    pub y_label: &'a str,
+    pub series: Vec<Series<'a>>,
+    /// A logarithmic y axis (learning rates); non-positive values are left out.
+    pub log_y: bool,
+    /// Fixed y range (e.g. 0–1 for recall); otherwise from the data.
+    pub y_range: Option<(f64, f64)>,
+}
+
+/// Colours of matplotlib's default cycle, which people know from their own plots.
+pub const BLUE: [u8; 3] = [31, 119, 180];
+pub const ORANGE: [u8; 3] = [255, 127, 14];
+pub const GREEN: [u8; 3] = [44, 160, 44];
+pub const RED: [u8; 3] = [214, 39, 40];
+pub const PURPLE: [u8; 3] = [148, 103, 189];
+
+/// Size of the line plots, in pixels.
+pub const LINE_SIZE: (u32, u32) = (720, 440);
+
+/// Writes a line plot as a PNG file.
+pub fn line_plot(path: &Path, plot: &LinePlot) -> Result<()> {
+    let (w, h) = LINE_SIZE;
+    let mut buf = vec![255u8; (w * h * 3) as usize];
+    {
+        let root = BitMapBackend::with_buffer(&mut buf, (w, h)).into_drawing_area();
+        draw_lines(&root, plot).with_context(|| format!("drawing {}", path.display()))?;
+        root.present().map_err(|e| anyhow!("{e}"))?;
+    }
+    save_png(path, w, h, buf)
+}
+
+/// A line plot as SVG text (for report.html).
+pub fn line_plot_svg(plot: &LinePlot) -> Result<String> {
+    let (w, h) = LINE_SIZE;
+    let mut s = String::new();
+    {
+        let root = SVGBackend::with_string(&mut s, (w, h)).into_drawing_area();
+        draw_lines(&root, plot)?;
+        root.present().map_err(|e| anyhow!("{e}"))?;
+    }
+    Ok(s)
+}
+
+fn draw_lines<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, plot: &LinePlot) -> Result<()>
+where
+    DB::ErrorType: 'static,
+{
+    font()?;
+    let err = |e: DrawingAreaErrorKind<DB::ErrorType>| anyhow!("{e}");
+    root.fill(&WHITE).map_err(err)?;
+    let n = plot.series.iter().map(|s| s.values.len()).max().unwrap_or(0);
+    let keep = |v: f64| v.is_finite() && (!plot.log_y || v > 0.0);
+    let values = || {
+        plot.series
+            .iter()
+            .flat_map(|s| s.values.iter().copied())
+            .filter(|&v| keep(v))
+    };
+    let (lo, hi) = match plot.y_range {
+        Some(r) => r,
+        None => {
+            let lo = values().fold(f64::INFINITY, f64::min);
+            let hi = values().fold(f64::NEG_INFINITY, f64::max);
+            if !lo.is_finite() {
+                (0.0, 1.0)
+            } else if plot.log_y {
+                (lo / 1.5, hi * 1.5)
+            } else {
+                let pad = ((hi - lo) * 0.05).max(hi.abs() * 0.05).max(1e-6);
+                ((lo - pad).min(if lo >= 0.0 { 0.0 } else { lo - pad }), hi + pad)
+            }
+        }
+    };
+    let x_max = (n as f64).max(2.0);
+    // The legend goes in the corner the curves leave free at the end: lower right when they end
+    // high (recall rising to 1), upper right when they end low (a falling loss).
+    let ends: Vec<f64> = plot
+        .series
+        .iter()
+        .filter_map(|s| s.values.iter().rev().copied().find(|&v| keep(v)))
+        .collect();
+    let high = |v: f64| {
+        if plot.log_y {
+            v.ln() > (lo.ln() + hi.ln()) / 2.0
+        } else {
+            v > (lo + hi) / 2.0
+        }
+    };
+    let legend_at = if !ends.is_empty() && ends.iter().all(|&v| high(v)) {
+        SeriesLabelPosition::LowerRight
+    } else {
+        SeriesLabelPosition::UpperRight
+    };
+    let mut b = ChartBuilder::on(root);
+    b.caption(plot.title, (FAMILY, 22))
+        .margin(12)
+        .x_label_area_size(44)
+        .y_label_area_size(if plot.log_y { 78 } else { 64 });
+    let x_labels = n.clamp(2, 10);
+    // Both branches draw the same series; only the y coordinate type differs.
+    macro_rules! finish {
+        ($chart:expr, $fmt:expr) => {{
+            let mut chart = $chart;
+            chart
+                .configure_mesh()
+                .x_desc(plot.x_label)
+                .y_desc(plot.y_label)
+                .x_labels(x_labels)
+                .x_label_formatter(&|x| format!("{}", x.round() as i64))
+                .y_label_formatter(&$fmt)
+                .label_style((FAMILY, 13))
+                .axis_desc_style((FAMILY, 15))
+                .light_line_style(RGBColor(242, 242, 242))
+                .draw()
+                .map_err(err)?;
+            for s in &plot.series {
+                let c = RGBColor(s.colour[0], s.colour[1], s.colour[2]);
+                let pts: Vec<(f64, f64)> = s
+                    .values
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, v)| keep(**v))
+                    .map(|(i, v)| ((i + 1) as f64, *v))
+                    .collect();
+                chart
+                    .draw_series(LineSeries::new(pts.clone(), c.stroke_width(s.width)))
+                    .map_err(err)?
+                    .label(s.name)
+                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(3)));
+                let r = s.width / 2 + if pts.len() > 25 { 1 } else { 2 };
+                if pts.len() <= 60 {
+                    chart
+                        .draw_series(pts.iter().map(|&p| Circle::new(p, r, c.filled())))
+                        .map_err(err)?;
                 }
             }
-        }
+            chart
+                .configure_series_labels()
+                .position(legend_at)
+                .label_font((FAMILY, 14))
+                .background_style(WHITE.mix(0.85))
+                .border_style(RGBColor(160, 160, 160))
+                .draw()
+                .map_err(err)?;
+        }};
     }
-    save(&img, path)
+    if plot.log_y {
+        let chart = b
+            .build_cartesian_2d(0.8..x_max + 0.2, (lo..hi).log_scale())
+            .map_err(err)?;
+        // Label 1, 2 and 5 × 10^k only: every minor tick labelled is unreadable.
+        let wide = hi / lo > 30.0;
+        finish!(chart, move |v: &f64| {
+            let m = v / 10f64.powf(v.log10().floor());
+            if !wide {
+                format!("{v:.1e}")
+            } else if [1.0, 2.0, 5.0].iter().any(|k| (m - k).abs() < 0.02) {
+                format!("{v:.0e}")
+            } else {
+                String::new()
+            }
+        });
+    } else {
+        let chart = b.build_cartesian_2d(0.8..x_max + 0.2, lo..hi).map_err(err)?;
+        let span = hi - lo;
+        let tiny = hi.abs().max(lo.abs()) < 0.01;
+        finish!(chart, move |v: &f64| if tiny {
+            if *v == 0.0 {
+                "0".to_string()
+            } else {
+                format!("{v:.1e}")
+            }
+        } else if span < 0.05 {
+            format!("{v:.4}")
+        } else if span < 2.0 {
+            format!("{v:.2}")
+        } else {
+            format!("{v:.1}")
+        });
+    }
+    Ok(())
 }
 
-fn colour_scale(t: f32) -> Rgb<u8> {
-    // 0 → blue, 0.5 → white, 1 → red.
+/// A matrix drawn as coloured cells, with labelled rows and columns and a colour key.
+pub struct HeatMap<'a> {
+    pub title: &'a str,
+    /// What the rows are (the y axis), e.g. "image".
+    pub row_axis: &'a str,
+    /// What the columns are (the x axis), e.g. "caption".
+    pub col_axis: &'a str,
+    /// A short name per row and per column, listed beside the matrix after its index where the
+    /// font can draw it (see [`drawable`]); empty: indices only.
+    pub row_names: &'a [String],
+    pub col_names: &'a [String],
+    /// Values mapped from `lo` (blue) through white to `hi` (red).
+    pub lo: f32,
+    pub hi: f32,
+    /// What the colours mean, under the colour bar (e.g. "cosine similarity").
+    pub value_label: &'a str,
+    /// Where the names the font cannot draw can be read, e.g. "report.html".
+    pub see_also: &'a str,
+}
+
+/// Writes a heat map as a PNG file: the matrix with index ticks on both axes, the diagonal
+/// outlined, a colour bar, and a key beside it ("0: astronaut.jpg").
+pub fn heat_map(path: &Path, m: &[Vec<f32>], spec: &HeatMap) -> Result<()> {
+    font()?;
+    let rows = m.len().max(1);
+    let cols = m.first().map(|r| r.len()).unwrap_or(1).max(1);
+    let key = key_lines(spec);
+    let (mw, mh) = (560u32, 560u32);
+    let key_w = if key.is_empty() { 0 } else { 380 };
+    let w = mw + 110 + key_w;
+    let h = mh.max(60 + 17 * key.len() as u32 + 20);
+    let mut buf = vec![255u8; (w * h * 3) as usize];
+    {
+        let root = BitMapBackend::with_buffer(&mut buf, (w, h)).into_drawing_area();
+        draw_heat(&root, m, rows, cols, spec, &key, mw).with_context(|| format!("drawing {}", path.display()))?;
+        root.present().map_err(|e| anyhow!("{e}"))?;
+    }
+    save_png(path, w, h, buf)
+}
+
+/// The key beside a heat map: one line per labelled row and column.
+fn key_lines(spec: &HeatMap) -> Vec<String> {
+    let mut lines = vec![];
+    let mut hidden = 0;
+    let same = spec.row_names == spec.col_names;
+    let both = format!("rows ({}) and columns ({})", spec.row_axis, spec.col_axis);
+    let rows = if same { both.as_str() } else { spec.row_axis };
+    for (axis, names) in [
+        (rows, spec.row_names),
+        (spec.col_axis, if same { &[][..] } else { spec.col_names }),
+    ] {
+        if names.is_empty() {
+            continue;
+        }
+        if !lines.is_empty() {
+            lines.push(String::new());
+        }
+        lines.push(if same {
+            format!("{axis}:")
+        } else {
+            format!("{axis} (index: name):")
+        });
+        for (i, n) in names.iter().enumerate() {
+            if drawable(n) {
+                lines.push(format!("{i}: {}", shorten(n, 44)));
+            } else {
+                hidden += 1;
+                lines.push(format!("{i}: (text in {})", spec.see_also));
+            }
+        }
+    }
+    if hidden > 0 {
+        lines.push(String::new());
+        lines.push(format!("{hidden} names use characters this font lacks;"));
+        lines.push(format!("{} shows them all.", spec.see_also));
+    }
+    lines
+}
+
+fn draw_heat<DB: DrawingBackend>(
+    root: &DrawingArea<DB, Shift>,
+    m: &[Vec<f32>],
+    rows: usize,
+    cols: usize,
+    spec: &HeatMap,
+    key: &[String],
+    mw: u32,
+) -> Result<()>
+where
+    DB::ErrorType: 'static,
+{
+    let err = |e: DrawingAreaErrorKind<DB::ErrorType>| anyhow!("{e}");
+    root.fill(&WHITE).map_err(err)?;
+    let (_, h) = root.dim_in_pixel();
+    let (matrix, rest) = root.split_horizontally(mw);
+    let (bar, key_area) = rest.split_horizontally(110);
+    let mut chart = ChartBuilder::on(&matrix)
+        .caption(spec.title, (FAMILY, 20))
+        .margin(10)
+        .x_label_area_size(46)
+        .y_label_area_size(56)
+        .build_cartesian_2d(-0.5f64..cols as f64 - 0.5, rows as f64 - 0.5..-0.5f64)
+        .map_err(err)?;
+    let tick = |n: usize| (n.div_ceil(16)).max(1);
+    let (xt, yt) = (tick(cols), tick(rows));
+    chart
+        .configure_mesh()
+        .disable_mesh()
+        .x_desc(format!("{} (index)", spec.col_axis))
+        .y_desc(format!("{} (index)", spec.row_axis))
+        .x_labels(cols.min(16))
+        .y_labels(rows.min(16))
+        .x_label_formatter(&|x| label_at(*x, cols, xt))
+        .y_label_formatter(&|y| label_at(*y, rows, yt))
+        .label_style((FAMILY, 12))
+        .axis_desc_style((FAMILY, 14))
+        .draw()
+        .map_err(err)?;
+    let scale = |v: f32| heat_colour(v, spec.lo, spec.hi);
+    chart
+        .draw_series(m.iter().enumerate().flat_map(|(i, row)| {
+            row.iter().enumerate().map(move |(j, v)| {
+                let (x, y) = (j as f64, i as f64);
+                Rectangle::new([(x - 0.5, y - 0.5), (x + 0.5, y + 0.5)], scale(*v).filled())
+            })
+        }))
+        .map_err(err)?;
+    // The values themselves, where the cells are big enough to hold them.
+    let (pw, ph) = chart.plotting_area().dim_in_pixel();
+    if pw as usize / cols >= 30 && ph as usize / rows >= 18 {
+        let style = (FAMILY, 11)
+            .into_font()
+            .color(&BLACK)
+            .pos(plotters::style::text_anchor::Pos::new(
+                plotters::style::text_anchor::HPos::Center,
+                plotters::style::text_anchor::VPos::Center,
+            ));
+        chart
+            .draw_series(m.iter().enumerate().flat_map(|(i, row)| {
+                let style = style.clone();
+                row.iter()
+                    .enumerate()
+                    .map(move |(j, v)| Text::new(format!("{v:.2}"), (j as f64, i as f64), style.clone()))
+            }))
+            .map_err(err)?;
+    }
+    chart
+        .draw_series((0..rows.min(cols)).map(|i| {
+            Rectangle::new(
+                [(i as f64 - 0.5, i as f64 - 0.5), (i as f64 + 0.5, i as f64 + 0.5)],
+                BLACK.stroke_width(2),
+            )
+        }))
+        .map_err(err)?;
+    // Colour bar: the scale from lo to hi, with ticks.
+    let mut cb = ChartBuilder::on(&bar)
+        .margin_top(50)
+        .margin_bottom(56)
+        .margin_left(8)
+        .margin_right(8)
+        .y_label_area_size(44)
+        .build_cartesian_2d(0f64..1f64, spec.lo as f64..spec.hi as f64)
+        .map_err(err)?;
+    cb.configure_mesh()
+        .disable_mesh()
+        .disable_x_axis()
+        .y_labels(5)
+        .y_label_formatter(&|v| format!("{v:.1}"))
+        .label_style((FAMILY, 12))
+        .draw()
+        .map_err(err)?;
+    let steps = 100;
+    let span = (spec.hi - spec.lo) as f64;
+    cb.draw_series((0..steps).map(|k| {
+        let a = spec.lo as f64 + span * k as f64 / steps as f64;
+        let b = spec.lo as f64 + span * (k + 1) as f64 / steps as f64;
+        Rectangle::new([(0.0, a), (1.0, b)], scale(a as f32).filled())
+    }))
+    .map_err(err)?;
+    bar.draw(&Text::new(
+        spec.value_label.to_string(),
+        (6, h as i32 - 40),
+        (FAMILY, 12).into_font().color(&BLACK),
+    ))
+    .map_err(err)?;
+    for (k, line) in key.iter().enumerate() {
+        key_area
+            .draw(&Text::new(
+                line.clone(),
+                (10, 50 + 17 * k as i32),
+                (FAMILY, 13).into_font().color(&BLACK),
+            ))
+            .map_err(err)?;
+    }
+    Ok(())
+}
+
+/// The tick label at coordinate `x` of an axis of `n` cells (cell i spans i ± 0.5): the index
+/// of the cell it centres, every `every`-th one; nothing between cells.
+fn label_at(x: f64, n: usize, every: usize) -> String {
+    let i = x.round() as i64;
+    if (x - i as f64).abs() > 1e-6 || i < 0 || i as usize >= n || !(i as usize).is_multiple_of(every) {
+        String::new()
+    } else {
+        format!("{i}")
+    }
+}
+
+/// 0 → blue, 0.5 → white, 1 → red.
+fn colour_scale(t: f32) -> RGBColor {
     let (r, g, b) = if t < 0.5 {
         let s = t / 0.5;
         (s, s, 1.0)
@@ -92,36 +462,232 @@ fn colour_scale(t: f32) -> Rgb<u8> {
         let s = (1.0 - t) / 0.5;
         (1.0, s, s)
     };
-    Rgb([(r * 255.0) as u8, (g * 255.0) as u8, (b * 255.0) as u8])
+    RGBColor((r * 255.0) as u8, (g * 255.0) as u8, (b * 255.0) as u8)
 }
 
-fn line(img: &mut RgbImage, a: (f64, f64), b: (f64, f64), c: Rgb<u8>) {
-    let steps = ((b.0 - a.0).abs().max((b.1 - a.1).abs()) as usize).max(1);
-    for s in 0..=steps {
-        let t = s as f64 / steps as f64;
-        let (x, y) = (a.0 + (b.0 - a.0) * t, a.1 + (b.1 - a.1) * t);
-        for (dx, dy) in [(0, 0), (1, 0), (0, 1)] {
-            let (px, py) = (x as i64 + dx, y as i64 + dy);
-            if px >= 0 && py >= 0 && (px as u32) < img.width() && (py as u32) < img.height() {
-                img.put_pixel(px as u32, py as u32, c);
-            }
-        }
-    }
+/// The colour of `v` on a heat map from `lo` to `hi`: blue–white–red when the range spans
+/// negative values (similarities), white–red when it starts at 0 or above (shares, counts).
+fn heat_colour(v: f32, lo: f32, hi: f32) -> RGBColor {
+    let t = ((v - lo) / (hi - lo).max(1e-9)).clamp(0.0, 1.0);
+    colour_scale(if lo >= 0.0 { 0.5 + t / 2.0 } else { t })
 }
 
-fn dot(img: &mut RgbImage, x: f64, y: f64, c: Rgb<u8>) {
-    for dy in -2i64..=2 {
-        for dx in -2i64..=2 {
-            let (px, py) = (x as i64 + dx, y as i64 + dy);
-            if px >= 0 && py >= 0 && (px as u32) < img.width() && (py as u32) < img.height() {
-                img.put_pixel(px as u32, py as u32, c);
-            }
-        }
-    }
+/// The same scale as a CSS colour, for report.html.
+pub fn css_colour(v: f32, lo: f32, hi: f32) -> String {
+    let c = heat_colour(v, lo, hi);
+    format!("#{:02x}{:02x}{:02x}", c.0, c.1, c.2)
 }
 
-fn save(img: &RgbImage, path: &Path) -> Result<()> {
+fn save_png(path: &Path, w: u32, h: u32, buf: Vec<u8>) -> Result<()> {
+    let img = image::RgbImage::from_raw(w, h, buf).context("plot buffer of the wrong size")?;
     let mut bytes = std::io::Cursor::new(Vec::new());
     img.write_to(&mut bytes, image::ImageFormat::Png)?;
     clip_core::checkpoint::write_atomic(path, bytes.get_ref())
+}
+
+/// The curves of a run's history, one value per epoch, ready to plot as PNG or SVG.
+pub struct Curves {
+    train_loss: Vec<f64>,
+    val_loss: Vec<f64>,
+    /// (name, values) of each parameter group that trains.
+    lr: Vec<(&'static str, Vec<f64>)>,
+    /// (name, values): recall@1 both ways, or zero-shot accuracy for class folders.
+    quality: Vec<(&'static str, Vec<f64>)>,
+    zero_shot: bool,
+}
+
+impl Curves {
+    /// From stage 4's history; frozen towers' learning rates are left out (they do not train).
+    pub fn new(history: &[clip_core::fit::EpochRecord], freeze_image: bool, freeze_text: bool) -> Self {
+        let col = |f: fn(&clip_core::fit::EpochRecord) -> f64| history.iter().map(f).collect::<Vec<f64>>();
+        let mut lr = vec![("heads", col(|r| r.lr_head))];
+        if !freeze_image {
+            lr.push(("image tower", col(|r| r.lr_image)));
+        }
+        if !freeze_text {
+            lr.push(("text tower", col(|r| r.lr_text)));
+        }
+        let zero_shot = history.iter().any(|r| r.zero_shot.is_some());
+        let quality = if zero_shot {
+            vec![("zero-shot accuracy", col(|r| r.zero_shot.unwrap_or(f64::NAN)))]
+        } else {
+            vec![
+                ("image → text", col(|r| r.recall.i2t_r1)),
+                ("text → image", col(|r| r.recall.t2i_r1)),
+            ]
+        };
+        Self {
+            train_loss: col(|r| r.train_loss),
+            val_loss: col(|r| r.val_loss),
+            lr,
+            quality,
+            zero_shot,
+        }
+    }
+
+    pub fn loss(&self) -> LinePlot<'_> {
+        LinePlot {
+            title: "Loss per epoch",
+            x_label: "epoch",
+            y_label: "contrastive loss",
+            series: vec![
+                Series {
+                    name: "train",
+                    values: &self.train_loss,
+                    colour: BLUE,
+                    width: 2,
+                },
+                Series {
+                    name: "validation",
+                    values: &self.val_loss,
+                    colour: ORANGE,
+                    width: 2,
+                },
+            ],
+            log_y: false,
+            y_range: None,
+        }
+    }
+
+    pub fn lr(&self) -> LinePlot<'_> {
+        // A log axis only when the rates span more than a factor of 20 (a cosine schedule's tail,
+        // towers and heads far apart); a few plateau steps read better on a linear one.
+        let positive = || self.lr.iter().flat_map(|(_, v)| v.iter().copied()).filter(|v| *v > 0.0);
+        let (lo, hi) = (positive().fold(f64::INFINITY, f64::min), positive().fold(0.0, f64::max));
+        let log_y = lo.is_finite() && hi / lo > 20.0;
+        LinePlot {
+            title: "Learning rate per epoch",
+            x_label: "epoch",
+            y_label: if log_y {
+                "learning rate (log scale)"
+            } else {
+                "learning rate"
+            },
+            series: self
+                .lr
+                .iter()
+                .zip([(GREEN, 6), (PURPLE, 4), (RED, 2)])
+                .map(|((name, v), (colour, width))| Series {
+                    name,
+                    values: v,
+                    colour,
+                    width,
+                })
+                .collect(),
+            log_y,
+            y_range: None,
+        }
+    }
+
+    pub fn quality(&self) -> LinePlot<'_> {
+        LinePlot {
+            title: if self.zero_shot {
+                "Validation zero-shot accuracy per epoch"
+            } else {
+                "Validation recall@1 per epoch"
+            },
+            x_label: "epoch",
+            y_label: if self.zero_shot { "accuracy" } else { "recall@1" },
+            series: self
+                .quality
+                .iter()
+                .zip([(BLUE, 4), (ORANGE, 2)])
+                .map(|((name, v), (colour, width))| Series {
+                    name,
+                    values: v,
+                    colour,
+                    width,
+                })
+                .collect(),
+            log_y: false,
+            y_range: Some((0.0, 1.05)),
+        }
+    }
+
+    /// Writes loss.png, lr.png and quality.png into `dir`.
+    pub fn write_png(&self, dir: &Path) -> Result<()> {
+        line_plot(&dir.join("loss.png"), &self.loss())?;
+        line_plot(&dir.join("lr.png"), &self.lr())?;
+        line_plot(&dir.join("quality.png"), &self.quality())
+    }
+}
+
+/// `s` with every character the embedded font cannot draw replaced by "?" (file names in plots).
+pub fn printable(s: &str) -> String {
+    match font() {
+        Ok(f) => s
+            .chars()
+            .map(|c| {
+                if c.is_whitespace() || f.glyph_id(c).0 != 0 {
+                    c
+                } else {
+                    '?'
+                }
+            })
+            .collect(),
+        Err(_) => s.chars().map(|c| if c.is_ascii() { c } else { '?' }).collect(),
+    }
+}
+
+/// One picture of a [`contact_sheet`] with the lines of text under it.
+pub struct Tile {
+    pub image: Option<image::RgbImage>,
+    pub lines: Vec<String>,
+}
+
+/// Side of a contact sheet's thumbnails, in pixels.
+pub const TILE: u32 = 160;
+
+/// A grid of thumbnails (3 per row) with a title and each tile's lines of text under it (e.g.
+/// "#1  0.613" and the file name); a missing image is drawn as a grey box.
+pub fn contact_sheet(path: &Path, title: &str, tiles: &[Tile]) -> Result<()> {
+    font()?;
+    let cols = 3u32.min(tiles.len().max(1) as u32);
+    let rows = (tiles.len() as u32).div_ceil(cols).max(1);
+    let text_h = 18 * tiles.iter().map(|t| t.lines.len()).max().unwrap_or(0) as u32 + 6;
+    let (cw, ch) = (TILE + 16, TILE + 8 + text_h);
+    let top = 36u32;
+    let (w, h) = ((cols * cw).max(360), top + rows * ch);
+    let mut sheet = image::RgbImage::from_pixel(w, h, image::Rgb([255, 255, 255]));
+    for (k, t) in tiles.iter().enumerate() {
+        let (cx, cy) = ((k as u32 % cols) * cw + 8, top + (k as u32 / cols) * ch + 4);
+        match &t.image {
+            Some(img) => {
+                let thumb = image::imageops::thumbnail(img, TILE, TILE);
+                let (dx, dy) = ((TILE - thumb.width()) / 2, (TILE - thumb.height()) / 2);
+                image::imageops::overlay(&mut sheet, &thumb, (cx + dx) as i64, (cy + dy) as i64);
+            }
+            None => {
+                for y in 0..TILE {
+                    for x in 0..TILE {
+                        sheet.put_pixel(cx + x, cy + y, image::Rgb([220, 220, 220]));
+                    }
+                }
+            }
+        }
+    }
+    let mut buf = sheet.into_raw();
+    {
+        let root = BitMapBackend::with_buffer(&mut buf, (w, h)).into_drawing_area();
+        let err = |e: DrawingAreaErrorKind<_>| anyhow!("drawing {}: {e}", path.display());
+        root.draw(&Text::new(
+            printable(title),
+            (8, 8),
+            (FAMILY, 18).into_font().color(&BLACK),
+        ))
+        .map_err(err)?;
+        for (k, t) in tiles.iter().enumerate() {
+            let (cx, cy) = ((k as u32 % cols) * cw + 8, top + (k as u32 / cols) * ch + 4);
+            for (l, line) in t.lines.iter().enumerate() {
+                root.draw(&Text::new(
+                    shorten(&printable(line), 24),
+                    (cx as i32, (cy + TILE + 4 + 18 * l as u32) as i32),
+                    (FAMILY, 14).into_font().color(&BLACK),
+                ))
+                .map_err(err)?;
+            }
+        }
+        root.present().map_err(|e| anyhow!("{e}"))?;
+    }
+    save_png(path, w, h, buf)
 }

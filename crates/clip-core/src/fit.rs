@@ -358,20 +358,25 @@ impl Trainer {
         Ok(Recall::compute(&to_rows(&cosine_similarity(&ie, &te)?)?, &text_image))
     }
 
-    /// Cosine similarities of a fixed set of pairs (up to 16 distinct training images, one caption
-    /// each): the before/after heat maps.
-    pub fn fixed_similarity(&self) -> Result<Vec<Vec<f32>>> {
+    /// The fixed set of pairs behind [`Trainer::fixed_similarity`]: the first 16 distinct training
+    /// images, one caption each (their names and captions label the heat maps).
+    pub fn fixed_pairs(&self) -> Vec<usize> {
         let ds = &self.data.dataset;
         let mut seen = BTreeSet::new();
-        let pairs: Vec<usize> = self
-            .data
+        self.data
             .split
             .train
             .iter()
             .copied()
             .filter(|&p| seen.insert(ds.pairs[p].image))
             .take(16)
-            .collect();
+            .collect()
+    }
+
+    /// Cosine similarities (image rows × caption columns) of the [`Trainer::fixed_pairs`]: the
+    /// before/after heat maps.
+    pub fn fixed_similarity(&self) -> Result<Vec<Vec<f32>>> {
+        let pairs = self.fixed_pairs();
         let frozen = self.frozen_features()?;
         let b = self.data.loader.batch_with(&pairs, frozen.as_deref())?;
         let e = self.model.forward_batch(&b, false)?;

@@ -244,7 +244,7 @@ fn text_to_image(
             .iter()
             .map(|(i, s)| (idx.root.join(&idx.entries[*i].path), *s))
             .collect();
-        contact_sheet(path, &items)?;
+        contact_sheet(path, text, &items)?;
     }
     if json {
         println!(
@@ -400,7 +400,21 @@ fn eval(
                     r.iter().map(|&c| c as f32 / s.max(1) as f32).collect()
                 })
                 .collect();
-            clip_cli::plot::heat_map(p, &rows, -1.0, 1.0)?;
+            clip_cli::plot::heat_map(
+                p,
+                &rows,
+                &clip_cli::plot::HeatMap {
+                    title: "Zero-shot confusion matrix (each row sums to 1)",
+                    row_axis: "true class",
+                    col_axis: "predicted class",
+                    row_names: &ds.labels,
+                    col_names: &ds.labels,
+                    lo: 0.0,
+                    hi: 1.0,
+                    value_label: "share of the row",
+                    see_also: "the --json output",
+                },
+            )?;
         }
         let secs = started.elapsed().as_secs_f64();
         if json {
@@ -512,28 +526,27 @@ fn demo(run: &Path, data: &Path, device: &Device) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// A grid of thumbnails (3 per row), each with a bar under it as long as its score.
-fn contact_sheet(path: &Path, items: &[(PathBuf, f32)]) -> Result<()> {
-    let cell = 160u32;
-    let cols = 3u32.min(items.len().max(1) as u32);
-    let rows = (items.len() as u32).div_ceil(cols).max(1);
-    let mut sheet = image::RgbImage::from_pixel(cols * cell, rows * (cell + 12), image::Rgb([255, 255, 255]));
-    for (k, (p, score)) in items.iter().enumerate() {
-        let (cx, cy) = ((k as u32 % cols) * cell, (k as u32 / cols) * (cell + 12));
-        if let Ok(img) = image::open(p) {
-            let thumb = img.thumbnail(cell - 8, cell - 8).to_rgb8();
-            image::imageops::overlay(&mut sheet, &thumb, (cx + 4) as i64, (cy + 4) as i64);
-        }
-        let len = ((score.clamp(0.0, 1.0)) * (cell - 8) as f32) as u32;
-        for x in 0..len {
-            for y in 0..6 {
-                sheet.put_pixel(cx + 4 + x, cy + cell + 2 + y, image::Rgb([31, 119, 180]));
-            }
-        }
-    }
-    let mut bytes = std::io::Cursor::new(Vec::new());
-    sheet.write_to(&mut bytes, image::ImageFormat::Png)?;
-    clip_core::checkpoint::write_atomic(path, bytes.get_ref())
+/// A grid of thumbnails (3 per row), each with its rank, score and file name under it.
+fn contact_sheet(path: &Path, query: &str, items: &[(PathBuf, f32)]) -> Result<()> {
+    let tiles: Vec<clip_cli::plot::Tile> = items
+        .iter()
+        .enumerate()
+        .map(|(k, (p, score))| clip_cli::plot::Tile {
+            image: image::open(p).ok().map(|i| i.to_rgb8()),
+            lines: vec![
+                format!("#{}  cosine {score:.3}", k + 1),
+                p.file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+            ],
+        })
+        .collect();
+    let title = if clip_cli::plot::drawable(query) {
+        format!("Best images for \"{}\"", clip_cli::plot::shorten(query, 40))
+    } else {
+        "Best images for the query (its text is in the table printed)".to_string()
+    };
+    clip_cli::plot::contact_sheet(path, &title, &tiles)
 }
 
 /// A terminal progress bar, or nothing when the output is JSON.

@@ -11,6 +11,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use clap::Parser;
+use clip_cli::html_report::{self, Fixed, Ranking, Thumbnails};
 use clip_cli::plot;
 use clip_cli::DataArgs;
 use clip_cli::Report;
@@ -25,7 +26,7 @@ const SMALL_DATASET: usize = 64;
 #[derive(Parser)]
 #[command(
     about = "Stage 4 — train for many epochs, keep the best model, check that it learned.",
-    after_help = "Examples:\n  stage4-train                                   the demo set, tiny preset\n  stage4-train --data photos/ --epochs 60 --out runs/mine\n  stage4-train --resume runs/mine --epochs 80     continue where it stopped\n  stage4-train --freeze both --epochs 20          train only the heads (tower features cached)\n\nThe run folder holds model.safetensors (best by validation loss), config.toml, tokenizer.json,\nmetrics.json, loss.csv/png, similarity_before/after.png, and last/ for --resume.\nUse it with clip-predict."
+    after_help = "Examples:\n  stage4-train                                   the demo set, tiny preset\n  stage4-train --data photos/ --epochs 60 --out runs/mine\n  stage4-train --resume runs/mine --epochs 80     continue where it stopped\n  stage4-train --freeze both --epochs 20          train only the heads (tower features cached)\n\nThe run folder holds model.safetensors (best by validation loss), config.toml, tokenizer.json,\nmetrics.json, loss.csv, loss/lr/quality.png, similarity_before/after.png, report.html\n(open it in a browser: curves, similarity, each image's best captions), and last/ for --resume.\nUse it with clip-predict."
 )]
 struct Args {
     #[command(flatten)]
@@ -103,8 +104,19 @@ fn run(args: Args) -> Result<ExitCode> {
         t.set_feature_cache(Some(dir.clone()));
     }
     describe_frozen(&t)?;
+    // The fixed batch's similarity before training, kept in similarity.json for the report (and
+    // for a resumed run's report).
+    let mut fixed = Fixed::load_or_new(&t);
+    let mut thumbs = Thumbnails::default();
     if t.state.epoch == 0 {
-        plot::heat_map(&out.join("similarity_before.png"), &t.fixed_similarity()?, -1.0, 1.0)?;
+        let before = t.fixed_similarity()?;
+        fixed.heat_map(
+            &out.join("similarity_before.png"),
+            &before,
+            "Similarity before training",
+        )?;
+        fixed.before = Some(before);
+        fixed.save(&out)?;
     } else {
         println!("resuming after epoch {} of {}", t.state.epoch, cfg.train.epochs);
     }
@@ -136,7 +148,9 @@ fn run(args: Args) -> Result<ExitCode> {
         let v = t.validate()?;
         let secs = started.elapsed().as_secs_f64();
         let best = t.end_epoch(train_loss, &v, secs, pps)?;
-        plot_losses(&t)?;
+        plot_curves(&t)?;
+        // Cheap: curves and the before matrix, no embedding; the rankings come at the end.
+        html_report::write(&t, &fixed, None, &mut thumbs)?;
         // Class folders: zero-shot accuracy; captions: recall@1 both ways.
         let quality = match v.zero_shot {
             Some(acc) => format!("zero-shot acc {acc:.3}"),
@@ -178,7 +192,15 @@ fn run(args: Args) -> Result<ExitCode> {
         ),
     );
     t.load_best()?;
-    plot::heat_map(&out.join("similarity_after.png"), &t.fixed_similarity()?, -1.0, 1.0)?;
+    let after = t.fixed_similarity()?;
+    fixed.heat_map(
+        &out.join("similarity_after.png"),
+        &after,
+        "Similarity after training (best model)",
+    )?;
+    fixed.after = Some(after);
+    fixed.save(&out)?;
+    let page = html_report::write(&t, &fixed, Some(&Ranking::compute(&t)?), &mut thumbs)?;
     let r = t.recall(&t.data.split.train)?;
     report.metric("train_recall", r);
     report.metric("best_epoch", t.state.best_epoch);
@@ -221,7 +243,9 @@ fn run(args: Args) -> Result<ExitCode> {
             report.check("retrieval", true, detail);
         }
     }
-    println!("\nrun folder: {} (model.safetensors, config.toml, tokenizer.json, metrics.json, loss.csv, loss.png, similarity_before/after.png)", out.display());
+    println!("\nrun folder: {} (model.safetensors, config.toml, tokenizer.json, metrics.json, loss.csv, loss/lr/quality.png, similarity_before/after.png, similarity.json)", out.display());
+    println!("report: {}", page.display());
+    report.metric("report", page.display().to_string());
     report.finish(args.model.json.as_deref())
 }
 
@@ -289,13 +313,8 @@ fn new_run_dir() -> Result<PathBuf> {
     unreachable!()
 }
 
-/// loss.png: training and validation loss per epoch.
-fn plot_losses(t: &Trainer) -> Result<()> {
-    let h = &t.state.history;
-    let train: Vec<f64> = h.iter().map(|r| r.train_loss).collect();
-    let val: Vec<f64> = h.iter().map(|r| r.val_loss).collect();
-    plot::line_plot(
-        &t.out.join("loss.png"),
-        &[(&train, [31, 119, 180]), (&val, [255, 127, 14])],
-    )
+/// loss.png, lr.png and quality.png: the history so far, one point per epoch.
+fn plot_curves(t: &Trainer) -> Result<()> {
+    let tr = &t.cfg.train;
+    plot::Curves::new(&t.state.history, tr.freeze_image, tr.freeze_text).write_png(&t.out)
 }

@@ -142,3 +142,86 @@ fn a_run_from_pretrained_towers_starts_from_their_weights_and_keeps_their_tokeni
     assert_eq!((cfg.text.kind, cfg.text.dim), (clip_core::config::TextKind::Bert, 24));
     assert_eq!(cfg.text.pretrained.as_deref(), Some("clipmine-test/tiny-bert"));
 }
+
+/// The demo's captions and image names, from its captions file.
+fn demo_pairs() -> Vec<(String, String)> {
+    let demo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../assets/demo/captions.csv");
+    let mut r = csv::Reader::from_path(&demo).unwrap();
+    r.records()
+        .map(|row| {
+            let row = row.unwrap();
+            (row[0].to_string(), row[1].to_string())
+        })
+        .collect()
+}
+
+#[test]
+fn the_run_folder_has_a_self_contained_report_and_labelled_plots() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let (_, log) = run(&["--epochs", "3", "--out", out.to_str().unwrap()]);
+    let page = out.join("report.html");
+    assert!(log.contains(&format!("report: {}", page.display())), "{log}");
+    let html = std::fs::read_to_string(&page).unwrap();
+    // Every caption and image name of the demo, escaped as HTML text (captions hold commas and
+    // Chinese characters, none of & < > " ').
+    let pairs = demo_pairs();
+    assert_eq!(pairs.len(), 30);
+    for (image, caption) in &pairs {
+        assert!(html.contains(caption.as_str()), "caption {caption} missing");
+        assert!(html.contains(&format!(">{image}<")), "image {image} missing");
+    }
+    assert!(html.contains("穿橙色太空衣的太空人"), "the Chinese captions as text");
+    // Curves as inline SVG, three of them; thumbnails as data URIs; nothing fetched from anywhere.
+    assert_eq!(html.matches("<svg").count(), 3, "loss, learning rate, recall");
+    assert!(html.contains("Loss per epoch") && html.contains("Validation recall@1 per epoch"));
+    assert!(html.contains("data:image/jpeg;base64,"));
+    for external in ["http://", "https://", "//cdn", "src=\"//"] {
+        assert!(!html.contains(external), "report.html refers to {external}");
+    }
+    assert!(html.contains("Before training") && html.contains("After training"));
+    // The similarity matrices and their labels, as JSON.
+    let sim: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("similarity.json")).unwrap()).unwrap();
+    assert_eq!(sim["images"].as_array().unwrap().len(), 10);
+    assert_eq!(sim["before"].as_array().unwrap().len(), 10);
+    assert_eq!(sim["after"].as_array().unwrap().len(), 10);
+    // The PNG plots: the expected size and not blank.
+    for (f, size) in [
+        ("loss.png", Some((720, 440))),
+        ("lr.png", Some((720, 440))),
+        ("quality.png", Some((720, 440))),
+        ("similarity_before.png", None),
+        ("similarity_after.png", None),
+    ] {
+        let img = image::open(out.join(f))
+            .unwrap_or_else(|e| panic!("{f}: {e}"))
+            .to_rgb8();
+        if let Some(s) = size {
+            assert_eq!((img.width(), img.height()), s, "{f}");
+        }
+        let colours: std::collections::BTreeSet<[u8; 3]> = img.pixels().map(|p| p.0).collect();
+        assert!(colours.len() > 20, "{f} looks blank: {} colours", colours.len());
+    }
+}
+
+#[test]
+fn a_resumed_run_keeps_the_similarity_before_training_in_its_report() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let o = out.to_str().unwrap();
+    run(&["--epochs", "1", "--out", o]);
+    let first: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("similarity.json")).unwrap()).unwrap();
+    assert!(first["before"].is_array() && first["after"].is_array());
+    let (_, log) = run(&["--resume", o, "--epochs", "2"]);
+    assert!(log.contains("resuming after epoch 1"), "{log}");
+    let again: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("similarity.json")).unwrap()).unwrap();
+    assert_eq!(again["before"], first["before"], "the untrained model's matrix is kept");
+    let html = std::fs::read_to_string(out.join("report.html")).unwrap();
+    assert!(
+        html.contains("Before training") && html.contains("Finished: 2 epochs"),
+        "report after resume"
+    );
+}

@@ -8,6 +8,7 @@
 
 mod bench;
 mod fashion;
+mod idx;
 mod verify;
 
 use std::process::ExitCode;

@@ -156,10 +156,21 @@ fn read_idx(source: &Path, name: &str) -> Result<Vec<u8>> {
     let bytes = if plain.is_file() {
         std::fs::read(&plain)?
     } else {
+        // Fashion-MNIST's largest file is 47 MB; a limit keeps a corrupt or hostile .gz from
+        // filling memory.
+        const MAX_BYTES: u64 = 256 << 20;
         let mut out = vec![];
         flate2::read::GzDecoder::new(std::fs::File::open(&gz).with_context(|| format!("opening {}", gz.display()))?)
+            .take(MAX_BYTES + 1)
             .read_to_end(&mut out)
             .with_context(|| format!("decompressing {}", gz.display()))?;
+        if out.len() as u64 > MAX_BYTES {
+            bail!(
+                "{} decompresses to more than {} MiB: not a Fashion-MNIST file",
+                gz.display(),
+                MAX_BYTES >> 20
+            );
+        }
         out
     };
     Ok(bytes)
@@ -173,23 +184,17 @@ fn export(source: &Path, prefix: &str, dir: &Path, limit: Option<usize>) -> Resu
     }
     let images = read_idx(source, &format!("{prefix}-images-idx3-ubyte"))?;
     let labels = read_idx(source, &format!("{prefix}-labels-idx1-ubyte"))?;
-    let be = |b: &[u8], at: usize| u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]) as usize;
-    if images.len() < 16 || be(&images, 0) != 2051 || labels.len() < 8 || be(&labels, 0) != 2049 {
-        bail!("{prefix}: not Fashion-MNIST IDX files (bad magic numbers)");
-    }
-    let (n, h, w) = (be(&images, 4), be(&images, 8), be(&images, 12));
-    if be(&labels, 4) != n || images.len() != 16 + n * h * w || labels.len() != 8 + n {
-        bail!("{prefix}: image and label files do not match ({n} images)");
-    }
+    let idx = crate::idx::Idx::parse(&images, &labels, LABELS.len())
+        .with_context(|| format!("{prefix}: not Fashion-MNIST IDX files"))?;
+    let (n, h, w) = (idx.n, idx.h, idx.w);
     let n = limit.map_or(n, |l| l.min(n));
     eprintln!("writing {n} {prefix} images to {}", dir.display());
     for l in LABELS {
         std::fs::create_dir_all(dir.join(l))?;
     }
     for i in 0..n {
-        let label = labels[8 + i] as usize;
-        let px = images[16 + i * h * w..16 + (i + 1) * h * w].to_vec();
-        let img = image::GrayImage::from_raw(w as u32, h as u32, px).context("image size")?;
+        let (label, px) = idx.get(i).context("image past the end")?;
+        let img = image::GrayImage::from_raw(w as u32, h as u32, px.to_vec()).context("image size")?;
         img.save(dir.join(LABELS[label]).join(format!("{i:05}.png")))?;
     }
     std::fs::write(&done, format!("{n}\n"))?;

@@ -8,6 +8,7 @@
 
 mod bench;
 mod fashion;
+mod idx;
 mod parity;
 mod ui_check;
 mod verify;

@@ -15,12 +15,22 @@ pub struct Check {
     pub detail: String,
 }
 
+/// Something measured or described that no threshold judges (the device's name, a step's
+/// time): shown as `[info]` and never counted as a check, so a report never claims `[ok]` for
+/// what could not have failed.
+#[derive(Debug, Clone, Serialize)]
+pub struct Info {
+    pub name: String,
+    pub detail: String,
+}
+
 #[derive(Debug, Serialize)]
 pub struct Report {
     pub stage: u8,
     pub name: String,
     pub passed: bool,
     pub checks: Vec<Check>,
+    pub info: Vec<Info>,
     /// Numbers worth keeping (parameter counts, losses, timings …).
     pub metrics: Map<String, Value>,
     pub seconds: f64,
@@ -35,6 +45,7 @@ impl Report {
             name: name.into(),
             passed: true,
             checks: vec![],
+            info: vec![],
             metrics: Map::new(),
             seconds: 0.0,
             started: Some(Instant::now()),
@@ -52,6 +63,16 @@ impl Report {
             detail,
         });
         passed
+    }
+
+    /// Records and prints information that is not a check (see [`Info`]).
+    pub fn info(&mut self, name: &str, detail: impl Into<String>) {
+        let detail = detail.into();
+        println!("  [info] {name}: {detail}");
+        self.info.push(Info {
+            name: name.into(),
+            detail,
+        });
     }
 
     pub fn metric(&mut self, key: &str, value: impl Serialize) {

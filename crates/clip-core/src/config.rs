@@ -524,8 +524,16 @@ impl ClipConfig {
         if i.stem_stride == 0 {
             errs.push("image.stem_stride must be at least 1".into());
         }
-        let reduction =
-            i.stem_stride.max(1) * if i.stem_pool { 2 } else { 1 } * (1usize << i.depths.len().saturating_sub(1));
+        // Saturating: the sizes come from a file, and a huge stride or 70 stages must be an error
+        // message, not an overflow.
+        let stages = 1usize
+            .checked_shl(i.depths.len().saturating_sub(1) as u32)
+            .unwrap_or(usize::MAX);
+        let reduction = i
+            .stem_stride
+            .max(1)
+            .saturating_mul(if i.stem_pool { 2 } else { 1 })
+            .saturating_mul(stages);
         if i.image_size < reduction {
             errs.push(format!(
                 "image.image_size {} is smaller than the ResNet's total stride {} (stem × pool × stages): use larger images or fewer stages",

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{write_atomic, WEIGHTS};
 use crate::config::ClipConfig;
-use crate::data::{ImageStore, IMAGE_EXTENSIONS};
+use crate::data::ImageStore;
 use crate::loss::l2_normalize;
 use crate::model::ClipModel;
 
@@ -70,30 +70,10 @@ pub fn model_fingerprint(run: &Path) -> Result<String> {
     Ok(format!("{h:016x}"))
 }
 
-/// Every image file under `root`, recursively, as sorted relative paths.
+/// Every image file under `root`, recursively, as sorted relative paths (symlinks contained;
+/// see [`crate::data::image_files`], which also says what was left out).
 pub fn list_images(root: &Path) -> Result<Vec<String>> {
-    fn walk(dir: &Path, root: &Path, out: &mut Vec<String>) -> Result<()> {
-        for e in std::fs::read_dir(dir).with_context(|| format!("reading folder {}", dir.display()))? {
-            let p = e?.path();
-            if p.is_dir() {
-                walk(&p, root, out)?;
-            } else if p
-                .extension()
-                .and_then(|x| x.to_str())
-                .is_some_and(|x| IMAGE_EXTENSIONS.contains(&x.to_ascii_lowercase().as_str()))
-            {
-                out.push(p.strip_prefix(root).unwrap_or(&p).to_string_lossy().into_owned());
-            }
-        }
-        Ok(())
-    }
-    if !root.is_dir() {
-        bail!("{} is not a folder of images", root.display());
-    }
-    let mut out = vec![];
-    walk(root, root, &mut out)?;
-    out.sort();
-    Ok(out)
+    Ok(crate::data::image_files(root)?.files)
 }
 
 fn stat(path: &Path) -> Result<(u64, u64)> {
@@ -214,7 +194,8 @@ impl ImageIndex {
                 bail!("this index was made by another model (fingerprint {}, this run {fingerprint}): write a new index with --out, or delete it", p.fingerprint);
             }
         }
-        let files = list_images(root)?;
+        let listing = crate::data::image_files(root)?;
+        let files = listing.files;
         let mut old: HashMap<String, (IndexEntry, usize)> = HashMap::new();
         if let Some(p) = &previous {
             for (i, e) in p.entries.iter().enumerate() {
@@ -222,6 +203,8 @@ impl ImageIndex {
             }
         }
         let mut stats = UpdateStats::default();
+        // Links leading outside the folder, or to folders, are left out and said so.
+        stats.failed.extend(listing.skipped);
         let mut keep = vec![]; // (entry, Some(old row) | None)
         let mut todo = vec![];
         for f in &files {

@@ -17,6 +17,8 @@ pub mod embed;
 pub mod feature_cache;
 /// Training over many epochs, with validation, checkpoints and resume.
 pub mod fit;
+/// Stage 4's final gate: thresholds set against what a model that learned nothing scores.
+pub mod gates;
 /// Finding a model's files: the Hugging Face cache and Hub (hf-hub), or a local path.
 pub mod hub;
 /// An incremental image index for text → image search.

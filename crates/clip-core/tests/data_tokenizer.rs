@@ -85,7 +85,8 @@ fn a_saved_tokenizer_loads_and_encodes_the_same() {
     tok.save(&path).unwrap();
     let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     assert_eq!(json["model"]["type"], "WordPiece");
-    assert_eq!(json["normalizer"]["handle_chinese_chars"], true);
+    assert_eq!(json["normalizer"]["normalizers"][1]["handle_chinese_chars"], true);
+    assert_eq!(json["normalizer"]["normalizers"][1]["strip_accents"], false);
     let loaded = TextTokenizer::from_file(&path, 64).unwrap();
     assert_eq!(loaded.vocab_size(), tok.vocab_size());
     for c in ds.captions() {
@@ -126,9 +127,10 @@ fn batches_are_padded_to_the_longest_caption() {
 }
 
 #[test]
-fn lower_case_and_accents_are_normalised() {
-    let tok = TextTokenizer::train(&strings(&["a cafe"]), 100, 16).unwrap();
-    assert_eq!(tok.encode("A CAFÉ").unwrap(), tok.encode("a cafe").unwrap());
+fn lower_case_is_normalised_and_accents_are_kept() {
+    let tok = TextTokenizer::train(&strings(&["a cafe", "a café"]), 100, 16).unwrap();
+    assert_eq!(tok.encode("A CAFÉ").unwrap(), tok.encode("a café").unwrap());
+    assert_ne!(tok.encode("a café").unwrap(), tok.encode("a cafe").unwrap());
 }
 
 #[test]

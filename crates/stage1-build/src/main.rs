@@ -70,8 +70,25 @@ fn run(args: Args) -> Result<ExitCode> {
             return report.finish(args.model.json.as_deref());
         }
     };
-    report.check("device", true, device::describe(&dev));
+    // Opening a device proves little (a CUDA build with a mismatched driver opens and then
+    // computes garbage or fails on the first kernel): the check is a small product whose exact
+    // answer is known.
+    let probe = device_probe(&dev);
+    report.check(
+        "device",
+        probe.is_ok(),
+        match &probe {
+            Ok(()) => format!(
+                "{}: a 64×48 · 48×32 product on it gives the exact result",
+                device::describe(&dev)
+            ),
+            Err(e) => format!("{}: {e:#}", device::describe(&dev)),
+        },
+    );
     report.metric("device", device::describe(&dev));
+    if probe.is_err() {
+        return report.finish(args.model.json.as_deref());
+    }
 
     // Build: every tensor is allocated and initialised here.
     let t = Instant::now();
@@ -207,6 +224,29 @@ mod pretrained {
             }
         }
     }
+}
+
+/// Multiplies two small matrices on `dev` and compares with the product computed here. The
+/// entries are multiples of 1/8 below 1, so every partial sum is exact in f32 and any difference
+/// is the device's error, not rounding.
+fn device_probe(dev: &candle_core::Device) -> Result<()> {
+    let (m, k, n) = (64, 48, 32);
+    let a: Vec<f32> = (0..m * k).map(|i| ((i * 7 % 13) as f32 - 6.0) / 8.0).collect();
+    let b: Vec<f32> = (0..k * n).map(|i| ((i * 5 % 11) as f32 - 5.0) / 8.0).collect();
+    let got = Tensor::from_slice(&a, (m, k), dev)?
+        .matmul(&Tensor::from_slice(&b, (k, n), dev)?)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    for i in 0..m {
+        for j in 0..n {
+            let want: f32 = (0..k).map(|p| a[i * k + p] * b[p * n + j]).sum();
+            let g = got[i * n + j];
+            if g != want {
+                anyhow::bail!("the device computed {g} where {want} is exact (row {i}, column {j}): its results cannot be trusted");
+            }
+        }
+    }
+    Ok(())
 }
 
 fn all_finite(t: &Tensor) -> Result<bool> {

@@ -67,11 +67,24 @@ fn run(args: Args) -> Result<ExitCode> {
 }
 
 fn check(args: &Args, report: &mut Report) -> Result<()> {
-    let cfg = args.model.load_config()?;
-    let dev = args.model.device()?;
-    report.check(
+    // What the config and device are is information; that they load is the check, and only
+    // fails here, naming the file and the problem, when they do not.
+    let cfg = match args.model.load_config() {
+        Ok(c) => c,
+        Err(e) => {
+            report.check("config", false, format!("{e:#}"));
+            return Ok(());
+        }
+    };
+    let dev = match args.model.device() {
+        Ok(d) => d,
+        Err(e) => {
+            report.check("device", false, format!("{e:#}"));
+            return Ok(());
+        }
+    };
+    report.info(
         "config",
-        true,
         format!(
             "{} on {}: {}×{} images, captions of up to {} tokens",
             cfg.name,

@@ -158,9 +158,9 @@ fn run(args: Args) -> Result<ExitCode> {
             }
         ),
     );
-    report.check(
+    // No threshold fits every machine and model size: the time is information, not a check.
+    report.info(
         "step time",
-        true,
         format!(
             "{ms:.0} ms for forward + backward + update, gradient norm {:.3}",
             outcome.grad_norm

@@ -8,7 +8,7 @@ use anyhow::{bail, Result};
 
 use super::captions::{self, CaptionFormat};
 use super::folders::{self, render_template};
-use super::paths::{absolute, images_dir, relative_image_path};
+use super::paths::{absolute, contained, images_dir, relative_image_path};
 use super::{list_bad, ImageStore};
 use crate::config::ClipConfig;
 
@@ -148,7 +148,7 @@ impl Dataset {
         }
         let root = absolute(path)?;
         match folders::scan(&root)? {
-            Some(found) => Self::from_class_folders(root, found, &opts.templates),
+            Some(found) => Self::from_class_folders(root, found, opts),
             None => bail!(
                 "{}: no captions file ({}) and no class folders with images (label/*.jpg): nothing to train on",
                 path.display(),
@@ -221,7 +221,8 @@ impl Dataset {
     }
 
     /// Pairs from a class-folder scan: one caption per template and image, each keeping its label.
-    fn from_class_folders(root: PathBuf, found: folders::ClassFolders, templates: &[String]) -> Result<Dataset> {
+    fn from_class_folders(root: PathBuf, found: folders::ClassFolders, opts: &LoadOptions) -> Result<Dataset> {
+        let templates = &opts.templates;
         if templates.is_empty() {
             bail!("class folders need at least one caption template, such as {DEFAULT_TEMPLATE:?}");
         }
@@ -244,7 +245,7 @@ impl Dataset {
                 name: img.name,
             });
         }
-        Ok(Dataset {
+        Dataset {
             image_root: root.clone(),
             root,
             source: Source::ClassFolders {
@@ -253,8 +254,9 @@ impl Dataset {
             images,
             pairs,
             labels: found.labels,
-            bad: vec![],
-        })
+            bad: found.bad,
+        }
+        .check_rows(opts)
     }
 
     fn from_captions_file(file: &Path, opts: &LoadOptions) -> Result<Dataset> {
@@ -285,9 +287,15 @@ impl Dataset {
                 found
                     .entry(rel.clone())
                     .or_insert_with(|| {
-                        bases.iter().map(|b| b.join(&rel)).find(|p| p.is_file()).ok_or_else(|| {
-                            format!("image not found: {} (looked in {})", row.image, image_root.display())
-                        })
+                        bases
+                            .iter()
+                            .map(|b| b.join(&rel))
+                            .find(|p| p.is_file())
+                            .ok_or_else(|| {
+                                format!("image not found: {} (looked in {})", row.image, image_root.display())
+                            })
+                            // A symlink (the file, or a folder on its way) must not lead out.
+                            .and_then(|p| contained(&root, &p))
                     })
                     .clone()
             });

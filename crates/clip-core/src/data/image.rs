@@ -9,7 +9,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 use image::imageops::FilterType;
-use image::{DynamicImage, ImageDecoder, ImageReader, RgbImage};
+use image::{DynamicImage, ImageDecoder, ImageReader, Limits, RgbImage};
 use rand::{Rng, SeedableRng};
 
 use crate::config::{ClipConfig, Interpolation};
@@ -20,6 +20,14 @@ pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
 pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
 /// File extensions taken as images in class folders (compared case-insensitively).
 pub const IMAGE_EXTENSIONS: [&str; 4] = ["jpg", "jpeg", "png", "webp"];
+
+/// The widest and tallest image decoded (a 16K panorama fits), and the most memory one decode
+/// may take: 256 MiB holds an 89-megapixel RGB photo. A file's header alone sets what a decoder
+/// allocates, so a few hundred bytes declaring 65535×65535 pixels would otherwise ask for 12.9 GB
+/// (per thread, as images are decoded in parallel); checked against the header, before any pixel
+/// is allocated, such a file is refused in microseconds.
+pub const MAX_IMAGE_SIDE: u32 = 16_384;
+pub const MAX_DECODE_BYTES: u64 = 256 << 20;
 
 /// Random resized crop: share of the image's area kept, and the aspect ratio range (torchvision's).
 const CROP_SCALE: (f32, f32) = (0.6, 1.0);
@@ -88,15 +96,47 @@ impl Preprocess {
 
 /// Decodes a file (format from its content, not its name) and applies its EXIF orientation, so a
 /// phone photo is upright.
+///
+/// Sizes are checked against [`MAX_IMAGE_SIDE`] and [`MAX_DECODE_BYTES`] from the header, before
+/// anything is allocated: `into_decoder` + `from_decoder` (needed for the orientation) skip the
+/// allocation check `ImageReader::decode` makes, so it is made here.
 pub(crate) fn decode(path: &Path) -> Result<DynamicImage> {
     let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let mut decoder = ImageReader::new(BufReader::new(file))
-        .with_guessed_format()?
-        .into_decoder()?;
+    let mut reader = ImageReader::new(BufReader::new(file)).with_guessed_format()?;
+    reader.limits(limits());
+    let mut decoder = reader.into_decoder().map_err(too_large)?;
+    let (w, h) = decoder.dimensions();
+    let bytes = decoder.total_bytes();
+    if bytes > MAX_DECODE_BYTES {
+        anyhow::bail!(
+            "image too large: {w}×{h} pixels would take {} MiB to decode, more than the {} MiB allowed",
+            bytes >> 20,
+            MAX_DECODE_BYTES >> 20
+        );
+    }
     let orientation = decoder.orientation()?;
     let mut img = DynamicImage::from_decoder(decoder)?;
     img.apply_orientation(orientation);
     Ok(img)
+}
+
+fn limits() -> Limits {
+    let mut l = Limits::default();
+    l.max_image_width = Some(MAX_IMAGE_SIDE);
+    l.max_image_height = Some(MAX_IMAGE_SIDE);
+    l.max_alloc = Some(MAX_DECODE_BYTES);
+    l
+}
+
+/// A limit error in words a user can act on (the decoder's own says only "limits exceeded").
+fn too_large(e: image::ImageError) -> anyhow::Error {
+    match e {
+        image::ImageError::Limits(l) => anyhow::anyhow!(
+            "image too large: {l} (at most {MAX_IMAGE_SIDE}×{MAX_IMAGE_SIDE} pixels and {} MiB decoded)",
+            MAX_DECODE_BYTES >> 20
+        ),
+        e => e.into(),
+    }
 }
 
 /// Any layout (grey, 1-bit, 16-bit, with alpha) → 8-bit RGB. Transparent pixels are laid on

@@ -28,9 +28,11 @@ mod wordpiece;
 pub use captions::CaptionFormat;
 pub use dataset::{BadRow, Dataset, ImageEntry, LoadOptions, Pair, Source, DEFAULT_TEMPLATE};
 pub use folders::render_template;
-pub use image::{normalised_range, Preprocess, IMAGENET_MEAN, IMAGENET_STD, IMAGE_EXTENSIONS};
+pub use image::{
+    normalised_range, Preprocess, IMAGENET_MEAN, IMAGENET_STD, IMAGE_EXTENSIONS, MAX_DECODE_BYTES, MAX_IMAGE_SIDE,
+};
 pub use loader::{epoch_seed, Batch, Batches, Loader};
-pub use paths::{absolute, contained, relative_image_path};
+pub use paths::{absolute, contained, image_files, relative_image_path, Listing};
 pub use split::{Split, MIN_IMAGES_TO_SPLIT};
 pub use store::ImageStore;
 pub use tokenizer::{TextTokenizer, UnkReport, SPECIAL_TOKENS};

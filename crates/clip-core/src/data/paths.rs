@@ -6,7 +6,9 @@
 
 use std::path::{Component, Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
+
+use super::image::is_image_file;
 
 /// The canonical path when the file exists (no `..` in messages), else the plain absolute one.
 pub fn absolute(path: &Path) -> Result<PathBuf> {
@@ -54,6 +56,66 @@ pub fn contained(root: &Path, path: &Path) -> std::result::Result<PathBuf, Strin
             root.display()
         ))
     }
+}
+
+/// What [`image_files`] found under a folder.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Listing {
+    /// Image files, as sorted paths relative to the folder (through links, as the user sees them).
+    pub files: Vec<String>,
+    /// (relative path, reason) for each link left out.
+    pub skipped: Vec<(String, String)>,
+}
+
+/// Every image file under `root`, recursively. A symlink to a file is followed when it stays
+/// inside `root` (see [`contained`]); a symlink to a folder never is: every folder inside `root`
+/// is read under its own path anyway, so following links could only read a folder twice, loop
+/// (a link to a parent), or leave `root`. Every link left out is listed with the reason.
+pub fn image_files(root: &Path) -> Result<Listing> {
+    if !root.is_dir() {
+        bail!("{} is not a folder of images", root.display());
+    }
+    let real_root = root
+        .canonicalize()
+        .with_context(|| format!("resolving {}", root.display()))?;
+    let mut out = Listing::default();
+    let mut todo = vec![(real_root.clone(), PathBuf::new())];
+    while let Some((dir, rel)) = todo.pop() {
+        let entries = std::fs::read_dir(&dir)
+            .with_context(|| format!("reading folder {}", dir.display()))?
+            .collect::<std::io::Result<Vec<_>>>()
+            .with_context(|| format!("reading folder {}", dir.display()))?;
+        for e in entries {
+            let path = e.path();
+            let shown = rel.join(e.file_name());
+            let kind = e.file_type().with_context(|| format!("reading {}", path.display()))?;
+            if kind.is_symlink() {
+                match contained(&real_root, &path) {
+                    Ok(real) if real.is_dir() => out.skipped.push((
+                        shown.display().to_string(),
+                        format!(
+                            "a link to the folder {}: links to folders are not followed (that folder is read under its own path, and a link cannot loop)",
+                            real.display()
+                        ),
+                    )),
+                    Ok(_) if is_image_file(&shown) => out.files.push(shown.display().to_string()),
+                    Ok(_) => {}
+                    // Only links that would have been listed are worth a word.
+                    Err(reason) if path.is_dir() || is_image_file(&shown) => {
+                        out.skipped.push((shown.display().to_string(), reason))
+                    }
+                    Err(_) => {}
+                }
+            } else if kind.is_dir() {
+                todo.push((path, shown));
+            } else if is_image_file(&shown) {
+                out.files.push(shown.display().to_string());
+            }
+        }
+    }
+    out.files.sort();
+    out.skipped.sort();
+    Ok(out)
 }
 
 /// The `images` sub-folder of `dir`, in any case (Flickr8k's is `Images/`).

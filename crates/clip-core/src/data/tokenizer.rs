@@ -6,6 +6,13 @@
 //! normaliser (which puts every CJK character in a word of its own), makes 人蔘, 枸杞 and 銀川枸杞
 //! sequences of known single-character tokens. The tokenizer is saved next to the checkpoint so
 //! predictions read text exactly as training did.
+//!
+//! The trained tokenizer never merges distinct words: BERT's accent stripping (NFD, then every
+//! combining mark deleted) would make パン, バン and ハン one word and erase Thai, Arabic and
+//! Devanagari vowel signs, so it is off; text is NFC-composed instead (the same word typed
+//! composed or decomposed gives the same ids) and lower-cased. Kana and Hangul syllables are split
+//! one per token, as CJK ideographs are: Japanese is written without spaces, and a run of kana
+//! would otherwise be one long word (past 100 characters, a single `[UNK]`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -15,8 +22,13 @@ use candle_core::{Device, Tensor};
 use tokenizers::decoders::wordpiece::WordPiece as WordPieceDecoder;
 use tokenizers::models::wordpiece::WordPiece;
 use tokenizers::normalizers::bert::BertNormalizer;
+use tokenizers::normalizers::{NormalizerWrapper, Sequence as NormalizerSequence, NFC};
 use tokenizers::pre_tokenizers::bert::BertPreTokenizer;
+use tokenizers::pre_tokenizers::sequence::Sequence as PreTokenizerSequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::pre_tokenizers::PreTokenizerWrapper;
 use tokenizers::processors::bert::BertProcessing;
+use tokenizers::SplitDelimiterBehavior;
 use tokenizers::{
     AddedToken, NormalizedString, Normalizer, OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer,
     Tokenizer,
@@ -99,20 +111,22 @@ impl UnkReport {
 }
 
 impl TextTokenizer {
-    /// Trains a WordPiece vocabulary of at most `vocab_size` entries on `captions` (BERT
-    /// normalisation: lower case, accents stripped, each CJK character a word of its own).
-    /// The same captions always give the same tokenizer.
+    /// Trains a WordPiece vocabulary of at most `vocab_size` entries on `captions` (see
+    /// [`normalizer`] and [`pre_tokenizer`]: lower case, accents and other marks kept, each CJK
+    /// character, kana and Hangul syllable a word of its own). The same captions always give the
+    /// same tokenizer.
     pub fn train(captions: &[String], vocab_size: usize, max_len: usize) -> Result<Self> {
         if captions.is_empty() {
             bail!("no captions to train a tokenizer on");
         }
-        let normalizer = BertNormalizer::new(true, true, None, true);
+        let normalizer = normalizer();
+        let pre_tokenizer = pre_tokenizer()?;
         let mut words: BTreeMap<String, u64> = BTreeMap::new();
         for c in captions {
             let mut n = NormalizedString::from(c.as_str());
             tk(normalizer.normalize(&mut n))?;
             let mut pre = PreTokenizedString::from(n);
-            tk(BertPreTokenizer.pre_tokenize(&mut pre))?;
+            tk(pre_tokenizer.pre_tokenize(&mut pre))?;
             for (w, _, _) in pre.get_splits(OffsetReferential::Original, OffsetType::Byte) {
                 *words.entry(w.to_string()).or_default() += 1;
             }
@@ -136,7 +150,7 @@ impl TextTokenizer {
         let mut inner = Tokenizer::new(model);
         inner
             .with_normalizer(Some(normalizer))
-            .with_pre_tokenizer(Some(BertPreTokenizer))
+            .with_pre_tokenizer(Some(pre_tokenizer))
             .with_post_processor(Some(BertProcessing::new(("[SEP]".into(), 3), ("[CLS]".into(), 2))))
             .with_decoder(Some(WordPieceDecoder::new(PREFIX.into(), true)));
         inner.add_special_tokens(&SPECIAL_TOKENS.map(|t| AddedToken::from(t, true)));
@@ -325,6 +339,34 @@ impl TextTokenizer {
         r.unknown = unknown;
         Ok(r)
     }
+}
+
+/// The trained tokenizer's normaliser: NFC, then BERT's (control characters removed, spaces
+/// around CJK ideographs, lower case) without its accent stripping. Built from `tokenizers`'
+/// own parts so `tokenizer.json` describes it and loads anywhere.
+pub(crate) fn normalizer() -> NormalizerSequence {
+    NormalizerSequence::new(vec![
+        NormalizerWrapper::from(NFC),
+        NormalizerWrapper::from(BertNormalizer::new(true, true, Some(false), true)),
+    ])
+}
+
+/// Kana (hiragana, katakana, half-width katakana) and Hangul, each character with the marks
+/// that follow it: one word per syllable.
+const SYLLABLE: &str = r"[\p{Hiragana}\p{Katakana}\p{Hangul}][\p{Mn}\p{Mc}]*";
+
+/// The trained tokenizer's pre-tokeniser: BERT's (whitespace and punctuation), then every kana
+/// and Hangul syllable split off as a word of its own.
+pub(crate) fn pre_tokenizer() -> Result<PreTokenizerSequence> {
+    let syllables = tk(Split::new(
+        SplitPattern::Regex(SYLLABLE.into()),
+        SplitDelimiterBehavior::Isolated,
+        false,
+    ))?;
+    Ok(PreTokenizerSequence::new(vec![
+        PreTokenizerWrapper::from(BertPreTokenizer),
+        PreTokenizerWrapper::from(syllables),
+    ]))
 }
 
 /// Pads sequences to the longest with `pad`: (ids, mask, L), row-major (B, L).

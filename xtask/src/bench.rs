@@ -16,7 +16,8 @@ const USAGE: &str = "\
 cargo xtask bench [WHAT…] [OPTIONS]
 
 WHAT: train (clipmine vs the PyTorch reference), loader (data pipeline against training steps),
-      index (building an image index), search (a query over 1,000,000 embeddings); default: all.
+      index (building an image index), search (exact vs compact vs approximate search over 1M and
+      10M embeddings); default: all.
 Options:
   --preset NAME     model for `train` (default tiny)
   --batch-size B    (default 16)
@@ -139,7 +140,7 @@ pub fn run(args: &[String]) -> Result<bool> {
                 }
             }
             "index" => println!("{}", json_line(Command::new(examples.join("bench")).args(["index"]))?),
-            "search" => println!("{}", json_line(Command::new(examples.join("bench")).args(["search"]))?),
+            "search" => crate::bench_search::run(&root)?,
             _ => unreachable!(),
         }
     }

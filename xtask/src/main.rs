@@ -4,6 +4,7 @@
 //! exactly as a user would run it, and stops at the first failing gate.
 
 mod bench;
+mod bench_search;
 mod fashion;
 mod verify;
 
@@ -42,5 +43,6 @@ Tasks:
             Train on Fashion-MNIST (Debian package dataset-fashion-mnist) as class folders and
             report zero-shot test accuracy as one JSON line.
   bench     Speed as JSON lines: training steps against the PyTorch reference (a ratio), the
-            data loader, and text → image search over 1,000,000 embeddings.
+            data loader, and text → image search (exact, compact, approximate) over 1M and 10M
+            embeddings.
 ";

@@ -80,11 +80,11 @@ fn compact_and_approximate_search_find_the_exact_top_10() {
     assert!(approx >= 0.98, "approximate recall@10 {approx}");
 
     // Deleted rows are never returned, in any mode, and k live rows still come back.
-    let even = |r: usize| r % 2 == 0;
+    let even = |r: usize| r.is_multiple_of(2);
     for mode in [SearchMode::Exact, SearchMode::Compact, SearchMode::Approx] {
         let hits = seg.search(&queries[0], k, mode, &even);
         assert_eq!(hits.len(), k, "{mode:?}");
-        assert!(hits.iter().all(|(r, _)| r % 2 == 0), "{mode:?}: {hits:?}");
+        assert!(hits.iter().all(|(r, _)| r.is_multiple_of(2)), "{mode:?}: {hits:?}");
     }
 }
 

@@ -231,11 +231,18 @@ fn photo_rows(state: &State, q: &[f32], top: usize, mode: SearchMode) -> Result<
         .collect())
 }
 
+/// What a URL path segment keeps as it is (RFC 3986's unreserved characters).
+const SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
 /// `/images/` + the path, each segment percent-encoded.
 fn image_url(path: &str) -> String {
     let parts: Vec<String> = path
         .split('/')
-        .map(|s| percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string())
+        .map(|s| percent_encoding::utf8_percent_encode(s, SEGMENT).to_string())
         .collect();
     format!("/images/{}", parts.join("/"))
 }

@@ -195,6 +195,7 @@ fn the_search_page_answers_text_and_image_queries_and_serves_only_indexed_images
         .collect();
     assert!(own.contains(&v["captions"][0]["caption"].as_str().unwrap()), "{v}");
     assert_eq!(v["photos"][0]["path"], "rocket.jpg", "{v}");
+    assert_eq!(v["photos"][0]["url"], "/images/rocket.jpg", "{v}");
     assert!((v["photos"][0]["score"].as_f64().unwrap() - 1.0).abs() < 1e-3, "{v}");
     let probs: f64 = v["captions"]
         .as_array()

@@ -12,43 +12,60 @@ use serde_json::{json, Value};
 
 use crate::verify::workspace_root;
 
-const USAGE: &str = "\
-cargo xtask bench [WHAT…] [OPTIONS]
+/// Speed as JSON lines: training steps against the PyTorch reference, the loader, an index, search.
+///
+/// `train` times training steps in clipmine and, when PyTorch is installed, in the PyTorch
+/// reference of the same recipe, and prints their ratio. Run it on an idle machine: a build beside
+/// a benchmark slows it several times.
+#[derive(Debug, clap::Args)]
+#[command(
+    verbatim_doc_comment,
+    after_help = "Examples:\n  cargo xtask bench                          everything\n  cargo xtask bench train --no-reference     clipmine's training steps alone\n  cargo xtask bench loader search --batch-size 32"
+)]
+pub struct Args {
+    /// What to measure; default: all.
+    #[arg(value_enum, value_name = "WHAT")]
+    what: Vec<What>,
+    /// Model for `train`.
+    #[arg(long, value_name = "NAME", default_value = "tiny")]
+    preset: String,
+    /// Batch size for `train` and `loader`.
+    #[arg(long = "batch-size", value_name = "B", default_value_t = 16)]
+    batch_size: usize,
+    /// Timed steps for `train`.
+    #[arg(long, value_name = "N", default_value_t = 10)]
+    steps: usize,
+    /// Skip the PyTorch reference.
+    #[arg(long)]
+    no_reference: bool,
+}
 
-WHAT: train (clipmine vs the PyTorch reference), loader (data pipeline against training steps),
-      index (building an image index), search (exact vs compact vs approximate search over 1M and
-      10M embeddings); default: all.
-Options:
-  --preset NAME     model for `train` (default tiny)
-  --batch-size B    (default 16)
-  --steps N         timed steps (default 10)
-  --no-reference    skip the PyTorch reference
-";
+/// One benchmark.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum What {
+    /// Training steps: clipmine against the PyTorch reference, as a ratio.
+    Train,
+    /// The data pipeline against training steps.
+    Loader,
+    /// Building an image index.
+    Index,
+    /// Exact vs compact (int8) vs approximate (HNSW) search over 1M embeddings, compact over 10M.
+    Search,
+    /// Epochs with both towers frozen: cached features against recomputing them.
+    Frozen,
+}
 
-pub fn run(args: &[String]) -> Result<bool> {
-    let mut what = vec![];
-    let mut preset = "tiny".to_string();
-    let mut batch = "16".to_string();
-    let mut steps = "10".to_string();
-    let mut reference = true;
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        let mut val = || it.next().cloned().with_context(|| format!("{a} needs a value"));
-        match a.as_str() {
-            "-h" | "--help" => {
-                print!("{USAGE}");
-                return Ok(true);
-            }
-            "train" | "loader" | "index" | "search" => what.push(a.clone()),
-            "--preset" => preset = val()?,
-            "--batch-size" => batch = val()?,
-            "--steps" => steps = val()?,
-            "--no-reference" => reference = false,
-            _ => bail!("unknown argument {a:?}\n\n{USAGE}"),
-        }
-    }
+pub fn run(args: Args) -> Result<bool> {
+    let Args {
+        mut what,
+        preset,
+        batch_size,
+        steps,
+        no_reference,
+    } = args;
+    let (batch, steps, reference) = (batch_size.to_string(), steps.to_string(), !no_reference);
     if what.is_empty() {
-        what = vec!["train".into(), "loader".into(), "index".into(), "search".into()];
+        what = vec![What::Train, What::Loader, What::Index, What::Search, What::Frozen];
     }
     let root = workspace_root();
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
@@ -63,6 +80,8 @@ pub fn run(args: &[String]) -> Result<bool> {
             "bench",
             "--example",
             "bench_loader",
+            "--example",
+            "bench_frozen",
         ])
         .status()?;
     if !status.success() {
@@ -70,9 +89,9 @@ pub fn run(args: &[String]) -> Result<bool> {
     }
     let examples = root.join("target/debug/examples");
     let mut steps_per_s = None;
-    for w in &what {
-        match w.as_str() {
-            "train" => {
+    for w in what {
+        match w {
+            What::Train => {
                 let ours = json_line(Command::new(examples.join("bench")).args([
                     "train",
                     "--preset",
@@ -124,7 +143,7 @@ pub fn run(args: &[String]) -> Result<bool> {
                     }
                 }
             }
-            "loader" => {
+            What::Loader => {
                 for extra in [vec![], vec!["--synthetic", "1000", "--augment"]] {
                     let l = json_line(
                         Command::new(examples.join("bench_loader"))
@@ -139,9 +158,16 @@ pub fn run(args: &[String]) -> Result<bool> {
                     }
                 }
             }
-            "index" => println!("{}", json_line(Command::new(examples.join("bench")).args(["index"]))?),
-            "search" => crate::bench_search::run(&root)?,
-            _ => unreachable!(),
+            What::Index => println!("{}", json_line(Command::new(examples.join("bench")).args(["index"]))?),
+            What::Search => crate::bench_search::run(&root)?,
+            What::Frozen => {
+                for args in [
+                    ["--preset", "tiny", "--images", "256"],
+                    ["--preset", "simple-clip", "--images", "32"],
+                ] {
+                    println!("{}", json_line(Command::new(examples.join("bench_frozen")).args(args))?);
+                }
+            }
         }
     }
     Ok(true)
@@ -165,4 +191,36 @@ fn json_line(cmd: &mut Command) -> Result<Value> {
     let text = String::from_utf8_lossy(&o.stdout);
     let start = text.find('{').context("no JSON in the benchmark's output")?;
     Ok(serde_json::from_str(text[start..].trim())?)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+    use crate::{Cli, Task};
+
+    fn parse(args: &[&str]) -> Result<Args, clap::Error> {
+        let argv = ["xtask", "bench"].iter().chain(args);
+        match Cli::try_parse_from(argv)?.task {
+            Some(Task::Bench(a)) => Ok(a),
+            _ => panic!("not the bench task"),
+        }
+    }
+
+    #[test]
+    fn defaults_and_choices() {
+        let a = parse(&[]).unwrap();
+        assert!(a.what.is_empty());
+        assert_eq!(
+            (a.preset.as_str(), a.batch_size, a.steps, a.no_reference),
+            ("tiny", 16, 10, false)
+        );
+        let a = parse(&["search", "train", "--batch-size", "8", "--no-reference"]).unwrap();
+        assert_eq!(a.what, [What::Search, What::Train]);
+        assert_eq!((a.batch_size, a.no_reference), (8, true));
+        for bad in [&["speed"][..], &["--steps", "ten"], &["--batch-size"]] {
+            assert!(parse(bad).is_err(), "{bad:?} should be rejected");
+        }
+    }
 }

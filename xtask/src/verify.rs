@@ -1,30 +1,11 @@
 //! The gated pipeline: stage 1 → 2 → 3 → 4, then predictions with the trained model.
 
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-
-const USAGE: &str = "\
-cargo xtask verify [OPTIONS]
-
-Runs each stage's binary in order with the same model, data, device and seed, writing every
-report under one output folder; stops at the first stage whose gate fails.
-
-Options:
-  --config FILE     model/training config (TOML); default: the tiny preset
-  --preset NAME     tiny | simple-clip
-  --data PATH       dataset (captions file or folder); default: the demo set in assets/demo
-  --device DEV      auto | cpu | cuda[:N] | metal (default: cpu)
-  --seed N          seed for every stage (default: the config's)
-  --epochs N        override the number of training epochs (stage 4)
-  --out DIR         where reports and the run go (default: target/verify)
-  --from N          start at stage N (later stages reuse nothing from skipped ones)
-  --only N          run stage N alone
-  --skip-bad        let stage 2-4 skip bad rows instead of failing
-  --release         build the stages with the release profile
-";
 
 const STAGES: [(u8, &str, &str, &str); 4] = [
     (
@@ -53,67 +34,87 @@ const STAGES: [(u8, &str, &str, &str); 4] = [
     ),
 ];
 
-struct Opts {
-    shared: Vec<String>,
-    data: Vec<String>,
-    epochs: Option<String>,
+/// Run stage 1 (build) → 2 (batch) → 3 (step) → 4 (train) as a gated pipeline, then use the model.
+///
+/// Runs each stage's binary in order with the same model, data, device and seed, writing every
+/// report under one output folder; stops at the first stage whose gate fails. After stage 4 it
+/// shows the trained model in use (image → text, text → image) on the same data.
+#[derive(Debug, clap::Args)]
+#[command(
+    verbatim_doc_comment,
+    after_help = "Examples:\n  cargo xtask verify                                 the demo set, tiny preset, CPU\n  cargo xtask verify --data ~/photos/herbs           all four stages on your data\n  cargo xtask verify --data ~/photos/herbs --from 4 --epochs 80\n\nExit status: 0 every stage that ran passed, 1 a gate failed, 2 an error."
+)]
+pub struct Args {
+    /// Model/training config (TOML); default: the tiny preset.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// tiny | simple-clip
+    #[arg(long, value_name = "NAME")]
+    preset: Option<String>,
+    /// Dataset (captions file or folder); default: the demo set in assets/demo.
+    #[arg(long, value_name = "PATH")]
+    data: Option<PathBuf>,
+    /// auto | cpu | cuda[:N] | metal
+    #[arg(long, value_name = "DEV", default_value = "cpu")]
+    device: String,
+    /// Seed for every stage (default: the config's).
+    #[arg(long, value_name = "N")]
+    seed: Option<u64>,
+    /// Override the number of training epochs (stage 4).
+    #[arg(long, value_name = "N")]
+    epochs: Option<usize>,
+    /// image | text | both: keep towers fixed in stages 3 and 4.
+    #[arg(long, value_name = "TOWER", value_parser = ["image", "text", "both"])]
+    freeze: Option<String>,
+    /// Where reports and the run go (relative paths are under the workspace root).
+    #[arg(long, value_name = "DIR", default_value = "target/verify")]
     out: PathBuf,
+    /// Start at stage N (later stages reuse nothing from skipped ones).
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=4))]
     from: u8,
+    /// Run stage N alone.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u8).range(1..=4), conflicts_with = "from")]
     only: Option<u8>,
+    /// Let stages 2-4 skip bad rows instead of failing.
+    #[arg(long)]
+    skip_bad: bool,
+    /// Build the stages with the release profile.
+    #[arg(long)]
     release: bool,
 }
 
-fn parse(args: &[String]) -> Result<Option<Opts>> {
-    let mut o = Opts {
-        shared: vec![],
-        data: vec![],
-        epochs: None,
-        out: PathBuf::from("target/verify"),
-        from: 1,
-        only: None,
-        release: false,
-    };
-    let mut device = "cpu".to_string();
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        let mut val = || it.next().cloned().with_context(|| format!("{a} needs a value"));
-        match a.as_str() {
-            "-h" | "--help" => {
-                print!("{USAGE}");
-                return Ok(None);
-            }
-            "--config" | "--preset" | "--seed" => {
-                let v = val()?;
-                o.shared.extend([a.clone(), v]);
-            }
-            "--device" => device = val()?,
-            "--data" => {
-                let v = val()?;
-                o.data.extend([a.clone(), v]);
-            }
-            "--skip-bad" => o.data.push(a.clone()),
-            "--epochs" => o.epochs = Some(val()?),
-            "--out" => o.out = PathBuf::from(val()?),
-            "--from" => o.from = val()?.parse().context("--from takes a stage number 1–4")?,
-            "--only" => o.only = Some(val()?.parse().context("--only takes a stage number 1–4")?),
-            "--release" => o.release = true,
-            _ => bail!("unknown option {a:?}\n\n{USAGE}"),
+impl Args {
+    /// The flags every stage gets: model, seed and device.
+    fn shared(&self) -> Vec<OsString> {
+        let mut v: Vec<OsString> = vec![];
+        if let Some(c) = &self.config {
+            v.extend(["--config".into(), c.into()]);
         }
-    }
-    o.shared.extend(["--device".into(), device]);
-    for n in [Some(o.from), o.only].into_iter().flatten() {
-        if !(1..=4).contains(&n) {
-            bail!("stages are numbered 1 to 4 (got {n})");
+        if let Some(p) = &self.preset {
+            v.extend(["--preset".into(), p.into()]);
         }
+        if let Some(s) = self.seed {
+            v.extend(["--seed".into(), s.to_string().into()]);
+        }
+        v.extend(["--device".into(), (&self.device).into()]);
+        v
     }
-    Ok(Some(o))
+
+    /// The flags stages 2-4 get: which data, and how strictly to read it.
+    fn data(&self) -> Vec<OsString> {
+        let mut v: Vec<OsString> = vec![];
+        if let Some(d) = &self.data {
+            v.extend(["--data".into(), d.into()]);
+        }
+        if self.skip_bad {
+            v.push("--skip-bad".into());
+        }
+        v
+    }
 }
 
 /// Returns Ok(true) when every stage that ran passed.
-pub fn run(args: &[String]) -> Result<bool> {
-    let Some(o) = parse(args)? else {
-        return Ok(true);
-    };
+pub fn run(o: Args) -> Result<bool> {
     let root = workspace_root();
     let out = if o.out.is_absolute() {
         o.out.clone()
@@ -137,17 +138,20 @@ pub fn run(args: &[String]) -> Result<bool> {
         }
         let json = out.join(format!("stage{n}-{name}.json"));
         let mut cmd = Command::new(bin_dir.join(bin));
-        cmd.args(&o.shared).arg("--json").arg(&json);
+        cmd.args(o.shared()).arg("--json").arg(&json);
         if n >= 2 {
-            cmd.args(&o.data);
+            cmd.args(o.data());
+        }
+        if let (true, Some(f)) = (n >= 3, &o.freeze) {
+            cmd.args(["--freeze", f]);
         }
         if n == 4 {
             if run_dir.exists() {
                 std::fs::remove_dir_all(&run_dir).with_context(|| format!("clearing {}", run_dir.display()))?;
             }
             cmd.arg("--out").arg(&run_dir);
-            if let Some(e) = &o.epochs {
-                cmd.args(["--epochs", e]);
+            if let Some(e) = o.epochs {
+                cmd.arg("--epochs").arg(e.to_string());
             }
         }
         println!("━━━ stage {n}: {name} ━━━ {}", display(&cmd));
@@ -202,13 +206,8 @@ pub fn run(args: &[String]) -> Result<bool> {
 }
 
 /// The tutorial's last step: use the model both ways.
-fn predict(bin_dir: &Path, run: &Path, o: &Opts) -> Result<()> {
-    let data = o
-        .data
-        .iter()
-        .position(|a| a == "--data")
-        .map(|i| PathBuf::from(&o.data[i + 1]));
-    let data = data.unwrap_or_else(|| workspace_root().join("assets/demo"));
+fn predict(bin_dir: &Path, run: &Path, o: &Args) -> Result<()> {
+    let data = o.data.clone().unwrap_or_else(|| workspace_root().join("assets/demo"));
     println!("\n━━━ the trained model in use ━━━");
     let status = Command::new(bin_dir.join("clip-predict"))
         .arg("demo")
@@ -266,4 +265,79 @@ pub fn display(cmd: &Command) -> String {
         .unwrap_or_default();
     let args: Vec<String> = cmd.get_args().map(|a| a.to_string_lossy().into_owned()).collect();
     format!("{prog} {}", args.join(" "))
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+    use crate::{Cli, Task};
+
+    fn parse(args: &[&str]) -> Result<Args, clap::Error> {
+        let argv = ["xtask", "verify"].iter().chain(args);
+        match Cli::try_parse_from(argv)?.task {
+            Some(Task::Verify(a)) => Ok(a),
+            _ => panic!("not the verify task"),
+        }
+    }
+
+    fn strings(v: Vec<OsString>) -> Vec<String> {
+        v.into_iter().map(|s| s.into_string().unwrap()).collect()
+    }
+
+    #[test]
+    fn defaults_are_the_demo_set_on_the_cpu_from_stage_1() {
+        let a = parse(&[]).unwrap();
+        assert_eq!(strings(a.shared()), ["--device", "cpu"]);
+        assert!(a.data().is_empty());
+        assert_eq!((a.from, a.only, a.epochs), (1, None, None));
+        assert_eq!(a.out, PathBuf::from("target/verify"));
+        assert!(!a.release);
+    }
+
+    #[test]
+    fn stage_flags_are_passed_on_to_the_stages() {
+        let a = parse(&[
+            "--config",
+            "c.toml",
+            "--preset",
+            "tiny",
+            "--seed",
+            "7",
+            "--device",
+            "cuda:1",
+            "--data",
+            "d",
+            "--skip-bad",
+            "--epochs",
+            "3",
+            "--only",
+            "4",
+            "--release",
+        ])
+        .unwrap();
+        assert_eq!(
+            strings(a.shared()),
+            ["--config", "c.toml", "--preset", "tiny", "--seed", "7", "--device", "cuda:1"]
+        );
+        assert_eq!(strings(a.data()), ["--data", "d", "--skip-bad"]);
+        assert_eq!((a.only, a.epochs, a.release), (Some(4), Some(3), true));
+    }
+
+    #[test]
+    fn stage_numbers_and_values_are_checked() {
+        for bad in [
+            &["--from", "0"][..],
+            &["--from", "5"],
+            &["--only", "x"],
+            &["--seed", "-1"],
+            &["--epochs"],
+            &["--from", "2", "--only", "3"],
+            &["--nope"],
+        ] {
+            let e = parse(bad).err().unwrap_or_else(|| panic!("{bad:?} should be rejected"));
+            assert_eq!(e.exit_code(), 2, "{bad:?}: {e}");
+        }
+    }
 }

@@ -101,6 +101,8 @@ fn main() -> Result<()> {
                 attention_mask: Tensor::ones((b, l), DType::U32, &dev)?,
                 pairs: (0..b).collect(),
                 positives: Tensor::eye(b, DType::F32, &dev)?,
+                image_features: None,
+                text_features: None,
             };
             let mut times = vec![];
             let mut losses = vec![];

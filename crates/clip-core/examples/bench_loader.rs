@@ -71,7 +71,7 @@ fn main() -> Result<()> {
     let path = tmp.as_ref().map_or_else(Dataset::demo_dir, |t| t.0.clone());
 
     let t = Instant::now();
-    let (ds, store) = Dataset::load_with_images(&path, &LoadOptions::default(), &cfg, false)?;
+    let (ds, store) = Dataset::load_with_images(&path, &LoadOptions::default(), &cfg, &clip_core::progress::Silent)?;
     let load_seconds = t.elapsed().as_secs_f64();
     let t = Instant::now();
     let tok = TextTokenizer::train(&ds.captions(), cfg.text.vocab_size, cfg.max_tokens())?;

@@ -138,8 +138,24 @@ pub struct TrainConfig {
     pub clip_grad_norm: f64,
     /// Accumulate gradients over this many micro-batches per optimiser step.
     pub accumulate: usize,
+    /// Keep the image tower fixed: evaluation mode, no gradient, no optimiser state (and its
+    /// features cached when augmentation is off).
     pub freeze_image: bool,
+    /// Keep the text tower fixed: evaluation mode, no gradient, no optimiser state, features cached.
     pub freeze_text: bool,
+}
+
+impl TrainConfig {
+    /// Freezes `image`, `text` or `both` towers (the stages' `--freeze`).
+    pub fn freeze(&mut self, towers: &str) -> Result<()> {
+        match towers {
+            "image" => self.freeze_image = true,
+            "text" => self.freeze_text = true,
+            "both" => (self.freeze_image, self.freeze_text) = (true, true),
+            other => bail!("cannot freeze {other:?}: name image, text or both"),
+        }
+        Ok(())
+    }
 }
 
 impl Default for TrainConfig {

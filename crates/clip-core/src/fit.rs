@@ -5,18 +5,25 @@
 //! `config.toml`, `tokenizer.json`, `metrics.json`) and the latest epoch under `last/` for
 //! `--resume`. Every file is written atomically; `last/` is replaced as a whole, so a crash leaves
 //! either the previous epoch's checkpoint or the new one.
+//!
+//! A frozen tower's features are computed once and cached (in `feature-cache/` of the run folder
+//! by default, see [`crate::feature_cache`]); training, validation and recall then use them
+//! instead of running the tower, so an epoch costs only what still trains.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
+use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{save_weights, write_atomic, CONFIG, LAST, METRICS, OPTIMIZER, STATE, TOKENIZER, WEIGHTS};
 use crate::config::{ClipConfig, Schedule};
 use crate::data::Batch;
 use crate::embed::{embed_store_images, embed_texts};
+use crate::feature_cache::{FeatureCache, FrozenFeatures, CACHE_DIR};
 use crate::loss::cosine_similarity;
 use crate::model::ClipModel;
 use crate::optim::AdamW;
@@ -73,6 +80,10 @@ pub struct Trainer {
     pub data: Prepared,
     pub out: PathBuf,
     pub state: TrainState,
+    /// Where frozen towers' features are cached; `None` runs them on every batch.
+    feature_cache: Option<PathBuf>,
+    /// The cached features, once computed or read (see [`Trainer::frozen_features`]).
+    frozen: Mutex<Option<Arc<FrozenFeatures>>>,
 }
 
 impl Trainer {
@@ -117,7 +128,94 @@ impl Trainer {
             data,
             out: out.to_path_buf(),
             state,
+            feature_cache: Some(out.join(CACHE_DIR)),
+            frozen: Mutex::new(None),
         })
+    }
+
+    /// Where frozen towers' features are cached (default: `feature-cache/` in the run folder);
+    /// `None` runs the frozen towers on every batch (in evaluation mode), as a baseline.
+    pub fn set_feature_cache(&mut self, dir: Option<PathBuf>) {
+        self.feature_cache = dir;
+        *self.frozen.get_mut().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    /// Which towers' features are cached, (image, text): the frozen ones, and the image tower only
+    /// without augmentation (an augmented image is a new input every epoch).
+    pub fn cached_towers(&self) -> (bool, bool) {
+        if self.feature_cache.is_none() {
+            return (false, false);
+        }
+        let t = &self.cfg.train;
+        (t.freeze_image && !self.cfg.data.augment, t.freeze_text)
+    }
+
+    /// The cached features of the frozen towers for the whole dataset, computed (or read from the
+    /// cache folder) on first use; `None` when no tower is cached.
+    pub fn frozen_features(&self) -> Result<Option<Arc<FrozenFeatures>>> {
+        let (image, text) = self.cached_towers();
+        let Some(dir) = self.feature_cache.as_deref().filter(|_| image || text) else {
+            return Ok(None);
+        };
+        let mut slot = self.frozen.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(f) = &*slot {
+            return Ok(Some(f.clone()));
+        }
+        let cache = FeatureCache::new(dir);
+        let chunk = self.cfg.train.batch_size.max(16);
+        let f = Arc::new(FrozenFeatures {
+            image: if image {
+                Some(cache.image_features(&self.model, &self.data.store, chunk)?)
+            } else {
+                None
+            },
+            text: if text {
+                Some(cache.text_features(&self.model, &self.data.loader, self.data.dataset.pairs.len(), chunk)?)
+            } else {
+                None
+            },
+        });
+        *slot = Some(f.clone());
+        Ok(Some(f))
+    }
+
+    /// Embeddings (N, P) of images of the store, in evaluation mode (from cached features when
+    /// the image tower's are cached).
+    fn embed_images(&self, images: &[usize]) -> Result<Tensor> {
+        let bs = self.cfg.train.batch_size.max(16);
+        let frozen = self.frozen_features()?;
+        match frozen.as_deref().and_then(|f| f.image.as_ref()) {
+            Some(rows) => {
+                let parts = images
+                    .chunks(bs)
+                    .map(|c| self.model.project_image(&rows.tensor(c, &self.data.device)?, false))
+                    .collect::<Result<Vec<_>>>()?;
+                Ok(Tensor::cat(&parts, 0)?)
+            }
+            None => embed_store_images(&self.model, &self.data.store, images, bs, &self.data.device),
+        }
+    }
+
+    /// Embeddings (N, P) of the captions of some pairs, in evaluation mode.
+    fn embed_captions(&self, pairs: &[usize]) -> Result<Tensor> {
+        let bs = self.cfg.train.batch_size.max(16);
+        let frozen = self.frozen_features()?;
+        match frozen.as_deref().and_then(|f| f.text.as_ref()) {
+            Some(rows) => {
+                let parts = pairs
+                    .chunks(bs)
+                    .map(|c| self.model.project_text(&rows.tensor(c, &self.data.device)?, false))
+                    .collect::<Result<Vec<_>>>()?;
+                Ok(Tensor::cat(&parts, 0)?)
+            }
+            None => {
+                let texts: Vec<&str> = pairs
+                    .iter()
+                    .map(|&p| self.data.dataset.pairs[p].caption.as_str())
+                    .collect();
+                embed_texts(&self.model, &self.data.tokenizer, &texts, bs, &self.data.device)
+            }
+        }
     }
 
     /// Optimiser steps in one epoch.
@@ -137,11 +235,12 @@ impl Trainer {
         let mut losses = vec![];
         let mut pairs = 0usize;
         let mut pending: Vec<Batch> = vec![];
-        let batches = self.data.loader.batches(
+        let batches = self.data.loader.batches_with(
             &self.data.split.train,
             self.cfg.train.batch_size,
             Some(crate::data::epoch_seed(self.cfg.seed, epoch)),
             self.cfg.data.augment,
+            self.frozen_features()?,
         );
         let mut step = 0usize;
         let mut iter = batches.into_iter().peekable();
@@ -181,7 +280,12 @@ impl Trainer {
         // A fixed shuffle: the same batches every epoch (comparable losses), but not in file order —
         // class folders in order would put one class per batch and make the loss trivial.
         let order = Some(crate::data::epoch_seed(self.cfg.seed ^ 0x7a1, 0));
-        for b in self.data.loader.batches(val, self.cfg.train.batch_size, order, false) {
+        let frozen = self.frozen_features()?;
+        for b in self
+            .data
+            .loader
+            .batches_with(val, self.cfg.train.batch_size, order, false, frozen)
+        {
             let b = b?;
             total += eval_loss(&self.model, &b)? * b.pairs.len() as f64;
             count += b.pairs.len();
@@ -202,14 +306,15 @@ impl Trainer {
         if ds.labels.is_empty() {
             return Ok(None);
         }
-        let mut caption_of: Vec<Option<&str>> = vec![None; ds.labels.len()];
-        for p in &ds.pairs {
+        // One caption per class: its first pair's.
+        let mut caption_of: Vec<Option<usize>> = vec![None; ds.labels.len()];
+        for (i, p) in ds.pairs.iter().enumerate() {
             if let Some(l) = p.label {
-                caption_of[l].get_or_insert(p.caption.as_str());
+                caption_of[l].get_or_insert(i);
             }
         }
         let classes: Vec<usize> = (0..ds.labels.len()).filter(|&l| caption_of[l].is_some()).collect();
-        let texts: Vec<&str> = classes.iter().map(|&l| caption_of[l].unwrap()).collect();
+        let class_pairs: Vec<usize> = classes.iter().filter_map(|&l| caption_of[l]).collect();
         let step = pairs.len().div_ceil(MAX_RECALL_PAIRS).max(1);
         let sample: Vec<usize> = pairs
             .iter()
@@ -220,11 +325,9 @@ impl Trainer {
         if sample.is_empty() {
             return Ok(None);
         }
-        let dev = &self.data.device;
-        let bs = self.cfg.train.batch_size.max(16);
         let images: Vec<usize> = sample.iter().map(|&p| ds.pairs[p].image).collect();
-        let ie = embed_store_images(&self.model, &self.data.store, &images, bs, dev)?;
-        let te = embed_texts(&self.model, &self.data.tokenizer, &texts, bs, dev)?;
+        let ie = self.embed_images(&images)?;
+        let te = self.embed_captions(&class_pairs)?;
         let sim = to_rows(&cosine_similarity(&ie, &te)?)?;
         let right = sample
             .iter()
@@ -248,12 +351,9 @@ impl Trainer {
             .into_iter()
             .collect();
         let pos = |img: usize| images.iter().position(|&i| i == img).unwrap();
-        let texts: Vec<&str> = pairs.iter().map(|&p| ds.pairs[p].caption.as_str()).collect();
         let text_image: Vec<usize> = pairs.iter().map(|&p| pos(ds.pairs[p].image)).collect();
-        let dev = &self.data.device;
-        let bs = self.cfg.train.batch_size.max(16);
-        let ie = embed_store_images(&self.model, &self.data.store, &images, bs, dev)?;
-        let te = embed_texts(&self.model, &self.data.tokenizer, &texts, bs, dev)?;
+        let ie = self.embed_images(&images)?;
+        let te = self.embed_captions(pairs)?;
         Ok(Recall::compute(&to_rows(&cosine_similarity(&ie, &te)?)?, &text_image))
     }
 
@@ -271,8 +371,9 @@ impl Trainer {
             .filter(|&p| seen.insert(ds.pairs[p].image))
             .take(16)
             .collect();
-        let b = self.data.loader.batch(&pairs)?;
-        let e = self.model.forward(&b.images, &b.input_ids, &b.attention_mask, false)?;
+        let frozen = self.frozen_features()?;
+        let b = self.data.loader.batch_with(&pairs, frozen.as_deref())?;
+        let e = self.model.forward_batch(&b, false)?;
         to_rows(&cosine_similarity(&e.image, &e.text)?)
     }
 
@@ -328,7 +429,7 @@ impl Trainer {
         Ok(())
     }
 
-    /// metrics.json, loss.csv and loss.png from the history.
+    /// metrics.json and loss.csv from the history (the programs draw the curves).
     pub fn write_metrics(&self) -> Result<()> {
         let h = &self.state.history;
         let metrics = serde_json::json!({
@@ -359,17 +460,13 @@ impl Trainer {
                 r.pairs_per_second
             ));
         }
-        write_atomic(&self.out.join("loss.csv"), csv.as_bytes())?;
-        let train: Vec<f64> = h.iter().map(|r| r.train_loss).collect();
-        let val: Vec<f64> = h.iter().map(|r| r.val_loss).collect();
-        crate::plot::line_plot(
-            &self.out.join("loss.png"),
-            &[(&train, [31, 119, 180]), (&val, [255, 127, 14])],
-        )
+        write_atomic(&self.out.join("loss.csv"), csv.as_bytes())
     }
 
-    /// Loads the best weights saved so far into the model.
+    /// Loads the best weights saved so far into the model (cached features are looked up again,
+    /// for the frozen towers' weights they were computed with).
     pub fn load_best(&self) -> Result<()> {
+        *self.frozen.lock().unwrap_or_else(|e| e.into_inner()) = None;
         self.model.params.load_safetensors(&self.out.join(WEIGHTS))
     }
 }

@@ -1,30 +1,53 @@
-//! clipmine's shared library: train your own small CLIP, one gated stage at a time.
+//! clipmine's library: train your own small CLIP, one gated stage at a time.
 //!
-//! The modules are the concepts of the recipe: [`config`], [`model`] (towers, heads), [`loss`],
-//! [`data`], [`train`], [`checkpoint`] and [`retrieval`]; [`report`] is what each stage prints and
-//! writes as JSON.
+//! Layers and data only — no argument parsing, progress bars, reports or plots: those belong to
+//! the programs (`crates/clip-cli` and the stage binaries). The modules, from the model out:
 
+/// Crash-proof files and the names of a run folder's files.
+pub mod checkpoint;
+/// The recipe in one value: model shape, loss, data and training knobs, from TOML or a preset.
 pub mod config;
+/// Image–caption data: datasets, paths, decoding, tokenizer, batches.
+pub mod data;
+/// Picking a device (`auto`, `cpu`, `cuda[:N]`, `metal`) and describing it.
 pub mod device;
+/// Embedding many images or captions in evaluation mode.
+pub mod embed;
+/// Frozen towers' outputs computed once and kept on disk.
+pub mod feature_cache;
+/// Training over many epochs, with validation, checkpoints and resume.
+pub mod fit;
+/// An incremental image index for text → image search.
+pub mod index;
+/// Long lists cut short in messages ("… and N more").
+pub mod listing;
+/// The contrastive losses (`clip`, `soft`) and cosine similarity.
 pub mod loss;
+/// The CLIP model: ResNet image tower, DistilBERT text tower, projection heads.
 pub mod model;
+/// Layers with working backward passes (convolution, BatchNorm, LayerNorm, attention …).
 pub mod nn;
+/// AdamW with a learning rate per group and saveable state.
+pub mod optim;
+/// Trainable parameters by name and group (image tower, text tower, heads), seeded.
 pub mod params;
+/// Dataset → split → tokenizer → images → loader, for the training stages.
+pub mod prepare;
+/// Progress of long work, reported to whoever shows it.
+pub mod progress;
+/// Recall@K and ranking helpers.
+pub mod retrieval;
+/// Derived seeds (SplitMix64) for every random choice.
+pub mod rng;
+/// A finished run folder, opened for prediction or resuming.
+pub mod run_dir;
+/// Learning-rate schedules: ReduceLROnPlateau and cosine with warm-up.
+pub mod schedule;
+/// One training step.
+pub mod train;
 
 pub use config::ClipConfig;
 pub use model::ClipModel;
-pub mod checkpoint;
-pub mod cli;
-pub mod report;
+
+/// The candle version clipmine is built and tested against.
 pub const CANDLE_VERSION: &str = "0.11.1";
-pub mod data;
-pub mod embed;
-pub mod fit;
-pub mod index;
-pub mod optim;
-pub mod plot;
-pub mod prepare;
-pub mod retrieval;
-pub mod run_dir;
-pub mod schedule;
-pub mod train;

@@ -216,13 +216,7 @@ impl ParamStore {
             }
         }
         if !missing.is_empty() || !mismatched.is_empty() {
-            let show = |v: &[String]| {
-                let mut s = v.iter().take(8).cloned().collect::<Vec<_>>().join(", ");
-                if v.len() > 8 {
-                    s.push_str(&format!(" … and {} more", v.len() - 8));
-                }
-                s
-            };
+            let show = |v: &[String]| crate::listing::first_n(v, 8, ", ");
             bail!(
                 "the weights do not fit this model ({} missing, {} with another shape){}{} — was it saved with another config?",
                 missing.len(),

@@ -1,7 +1,7 @@
 //! The data side of stages 3 and 4 (and prediction's evaluation): dataset → split → tokenizer →
 //! decoded images → loader, with each step's problems reported as a clear error.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
@@ -9,25 +9,23 @@ use candle_core::Device;
 
 use crate::config::ClipConfig;
 use crate::data::{Dataset, ImageStore, LoadOptions, Loader, Split, TextTokenizer};
+use crate::progress::Progress;
 
-/// Data options shared by the stages.
-#[derive(Debug, Clone, clap::Args)]
-pub struct DataArgs {
-    /// A dataset: a folder with a captions file (captions.csv/.tsv/.txt/.jsonl) and images, a
-    /// captions file, or class folders (root/<label>/*.jpg). Default: the demo set in assets/demo.
-    #[arg(long, value_name = "PATH")]
-    pub data: Option<PathBuf>,
-    /// Report bad rows (missing or broken images, empty captions …) and go on with the rest.
-    #[arg(long)]
+/// Which data to train on, and how strictly.
+#[derive(Debug, Clone, Default)]
+pub struct DataSource {
+    /// A dataset folder or captions file; `None` is the demo set in `assets/demo`.
+    pub path: Option<PathBuf>,
+    /// Leave bad rows out (they are printed) instead of failing.
     pub skip_bad: bool,
-    /// A tokenizer.json to use instead of training a WordPiece tokenizer on the training captions.
-    #[arg(long, value_name = "FILE")]
+    /// A `tokenizer.json` to use instead of training one on the training captions.
     pub tokenizer: Option<PathBuf>,
 }
 
-impl DataArgs {
+impl DataSource {
+    /// The dataset's path (the demo set when none was given).
     pub fn path(&self) -> PathBuf {
-        self.data.clone().unwrap_or_else(Dataset::demo_dir)
+        self.path.clone().unwrap_or_else(Dataset::demo_dir)
     }
 }
 
@@ -41,18 +39,12 @@ pub struct Prepared {
     pub loader: Loader,
 }
 
-/// Loads and splits the dataset, gets a tokenizer (`tokenizer` file, else trained on the training
-/// captions), decodes the images and builds the loader.
-pub fn prepare(
-    cfg: &ClipConfig,
-    args: &DataArgs,
-    tokenizer: Option<&Path>,
-    device: &Device,
-    progress: bool,
-) -> Result<Prepared> {
-    let path = args.path();
+/// Loads and splits the dataset, gets a tokenizer (the source's file, else trained on the
+/// training captions), decodes the images and builds the loader.
+pub fn prepare(cfg: &ClipConfig, source: &DataSource, device: &Device, progress: &dyn Progress) -> Result<Prepared> {
+    let path = source.path();
     let opts = LoadOptions {
-        skip_bad: args.skip_bad,
+        skip_bad: source.skip_bad,
         ..LoadOptions::default()
     };
     // Images are decoded before the split and the tokenizer, so with --skip-bad the pairs of a
@@ -63,7 +55,7 @@ pub fn prepare(
         eprintln!("skipped: {b}");
     }
     let split = dataset.split(cfg.data.val_fraction, cfg.seed);
-    let tokenizer = match tokenizer.or(args.tokenizer.as_deref()) {
+    let tokenizer = match &source.tokenizer {
         Some(file) => TextTokenizer::from_file(file, cfg.max_tokens())?,
         None => {
             let captions: Vec<String> = split.train.iter().map(|&i| dataset.pairs[i].caption.clone()).collect();

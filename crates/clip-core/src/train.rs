@@ -1,12 +1,11 @@
-//! One training step, and the checks stage 3 makes around it.
+//! One training step: forward, backward, one optimiser update.
 
 use std::collections::HashMap;
 
 use anyhow::{bail, Result};
-use candle_core::Tensor;
 
 use crate::data::Batch;
-use crate::model::ClipModel;
+use crate::model::{ClipModel, Embeddings};
 use crate::optim::{AdamW, Grads};
 
 /// What one optimiser step did.
@@ -22,11 +21,7 @@ pub struct StepOutcome {
 
 /// The dropout seed of a step: a pure function of (seed, step) so a resumed run draws the same masks.
 pub fn step_seed(seed: u64, step: u64) -> u64 {
-    // SplitMix64 finaliser: decorrelates consecutive steps.
-    let mut z = seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
+    crate::rng::mix(seed, step)
 }
 
 /// Forward, backward and one AdamW update over one or more micro-batches (gradient accumulation).
@@ -38,6 +33,20 @@ pub fn train_step(
     micro_batches: &[Batch],
     clip_grad_norm: f64,
 ) -> Result<StepOutcome> {
+    train_step_with(model, opt, micro_batches, clip_grad_norm, |m, b| {
+        m.forward_batch(b, true)
+    })
+}
+
+/// [`train_step`] with another training-mode forward pass: stage 3 uses it to cut a tower from
+/// the graph on purpose and show that the gradient check names what lost its gradient.
+pub fn train_step_with(
+    model: &ClipModel,
+    opt: &mut AdamW,
+    micro_batches: &[Batch],
+    clip_grad_norm: f64,
+    forward: impl Fn(&ClipModel, &Batch) -> Result<Embeddings>,
+) -> Result<StepOutcome> {
     if micro_batches.is_empty() {
         bail!("train_step needs at least one batch");
     }
@@ -46,7 +55,7 @@ pub fn train_step(
     let mut total_loss = 0.0;
     let mut acc: Grads = HashMap::new();
     for b in micro_batches {
-        let e = model.forward(&b.images, &b.input_ids, &b.attention_mask, true)?;
+        let e = forward(model, b)?;
         let loss = model.loss(&e, Some(&b.positives))?;
         let value = loss.to_scalar::<f32>()? as f64;
         if !value.is_finite() {
@@ -88,51 +97,6 @@ pub fn train_step(
 
 /// Loss of a batch in evaluation mode (no dropout, BatchNorm running statistics).
 pub fn eval_loss(model: &ClipModel, batch: &Batch) -> Result<f64> {
-    let e = model.forward(&batch.images, &batch.input_ids, &batch.attention_mask, false)?;
+    let e = model.forward_batch(batch, false)?;
     Ok(model.loss(&e, Some(&batch.positives))?.to_scalar::<f32>()? as f64)
-}
-
-/// Per-variable gradient health: (name, finite, non-zero). A missing gradient counts as zero.
-pub fn gradient_coverage(names: &[String], grads: &Grads) -> Result<Vec<(String, bool, bool)>> {
-    let mut out = vec![];
-    for n in names {
-        match grads.get(n) {
-            None => out.push((n.clone(), true, false)),
-            Some(g) => {
-                let v = g.flatten_all()?.to_vec1::<f32>()?;
-                let finite = v.iter().all(|x| x.is_finite());
-                let nonzero = v.iter().any(|x| *x != 0.0);
-                out.push((n.clone(), finite, nonzero));
-            }
-        }
-    }
-    Ok(out)
-}
-
-/// Copies every tensor of the model to the CPU, by name (to compare before and after a step).
-pub fn snapshot(model: &ClipModel) -> Result<HashMap<String, Tensor>> {
-    model
-        .params
-        .entries()
-        .into_iter()
-        .map(|(n, e)| {
-            Ok((
-                n,
-                e.var
-                    .as_tensor()
-                    .detach()
-                    .to_device(&candle_core::Device::Cpu)?
-                    .copy()?,
-            ))
-        })
-        .collect()
-}
-
-/// Whether two snapshots of a tensor differ anywhere.
-pub fn changed(a: &Tensor, b: &Tensor) -> Result<bool> {
-    Ok(a.ne(b)?
-        .to_dtype(candle_core::DType::F32)?
-        .sum_all()?
-        .to_scalar::<f32>()?
-        > 0.0)
 }

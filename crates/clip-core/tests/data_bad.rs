@@ -147,14 +147,19 @@ fn assert_undecodable(bytes: impl FnOnce(Vec<u8>) -> Vec<u8>) {
     std::fs::write(&b, bytes(std::fs::read(&b).unwrap())).unwrap();
     let cfg = ClipConfig::tiny();
     let ds = Dataset::load(dir.path(), &LoadOptions::default()).unwrap();
-    let err = format!("{:#}", ImageStore::load(&ds, &cfg, false, false).err().unwrap());
+    let err = format!(
+        "{:#}",
+        ImageStore::load(&ds, &cfg, false, &clip_core::progress::Silent)
+            .err()
+            .unwrap()
+    );
     assert!(
         err.contains("captions.csv:3: cannot decode image b.png (used by 2 captions)"),
         "{err}"
     );
     assert!(err.contains("--skip-bad"), "{err}");
 
-    let (ds, store) = Dataset::load_with_images(dir.path(), &SKIP, &cfg, false).unwrap();
+    let (ds, store) = Dataset::load_with_images(dir.path(), &SKIP, &cfg, &clip_core::progress::Silent).unwrap();
     assert!(store.contains(0) && !store.contains(1));
     assert_eq!(ds.captions(), ["one", "four"]);
     assert_eq!(ds.bad.len(), 1);
@@ -193,7 +198,7 @@ fn undecodable_image_in_class_folders_names_the_file() {
     let cfg = ClipConfig::tiny();
     let err = format!(
         "{:#}",
-        Dataset::load_with_images(dir.path(), &LoadOptions::default(), &cfg, false)
+        Dataset::load_with_images(dir.path(), &LoadOptions::default(), &cfg, &clip_core::progress::Silent)
             .err()
             .unwrap()
     );
@@ -202,7 +207,7 @@ fn undecodable_image_in_class_folders_names_the_file() {
         skip_bad: true,
         ..Default::default()
     };
-    let (ds, _) = Dataset::load_with_images(dir.path(), &opts, &cfg, false).unwrap();
+    let (ds, _) = Dataset::load_with_images(dir.path(), &opts, &cfg, &clip_core::progress::Silent).unwrap();
     assert_eq!(ds.pairs.len(), 2);
     assert_eq!(ds.labels, ["cat", "dog"]);
 }

@@ -21,7 +21,13 @@ struct Demo {
 
 fn demo() -> Demo {
     let cfg = ClipConfig::tiny();
-    let (ds, store) = Dataset::load_with_images(&Dataset::demo_dir(), &LoadOptions::default(), &cfg, false).unwrap();
+    let (ds, store) = Dataset::load_with_images(
+        &Dataset::demo_dir(),
+        &LoadOptions::default(),
+        &cfg,
+        &clip_core::progress::Silent,
+    )
+    .unwrap();
     let tok = TextTokenizer::train(&ds.captions(), cfg.text.vocab_size, cfg.max_tokens()).unwrap();
     let store = Arc::new(store);
     let loader = Loader::new(&ds, store.clone(), &tok, &cfg, &Device::Cpu).unwrap();
@@ -102,7 +108,8 @@ fn every_pixel_layout_becomes_rgb() {
 
     let cfg = ClipConfig::tiny();
     let s = cfg.image.image_size;
-    let (ds, store) = Dataset::load_with_images(dir.path(), &LoadOptions::default(), &cfg, false).unwrap();
+    let (ds, store) =
+        Dataset::load_with_images(dir.path(), &LoadOptions::default(), &cfg, &clip_core::progress::Silent).unwrap();
     assert_eq!(ds.images.len(), names.len());
     let px = |name: &str, x: usize, y: usize| {
         let i = ds.images.iter().position(|e| e.name == name).unwrap();

@@ -3,16 +3,11 @@
 
 use candle_core::Device;
 use clip_core::fit::Trainer;
-use clip_core::prepare::{prepare, DataArgs};
+use clip_core::prepare::{prepare, DataSource};
 use clip_core::ClipConfig;
 
 fn demo(cfg: &ClipConfig) -> clip_core::prepare::Prepared {
-    let args = DataArgs {
-        data: None,
-        skip_bad: false,
-        tokenizer: None,
-    };
-    prepare(cfg, &args, None, &Device::Cpu, false).unwrap()
+    prepare(cfg, &DataSource::default(), &Device::Cpu, &clip_core::progress::Silent).unwrap()
 }
 
 fn train(t: &mut Trainer, epochs: usize) {
@@ -47,7 +42,6 @@ fn tiny_learns_the_demo_set() {
         "tokenizer.json",
         "metrics.json",
         "loss.csv",
-        "loss.png",
         "last/state.json",
     ] {
         assert!(out.path().join(f).is_file(), "missing {f}");

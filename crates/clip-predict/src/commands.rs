@@ -10,6 +10,7 @@ use clip_core::data::{Dataset, ImageStore, LoadOptions, TextTokenizer};
 use clip_core::embed::embed_texts;
 use clip_core::index::{embed_image_files, model_fingerprint, GraphPolicy, ImageIndex, IndexOptions, SearchMode};
 use clip_core::loss::l2_normalize;
+use clip_core::progress::Silent;
 use clip_core::retrieval::{argsort_desc, softmax, to_rows, Recall};
 use clip_core::ClipModel;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -382,7 +383,7 @@ fn eval(
     }
     let ds = Dataset::load(data, &opts)?;
     let cfg = &m.model.config;
-    let (store, bad) = ImageStore::load(&ds, cfg, skip_bad, !json)?;
+    let (store, bad) = ImageStore::load(&ds, cfg, skip_bad, progress(json).as_ref())?;
     for b in &bad {
         eprintln!("skipped: {b}");
     }
@@ -439,7 +440,7 @@ fn eval(
                     r.iter().map(|&c| c as f32 / s.max(1) as f32).collect()
                 })
                 .collect();
-            clip_core::plot::heat_map(p, &rows, -1.0, 1.0)?;
+            clip_cli::plot::heat_map(p, &rows, -1.0, 1.0)?;
         }
         let secs = started.elapsed().as_secs_f64();
         if json {
@@ -506,7 +507,7 @@ fn eval(
 fn demo(run: &Path, data: &Path, device: &Device) -> Result<ExitCode> {
     let m = load(run, device)?;
     let ds = Dataset::load(data, &LoadOptions::default())?;
-    let (store, _) = ImageStore::load(&ds, &m.model.config, false, false)?;
+    let (store, _) = ImageStore::load(&ds, &m.model.config, false, &Silent)?;
     let all: Vec<usize> = (0..ds.images.len()).collect();
     let img = l2_normalize(&clip_core::embed::embed_store_images(
         &m.model, &store, &all, 32, device,
@@ -573,4 +574,13 @@ fn contact_sheet(path: &Path, items: &[(PathBuf, f32)]) -> Result<()> {
     let mut bytes = std::io::Cursor::new(Vec::new());
     sheet.write_to(&mut bytes, image::ImageFormat::Png)?;
     clip_core::checkpoint::write_atomic(path, bytes.get_ref())
+}
+
+/// A terminal progress bar, or nothing when the output is JSON.
+fn progress(json: bool) -> Box<dyn clip_core::progress::Progress> {
+    if json {
+        Box::new(Silent)
+    } else {
+        Box::new(clip_cli::progress::Bar::new())
+    }
 }

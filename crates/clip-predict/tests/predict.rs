@@ -5,7 +5,7 @@ use std::process::Command;
 
 use candle_core::Device;
 use clip_core::fit::Trainer;
-use clip_core::prepare::{prepare, DataArgs};
+use clip_core::prepare::{prepare, DataSource};
 use clip_core::ClipConfig;
 
 /// A run folder after one epoch on the demo set (enough for the file formats, not for quality).
@@ -14,18 +14,7 @@ fn run_folder(dir: &Path, seed: u64) -> PathBuf {
         seed,
         ..ClipConfig::tiny()
     };
-    let data = prepare(
-        &cfg,
-        &DataArgs {
-            data: None,
-            skip_bad: false,
-            tokenizer: None,
-        },
-        None,
-        &Device::Cpu,
-        false,
-    )
-    .unwrap();
+    let data = prepare(&cfg, &DataSource::default(), &Device::Cpu, &clip_core::progress::Silent).unwrap();
     let out = dir.join(format!("run-{seed}"));
     let mut t = Trainer::new(&cfg, data, &out).unwrap();
     let (loss, pps) = t.train_epoch(|_, _, _| {}).unwrap();

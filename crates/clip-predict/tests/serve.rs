@@ -11,7 +11,7 @@ use std::process::{Child, Command, Stdio};
 
 use candle_core::Device;
 use clip_core::fit::Trainer;
-use clip_core::prepare::{prepare, DataArgs};
+use clip_core::prepare::{prepare, DataSource};
 use clip_core::ClipConfig;
 
 fn demo() -> PathBuf {
@@ -22,18 +22,7 @@ fn demo() -> PathBuf {
 /// finds its own image.
 fn trained_run(dir: &Path) -> PathBuf {
     let cfg = ClipConfig::tiny();
-    let data = prepare(
-        &cfg,
-        &DataArgs {
-            data: None,
-            skip_bad: false,
-            tokenizer: None,
-        },
-        None,
-        &Device::Cpu,
-        false,
-    )
-    .unwrap();
+    let data = prepare(&cfg, &DataSource::default(), &Device::Cpu, &clip_core::progress::Silent).unwrap();
     let out = dir.join("run");
     let mut t = Trainer::new(&cfg, data, &out).unwrap();
     while t.state.epoch < cfg.train.epochs {

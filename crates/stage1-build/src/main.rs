@@ -9,23 +9,23 @@ use std::time::Instant;
 use anyhow::Result;
 use candle_core::{DType, Tensor};
 use clap::Parser;
-use clip_core::cli::fmt_count;
+use clip_cli::fmt_count;
+use clip_cli::Report;
 use clip_core::params::Group;
-use clip_core::report::Report;
 use clip_core::{device, ClipModel};
 
 #[derive(Parser)]
 #[command(about = "Stage 1 — build the model, count its parameters and run a random forward pass.")]
 struct Args {
     #[command(flatten)]
-    model: clip_core::cli::ModelArgs,
+    model: clip_cli::ModelArgs,
     /// Batch size of the random forward pass.
     #[arg(long, default_value_t = 2)]
     batch_size: usize,
 }
 
 fn main() -> ExitCode {
-    clip_core::cli::run_stage(|| run(Args::parse()))
+    clip_cli::run_stage(|| run(Args::parse()))
 }
 
 fn run(args: Args) -> Result<ExitCode> {

@@ -13,12 +13,12 @@ use std::time::Instant;
 
 use anyhow::Result;
 use clap::Parser;
-use clip_core::cli::fmt_count;
+use clip_cli::fmt_count;
+use clip_cli::Report;
 use clip_core::data::{
     normalised_range, Batch, Dataset, ImageStore, LoadOptions, Loader, Split, TextTokenizer, UnkReport,
     DEFAULT_TEMPLATE,
 };
-use clip_core::report::Report;
 use clip_core::{device, ClipConfig, ClipModel};
 use unicode_width::UnicodeWidthChar;
 
@@ -31,7 +31,7 @@ const LABEL_COLUMNS: usize = 16;
 #[command(about = "Stage 2 — load the data, check every row and image, build one batch and run the model on it.")]
 struct Args {
     #[command(flatten)]
-    model: clip_core::cli::ModelArgs,
+    model: clip_cli::ModelArgs,
     /// A dataset folder (images + captions.csv|tsv|txt|jsonl, or class folders) or a captions file [default: the demo set].
     #[arg(long, value_name = "PATH")]
     data: Option<PathBuf>,
@@ -50,7 +50,7 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    clip_core::cli::run_stage(|| run(Args::parse()))
+    clip_cli::run_stage(|| run(Args::parse()))
 }
 
 fn run(args: Args) -> Result<ExitCode> {
@@ -163,7 +163,7 @@ fn load(args: &Args, cfg: &ClipConfig, report: &mut Report) -> Result<Option<(Da
     let rows_seconds = t.elapsed().as_secs_f64();
     println!("  {}", ds.source);
     let t = Instant::now();
-    let (store, bad_images) = ImageStore::load(&ds, cfg, true, true)?;
+    let (store, bad_images) = ImageStore::load(&ds, cfg, true, &clip_cli::progress::Bar::new())?;
     let decode_seconds = t.elapsed().as_secs_f64();
     let image_bad: Vec<String> = bad_images.iter().map(|b| b.to_string()).collect();
     if let Err(e) = ds.drop_undecodable(&store, bad_images) {
@@ -211,11 +211,8 @@ fn load(args: &Args, cfg: &ClipConfig, report: &mut Report) -> Result<Option<(Da
     if !ds.bad.is_empty() {
         println!("  bad rows and images:");
     }
-    for b in ds.bad.iter().take(10) {
-        println!("    {b}");
-    }
-    if ds.bad.len() > 10 {
-        println!("    … and {} more", ds.bad.len() - 10);
+    if !ds.bad.is_empty() {
+        println!("    {}", clip_core::listing::first_n(&ds.bad, 10, "\n    "));
     }
 
     let per_image: Vec<usize> = ds.captions_per_image().into_iter().filter(|&n| n > 0).collect();
@@ -479,11 +476,7 @@ fn fit_width(text: &str, columns: usize) -> String {
 
 /// The first few problems, for a check's one-line detail (all are listed below the checks).
 fn first(problems: &[String]) -> String {
-    let mut s = problems.iter().take(3).cloned().collect::<Vec<_>>().join("; ");
-    if problems.len() > 3 {
-        s.push_str(&format!("; … ({} in all)", problems.len()));
-    }
-    s
+    clip_core::listing::first_n(problems, 3, "; ")
 }
 
 fn rows(n: usize) -> String {

@@ -3,19 +3,23 @@
 //! One batch, one forward pass, one backward pass, one AdamW step. Then the checks that catch the
 //! bugs a loss curve hides: a loss far from its value at chance, a variable whose gradient is
 //! missing (a layer with no backward cuts the graph silently), a parameter the optimiser did not
-//! move, a frozen one it did, BatchNorm statistics that never update.
+//! move, a frozen one it did, BatchNorm statistics that never update in a trainable image tower
+//! (or that move in a frozen one, which must run in evaluation mode).
 
+use std::collections::HashMap;
 use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::Result;
+use candle_core::{DType, Device, Tensor};
 use clap::Parser;
+use clip_cli::DataArgs;
+use clip_cli::Report;
 use clip_core::config::LossKind;
-use clip_core::model::{Embeddings, Tower};
+use clip_core::model::Embeddings;
 use clip_core::optim::AdamW;
-use clip_core::prepare::{prepare, DataArgs};
-use clip_core::report::Report;
-use clip_core::train::{changed, gradient_coverage, snapshot, train_step};
+use clip_core::prepare::prepare;
+use clip_core::train::train_step_with;
 use clip_core::{device, ClipModel};
 
 #[derive(Parser)]
@@ -24,19 +28,22 @@ use clip_core::{device, ClipModel};
 )]
 struct Args {
     #[command(flatten)]
-    model: clip_core::cli::ModelArgs,
+    model: clip_cli::ModelArgs,
     #[command(flatten)]
     data: DataArgs,
     /// Pairs in the batch (default: the config's train.batch_size).
     #[arg(long)]
     batch_size: Option<usize>,
+    /// Keep a tower fixed (image, text or both): it runs in evaluation mode and gets no gradient.
+    #[arg(long, value_name = "TOWER", value_parser = ["image", "text", "both"])]
+    freeze: Option<String>,
     /// Deliberately detach a tower's output (image or text) to see the gradient check catch it.
     #[arg(long, value_name = "TOWER", value_parser = ["image", "text"])]
     cut_gradient: Option<String>,
 }
 
 fn main() -> ExitCode {
-    clip_core::cli::run_stage(|| run(Args::parse()))
+    clip_cli::run_stage(|| run(Args::parse()))
 }
 
 fn run(args: Args) -> Result<ExitCode> {
@@ -46,6 +53,9 @@ fn run(args: Args) -> Result<ExitCode> {
     if let Some(b) = args.batch_size {
         cfg.train.batch_size = b;
     }
+    if let Some(towers) = &args.freeze {
+        cfg.train.freeze(towers)?;
+    }
     cfg.validate()?;
     let dev = args.model.device()?;
     println!(
@@ -54,13 +64,8 @@ fn run(args: Args) -> Result<ExitCode> {
         cfg.loss,
         device::describe(&dev)
     );
-    let data = prepare(&cfg, &args.data, None, &dev, false)?;
+    let data = prepare(&cfg, &args.data.source(), &dev, &clip_core::progress::Silent)?;
     let model = ClipModel::new(&cfg, &dev)?;
-    model.cut_gradient(match args.cut_gradient.as_deref() {
-        Some("image") => Some(Tower::Image),
-        Some("text") => Some(Tower::Text),
-        _ => None,
-    });
     let mut opt = AdamW::new(&model.params, &cfg.train)?;
 
     // One batch: the first training pairs.
@@ -102,7 +107,24 @@ fn run(args: Args) -> Result<ExitCode> {
 
     let before = snapshot(&model)?;
     let t = Instant::now();
-    let outcome = match train_step(&model, &mut opt, std::slice::from_ref(&batch), cfg.train.clip_grad_norm) {
+    // The model's own training forward pass, with the tower named by --cut-gradient detached
+    // before its projection head: a deliberate bug, to see the gradient check catch it.
+    let cut = args.cut_gradient.as_deref();
+    let forward = |m: &ClipModel, b: &clip_core::data::Batch| -> Result<Embeddings> {
+        let mut image = m.image_features(&b.images, true)?;
+        let mut text = m.text_features(&b.input_ids, &b.attention_mask, true)?;
+        match cut {
+            Some("image") => image = image.detach(),
+            Some("text") => text = text.detach(),
+            _ => {}
+        }
+        Ok(Embeddings {
+            image: m.project_image(&image, true)?,
+            text: m.project_text(&text, true)?,
+        })
+    };
+    let batches = std::slice::from_ref(&batch);
+    let outcome = match train_step_with(&model, &mut opt, batches, cfg.train.clip_grad_norm, forward) {
         Ok(o) => o,
         Err(e) => {
             report.check("step", false, format!("{e:#}"));
@@ -175,7 +197,8 @@ fn run(args: Args) -> Result<ExitCode> {
         },
     );
 
-    // Parameters moved; frozen ones and never-trained ones did not; BatchNorm statistics did.
+    // Parameters moved; frozen ones and never-trained ones did not; BatchNorm statistics did in a
+    // trainable image tower, and did not in a frozen one (it runs in evaluation mode).
     let after = snapshot(&model)?;
     let mut unchanged = vec![];
     let mut frozen_moved = vec![];
@@ -224,18 +247,29 @@ fn run(args: Args) -> Result<ExitCode> {
             format!("frozen tensors changed{}", list(": ", &frozen_ref))
         },
     );
-    report.check(
-        "batch norm",
-        stats_moved == stats_total,
-        format!(
-            "{stats_moved} of {stats_total} BatchNorm layers updated their running statistics{}",
-            if stats_moved == stats_total {
-                ""
+    let (bn_ok, bn_detail) = if cfg.train.freeze_image {
+        (
+            stats_moved == 0,
+            if stats_moved == 0 {
+                format!("all {stats_total} BatchNorm layers of the frozen image tower kept their running statistics (it runs in evaluation mode)")
             } else {
-                " — is training mode reaching the image tower?"
-            }
-        ),
-    );
+                format!("{stats_moved} of {stats_total} BatchNorm layers of the frozen image tower changed their running statistics — a frozen tower must run in evaluation mode")
+            },
+        )
+    } else {
+        (
+            stats_moved == stats_total,
+            format!(
+                "{stats_moved} of {stats_total} BatchNorm layers of the trainable image tower updated their running statistics{}",
+                if stats_moved == stats_total {
+                    ""
+                } else {
+                    " — is training mode reaching the image tower?"
+                }
+            ),
+        )
+    };
+    report.check("batch norm", bn_ok, bn_detail);
     report.finish(args.model.json.as_deref())
 }
 
@@ -243,12 +277,37 @@ fn list(prefix: &str, names: &[&str]) -> String {
     if names.is_empty() {
         return String::new();
     }
-    let mut s = format!(
-        "{prefix}{}",
-        names.iter().take(12).cloned().collect::<Vec<_>>().join(", ")
-    );
-    if names.len() > 12 {
-        s.push_str(&format!(" … and {} more", names.len() - 12));
+    format!("{prefix}{}", clip_core::listing::first_n(names, 12, ", "))
+}
+
+/// Per-variable gradient health: (name, finite, non-zero). A missing gradient counts as zero.
+fn gradient_coverage(names: &[String], grads: &HashMap<String, Tensor>) -> Result<Vec<(String, bool, bool)>> {
+    let mut out = vec![];
+    for n in names {
+        match grads.get(n) {
+            None => out.push((n.clone(), true, false)),
+            Some(g) => {
+                let v = g.flatten_all()?.to_vec1::<f32>()?;
+                let finite = v.iter().all(|x| x.is_finite());
+                let nonzero = v.iter().any(|x| *x != 0.0);
+                out.push((n.clone(), finite, nonzero));
+            }
+        }
     }
-    s
+    Ok(out)
+}
+
+/// Copies every tensor of the model to the CPU, by name (to compare before and after a step).
+fn snapshot(model: &ClipModel) -> Result<HashMap<String, Tensor>> {
+    model
+        .params
+        .entries()
+        .into_iter()
+        .map(|(n, e)| Ok((n, e.var.as_tensor().detach().to_device(&Device::Cpu)?.copy()?)))
+        .collect()
+}
+
+/// Whether two snapshots of a tensor differ anywhere.
+fn changed(a: &Tensor, b: &Tensor) -> Result<bool> {
+    Ok(a.ne(b)?.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()? > 0.0)
 }

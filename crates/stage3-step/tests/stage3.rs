@@ -63,3 +63,20 @@ fn frozen_towers_pass_and_stay_unchanged() {
     assert!(ok, "{log}");
     assert!(log.contains("frozen tensors unchanged"), "{log}");
 }
+
+#[test]
+fn freeze_both_keeps_the_towers_and_their_batch_norm_statistics_still() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("s3.json");
+    let (ok, log) = run(&["--freeze", "both", "--json", json.to_str().unwrap()]);
+    assert!(ok, "{log}");
+    assert!(log.contains("frozen tensors unchanged"), "{log}");
+    assert!(
+        log.contains("BatchNorm layers of the frozen image tower kept their running statistics"),
+        "{log}"
+    );
+    // Only the heads (and the temperature) train.
+    assert!(log.contains("[ok] gradients"), "{log}");
+    let (ok, log) = run(&["--freeze", "all"]);
+    assert!(!ok && log.contains("--freeze"), "{log}");
+}

@@ -11,13 +11,13 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use clap::Parser;
+use clip_cli::plot;
+use clip_cli::DataArgs;
+use clip_cli::Report;
 use clip_core::checkpoint::RunDir;
-use clip_core::config::Schedule;
+use clip_core::device;
 use clip_core::fit::Trainer;
-use clip_core::prepare::{prepare, DataArgs};
-use clip_core::report::Report;
-use clip_core::{device, plot};
-use indicatif::{ProgressBar, ProgressStyle};
+use clip_core::prepare::prepare;
 
 /// Datasets up to this many images must be learned perfectly (retrieval on the training pairs).
 const SMALL_DATASET: usize = 64;
@@ -25,11 +25,11 @@ const SMALL_DATASET: usize = 64;
 #[derive(Parser)]
 #[command(
     about = "Stage 4 — train for many epochs, keep the best model, check that it learned.",
-    after_help = "Examples:\n  stage4-train                                   the demo set, tiny preset\n  stage4-train --data photos/ --epochs 60 --out runs/mine\n  stage4-train --resume runs/mine --epochs 80     continue where it stopped\n\nThe run folder holds model.safetensors (best by validation loss), config.toml, tokenizer.json,\nmetrics.json, loss.csv/png, similarity_before/after.png, and last/ for --resume.\nUse it with clip-predict."
+    after_help = "Examples:\n  stage4-train                                   the demo set, tiny preset\n  stage4-train --data photos/ --epochs 60 --out runs/mine\n  stage4-train --resume runs/mine --epochs 80     continue where it stopped\n  stage4-train --freeze both --epochs 20          train only the heads (tower features cached)\n\nThe run folder holds model.safetensors (best by validation loss), config.toml, tokenizer.json,\nmetrics.json, loss.csv/png, similarity_before/after.png, and last/ for --resume.\nUse it with clip-predict."
 )]
 struct Args {
     #[command(flatten)]
-    model: clip_core::cli::ModelArgs,
+    model: clip_cli::ModelArgs,
     #[command(flatten)]
     data: DataArgs,
     /// The run folder to write (default: a new folder under runs/).
@@ -38,49 +38,19 @@ struct Args {
     /// Continue the run in this folder from its last completed epoch (up to --epochs in all).
     #[arg(long, value_name = "RUN", conflicts_with = "out")]
     resume: Option<PathBuf>,
-    /// Epochs in all (a resumed run continues up to this many) [default: the config's].
-    #[arg(long)]
-    epochs: Option<usize>,
-    /// Pairs per batch [default: the config's].
-    #[arg(long)]
-    batch_size: Option<usize>,
-    /// Learning rate of the image tower.
-    #[arg(long)]
-    lr_image: Option<f64>,
-    /// Learning rate of the text tower.
-    #[arg(long)]
-    lr_text: Option<f64>,
-    /// Learning rate of the projection heads (and the clip loss's temperature).
-    #[arg(long)]
-    lr_head: Option<f64>,
-    /// Weight decay of the heads (the towers have none, as in the tutorial).
-    #[arg(long)]
-    weight_decay: Option<f64>,
-    /// plateau (ReduceLROnPlateau on validation loss) or cosine (with --warmup-steps).
-    #[arg(long, value_parser = ["plateau", "cosine"])]
-    schedule: Option<String>,
-    /// Steps of linear warm-up for the cosine schedule.
-    #[arg(long)]
-    warmup_steps: Option<usize>,
-    /// Clip gradients to this global norm (0 = off).
-    #[arg(long)]
-    clip_grad_norm: Option<f64>,
-    /// Accumulate gradients over this many batches per step.
-    #[arg(long)]
-    accumulate: Option<usize>,
-    /// Train-time augmentation (random resized crop + horizontal flip).
-    #[arg(long)]
-    augment: bool,
-    /// Keep the image tower's weights fixed (no gradient, no optimiser state).
-    #[arg(long)]
-    freeze_image: bool,
-    /// Keep the text tower's weights fixed (no gradient, no optimiser state).
-    #[arg(long)]
-    freeze_text: bool,
+    #[command(flatten)]
+    train: clip_cli::TrainArgs,
+    /// Where frozen towers' features are cached [default: RUN/feature-cache]; share one folder
+    /// between runs of the same frozen towers to compute them only once.
+    #[arg(long, value_name = "DIR")]
+    feature_cache: Option<PathBuf>,
+    /// Run frozen towers on every batch instead of caching their features.
+    #[arg(long, conflicts_with = "feature_cache")]
+    no_feature_cache: bool,
 }
 
 fn main() -> ExitCode {
-    clip_core::cli::run_stage(|| run(Args::parse()))
+    clip_cli::run_stage(|| run(Args::parse()))
 }
 
 fn run(args: Args) -> Result<ExitCode> {
@@ -91,7 +61,7 @@ fn run(args: Args) -> Result<ExitCode> {
         Some(run) => RunDir::open(run)?.config()?,
         None => args.model.load_config()?,
     };
-    apply_overrides(&mut cfg, &args);
+    args.train.apply(&mut cfg)?;
     cfg.validate()?;
     let dev = args.model.device()?;
     let out = match (&args.resume, &args.out) {
@@ -108,7 +78,9 @@ fn run(args: Args) -> Result<ExitCode> {
     );
 
     let tokenizer = args.resume.as_ref().map(|r| r.join(clip_core::checkpoint::TOKENIZER));
-    let data = prepare(&cfg, &args.data, tokenizer.as_deref(), &dev, true)?;
+    let mut source = args.data.source();
+    source.tokenizer = tokenizer.or(source.tokenizer);
+    let data = prepare(&cfg, &source, &dev, &clip_cli::progress::Bar::new())?;
     println!(
         "data: {} pairs of {} images; training on {}, validating on {}{}",
         data.dataset.pairs.len(),
@@ -125,6 +97,12 @@ fn run(args: Args) -> Result<ExitCode> {
         Some(_) => Trainer::resume(&cfg, data, &out)?,
         None => Trainer::new(&cfg, data, &out)?,
     };
+    if args.no_feature_cache {
+        t.set_feature_cache(None);
+    } else if let Some(dir) = &args.feature_cache {
+        t.set_feature_cache(Some(dir.clone()));
+    }
+    describe_frozen(&t)?;
     if t.state.epoch == 0 {
         plot::heat_map(&out.join("similarity_before.png"), &t.fixed_similarity()?, -1.0, 1.0)?;
     } else {
@@ -140,13 +118,7 @@ fn run(args: Args) -> Result<ExitCode> {
     );
     while t.state.epoch < cfg.train.epochs {
         let epoch = t.state.epoch + 1;
-        let bar = ProgressBar::new(steps);
-        bar.set_style(
-            ProgressStyle::with_template("epoch {prefix} [{bar:30}] {pos}/{len} {msg}")
-                .unwrap()
-                .progress_chars("=> "),
-        );
-        bar.set_prefix(format!("{epoch}/{}", cfg.train.epochs));
+        let bar = clip_cli::progress::epoch_bar(epoch, cfg.train.epochs, steps);
         let lr = t.opt.groups[&clip_core::params::Group::Heads].lr;
         let started = Instant::now();
         let trained = t.train_epoch(|_, loss, pps| {
@@ -164,6 +136,7 @@ fn run(args: Args) -> Result<ExitCode> {
         let v = t.validate()?;
         let secs = started.elapsed().as_secs_f64();
         let best = t.end_epoch(train_loss, &v, secs, pps)?;
+        plot_losses(&t)?;
         // Class folders: zero-shot accuracy; captions: recall@1 both ways.
         let quality = match v.zero_shot {
             Some(acc) => format!("zero-shot acc {acc:.3}"),
@@ -252,45 +225,49 @@ fn run(args: Args) -> Result<ExitCode> {
     report.finish(args.model.json.as_deref())
 }
 
-fn apply_overrides(cfg: &mut clip_core::ClipConfig, a: &Args) {
-    let t = &mut cfg.train;
-    if let Some(v) = a.epochs {
-        t.epochs = v;
+/// Says which towers are frozen and where their cached features came from.
+fn describe_frozen(t: &Trainer) -> Result<()> {
+    let tr = &t.cfg.train;
+    if !tr.freeze_image && !tr.freeze_text {
+        return Ok(());
     }
-    if let Some(v) = a.batch_size {
-        t.batch_size = v;
+    let (image, text) = t.cached_towers();
+    let started = Instant::now();
+    let frozen = t.frozen_features()?;
+    for (tower, is_frozen, cached, rows) in [
+        (
+            "image",
+            tr.freeze_image,
+            image,
+            frozen.as_ref().and_then(|f| f.image.as_ref()),
+        ),
+        (
+            "text",
+            tr.freeze_text,
+            text,
+            frozen.as_ref().and_then(|f| f.text.as_ref()),
+        ),
+    ] {
+        if !is_frozen {
+            continue;
+        }
+        match rows {
+            Some(r) => println!(
+                "frozen {tower} tower: features of {} {}s cached in {} ({} reused, {} computed, {:.1}s)",
+                r.distinct(),
+                if tower == "image" { "image" } else { "distinct caption" },
+                r.file.display(),
+                r.reused,
+                r.computed,
+                started.elapsed().as_secs_f64()
+            ),
+            None if !cached && tower == "image" && t.cfg.data.augment => {
+                println!("frozen image tower: runs on every batch (augmented images are new inputs every epoch)")
+            }
+            None => println!("frozen {tower} tower: runs on every batch (--no-feature-cache)"),
+        }
     }
-    if let Some(v) = a.lr_image {
-        t.lr_image = v;
-    }
-    if let Some(v) = a.lr_text {
-        t.lr_text = v;
-    }
-    if let Some(v) = a.lr_head {
-        t.lr_head = v;
-    }
-    if let Some(v) = a.weight_decay {
-        t.weight_decay = v;
-    }
-    if let Some(v) = &a.schedule {
-        t.schedule = if v == "cosine" {
-            Schedule::Cosine
-        } else {
-            Schedule::Plateau
-        };
-    }
-    if let Some(v) = a.warmup_steps {
-        t.warmup_steps = v;
-    }
-    if let Some(v) = a.clip_grad_norm {
-        t.clip_grad_norm = v;
-    }
-    if let Some(v) = a.accumulate {
-        t.accumulate = v;
-    }
-    t.freeze_image |= a.freeze_image;
-    t.freeze_text |= a.freeze_text;
-    cfg.data.augment |= a.augment;
+    Ok(())
 }
 
 /// runs/<timestamp>, unique.
@@ -310,4 +287,15 @@ fn new_run_dir() -> Result<PathBuf> {
         }
     }
     unreachable!()
+}
+
+/// loss.png: training and validation loss per epoch.
+fn plot_losses(t: &Trainer) -> Result<()> {
+    let h = &t.state.history;
+    let train: Vec<f64> = h.iter().map(|r| r.train_loss).collect();
+    let val: Vec<f64> = h.iter().map(|r| r.val_loss).collect();
+    plot::line_plot(
+        &t.out.join("loss.png"),
+        &[(&train, [31, 119, 180]), (&val, [255, 127, 14])],
+    )
 }

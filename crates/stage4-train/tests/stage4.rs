@@ -62,3 +62,37 @@ fn a_missing_dataset_is_a_clear_error() {
     );
     assert!(!std::path::Path::new("/tmp/never-written").exists());
 }
+
+#[test]
+fn frozen_towers_train_from_cached_features() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let cache = dir.path().join("cache");
+    let args = |o: &str| {
+        vec![
+            "--freeze".to_string(),
+            "both".into(),
+            "--epochs".into(),
+            "2".into(),
+            "--out".into(),
+            dir.path().join(o).to_str().unwrap().to_string(),
+            "--feature-cache".into(),
+            cache.to_str().unwrap().to_string(),
+        ]
+    };
+    let a = args("run");
+    let (_, log) = run(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(log.contains("epoch   2:"), "{log}");
+    assert!(
+        log.contains("frozen image tower: features of 10 images cached") && log.contains("0 reused, 10 computed"),
+        "{log}"
+    );
+    assert!(log.contains("frozen text tower: features of"), "{log}");
+    assert!(out.join("model.safetensors").is_file());
+    // A second run on the same cache folder computes nothing.
+    let b = args("run2");
+    let (_, log) = run(&b.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(log.contains("10 reused, 0 computed"), "{log}");
+    let files: Vec<_> = std::fs::read_dir(&cache).unwrap().collect();
+    assert_eq!(files.len(), 2, "one file per tower: {files:?}");
+}

@@ -2,12 +2,14 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 
 use super::captions::{self, CaptionFormat};
-use super::{folders, list_bad, ImageStore};
+use super::folders::{self, render_template};
+use super::paths::{absolute, images_dir, relative_image_path};
+use super::{list_bad, ImageStore};
 use crate::config::ClipConfig;
 
 /// The caption of a class-folder image when no template is given.
@@ -145,8 +147,8 @@ impl Dataset {
             return Self::from_captions_file(&file, opts);
         }
         let root = absolute(path)?;
-        match folders::load(&root, &opts.templates)? {
-            Some(ds) => Ok(ds),
+        match folders::scan(&root)? {
+            Some(found) => Self::from_class_folders(root, found, &opts.templates),
             None => bail!(
                 "{}: no captions file ({}) and no class folders with images (label/*.jpg): nothing to train on",
                 path.display(),
@@ -167,7 +169,7 @@ impl Dataset {
         path: &Path,
         opts: &LoadOptions,
         cfg: &ClipConfig,
-        progress: bool,
+        progress: &dyn crate::progress::Progress,
     ) -> Result<(Dataset, ImageStore)> {
         let mut ds = Self::load(path, opts)?;
         let (store, bad) = ImageStore::load(&ds, cfg, opts.skip_bad, progress)?;
@@ -216,6 +218,43 @@ impl Dataset {
             Source::Captions { file, .. } => file,
             Source::ClassFolders { .. } => &self.root,
         }
+    }
+
+    /// Pairs from a class-folder scan: one caption per template and image, each keeping its label.
+    fn from_class_folders(root: PathBuf, found: folders::ClassFolders, templates: &[String]) -> Result<Dataset> {
+        if templates.is_empty() {
+            bail!("class folders need at least one caption template, such as {DEFAULT_TEMPLATE:?}");
+        }
+        if let Some(t) = templates.iter().find(|t| !t.contains("{label}")) {
+            bail!("caption template {t:?} has no {{label}}: every caption would be the same");
+        }
+        let mut images = vec![];
+        let mut pairs = vec![];
+        for img in found.images {
+            for t in templates {
+                pairs.push(Pair {
+                    image: images.len(),
+                    caption: render_template(t, &found.labels[img.label]),
+                    label: Some(img.label),
+                    line: 0,
+                });
+            }
+            images.push(ImageEntry {
+                path: img.path,
+                name: img.name,
+            });
+        }
+        Ok(Dataset {
+            image_root: root.clone(),
+            root,
+            source: Source::ClassFolders {
+                templates: templates.to_vec(),
+            },
+            images,
+            pairs,
+            labels: found.labels,
+            bad: vec![],
+        })
     }
 
     fn from_captions_file(file: &Path, opts: &LoadOptions) -> Result<Dataset> {
@@ -302,47 +341,5 @@ impl Dataset {
             );
         }
         Ok(self)
-    }
-}
-
-/// The `images` sub-folder of `dir`, in any case (Flickr8k's is `Images/`).
-fn images_dir(dir: &Path) -> Option<PathBuf> {
-    let exact = dir.join("images");
-    if exact.is_dir() {
-        return Some(exact);
-    }
-    std::fs::read_dir(dir)
-        .ok()?
-        .filter_map(|e| e.ok())
-        .find(|e| e.file_name().to_str().is_some_and(|n| n.eq_ignore_ascii_case("images")) && e.path().is_dir())
-        .map(|e| e.path())
-}
-
-/// The image path relative to the dataset folder, refusing anything that could leave it.
-fn relative_image_path(name: &str) -> std::result::Result<PathBuf, String> {
-    let path = Path::new(name);
-    let mut rel = PathBuf::new();
-    for c in path.components() {
-        match c {
-            Component::Normal(part) => rel.push(part),
-            Component::CurDir => {}
-            Component::ParentDir | Component::RootDir | Component::Prefix(_) => {
-                return Err(format!(
-                    "image path {name} escapes the dataset folder: write it relative to the folder, without `..`"
-                ));
-            }
-        }
-    }
-    if rel.as_os_str().is_empty() {
-        return Err(format!("image path {name:?} names no file"));
-    }
-    Ok(rel)
-}
-
-/// The canonical path when the file exists (no `..` in messages), else the plain absolute one.
-pub(crate) fn absolute(path: &Path) -> Result<PathBuf> {
-    match path.canonicalize() {
-        Ok(p) => Ok(p),
-        Err(_) => std::path::absolute(path).with_context(|| format!("resolving {}", path.display())),
     }
 }

@@ -1,13 +1,14 @@
 //! Class folders (`root/<label>/*.jpg`): for people who have labelled images but no captions.
 //!
-//! Each image gets one caption per template (`a photo of a {label}`, `一張{label}的照片` …), and
-//! keeps its label, so the same folders can later score zero-shot classification.
+//! The scanner returns one entry per image, as the captions reader returns one row per line;
+//! [`super::Dataset`] turns them into pairs, one caption per template (`a photo of a {label}`,
+//! `一張{label}的照片` …), keeping each image's label so the same folders can later score
+//! zero-shot classification.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 
-use super::dataset::{absolute, Dataset, ImageEntry, Pair, Source};
 use super::image::is_image_file;
 
 /// A template with `{label}` replaced by the label.
@@ -15,18 +16,27 @@ pub fn render_template(template: &str, label: &str) -> String {
     template.replace("{label}", label)
 }
 
-/// Reads `root/<label>/<image>` (one level deep, hidden entries ignored). `None` when `root` has
-/// no sub-folder with images in it. Labels are sorted by name so indices are stable.
-pub(crate) fn load(root: &Path, templates: &[String]) -> Result<Option<Dataset>> {
-    if templates.is_empty() {
-        bail!(
-            "class folders need at least one caption template, such as {:?}",
-            super::DEFAULT_TEMPLATE
-        );
-    }
-    if let Some(t) = templates.iter().find(|t| !t.contains("{label}")) {
-        bail!("caption template {t:?} has no {{label}}: every caption would be the same");
-    }
+/// One image of a class folder.
+#[derive(Debug, Clone)]
+pub(crate) struct FolderImage {
+    /// Index into [`ClassFolders::labels`].
+    pub label: usize,
+    /// `label/file.jpg`.
+    pub name: String,
+    pub path: PathBuf,
+}
+
+/// What a scan of `root/<label>/<image>` found.
+#[derive(Debug, Clone)]
+pub(crate) struct ClassFolders {
+    /// Sorted by name, so label indices are stable.
+    pub labels: Vec<String>,
+    pub images: Vec<FolderImage>,
+}
+
+/// Scans `root/<label>/<image>` (one level deep, hidden entries ignored). `None` when `root`
+/// has no sub-folder with images in it.
+pub(crate) fn scan(root: &Path) -> Result<Option<ClassFolders>> {
     let mut classes = vec![];
     for entry in std::fs::read_dir(root).with_context(|| format!("reading {}", root.display()))? {
         let entry = entry?;
@@ -50,38 +60,20 @@ pub(crate) fn load(root: &Path, templates: &[String]) -> Result<Option<Dataset>>
         return Ok(None);
     }
     classes.sort();
-
-    let root = absolute(root)?;
-    let mut images = vec![];
-    let mut pairs = vec![];
-    let mut labels = vec![];
+    let mut out = ClassFolders {
+        labels: vec![],
+        images: vec![],
+    };
     for (label, files) in classes {
-        let l = labels.len();
+        let l = out.labels.len();
         for file in files {
-            images.push(ImageEntry {
-                path: root.join(&label).join(&file),
+            out.images.push(FolderImage {
+                label: l,
                 name: format!("{label}/{file}"),
+                path: root.join(&label).join(&file),
             });
-            for t in templates {
-                pairs.push(Pair {
-                    image: images.len() - 1,
-                    caption: render_template(t, &label),
-                    label: Some(l),
-                    line: 0,
-                });
-            }
         }
-        labels.push(label);
+        out.labels.push(label);
     }
-    Ok(Some(Dataset {
-        image_root: root.clone(),
-        root,
-        source: Source::ClassFolders {
-            templates: templates.to_vec(),
-        },
-        images,
-        pairs,
-        labels,
-        bad: vec![],
-    }))
+    Ok(Some(out))
 }

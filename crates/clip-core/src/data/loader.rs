@@ -5,6 +5,10 @@
 //! (normalising and, when asked, augmenting the images in parallel), so the model never waits.
 //! The worker hands over plain vectors and the tensors are made on the caller's thread, so the
 //! device is only ever touched from there.
+//!
+//! A frozen tower's features may come from a [`FrozenFeatures`] table instead (see
+//! [`crate::feature_cache`]): then a batch carries those rows, and cached images are not even
+//! normalised.
 
 use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::Arc;
@@ -19,13 +23,14 @@ use rayon::prelude::*;
 use super::tokenizer::pad;
 use super::{mix, Dataset, ImageStore, TextTokenizer};
 use crate::config::ClipConfig;
+use crate::feature_cache::FrozenFeatures;
 
 /// Batches prepared ahead of the one being used.
 const PREFETCH: usize = 2;
 
 /// One batch of B pairs: pair k is (image k, caption k).
 pub struct Batch {
-    /// (B, 3, S, S) f32, normalised.
+    /// (B, 3, S, S) f32, normalised; an empty (B, 0) CPU tensor when `image_features` is set.
     pub images: Tensor,
     /// (B, L) u32, `[CLS] … [SEP] [PAD]…`, L the longest caption of the batch.
     pub input_ids: Tensor,
@@ -37,6 +42,11 @@ pub struct Batch {
     /// answer for the other. The identity when every image and caption in the batch is distinct;
     /// captions made from class labels repeat many times per batch.
     pub positives: Tensor,
+    /// (B, D) pooled image-tower features from the cache of a frozen tower, used instead of
+    /// running it (see [`crate::model::ClipModel::forward_batch`]).
+    pub image_features: Option<Tensor>,
+    /// (B, D) pooled text-tower features from the cache of a frozen tower.
+    pub text_features: Option<Tensor>,
 }
 
 /// A distinct, well-mixed shuffle seed for each epoch of a run.
@@ -52,6 +62,9 @@ struct RawBatch {
     len: usize,
     pairs: Vec<usize>,
     positives: Vec<f32>,
+    /// Cached rows, (B·D), when the batch uses them.
+    image_features: Option<(Vec<f32>, usize)>,
+    text_features: Option<(Vec<f32>, usize)>,
 }
 
 /// What the worker thread needs, shared with it.
@@ -65,7 +78,12 @@ struct Shared {
 }
 
 impl Shared {
-    fn raw_batch(&self, pairs: &[usize], augment_seed: Option<u64>) -> Result<RawBatch> {
+    fn raw_batch(
+        &self,
+        pairs: &[usize],
+        augment_seed: Option<u64>,
+        features: Option<&FrozenFeatures>,
+    ) -> Result<RawBatch> {
         if let Some(&p) = pairs.iter().find(|&&p| p >= self.tokens.len()) {
             bail!(
                 "pair index {p} is out of range: the dataset has {} pairs",
@@ -73,7 +91,16 @@ impl Shared {
             );
         }
         let image_indices: Vec<usize> = pairs.iter().map(|&p| self.images[p]).collect();
-        let images = self.store.batch_pixels(&image_indices, augment_seed)?;
+        let cached_image = features.and_then(|f| f.image.as_ref());
+        let cached_text = features.and_then(|f| f.text.as_ref());
+        let (images, image_features) = match cached_image {
+            Some(rows) => (vec![], Some((rows.gather(&image_indices)?, rows.dim()))),
+            None => (self.store.batch_pixels(&image_indices, augment_seed)?, None),
+        };
+        let text_features = match cached_text {
+            Some(rows) => Some((rows.gather(pairs)?, rows.dim())),
+            None => None,
+        };
         let seqs: Vec<&[u32]> = pairs.iter().map(|&p| self.tokens[p].as_slice()).collect();
         let (ids, mask, len) = pad(&seqs, self.pad);
         let mut positives = Vec::with_capacity(pairs.len() * pairs.len());
@@ -90,14 +117,29 @@ impl Shared {
             len,
             pairs: pairs.to_vec(),
             positives,
+            image_features,
+            text_features,
         })
     }
 }
 
 fn to_batch(raw: RawBatch, size: usize, device: &Device) -> Result<Batch> {
     let b = raw.pairs.len();
+    let features = |f: Option<(Vec<f32>, usize)>| -> Result<Option<Tensor>> {
+        Ok(match f {
+            Some((rows, dim)) => Some(Tensor::from_vec(rows, (b, dim), device)?),
+            None => None,
+        })
+    };
     Ok(Batch {
-        images: Tensor::from_vec(raw.images, (b, 3, size, size), device)?,
+        // Kept on the CPU: nothing reads it, and some GPU back-ends reject empty allocations.
+        images: if raw.image_features.is_some() {
+            Tensor::zeros((b, 0), candle_core::DType::F32, &Device::Cpu)?
+        } else {
+            Tensor::from_vec(raw.images, (b, 3, size, size), device)?
+        },
+        image_features: features(raw.image_features)?,
+        text_features: features(raw.text_features)?,
         input_ids: Tensor::from_vec(raw.ids, (b, raw.len), device)?,
         attention_mask: Tensor::from_vec(raw.mask, (b, raw.len), device)?,
         positives: Tensor::from_vec(raw.positives, (b, b), device)?,
@@ -152,6 +194,19 @@ impl Loader {
     /// `None`), augmented when `augment`. The last partial batch is kept when it has at least 2
     /// pairs (a contrastive loss and BatchNorm need 2) and dropped otherwise.
     pub fn batches(&self, pairs: &[usize], batch_size: usize, shuffle_seed: Option<u64>, augment: bool) -> Batches {
+        self.batches_with(pairs, batch_size, shuffle_seed, augment, None)
+    }
+
+    /// [`Loader::batches`] whose batches carry the cached features of frozen towers, where
+    /// `features` has them (cached images are neither normalised nor augmented).
+    pub fn batches_with(
+        &self,
+        pairs: &[usize],
+        batch_size: usize,
+        shuffle_seed: Option<u64>,
+        augment: bool,
+        features: Option<Arc<FrozenFeatures>>,
+    ) -> Batches {
         let mut batches = Batches {
             rx: None,
             worker: None,
@@ -184,7 +239,7 @@ impl Loader {
             .name("clipmine-loader".into())
             .spawn(move || {
                 for (k, chunk) in chunks.iter().enumerate() {
-                    let raw = shared.raw_batch(chunk, augment.then(|| mix(aug_base, k as u64)));
+                    let raw = shared.raw_batch(chunk, augment.then(|| mix(aug_base, k as u64)), features.as_deref());
                     let failed = raw.is_err();
                     if tx.send(raw).is_err() || failed {
                         break;
@@ -201,11 +256,41 @@ impl Loader {
     /// One batch of exactly these pairs, in this order, without augmentation (e.g. a fixed
     /// batch to check or to visualise).
     pub fn batch(&self, pairs: &[usize]) -> Result<Batch> {
+        self.batch_with(pairs, None)
+    }
+
+    /// [`Loader::batch`] carrying the cached features of frozen towers, where `features` has them.
+    pub fn batch_with(&self, pairs: &[usize], features: Option<&FrozenFeatures>) -> Result<Batch> {
         to_batch(
-            self.shared.raw_batch(pairs, None)?,
+            self.shared.raw_batch(pairs, None, features)?,
             self.shared.store.size(),
             &self.device,
         )
+    }
+
+    /// Token ids and attention mask (N, L) of some pairs' captions, padded to the longest.
+    pub fn text_inputs(&self, pairs: &[usize]) -> Result<(Tensor, Tensor)> {
+        if let Some(&p) = pairs.iter().find(|&&p| p >= self.shared.tokens.len()) {
+            bail!(
+                "pair index {p} is out of range: the dataset has {} pairs",
+                self.shared.tokens.len()
+            );
+        }
+        let seqs: Vec<&[u32]> = pairs.iter().map(|&p| self.shared.tokens[p].as_slice()).collect();
+        let (ids, mask, len) = pad(&seqs, self.shared.pad);
+        Ok((
+            Tensor::from_vec(ids, (pairs.len(), len), &self.device)?,
+            Tensor::from_vec(mask, (pairs.len(), len), &self.device)?,
+        ))
+    }
+
+    /// Pairs the loader holds (the dataset's).
+    pub fn len(&self) -> usize {
+        self.shared.tokens.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.shared.tokens.is_empty()
     }
 
     /// Number of batches [`Loader::batches`] yields for `n_pairs` pairs.

@@ -19,6 +19,7 @@ mod dataset;
 mod folders;
 mod image;
 mod loader;
+mod paths;
 mod split;
 mod store;
 mod tokenizer;
@@ -29,30 +30,20 @@ pub use dataset::{BadRow, Dataset, ImageEntry, LoadOptions, Pair, Source, DEFAUL
 pub use folders::render_template;
 pub use image::{normalised_range, IMAGENET_MEAN, IMAGENET_STD, IMAGE_EXTENSIONS};
 pub use loader::{epoch_seed, Batch, Batches, Loader};
+pub use paths::{absolute, contained, relative_image_path};
 pub use split::{Split, MIN_IMAGES_TO_SPLIT};
 pub use store::ImageStore;
 pub use tokenizer::{TextTokenizer, UnkReport, SPECIAL_TOKENS};
 
-/// SplitMix64: turns a seed and a counter into well-spread, independent seeds (per epoch, per
-/// batch, per image), so every random choice of the pipeline is reproducible.
-pub(crate) fn mix(seed: u64, n: u64) -> u64 {
-    let mut z = seed ^ n.wrapping_add(1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
+pub(crate) use crate::rng::mix;
 
 /// At most this many bad rows are listed in an error; the total is always given.
 pub(crate) const MAX_LISTED: usize = 10;
 
-/// "FILE: 3 bad rows:\n  FILE:LINE: reason …\n  … and 2 more" for an error message.
+/// "\n  FILE:LINE: reason …\n  … and 2 more" for an error message.
 pub(crate) fn list_bad(bad: &[BadRow]) -> String {
-    let mut s = String::new();
-    for b in bad.iter().take(MAX_LISTED) {
-        s.push_str(&format!("\n  {b}"));
+    if bad.is_empty() {
+        return String::new();
     }
-    if bad.len() > MAX_LISTED {
-        s.push_str(&format!("\n  … and {} more", bad.len() - MAX_LISTED));
-    }
-    s
+    format!("\n  {}", crate::listing::first_n(bad, MAX_LISTED, "\n  "))
 }

@@ -10,12 +10,12 @@ use std::path::Path;
 
 use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
-use indicatif::{ProgressBar, ProgressStyle};
 use rayon::prelude::*;
 
 use super::image::{augment_into, normalise_into, prepare};
 use super::{list_bad, mix, BadRow, Dataset, Source};
 use crate::config::ClipConfig;
+use crate::progress::Progress;
 
 /// The image size and count (not the pixels) when debug-printed.
 pub struct ImageStore {
@@ -29,27 +29,24 @@ pub struct ImageStore {
 impl ImageStore {
     /// Decodes every image of `ds` in parallel to `cfg.image.image_size` pixels. Images that fail
     /// become [`BadRow`]s naming the captions line that first used them; without `skip_bad` any
-    /// failure is an error listing them. `progress` shows a progress bar (on a terminal).
-    pub fn load(ds: &Dataset, cfg: &ClipConfig, skip_bad: bool, progress: bool) -> Result<(ImageStore, Vec<BadRow>)> {
+    /// failure is an error listing them. `progress` hears of each decoded image.
+    pub fn load(
+        ds: &Dataset,
+        cfg: &ClipConfig,
+        skip_bad: bool,
+        progress: &dyn Progress,
+    ) -> Result<(ImageStore, Vec<BadRow>)> {
         let size = cfg.image.image_size;
         let n = ds.images.len();
         let per = 3 * size * size;
         let mut pixels = vec![0u8; n * per];
-        let bar = if progress {
-            ProgressBar::new(n as u64)
-        } else {
-            ProgressBar::hidden()
-        };
-        bar.set_style(
-            ProgressStyle::with_template("decoding images {bar:30} {pos}/{len} {per_sec} eta {eta}")
-                .unwrap_or(ProgressStyle::default_bar()),
-        );
+        progress.start("decoding images", n as u64);
         let errors: Vec<Option<String>> = pixels
             .par_chunks_mut(per.max(1))
             .zip(ds.images.par_iter())
             .map(|(dst, entry)| {
                 let r = prepare(&entry.path, size as u32, cfg.data.center_crop);
-                bar.inc(1);
+                progress.inc(1);
                 match r {
                     Ok(img) => {
                         dst.copy_from_slice(img.as_raw());
@@ -59,7 +56,7 @@ impl ImageStore {
                 }
             })
             .collect();
-        bar.finish_and_clear();
+        progress.finish();
 
         let decoded: Vec<bool> = errors.iter().map(Option::is_none).collect();
         let bad = bad_rows(ds, &errors);

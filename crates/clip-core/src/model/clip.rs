@@ -1,10 +1,11 @@
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use anyhow::Result;
 use candle_core::{Device, ModuleT, Tensor};
 
 use super::{DistilBert, ProjectionHead, ResNet};
 use crate::config::{ClipConfig, LossKind};
+use crate::data::Batch;
 use crate::loss;
 use crate::nn::DropoutRng;
 use crate::params::{Group, Init, ParamStore};
@@ -27,15 +28,8 @@ pub struct ClipModel {
     text_projection: ProjectionHead,
     logit_scale: Option<Tensor>,
     dropout_rng: DropoutRng,
-    cut: AtomicU8,
-}
-
-/// A tower whose output can be cut from the graph on purpose (stage 3's `--cut-gradient`), to see
-/// the gradient check name every variable upstream of the cut.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Tower {
-    Image,
-    Text,
+    /// Batches each tower has run on (image, text): evidence that cached features replace it.
+    tower_calls: [AtomicUsize; 2],
 }
 
 impl ClipModel {
@@ -89,7 +83,7 @@ impl ClipModel {
             text_projection,
             logit_scale,
             dropout_rng,
-            cut: AtomicU8::new(0),
+            tower_calls: Default::default(),
         })
     }
 
@@ -102,37 +96,60 @@ impl ClipModel {
         self.dropout_rng.reseed(seed)
     }
 
-    /// Detaches a tower's output from the graph (a deliberate bug, for demonstrating the checks).
-    pub fn cut_gradient(&self, tower: Option<Tower>) {
-        let v = match tower {
-            None => 0,
-            Some(Tower::Image) => 1,
-            Some(Tower::Text) => 2,
-        };
-        self.cut.store(v, Ordering::Relaxed);
+    /// Whether the image tower is frozen: then it runs in evaluation mode even while training
+    /// (BatchNorm uses and keeps its running statistics) and gets no gradient.
+    pub fn image_frozen(&self) -> bool {
+        self.config.train.freeze_image
     }
 
-    fn is_cut(&self, tower: Tower) -> bool {
-        let v = self.cut.load(Ordering::Relaxed);
-        (v == 1 && tower == Tower::Image) || (v == 2 && tower == Tower::Text)
+    /// Whether the text tower is frozen: then it runs in evaluation mode (no dropout) even while
+    /// training and gets no gradient.
+    pub fn text_frozen(&self) -> bool {
+        self.config.train.freeze_text
+    }
+
+    /// Batches the (image, text) towers have run on since the model was built.
+    pub fn tower_calls(&self) -> (usize, usize) {
+        (
+            self.tower_calls[0].load(Ordering::Relaxed),
+            self.tower_calls[1].load(Ordering::Relaxed),
+        )
+    }
+
+    /// Images (B, 3, S, S), normalised → pooled image-tower features (B, D), before the head.
+    /// A frozen tower runs in evaluation mode whatever `train` says.
+    pub fn image_features(&self, images: &Tensor, train: bool) -> Result<Tensor> {
+        self.tower_calls[0].fetch_add(1, Ordering::Relaxed);
+        Ok(self.image_encoder.forward_t(images, train && !self.image_frozen())?)
+    }
+
+    /// Token ids and attention mask (B, L) → pooled text-tower features (B, dim), before the
+    /// head. A frozen tower runs in evaluation mode whatever `train` says.
+    pub fn text_features(&self, input_ids: &Tensor, attention_mask: &Tensor, train: bool) -> Result<Tensor> {
+        self.tower_calls[1].fetch_add(1, Ordering::Relaxed);
+        Ok(self
+            .text_encoder
+            .forward(input_ids, attention_mask, train && !self.text_frozen())?)
+    }
+
+    /// Pooled image features (B, D) → embeddings (B, P).
+    pub fn project_image(&self, features: &Tensor, train: bool) -> Result<Tensor> {
+        Ok(self.image_projection.forward_t(features, train)?)
+    }
+
+    /// Pooled text features (B, dim) → embeddings (B, P).
+    pub fn project_text(&self, features: &Tensor, train: bool) -> Result<Tensor> {
+        Ok(self.text_projection.forward_t(features, train)?)
     }
 
     /// Images (B, 3, S, S), normalised → embeddings (B, P).
     pub fn encode_image(&self, images: &Tensor, train: bool) -> Result<Tensor> {
-        let mut features = self.image_encoder.forward_t(images, train)?;
-        if self.is_cut(Tower::Image) {
-            features = features.detach();
-        }
-        Ok(self.image_projection.forward_t(&features, train)?)
+        self.project_image(&self.image_features(images, train)?, train)
     }
 
     /// Token ids and attention mask (B, L) → embeddings (B, P).
     pub fn encode_text(&self, input_ids: &Tensor, attention_mask: &Tensor, train: bool) -> Result<Tensor> {
-        let mut cls = self.text_encoder.forward(input_ids, attention_mask, train)?;
-        if self.is_cut(Tower::Text) {
-            cls = cls.detach();
-        }
-        Ok(self.text_projection.forward_t(&cls, train)?)
+        self.project_text(&self.text_features(input_ids, attention_mask, train)?, train)
     }
 
     pub fn forward(
@@ -146,6 +163,26 @@ impl ClipModel {
             image: self.encode_image(images, train)?,
             text: self.encode_text(input_ids, attention_mask, train)?,
         })
+    }
+
+    /// Embeddings of a batch: a tower whose cached features the batch carries is not run (its
+    /// features go straight to the head); the others run as in [`ClipModel::forward`].
+    pub fn forward_batch(&self, b: &Batch, train: bool) -> Result<Embeddings> {
+        // Features stand in for a tower only while its weights cannot change.
+        if (b.image_features.is_some() && !self.image_frozen()) || (b.text_features.is_some() && !self.text_frozen()) {
+            anyhow::bail!(
+                "a batch carries cached features of a tower that is not frozen: they would go stale as it trains"
+            );
+        }
+        let image = match &b.image_features {
+            Some(f) => self.project_image(f, train)?,
+            None => self.encode_image(&b.images, train)?,
+        };
+        let text = match &b.text_features {
+            Some(f) => self.project_text(f, train)?,
+            None => self.encode_text(&b.input_ids, &b.attention_mask, train)?,
+        };
+        Ok(Embeddings { image, text })
     }
 
     /// The configured contrastive loss of a batch of embeddings. `positives` (B×B) marks pairs

@@ -5,7 +5,7 @@ mod distilbert;
 mod head;
 mod resnet;
 
-pub use clip::{ClipModel, Embeddings, Tower};
+pub use clip::{ClipModel, Embeddings};
 pub use distilbert::DistilBert;
 pub use head::ProjectionHead;
 pub use resnet::ResNet;

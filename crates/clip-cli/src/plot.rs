@@ -123,5 +123,5 @@ fn dot(img: &mut RgbImage, x: f64, y: f64, c: Rgb<u8>) {
 fn save(img: &RgbImage, path: &Path) -> Result<()> {
     let mut bytes = std::io::Cursor::new(Vec::new());
     img.write_to(&mut bytes, image::ImageFormat::Png)?;
-    crate::checkpoint::write_atomic(path, bytes.get_ref())
+    clip_core::checkpoint::write_atomic(path, bytes.get_ref())
 }

@@ -98,5 +98,18 @@ impl Report {
 /// Writes JSON via a temporary file and a rename, so a crash never leaves half a file.
 pub fn write_json_atomic(path: &Path, value: &impl Serialize) -> Result<()> {
     let text = serde_json::to_string_pretty(value)?;
-    crate::checkpoint::write_atomic(path, text.as_bytes()).with_context(|| format!("writing {}", path.display()))
+    clip_core::checkpoint::write_atomic(path, text.as_bytes()).with_context(|| format!("writing {}", path.display()))
+}
+
+/// Formats 90724928 as "90,724,928".
+pub fn fmt_count(n: usize) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
 }

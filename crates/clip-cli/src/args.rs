@@ -1,0 +1,198 @@
+//! Options every stage shares, so `cargo xtask verify` can pass the same flags to each.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use candle_core::Device;
+use clip_core::config::{ClipConfig, Schedule};
+use clip_core::prepare::DataSource;
+
+/// Model and device selection, flattened into each stage's `--help`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ModelArgs {
+    /// A TOML config (see assets/configs/); wins over --preset.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// A named preset: tiny (CPU-sized, the default) or simple-clip (the tutorial's ResNet50 + DistilBERT).
+    #[arg(long, value_name = "NAME")]
+    pub preset: Option<String>,
+    /// Where to run: auto (a GPU if compiled in and present), cpu, cuda, cuda:N, metal.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// Seed for weights, data order and dropout (overrides the config's).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Write this stage's report as JSON.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+}
+
+impl ModelArgs {
+    pub fn load_config(&self) -> Result<ClipConfig> {
+        let mut cfg = ClipConfig::resolve(self.config.as_deref(), self.preset.as_deref())?;
+        if let Some(s) = self.seed {
+            cfg.seed = s;
+        }
+        Ok(cfg)
+    }
+
+    pub fn device(&self) -> Result<Device> {
+        clip_core::device::parse_device(&self.device)
+    }
+}
+
+/// Data options shared by the stages.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DataArgs {
+    /// A dataset: a folder with a captions file (captions.csv/.tsv/.txt/.jsonl) and images, a
+    /// captions file, or class folders (root/<label>/*.jpg). Default: the demo set in assets/demo.
+    #[arg(long, value_name = "PATH")]
+    pub data: Option<PathBuf>,
+    /// Report bad rows (missing or broken images, empty captions …) and go on with the rest.
+    #[arg(long)]
+    pub skip_bad: bool,
+    /// A tokenizer.json to use instead of training a WordPiece tokenizer on the training captions.
+    #[arg(long, value_name = "FILE")]
+    pub tokenizer: Option<PathBuf>,
+}
+
+impl DataArgs {
+    /// The dataset's path (the demo set when none was given).
+    pub fn path(&self) -> PathBuf {
+        self.source().path()
+    }
+
+    /// What clip-core's `prepare` needs.
+    pub fn source(&self) -> DataSource {
+        DataSource {
+            path: self.data.clone(),
+            skip_bad: self.skip_bad,
+            tokenizer: self.tokenizer.clone(),
+        }
+    }
+}
+
+/// Training knobs a stage can override on top of the config; each given flag replaces one key.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct TrainArgs {
+    /// Epochs in all (a resumed run continues up to this many) [default: the config's].
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    /// Pairs per batch [default: the config's].
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Learning rate of the image tower.
+    #[arg(long)]
+    pub lr_image: Option<f64>,
+    /// Learning rate of the text tower.
+    #[arg(long)]
+    pub lr_text: Option<f64>,
+    /// Learning rate of the projection heads (and the clip loss's temperature).
+    #[arg(long)]
+    pub lr_head: Option<f64>,
+    /// Weight decay of the heads (the towers have none, as in the tutorial).
+    #[arg(long)]
+    pub weight_decay: Option<f64>,
+    /// plateau (ReduceLROnPlateau on validation loss) or cosine (with --warmup-steps).
+    #[arg(long, value_parser = parse_schedule)]
+    pub schedule: Option<Schedule>,
+    /// Steps of linear warm-up for the cosine schedule.
+    #[arg(long)]
+    pub warmup_steps: Option<usize>,
+    /// Clip gradients to this global norm (0 = off).
+    #[arg(long)]
+    pub clip_grad_norm: Option<f64>,
+    /// Accumulate gradients over this many batches per step.
+    #[arg(long)]
+    pub accumulate: Option<usize>,
+    /// Train-time augmentation (random resized crop + horizontal flip).
+    #[arg(long)]
+    pub augment: bool,
+    /// Keep a tower fixed (image, text or both): it runs in evaluation mode, gets no gradient and
+    /// no optimiser state, and its features are computed once and cached (the image tower's only
+    /// without --augment), so an epoch costs only what still trains.
+    #[arg(long, value_name = "TOWER", value_parser = ["image", "text", "both"])]
+    pub freeze: Option<String>,
+    /// Same as --freeze image (kept for older scripts).
+    #[arg(long, hide = true)]
+    pub freeze_image: bool,
+    /// Same as --freeze text (kept for older scripts).
+    #[arg(long, hide = true)]
+    pub freeze_text: bool,
+}
+
+fn parse_schedule(s: &str) -> std::result::Result<Schedule, String> {
+    match s {
+        "plateau" => Ok(Schedule::Plateau),
+        "cosine" => Ok(Schedule::Cosine),
+        _ => Err(format!("unknown schedule {s:?}: use plateau or cosine")),
+    }
+}
+
+impl TrainArgs {
+    /// Writes every given flag into `cfg`; flags not given leave the config's value.
+    pub fn apply(&self, cfg: &mut ClipConfig) -> Result<()> {
+        let t = &mut cfg.train;
+        set(&mut t.epochs, self.epochs);
+        set(&mut t.batch_size, self.batch_size);
+        set(&mut t.lr_image, self.lr_image);
+        set(&mut t.lr_text, self.lr_text);
+        set(&mut t.lr_head, self.lr_head);
+        set(&mut t.weight_decay, self.weight_decay);
+        set(&mut t.schedule, self.schedule);
+        set(&mut t.warmup_steps, self.warmup_steps);
+        set(&mut t.clip_grad_norm, self.clip_grad_norm);
+        set(&mut t.accumulate, self.accumulate);
+        t.freeze_image |= self.freeze_image;
+        t.freeze_text |= self.freeze_text;
+        if let Some(towers) = &self.freeze {
+            t.freeze(towers)?;
+        }
+        cfg.data.augment |= self.augment;
+        Ok(())
+    }
+}
+
+fn set<T>(slot: &mut T, value: Option<T>) {
+    if let Some(v) = value {
+        *slot = v;
+    }
+}
+
+/// Runs a stage's body: an error becomes a message and exit code 2 (a gate failure is 1).
+pub fn run_stage(f: impl FnOnce() -> Result<std::process::ExitCode>) -> std::process::ExitCode {
+    match f() {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        train: TrainArgs,
+    }
+
+    #[test]
+    fn given_flags_override_the_config_and_only_those() {
+        let mut cfg = ClipConfig::default();
+        let before = cfg.clone();
+        let cli = Cli::parse_from(["x", "--epochs", "7", "--schedule", "cosine", "--freeze", "text"]);
+        cli.train.apply(&mut cfg).unwrap();
+        assert_eq!(cfg.train.epochs, 7);
+        assert_eq!(cfg.train.schedule, Schedule::Cosine);
+        assert!(cfg.train.freeze_text && !cfg.train.freeze_image);
+        assert_eq!(cfg.train.lr_head, before.train.lr_head);
+        assert_eq!(cfg.train.batch_size, before.train.batch_size);
+        assert!(Cli::try_parse_from(["x", "--schedule", "linear"]).is_err());
+    }
+}

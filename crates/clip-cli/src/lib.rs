@@ -1,0 +1,16 @@
+//! What clipmine's programs (the four stages, `clip-predict`, `xtask`) share and the library does
+//! not need: command-line arguments, progress bars, the stage reports, plots.
+//!
+//! `clip-core` stays free of user-interface crates; everything here presents what it computes.
+
+/// Arguments every stage shares, so `cargo xtask verify` can pass the same flags to each.
+pub mod args;
+/// PNG plots: loss curves and similarity heat maps.
+pub mod plot;
+/// Terminal progress bars for clip-core's progress reports.
+pub mod progress;
+/// What a stage checked, printed for people and written as JSON for the pipeline.
+pub mod report;
+
+pub use args::{run_stage, DataArgs, ModelArgs, TrainArgs};
+pub use report::{fmt_count, Report};

@@ -53,7 +53,7 @@ enum What {
     Loader,
     /// Building an image index.
     Index,
-    /// A query over 1,000,000 embeddings.
+    /// Exact vs compact (int8) vs approximate (HNSW) search over 1M embeddings, compact over 10M.
     Search,
     /// Epochs with both towers frozen: cached features against recomputing them.
     Frozen,
@@ -175,7 +175,7 @@ pub fn run(args: Args) -> Result<bool> {
                 }
             }
             What::Index => println!("{}", json_line(Command::new(examples.join("bench")).args(["index"]))?),
-            What::Search => println!("{}", json_line(Command::new(examples.join("bench")).args(["search"]))?),
+            What::Search => crate::bench_search::run(&root)?,
             What::Frozen => {
                 for args in [
                     ["--preset", "tiny", "--images", "256"],

@@ -203,7 +203,8 @@ fn main() -> Result<()> {
                 });
                 img.save(dir.join(format!("{i:05}.jpg")))?;
             }
-            let (index, stats) = clip_core::index::ImageIndex::update(None, &model, "bench", &dir, 64, |_| {})?;
+            let (index, stats) =
+                clip_core::index::ImageIndex::update(None, &model, "bench", &dir, 64, &Default::default(), |_| {})?;
             let _ = std::fs::remove_dir_all(&dir);
             println!(
                 "{}",

@@ -8,7 +8,7 @@ use clip_core::checkpoint::RunDir;
 use clip_core::config::LossKind;
 use clip_core::data::{Dataset, ImageStore, LoadOptions, TextTokenizer};
 use clip_core::embed::embed_texts;
-use clip_core::index::{embed_image_files, model_fingerprint, ImageIndex};
+use clip_core::index::{embed_image_files, model_fingerprint, GraphPolicy, ImageIndex, IndexOptions, SearchMode};
 use clip_core::loss::l2_normalize;
 use clip_core::progress::Silent;
 use clip_core::retrieval::{argsort_desc, softmax, to_rows, Recall};
@@ -36,6 +36,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             index,
             images,
             top,
+            mode,
             sheet,
         } => text_to_image(
             &run,
@@ -43,6 +44,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             index.as_deref(),
             images.as_deref(),
             top,
+            mode,
             sheet.as_deref(),
             json,
             &device,
@@ -52,7 +54,34 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             images,
             out,
             batch_size,
-        } => index(&run, &images, out, batch_size, json, &device),
+            approx,
+        } => index(&run, &images, out, batch_size, approx, json, &device),
+        Cmd::Serve {
+            run,
+            index,
+            addr,
+            texts,
+            texts_file,
+            workers,
+        } => {
+            let texts = if texts.is_empty() && texts_file.is_none() {
+                vec![]
+            } else {
+                candidate_texts(texts, texts_file.as_deref())?
+            };
+            let index = index.unwrap_or_else(|| run.join("index"));
+            crate::serve::serve(
+                crate::serve::ServeOptions {
+                    run,
+                    index,
+                    addr,
+                    texts,
+                    workers,
+                },
+                &device,
+            )?;
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Eval {
             run,
             data,
@@ -203,6 +232,7 @@ fn text_to_image(
     index: Option<&Path>,
     images: Option<&Path>,
     top: usize,
+    mode: SearchMode,
     sheet: Option<&Path>,
     json: bool,
     device: &Device,
@@ -219,7 +249,11 @@ fn text_to_image(
         }
         (None, Some(folder)) => {
             let fp = model_fingerprint(&m.run.dir)?;
-            let (idx, stats) = ImageIndex::update(None, &m.model, &fp, folder, 64, |_| {})?;
+            let opts = IndexOptions {
+                graph: GraphPolicy::Never,
+                ..IndexOptions::default()
+            };
+            let (idx, stats) = ImageIndex::update(None, &m.model, &fp, folder, 64, &opts, |_| {})?;
             for (p, r) in &stats.failed {
                 eprintln!("error: {p}: {r}");
             }
@@ -230,20 +264,18 @@ fn text_to_image(
         }
     };
     let q = l2_normalize(&embed_texts(&m.model, &m.tok, &[text], 1, device)?)?
-        .squeeze(0)?
-        .to_device(&Device::Cpu)?;
+        .to_device(&Device::Cpu)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
     let t = std::time::Instant::now();
-    let hits = idx.search(&q, top)?;
+    let hits = idx.search_with(&q, top, mode)?;
     let ms = t.elapsed().as_secs_f64() * 1e3;
     let rows: Vec<_> = hits
         .iter()
-        .map(|(i, s)| json!({"image": idx.root.join(&idx.entries[*i].path).display().to_string(), "score": s}))
+        .map(|(i, s)| json!({"image": idx.path_of(*i).display().to_string(), "score": s}))
         .collect();
     if let Some(path) = sheet {
-        let items: Vec<(PathBuf, f32)> = hits
-            .iter()
-            .map(|(i, s)| (idx.root.join(&idx.entries[*i].path), *s))
-            .collect();
+        let items: Vec<(PathBuf, f32)> = hits.iter().map(|(i, s)| (idx.path_of(*i), *s)).collect();
         contact_sheet(path, text, &items)?;
     }
     if json {
@@ -276,6 +308,7 @@ fn index(
     images: &Path,
     out: Option<PathBuf>,
     batch_size: usize,
+    approx: GraphPolicy,
     json: bool,
     device: &Device,
 ) -> Result<ExitCode> {
@@ -293,19 +326,26 @@ fn index(
             .unwrap()
             .progress_chars("=> "),
     );
-    let (idx, stats) = ImageIndex::update(previous, &m.model, &fp, images, batch_size, |n| bar.inc(n as u64))?;
+    let opts = IndexOptions {
+        graph: approx,
+        ..IndexOptions::default()
+    };
+    let (mut idx, stats) = ImageIndex::update(previous, &m.model, &fp, images, batch_size, &opts, |n| {
+        bar.inc(n as u64)
+    })?;
     bar.finish_and_clear();
     idx.save(&out)?;
+    let (segments, graphs) = idx.segment_counts();
     if json {
         println!(
             "{}",
             serde_json::to_string_pretty(
-                &json!({"index": out.display().to_string(), "images": idx.entries.len(), "stats": stats})
+                &json!({"index": out.display().to_string(), "images": idx.entries.len(), "segments": segments, "graphs": graphs, "format_version": clip_core::index::FORMAT_VERSION, "stats": stats})
             )?
         );
     } else {
         println!(
-            "index {}: {} images ({} embedded, {} unchanged, {} removed, {} unreadable) in {:.1}s, {:.1} images/s",
+            "index {}: {} images ({} embedded, {} unchanged, {} removed, {} unreadable; {segments} segments, {graphs} with an HNSW graph) in {:.1}s, {:.1} images/s",
             out.display(),
             idx.entries.len(),
             stats.embedded,

@@ -3,9 +3,11 @@
 //! The tutorial ends with two predictions: give the model an image and it names the caption that
 //! fits; give it a caption and it finds the photo. These are `image-to-text` and `text-to-image`;
 //! `index` embeds a folder of images once so searching it is instant; `eval` measures retrieval
-//! recall on a caption dataset, or zero-shot accuracy on class folders.
+//! recall on a caption dataset, or zero-shot accuracy on class folders; `serve` is a local web
+//! page (and JSON API) to search an index by caption or by image.
 
 mod commands;
+mod serve;
 mod table;
 
 use std::path::PathBuf;
@@ -63,6 +65,10 @@ enum Cmd {
         images: Option<PathBuf>,
         #[arg(long, default_value_t = 5)]
         top: usize,
+        /// How to search an index: approx (HNSW graphs where built, else compact), compact (int8
+        /// scan, re-ranked exactly), exact (every f32 embedding).
+        #[arg(long, default_value = "approx")]
+        mode: clip_core::index::SearchMode,
         /// Draw the best images with their scores into this PNG.
         #[arg(long)]
         sheet: Option<PathBuf>,
@@ -78,6 +84,30 @@ enum Cmd {
         out: Option<PathBuf>,
         #[arg(long, default_value_t = 64)]
         batch_size: usize,
+        /// HNSW graphs for approximate search: auto (segments of 20,000+ photos), always, never.
+        #[arg(long, default_value = "auto")]
+        approx: clip_core::index::GraphPolicy,
+    },
+    /// A local web page to search an index: by caption, or by a dropped-in image (best captions
+    /// from --texts / --texts-file, and the most similar photos); JSON API at /api/search?q=…
+    Serve {
+        #[arg(long)]
+        run: PathBuf,
+        /// An index written by `index` (default: RUN/index).
+        #[arg(long)]
+        index: Option<PathBuf>,
+        /// Where to listen (port 0: any free port; the first line printed says which).
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        addr: String,
+        /// Candidate captions for image queries.
+        #[arg(long, num_args = 1.., conflicts_with = "texts_file")]
+        texts: Vec<String>,
+        /// A file of candidate captions, one per line (or a dataset's captions file).
+        #[arg(long, alias = "captions")]
+        texts_file: Option<PathBuf>,
+        /// Threads answering requests.
+        #[arg(long, default_value_t = 4)]
+        workers: usize,
     },
     /// Recall@1/5/10 on a caption dataset; zero-shot accuracy on class folders.
     Eval {

@@ -92,6 +92,12 @@ fn the_index_is_incremental_and_tied_to_its_model() {
     assert_eq!(v["stats"]["embedded"], 1, "{v}");
     assert_eq!(v["stats"]["reused"], 2, "{v}");
     assert_eq!(v["stats"]["removed"], 1, "{v}");
+    // The new photo went into a segment of its own; the first one was kept as it was.
+    assert_eq!(
+        (v["segments"].as_u64(), v["format_version"].as_u64()),
+        (Some(2), Some(2)),
+        "{v}"
+    );
     assert!(
         v["stats"]["failed"][0][0].as_str().unwrap().contains("broken.jpg"),
         "{v}"

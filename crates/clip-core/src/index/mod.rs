@@ -1,0 +1,614 @@
+//! An image index: L2-normalised embeddings of every image under a folder, searchable by a
+//! caption or an image, and updated incrementally (only new or changed files are embedded).
+//!
+//! Three ways to answer a query ([`SearchMode`]): the exact f32 scan (the reference), the compact
+//! int8 scan re-ranked exactly ([`quant`]), and an HNSW graph ([`approx`]) for collections of
+//! millions. Embeddings live in append-only [`segment`]s: an update writes one new segment for
+//! the new photos, and merges segments only when there are many or many rows were deleted.
+//!
+//! An index folder (format version [`FORMAT_VERSION`]) holds `manifest.json` (the version, the
+//! model's fingerprint, the folder, the segments, and each file's segment and row) and per
+//! segment `seg-NNNNNN.safetensors` (f32 rows, int8 codes, scales) and, when it has a graph,
+//! `seg-NNNNNN.hnsw`. Every file is written to a temporary file and renamed, the manifest last,
+//! so an interrupted update leaves the previous index readable. Version 1 indexes (one
+//! `embeddings.safetensors`) are upgraded when loaded; a newer version is refused by name.
+
+mod approx;
+mod files;
+mod quant;
+mod scan;
+mod segment;
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+pub use approx::{Graph, GraphParams};
+pub use files::{embed_image_files, list_images, model_fingerprint, Embedded};
+pub use quant::{dot_f32, dot_i8, quantize, rerank, Int8Rows};
+pub use scan::{scan_top_k, select, top_k, TopK};
+pub use segment::{rerank_candidates, SearchMode, Segment};
+
+use crate::checkpoint::write_atomic;
+use crate::model::ClipModel;
+
+/// The index format this build writes; it reads this one and upgrades version 1.
+pub const FORMAT_VERSION: u32 = 2;
+pub const MANIFEST: &str = "manifest.json";
+/// Version 1's single embeddings file, read only to upgrade.
+pub const EMBEDDINGS_V1: &str = "embeddings.safetensors";
+/// Under [`GraphPolicy::Auto`], segments of at least this many photos get an HNSW graph: below
+/// it the int8 scan answers in about a millisecond and a graph is not worth building.
+pub const AUTO_GRAPH_ROWS: usize = 20_000;
+/// An update leaving more segments than this merges all but the largest into one.
+pub const MAX_SEGMENTS: usize = 8;
+/// An update leaving more than this share of stored rows deleted merges every segment.
+pub const MAX_DEAD_SHARE: f64 = 0.25;
+
+/// Marks a stored row whose photo was deleted or changed.
+const DEAD: u32 = u32::MAX;
+
+/// One indexed file: where it is and what it was when embedded.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct IndexEntry {
+    /// Path relative to the indexed folder.
+    pub path: String,
+    pub size: u64,
+    pub modified: u64,
+}
+
+/// Which segments an update gives an HNSW graph.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GraphPolicy {
+    /// Segments of at least [`AUTO_GRAPH_ROWS`] photos.
+    #[default]
+    Auto,
+    /// Every segment (of two or more photos).
+    Always,
+    /// None (the compact scan answers every query).
+    Never,
+}
+
+impl std::str::FromStr for GraphPolicy {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s {
+            "auto" => Self::Auto,
+            "always" => Self::Always,
+            "never" => Self::Never,
+            _ => bail!("unknown graph policy {s:?}: use auto, always or never"),
+        })
+    }
+}
+
+impl GraphPolicy {
+    fn wants(self, rows: usize) -> bool {
+        match self {
+            Self::Auto => rows >= AUTO_GRAPH_ROWS,
+            Self::Always => rows > 1,
+            Self::Never => false,
+        }
+    }
+}
+
+/// How [`ImageIndex::update`] stores what it embeds.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct IndexOptions {
+    pub graph: GraphPolicy,
+    pub params: GraphParams,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct SegmentInfo {
+    id: u32,
+    rows: usize,
+    graph: bool,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Located {
+    #[serde(flatten)]
+    entry: IndexEntry,
+    segment: u32,
+    row: usize,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Manifest {
+    version: u32,
+    fingerprint: String,
+    root: PathBuf,
+    dim: usize,
+    next_segment: u32,
+    segments: Vec<SegmentInfo>,
+    entries: Vec<Located>,
+}
+
+/// Version 1: no version field, one embeddings file in entry order.
+#[derive(Debug, Deserialize)]
+struct ManifestV1 {
+    fingerprint: String,
+    root: PathBuf,
+    dim: usize,
+    entries: Vec<IndexEntry>,
+}
+
+pub struct ImageIndex {
+    /// The model that made the embeddings (see [`model_fingerprint`]).
+    pub fingerprint: String,
+    pub root: PathBuf,
+    /// Sorted by path.
+    pub entries: Vec<IndexEntry>,
+    dim: usize,
+    segments: Vec<Segment>,
+    /// Entry → (position in `segments`, row).
+    loc: Vec<(usize, usize)>,
+    /// Per segment: row → entry, or [`DEAD`].
+    owner: Vec<Vec<u32>>,
+    next_segment: u32,
+    /// Segments whose files are not yet written where the index was loaded from.
+    unsaved: HashSet<u32>,
+    /// The folder the index was loaded from (its segment files are there).
+    loaded_from: Option<PathBuf>,
+}
+
+/// What an update did.
+#[derive(Debug, Default, Serialize)]
+pub struct UpdateStats {
+    pub embedded: usize,
+    pub reused: usize,
+    pub removed: usize,
+    /// Files that could not be read, with the reason; they are left out of the index.
+    pub failed: Vec<(String, String)>,
+    /// Segments after the update, segments merged by it, and HNSW graphs it built.
+    pub segments: usize,
+    pub merged: usize,
+    pub graphs_built: usize,
+    pub seconds: f64,
+    pub images_per_second: f64,
+}
+
+impl ImageIndex {
+    /// An empty index of `dim`-wide embeddings.
+    pub fn empty(fingerprint: &str, root: &Path, dim: usize) -> Self {
+        Self {
+            fingerprint: fingerprint.into(),
+            root: root.to_path_buf(),
+            entries: vec![],
+            dim,
+            segments: vec![],
+            loc: vec![],
+            owner: vec![],
+            next_segment: 1,
+            unsaved: HashSet::new(),
+            loaded_from: None,
+        }
+    }
+
+    pub fn dim(&self) -> usize {
+        self.dim
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// (segments, of which with an HNSW graph).
+    pub fn segment_counts(&self) -> (usize, usize) {
+        (
+            self.segments.len(),
+            self.segments.iter().filter(|s| s.has_graph()).count(),
+        )
+    }
+
+    /// The stored (L2-normalised) embedding of entry `i`.
+    pub fn embedding(&self, i: usize) -> &[f32] {
+        let (s, r) = self.loc[i];
+        self.segments[s].row(r)
+    }
+
+    /// Where entry `i`'s file is.
+    pub fn path_of(&self, i: usize) -> PathBuf {
+        self.root.join(&self.entries[i].path)
+    }
+
+    pub fn load(dir: &Path) -> Result<Self> {
+        let mpath = dir.join(MANIFEST);
+        let text =
+            std::fs::read_to_string(&mpath).with_context(|| format!("reading index manifest {}", mpath.display()))?;
+        let value: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("parsing {}", mpath.display()))?;
+        match value.get("version").map(|v| v.as_u64()) {
+            None => Self::load_v1(dir, serde_json::from_value(value).with_context(|| format!("parsing {}", mpath.display()))?),
+            Some(Some(v)) if v == FORMAT_VERSION as u64 => {
+                let m: Manifest = serde_json::from_value(value).with_context(|| format!("parsing {}", mpath.display()))?;
+                Self::load_v2(dir, m).with_context(|| format!("loading index {}", dir.display()))
+            }
+            Some(Some(v)) if v > FORMAT_VERSION as u64 => bail!(
+                "index {} has format version {v}, newer than this build reads ({FORMAT_VERSION}): update clipmine, or rebuild the index with this one (`clip-predict index --out NEW_FOLDER`)",
+                dir.display()
+            ),
+            Some(v) => bail!("{}: unknown index format version {v:?}", mpath.display()),
+        }
+    }
+
+    fn load_v2(dir: &Path, m: Manifest) -> Result<Self> {
+        let mut idx = Self::empty(&m.fingerprint, &m.root, m.dim);
+        idx.next_segment = m.next_segment;
+        let mut pos = HashMap::new();
+        for s in &m.segments {
+            if s.id >= m.next_segment {
+                bail!(
+                    "segment {} is not below next_segment {} — the manifest is damaged",
+                    s.id,
+                    m.next_segment
+                );
+            }
+            pos.insert(s.id, idx.segments.len());
+            idx.segments.push(Segment::read(dir, s.id, m.dim, s.rows, s.graph)?);
+        }
+        for l in m.entries {
+            let Some(&p) = pos.get(&l.segment) else {
+                bail!(
+                    "{} is in segment {}, which the manifest does not list",
+                    l.entry.path,
+                    l.segment
+                );
+            };
+            if l.row >= idx.segments[p].rows() {
+                bail!(
+                    "{} is row {} of segment {}, which has {} rows",
+                    l.entry.path,
+                    l.row,
+                    l.segment,
+                    idx.segments[p].rows()
+                );
+            }
+            idx.loc.push((p, l.row));
+            idx.entries.push(l.entry);
+        }
+        idx.rebuild_owner()?;
+        idx.loaded_from = Some(dir.to_path_buf());
+        Ok(idx)
+    }
+
+    /// Reads a version 1 index into one (unsaved) segment; saving writes it as version 2.
+    fn load_v1(dir: &Path, m: ManifestV1) -> Result<Self> {
+        let epath = dir.join(EMBEDDINGS_V1);
+        let mut t = candle_core::safetensors::load(&epath, &Device::Cpu)
+            .with_context(|| format!("reading {}", epath.display()))?;
+        let embeddings = match t.remove("embeddings") {
+            Some(e) => e,
+            None if m.entries.is_empty() => Tensor::zeros((0, m.dim), DType::F32, &Device::Cpu)?,
+            None => bail!("{} has no `embeddings` tensor", epath.display()),
+        };
+        if embeddings.dims2()? != (m.entries.len(), m.dim) {
+            bail!(
+                "index {} is inconsistent: {:?} embeddings for {} files of {} values — rebuild it",
+                dir.display(),
+                embeddings.dims(),
+                m.entries.len(),
+                m.dim
+            );
+        }
+        let rows = embeddings.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let mut idx = Self::empty(&m.fingerprint, &m.root, m.dim);
+        let n = m.entries.len();
+        idx.entries = m.entries;
+        if n > 0 {
+            idx.add_segment(rows, None);
+            idx.loc = (0..n).map(|r| (0, r)).collect();
+        }
+        idx.rebuild_owner()?;
+        Ok(idx)
+    }
+
+    /// Writes what changed: new segments, then the manifest (each atomically), then removes the
+    /// files of merged segments and of a version 1 index.
+    pub fn save(&mut self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let same = self.loaded_from.as_deref().is_some_and(|d| same_dir(d, dir));
+        for s in &self.segments {
+            if !same || self.unsaved.contains(&s.id) {
+                s.write(dir)?;
+            }
+        }
+        let m = Manifest {
+            version: FORMAT_VERSION,
+            fingerprint: self.fingerprint.clone(),
+            root: self.root.clone(),
+            dim: self.dim,
+            next_segment: self.next_segment,
+            segments: self
+                .segments
+                .iter()
+                .map(|s| SegmentInfo {
+                    id: s.id,
+                    rows: s.rows(),
+                    graph: s.has_graph(),
+                })
+                .collect(),
+            entries: self
+                .entries
+                .iter()
+                .zip(&self.loc)
+                .map(|(e, &(p, row))| Located {
+                    entry: e.clone(),
+                    segment: self.segments[p].id,
+                    row,
+                })
+                .collect(),
+        };
+        write_atomic(&dir.join(MANIFEST), serde_json::to_string(&m)?.as_bytes())?;
+        self.unsaved.clear();
+        self.loaded_from = Some(dir.to_path_buf());
+        let live: HashSet<String> = self.segments.iter().flat_map(|s| s.file_names()).collect();
+        for e in std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
+            let name = e?.file_name().to_string_lossy().into_owned();
+            if (name.starts_with("seg-") && !live.contains(&name)) || name == EMBEDDINGS_V1 {
+                let p = dir.join(&name);
+                std::fs::remove_file(&p).with_context(|| format!("removing the stale {}", p.display()))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Builds or refreshes an index of `root`: files unchanged since `previous` (same model, path,
+    /// size and modification time) keep their embedding; new or changed ones are embedded into a
+    /// new segment; deleted ones are dropped. An index made by another model is refused.
+    pub fn update(
+        previous: Option<ImageIndex>,
+        model: &ClipModel,
+        fingerprint: &str,
+        root: &Path,
+        chunk: usize,
+        opts: &IndexOptions,
+        on_progress: impl FnMut(usize),
+    ) -> Result<(Self, UpdateStats)> {
+        Self::update_with(
+            previous,
+            fingerprint,
+            model.config.projection_dim,
+            root,
+            opts,
+            |paths| embed_image_files(model, &model.config, paths, chunk, on_progress),
+        )
+    }
+
+    /// [`ImageIndex::update`] with any embedder of `dim`-wide rows: `embed` gets the files to
+    /// embed and returns what [`embed_image_files`] does.
+    pub fn update_with(
+        previous: Option<ImageIndex>,
+        fingerprint: &str,
+        dim: usize,
+        root: &Path,
+        opts: &IndexOptions,
+        embed: impl FnOnce(&[PathBuf]) -> Result<Embedded>,
+    ) -> Result<(Self, UpdateStats)> {
+        let started = std::time::Instant::now();
+        let mut idx = match previous {
+            Some(p) if p.fingerprint != fingerprint => bail!(
+                "this index was made by another model (fingerprint {}, this run {fingerprint}): write a new index with --out, or delete it",
+                p.fingerprint
+            ),
+            Some(p) if p.dim != dim => bail!("this index holds {}-wide embeddings, the model makes {dim}", p.dim),
+            Some(p) => p,
+            None => Self::empty(fingerprint, root, dim),
+        };
+        idx.root = root.to_path_buf();
+        let listing = crate::data::image_files(root)?;
+        let files = listing.files;
+        let old: HashMap<&str, usize> = idx
+            .entries
+            .iter()
+            .enumerate()
+            .map(|(i, e)| (e.path.as_str(), i))
+            .collect();
+        let mut stats = UpdateStats::default();
+        // Links leading outside the folder, or to folders, are left out and said so.
+        stats.failed.extend(listing.skipped);
+        let present: HashSet<&str> = files.iter().map(String::as_str).collect();
+        stats.removed = old.keys().filter(|k| !present.contains(*k)).count();
+        // Each file: reuse an old row, or embed it.
+        let mut plan = vec![]; // (entry, Some(old entry index) | None)
+        let mut todo = vec![];
+        for f in &files {
+            let (size, modified) = files::stat(&root.join(f))?;
+            let entry = IndexEntry {
+                path: f.clone(),
+                size,
+                modified,
+            };
+            match old.get(f.as_str()) {
+                Some(&i) if idx.entries[i] == entry => plan.push((entry, Some(i))),
+                _ => {
+                    todo.push(plan.len());
+                    plan.push((entry, None));
+                }
+            }
+        }
+        drop(old);
+        let paths: Vec<PathBuf> = todo.iter().map(|&i| root.join(&plan[i].0.path)).collect();
+        let (new_emb, ok, failed) = embed(&paths)?;
+        let failed_set: HashSet<usize> = failed.iter().map(|(i, _)| todo[*i]).collect();
+        for (i, reason) in failed {
+            stats.failed.push((plan[todo[i]].0.path.clone(), reason));
+        }
+        let new_rows: HashMap<usize, usize> = ok.iter().enumerate().map(|(row, &i)| (todo[i], row)).collect();
+        let new_seg = match new_emb {
+            Some(t) => {
+                let rows = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                let n = ok.len();
+                if rows.len() != n * dim {
+                    bail!("the embedder returned {} values for {n} images of {dim}", rows.len());
+                }
+                let graph = opts.graph.wants(n).then_some(opts.params);
+                stats.graphs_built += graph.is_some() as usize;
+                Some(idx.add_segment(rows, graph))
+            }
+            None => None,
+        };
+        let mut entries = vec![];
+        let mut loc = vec![];
+        for (k, (entry, old_i)) in plan.into_iter().enumerate() {
+            if failed_set.contains(&k) {
+                continue;
+            }
+            match old_i {
+                Some(i) => {
+                    stats.reused += 1;
+                    loc.push(idx.loc[i]);
+                }
+                None => {
+                    stats.embedded += 1;
+                    loc.push((new_seg.expect("embedded rows have a segment"), new_rows[&k]));
+                }
+            }
+            entries.push(entry);
+        }
+        idx.entries = entries;
+        idx.loc = loc;
+        idx.rebuild_owner()?;
+        stats.merged = idx.compact(opts)?;
+        for s in idx.segments.iter_mut() {
+            if !s.has_graph() && opts.graph.wants(s.rows()) {
+                s.add_graph(opts.params);
+                idx.unsaved.insert(s.id);
+                stats.graphs_built += 1;
+            }
+        }
+        stats.segments = idx.segments.len();
+        stats.seconds = started.elapsed().as_secs_f64();
+        stats.images_per_second = stats.embedded as f64 / stats.seconds.max(1e-9);
+        Ok((idx, stats))
+    }
+
+    /// Adds a segment of `rows` (row-major f32); returns its position.
+    fn add_segment(&mut self, rows: Vec<f32>, graph: Option<GraphParams>) -> usize {
+        let id = self.next_segment;
+        self.next_segment += 1;
+        self.segments.push(Segment::new(id, self.dim, rows, graph));
+        self.unsaved.insert(id);
+        self.segments.len() - 1
+    }
+
+    /// Recomputes which entry owns each stored row, and checks no row has two owners.
+    fn rebuild_owner(&mut self) -> Result<()> {
+        self.owner = self.segments.iter().map(|s| vec![DEAD; s.rows()]).collect();
+        for (i, &(s, r)) in self.loc.iter().enumerate() {
+            if self.owner[s][r] != DEAD {
+                bail!(
+                    "{} and {} share one stored embedding — the index is damaged; rebuild it",
+                    self.entries[self.owner[s][r] as usize].path,
+                    self.entries[i].path
+                );
+            }
+            self.owner[s][r] = i as u32;
+        }
+        Ok(())
+    }
+
+    /// Drops segments with no live rows, then merges: every segment when more than
+    /// [`MAX_DEAD_SHARE`] of the stored rows are deleted, all but the largest when there are
+    /// more than [`MAX_SEGMENTS`]. Returns how many segments were merged away.
+    fn compact(&mut self, opts: &IndexOptions) -> Result<usize> {
+        let stored: usize = self.segments.iter().map(Segment::rows).sum();
+        let dead = stored - self.entries.len();
+        let mut chosen: Vec<usize> = if stored > 0 && dead as f64 > MAX_DEAD_SHARE * stored as f64 {
+            (0..self.segments.len()).collect()
+        } else if self.segments.len() > MAX_SEGMENTS {
+            let largest = (0..self.segments.len())
+                .max_by_key(|&s| self.segments[s].rows())
+                .unwrap_or(0);
+            (0..self.segments.len()).filter(|&s| s != largest).collect()
+        } else {
+            vec![]
+        };
+        // Segments whose rows are all deleted go anyway.
+        for (s, o) in self.owner.iter().enumerate() {
+            if o.iter().all(|&e| e == DEAD) && !chosen.contains(&s) {
+                chosen.push(s);
+            }
+        }
+        if chosen.is_empty() {
+            return Ok(0);
+        }
+        let chosen_set: HashSet<usize> = chosen.iter().copied().collect();
+        let mut rows = vec![];
+        let mut moved = vec![];
+        for (i, &(s, r)) in self.loc.iter().enumerate() {
+            if chosen_set.contains(&s) {
+                rows.extend_from_slice(self.segments[s].row(r));
+                moved.push(i);
+            }
+        }
+        // Remove the chosen segments, renumbering the positions of the others.
+        let mut new_pos = vec![usize::MAX; self.segments.len()];
+        let mut kept = vec![];
+        for (s, seg) in std::mem::take(&mut self.segments).into_iter().enumerate() {
+            if chosen_set.contains(&s) {
+                self.unsaved.remove(&seg.id);
+            } else {
+                new_pos[s] = kept.len();
+                kept.push(seg);
+            }
+        }
+        self.segments = kept;
+        for l in self.loc.iter_mut() {
+            if !chosen_set.contains(&l.0) {
+                l.0 = new_pos[l.0];
+            }
+        }
+        if !moved.is_empty() {
+            let n = moved.len();
+            let graph = opts.graph.wants(n).then_some(opts.params);
+            let p = self.add_segment(rows, graph);
+            for (row, &i) in moved.iter().enumerate() {
+                self.loc[i] = (p, row);
+            }
+        }
+        self.rebuild_owner()?;
+        Ok(chosen.len())
+    }
+
+    /// The `k` best entries for an L2-normalised query (P,), best first, with cosine scores:
+    /// the approximate search where segments have a graph, the compact one elsewhere.
+    pub fn search(&self, query: &Tensor, k: usize) -> Result<Vec<(usize, f32)>> {
+        let q = query
+            .to_device(&Device::Cpu)?
+            .flatten_all()?
+            .to_dtype(DType::F32)?
+            .to_vec1::<f32>()?;
+        self.search_with(&q, k, SearchMode::Approx)
+    }
+
+    /// The `k` best entries for an L2-normalised query, answered the way `mode` says.
+    pub fn search_with(&self, q: &[f32], k: usize, mode: SearchMode) -> Result<Vec<(usize, f32)>> {
+        if q.len() != self.dim {
+            bail!("the query has {} values, the index {} per image", q.len(), self.dim);
+        }
+        let mut top = TopK::new(k);
+        for (seg, owner) in self.segments.iter().zip(&self.owner) {
+            let keep = |r: usize| owner[r] != DEAD;
+            for (r, s) in seg.search(q, k, mode, &keep) {
+                top.push(owner[r] as usize, s);
+            }
+        }
+        Ok(top.into_sorted())
+    }
+}
+
+/// Whether two paths name the same folder (after resolving links, when both exist).
+fn same_dir(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => a == b,
+    }
+}

@@ -1,0 +1,206 @@
+//! A segment: a batch of embeddings added to an index in one update, stored in its own files and
+//! never rewritten, so adding photos writes only the new ones.
+//!
+//! Each segment keeps the exact f32 embeddings (for exact scores and re-ranking), their int8
+//! codes (the compact scan) and, when it is large enough, an HNSW graph (the approximate search).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use safetensors::{Dtype, SafeTensors};
+
+use super::approx::{Graph, GraphParams};
+use super::quant::{dot_f32, rerank, Int8Rows};
+use super::scan::{scan_top_k, TopK};
+use crate::checkpoint::write_atomic;
+
+/// How a query is answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SearchMode {
+    /// Every f32 embedding scored: the reference.
+    Exact,
+    /// The int8 scan, its best candidates re-scored exactly.
+    Compact,
+    /// The HNSW graph where a segment has one (the compact scan elsewhere), re-scored exactly.
+    #[default]
+    Approx,
+}
+
+impl std::str::FromStr for SearchMode {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s {
+            "exact" => Self::Exact,
+            "compact" => Self::Compact,
+            "approx" => Self::Approx,
+            _ => bail!("unknown search mode {s:?}: use exact, compact or approx"),
+        })
+    }
+}
+
+/// Candidates the compact scan re-ranks per query: enough that the exact top 10 is among them.
+pub fn rerank_candidates(k: usize) -> usize {
+    (4 * k).max(64)
+}
+
+pub struct Segment {
+    /// Names its files: `seg-{id:06}.*`.
+    pub id: u32,
+    dim: usize,
+    /// Row-major, L2-normalised.
+    f32: Vec<f32>,
+    codes: Int8Rows,
+    graph: Option<Graph>,
+}
+
+impl Segment {
+    /// A new segment of `f32` rows; with `graph`, its HNSW graph is built too.
+    pub fn new(id: u32, dim: usize, f32: Vec<f32>, graph: Option<GraphParams>) -> Self {
+        let codes = Int8Rows::from_f32(&f32, dim);
+        let graph = graph.filter(|_| codes.len() > 1).map(|p| Graph::build(&codes, p));
+        Self {
+            id,
+            dim,
+            f32,
+            codes,
+            graph,
+        }
+    }
+
+    /// Builds this segment's HNSW graph (for a segment that had none).
+    pub fn add_graph(&mut self, params: GraphParams) {
+        if self.codes.len() > 1 {
+            self.graph = Some(Graph::build(&self.codes, params));
+        }
+    }
+
+    pub fn rows(&self) -> usize {
+        self.codes.len()
+    }
+
+    pub fn has_graph(&self) -> bool {
+        self.graph.is_some()
+    }
+
+    pub fn row(&self, i: usize) -> &[f32] {
+        &self.f32[i * self.dim..(i + 1) * self.dim]
+    }
+
+    /// The best `k` rows for which `keep` holds, best first, with exact cosine scores.
+    pub fn search(
+        &self,
+        q: &[f32],
+        k: usize,
+        mode: SearchMode,
+        keep: &(dyn Fn(usize) -> bool + Sync),
+    ) -> Vec<(usize, f32)> {
+        let exact = |i: usize| dot_f32(self.row(i), q);
+        match (mode, &self.graph) {
+            (SearchMode::Exact, _) => {
+                // The scan keeps the best k + (deleted rows) so deleted ones cannot crowd out k live.
+                let dead = (0..self.rows()).filter(|&i| !keep(i)).count();
+                let mut top = TopK::new(k);
+                for (i, s) in scan_top_k(&self.f32, self.dim, q, k + dead) {
+                    if keep(i) {
+                        top.push(i, s);
+                    }
+                }
+                top.into_sorted()
+            }
+            (SearchMode::Approx, Some(g)) if k <= g.params().ef_search / 2 => {
+                rerank(g.search(q).into_iter().filter(|&i| keep(i)), k, exact)
+            }
+            _ => self.codes.search(q, k, rerank_candidates(k), keep, exact),
+        }
+    }
+
+    fn file(dir: &Path, id: u32, ext: &str) -> PathBuf {
+        dir.join(format!("seg-{id:06}.{ext}"))
+    }
+
+    /// The file names this segment occupies in its index folder.
+    pub fn file_names(&self) -> Vec<String> {
+        let mut v = vec![format!("seg-{:06}.safetensors", self.id)];
+        if self.graph.is_some() {
+            v.push(format!("seg-{:06}.hnsw", self.id));
+        }
+        v
+    }
+
+    /// Writes the segment's files (each atomically: a temporary file, then a rename).
+    pub fn write(&self, dir: &Path) -> Result<()> {
+        let f32_bytes: Vec<u8> = self.f32.iter().flat_map(|x| x.to_le_bytes()).collect();
+        let code_bytes: Vec<u8> = self.codes.codes().iter().map(|&c| c as u8).collect();
+        let scale_bytes: Vec<u8> = self.codes.scales().iter().flat_map(|x| x.to_le_bytes()).collect();
+        let (n, d) = (self.rows(), self.dim);
+        let views = [
+            (
+                "f32",
+                safetensors::tensor::TensorView::new(Dtype::F32, vec![n, d], &f32_bytes)?,
+            ),
+            (
+                "i8",
+                safetensors::tensor::TensorView::new(Dtype::I8, vec![n, d], &code_bytes)?,
+            ),
+            (
+                "scale",
+                safetensors::tensor::TensorView::new(Dtype::F32, vec![n], &scale_bytes)?,
+            ),
+        ];
+        let bytes = safetensors::serialize(views.iter().map(|(k, v)| (*k, v.clone())), None)?;
+        write_atomic(&Self::file(dir, self.id, "safetensors"), &bytes)?;
+        if let Some(g) = &self.graph {
+            write_atomic(&Self::file(dir, self.id, "hnsw"), &g.to_bytes()?)?;
+        }
+        Ok(())
+    }
+
+    /// Reads segment `id` of `rows` rows of `dim` from `dir`.
+    pub fn read(dir: &Path, id: u32, dim: usize, rows: usize, graph: bool) -> Result<Self> {
+        let path = Self::file(dir, id, "safetensors");
+        let bytes = std::fs::read(&path).with_context(|| format!("reading index segment {}", path.display()))?;
+        let st = SafeTensors::deserialize(&bytes).with_context(|| format!("parsing {}", path.display()))?;
+        let get = |name: &str, dtype: Dtype, shape: &[usize]| -> Result<Vec<u8>> {
+            let t = st
+                .tensor(name)
+                .with_context(|| format!("{} has no `{name}` tensor", path.display()))?;
+            if t.dtype() != dtype || t.shape() != shape {
+                bail!(
+                    "{}: `{name}` is {:?} {:?}, expected {dtype:?} {shape:?} — the index is damaged; rebuild it",
+                    path.display(),
+                    t.dtype(),
+                    t.shape()
+                );
+            }
+            Ok(t.data().to_vec())
+        };
+        let le = |b: Vec<u8>| -> Vec<f32> {
+            b.chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect()
+        };
+        let f32 = le(get("f32", Dtype::F32, &[rows, dim])?);
+        let codes: Vec<i8> = get("i8", Dtype::I8, &[rows, dim])?
+            .into_iter()
+            .map(|b| b as i8)
+            .collect();
+        let scales = le(get("scale", Dtype::F32, &[rows])?);
+        let codes = Int8Rows::from_parts(dim, codes, scales)
+            .with_context(|| format!("{}: codes and scales disagree", path.display()))?;
+        let graph = if graph {
+            let gpath = Self::file(dir, id, "hnsw");
+            let b = std::fs::read(&gpath).with_context(|| format!("reading index graph {}", gpath.display()))?;
+            Some(Graph::from_bytes(&b).with_context(|| format!("in {}", gpath.display()))?)
+        } else {
+            None
+        };
+        Ok(Self {
+            id,
+            dim,
+            f32,
+            codes,
+            graph,
+        })
+    }
+}

@@ -1,0 +1,268 @@
+//! The image index on synthetic embeddings: the compact and approximate searches against the
+//! exact scan (recall@10), and the index's life cycle (incremental segments, merging, deleted
+//! photos, the format version, upgrading version 1, atomic saves) with a stand-in embedder.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use clip_core::index::{
+    Embedded, GraphParams, GraphPolicy, ImageIndex, IndexOptions, SearchMode, Segment, FORMAT_VERSION, MANIFEST,
+    MAX_SEGMENTS,
+};
+use rand::{Rng, SeedableRng};
+
+fn normalise(v: &mut [f32]) {
+    let n = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
+    v.iter_mut().for_each(|x| *x /= n);
+}
+
+fn gaussian(rng: &mut impl Rng) -> f32 {
+    // Box–Muller.
+    let (u, v): (f32, f32) = (rng.random::<f32>().max(1e-9), rng.random());
+    (-2.0 * u.ln()).sqrt() * (std::f32::consts::TAU * v).cos()
+}
+
+/// `n` L2-normalised rows around `clusters` centres (photos come in groups: a trip, a pet, a
+/// document), each row about 0.7 cosine from its centre; and `queries` drawn the same way.
+fn clustered(n: usize, queries: usize, dim: usize, clusters: usize, seed: u64) -> (Vec<f32>, Vec<Vec<f32>>) {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let centres: Vec<Vec<f32>> = (0..clusters)
+        .map(|_| {
+            let mut c: Vec<f32> = (0..dim).map(|_| gaussian(&mut rng)).collect();
+            normalise(&mut c);
+            c
+        })
+        .collect();
+    let sigma = 1.0 / (dim as f32).sqrt();
+    let point = |rng: &mut rand::rngs::StdRng| {
+        let c = &centres[rng.random_range(0..clusters)];
+        let mut v: Vec<f32> = c.iter().map(|x| x + sigma * gaussian(rng)).collect();
+        normalise(&mut v);
+        v
+    };
+    let rows = (0..n).flat_map(|_| point(&mut rng)).collect();
+    let qs = (0..queries).map(|_| point(&mut rng)).collect();
+    (rows, qs)
+}
+
+fn recall(found: &[(usize, f32)], truth: &[(usize, f32)]) -> f64 {
+    let t: std::collections::HashSet<usize> = truth.iter().map(|x| x.0).collect();
+    found.iter().filter(|x| t.contains(&x.0)).count() as f64 / truth.len() as f64
+}
+
+#[test]
+fn compact_and_approximate_search_find_the_exact_top_10() {
+    let (dim, k) = (64, 10);
+    let (rows, queries) = clustered(30_000, 40, dim, 300, 1);
+    let seg = Segment::new(1, dim, rows, Some(GraphParams::default()));
+    assert!(seg.has_graph());
+    let all = |_: usize| true;
+    let (mut compact, mut approx) = (0.0, 0.0);
+    for q in &queries {
+        let exact = seg.search(q, k, SearchMode::Exact, &all);
+        assert_eq!(exact.len(), k);
+        let c = seg.search(q, k, SearchMode::Compact, &all);
+        let a = seg.search(q, k, SearchMode::Approx, &all);
+        compact += recall(&c, &exact);
+        approx += recall(&a, &exact);
+        // Re-ranking makes the scores exact: a row found by both has the same score.
+        for (i, s) in c.iter().chain(&a) {
+            if let Some((_, t)) = exact.iter().find(|(j, _)| j == i) {
+                assert!((s - t).abs() < 1e-5, "row {i}: {s} vs exact {t}");
+            }
+        }
+        assert!(c.windows(2).all(|w| w[0].1 >= w[1].1) && a.windows(2).all(|w| w[0].1 >= w[1].1));
+    }
+    let n = queries.len() as f64;
+    let (compact, approx) = (compact / n, approx / n);
+    eprintln!("recall@10 against the exact scan: compact {compact:.4}, approximate {approx:.4}");
+    assert!(compact >= 0.99, "compact recall@10 {compact}");
+    assert!(approx >= 0.98, "approximate recall@10 {approx}");
+
+    // Deleted rows are never returned, in any mode, and k live rows still come back.
+    let even = |r: usize| r.is_multiple_of(2);
+    for mode in [SearchMode::Exact, SearchMode::Compact, SearchMode::Approx] {
+        let hits = seg.search(&queries[0], k, mode, &even);
+        assert_eq!(hits.len(), k, "{mode:?}");
+        assert!(hits.iter().all(|(r, _)| r.is_multiple_of(2)), "{mode:?}: {hits:?}");
+    }
+}
+
+/// A stand-in for the model: a file's embedding is a function of its name; `bad*` files fail.
+fn fake_embed(dim: usize) -> impl Fn(&[PathBuf]) -> anyhow::Result<Embedded> {
+    move |paths| {
+        let mut rows = vec![];
+        let (mut ok, mut failed) = (vec![], vec![]);
+        for (i, p) in paths.iter().enumerate() {
+            let name = p.file_name().unwrap().to_string_lossy().into_owned();
+            if name.starts_with("bad") {
+                failed.push((i, "not an image".to_string()));
+                continue;
+            }
+            rows.extend(name_vector(&name, dim));
+            ok.push(i);
+        }
+        let t = (!ok.is_empty()).then(|| Tensor::from_vec(rows, (ok.len(), dim), &Device::Cpu).unwrap());
+        Ok((t, ok, failed))
+    }
+}
+
+fn name_vector(name: &str, dim: usize) -> Vec<f32> {
+    let seed = name
+        .bytes()
+        .fold(7u64, |h, b| h.wrapping_mul(31).wrapping_add(b as u64));
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut v: Vec<f32> = (0..dim).map(|_| gaussian(&mut rng)).collect();
+    normalise(&mut v);
+    v
+}
+
+fn update(dir: &Path, photos: &Path, opts: &IndexOptions) -> (ImageIndex, clip_core::index::UpdateStats) {
+    let previous = dir.join(MANIFEST).is_file().then(|| ImageIndex::load(dir).unwrap());
+    let (mut idx, stats) = ImageIndex::update_with(previous, "model-a", 32, photos, opts, fake_embed(32)).unwrap();
+    idx.save(dir).unwrap();
+    (idx, stats)
+}
+
+fn files(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn updates_append_segments_merge_them_and_survive_a_reload() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (photos, dir) = (tmp.path().join("photos"), tmp.path().join("index"));
+    std::fs::create_dir_all(photos.join("sub")).unwrap();
+    for f in ["a.jpg", "b.jpg", "sub/c.png", "bad.jpg"] {
+        std::fs::write(photos.join(f), f).unwrap();
+    }
+    let opts = IndexOptions {
+        graph: GraphPolicy::Always,
+        ..IndexOptions::default()
+    };
+    let (idx, s) = update(&dir, &photos, &opts);
+    assert_eq!((s.embedded, s.reused, s.failed.len(), s.segments), (3, 0, 1, 1));
+    assert_eq!(idx.len(), 3);
+    assert_eq!(
+        files(&dir),
+        ["manifest.json", "seg-000001.hnsw", "seg-000001.safetensors"]
+    );
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join(MANIFEST)).unwrap()).unwrap();
+    assert_eq!(manifest["version"], FORMAT_VERSION);
+    let first = std::fs::metadata(dir.join("seg-000001.safetensors"))
+        .unwrap()
+        .modified()
+        .unwrap();
+
+    // A new photo: only it is embedded, into a new segment; the first segment is not rewritten.
+    std::fs::write(photos.join("d.jpg"), "d").unwrap();
+    let (idx, s) = update(&dir, &photos, &opts);
+    assert_eq!((s.embedded, s.reused, s.segments, s.merged), (1, 3, 2, 0));
+    assert!(files(&dir).contains(&"seg-000002.safetensors".to_string()));
+    assert_eq!(
+        std::fs::metadata(dir.join("seg-000001.safetensors"))
+            .unwrap()
+            .modified()
+            .unwrap(),
+        first
+    );
+    // Every mode finds each photo first by its own embedding, after a reload too.
+    let idx2 = ImageIndex::load(&dir).unwrap();
+    for (i, e) in idx.entries.iter().enumerate() {
+        let q = name_vector(e.path.rsplit('/').next().unwrap(), 32);
+        for mode in [SearchMode::Exact, SearchMode::Compact, SearchMode::Approx] {
+            for index in [&idx, &idx2] {
+                let hits = index.search_with(&q, 2, mode).unwrap();
+                assert_eq!(hits[0].0, i, "{mode:?} {}", e.path);
+                assert!((hits[0].1 - 1.0).abs() < 1e-5);
+            }
+        }
+    }
+
+    // Deleting half the photos: the dead rows pass 25 %, so everything is merged into one segment
+    // and the old segments' files go.
+    std::fs::remove_file(photos.join("a.jpg")).unwrap();
+    std::fs::remove_file(photos.join("b.jpg")).unwrap();
+    let (idx, s) = update(&dir, &photos, &opts);
+    assert_eq!((s.removed, s.segments), (2, 1));
+    assert_eq!(
+        idx.entries.iter().map(|e| e.path.as_str()).collect::<Vec<_>>(),
+        ["d.jpg", "sub/c.png"]
+    );
+    assert_eq!(
+        files(&dir),
+        ["manifest.json", "seg-000003.hnsw", "seg-000003.safetensors"]
+    );
+
+    // Many small updates never leave more than MAX_SEGMENTS segments.
+    for n in 0..MAX_SEGMENTS + 3 {
+        std::fs::write(photos.join(format!("new{n}.jpg")), format!("{n}")).unwrap();
+        let (idx, s) = update(&dir, &photos, &opts);
+        assert!(s.segments <= MAX_SEGMENTS, "{} segments", s.segments);
+        assert_eq!(idx.len(), 3 + n);
+        assert_eq!(s.embedded, 1);
+    }
+    let idx = ImageIndex::load(&dir).unwrap();
+    let q = name_vector("new4.jpg", 32);
+    assert_eq!(
+        idx.entries[idx.search_with(&q, 1, SearchMode::Approx).unwrap()[0].0].path,
+        "new4.jpg"
+    );
+    // Nothing temporary is left behind.
+    assert!(files(&dir).iter().all(|f| !f.contains(".tmp")), "{:?}", files(&dir));
+
+    // Another model's index is refused.
+    let err = ImageIndex::update_with(Some(idx), "model-b", 32, &photos, &opts, fake_embed(32))
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("another model"), "{err}");
+}
+
+#[test]
+fn a_newer_format_is_refused_and_version_1_is_upgraded() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    std::fs::write(
+        dir.join(MANIFEST),
+        r#"{"version": 99, "fingerprint": "x", "root": "/", "dim": 4, "segments": [], "entries": []}"#,
+    )
+    .unwrap();
+    let err = format!("{:#}", ImageIndex::load(dir).err().unwrap());
+    assert!(err.contains("version 99") && err.contains("newer"), "{err}");
+
+    // Version 1: a manifest without a version and one embeddings file.
+    let rows = [1.0f32, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0];
+    let t = Tensor::from_vec(rows.to_vec(), (2, 4), &Device::Cpu).unwrap();
+    candle_core::safetensors::save(
+        &std::collections::HashMap::from([("embeddings".to_string(), t)]),
+        dir.join("embeddings.safetensors"),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join(MANIFEST),
+        r#"{"fingerprint": "x", "root": "/photos", "dim": 4, "entries": [
+            {"path": "a.jpg", "size": 1, "modified": 2}, {"path": "b.jpg", "size": 3, "modified": 4}]}"#,
+    )
+    .unwrap();
+    let mut idx = ImageIndex::load(dir).unwrap();
+    assert_eq!(
+        idx.search_with(&[0.0, 1.0, 0.0, 0.0], 1, SearchMode::Compact).unwrap()[0].0,
+        1
+    );
+    idx.save(dir).unwrap();
+    assert_eq!(files(dir), ["manifest.json", "seg-000001.safetensors"]);
+    let idx = ImageIndex::load(dir).unwrap();
+    assert_eq!(idx.entries[1].path, "b.jpg");
+    assert_eq!(idx.embedding(1), &rows[4..]);
+
+    // A damaged manifest is named.
+    std::fs::write(dir.join(MANIFEST), "{").unwrap();
+    let err = format!("{:#}", ImageIndex::load(dir).err().unwrap());
+    assert!(err.contains("manifest.json"), "{err}");
+}

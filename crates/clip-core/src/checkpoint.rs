@@ -55,7 +55,7 @@ pub fn write_checked(dir: &Path, files: &[(String, Vec<u8>)]) -> Result<()> {
     // An unreadable old manifest only loses the old versions' sums: the new files replace them.
     let old = Manifest::read(dir).ok().flatten().unwrap_or_default();
     let mut during = old.clone();
-    during.hash = "xxh3-128".into();
+    during.hash = manifest::HASH.into();
     let mut done = during.clone();
     let mut renames = vec![];
     for (name, bytes) in files {

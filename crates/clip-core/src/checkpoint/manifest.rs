@@ -14,6 +14,9 @@ use serde::{Deserialize, Serialize};
 /// The manifest's file name, in every checkpoint folder (the run folder, `last/`).
 pub const MANIFEST: &str = "manifest.json";
 
+/// The manifest's `hash` field: which hash its sums are.
+pub const HASH: &str = "xxh3-128";
+
 /// Size and hash of one version of a file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Sum {
@@ -49,9 +52,13 @@ impl Manifest {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
         };
-        let m: Self = serde_json::from_str(&text)
-            .with_context(|| format!("{} is corrupted: it is not a valid checksum manifest", path.display()))?;
-        Ok(Some(m))
+        let corrupted = || format!("{} is corrupted: it is not a valid checksum manifest", path.display());
+        let value: serde_json::Value = serde_json::from_str(&text).with_context(corrupted)?;
+        // Another tool's manifest.json (an index's, a model hub's) is not ours to check against.
+        if value.get("hash").and_then(|h| h.as_str()) != Some(HASH) {
+            return Ok(None);
+        }
+        Ok(Some(serde_json::from_value(value).with_context(corrupted)?))
     }
 
     pub fn to_json(&self) -> Result<Vec<u8>> {

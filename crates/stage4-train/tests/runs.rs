@@ -72,7 +72,7 @@ fn losses(out: &Path) -> Vec<String> {
         .collect()
 }
 
-fn path(p: &PathBuf) -> &str {
+fn path(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
@@ -81,12 +81,11 @@ fn ctrl_c_mid_epoch_saves_and_the_resumed_run_matches_an_uninterrupted_one() {
     let dir = tempfile::tempdir().unwrap();
     let (full, cut) = (dir.path().join("full"), dir.path().join("cut"));
     // Batches of 2: 15 steps per epoch, so the signal lands inside an epoch.
-    let args = |out: &PathBuf| vec!["--epochs", "3", "--batch-size", "2", "--out", path(out)].join(" ");
-    let (code, log) = run(&args(&full).split(' ').collect::<Vec<_>>());
+    let args = |out: &PathBuf| ["--epochs", "3", "--batch-size", "2", "--out", path(out)].map(String::from);
+    let (code, log) = run(&args(&full).each_ref().map(String::as_str));
     assert!(matches!(code, Some(0 | 1)), "{log}");
 
-    let a = args(&cut);
-    let mut child = spawn(&a.split(' ').collect::<Vec<_>>());
+    let mut child = spawn(&args(&cut).each_ref().map(String::as_str));
     wait_for_checkpoint(&cut, &mut child);
     signal(&child, "-INT");
     let (code, log) = finish(child);

@@ -121,6 +121,10 @@ pub struct TrainArgs {
     /// Same as --freeze text (kept for older scripts).
     #[arg(long, hide = true)]
     pub freeze_text: bool,
+    /// Start over in an --out folder that already holds a run: its model, checkpoints and metrics
+    /// are deleted first (other files stay). Without it, such a folder is refused.
+    #[arg(long)]
+    pub overwrite: bool,
 }
 
 fn parse_schedule(s: &str) -> std::result::Result<Schedule, String> {

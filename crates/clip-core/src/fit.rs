@@ -2,9 +2,22 @@
 //! and resume.
 //!
 //! A run folder holds the best model by validation loss (`model.safetensors`, `optimizer.*`,
-//! `config.toml`, `tokenizer.json`, `metrics.json`) and the latest epoch under `last/` for
-//! `--resume`. Every file is written atomically; `last/` is replaced as a whole, so a crash leaves
-//! either the previous epoch's checkpoint or the new one.
+//! `config.toml`, `tokenizer.json`, `metrics.json`) and the latest checkpoint under `last/` for
+//! `--resume`. Every file is written atomically and checksummed ([`crate::checkpoint`]); `last/` is
+//! replaced as a whole, so a crash — even SIGKILL — leaves either the previous checkpoint or the
+//! new one. One process writes a folder at a time ([`RunLock`]).
+//!
+//! `last/` is written after every epoch, and mid-epoch when training is stopped
+//! ([`Trainer::set_stop`]): it then records the steps done in the current epoch, and a resumed run
+//! skips those batches (the epoch's order is a function of seed and epoch) and continues exactly
+//! as an uninterrupted run would.
+//!
+//! Resuming honours the config it is given: learning rates, weight decay, epochs and the other
+//! `train.*` keys may change (the optimiser takes the new rates, `config.toml` records them, and
+//! [`Trainer::changes`] lists them); anything that would make another model or another data split
+//! (the model's shape, the seed, `data.*` but augmentation) is refused. Under the cosine schedule
+//! the decay is always spread over the configured epochs, so raising them stretches the rest of the
+//! curve: from the next step the rate follows the cosine of the new total.
 //!
 //! A frozen tower's features are computed once and cached (in `feature-cache/` of the run folder
 //! by default, see [`crate::feature_cache`]); training, validation and recall then use them
@@ -12,14 +25,18 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
 
-use crate::checkpoint::{save_weights, write_atomic, CONFIG, LAST, METRICS, OPTIMIZER, STATE, TOKENIZER, WEIGHTS};
+use crate::checkpoint::{
+    self, optimizer_files, read_checked, weights_bytes, write_atomic, CONFIG, LAST, METRICS, OPTIMIZER, STATE,
+    TOKENIZER, WEIGHTS,
+};
 use crate::config::{ClipConfig, Schedule};
 use crate::data::Batch;
 use crate::embed::{embed_store_images, embed_texts};
@@ -30,6 +47,7 @@ use crate::optim::AdamW;
 use crate::params::Group;
 use crate::prepare::Prepared;
 use crate::retrieval::{to_rows, Recall};
+use crate::run_dir::{is_checkpoint, run_files, RunLock};
 use crate::schedule::{cosine, Plateau};
 use crate::train::{eval_loss, train_step};
 
@@ -40,7 +58,10 @@ pub const MAX_RECALL_PAIRS: usize = 2000;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct EpochRecord {
     pub epoch: usize,
+    #[serde(deserialize_with = "nan_if_null")]
     pub train_loss: f64,
+    /// NaN (`null` in JSON) when validation had no batch or diverged.
+    #[serde(deserialize_with = "nan_if_null")]
     pub val_loss: f64,
     pub lr_image: f64,
     pub lr_text: f64,
@@ -67,10 +88,66 @@ pub struct Validation {
 pub struct TrainState {
     /// Epochs completed.
     pub epoch: usize,
+    /// The loss that picked the best model: validation loss, or training loss when the validation
+    /// split is too small for a batch (see [`Trainer::selection_note`]). Infinite (`null` in JSON)
+    /// until an epoch has a finite one.
+    #[serde(deserialize_with = "inf_if_null")]
     pub best_val_loss: f64,
+    /// The epoch of `model.safetensors`; 0 is the untrained model (no epoch had a finite loss yet).
     pub best_epoch: usize,
+    #[serde(deserialize_with = "plateau_lenient")]
     pub plateau: Plateau,
     pub history: Vec<EpochRecord>,
+    /// The epoch in progress when training was stopped in its middle.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partial: Option<PartialEpoch>,
+}
+
+/// How far into an epoch a stopped run got: its steps and their losses (so the epoch's mean loss
+/// comes out as in an uninterrupted run).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct PartialEpoch {
+    /// Optimiser steps done in the epoch.
+    pub steps: usize,
+    pub losses: Vec<f64>,
+    pub pairs: usize,
+    pub seconds: f64,
+}
+
+/// Training stopped at the end of a step because [`Trainer::set_stop`]'s flag was raised; the
+/// error [`Trainer::train_epoch`] returns then (save with [`Trainer::save_checkpoint`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stopped {
+    /// 1-based epoch and step.
+    pub epoch: usize,
+    pub step: usize,
+    pub steps: usize,
+}
+
+impl std::fmt::Display for Stopped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "stopped after step {} of {} in epoch {}",
+            self.step, self.steps, self.epoch
+        )
+    }
+}
+
+impl std::error::Error for Stopped {}
+
+/// One changed config key on resume: `key: old → new`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Change {
+    pub key: String,
+    pub old: String,
+    pub new: String,
+}
+
+impl std::fmt::Display for Change {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {} → {}", self.key, self.old, self.new)
+    }
 }
 
 pub struct Trainer {
@@ -84,35 +161,120 @@ pub struct Trainer {
     feature_cache: Option<PathBuf>,
     /// The cached features, once computed or read (see [`Trainer::frozen_features`]).
     frozen: Mutex<Option<Arc<FrozenFeatures>>>,
+    /// Raised (by a signal handler) to stop at the end of the current step.
+    stop: Option<Arc<AtomicBool>>,
+    /// What a resumed run's config changed (recorded in `config.toml`).
+    pub changes: Vec<Change>,
+    /// The folder's lock, held as long as the trainer lives.
+    pub lock: RunLock,
 }
 
 impl Trainer {
-    /// A fresh run writing into `out` (created; its config and tokenizer are written now).
+    /// A fresh run writing into `out` (created, locked; its config, tokenizer and untrained weights
+    /// are written now, so the folder always holds a usable model). A folder that already holds a
+    /// run is refused.
     pub fn new(cfg: &ClipConfig, data: Prepared, out: &Path) -> Result<Self> {
-        let t = Self::build(cfg, data, out)?;
+        Self::new_locked(cfg, data, RunLock::acquire(out)?)
+    }
+
+    /// [`Trainer::new`] in a folder the caller has locked already.
+    pub fn new_locked(cfg: &ClipConfig, data: Prepared, lock: RunLock) -> Result<Self> {
+        let out = lock.dir.clone();
+        let existing = run_files(&out);
+        if !existing.is_empty() {
+            bail!(
+                "{} already holds a run ({}): continue it with --resume {0}, or start over with --overwrite",
+                out.display(),
+                existing.join(", ")
+            );
+        }
+        checkpoint::clean_stale(&out)?;
+        let t = Self::build(cfg, data, lock)?;
         crate::pretrained::load_pretrained(&t.model, &crate::hub::Hub::from_env())?;
-        std::fs::create_dir_all(out).with_context(|| format!("creating run folder {}", out.display()))?;
         write_atomic(&out.join(CONFIG), cfg.to_toml()?.as_bytes())?;
         t.data.tokenizer.save(&out.join(TOKENIZER))?;
+        checkpoint::write_checked(&out, &[(WEIGHTS.into(), weights_bytes(&t.model.params)?)])?;
         Ok(t)
     }
 
-    /// Continues the run in `out` from its last completed epoch.
+    /// Continues the run in `out` from its last checkpoint (the end of an epoch, or the step where
+    /// it was stopped), with `cfg` — which may change `train.*` keys and augmentation, recorded
+    /// in `config.toml` and listed in [`Trainer::changes`].
     pub fn resume(cfg: &ClipConfig, data: Prepared, out: &Path) -> Result<Self> {
-        let mut t = Self::build(cfg, data, out)?;
-        let last = last_dir(out)?;
-        t.model.params.load_safetensors(&last.join(WEIGHTS))?;
+        Self::resume_locked(cfg, data, RunLock::acquire(out)?)
+    }
+
+    /// [`Trainer::resume`] in a folder the caller has locked already.
+    pub fn resume_locked(cfg: &ClipConfig, data: Prepared, lock: RunLock) -> Result<Self> {
+        let out = lock.dir.clone();
+        let last = recover_last(&out)?;
+        let saved = ClipConfig::from_toml_file(&out.join(CONFIG))?;
+        let changes = config_changes(&saved, cfg)?;
+        let fixed: Vec<String> = changes
+            .iter()
+            .filter(|c| !(c.key.starts_with("train.") || c.key == "data.augment"))
+            .map(|c| c.to_string())
+            .collect();
+        if !fixed.is_empty() {
+            bail!(
+                "a resumed run cannot change {} — they make another model or another data split than the one in {}; start a new run (another --out) for that",
+                fixed.join(", "),
+                out.display()
+            );
+        }
+        let mut t = Self::build(cfg, data, lock)?;
+        let configured = t.opt.base.clone();
+        checkpoint::load_weights(&t.model.params, &last.join(WEIGHTS))?;
         t.opt.load(&last.join(OPTIMIZER))?;
         let state_path = last.join(STATE);
-        t.state = serde_json::from_str(
-            &std::fs::read_to_string(&state_path).with_context(|| format!("reading {}", state_path.display()))?,
-        )
-        .with_context(|| format!("parsing {}", state_path.display()))?;
+        t.state = serde_json::from_slice(&read_checked(&state_path)?)
+            .with_context(|| format!("parsing {}", state_path.display()))?;
+        if let Some(p) = &t.state.partial {
+            let moved: Vec<String> = changes
+                .iter()
+                .filter(|c| c.key == "train.batch_size" || c.key == "train.accumulate")
+                .map(|c| c.to_string())
+                .collect();
+            if !moved.is_empty() {
+                bail!(
+                    "{} was stopped in the middle of epoch {} (step {}): {} would change which batches the rest of the epoch holds — resume with the run's value, then change it",
+                    out.display(),
+                    t.state.epoch + 1,
+                    p.steps,
+                    moved.join(", ")
+                );
+            }
+        }
+        // The optimiser's saved rates give way to the config's; the schedule's current factor stays.
+        for (g, want) in configured {
+            let (base, now) = (t.opt.base[&g], t.opt.groups[&g]);
+            if base != want {
+                let factor = if base.lr > 0.0 {
+                    now.lr / base.lr
+                } else {
+                    t.state.plateau.scale
+                };
+                t.opt.base.insert(g, want);
+                t.opt.groups.insert(
+                    g,
+                    crate::optim::GroupSettings {
+                        lr: want.lr * factor,
+                        weight_decay: want.weight_decay,
+                    },
+                );
+            }
+        }
+        t.state.plateau.patience = cfg.train.patience;
+        t.state.plateau.factor = cfg.train.factor;
+        if !changes.is_empty() {
+            write_atomic(&out.join(CONFIG), cfg.to_toml()?.as_bytes())?;
+        }
+        t.changes = changes;
         Ok(t)
     }
 
     /// The model, optimiser and state of epoch 0, touching no file.
-    fn build(cfg: &ClipConfig, data: Prepared, out: &Path) -> Result<Self> {
+    fn build(cfg: &ClipConfig, data: Prepared, lock: RunLock) -> Result<Self> {
         let model = ClipModel::new(cfg, &data.device)?;
         let opt = AdamW::new(&model.params, &cfg.train)?;
         let state = TrainState {
@@ -121,16 +283,43 @@ impl Trainer {
             best_epoch: 0,
             plateau: Plateau::new(cfg.train.patience, cfg.train.factor),
             history: vec![],
+            partial: None,
         };
+        let out = lock.dir.clone();
         Ok(Self {
             cfg: cfg.clone(),
             model,
             opt,
             data,
-            out: out.to_path_buf(),
+            out: out.clone(),
             state,
             feature_cache: Some(out.join(CACHE_DIR)),
             frozen: Mutex::new(None),
+            stop: None,
+            changes: vec![],
+            lock,
+        })
+    }
+
+    /// Stops training at the end of the step during which `flag` is raised: [`Trainer::train_epoch`]
+    /// then returns [`Stopped`] and [`Trainer::save_checkpoint`] saves where it got to.
+    pub fn set_stop(&mut self, flag: Arc<AtomicBool>) {
+        self.stop = Some(flag);
+    }
+
+    /// Whether validation can measure a loss: the contrastive loss needs batches of 2 pairs.
+    pub fn validates(&self) -> bool {
+        self.data.split.val.len() >= 2
+    }
+
+    /// Why the best model is not chosen by validation loss, when it is not.
+    pub fn selection_note(&self) -> Option<String> {
+        let n = self.data.split.val.len();
+        (!self.validates()).then(|| {
+            format!(
+                "the validation split has {n} pair{}, too few for a contrastive loss (a batch needs 2): validation loss is not measured and the best model is chosen by training loss",
+                if n == 1 { "" } else { "s" }
+            )
         })
     }
 
@@ -227,13 +416,22 @@ impl Trainer {
         batches.div_ceil(self.cfg.train.accumulate).max(1)
     }
 
-    /// Trains one epoch; `on_step(step_in_epoch, loss, pairs_per_s)` reports progress.
-    /// Returns (mean loss, pairs per second).
+    /// Trains one epoch (or the rest of a stopped one); `on_step(step_in_epoch, loss, pairs_per_s)`
+    /// reports progress. Returns (mean loss, pairs per second), or the error [`Stopped`] when the
+    /// stop flag was raised (the steps done are kept in `state.partial`).
     pub fn train_epoch(&mut self, mut on_step: impl FnMut(usize, f64, f64)) -> Result<(f64, f64)> {
         let epoch = self.state.epoch;
-        let total_steps = (self.cfg.train.epochs * self.steps_per_epoch()) as u64;
+        let steps_per_epoch = self.steps_per_epoch();
+        let total_steps = (self.cfg.train.epochs * steps_per_epoch) as u64;
         let started = Instant::now();
-        let mut losses = vec![];
+        let done = self.state.partial.take().unwrap_or_default();
+        let skip = done.steps;
+        let PartialEpoch {
+            mut losses,
+            pairs: pairs_before,
+            seconds: seconds_before,
+            ..
+        } = done;
         let mut pairs = 0usize;
         let mut pending: Vec<Batch> = vec![];
         let batches = self.data.loader.batches_with(
@@ -250,6 +448,12 @@ impl Trainer {
             if pending.len() < self.cfg.train.accumulate && iter.peek().is_some() {
                 continue;
             }
+            if step < skip {
+                // Done before the run was stopped: the same batches, already trained on.
+                pending.clear();
+                step += 1;
+                continue;
+            }
             if self.cfg.train.schedule == Schedule::Cosine {
                 self.opt
                     .scale_lr(cosine(self.opt.step, self.cfg.train.warmup_steps as u64, total_steps));
@@ -261,7 +465,22 @@ impl Trainer {
             pairs += n;
             losses.push(out.loss);
             step += 1;
-            on_step(step, out.loss, pairs as f64 / started.elapsed().as_secs_f64().max(1e-9));
+            let pps = pairs as f64 / started.elapsed().as_secs_f64().max(1e-9);
+            on_step(step, out.loss, pps);
+            if self.stop.as_ref().is_some_and(|f| f.load(Ordering::SeqCst)) {
+                self.state.partial = Some(PartialEpoch {
+                    steps: step,
+                    losses,
+                    pairs: pairs_before + pairs,
+                    seconds: seconds_before + started.elapsed().as_secs_f64(),
+                });
+                return Err(Stopped {
+                    epoch: epoch + 1,
+                    step,
+                    steps: steps_per_epoch,
+                }
+                .into());
+            }
         }
         if losses.is_empty() {
             bail!(
@@ -384,8 +603,14 @@ impl Trainer {
     }
 
     /// Records an epoch: schedule, history, checkpoints. Returns whether it is the best so far.
+    ///
+    /// The best model is the one with the lowest validation loss — or training loss, when the
+    /// validation split is too small to measure one ([`Trainer::selection_note`]). An epoch whose
+    /// loss is NaN or infinite is never the best: `model.safetensors` keeps the previous best (or
+    /// the untrained model), so a diverged run still leaves a usable model.
     pub fn end_epoch(&mut self, train_loss: f64, v: &Validation, seconds: f64, pairs_per_second: f64) -> Result<bool> {
         let val_loss = v.loss;
+        let score = if self.validates() { val_loss } else { train_loss };
         let lr = |g| self.opt.groups[&g].lr;
         self.state.history.push(EpochRecord {
             epoch: self.state.epoch + 1,
@@ -400,39 +625,50 @@ impl Trainer {
             pairs_per_second,
         });
         self.state.epoch += 1;
+        self.state.partial = None;
         if self.cfg.train.schedule == Schedule::Plateau {
-            let scale = self.state.plateau.observe(val_loss);
+            let scale = self.state.plateau.observe(score);
             self.opt.scale_lr(scale);
         }
-        let best = val_loss < self.state.best_val_loss;
+        let best = score.is_finite() && score < self.state.best_val_loss;
         if best {
-            self.state.best_val_loss = val_loss;
+            self.state.best_val_loss = score;
             self.state.best_epoch = self.state.epoch;
-            save_weights(&self.model.params, &self.out.join(WEIGHTS))?;
-            self.opt.save(&self.out.join(OPTIMIZER))?;
+            let mut files = vec![(WEIGHTS.to_string(), weights_bytes(&self.model.params)?)];
+            files.extend(optimizer_files(&self.opt, &self.out.join(OPTIMIZER))?);
+            checkpoint::write_checked(&self.out, &files)?;
         }
-        self.save_last()?;
+        self.save_checkpoint()?;
         self.write_metrics()?;
         Ok(best)
     }
 
-    /// Replaces `last/` as a whole: written to `last.tmp/`, then swapped in.
-    fn save_last(&self) -> Result<()> {
+    /// Saves the resumable checkpoint `last/` (weights, optimiser, training state — with the
+    /// position inside the epoch when stopped mid-epoch), replacing the previous one as a whole:
+    /// written to `last.tmp/`, then swapped in. Returns its folder.
+    pub fn save_checkpoint(&self) -> Result<PathBuf> {
         let tmp = self.out.join(format!("{LAST}.tmp"));
-        let _ = std::fs::remove_dir_all(&tmp);
-        std::fs::create_dir_all(&tmp)?;
-        save_weights(&self.model.params, &tmp.join(WEIGHTS))?;
-        self.opt.save(&tmp.join(OPTIMIZER))?;
-        write_atomic(&tmp.join(STATE), serde_json::to_string_pretty(&self.state)?.as_bytes())?;
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp).with_context(|| format!("removing {}", tmp.display()))?;
+        }
+        let mut files = vec![(WEIGHTS.to_string(), weights_bytes(&self.model.params)?)];
+        files.extend(optimizer_files(&self.opt, &tmp.join(OPTIMIZER))?);
+        files.push((STATE.into(), serde_json::to_vec_pretty(&self.state)?));
+        checkpoint::write_checked(&tmp, &files)?;
         let last = self.out.join(LAST);
         let old = self.out.join(format!("{LAST}.old"));
-        let _ = std::fs::remove_dir_all(&old);
-        if last.exists() {
-            std::fs::rename(&last, &old)?;
+        if old.exists() {
+            std::fs::remove_dir_all(&old).with_context(|| format!("removing {}", old.display()))?;
         }
-        std::fs::rename(&tmp, &last)?;
-        let _ = std::fs::remove_dir_all(&old);
-        Ok(())
+        if last.exists() {
+            std::fs::rename(&last, &old).with_context(|| format!("renaming {}", last.display()))?;
+        }
+        std::fs::rename(&tmp, &last).with_context(|| format!("renaming {}", tmp.display()))?;
+        checkpoint::sync_dir(&self.out)?;
+        if old.exists() {
+            std::fs::remove_dir_all(&old).with_context(|| format!("removing {}", old.display()))?;
+        }
+        Ok(last)
     }
 
     /// metrics.json and loss.csv from the history (the programs draw the curves).
@@ -443,6 +679,7 @@ impl Trainer {
             "epochs": self.state.epoch,
             "best_epoch": self.state.best_epoch,
             "best_val_loss": self.state.best_val_loss,
+            "best_by": if self.validates() { "validation loss" } else { "training loss" },
             "history": h,
         });
         write_atomic(
@@ -473,20 +710,97 @@ impl Trainer {
     /// for the frozen towers' weights they were computed with).
     pub fn load_best(&self) -> Result<()> {
         *self.frozen.lock().unwrap_or_else(|e| e.into_inner()) = None;
-        self.model.params.load_safetensors(&self.out.join(WEIGHTS))
+        checkpoint::load_weights(&self.model.params, &self.out.join(WEIGHTS))
     }
 }
 
-/// The `last/` checkpoint of a run, or the one being swapped in if a crash hit mid-swap.
-fn last_dir(out: &Path) -> Result<PathBuf> {
-    for name in [LAST.to_string(), format!("{LAST}.old")] {
-        let d = out.join(&name);
-        if d.join(STATE).is_file() && d.join(WEIGHTS).is_file() {
-            return Ok(d);
+/// The `last/` checkpoint of a run, after tidying what a crash left: a `last/` lost mid-swap is
+/// restored from `last.old/`, and `last.tmp/` (never swapped in) and stale temporary files are
+/// removed. Call it while holding the folder's lock.
+fn recover_last(out: &Path) -> Result<PathBuf> {
+    let last = out.join(LAST);
+    let old = out.join(format!("{LAST}.old"));
+    if !is_checkpoint(&last) && is_checkpoint(&old) {
+        if last.exists() {
+            std::fs::remove_dir_all(&last).with_context(|| format!("removing {}", last.display()))?;
+        }
+        std::fs::rename(&old, &last).with_context(|| format!("restoring {}", old.display()))?;
+    }
+    for stale in [old, out.join(format!("{LAST}.tmp"))] {
+        if stale.exists() {
+            std::fs::remove_dir_all(&stale).with_context(|| format!("removing {}", stale.display()))?;
         }
     }
-    bail!(
-        "{} has no checkpoint to resume from (no {LAST}/{STATE}): did its first epoch finish?",
-        out.display()
-    )
+    checkpoint::clean_stale(out)?;
+    checkpoint::clean_stale(&last)?;
+    if !is_checkpoint(&last) {
+        bail!(
+            "{} has no checkpoint to resume from (no {LAST}/{STATE}): did its first epoch finish?",
+            out.display()
+        );
+    }
+    Ok(last)
+}
+
+/// The keys whose values differ between two configs, as `section.key`.
+pub fn config_changes(old: &ClipConfig, new: &ClipConfig) -> Result<Vec<Change>> {
+    fn flatten(prefix: &str, v: &toml::Value, out: &mut Vec<(String, toml::Value)>) {
+        match v {
+            toml::Value::Table(t) => {
+                for (k, v) in t {
+                    let key = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    flatten(&key, v, out);
+                }
+            }
+            other => out.push((prefix.to_string(), other.clone())),
+        }
+    }
+    let leaves = |c: &ClipConfig| -> Result<Vec<(String, toml::Value)>> {
+        let mut out = vec![];
+        flatten("", &toml::Value::try_from(c)?, &mut out);
+        Ok(out)
+    };
+    let (a, b) = (leaves(old)?, leaves(new)?);
+    let show = |v: Option<&toml::Value>| v.map(|v| v.to_string()).unwrap_or_else(|| "(none)".into());
+    let keys: BTreeSet<&String> = a.iter().chain(&b).map(|(k, _)| k).collect();
+    let get = |l: &[(String, toml::Value)], k: &str| l.iter().find(|(x, _)| x == k).map(|(_, v)| v.clone());
+    Ok(keys
+        .into_iter()
+        .filter_map(|k| {
+            let (x, y) = (get(&a, k), get(&b, k));
+            (x != y).then(|| Change {
+                key: k.clone(),
+                old: show(x.as_ref()),
+                new: show(y.as_ref()),
+            })
+        })
+        .collect())
+}
+
+/// JSON has no NaN or infinity (serde_json writes `null`): read `null` back as NaN.
+fn nan_if_null<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
+}
+
+/// A best-so-far loss of `null` was infinite (nothing measured yet).
+fn inf_if_null<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::INFINITY))
+}
+
+/// The plateau's `best` starts infinite, written as `null`.
+fn plateau_lenient<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Plateau, D::Error> {
+    let mut v = serde_json::Value::deserialize(d)?;
+    let unset = v.get("best").is_some_and(serde_json::Value::is_null);
+    if unset {
+        v["best"] = serde_json::json!(0.0);
+    }
+    let mut p: Plateau = serde_json::from_value(v).map_err(serde::de::Error::custom)?;
+    if unset {
+        p.best = f64::INFINITY;
+    }
+    Ok(p)
 }

@@ -3,7 +3,7 @@
 //! Layers and data only — no argument parsing, progress bars, reports or plots: those belong to
 //! the programs (`crates/clip-cli` and the stage binaries). The modules, from the model out:
 
-/// Crash-proof files and the names of a run folder's files.
+/// Checkpoint files: atomic, checksummed, and the one place weights are read and written.
 pub mod checkpoint;
 /// The recipe in one value: model shape, loss, data and training knobs, from TOML or a preset.
 pub mod config;

@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::Mutex;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use candle_core::{backprop::GradStore, DType, Device, Tensor, Var};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -248,50 +248,38 @@ impl AdamW {
         }
     }
 
-    /// Saves the moments as safetensors (`m.NAME`, `v.NAME`) and the rest as JSON next to it.
-    pub fn save(&self, path: &Path) -> Result<()> {
+    /// The moments by name (`m.NAME`, `v.NAME`), on the CPU, for saving.
+    pub fn state_tensors(&self) -> Result<HashMap<String, Tensor>> {
         let mut tensors = HashMap::new();
         for s in &self.slots {
             let (m, v) = s.moments.tensors(s.var.shape())?;
             tensors.insert(format!("m.{}", s.name), m);
             tensors.insert(format!("v.{}", s.name), v);
         }
-        let bytes = crate::checkpoint::safetensors_bytes(&tensors)?;
-        crate::checkpoint::write_atomic(path, &bytes)?;
-        let meta = OptimMeta {
+        Ok(tensors)
+    }
+
+    /// Everything but the moments: step count and group settings.
+    pub fn meta(&self) -> OptimMeta {
+        OptimMeta {
             step: self.step,
             groups: self.groups.clone(),
             base: self.base.clone(),
-        };
-        crate::checkpoint::write_atomic(
-            &path.with_extension("json"),
-            serde_json::to_string_pretty(&meta)?.as_bytes(),
-        )
+        }
     }
 
-    pub fn load(&mut self, path: &Path) -> Result<()> {
-        let tensors = candle_core::safetensors::load(path, &Device::Cpu)
-            .with_context(|| format!("reading optimiser state {}", path.display()))?;
-        let meta_path = path.with_extension("json");
-        let meta: OptimMeta = serde_json::from_str(
-            &std::fs::read_to_string(&meta_path).with_context(|| format!("reading {}", meta_path.display()))?,
-        )
-        .with_context(|| format!("parsing {}", meta_path.display()))?;
+    /// Restores the state saved by [`AdamW::state_tensors`] and [`AdamW::meta`].
+    pub fn restore(&mut self, tensors: &HashMap<String, Tensor>, meta: OptimMeta) -> Result<()> {
         for s in &self.slots {
             let (Some(m), Some(v)) = (
                 tensors.get(&format!("m.{}", s.name)),
                 tensors.get(&format!("v.{}", s.name)),
             ) else {
-                bail!(
-                    "optimiser state {} has no moments for {} — was it saved with other frozen towers?",
-                    path.display(),
-                    s.name
-                )
+                bail!("no moments for {} — was it saved with other frozen towers?", s.name)
             };
             if m.dims() != s.var.dims() || v.dims() != s.var.dims() {
                 bail!(
-                    "optimiser state {}: moments of {} have shape {:?}, the parameter {:?}",
-                    path.display(),
+                    "optimiser state: moments of {} have shape {:?}, the parameter {:?}",
                     s.name,
                     m.dims(),
                     s.var.dims()
@@ -303,6 +291,17 @@ impl AdamW {
         self.groups = meta.groups;
         self.base = meta.base;
         Ok(())
+    }
+
+    /// Saves the state to `path` (moments) and `path` with `.json` (the rest), checksummed:
+    /// see [`crate::checkpoint::save_optimizer`].
+    pub fn save(&self, path: &Path) -> Result<()> {
+        crate::checkpoint::save_optimizer(self, path)
+    }
+
+    /// Loads a state written by [`AdamW::save`], verifying its checksums.
+    pub fn load(&mut self, path: &Path) -> Result<()> {
+        crate::checkpoint::load_optimizer(self, path)
     }
 }
 
@@ -381,9 +380,10 @@ impl candle_core::InplaceOp2 for AdamStep<'_> {
     }
 }
 
-#[derive(Serialize, Deserialize)]
-struct OptimMeta {
-    step: u64,
-    groups: BTreeMap<Group, GroupSettings>,
-    base: BTreeMap<Group, GroupSettings>,
+/// The optimiser's state besides its moments (saved as JSON).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct OptimMeta {
+    pub step: u64,
+    pub groups: BTreeMap<Group, GroupSettings>,
+    pub base: BTreeMap<Group, GroupSettings>,
 }

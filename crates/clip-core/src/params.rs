@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use rand::{Rng, SeedableRng};
 
@@ -194,15 +194,14 @@ impl ParamStore {
             .collect()
     }
 
-    /// Loads every parameter and buffer from a safetensors file. Every name must be present with the
-    /// right shape; the error lists what is missing or mismatched so a wrong file is obvious.
+    /// Loads every parameter and buffer from a safetensors file, verified against its folder's
+    /// checksums (see [`crate::checkpoint::load_weights`]).
     pub fn load_safetensors(&self, path: &Path) -> Result<()> {
-        let loaded = candle_core::safetensors::load(path, &Device::Cpu)
-            .with_context(|| format!("reading weights from {}", path.display()))?;
-        self.load_map(&loaded)
-            .with_context(|| format!("loading weights from {}", path.display()))
+        crate::checkpoint::load_weights(self, path)
     }
 
+    /// Loads every parameter and buffer from tensors in memory. Every name must be present with the
+    /// right shape; the error lists what is missing or mismatched so a wrong file is obvious.
     pub fn load_map(&self, loaded: &std::collections::HashMap<String, Tensor>) -> Result<()> {
         let mut missing = vec![];
         let mut mismatched = vec![];

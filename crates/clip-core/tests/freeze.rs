@@ -156,7 +156,8 @@ fn the_cache_is_computed_once_and_hit_afterwards() {
     t.fixed_similarity().unwrap();
     assert_eq!(t.model.tower_calls(), calls);
 
-    // Resuming the run reads its own cache.
+    // Resuming the run reads its own cache (once the first trainer has let go of the folder).
+    drop(t);
     let mut resumed = Trainer::resume(&cfg, data(&cfg, None), run.path()).unwrap();
     train(&mut resumed, 3);
     let f = resumed.frozen_features().unwrap().unwrap();

@@ -5,25 +5,29 @@
 //! epoch's loss well below the first, and — on a small dataset such as the demo — every image's
 //! own caption ranked first and every caption's own image ranked first.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::Parser;
 use clip_cli::html_report::{self, Fixed, Ranking, Thumbnails};
 use clip_cli::plot;
 use clip_cli::DataArgs;
 use clip_cli::Report;
 use clip_core::checkpoint::RunDir;
+use clip_core::config::Schedule;
 use clip_core::device;
-use clip_core::fit::Trainer;
+use clip_core::fit::{Stopped, Trainer};
 use clip_core::prepare::prepare;
+use clip_core::run_dir::{clear_run, run_files, RunLock, LOCK};
 
 #[derive(Parser)]
 #[command(
     about = "Stage 4 — train for many epochs, keep the best model, check that it learned.",
-    after_help = "Examples:\n  stage4-train                                   the demo set, tiny preset\n  stage4-train --data photos/ --epochs 60 --out runs/mine\n  stage4-train --resume runs/mine --epochs 80     continue where it stopped\n  stage4-train --freeze both --epochs 20          train only the heads (tower features cached)\n\nThe run folder holds model.safetensors (best by validation loss), config.toml, tokenizer.json,\nmetrics.json, loss.csv, loss/lr/quality.png, similarity_before/after.png, report.html\n(open it in a browser: curves, similarity, each image's best captions), and last/ for --resume.\nUse it with clip-predict."
+    after_help = "Examples:\n  stage4-train                                   the demo set, tiny preset\n  stage4-train --data photos/ --epochs 60 --out runs/mine\n  stage4-train --resume runs/mine --epochs 80     continue where it stopped\n  stage4-train --freeze both --epochs 20          train only the heads (tower features cached)\n\nThe run folder holds model.safetensors (best by validation loss), config.toml, tokenizer.json,\nmetrics.json, loss.csv, loss/lr/quality.png, similarity_before/after.png, report.html\n(open it in a browser: curves, similarity, each image's best captions), and last/ for --resume.\nUse it with clip-predict.\n\nCtrl-C (or SIGTERM) stops at the end of the current step, saves last/ with the position in the\nepoch and prints the command that resumes; a resumed run continues exactly as an uninterrupted\none. With --resume, --epochs, the learning rates, --weight-decay and the other training flags\nreplace the run's values (recorded in its config.toml); --config, --preset, --seed and\n--tokenizer are refused (they would make another model or data split). Under --schedule cosine,\nraising --epochs spreads the decay over the new total: from the next step the learning rate\nfollows the longer curve. One run writes a folder at a time (run.lock); an --out folder that\nholds a run needs --resume or --overwrite."
 )]
 struct Args {
     #[command(flatten)]
@@ -33,7 +37,8 @@ struct Args {
     /// The run folder to write (default: a new folder under runs/).
     #[arg(long, value_name = "DIR")]
     out: Option<PathBuf>,
-    /// Continue the run in this folder from its last completed epoch (up to --epochs in all).
+    /// Continue the run in this folder from its last checkpoint (up to --epochs in all); training
+    /// flags given with it replace the run's values and are recorded in its config.toml.
     #[arg(long, value_name = "RUN", conflicts_with = "out")]
     resume: Option<PathBuf>,
     #[command(flatten)]
@@ -54,7 +59,25 @@ fn main() -> ExitCode {
 fn run(args: Args) -> Result<ExitCode> {
     let mut report = Report::new(4, "train");
     println!("stage 4 — train: does the loss keep falling over many epochs?\n");
-    // A resumed run keeps its own config; flags still override it.
+    // A resumed run keeps its own config; training flags replace its values (and are recorded).
+    if args.resume.is_some() {
+        let refused: Vec<&str> = [
+            (args.model.config.is_some(), "--config"),
+            (args.model.preset.is_some(), "--preset"),
+            (args.model.seed.is_some(), "--seed"),
+            (args.data.tokenizer.is_some(), "--tokenizer"),
+            (args.train.overwrite, "--overwrite"),
+        ]
+        .into_iter()
+        .filter_map(|(given, flag)| given.then_some(flag))
+        .collect();
+        if !refused.is_empty() {
+            bail!(
+                "{} cannot be used with --resume: a resumed run keeps the model, seed and tokenizer recorded in its folder (config.toml, tokenizer.json) — start a new run (--out) to change them; --epochs, the learning rates, --weight-decay and the other training flags may change",
+                refused.join(", ")
+            );
+        }
+    }
     let mut cfg = match &args.resume {
         Some(run) => RunDir::open(run)?.config()?,
         None => args.model.load_config()?,
@@ -74,6 +97,31 @@ fn run(args: Args) -> Result<ExitCode> {
         device::describe(&dev),
         out.display()
     );
+    // One writer per folder: an existing folder is locked before the data is read, so a second run
+    // is refused at once (a new folder is created, and locked, once the data is known to be good).
+    let mut lock = if out.exists() {
+        Some(RunLock::acquire(&out)?)
+    } else {
+        None
+    };
+    if args.resume.is_none() {
+        let existing = run_files(&out);
+        if !existing.is_empty() {
+            if !args.train.overwrite {
+                bail!(
+                    "{} already holds a run ({}): continue it with --resume {0}, or pass --overwrite to start over (its model and checkpoints are deleted)",
+                    out.display(),
+                    existing.join(", ")
+                );
+            }
+            clear_run(&out)?;
+            println!(
+                "--overwrite: removed the previous run's {} from {}",
+                existing.join(", "),
+                out.display()
+            );
+        }
+    }
 
     let tokenizer = args.resume.as_ref().map(|r| r.join(clip_core::checkpoint::TOKENIZER));
     let mut source = args.data.source();
@@ -91,10 +139,29 @@ fn run(args: Args) -> Result<ExitCode> {
             .map(|n| format!(" ({n})"))
             .unwrap_or_default()
     );
-    let mut t = match &args.resume {
-        Some(_) => Trainer::resume(&cfg, data, &out)?,
-        None => Trainer::new(&cfg, data, &out)?,
+    let lock = match lock.take() {
+        Some(l) => l,
+        None => RunLock::acquire(&out)?,
     };
+    if let Some(h) = &lock.took_over {
+        println!(
+            "took over {} left by {h}, which is no longer running",
+            out.join(LOCK).display()
+        );
+    }
+    let mut t = match &args.resume {
+        Some(_) => Trainer::resume_locked(&cfg, data, lock)?,
+        None => Trainer::new_locked(&cfg, data, lock)?,
+    };
+    for c in &t.changes {
+        println!("resume: {c} (recorded in config.toml)");
+        if c.key == "train.epochs" && cfg.train.schedule == Schedule::Cosine {
+            println!("  cosine schedule: the decay now spans {} epochs; from the next step the learning rate follows that curve", cfg.train.epochs);
+        }
+    }
+    if let Some(note) = t.selection_note() {
+        println!("note: {note}");
+    }
     if args.no_feature_cache {
         t.set_feature_cache(None);
     } else if let Some(dir) = &args.feature_cache {
@@ -105,18 +172,40 @@ fn run(args: Args) -> Result<ExitCode> {
     // for a resumed run's report).
     let mut fixed = Fixed::load_or_new(&t);
     let mut thumbs = Thumbnails::default();
-    if t.state.epoch == 0 {
-        let before = t.fixed_similarity()?;
-        fixed.heat_map(
-            &out.join("similarity_before.png"),
-            &before,
-            "Similarity before training",
-        )?;
-        fixed.before = Some(before);
-        fixed.save(&out)?;
-    } else {
-        println!("resuming after epoch {} of {}", t.state.epoch, cfg.train.epochs);
+    match &t.state.partial {
+        Some(p) => println!(
+            "resuming in epoch {} of {} after step {} of {}",
+            t.state.epoch + 1,
+            cfg.train.epochs,
+            p.steps,
+            t.steps_per_epoch()
+        ),
+        None if t.state.epoch > 0 => println!("resuming after epoch {} of {}", t.state.epoch, cfg.train.epochs),
+        None => {
+            let before = t.fixed_similarity()?;
+            fixed.heat_map(
+                &out.join("similarity_before.png"),
+                &before,
+                "Similarity before training",
+            )?;
+            fixed.before = Some(before);
+            fixed.save(&out)?;
+        }
     }
+
+    // Ctrl-C / SIGTERM: finish the step, save, say how to resume; a second one quits at once (the
+    // last checkpoint on disk is complete either way).
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::SeqCst) {
+            eprintln!("\nstopped without saving; the last checkpoint on disk is intact");
+            std::process::exit(130);
+        }
+        eprintln!("\nstopping at the end of this step to save a checkpoint (Ctrl-C again quits at once)");
+    })
+    .context("installing the Ctrl-C handler")?;
+    t.set_stop(stop);
 
     // The loop: train an epoch, validate, schedule, checkpoint.
     let steps = t.steps_per_epoch() as u64;
@@ -130,6 +219,7 @@ fn run(args: Args) -> Result<ExitCode> {
         let bar = clip_cli::progress::epoch_bar(epoch, cfg.train.epochs, steps);
         let lr = t.opt.groups[&clip_core::params::Group::Heads].lr;
         let started = Instant::now();
+        bar.set_position(t.state.partial.as_ref().map_or(0, |p| p.steps as u64));
         let trained = t.train_epoch(|_, loss, pps| {
             bar.set_message(format!("loss {loss:.4} lr {lr:.2e} {pps:.0} pairs/s"));
             bar.inc(1);
@@ -137,6 +227,15 @@ fn run(args: Args) -> Result<ExitCode> {
         bar.finish_and_clear();
         let (train_loss, pps) = match trained {
             Ok(v) => v,
+            Err(e) if e.is::<Stopped>() => {
+                let dir = t.save_checkpoint()?;
+                println!(
+                    "{e:#}: checkpoint saved in {}\nresume with:\n  {}",
+                    dir.display(),
+                    resume_command(&args, &out)
+                );
+                return Ok(ExitCode::from(130));
+            }
             Err(e) => {
                 report.check("finite", false, format!("{e:#}"));
                 return report.finish(args.model.json.as_deref());
@@ -153,11 +252,24 @@ fn run(args: Args) -> Result<ExitCode> {
             Some(acc) => format!("zero-shot acc {acc:.3}"),
             None => format!("R@1 i→t {:.2} t→i {:.2}", v.recall.i2t_r1, v.recall.t2i_r1),
         };
+        let flag = if best {
+            "  *best"
+        } else if !v.loss.is_finite() && t.validates() {
+            "  (validation loss is not finite: not kept as the best model)"
+        } else {
+            ""
+        };
+        let val = if t.validates() {
+            format!("{:.4}", v.loss)
+        } else {
+            "–".into()
+        };
         println!(
-            "epoch {epoch:>3}: train {train_loss:.4}  val {:.4}  {quality}  lr {lr:.2e}  {pps:.0} pairs/s  {secs:.1}s{}",
-            v.loss,
-            if best { "  *best" } else { "" }
+            "epoch {epoch:>3}: train {train_loss:.4}  val {val}  {quality}  lr {lr:.2e}  {pps:.0} pairs/s  {secs:.1}s{flag}"
         );
+    }
+    if t.state.best_epoch == 0 {
+        println!("no epoch had a finite loss: model.safetensors holds the untrained model");
     }
 
     // Gate: it learned.
@@ -166,10 +278,17 @@ fn run(args: Args) -> Result<ExitCode> {
         h.first().map(|r| r.train_loss).unwrap_or(f64::NAN),
         h.last().map(|r| r.train_loss).unwrap_or(f64::NAN),
     );
+    // Without a validation batch (a one-pair split) there is no validation loss to be finite.
+    let validates = t.validates();
     report.check(
         "finite",
-        h.iter().all(|r| r.train_loss.is_finite() && r.val_loss.is_finite()),
-        "no NaN or Inf in any epoch's losses",
+        h.iter()
+            .all(|r| r.train_loss.is_finite() && (!validates || r.val_loss.is_finite())),
+        if validates {
+            "no NaN or Inf in any epoch's losses"
+        } else {
+            "no NaN or Inf in any epoch's training loss (no validation loss: the split is too small)"
+        },
     );
     let threshold = 0.5 * first;
     report.metric("first_epoch_loss", first);
@@ -268,6 +387,41 @@ fn describe_frozen(t: &Trainer) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The command line that resumes this run: the same program, data and device options.
+fn resume_command(args: &Args, out: &Path) -> String {
+    let exe = std::env::args().next().unwrap_or_else(|| "stage4-train".into());
+    let mut parts = vec![exe, "--resume".into(), out.display().to_string()];
+    if let Some(d) = &args.data.data {
+        parts.extend(["--data".into(), d.display().to_string()]);
+    }
+    if args.data.skip_bad {
+        parts.push("--skip-bad".into());
+    }
+    if args.model.device != "auto" {
+        parts.extend(["--device".into(), args.model.device.clone()]);
+    }
+    if let Some(d) = &args.feature_cache {
+        parts.extend(["--feature-cache".into(), d.display().to_string()]);
+    }
+    if args.no_feature_cache {
+        parts.push("--no-feature-cache".into());
+    }
+    if let Some(j) = &args.model.json {
+        parts.extend(["--json".into(), j.display().to_string()]);
+    }
+    parts.iter().map(|p| shell_quote(p)).collect::<Vec<_>>().join(" ")
+}
+
+/// A word as a POSIX shell reads it back.
+fn shell_quote(s: &str) -> String {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "-_./=:@%+,".contains(c);
+    if !s.is_empty() && s.chars().all(plain) {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
 }
 
 /// runs/<timestamp>, unique.

@@ -1,0 +1,292 @@
+//! Runs that survive what happens to them: flipped bytes, a second writer, a stop in the middle of
+//! an epoch, crash leftovers, changed settings on resume, and validation that cannot measure.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use candle_core::Device;
+use clip_core::checkpoint::{RunDir, LAST, STATE, WEIGHTS};
+use clip_core::config::Schedule;
+use clip_core::fit::{Stopped, Trainer, Validation};
+use clip_core::params::Group;
+use clip_core::prepare::{prepare, DataSource};
+use clip_core::ClipConfig;
+
+fn demo(cfg: &ClipConfig) -> clip_core::prepare::Prepared {
+    prepare(cfg, &DataSource::default(), &Device::Cpu, &clip_core::progress::Silent).unwrap()
+}
+
+fn train(t: &mut Trainer, epochs: usize) {
+    while t.state.epoch < epochs {
+        let (loss, pps) = t.train_epoch(|_, _, _| {}).unwrap();
+        let v = t.validate().unwrap();
+        t.end_epoch(loss, &v, 0.0, pps).unwrap();
+    }
+}
+
+/// The demo set in small batches: 8 steps per epoch, so an epoch has a middle.
+fn small_batches() -> ClipConfig {
+    let mut cfg = ClipConfig::tiny();
+    cfg.train.batch_size = 4;
+    cfg
+}
+
+fn losses(t: &Trainer) -> Vec<(f64, f64)> {
+    t.state.history.iter().map(|r| (r.train_loss, r.val_loss)).collect()
+}
+
+fn flip_byte(path: &std::path::Path) {
+    let mut bytes = std::fs::read(path).unwrap();
+    let mid = bytes.len() - 100;
+    bytes[mid] ^= 0x01;
+    std::fs::write(path, bytes).unwrap();
+}
+
+#[test]
+fn a_flipped_byte_or_a_truncation_is_an_error_naming_the_file() {
+    let cfg = ClipConfig::tiny();
+    let out = tempfile::tempdir().unwrap();
+    let mut t = Trainer::new(&cfg, demo(&cfg), out.path()).unwrap();
+    train(&mut t, 1);
+    drop(t);
+
+    // One bit of one weight: safetensors' own checks cannot see it.
+    let last = out.path().join(LAST).join(WEIGHTS);
+    let good = std::fs::read(&last).unwrap();
+    flip_byte(&last);
+    let err = format!("{:#}", Trainer::resume(&cfg, demo(&cfg), out.path()).err().unwrap());
+    assert!(
+        err.contains(&last.display().to_string()) && err.contains("checksum mismatch"),
+        "{err}"
+    );
+    std::fs::write(&last, &good[..good.len() / 2]).unwrap();
+    let err = format!("{:#}", Trainer::resume(&cfg, demo(&cfg), out.path()).err().unwrap());
+    assert!(
+        err.contains(&last.display().to_string()) && err.contains("truncated"),
+        "{err}"
+    );
+    std::fs::write(&last, &good).unwrap();
+    let state = out.path().join(LAST).join(STATE);
+    let text = std::fs::read_to_string(&state).unwrap();
+    std::fs::write(&state, text.replacen("\"epoch\": 1", "\"epoch\": 7", 1)).unwrap();
+    let err = format!("{:#}", Trainer::resume(&cfg, demo(&cfg), out.path()).err().unwrap());
+    assert!(err.contains(&state.display().to_string()), "{err}");
+    std::fs::write(&state, text).unwrap();
+    assert_eq!(Trainer::resume(&cfg, demo(&cfg), out.path()).unwrap().state.epoch, 1);
+
+    // The best model, as prediction loads it.
+    let best = out.path().join(WEIGHTS);
+    flip_byte(&best);
+    let err = format!(
+        "{:#}",
+        RunDir::open(out.path()).unwrap().load(&Device::Cpu).err().unwrap()
+    );
+    assert!(
+        err.contains(&best.display().to_string()) && err.contains("checksum mismatch"),
+        "{err}"
+    );
+}
+
+#[test]
+fn one_writer_per_run_folder() {
+    let cfg = ClipConfig::tiny();
+    let out = tempfile::tempdir().unwrap();
+    let mut t = Trainer::new(&cfg, demo(&cfg), out.path()).unwrap();
+    train(&mut t, 1);
+    let err = format!("{:#}", Trainer::resume(&cfg, demo(&cfg), out.path()).err().unwrap());
+    assert!(
+        err.contains(&format!("in use by process {}", std::process::id())),
+        "{err}"
+    );
+    drop(t);
+    // A fresh run never writes over an old one.
+    let err = format!("{:#}", Trainer::new(&cfg, demo(&cfg), out.path()).err().unwrap());
+    assert!(err.contains("already holds a run") && err.contains("--resume"), "{err}");
+    assert_eq!(Trainer::resume(&cfg, demo(&cfg), out.path()).unwrap().state.epoch, 1);
+}
+
+#[test]
+fn stopped_mid_epoch_then_resumed_matches_an_uninterrupted_run() {
+    let cfg = ClipConfig {
+        train: clip_core::config::TrainConfig {
+            epochs: 3,
+            ..small_batches().train
+        },
+        ..small_batches()
+    };
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut full = Trainer::new(&cfg, demo(&cfg), a.path()).unwrap();
+    train(&mut full, 3);
+
+    let mut first = Trainer::new(&cfg, demo(&cfg), b.path()).unwrap();
+    train(&mut first, 1);
+    let stop = Arc::new(AtomicBool::new(false));
+    first.set_stop(stop.clone());
+    let err = first
+        .train_epoch(|step, _, _| {
+            if step == 3 {
+                stop.store(true, Ordering::SeqCst)
+            }
+        })
+        .unwrap_err();
+    let steps = first.steps_per_epoch();
+    assert!(steps > 3, "{steps} steps per epoch: no middle");
+    assert_eq!(
+        err.downcast_ref::<Stopped>(),
+        Some(&Stopped {
+            epoch: 2,
+            step: 3,
+            steps
+        })
+    );
+    first.save_checkpoint().unwrap();
+    drop(first);
+
+    let mut resumed = Trainer::resume(&cfg, demo(&cfg), b.path()).unwrap();
+    assert_eq!(resumed.state.epoch, 1);
+    assert_eq!(resumed.state.partial.as_ref().map(|p| p.steps), Some(3));
+    train(&mut resumed, 3);
+    assert_eq!(
+        losses(&full),
+        losses(&resumed),
+        "a run stopped mid-epoch must resume exactly"
+    );
+    assert_eq!(full.opt.step, resumed.opt.step);
+    let weights = |t: &Trainer| {
+        t.model
+            .params
+            .tensors()
+            .into_iter()
+            .map(|(n, x)| (n, x.flatten_all().unwrap().to_vec1::<f32>().unwrap()))
+            .collect::<Vec<_>>()
+    };
+    assert!(
+        weights(&full) == weights(&resumed),
+        "weights differ after a mid-epoch resume"
+    );
+}
+
+#[test]
+fn a_crash_mid_swap_and_stale_temporary_files_are_recovered_on_resume() {
+    let cfg = ClipConfig::tiny();
+    let out = tempfile::tempdir().unwrap();
+    let mut t = Trainer::new(&cfg, demo(&cfg), out.path()).unwrap();
+    train(&mut t, 1);
+    drop(t);
+    let p = out.path();
+    // Killed between `last → last.old` and `last.tmp → last`, with temporary files lying about.
+    std::fs::rename(p.join(LAST), p.join("last.old")).unwrap();
+    std::fs::create_dir(p.join("last.tmp")).unwrap();
+    std::fs::write(p.join("last.tmp").join(WEIGHTS), b"half").unwrap();
+    let dead = format!(".{WEIGHTS}.tmp-{}", 4_000_000_000u32);
+    std::fs::write(p.join(&dead), b"half").unwrap();
+    let resumed = Trainer::resume(&cfg, demo(&cfg), p).unwrap();
+    assert_eq!(resumed.state.epoch, 1);
+    assert!(p.join(LAST).join(STATE).is_file());
+    for gone in ["last.old", "last.tmp", &dead] {
+        assert!(!p.join(gone).exists(), "{gone} left behind");
+    }
+}
+
+#[test]
+fn resume_applies_and_records_new_rates_and_refuses_a_new_seed() {
+    let cfg = ClipConfig::tiny();
+    let out = tempfile::tempdir().unwrap();
+    let mut t = Trainer::new(&cfg, demo(&cfg), out.path()).unwrap();
+    train(&mut t, 1);
+    let saved_head = t.opt.groups[&Group::Heads];
+    drop(t);
+
+    let mut seeded = cfg.clone();
+    seeded.seed += 1;
+    let err = format!(
+        "{:#}",
+        Trainer::resume(&seeded, demo(&seeded), out.path()).err().unwrap()
+    );
+    assert!(err.contains("cannot change seed"), "{err}");
+
+    let mut faster = cfg.clone();
+    faster.train.lr_head = cfg.train.lr_head * 3.0;
+    faster.train.weight_decay = 0.5;
+    let t = Trainer::resume(&faster, demo(&faster), out.path()).unwrap();
+    let keys: Vec<&str> = t.changes.iter().map(|c| c.key.as_str()).collect();
+    assert_eq!(keys, ["train.lr_head", "train.weight_decay"]);
+    let head = t.opt.groups[&Group::Heads];
+    assert_eq!(t.opt.base[&Group::Heads].lr, faster.train.lr_head);
+    // The schedule's factor so far is kept on top of the new rate.
+    assert!(
+        (head.lr - saved_head.lr * 3.0).abs() < 1e-15,
+        "{head:?} vs {saved_head:?}"
+    );
+    assert_eq!(head.weight_decay, 0.5);
+    let recorded = ClipConfig::from_toml_file(&out.path().join("config.toml")).unwrap();
+    assert_eq!(recorded.train.lr_head, faster.train.lr_head);
+    assert_eq!(recorded.train.weight_decay, 0.5);
+}
+
+#[test]
+fn raising_epochs_under_cosine_stretches_the_decay() {
+    let mut cfg = ClipConfig::tiny();
+    cfg.train.schedule = Schedule::Cosine;
+    cfg.train.epochs = 2;
+    let out = tempfile::tempdir().unwrap();
+    let mut t = Trainer::new(&cfg, demo(&cfg), out.path()).unwrap();
+    train(&mut t, 2);
+    let spe = t.steps_per_epoch() as u64;
+    drop(t);
+    let mut longer = cfg.clone();
+    longer.train.epochs = 4;
+    let mut t = Trainer::resume(&longer, demo(&longer), out.path()).unwrap();
+    train(&mut t, 3);
+    // The last step of epoch 3 ran at the rate of a 4-epoch cosine, not at the end of a 2-epoch one.
+    let want = cfg.train.lr_head * clip_core::schedule::cosine(3 * spe - 1, 0, 4 * spe);
+    let got = t.state.history[2].lr_head;
+    assert!(want > 0.0 && (got - want).abs() < 1e-12, "lr {got}, want {want}");
+}
+
+#[test]
+fn a_one_pair_validation_split_still_leaves_a_usable_model() {
+    let cfg = ClipConfig::tiny();
+    let out = tempfile::tempdir().unwrap();
+    let mut data = demo(&cfg);
+    data.split.val.truncate(1);
+    let mut t = Trainer::new(&cfg, data, out.path()).unwrap();
+    assert!(t.selection_note().unwrap().contains("chosen by training loss"));
+    train(&mut t, 2);
+    assert!(t.state.history.iter().all(|r| r.val_loss.is_nan()));
+    assert!(t.state.best_epoch >= 1, "a model must be picked by training loss");
+    t.load_best().unwrap();
+    drop(t);
+    RunDir::open(out.path()).unwrap().load(&Device::Cpu).unwrap();
+    // NaN losses survive the trip through state.json.
+    let mut data = demo(&cfg);
+    data.split.val.truncate(1);
+    let mut t = Trainer::resume(&cfg, data, out.path()).unwrap();
+    assert_eq!(t.state.epoch, 2);
+    train(&mut t, 3);
+}
+
+#[test]
+fn a_nan_validation_loss_is_never_the_best_and_the_untrained_model_stays_usable() {
+    let cfg = ClipConfig::tiny();
+    let out = tempfile::tempdir().unwrap();
+    let mut t = Trainer::new(&cfg, demo(&cfg), out.path()).unwrap();
+    let (loss, pps) = t.train_epoch(|_, _, _| {}).unwrap();
+    let nan = Validation {
+        loss: f64::NAN,
+        ..t.validate().unwrap()
+    };
+    assert!(!t.end_epoch(loss, &nan, 0.0, pps).unwrap());
+    assert_eq!(t.state.best_epoch, 0);
+    t.load_best().unwrap();
+    let (loss, pps) = t.train_epoch(|_, _, _| {}).unwrap();
+    let v = t.validate().unwrap();
+    assert!(t.end_epoch(loss, &v, 0.0, pps).unwrap());
+    let (loss, pps) = t.train_epoch(|_, _, _| {}).unwrap();
+    assert!(!t.end_epoch(loss, &nan, 0.0, pps).unwrap());
+    assert_eq!(t.state.best_epoch, 2);
+    drop(t);
+    let t = Trainer::resume(&cfg, demo(&cfg), out.path()).unwrap();
+    assert!(t.state.history[0].val_loss.is_nan() && t.state.history[2].val_loss.is_nan());
+    RunDir::open(out.path()).unwrap().load(&Device::Cpu).unwrap();
+}

@@ -83,12 +83,12 @@ pub fn run(args: Args) -> Result<bool> {
             "--quiet",
             "--release",
             "-p",
-            "clip-core",
-            "--example",
+            "clip-bench",
+            "--bin",
             "bench",
-            "--example",
+            "--bin",
             "bench_loader",
-            "--example",
+            "--bin",
             "bench_frozen",
         ])
         .status()?;
@@ -99,7 +99,7 @@ pub fn run(args: Args) -> Result<bool> {
         .map(std::path::PathBuf::from)
         .map(|t| if t.is_relative() { root.join(t) } else { t })
         .unwrap_or_else(|| root.join("target"));
-    let examples = target.join("release/examples");
+    let examples = target.join("release");
     let mut steps_per_s = None;
     for w in what {
         match w {

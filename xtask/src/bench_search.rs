@@ -16,7 +16,7 @@ pub fn run(root: &Path) -> Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let status = Command::new(&cargo)
         .current_dir(root)
-        .args(["build", "--quiet", "-p", "clip-core", "--example", "bench_search"])
+        .args(["build", "--quiet", "-p", "clip-bench", "--bin", "bench_search"])
         .status()?;
     if !status.success() {
         bail!("building the search benchmark failed");
@@ -24,7 +24,7 @@ pub fn run(root: &Path) -> Result<()> {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| root.join("target"));
-    let exe = target.join("debug/examples/bench_search");
+    let exe = target.join("debug/bench_search");
     let mut cmd = Command::new(&exe);
     match available_memory() {
         Some(b) if b < BIG_RUN_BYTES => {

@@ -1,4 +1,4 @@
-//! `cargo xtask bench search` (or `cargo run -p clip-core --example bench_search -- --help`):
+//! `cargo xtask bench search` (or `cargo run -p clip-bench --bin bench_search -- --help`):
 //! the exact f32 scan against the compact (int8 + exact re-rank) and approximate (HNSW +
 //! exact re-rank) searches, on synthetic clustered embeddings, in one run. Prints JSON lines:
 //! per method the median and 90th-percentile query time, its speed-up over the exact scan of

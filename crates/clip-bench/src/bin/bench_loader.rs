@@ -1,8 +1,8 @@
 //! Data pipeline throughput: how fast images decode at load, and how many batches per second
 //! the loader delivers afterwards (shuffled, optionally augmented), printed as one JSON object.
 //!
-//!     cargo run --release -p clip-core --example bench_loader                    # the demo set
-//!     cargo run --release -p clip-core --example bench_loader -- --synthetic 2000 --augment
+//!     cargo run --release -p clip-bench --bin bench_loader                    # the demo set
+//!     cargo run --release -p clip-bench --bin bench_loader -- --synthetic 2000 --augment
 //!
 //! `--synthetic N` writes N 320×240 JPEGs (2 captions each) to a temporary folder first; that
 //! time is not measured.

@@ -1,7 +1,7 @@
 //! Training epochs with both towers frozen: cached features against running the frozen towers on
 //! every batch, printed as one JSON object (run through `cargo xtask bench frozen`).
 //!
-//!     cargo run --release -p clip-core --example bench_frozen -- --preset tiny --images 256
+//!     cargo run --release -p clip-bench --bin bench_frozen -- --preset tiny --images 256
 //!
 //! The same config, data and seed train twice: once with the towers' features computed once and
 //! cached (the time to build the cache is reported apart: it is paid once per dataset and tower),

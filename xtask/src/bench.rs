@@ -38,6 +38,9 @@ pub struct Args {
     /// Skip the PyTorch reference.
     #[arg(long)]
     no_reference: bool,
+    /// Synthetic images for `data`.
+    #[arg(long, value_name = "N", default_value_t = 200_000)]
+    images: usize,
 }
 
 /// One benchmark.
@@ -53,6 +56,8 @@ enum What {
     Search,
     /// Epochs with both towers frozen: cached features against recomputing them.
     Frozen,
+    /// The image cache's starts, memory and the loader against simple-clip (only when named).
+    Data,
 }
 
 pub fn run(args: Args) -> Result<bool> {
@@ -62,6 +67,7 @@ pub fn run(args: Args) -> Result<bool> {
         batch_size,
         steps,
         no_reference,
+        images,
     } = args;
     let (batch, steps, reference) = (batch_size.to_string(), steps.to_string(), !no_reference);
     if what.is_empty() {
@@ -82,6 +88,8 @@ pub fn run(args: Args) -> Result<bool> {
             "bench_loader",
             "--example",
             "bench_frozen",
+            "--example",
+            "bench_data",
         ])
         .status()?;
     if !status.success() {
@@ -160,6 +168,7 @@ pub fn run(args: Args) -> Result<bool> {
             }
             What::Index => println!("{}", json_line(Command::new(examples.join("bench")).args(["index"]))?),
             What::Search => println!("{}", json_line(Command::new(examples.join("bench")).args(["search"]))?),
+            What::Data => crate::bench_data::run(&examples, images)?,
             What::Frozen => {
                 for args in [
                     ["--preset", "tiny", "--images", "256"],

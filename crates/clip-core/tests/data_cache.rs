@@ -197,7 +197,7 @@ fn webdataset_shards_are_read_in_place() {
     ] {
         assert!(
             bad.iter()
-                .any(|b| b.contains(&format!("shard-0")) && b.contains(&format!(".tar:{member}: ")) && b.contains(why)),
+                .any(|b| b.contains(&format!(".tar:{member}: ")) && b.contains(why)),
             "{member}: {bad:?}"
         );
     }

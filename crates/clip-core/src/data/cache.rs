@@ -179,12 +179,14 @@ pub(crate) fn open(
             .count()
     });
 
-    if old.is_some() && hits == origins.len() && dropped == 0 {
+    let full_hit = hits == origins.len() && dropped == 0;
+    let slots: Vec<Option<usize>> = found.iter().map(|e| e.and_then(|e| e.slot)).collect();
+    let errors: Vec<Option<String>> = found.iter().map(|e| e.and_then(|e| e.error.clone())).collect();
+    if full_hit && old.is_some() {
         // A full hit: map the data file as it is.
-        let slots = found.iter().map(|e| e.and_then(|e| e.slot)).collect();
-        let errors = found.iter().map(|e| e.and_then(|e| e.error.clone())).collect();
-        drop((found, lookup, current));
-        let (_, map) = old.expect("checked above");
+        let Some((_, map)) = old else {
+            unreachable!("checked above")
+        };
         let bytes_on_disk = map.len() as u64;
         let _ = map.advise(memmap2::Advice::Random);
         return Ok(Cached {

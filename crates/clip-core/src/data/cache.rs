@@ -10,11 +10,11 @@
 //!
 //! Layout of a cache folder (by default `<dataset>/.clipmine-cache/`):
 //!
-//! - `images-<S>px-<resize|crop>.json`, the **manifest** (versioned, see [`FORMAT`]): the
+//! - `images-<dataset>-<S>px-<resize|crop>.json`, the **manifest** (versioned, see [`FORMAT`]): the
 //!   preprocessing, the data file's name, and one entry per image: its file (and tar member),
 //!   length and modification time, and its slot in the data file — or the reason it could not be
 //!   decoded, so a broken file is not decoded again every start.
-//! - `images-<S>px-<resize|crop>-<generation>.bin`, the **data**: slot k holds 3·S² bytes of HWC
+//! - `images-<dataset>-<S>px-<resize|crop>-<generation>.bin`, the **data**: slot k holds 3·S² bytes of HWC
 //!   RGB at `k × stride`, the stride rounded up to 4 KiB pages so a slot can be released on its own.
 //!
 //! A changed file (other length or time) or an added one is decoded again; a removed one is
@@ -115,8 +115,16 @@ pub(crate) fn stride(size: usize) -> usize {
     (3 * size * size).div_ceil(PAGE) * PAGE
 }
 
-fn names(size: usize, center_crop: bool) -> String {
-    format!("images-{size}px-{}", if center_crop { "crop" } else { "resize" })
+/// The files' common name: the dataset (a hash of its captions file, folder or first shard, so
+/// two datasets sharing a folder or a `--image-cache DIR` keep separate caches) and the
+/// preprocessing.
+fn names(dataset: &Path, size: usize, center_crop: bool) -> String {
+    let id = xxhash_rust::xxh3::xxh3_64(dataset.as_os_str().as_encoded_bytes());
+    format!(
+        "images-{:08x}-{size}px-{}",
+        id >> 32,
+        if center_crop { "crop" } else { "resize" }
+    )
 }
 
 /// Opens (or builds, or updates) the cache in `dir` for these images at `size` px. `decode`
@@ -124,6 +132,7 @@ fn names(size: usize, center_crop: bool) -> String {
 /// cache lacks.
 pub(crate) fn open(
     dir: &Path,
+    dataset: &Path,
     origins: &[Origin],
     size: usize,
     center_crop: bool,
@@ -131,7 +140,7 @@ pub(crate) fn open(
     progress: &dyn Progress,
 ) -> Result<Cached> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating the image cache folder {}", dir.display()))?;
-    let base = names(size, center_crop);
+    let base = names(dataset, size, center_crop);
     let manifest_path = dir.join(format!("{base}.json"));
     let stride = stride(size);
     let per = 3 * size * size;

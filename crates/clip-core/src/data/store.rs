@@ -114,7 +114,7 @@ impl ImageStore {
             StoreMode::Stream => return Ok((store, vec![])),
             StoreMode::Cache(dir) => {
                 let dir = dir.clone().unwrap_or_else(|| ds.root.join(CACHE_DIR));
-                match cache::open(&dir, &origins, size, center_crop, &decode, progress) {
+                match cache::open(&dir, ds.source_path(), &origins, size, center_crop, &decode, progress) {
                     Ok(c) => {
                         store.stride = c.stride;
                         store.pixels = Pixels::Mapped(c.map);

@@ -242,6 +242,12 @@ pub(crate) fn open(
                 }
             };
             write_at(file, &pixels, (i * stride) as u64).map_err(|e| format!("writing the image cache: {e}"))?;
+            if let (Some(Some(s)), Some(map)) = (found[i].map(|e| e.slot), old_map) {
+                // Copied pages leave this process again (they stay in the OS's page cache), so
+                // updating a cache does not make its memory grow to the cache's size.
+                // SAFETY: a read-only, file-backed mapping: released pages are read again from the file.
+                let _ = unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, s * stride, stride) };
+            }
             Ok(())
         })
         .collect();

@@ -42,6 +42,9 @@ pub struct Args {
     /// Skip the PyTorch reference.
     #[arg(long)]
     no_reference: bool,
+    /// Synthetic images for `data`.
+    #[arg(long, value_name = "N", default_value_t = 200_000)]
+    images: usize,
 }
 
 /// One benchmark.
@@ -57,6 +60,8 @@ enum What {
     Search,
     /// Epochs with both towers frozen: cached features against recomputing them.
     Frozen,
+    /// The image cache's starts, memory and the loader against simple-clip (only when named).
+    Data,
 }
 
 pub fn run(args: Args) -> Result<bool> {
@@ -67,6 +72,7 @@ pub fn run(args: Args) -> Result<bool> {
         steps,
         seq_len,
         no_reference,
+        images,
     } = args;
     let (batch, steps, reference) = (batch_size.to_string(), steps.to_string(), !no_reference);
     let seq_len = seq_len.map(|l| l.to_string());
@@ -90,6 +96,8 @@ pub fn run(args: Args) -> Result<bool> {
             "bench_loader",
             "--bin",
             "bench_frozen",
+            "--bin",
+            "bench_data",
         ])
         .status()?;
     if !status.success() {
@@ -176,6 +184,7 @@ pub fn run(args: Args) -> Result<bool> {
             }
             What::Index => println!("{}", json_line(Command::new(examples.join("bench")).args(["index"]))?),
             What::Search => crate::bench_search::run(&root)?,
+            What::Data => crate::bench_data::run(&examples, images)?,
             What::Frozen => {
                 for args in [
                     ["--preset", "tiny", "--images", "256"],

@@ -7,6 +7,7 @@
 //! flag, a build that failed, a program that could not run).
 
 mod bench;
+mod bench_data;
 mod bench_search;
 mod fashion;
 mod idx;

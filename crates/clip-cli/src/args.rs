@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use candle_core::Device;
 use clip_core::config::{ClipConfig, Schedule};
-use clip_core::prepare::DataSource;
+use clip_core::prepare::{DataSource, ImageCache};
 
 /// Model and device selection, flattened into each stage's `--help`.
 #[derive(Debug, Clone, clap::Args)]
@@ -56,6 +56,17 @@ pub struct DataArgs {
     /// A tokenizer.json to use instead of training a WordPiece tokenizer on the training captions.
     #[arg(long, value_name = "FILE")]
     pub tokenizer: Option<PathBuf>,
+    /// Keep the decoded, resized images in this folder [default: DATA/.clipmine-cache]: decoded
+    /// once, memory-mapped, reused by later runs; changed files are decoded again.
+    #[arg(long, value_name = "DIR", conflicts_with = "no_image_cache")]
+    pub image_cache: Option<PathBuf>,
+    /// Decode every image into memory at every start instead of using the image cache.
+    #[arg(long)]
+    pub no_image_cache: bool,
+    /// Decode images per batch on background threads instead of up front: for data not worth
+    /// caching. Nothing is checked before training (run stage 2 for that).
+    #[arg(long)]
+    pub stream: bool,
 }
 
 impl DataArgs {
@@ -70,6 +81,12 @@ impl DataArgs {
             path: self.data.clone(),
             skip_bad: self.skip_bad,
             tokenizer: self.tokenizer.clone(),
+            image_cache: match (&self.image_cache, self.no_image_cache) {
+                (_, true) => ImageCache::Off,
+                (Some(dir), false) => ImageCache::Dir(dir.clone()),
+                (None, false) => ImageCache::Default,
+            },
+            stream: self.stream,
         }
     }
 }

@@ -295,7 +295,7 @@ impl FeatureCache {
     /// Image-tower features of every decoded image of `store`, by image index.
     pub fn image_features(&self, model: &ClipModel, store: &ImageStore, chunk: usize) -> Result<FeatureRows> {
         let fp = tower_fingerprint(&model.params, &model.config, CachedTower::Image)?;
-        let keys: Vec<Option<Key>> = (0..store.len()).map(|i| store.rgb(i).map(key_of)).collect();
+        let keys: Vec<Option<Key>> = (0..store.len()).map(|i| store.rgb(i).map(|p| key_of(&p))).collect();
         let dev = model.device().clone();
         self.features(
             CachedTower::Image,

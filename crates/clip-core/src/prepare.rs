@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use candle_core::Device;
 
 use crate::config::ClipConfig;
-use crate::data::{Dataset, ImageStore, LoadOptions, Loader, Split, TextTokenizer};
+use crate::data::{Dataset, ImageStore, LoadOptions, Loader, Split, StoreMode, TextTokenizer};
 use crate::progress::Progress;
 
 /// Which data to train on, and how strictly.
@@ -20,12 +20,38 @@ pub struct DataSource {
     pub skip_bad: bool,
     /// A `tokenizer.json` to use instead of training one on the training captions.
     pub tokenizer: Option<PathBuf>,
+    /// Where decoded images are kept between runs.
+    pub image_cache: ImageCache,
+    /// Decode images per batch instead of up front (nothing cached, nothing checked first).
+    pub stream: bool,
+}
+
+/// Where the decoded images of a dataset are kept (see [`crate::data::StoreMode`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum ImageCache {
+    /// The dataset's `.clipmine-cache/` folder.
+    #[default]
+    Default,
+    /// Another folder (e.g. on a faster disk, or when the dataset's is read-only).
+    Dir(PathBuf),
+    /// No cache: every start decodes every image into memory.
+    Off,
 }
 
 impl DataSource {
     /// The dataset's path (the demo set when none was given).
     pub fn path(&self) -> PathBuf {
         self.path.clone().unwrap_or_else(Dataset::demo_dir)
+    }
+
+    /// How the image store holds the pixels.
+    pub fn store_mode(&self) -> StoreMode {
+        match (&self.image_cache, self.stream) {
+            (_, true) => StoreMode::Stream,
+            (ImageCache::Default, false) => StoreMode::Cache(None),
+            (ImageCache::Dir(d), false) => StoreMode::Cache(Some(d.clone())),
+            (ImageCache::Off, false) => StoreMode::Memory,
+        }
     }
 }
 
@@ -40,7 +66,8 @@ pub struct Prepared {
 }
 
 /// Loads and splits the dataset, gets a tokenizer (the source's file, else trained on the
-/// training captions), decodes the images and builds the loader.
+/// training captions), decodes the images (or finds them in the image cache; or, streaming,
+/// leaves them to the batches) and builds the loader.
 pub fn prepare(cfg: &ClipConfig, source: &DataSource, device: &Device, progress: &dyn Progress) -> Result<Prepared> {
     let path = source.path();
     let opts = LoadOptions {
@@ -49,8 +76,16 @@ pub fn prepare(cfg: &ClipConfig, source: &DataSource, device: &Device, progress:
     };
     // Images are decoded before the split and the tokenizer, so with --skip-bad the pairs of a
     // broken image are gone before anything counts them.
-    let (dataset, store) = Dataset::load_with_images(&path, &opts, cfg, progress)
-        .with_context(|| format!("loading the dataset {}", path.display()))?;
+    let (dataset, store) = (|| {
+        let mut ds = Dataset::load(&path, &opts)?;
+        let (store, bad) = ImageStore::open(&ds, cfg, &source.store_mode(), opts.skip_bad, progress)?;
+        ds.drop_undecodable(&store, bad)?;
+        anyhow::Ok((ds, store))
+    })()
+    .with_context(|| format!("loading the dataset {}", path.display()))?;
+    if let Some(note) = store.note() {
+        eprintln!("note: {note}");
+    }
     for b in &dataset.bad {
         eprintln!("skipped: {b}");
     }

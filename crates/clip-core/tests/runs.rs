@@ -146,11 +146,15 @@ fn stopped_mid_epoch_then_resumed_matches_an_uninterrupted_run() {
     assert_eq!(resumed.state.epoch, 1);
     assert_eq!(resumed.state.partial.as_ref().map(|p| p.steps), Some(3));
     train(&mut resumed, 3);
-    assert_eq!(
-        losses(&full),
-        losses(&resumed),
-        "a run stopped mid-epoch must resume exactly"
-    );
+    // Every step's loss is the same; an epoch's mean may differ in its last bit, summed in two parts.
+    let (a, b) = (losses(&full), losses(&resumed));
+    assert_eq!(a.len(), b.len());
+    for ((ta, va), (tb, vb)) in a.iter().zip(&b) {
+        assert!(
+            (ta - tb).abs() <= 1e-12 * ta.abs() && va == vb,
+            "a run stopped mid-epoch must resume exactly: {a:?} vs {b:?}"
+        );
+    }
     assert_eq!(full.opt.step, resumed.opt.step);
     let weights = |t: &Trainer| {
         t.model

@@ -16,7 +16,7 @@ use clap::Parser;
 use clip_cli::fmt_count;
 use clip_cli::Report;
 use clip_core::data::{
-    Batch, Dataset, ImageStore, LoadOptions, Loader, Split, TextTokenizer, UnkReport, DEFAULT_TEMPLATE,
+    Batch, Dataset, ImageStore, LoadOptions, Loader, Split, StoreMode, TextTokenizer, UnkReport, DEFAULT_TEMPLATE,
 };
 use clip_core::{device, ClipConfig, ClipModel};
 use unicode_width::UnicodeWidthChar;
@@ -46,7 +46,17 @@ struct Args {
     /// Pairs in the checked batch [default: the config's train.batch_size].
     #[arg(long)]
     batch_size: Option<usize>,
+    /// Keep the decoded images in this image cache folder [default: DATA/.clipmine-cache].
+    #[arg(long, value_name = "DIR", conflicts_with = "no_image_cache")]
+    image_cache: Option<PathBuf>,
+    /// Decode into memory instead of using the image cache.
+    #[arg(long)]
+    no_image_cache: bool,
 }
+
+/// Batches alive at once while training: the one in use, the ones prefetched (up to 4 when
+/// images are decoded per batch) and the one being built.
+const BATCHES_IN_FLIGHT: usize = 6;
 
 fn main() -> ExitCode {
     clip_cli::run_stage(|| run(Args::parse()))
@@ -99,6 +109,7 @@ fn check(args: &Args, report: &mut Report) -> Result<()> {
     let Some((ds, store)) = load(args, &cfg, report)? else {
         return Ok(());
     };
+    let resident_images = store.bytes();
     let split = split(&ds, &cfg, report);
     let tok = tokenizer(args, &ds, &split, &cfg, report)?;
 
@@ -119,6 +130,7 @@ fn check(args: &Args, report: &mut Report) -> Result<()> {
     println!("\nmodel: the untrained model on this batch (evaluation mode)");
     let t = Instant::now();
     let model = ClipModel::new(&cfg, &dev)?;
+    memory(&cfg, model.params.total_params(), resident_images, report);
     let e = model.forward(&batch.images, &batch.input_ids, &batch.attention_mask, false)?;
     let ms = t.elapsed().as_secs_f64() * 1e3;
     report.metric("forward_ms", ms);
@@ -175,7 +187,12 @@ fn load(args: &Args, cfg: &ClipConfig, report: &mut Report) -> Result<Option<(Da
     let rows_seconds = t.elapsed().as_secs_f64();
     println!("  {}", ds.source);
     let t = Instant::now();
-    let (store, bad_images) = ImageStore::load(&ds, cfg, true, &clip_cli::progress::Bar::new())?;
+    let mode = if args.no_image_cache {
+        StoreMode::Memory
+    } else {
+        StoreMode::Cache(args.image_cache.clone())
+    };
+    let (store, bad_images) = ImageStore::open(&ds, cfg, &mode, true, &clip_cli::progress::Bar::new())?;
     let decode_seconds = t.elapsed().as_secs_f64();
     let image_bad: Vec<String> = bad_images.iter().map(|b| b.to_string()).collect();
     if let Err(e) = ds.drop_undecodable(&store, bad_images) {
@@ -204,10 +221,20 @@ fn load(args: &Args, cfg: &ClipConfig, report: &mut Report) -> Result<Option<(Da
     report.check("rows", row_bad.is_empty() || args.skip_bad, rows_detail);
     let s = cfg.image.image_size;
     let n = ds.images.len();
+    let held = match store.cache() {
+        Some(c) => format!(
+            "image cache {}",
+            if c.built == 0 && c.dropped == 0 {
+                "hit"
+            } else {
+                "updated"
+            }
+        ),
+        None => format!("{} KiB in memory", fmt_count(store.bytes() / 1024)),
+    };
     let mut detail = format!(
-        "{} of {n} decoded to {s}×{s} RGB in {decode_seconds:.2} s ({} KiB in memory)",
+        "{} of {n} decoded to {s}×{s} RGB in {decode_seconds:.2} s ({held})",
         n - image_bad.len(),
-        fmt_count(store.bytes() / 1024)
     );
     if !image_bad.is_empty() {
         detail.push_str(&if args.skip_bad {
@@ -220,6 +247,19 @@ fn load(args: &Args, cfg: &ClipConfig, report: &mut Report) -> Result<Option<(Da
         });
     }
     report.check("images", image_bad.is_empty() || args.skip_bad, detail);
+    match store.cache() {
+        Some(c) => {
+            println!("  image cache: {c}");
+            report.metric(
+                "image_cache",
+                serde_json::json!({ "hits": c.hits, "built": c.built, "dropped": c.dropped, "bytes_on_disk": c.bytes_on_disk, "manifest": c.manifest }),
+            );
+        }
+        None => println!("  image cache: off, every start decodes every image again"),
+    }
+    if let Some(note) = store.note() {
+        println!("  note: {note}");
+    }
     if !ds.bad.is_empty() {
         println!("  bad rows and images:");
     }
@@ -524,4 +564,27 @@ fn preview(items: &[String], n: usize) -> String {
         s.push_str(", …");
     }
     s
+}
+
+/// Prints (and reports) the memory a training run on this data will need, before activations:
+/// the images held in memory (none with the image cache: the OS pages it), the batches in
+/// flight, and the weights with their gradients and AdamW's two moments (4 × 4 bytes each).
+fn memory(cfg: &ClipConfig, params: usize, resident_images: usize, report: &mut Report) {
+    let s = cfg.image.image_size;
+    let batches = BATCHES_IN_FLIGHT * cfg.train.batch_size * 3 * s * s * 4;
+    let weights = params * 4 * 4;
+    let mib = |b: usize| b as f64 / (1 << 20) as f64;
+    let total = resident_images + batches + weights;
+    println!(
+        "  memory for training: about {:.0} MiB plus activations (images {:.0} MiB{}, batches in flight {:.0} MiB, weights + gradients + AdamW {:.0} MiB)",
+        mib(total),
+        mib(resident_images),
+        if resident_images == 0 { ", paged from the image cache" } else { " in memory" },
+        mib(batches),
+        mib(weights)
+    );
+    report.metric(
+        "memory_mib",
+        serde_json::json!({ "total": mib(total), "images": mib(resident_images), "batches": mib(batches), "weights": mib(weights) }),
+    );
 }

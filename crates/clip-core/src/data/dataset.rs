@@ -89,8 +89,18 @@ impl Default for LoadOptions {
 /// Where the pairs came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Source {
-    Captions { file: PathBuf, format: CaptionFormat },
-    ClassFolders { templates: Vec<String> },
+    Captions {
+        file: PathBuf,
+        format: CaptionFormat,
+    },
+    ClassFolders {
+        templates: Vec<String>,
+    },
+    /// WebDataset tar shards; image i is the member at `members[i]` of its shard.
+    WebDataset {
+        shards: Vec<PathBuf>,
+        members: Vec<super::MemberSpan>,
+    },
 }
 
 impl fmt::Display for Source {
@@ -102,6 +112,17 @@ impl fmt::Display for Source {
             Source::ClassFolders { templates } => {
                 write!(f, "class folders, captions from {templates:?}")
             }
+            Source::WebDataset { shards, .. } => match shards.as_slice() {
+                [one] => write!(f, "WebDataset shard {}", one.display()),
+                [first, .., last] => write!(
+                    f,
+                    "{} WebDataset shards, {} … {}",
+                    shards.len(),
+                    first.display(),
+                    last.display()
+                ),
+                [] => write!(f, "no WebDataset shards"),
+            },
         }
     }
 }
@@ -126,6 +147,9 @@ impl Dataset {
     /// file. Every row is checked; bad rows fail the load unless `opts.skip_bad` is set, and a
     /// dataset with no usable rows always fails.
     pub fn load(path: &Path, opts: &LoadOptions) -> Result<Dataset> {
+        if let Some(shards) = super::webdataset::shards(path)? {
+            return Self::from_webdataset(shards, opts);
+        }
         if path.is_file() {
             let ext = path
                 .extension()
@@ -217,6 +241,7 @@ impl Dataset {
         match &self.source {
             Source::Captions { file, .. } => file,
             Source::ClassFolders { .. } => &self.root,
+            Source::WebDataset { shards, .. } => shards.first().map_or(&self.root, |s| s.as_path()),
         }
     }
 

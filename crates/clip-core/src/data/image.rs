@@ -1,8 +1,9 @@
 //! Image preprocessing: decode → RGB → model size (u8), then normalise (f32, CHW), optionally
 //! through a random resized crop and a horizontal flip.
 //!
-//! The first half runs once per image at load ([`super::ImageStore`]); the second half once per
-//! image per batch, and works on the small stored image, so it costs microseconds.
+//! The first half runs once per image at load ([`super::ImageStore`]); normalising runs once per
+//! image per batch on the small stored image, so it costs microseconds. Augmentation instead
+//! crops the original file, decoded again each time ([`augment_original`]).
 
 use std::io::BufReader;
 use std::path::Path;
@@ -80,6 +81,16 @@ impl Preprocess {
             mean: i.mean.map(|v| v as f32),
             std: i.std.map(|v| v as f32),
         }
+    }
+
+    /// What the stored (not yet normalised) pixels depend on besides the size, for naming caches.
+    pub fn cache_variant(&self) -> String {
+        let crop = if self.center_crop {
+            format!("crop{:.3}", self.crop_pct)
+        } else {
+            "resize".to_string()
+        };
+        format!("{crop}-{:?}", self.filter).to_lowercase()
     }
 
     /// The smallest and largest value a normalised pixel can take.
@@ -195,46 +206,44 @@ pub(crate) fn normalise_into(rgb: &[u8], p: &Preprocess, out: &mut [f32]) {
     }
 }
 
-/// A random resized crop of the stored image (area share in [`CROP_SCALE`], aspect ratio in
-/// [`CROP_RATIO`]) resampled bilinearly back to S×S, flipped left–right half the time, then
-/// normalised. The same seed gives the same result.
-pub(crate) fn augment_into(rgb: &[u8], p: &Preprocess, seed: u64, out: &mut [f32]) {
-    let size = p.size;
+/// A random resized crop of the original, full-resolution image (area share in [`CROP_SCALE`],
+/// aspect ratio in [`CROP_RATIO`], torchvision's `RandomResizedCrop`), resized to S×S, flipped
+/// left–right half the time, then normalised. The same seed gives the same result.
+///
+/// Cropping the original rather than the stored S×S copy keeps the detail a zoomed-in crop
+/// should have (a 60 % crop of a 224 px copy is a blurry upscale of 173 px), at the price of
+/// decoding the file again for every image of every epoch: the streaming path's cost.
+pub(crate) fn augment_original(rgb: &RgbImage, p: &Preprocess, seed: u64, out: &mut [f32]) {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let s = size as f32;
-    let (mut cw, mut ch, mut cx, mut cy) = (s, s, 0.0, 0.0);
+    let (w, h) = rgb.dimensions();
+    let (fw, fh) = (w as f32, h as f32);
+    let (mut crop_w, mut crop_h, mut x, mut y) = (w, h, 0, 0);
     // torchvision's retry loop: a crop at an extreme ratio may not fit; after 10 tries, keep it all.
     for _ in 0..10 {
-        let area = s * s * rng.random_range(CROP_SCALE.0..=CROP_SCALE.1);
+        let area = fw * fh * rng.random_range(CROP_SCALE.0..=CROP_SCALE.1);
         let ratio = rng.random_range(CROP_RATIO.0.ln()..=CROP_RATIO.1.ln()).exp();
-        let (w, h) = ((area * ratio).sqrt(), (area / ratio).sqrt());
-        if w <= s && h <= s {
-            (cw, ch) = (w, h);
-            cx = rng.random_range(0.0..=s - w);
-            cy = rng.random_range(0.0..=s - h);
+        let (cw, ch) = (
+            (area * ratio).sqrt().round() as u32,
+            (area / ratio).sqrt().round() as u32,
+        );
+        if cw > 0 && ch > 0 && cw <= w && ch <= h {
+            (crop_w, crop_h) = (cw, ch);
+            x = rng.random_range(0..=w - cw);
+            y = rng.random_range(0..=h - ch);
             break;
         }
     }
     let flip = rng.random_bool(0.5);
-    let plane = size * size;
-    let at = |x: usize, y: usize, c: usize| rgb[(y * size + x) * 3 + c] as f32;
-    let max = (size - 1) as f32;
-    for y in 0..size {
-        // Pixel centres of the output mapped into the crop (the `align_corners=False` convention).
-        let sy = (cy + (y as f32 + 0.5) * ch / s - 0.5).clamp(0.0, max);
-        let (y0, fy) = (sy.floor() as usize, sy.fract());
-        let y1 = (y0 + 1).min(size - 1);
-        for x in 0..size {
-            let xo = if flip { size - 1 - x } else { x };
-            let sx = (cx + (x as f32 + 0.5) * cw / s - 0.5).clamp(0.0, max);
-            let (x0, fx) = (sx.floor() as usize, sx.fract());
-            let x1 = (x0 + 1).min(size - 1);
-            for c in 0..3 {
-                let top = at(x0, y0, c) * (1.0 - fx) + at(x1, y0, c) * fx;
-                let bottom = at(x0, y1, c) * (1.0 - fx) + at(x1, y1, c) * fx;
-                let v = top * (1.0 - fy) + bottom * fy;
-                out[c * plane + y * size + xo] = (v / 255.0 - p.mean[c]) / p.std[c];
-            }
-        }
+    let crop = image::imageops::crop_imm(rgb, x, y, crop_w, crop_h).to_image();
+    let mut small = fit(
+        &crop,
+        &Preprocess {
+            center_crop: false,
+            ..*p
+        },
+    );
+    if flip {
+        image::imageops::flip_horizontal_in_place(&mut small);
     }
+    normalise_into(small.as_raw(), p, out);
 }

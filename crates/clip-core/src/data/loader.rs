@@ -1,8 +1,9 @@
 //! Batches of pairs for training and evaluation, built on a background thread.
 //!
-//! Captions are tokenised once, when the loader is made; images come from the in-memory
-//! [`ImageStore`]. While the model works on one batch, the thread prepares the next two
-//! (normalising and, when asked, augmenting the images in parallel), so the model never waits.
+//! Captions are tokenised once, when the loader is made; images come from the [`ImageStore`]
+//! (in memory, mapped from the image cache, or decoded per batch when streaming). While the
+//! model works on one batch, the thread prepares the next two (four when images are decoded per
+//! batch: streaming or augmenting), so the model never waits.
 //! The worker hands over plain vectors and the tensors are made on the caller's thread, so the
 //! device is only ever touched from there.
 //!
@@ -27,6 +28,9 @@ use crate::feature_cache::FrozenFeatures;
 
 /// Batches prepared ahead of the one being used.
 const PREFETCH: usize = 2;
+/// Batches prepared ahead when each one decodes its images from the files (streaming or
+/// augmenting): decoding time varies with the files, so a deeper queue evens it out.
+const DECODING_PREFETCH: usize = 4;
 
 /// One batch of B pairs: pair k is (image k, caption k).
 pub struct Batch {
@@ -231,7 +235,8 @@ impl Loader {
             .map(<[usize]>::to_vec)
             .collect();
         batches.remaining = chunks.len();
-        let (tx, rx) = sync_channel(PREFETCH);
+        let decoding = augment || self.shared.store.is_streaming();
+        let (tx, rx) = sync_channel(if decoding { DECODING_PREFETCH } else { PREFETCH });
         let shared = Arc::clone(&self.shared);
         // Each batch's augmentation seed depends only on the epoch's seed and the batch's position.
         let aug_base = mix(shuffle_seed.unwrap_or(self.seed), 0xa06);

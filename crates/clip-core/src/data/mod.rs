@@ -5,8 +5,10 @@
 //! 1. [`Dataset::load`] reads a captions file (CSV, TSV, `|`-separated or JSON Lines) or class
 //!    folders into [`Pair`]s, checking every row (missing images, empty captions, bad UTF-8 …) and
 //!    naming the file and line of each problem.
-//! 2. [`ImageStore::load`] decodes every image once, in parallel, into u8 RGB at the model's size,
-//!    so a corrupt file is found up front and an epoch costs no decoding.
+//! 2. [`ImageStore::open`] decodes every image once, in parallel, into u8 RGB at the model's size,
+//!    so a corrupt file is found up front and an epoch costs no decoding; the pixels go to the
+//!    memory-mapped image cache on disk (reused by later runs), to memory, or nowhere when
+//!    streaming. WebDataset tar shards are read in place.
 //! 3. [`TextTokenizer`] turns captions into WordPiece ids (trained on the captions, so Chinese
 //!    characters are tokens of their own rather than `[UNK]`).
 //! 4. [`Loader`] shuffles pairs per epoch and builds [`Batch`]es on a background thread.
@@ -14,17 +16,21 @@
 //! [`Dataset::split`] holds out whole images for validation, so no caption of a validation image
 //! is ever trained on.
 
+mod cache;
 mod captions;
 mod dataset;
 mod folders;
 mod image;
 mod loader;
+mod origin;
 mod paths;
 mod split;
 mod store;
 mod tokenizer;
+mod webdataset;
 mod wordpiece;
 
+pub use cache::{CacheReport, CACHE_DIR};
 pub use captions::CaptionFormat;
 pub use dataset::{BadRow, Dataset, ImageEntry, LoadOptions, Pair, Source, DEFAULT_TEMPLATE};
 pub use folders::render_template;
@@ -34,8 +40,9 @@ pub use image::{
 pub use loader::{epoch_seed, Batch, Batches, Loader};
 pub use paths::{absolute, contained, image_files, relative_image_path, Listing};
 pub use split::{Split, MIN_IMAGES_TO_SPLIT};
-pub use store::ImageStore;
+pub use store::{ImageStore, StoreMode};
 pub use tokenizer::{TextTokenizer, UnkReport, SPECIAL_TOKENS};
+pub use webdataset::{expand_braces, MemberSpan};
 
 pub(crate) use crate::rng::mix;
 

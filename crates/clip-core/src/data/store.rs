@@ -1,67 +1,145 @@
-//! Every image of a dataset, decoded once at the model's size and kept in memory.
+//! Every image of a dataset at the model's size: decoded once and kept in memory, mapped from the
+//! on-disk image cache, or decoded on the fly (streaming).
 //!
 //! Decoding a JPEG costs milliseconds; normalising a 64×64 (or 224×224) u8 image costs
-//! microseconds. Decoding all images up front, in parallel, makes every epoch after the first
-//! free of decoding, and finds every unreadable file before training starts rather than hours in.
-//! The price is memory: 3·S² bytes per image (12 KiB at 64 px, 147 KiB at 224 px).
+//! microseconds. Decoding all images once makes every epoch after the first free of decoding,
+//! and finds every unreadable file before training starts rather than hours in. The pixels take
+//! 3·S² bytes per image (12 KiB at 64 px, 147 KiB at 224 px), so where they live matters:
+//!
+//! - [`StoreMode::Cache`] (the default of the stages): in the memory-mapped image cache
+//!   ([`super::cache`]), paged by the operating system, reused by the next start;
+//! - [`StoreMode::Memory`]: in this process's memory (small datasets, prediction);
+//! - [`StoreMode::Stream`]: nowhere — each batch decodes its images again, on the store's own
+//!   thread pool (not the global one the kernels use). Nothing is checked up front: a broken
+//!   file stops the epoch that reaches it (stage 2 checks every image).
+//!
+//! With augmentation on, training images are always decoded from the original file (a random
+//! resized crop of the full-resolution photo, as torchvision does), whatever the mode: that costs
+//! a decode per image per epoch, the streaming path's cost.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
 
 use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
+use memmap2::Mmap;
 use rayon::prelude::*;
 
-use super::image::{augment_into, normalise_into, prepare, Preprocess};
+use super::cache::{self, CacheReport, CACHE_DIR};
+use super::image::{augment_original, fit, normalise_into, prepare, to_rgb, Preprocess};
+use super::origin::{origins, Origin};
 use super::{list_bad, mix, BadRow, Dataset, Source};
 use crate::config::ClipConfig;
 use crate::progress::Progress;
+
+/// Where a store keeps its pixels.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum StoreMode {
+    /// The memory-mapped cache in this folder; `None`: `<dataset>/.clipmine-cache/`.
+    Cache(Option<PathBuf>),
+    /// Decoded up front into this process's memory.
+    #[default]
+    Memory,
+    /// Decoded per batch, nothing kept.
+    Stream,
+}
+
+enum Pixels {
+    Memory(Vec<u8>),
+    Mapped(Mmap),
+    Stream,
+}
 
 /// The image size and count (not the pixels) when debug-printed.
 pub struct ImageStore {
     size: usize,
     prep: Preprocess,
-    /// Image i is `pixels[i·3·S² ..][..3·S²]`, HWC u8 RGB.
-    pixels: Vec<u8>,
-    /// False where the image could not be decoded (its pixels are zeros).
-    decoded: Vec<bool>,
+    /// Bytes from one image's start to the next's.
+    stride: usize,
+    pixels: Pixels,
+    /// Where image i's pixels are (`slot × stride`); `None` where it could not be decoded.
+    slots: Vec<Option<usize>>,
+    /// Where each image's original is, to decode it again (streaming, augmentation).
+    origins: Arc<Vec<Origin>>,
+    /// The decoding threads of streaming and augmentation, made when first needed.
+    pool: OnceLock<Result<rayon::ThreadPool, String>>,
+    cache: Option<CacheReport>,
+    /// Why the store is not what was asked for (an unwritable cache folder), when it is not.
+    note: Option<String>,
 }
 
 impl ImageStore {
-    /// Decodes every image of `ds` in parallel to `cfg.image.image_size` pixels. Images that fail
-    /// become [`BadRow`]s naming the captions line that first used them; without `skip_bad` any
-    /// failure is an error listing them. `progress` hears of each decoded image.
+    /// Decodes every image of `ds` in parallel to `cfg.image.image_size` pixels, into memory.
+    /// Images that fail become [`BadRow`]s naming the captions line that first used them; without
+    /// `skip_bad` any failure is an error listing them. `progress` hears of each decoded image.
     pub fn load(
         ds: &Dataset,
         cfg: &ClipConfig,
         skip_bad: bool,
         progress: &dyn Progress,
     ) -> Result<(ImageStore, Vec<BadRow>)> {
+        Self::open(ds, cfg, &StoreMode::Memory, skip_bad, progress)
+    }
+
+    /// The images of `ds`, held as `mode` says (see the module's documentation). An image cache
+    /// folder that cannot be written falls back to memory, and [`ImageStore::note`] says so.
+    pub fn open(
+        ds: &Dataset,
+        cfg: &ClipConfig,
+        mode: &StoreMode,
+        skip_bad: bool,
+        progress: &dyn Progress,
+    ) -> Result<(ImageStore, Vec<BadRow>)> {
         let prep = Preprocess::from_config(cfg);
         let size = prep.size;
-        let n = ds.images.len();
+        let origins = Arc::new(origins(ds));
+        let n = origins.len();
         let per = 3 * size * size;
-        let mut pixels = vec![0u8; n * per];
-        progress.start("decoding images", n as u64);
-        let errors: Vec<Option<String>> = pixels
-            .par_chunks_mut(per.max(1))
-            .zip(ds.images.par_iter())
-            .map(|(dst, entry)| {
-                let r = prepare(&entry.path, &prep);
-                progress.inc(1);
-                match r {
-                    Ok(img) => {
-                        dst.copy_from_slice(img.as_raw());
-                        None
+        let mut store = ImageStore {
+            size,
+            prep,
+            stride: per,
+            pixels: Pixels::Stream,
+            slots: (0..n).map(Some).collect(),
+            origins: origins.clone(),
+            pool: OnceLock::new(),
+            cache: None,
+            note: None,
+        };
+        let decode = |o: &Origin| -> Result<Vec<u8>> { Ok(fit(&to_rgb(o.decode()?), &prep).into_raw()) };
+        let errors: Vec<Option<String>> = match mode {
+            StoreMode::Stream => return Ok((store, vec![])),
+            StoreMode::Cache(dir) => {
+                let dir = dir.clone().unwrap_or_else(|| ds.root.join(CACHE_DIR));
+                match cache::open(
+                    &dir,
+                    ds.source_path(),
+                    &origins,
+                    size,
+                    &prep.cache_variant(),
+                    &decode,
+                    progress,
+                ) {
+                    Ok(c) => {
+                        store.stride = c.stride;
+                        store.pixels = Pixels::Mapped(c.map);
+                        store.slots = c.slots;
+                        store.cache = Some(c.report);
+                        c.errors
                     }
-                    Err(e) => Some(format!("{e:#}")),
+                    Err(e) => {
+                        store.note = Some(format!(
+                            "no image cache ({e:#}): images are kept in memory; name a writable folder with --image-cache DIR"
+                        ));
+                        store.decode_into_memory(&decode, progress)
+                    }
                 }
-            })
-            .collect();
-        progress.finish();
-
-        let decoded: Vec<bool> = errors.iter().map(Option::is_none).collect();
-        let bad = bad_rows(ds, &errors);
+            }
+            StoreMode::Memory => store.decode_into_memory(&decode, progress),
+        };
+        let bad = bad_rows(ds, &origins, &errors);
         if !skip_bad && !bad.is_empty() {
             bail!(
                 "{} images cannot be decoded:{}\nreplace them, or leave their captions out with --skip-bad",
@@ -69,74 +147,180 @@ impl ImageStore {
                 list_bad(&bad)
             );
         }
-        Ok((
-            ImageStore {
-                size,
-                prep,
-                pixels,
-                decoded,
-            },
-            bad,
-        ))
+        Ok((store, bad))
+    }
+
+    fn decode_into_memory(
+        &mut self,
+        decode: &(dyn Fn(&Origin) -> Result<Vec<u8>> + Sync),
+        progress: &dyn Progress,
+    ) -> Vec<Option<String>> {
+        let per = 3 * self.size * self.size;
+        let n = self.origins.len();
+        let mut pixels = vec![0u8; n * per];
+        progress.start("decoding images", n as u64);
+        let errors: Vec<Option<String>> = pixels
+            .par_chunks_mut(per.max(1))
+            .zip(self.origins.par_iter())
+            .map(|(dst, o)| {
+                let r = decode(o);
+                progress.inc(1);
+                match r {
+                    Ok(px) => {
+                        dst.copy_from_slice(&px);
+                        None
+                    }
+                    Err(e) => Some(format!("{e:#}")),
+                }
+            })
+            .collect();
+        progress.finish();
+        self.stride = per;
+        self.slots = errors
+            .iter()
+            .enumerate()
+            .map(|(i, e)| e.is_none().then_some(i))
+            .collect();
+        self.pixels = Pixels::Memory(pixels);
+        errors
     }
 
     /// Side of the stored square images, in pixels.
-    /// How the stored images were prepared, and how they are normalised.
-    pub fn preprocess(&self) -> &Preprocess {
-        &self.prep
-    }
-
     pub fn size(&self) -> usize {
         self.size
     }
 
+    /// How the stored images were made, and how they are normalised.
+    pub fn preprocess(&self) -> &Preprocess {
+        &self.prep
+    }
+
     pub fn len(&self) -> usize {
-        self.decoded.len()
+        self.slots.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.decoded.is_empty()
+        self.slots.is_empty()
     }
 
-    /// Whether image `i` was decoded.
+    /// Whether image `i` was decoded (always, for a streaming store: it checks nothing up front).
     pub fn contains(&self, i: usize) -> bool {
-        self.decoded.get(i).copied().unwrap_or(false)
+        self.slots.get(i).is_some_and(Option::is_some)
     }
 
-    /// Memory held by the pixels.
+    /// Memory of this process held by the pixels (0 when mapped from the cache or streamed).
     pub fn bytes(&self) -> usize {
-        self.pixels.len()
+        match &self.pixels {
+            Pixels::Memory(p) => p.len(),
+            _ => 0,
+        }
     }
 
-    /// Image `i` as HWC u8 RGB, S×S.
-    pub fn rgb(&self, i: usize) -> Option<&[u8]> {
+    /// True when batches decode their images from the files (nothing is kept).
+    pub fn is_streaming(&self) -> bool {
+        matches!(self.pixels, Pixels::Stream)
+    }
+
+    /// What the image cache held, when the pixels come from it.
+    pub fn cache(&self) -> Option<&CacheReport> {
+        self.cache.as_ref()
+    }
+
+    /// Why the store is not what was asked for, when it is not.
+    pub fn note(&self) -> Option<&str> {
+        self.note.as_deref()
+    }
+
+    /// Image `i` as HWC u8 RGB, S×S: borrowed from the store, or decoded now when streaming.
+    pub fn rgb(&self, i: usize) -> Option<Cow<'_, [u8]>> {
         let per = 3 * self.size * self.size;
-        self.contains(i).then(|| &self.pixels[i * per..(i + 1) * per])
+        let slot = (*self.slots.get(i)?)?;
+        match &self.pixels {
+            Pixels::Memory(p) => Some(Cow::Borrowed(&p[slot * self.stride..][..per])),
+            Pixels::Mapped(m) => Some(Cow::Borrowed(&m[slot * self.stride..][..per])),
+            Pixels::Stream => self.decode_fitted(i).ok().map(Cow::Owned),
+        }
+    }
+
+    fn decode_fitted(&self, i: usize) -> Result<Vec<u8>> {
+        let o = &self.origins[i];
+        let img = o
+            .decode()
+            .map_err(|e| anyhow::anyhow!("{}: cannot decode image: {e:#}", o.describe()))?;
+        Ok(fit(&to_rgb(img), &self.prep).into_raw())
+    }
+
+    fn pool(&self) -> Result<&rayon::ThreadPool> {
+        self.pool
+            .get_or_init(|| {
+                let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .thread_name(|i| format!("clipmine-decode-{i}"))
+                    .build()
+                    .map_err(|e| format!("cannot start the decoding threads: {e}"))
+            })
+            .as_ref()
+            .map_err(|e| anyhow::anyhow!("{e}"))
     }
 
     /// Normalised CHW f32 values of some images, back to back (B·3·S·S), built in parallel.
-    /// With `augment_seed`, each image gets its own random crop and flip, derived from the seed and
-    /// its position in the batch.
+    /// With `augment_seed`, each image is a random resized crop of its original file, flipped
+    /// half the time, derived from the seed and its position in the batch (decoded now, on the
+    /// store's own threads).
     pub fn batch_pixels(&self, image_indices: &[usize], augment_seed: Option<u64>) -> Result<Vec<f32>> {
         let per = 3 * self.size * self.size;
-        let sources = image_indices
-            .iter()
-            .map(|&i| match self.rgb(i) {
-                Some(rgb) => Ok(rgb),
-                None if i < self.len() => {
-                    bail!("image {i} was not decoded: drop its pairs first (Dataset::drop_undecodable)")
-                }
-                None => bail!("image index {i} is out of range: the store holds {} images", self.len()),
-            })
-            .collect::<Result<Vec<_>>>()?;
+        if let Some(&i) = image_indices.iter().find(|&&i| !self.contains(i)) {
+            if i < self.len() {
+                bail!("image {i} was not decoded: drop its pairs first (Dataset::drop_undecodable)")
+            }
+            bail!("image index {i} is out of range: the store holds {} images", self.len())
+        }
         let mut out = vec![0f32; image_indices.len() * per];
+        if augment_seed.is_some() || self.is_streaming() {
+            self.pool()?.install(|| {
+                out.par_chunks_mut(per.max(1))
+                    .zip(image_indices.par_iter())
+                    .enumerate()
+                    .try_for_each(|(k, (dst, &i))| -> Result<()> {
+                        match augment_seed {
+                            Some(seed) => {
+                                let o = &self.origins[i];
+                                let img = o
+                                    .decode()
+                                    .map_err(|e| anyhow::anyhow!("{}: cannot decode image: {e:#}", o.describe()))?;
+                                augment_original(&to_rgb(img), &self.prep, mix(seed, k as u64), dst);
+                            }
+                            None => normalise_into(&self.decode_fitted(i)?, &self.prep, dst),
+                        }
+                        Ok(())
+                    })
+            })?;
+            return Ok(out);
+        }
+        let slots: Vec<usize> = image_indices
+            .iter()
+            .map(|&i| self.slots[i].expect("checked above"))
+            .collect();
+        let bytes: &[u8] = match &self.pixels {
+            Pixels::Memory(p) => p,
+            Pixels::Mapped(m) => m,
+            Pixels::Stream => unreachable!("handled above"),
+        };
         out.par_chunks_mut(per.max(1))
-            .zip(sources.par_iter())
-            .enumerate()
-            .for_each(|(k, (dst, rgb))| match augment_seed {
-                Some(seed) => augment_into(rgb, &self.prep, mix(seed, k as u64), dst),
-                None => normalise_into(rgb, &self.prep, dst),
-            });
+            .zip(slots.par_iter())
+            .for_each(|(dst, &s)| normalise_into(&bytes[s * self.stride..][..per], &self.prep, dst));
+        if let Pixels::Mapped(m) = &self.pixels {
+            // The pages just read are dropped from this process (they stay in the OS's page cache),
+            // so its resident memory does not grow towards the size of the whole cache.
+            for &s in &slots {
+                // SAFETY: the mapping is read-only and file-backed: after DONTNEED the pages are
+                // read again from the file, with the same contents.
+                let _ = unsafe {
+                    m.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, s * self.stride, self.stride)
+                };
+            }
+        }
         Ok(out)
     }
 
@@ -162,18 +346,24 @@ impl ImageStore {
 
 impl std::fmt::Debug for ImageStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let decoded = self.decoded.iter().filter(|&&d| d).count();
+        let decoded = self.slots.iter().filter(|s| s.is_some()).count();
+        let mode = match self.pixels {
+            Pixels::Memory(_) => "memory",
+            Pixels::Mapped(_) => "cache",
+            Pixels::Stream => "stream",
+        };
         f.debug_struct("ImageStore")
             .field("size", &self.size)
             .field("images", &self.len())
             .field("decoded", &decoded)
+            .field("mode", &mode)
             .finish()
     }
 }
 
-/// One bad row per image that failed, at the first line that used it (captions files) or at the
-/// image itself (class folders).
-fn bad_rows(ds: &Dataset, errors: &[Option<String>]) -> Vec<BadRow> {
+/// One bad row per image that failed, at the first line that used it (captions files), at the
+/// image itself (class folders) or at its shard and member (WebDataset).
+fn bad_rows(ds: &Dataset, origins: &[Origin], errors: &[Option<String>]) -> Vec<BadRow> {
     let mut first_line: HashMap<usize, (usize, usize)> = HashMap::new();
     for p in &ds.pairs {
         let e = first_line.entry(p.image).or_insert((p.line, 0));
@@ -196,6 +386,11 @@ fn bad_rows(ds: &Dataset, errors: &[Option<String>]) -> Vec<BadRow> {
                     BadRow::new(file, line, format!("cannot decode image {}{more}: {e}", img.name))
                 }
                 Source::ClassFolders { .. } => BadRow::new(&img.path, 0, format!("cannot decode image: {e}")),
+                Source::WebDataset { .. } => BadRow::new(
+                    Path::new(&origins[i].describe()),
+                    0,
+                    format!("cannot decode image: {e}"),
+                ),
             })
         })
         .collect();

@@ -1,0 +1,277 @@
+//! WebDataset input: tar shards as img2dataset writes them (`00000.tar` holding `key.jpg` with
+//! `key.txt` or `key.json`), the format of the open_clip world.
+//!
+//! `--data` names them as a brace pattern (`shards/{00000..00099}.tar`), one `.tar` file, or a
+//! folder of `.tar` files. Each shard is read once, sequentially, with the `tar` crate: captions
+//! are read then, images only located (their byte offset and length), and decoded later straight
+//! from the shard (into the image cache, or per batch when streaming) — nothing is extracted to
+//! disk. A sample is all members sharing a key (the name up to its first dot, as WebDataset
+//! does); a caption comes from `key.txt`, else from the `caption` or `text` field of `key.json`.
+//! A member that cannot be used is reported like a bad row, as `shard.tar:member: reason`.
+//!
+//! Every sample has one image, so the usual split by image holds out whole keys, chosen by the
+//! seed alone: the same keys on every run.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+
+use super::dataset::CAPTION_FILES;
+use super::paths::absolute;
+use super::{BadRow, Dataset, ImageEntry, LoadOptions, Pair, Source, IMAGE_EXTENSIONS};
+
+/// Where an image member's bytes are in its shard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemberSpan {
+    pub offset: u64,
+    pub len: u64,
+}
+
+/// The shards `path` names, or `None` when it is not WebDataset input: a pattern with braces, a
+/// `.tar` file, or a folder holding `.tar` files and no captions file.
+pub(crate) fn shards(path: &Path) -> Result<Option<Vec<PathBuf>>> {
+    let text = path.to_string_lossy();
+    if text.contains('{') && !path.exists() {
+        let names = expand_braces(&text)?;
+        let missing: Vec<&String> = names.iter().filter(|n| !Path::new(n).is_file()).collect();
+        if !missing.is_empty() {
+            bail!(
+                "{text}: {} of {} shards not found: {}",
+                missing.len(),
+                names.len(),
+                crate::listing::first_n(&missing, 5, ", ")
+            );
+        }
+        return Ok(Some(names.into_iter().map(PathBuf::from).collect()));
+    }
+    let is_tar = |p: &Path| {
+        p.extension()
+            .and_then(|e| e.to_str())
+            .is_some_and(|e| e.eq_ignore_ascii_case("tar"))
+    };
+    if path.is_file() && is_tar(path) {
+        return Ok(Some(vec![path.to_path_buf()]));
+    }
+    if path.is_dir() && !CAPTION_FILES.iter().any(|n| path.join(n).is_file()) {
+        let mut tars: Vec<PathBuf> = std::fs::read_dir(path)
+            .with_context(|| format!("reading {}", path.display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.is_file() && is_tar(p))
+            .collect();
+        tars.sort();
+        if !tars.is_empty() {
+            return Ok(Some(tars));
+        }
+    }
+    Ok(None)
+}
+
+/// Shell-style brace expansion: `{00000..00099}` (numeric range, zero-padded to the width of
+/// its first bound when that starts with 0) and `{a,b,c}` (alternatives), several per pattern.
+pub fn expand_braces(pattern: &str) -> Result<Vec<String>> {
+    let Some(open) = pattern.find('{') else {
+        return Ok(vec![pattern.to_string()]);
+    };
+    let Some(len) = pattern[open..].find('}') else {
+        bail!("{pattern}: a `{{` without its `}}`");
+    };
+    let (head, body, tail) = (
+        &pattern[..open],
+        &pattern[open + 1..open + len],
+        &pattern[open + len + 1..],
+    );
+    let options: Vec<String> = if let Some((a, b)) = body.split_once("..") {
+        let bad = || anyhow::anyhow!("{pattern}: {{{body}}} is not a range of numbers like {{00000..00099}}");
+        let (from, to): (u64, u64) = (a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?);
+        if from > to {
+            bail!("{pattern}: the range {{{body}}} runs backwards");
+        }
+        if to - from > 10_000_000 {
+            bail!("{pattern}: the range {{{body}}} names more than 10 million shards");
+        }
+        let width = if a.starts_with('0') { a.len() } else { 0 };
+        (from..=to).map(|i| format!("{i:0width$}")).collect()
+    } else {
+        body.split(',').map(str::to_string).collect()
+    };
+    let rest = expand_braces(tail)?;
+    Ok(options
+        .iter()
+        .flat_map(|o| rest.iter().map(move |r| format!("{head}{o}{r}")))
+        .collect())
+}
+
+/// What one key of a shard holds.
+#[derive(Default)]
+struct Sample {
+    image: Option<(String, MemberSpan)>,
+    txt: Option<std::result::Result<String, String>>,
+    json: Option<std::result::Result<String, String>>,
+    /// Any member of the key, for messages.
+    first: String,
+}
+
+fn member_bad(shard: &Path, member: &str, reason: impl Into<String>) -> BadRow {
+    BadRow::new(Path::new(&format!("{}:{member}", shard.display())), 0, reason)
+}
+
+/// Reads a caption member: UTF-8 text, trimmed.
+fn read_text(entry: &mut impl Read) -> std::result::Result<String, String> {
+    let mut bytes = vec![];
+    entry.read_to_end(&mut bytes).map_err(|e| format!("cannot read: {e}"))?;
+    String::from_utf8(bytes)
+        .map(|s| s.trim().to_string())
+        .map_err(|e| format!("invalid UTF-8 at byte {}", e.utf8_error().valid_up_to()))
+}
+
+/// The caption of a `.json` member: its `caption` field, else its `text` field.
+fn json_caption(text: &str) -> std::result::Result<String, String> {
+    let v: serde_json::Value = serde_json::from_str(text).map_err(|e| format!("invalid JSON: {e}"))?;
+    ["caption", "text"]
+        .iter()
+        .find_map(|k| v.get(k).and_then(|c| c.as_str()))
+        .map(|c| c.trim().to_string())
+        .ok_or_else(|| "no string field `caption` or `text`".to_string())
+}
+
+impl Dataset {
+    /// A dataset from WebDataset shards, read in order; bad members are listed in
+    /// [`Dataset::bad`] (with `opts.skip_bad`) or fail the load.
+    pub(crate) fn from_webdataset(shards: Vec<PathBuf>, opts: &LoadOptions) -> Result<Dataset> {
+        let shards: Vec<PathBuf> = shards.iter().map(|s| absolute(s)).collect::<Result<_>>()?;
+        let mut images = vec![];
+        let mut members = vec![];
+        let mut pairs = vec![];
+        let mut bad = vec![];
+        for shard in &shards {
+            let samples = match read_shard(shard, &mut bad) {
+                Ok(s) => s,
+                Err(e) => {
+                    bad.push(BadRow::new(shard, 0, format!("{e:#}")));
+                    continue;
+                }
+            };
+            for s in samples {
+                let caption = match (s.txt, s.json) {
+                    (Some(t), _) => t,
+                    (None, Some(j)) => j,
+                    (None, None) => Err("no caption (key.txt, or key.json with a `caption` or `text` field)".into()),
+                };
+                let Some((name, span)) = s.image else {
+                    bad.push(member_bad(
+                        shard,
+                        &s.first,
+                        "a caption without an image (key.jpg|png|webp)",
+                    ));
+                    continue;
+                };
+                match caption {
+                    Ok(c) if c.is_empty() => bad.push(member_bad(shard, &name, "empty caption")),
+                    Ok(caption) => {
+                        pairs.push(Pair {
+                            image: images.len(),
+                            caption,
+                            label: None,
+                            line: 0,
+                        });
+                        images.push(ImageEntry {
+                            path: shard.clone(),
+                            name,
+                        });
+                        members.push(span);
+                    }
+                    Err(reason) => bad.push(member_bad(shard, &name, reason)),
+                }
+            }
+        }
+        let root = shards
+            .first()
+            .and_then(|s| s.parent())
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        let ds = Dataset {
+            image_root: root.clone(),
+            root,
+            source: Source::WebDataset { shards, members },
+            images,
+            pairs,
+            labels: vec![],
+            bad,
+        };
+        ds.check_rows(opts)
+    }
+}
+
+/// The samples of one shard, in the order their keys first appear. Members that are neither
+/// images nor captions are ignored; unreadable captions are kept as errors for their sample.
+fn read_shard(shard: &Path, bad: &mut Vec<BadRow>) -> Result<Vec<Sample>> {
+    let file = File::open(shard).with_context(|| format!("opening {}", shard.display()))?;
+    let mut archive = tar::Archive::new(file);
+    let mut order: Vec<String> = vec![];
+    let mut samples: HashMap<String, Sample> = HashMap::new();
+    let mut last = String::from("(the start)");
+    let entries = archive
+        .entries_with_seek()
+        .with_context(|| format!("{}: not a tar archive", shard.display()))?;
+    for entry in entries {
+        let mut entry = entry.with_context(|| format!("a broken tar header after member {last}"))?;
+        if !entry.header().entry_type().is_file() {
+            continue;
+        }
+        let name = entry.path()?.to_string_lossy().into_owned();
+        last = name.clone();
+        let base_start = name.rfind('/').map_or(0, |i| i + 1);
+        let Some(dot) = name[base_start..].find('.').map(|d| base_start + d) else {
+            continue;
+        };
+        let (key, ext) = (name[..dot].to_string(), name[dot + 1..].to_ascii_lowercase());
+        let sample = samples.entry(key.clone()).or_insert_with(|| {
+            order.push(key.clone());
+            Sample {
+                first: name.clone(),
+                ..Sample::default()
+            }
+        });
+        if IMAGE_EXTENSIONS.contains(&ext.as_str()) {
+            if sample.image.is_some() {
+                bad.push(member_bad(shard, &name, "a second image for the same key (ignored)"));
+                continue;
+            }
+            let span = MemberSpan {
+                offset: entry.raw_file_position(),
+                len: entry.size(),
+            };
+            sample.image = Some((name, span));
+        } else if ext == "txt" {
+            sample.txt = Some(read_text(&mut entry).map_err(|e| format!("{name}: {e}")));
+        } else if ext == "json" {
+            sample.json = Some(
+                read_text(&mut entry)
+                    .and_then(|t| json_caption(&t))
+                    .map_err(|e| format!("{name}: {e}")),
+            );
+        }
+    }
+    Ok(order.into_iter().filter_map(|k| samples.remove(&k)).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn braces_expand_ranges_and_lists() {
+        assert_eq!(
+            expand_braces("s/{00008..00011}.tar").unwrap(),
+            ["s/00008.tar", "s/00009.tar", "s/00010.tar", "s/00011.tar"]
+        );
+        assert_eq!(expand_braces("{a,b}-{1..2}").unwrap(), ["a-1", "a-2", "b-1", "b-2"]);
+        assert_eq!(expand_braces("plain.tar").unwrap(), ["plain.tar"]);
+        assert!(expand_braces("s/{3..1}.tar").is_err());
+        assert!(expand_braces("s/{x..y}.tar").is_err());
+        assert!(expand_braces("s/{0.tar").is_err());
+    }
+}

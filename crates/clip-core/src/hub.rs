@@ -13,15 +13,17 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use hf_hub::api::sync::ApiBuilder;
-use hf_hub::{Cache, Repo, RepoType};
+use hf_hub::{Cache, Repo};
 
 /// How files are fetched from the Hub: the cache folder, and whether the network may be used.
 #[derive(Debug, Clone)]
 pub struct Hub {
     cache: PathBuf,
     offline: bool,
+    /// HF_ENDPOINT and HF_TOKEN, used only when downloading (the `download` feature).
+    #[cfg_attr(not(feature = "download"), allow(dead_code))]
     endpoint: Option<String>,
+    #[cfg_attr(not(feature = "download"), allow(dead_code))]
     token: Option<String>,
     progress: bool,
 }
@@ -133,6 +135,13 @@ impl Hub {
                 self.repo_dir(repo).display()
             );
         }
+        self.download(repo, revision, file, &how)
+    }
+
+    /// Downloads into the cache with hf-hub's blocking client (the `download` feature).
+    #[cfg(feature = "download")]
+    fn download(&self, repo: &str, revision: &str, file: &str, how: &str) -> Result<PathBuf> {
+        use hf_hub::api::sync::ApiBuilder;
         let mut builder = ApiBuilder::from_cache(Cache::new(self.cache.clone()))
             .with_token(self.token.clone())
             .with_progress(self.progress);
@@ -142,7 +151,7 @@ impl Hub {
         let api = builder.build().context("starting the Hugging Face Hub client")?;
         let repo_handle = api.repo(Repo::with_revision(
             repo.to_string(),
-            RepoType::Model,
+            hf_hub::RepoType::Model,
             revision.to_string(),
         ));
         repo_handle.get(file).map_err(|e| {
@@ -152,6 +161,15 @@ impl Hub {
                 self.repo_dir(repo).display()
             )
         })
+    }
+
+    /// A library build without the `download` feature reads the cache and local folders only.
+    #[cfg(not(feature = "download"))]
+    fn download(&self, repo: &str, revision: &str, file: &str, how: &str) -> Result<PathBuf> {
+        bail!(
+            "{file} of {repo} (revision {revision}) is not in the Hugging Face cache {}, and this build of clip-core cannot download (enable its `download` feature): {how}",
+            self.repo_dir(repo).display()
+        )
     }
 }
 

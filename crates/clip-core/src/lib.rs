@@ -1,7 +1,7 @@
 //! clipmine's library: train your own small CLIP, one gated stage at a time.
 //!
 //! Layers and data only — no argument parsing, progress bars, reports or plots: those belong to
-//! the programs (`crates/clip-cli` and the stage binaries). The modules, from the model out:
+//! the programs (`crates/clip-cli` and the stage binaries). The modules, alphabetically:
 
 /// Checkpoint files: atomic, checksummed, and the one place weights are read and written.
 pub mod checkpoint;

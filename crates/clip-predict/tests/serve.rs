@@ -234,7 +234,7 @@ fn the_search_page_answers_text_and_image_queries_and_serves_only_indexed_images
         assert_eq!(status, 400, "top={top}: {v}");
     }
     let (status, v) = get_json(port, "/api/search?q=coffee&top=100");
-    assert_eq!((status, v["results"].as_array().map(Vec::len)), (200, Some(11)), "{v}");
+    assert_eq!((status, v["results"].as_array().map(Vec::len)), (200, Some(10)), "{v}");
     let (status, _) = get_json(port, "/api/search?q=");
     assert_eq!(status, 400);
     let (status, _, body) = http(port, "POST", "/api/image", b"not an image");

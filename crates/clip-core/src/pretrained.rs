@@ -395,13 +395,7 @@ pub fn load_tower(model: &ClipModel, tower: TowerKind, tensors: &HashMap<String,
         .map(|(n, e)| format!("{} {:?}", &n[prefix.len()..], e.var.dims()))
         .collect();
     if !missing.is_empty() || !mismatched.is_empty() || !unexpected.is_empty() {
-        let show = |v: &[String]| {
-            let mut s = v.iter().take(6).cloned().collect::<Vec<_>>().join(", ");
-            if v.len() > 6 {
-                s.push_str(&format!(" … and {} more", v.len() - 6));
-            }
-            s
-        };
+        let show = |v: &[String]| crate::listing::first_n(v, 6, ", ");
         let mut parts = vec![];
         if !mismatched.is_empty() {
             parts.push(format!(

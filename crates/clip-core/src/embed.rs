@@ -1,4 +1,9 @@
 //! Embedding many images or captions in evaluation mode, a batch at a time.
+//!
+//! Each batch's embeddings are detached: the model's weights are `Var`s, so an undetached output
+//! keeps its whole forward graph (every activation of the batch) alive for a backward pass that
+//! never comes. Keeping all batches of 10,000 images that way took 16 GB; detached, the
+//! embeddings are all that stays.
 
 use anyhow::Result;
 use candle_core::{Device, Tensor};
@@ -17,7 +22,7 @@ pub fn embed_store_images(
     let mut parts = vec![];
     for c in images.chunks(chunk.max(1)) {
         let x = store.batch_tensor(c, None, device)?;
-        parts.push(model.encode_image(&x, false)?);
+        parts.push(model.encode_image(&x, false)?.detach());
     }
     Ok(Tensor::cat(&parts, 0)?)
 }
@@ -33,7 +38,7 @@ pub fn embed_texts(
     let mut parts = vec![];
     for c in texts.chunks(chunk.max(1)) {
         let (ids, mask) = tok.encode_batch(c, device)?;
-        parts.push(model.encode_text(&ids, &mask, false)?);
+        parts.push(model.encode_text(&ids, &mask, false)?.detach());
     }
     Ok(Tensor::cat(&parts, 0)?)
 }

@@ -362,3 +362,21 @@ fn batches_and_the_loader_can_move_between_threads() {
     is_send::<Loader>();
     is_send::<clip_core::data::Batches>();
 }
+
+/// Embeddings for an index or an evaluation carry no autograd graph: with the model's weights as
+/// `Var`s, an undetached output keeps every activation of its batch alive, and `clip-predict eval`
+/// on 10,000 images grew to 16 GB that way.
+#[test]
+fn embeddings_hold_no_forward_graph() {
+    let d = demo();
+    let model = clip_core::ClipModel::new(&d.cfg, &Device::Cpu).unwrap();
+    let images: Vec<usize> = (0..d.ds.images.len()).collect();
+    let img = clip_core::embed::embed_store_images(&model, &d.store, &images, 2, &Device::Cpu).unwrap();
+    assert_eq!(img.dims()[0], images.len());
+    assert!(!img.track_op(), "image embeddings keep their forward graph");
+    let caps = d.ds.captions();
+    let refs: Vec<&str> = caps.iter().map(String::as_str).collect();
+    let txt = clip_core::embed::embed_texts(&model, &d.tok, &refs, 2, &Device::Cpu).unwrap();
+    assert_eq!(txt.dims()[0], refs.len());
+    assert!(!txt.track_op(), "caption embeddings keep their forward graph");
+}

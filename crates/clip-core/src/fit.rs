@@ -41,7 +41,7 @@ use crate::config::{ClipConfig, Schedule};
 use crate::data::Batch;
 use crate::embed::{embed_store_images, embed_texts};
 use crate::feature_cache::{FeatureCache, FrozenFeatures, CACHE_DIR};
-use crate::loss::cosine_similarity;
+use crate::loss::{cosine_similarity, l2_normalize};
 use crate::model::ClipModel;
 use crate::optim::AdamW;
 use crate::params::Group;
@@ -378,7 +378,12 @@ impl Trainer {
             Some(rows) => {
                 let parts = images
                     .chunks(bs)
-                    .map(|c| self.model.project_image(&rows.tensor(c, &self.data.device)?, false))
+                    .map(|c| -> Result<Tensor> {
+                        Ok(self
+                            .model
+                            .project_image(&rows.tensor(c, &self.data.device)?, false)?
+                            .detach())
+                    })
                     .collect::<Result<Vec<_>>>()?;
                 Ok(Tensor::cat(&parts, 0)?)
             }
@@ -394,7 +399,12 @@ impl Trainer {
             Some(rows) => {
                 let parts = pairs
                     .chunks(bs)
-                    .map(|c| self.model.project_text(&rows.tensor(c, &self.data.device)?, false))
+                    .map(|c| -> Result<Tensor> {
+                        Ok(self
+                            .model
+                            .project_text(&rows.tensor(c, &self.data.device)?, false)?
+                            .detach())
+                    })
                     .collect::<Result<Vec<_>>>()?;
                 Ok(Tensor::cat(&parts, 0)?)
             }
@@ -574,7 +584,7 @@ impl Trainer {
         let text_image: Vec<usize> = pairs.iter().map(|&p| pos(ds.pairs[p].image)).collect();
         let ie = self.embed_images(&images)?;
         let te = self.embed_captions(pairs)?;
-        Ok(Recall::compute(&to_rows(&cosine_similarity(&ie, &te)?)?, &text_image))
+        Recall::from_embeddings(&l2_normalize(&ie)?, &l2_normalize(&te)?, &text_image, 512)
     }
 
     /// The fixed set of pairs behind [`Trainer::fixed_similarity`]: the first 16 distinct training

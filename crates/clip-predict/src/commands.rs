@@ -495,7 +495,7 @@ fn eval(
     let texts: Vec<&str> = pairs.iter().map(|p| p.caption.as_str()).collect();
     let txt = l2_normalize(&embed_texts(&m.model, &m.tok, &texts, batch_size, device)?)?;
     let text_image: Vec<usize> = pairs.iter().map(|p| pos[&p.image]).collect();
-    let r = Recall::compute(&to_rows(&img.matmul(&txt.t()?)?)?, &text_image);
+    let r = Recall::from_embeddings(&img, &txt, &text_image, 1024)?;
     if json {
         println!(
             "{}",

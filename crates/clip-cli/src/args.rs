@@ -57,7 +57,7 @@ pub struct DataArgs {
     #[arg(long, value_name = "FILE")]
     pub tokenizer: Option<PathBuf>,
     /// Keep the decoded, resized images in this folder [default: DATA/.clipmine-cache]: decoded
-    /// once, memory-mapped, reused by later runs; changed files are decoded again.
+    /// once, read back per batch, reused by later runs; changed files are decoded again.
     #[arg(long, value_name = "DIR", conflicts_with = "no_image_cache")]
     pub image_cache: Option<PathBuf>,
     /// Decode every image into memory at every start instead of using the image cache.

@@ -7,7 +7,7 @@
 //!    naming the file and line of each problem.
 //! 2. [`ImageStore::open`] decodes every image once, in parallel, into u8 RGB at the model's size,
 //!    so a corrupt file is found up front and an epoch costs no decoding; the pixels go to the
-//!    memory-mapped image cache on disk (reused by later runs), to memory, or nowhere when
+//!    image cache on disk (reused by later runs), to memory, or nowhere when
 //!    streaming. WebDataset tar shards are read in place.
 //! 3. [`TextTokenizer`] turns captions into WordPiece ids (trained on the captions, so Chinese
 //!    characters are tokens of their own rather than `[UNK]`).

@@ -6,8 +6,9 @@
 //! and finds every unreadable file before training starts rather than hours in. The pixels take
 //! 3·S² bytes per image (12 KiB at 64 px, 147 KiB at 224 px), so where they live matters:
 //!
-//! - [`StoreMode::Cache`] (the default of the stages): in the memory-mapped image cache
-//!   ([`super::cache`]), paged by the operating system, reused by the next start;
+//! - [`StoreMode::Cache`] (the default of the stages): in the on-disk image cache
+//!   ([`super::cache`]), each batch reading its images' slots (the operating system's page cache
+//!   keeps what fits), reused by the next start;
 //! - [`StoreMode::Memory`]: in this process's memory (small datasets, prediction);
 //! - [`StoreMode::Stream`]: nowhere — each batch decodes its images again, on the store's own
 //!   thread pool (not the global one the kernels use). Nothing is checked up front: a broken
@@ -24,7 +25,6 @@ use std::sync::{Arc, OnceLock};
 
 use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
-use memmap2::Mmap;
 use rayon::prelude::*;
 
 use super::cache::{self, CacheReport, CACHE_DIR};
@@ -37,7 +37,7 @@ use crate::progress::Progress;
 /// Where a store keeps its pixels.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub enum StoreMode {
-    /// The memory-mapped cache in this folder; `None`: `<dataset>/.clipmine-cache/`.
+    /// The on-disk image cache in this folder; `None`: `<dataset>/.clipmine-cache/`.
     Cache(Option<PathBuf>),
     /// Decoded up front into this process's memory.
     #[default]
@@ -48,7 +48,8 @@ pub enum StoreMode {
 
 enum Pixels {
     Memory(Vec<u8>),
-    Mapped(Mmap),
+    /// The image cache's data file, read a slot at a time.
+    Cached(std::fs::File),
     Stream,
 }
 
@@ -124,7 +125,7 @@ impl ImageStore {
                 ) {
                     Ok(c) => {
                         store.stride = c.stride;
-                        store.pixels = Pixels::Mapped(c.map);
+                        store.pixels = Pixels::Cached(c.file);
                         store.slots = c.slots;
                         store.cache = Some(c.report);
                         c.errors
@@ -231,13 +232,18 @@ impl ImageStore {
         self.note.as_deref()
     }
 
-    /// Image `i` as HWC u8 RGB, S×S: borrowed from the store, or decoded now when streaming.
+    /// Image `i` as HWC u8 RGB, S×S: borrowed from memory, read from the cache, or decoded now
+    /// when streaming.
     pub fn rgb(&self, i: usize) -> Option<Cow<'_, [u8]>> {
         let per = 3 * self.size * self.size;
         let slot = (*self.slots.get(i)?)?;
         match &self.pixels {
             Pixels::Memory(p) => Some(Cow::Borrowed(&p[slot * self.stride..][..per])),
-            Pixels::Mapped(m) => Some(Cow::Borrowed(&m[slot * self.stride..][..per])),
+            Pixels::Cached(f) => {
+                let mut px = vec![0u8; per];
+                cache::read_at(f, &mut px, (slot * self.stride) as u64).ok()?;
+                Some(Cow::Owned(px))
+            }
             Pixels::Stream => self.decode_fitted(i).ok().map(Cow::Owned),
         }
     }
@@ -302,24 +308,21 @@ impl ImageStore {
             .iter()
             .map(|&i| self.slots[i].expect("checked above"))
             .collect();
-        let bytes: &[u8] = match &self.pixels {
-            Pixels::Memory(p) => p,
-            Pixels::Mapped(m) => m,
+        match &self.pixels {
+            Pixels::Memory(bytes) => out
+                .par_chunks_mut(per.max(1))
+                .zip(slots.par_iter())
+                .for_each(|(dst, &s)| normalise_into(&bytes[s * self.stride..][..per], &self.prep, dst)),
+            Pixels::Cached(file) => out.par_chunks_mut(per.max(1)).zip(slots.par_iter()).try_for_each_init(
+                || vec![0u8; per],
+                |px, (dst, &s)| -> Result<()> {
+                    cache::read_at(file, px, (s * self.stride) as u64)
+                        .map_err(|e| anyhow::anyhow!("reading slot {s} of the image cache: {e}"))?;
+                    normalise_into(px, &self.prep, dst);
+                    Ok(())
+                },
+            )?,
             Pixels::Stream => unreachable!("handled above"),
-        };
-        out.par_chunks_mut(per.max(1))
-            .zip(slots.par_iter())
-            .for_each(|(dst, &s)| normalise_into(&bytes[s * self.stride..][..per], &self.prep, dst));
-        if let Pixels::Mapped(m) = &self.pixels {
-            // The pages just read are dropped from this process (they stay in the OS's page cache),
-            // so its resident memory does not grow towards the size of the whole cache.
-            for &s in &slots {
-                // SAFETY: the mapping is read-only and file-backed: after DONTNEED the pages are
-                // read again from the file, with the same contents.
-                let _ = unsafe {
-                    m.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, s * self.stride, self.stride)
-                };
-            }
         }
         Ok(out)
     }
@@ -349,7 +352,7 @@ impl std::fmt::Debug for ImageStore {
         let decoded = self.slots.iter().filter(|s| s.is_some()).count();
         let mode = match self.pixels {
             Pixels::Memory(_) => "memory",
-            Pixels::Mapped(_) => "cache",
+            Pixels::Cached(_) => "cache",
             Pixels::Stream => "stream",
         };
         f.debug_struct("ImageStore")

@@ -88,6 +88,61 @@ fn compact_and_approximate_search_find_the_exact_top_10() {
     }
 }
 
+/// A large segment gets k-means lists, which answer the approximate search from a quarter of the
+/// rows, survive a write and a read, and skip deleted rows.
+#[test]
+fn k_means_lists_find_the_exact_top_10_from_a_few_lists() {
+    let (dim, k) = (32, 10);
+    let n = clip_core::index::LISTS_MIN_ROWS;
+    let (rows, queries) = clustered(n, 40, dim, 400, 2);
+    let seg = Segment::new(3, dim, rows.clone(), None);
+    assert!(seg.has_lists() && !seg.has_graph());
+    let codes = clip_core::index::Int8Rows::from_f32(&rows, dim);
+    let lists = clip_core::index::Lists::build(&rows, dim, &codes).unwrap();
+    assert_eq!(lists.len(), clip_core::index::list_count(n));
+    let probes = clip_core::index::default_probes(lists.len());
+    assert!(
+        probes * 3 < lists.len(),
+        "{probes} of {} lists is not a few",
+        lists.len()
+    );
+    // Every row is in exactly one list.
+    let mut seen = lists.rows().to_vec();
+    seen.sort_unstable();
+    assert!(seen.iter().enumerate().all(|(i, &r)| r as usize == i));
+
+    let dir = tempfile::tempdir().unwrap();
+    seg.write(dir.path()).unwrap();
+    let read = Segment::read(dir.path(), 3, dim, n, false).unwrap();
+    assert!(read.has_lists());
+    let all = |_: usize| true;
+    let mut found = 0.0;
+    for q in &queries {
+        let exact = seg.search(q, k, SearchMode::Exact, &all);
+        let a = seg.search(q, k, SearchMode::Approx, &all);
+        assert_eq!(
+            a,
+            read.search(q, k, SearchMode::Approx, &all),
+            "the lists changed on disk"
+        );
+        for (i, s) in &a {
+            assert!((s - seg.search(q, 1, SearchMode::Exact, &|r| r == *i)[0].1).abs() < 1e-6);
+        }
+        found += recall(&a, &exact);
+    }
+    let found = found / queries.len() as f64;
+    eprintln!(
+        "recall@10 of the lists ({probes} of {} probed): {found:.4}",
+        lists.len()
+    );
+    assert!(found >= 0.98, "recall@10 of the lists {found}");
+
+    let even = |r: usize| r.is_multiple_of(2);
+    let hits = seg.search(&queries[0], k, SearchMode::Approx, &even);
+    assert_eq!(hits.len(), k);
+    assert!(hits.iter().all(|(r, _)| r.is_multiple_of(2)), "{hits:?}");
+}
+
 /// A stand-in for the model: a file's embedding is a function of its name; `bad*` files fail.
 fn fake_embed(dim: usize) -> impl Fn(&[PathBuf]) -> anyhow::Result<Embedded> {
     move |paths| {

@@ -335,17 +335,17 @@ fn index(
     })?;
     bar.finish_and_clear();
     idx.save(&out)?;
-    let (segments, graphs) = idx.segment_counts();
+    let (segments, graphs, lists) = idx.segment_counts();
     if json {
         println!(
             "{}",
             serde_json::to_string_pretty(
-                &json!({"index": out.display().to_string(), "images": idx.entries.len(), "segments": segments, "graphs": graphs, "format_version": clip_core::index::FORMAT_VERSION, "stats": stats})
+                &json!({"index": out.display().to_string(), "images": idx.entries.len(), "segments": segments, "graphs": graphs, "lists": lists, "format_version": clip_core::index::FORMAT_VERSION, "stats": stats})
             )?
         );
     } else {
         println!(
-            "index {}: {} images ({} embedded, {} unchanged, {} removed, {} unreadable; {segments} segments, {graphs} with an HNSW graph) in {:.1}s, {:.1} images/s",
+            "index {}: {} images ({} embedded, {} unchanged, {} removed, {} unreadable; {segments} segments, {graphs} with an HNSW graph, {lists} with k-means lists) in {:.1}s, {:.1} images/s",
             out.display(),
             idx.entries.len(),
             stats.embedded,

@@ -2,19 +2,22 @@
 //! caption or an image, and updated incrementally (only new or changed files are embedded).
 //!
 //! Three ways to answer a query ([`SearchMode`]): the exact f32 scan (the reference), the compact
-//! int8 scan re-ranked exactly ([`quant`]), and an HNSW graph ([`approx`]) for collections of
-//! millions. Embeddings live in append-only [`segment`]s: an update writes one new segment for
+//! int8 scan re-ranked exactly ([`quant`]), and the approximate search for collections of
+//! millions: k-means lists ([`lists`], built for every large segment: seconds) or an HNSW graph
+//! ([`approx`], on request: hours at a million photos on two cores). Embeddings live in append-only [`segment`]s: an update writes one new segment for
 //! the new photos, and merges segments only when there are many or many rows were deleted.
 //!
 //! An index folder (format version [`FORMAT_VERSION`]) holds `manifest.json` (the version, the
 //! model's fingerprint, the folder, the segments, and each file's segment and row) and per
-//! segment `seg-NNNNNN.safetensors` (f32 rows, int8 codes, scales) and, when it has a graph,
+//! segment `seg-NNNNNN.safetensors` (f32 rows, int8 codes, scales, and for large segments their
+//! k-means lists, optional tensors older readers skip) and, when it has a graph,
 //! `seg-NNNNNN.hnsw`. Every file is written to a temporary file and renamed, the manifest last,
 //! so an interrupted update leaves the previous index readable. Version 1 indexes (one
 //! `embeddings.safetensors`) are upgraded when loaded; a newer version is refused by name.
 
 mod approx;
 mod files;
+mod lists;
 mod quant;
 mod scan;
 mod segment;
@@ -28,6 +31,7 @@ use serde::{Deserialize, Serialize};
 
 pub use approx::{Graph, GraphParams};
 pub use files::{embed_image_files, list_images, model_fingerprint, Embedded};
+pub use lists::{assign, default_probes, list_count, train_centroids, Lists, LISTS_MIN_ROWS};
 pub use quant::{dot_f32, dot_i8, quantize, rerank, Int8Rows};
 pub use scan::{scan_top_k, select, top_k, TopK};
 pub use segment::{rerank_candidates, SearchMode, Segment};
@@ -40,8 +44,9 @@ pub const FORMAT_VERSION: u32 = 2;
 pub const MANIFEST: &str = "manifest.json";
 /// Version 1's single embeddings file, read only to upgrade.
 pub const EMBEDDINGS_V1: &str = "embeddings.safetensors";
-/// Under [`GraphPolicy::Auto`], segments of at least this many photos get an HNSW graph: below
-/// it the int8 scan answers in about a millisecond and a graph is not worth building.
+/// Under [`GraphPolicy::Auto`], segments of at least this many photos (and fewer than
+/// [`LISTS_MIN_ROWS`], which get k-means lists instead) get an HNSW graph: below it the int8 scan
+/// answers in about a millisecond and a graph is not worth building.
 pub const AUTO_GRAPH_ROWS: usize = 20_000;
 /// An update leaving more segments than this merges all but the largest into one.
 pub const MAX_SEGMENTS: usize = 8;
@@ -63,7 +68,8 @@ pub struct IndexEntry {
 /// Which segments an update gives an HNSW graph.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum GraphPolicy {
-    /// Segments of at least [`AUTO_GRAPH_ROWS`] photos.
+    /// Segments of [`AUTO_GRAPH_ROWS`] photos up to [`LISTS_MIN_ROWS`]: larger ones have k-means
+    /// lists, built in seconds, where a graph would take hours.
     #[default]
     Auto,
     /// Every segment (of two or more photos).
@@ -87,7 +93,7 @@ impl std::str::FromStr for GraphPolicy {
 impl GraphPolicy {
     fn wants(self, rows: usize) -> bool {
         match self {
-            Self::Auto => rows >= AUTO_GRAPH_ROWS,
+            Self::Auto => (AUTO_GRAPH_ROWS..LISTS_MIN_ROWS).contains(&rows),
             Self::Always => rows > 1,
             Self::Never => false,
         }
@@ -200,11 +206,12 @@ impl ImageIndex {
         self.entries.is_empty()
     }
 
-    /// (segments, of which with an HNSW graph).
-    pub fn segment_counts(&self) -> (usize, usize) {
+    /// (segments, of which with an HNSW graph, of which with k-means lists).
+    pub fn segment_counts(&self) -> (usize, usize, usize) {
         (
             self.segments.len(),
             self.segments.iter().filter(|s| s.has_graph()).count(),
+            self.segments.iter().filter(|s| s.has_lists()).count(),
         )
     }
 

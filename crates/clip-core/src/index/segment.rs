@@ -2,7 +2,9 @@
 //! never rewritten, so adding photos writes only the new ones.
 //!
 //! Each segment keeps the exact f32 embeddings (for exact scores and re-ranking), their int8
-//! codes (the compact scan) and, when it is large enough, an HNSW graph (the approximate search).
+//! codes (the compact scan), from [`LISTS_MIN_ROWS`] rows on its k-means lists (stored beside the
+//! codes; the approximate search), and, when asked for, an HNSW graph (the approximate search,
+//! preferred where there is one).
 
 use std::path::{Path, PathBuf};
 
@@ -10,6 +12,7 @@ use anyhow::{bail, Context, Result};
 use safetensors::{Dtype, SafeTensors};
 
 use super::approx::{Graph, GraphParams};
+use super::lists::{default_probes, Lists, LISTS_MIN_ROWS};
 use super::quant::{dot_f32, rerank, Int8Rows};
 use super::scan::{scan_top_k, TopK};
 use crate::checkpoint::write_atomic;
@@ -22,7 +25,8 @@ pub enum SearchMode {
     Exact,
     /// The int8 scan, its best candidates re-scored exactly.
     Compact,
-    /// The HNSW graph where a segment has one (the compact scan elsewhere), re-scored exactly.
+    /// The HNSW graph where a segment has one, else its k-means lists where it has them, else
+    /// the compact scan; re-scored exactly.
     #[default]
     Approx,
 }
@@ -51,6 +55,7 @@ pub struct Segment {
     /// Row-major, L2-normalised.
     f32: Vec<f32>,
     codes: Int8Rows,
+    lists: Option<Lists>,
     graph: Option<Graph>,
 }
 
@@ -59,11 +64,17 @@ impl Segment {
     pub fn new(id: u32, dim: usize, f32: Vec<f32>, graph: Option<GraphParams>) -> Self {
         let codes = Int8Rows::from_f32(&f32, dim);
         let graph = graph.filter(|_| codes.len() > 1).map(|p| Graph::build(&codes, p));
+        // Only a CPU matrix product of checked shapes can fail here; without lists the segment
+        // is still searched (by the int8 scan).
+        let lists = (codes.len() >= LISTS_MIN_ROWS)
+            .then(|| Lists::build(&f32, dim, &codes).ok())
+            .flatten();
         Self {
             id,
             dim,
             f32,
             codes,
+            lists,
             graph,
         }
     }
@@ -83,6 +94,11 @@ impl Segment {
         self.graph.is_some()
     }
 
+    /// Whether it has k-means lists (segments of [`LISTS_MIN_ROWS`] rows or more).
+    pub fn has_lists(&self) -> bool {
+        self.lists.is_some()
+    }
+
     pub fn row(&self, i: usize) -> &[f32] {
         &self.f32[i * self.dim..(i + 1) * self.dim]
     }
@@ -96,8 +112,8 @@ impl Segment {
         keep: &(dyn Fn(usize) -> bool + Sync),
     ) -> Vec<(usize, f32)> {
         let exact = |i: usize| dot_f32(self.row(i), q);
-        match (mode, &self.graph) {
-            (SearchMode::Exact, _) => {
+        match (mode, &self.graph, &self.lists) {
+            (SearchMode::Exact, _, _) => {
                 // The scan keeps the best k + (deleted rows) so deleted ones cannot crowd out k live.
                 let dead = (0..self.rows()).filter(|&i| !keep(i)).count();
                 let mut top = TopK::new(k);
@@ -108,8 +124,12 @@ impl Segment {
                 }
                 top.into_sorted()
             }
-            (SearchMode::Approx, Some(g)) if k <= g.params().ef_search / 2 => {
+            (SearchMode::Approx, Some(g), _) if k <= g.params().ef_search / 2 => {
                 rerank(g.search(q).into_iter().filter(|&i| keep(i)), k, exact)
+            }
+            (SearchMode::Approx, _, Some(l)) => {
+                let rough = l.search(q, rerank_candidates(k), default_probes(l.len()), keep);
+                rerank(rough.into_iter().map(|(i, _)| i), k, exact)
             }
             _ => self.codes.search(q, k, rerank_candidates(k), keep, exact),
         }
@@ -134,7 +154,16 @@ impl Segment {
         let code_bytes: Vec<u8> = self.codes.codes().iter().map(|&c| c as u8).collect();
         let scale_bytes: Vec<u8> = self.codes.scales().iter().flat_map(|x| x.to_le_bytes()).collect();
         let (n, d) = (self.rows(), self.dim);
-        let views = [
+        let u32_bytes = |v: &[u32]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
+        let (centroid_bytes, offset_bytes, list_row_bytes) = match &self.lists {
+            Some(l) => (
+                l.centroids().iter().flat_map(|x| x.to_le_bytes()).collect(),
+                u32_bytes(l.offsets()),
+                u32_bytes(l.rows()),
+            ),
+            None => (vec![], vec![], vec![]),
+        };
+        let mut views = vec![
             (
                 "f32",
                 safetensors::tensor::TensorView::new(Dtype::F32, vec![n, d], &f32_bytes)?,
@@ -148,6 +177,20 @@ impl Segment {
                 safetensors::tensor::TensorView::new(Dtype::F32, vec![n], &scale_bytes)?,
             ),
         ];
+        if let Some(l) = &self.lists {
+            views.push((
+                "lists_centroids",
+                safetensors::tensor::TensorView::new(Dtype::F32, vec![l.len(), d], &centroid_bytes)?,
+            ));
+            views.push((
+                "lists_offsets",
+                safetensors::tensor::TensorView::new(Dtype::U32, vec![l.len() + 1], &offset_bytes)?,
+            ));
+            views.push((
+                "lists_rows",
+                safetensors::tensor::TensorView::new(Dtype::U32, vec![n], &list_row_bytes)?,
+            ));
+        }
         let bytes = safetensors::serialize(views.iter().map(|(k, v)| (*k, v.clone())), None)?;
         write_atomic(&Self::file(dir, self.id, "safetensors"), &bytes)?;
         if let Some(g) = &self.graph {
@@ -188,6 +231,25 @@ impl Segment {
         let scales = le(get("scale", Dtype::F32, &[rows])?);
         let codes = Int8Rows::from_parts(dim, codes, scales)
             .with_context(|| format!("{}: codes and scales disagree", path.display()))?;
+        // Lists are optional tensors: segments written before them (or small ones) have none.
+        let lists =
+            match st.tensor("lists_centroids") {
+                Err(_) => None,
+                Ok(c) => {
+                    let lists = c.shape().first().copied().unwrap_or(0);
+                    let centroids = le(get("lists_centroids", Dtype::F32, &[lists, dim])?);
+                    let u32s = |b: Vec<u8>| -> Vec<u32> {
+                        b.chunks_exact(4)
+                            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                            .collect()
+                    };
+                    let offsets = u32s(get("lists_offsets", Dtype::U32, &[lists + 1])?);
+                    let order = u32s(get("lists_rows", Dtype::U32, &[rows])?);
+                    Some(Lists::from_parts(centroids, offsets, order, &codes).with_context(|| {
+                        format!("{}: its k-means lists are damaged; rebuild the index", path.display())
+                    })?)
+                }
+            };
         let graph = if graph {
             let gpath = Self::file(dir, id, "hnsw");
             let b = std::fs::read(&gpath).with_context(|| format!("reading index graph {}", gpath.display()))?;
@@ -200,6 +262,7 @@ impl Segment {
             dim,
             f32,
             codes,
+            lists,
             graph,
         })
     }

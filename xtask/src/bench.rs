@@ -98,6 +98,8 @@ pub fn run(args: Args) -> Result<bool> {
             "bench_frozen",
             "--bin",
             "bench_data",
+            "--bin",
+            "bench_search",
         ])
         .status()?;
     if !status.success() {
@@ -183,7 +185,7 @@ pub fn run(args: Args) -> Result<bool> {
                 }
             }
             What::Index => println!("{}", json_line(Command::new(examples.join("bench")).args(["index"]))?),
-            What::Search => crate::bench_search::run(&root)?,
+            What::Search => crate::bench_search::run(&examples)?,
             What::Data => crate::bench_data::run(&examples, images)?,
             What::Frozen => {
                 for args in [

@@ -1,13 +1,13 @@
 //! `cargo xtask bench search`: the exact f32 scan against the compact (int8) search and the
 //! approximate one by k-means lists at 1,000,000 embeddings, and the int8 scan and the lists at
-//! 10,000,000 when memory allows. The measuring is in clip-bench's `bench_search` (release
-//! build); this builds and runs it, and passes its JSON lines through. Speed-ups are ratios
+//! 10,000,000 when memory allows. The measuring is in clip-bench's `bench_search` (built in the
+//! release profile with the other benchmarks); this runs it and passes its JSON lines through. Speed-ups are ratios
 //! within one run (the exact scan is timed beside the others), so they hold on a busy machine
 //! better than the times do. The HNSW graph is left out: building it over 1,000,000 embeddings
 //! takes hours on two cores (`cargo run --release -p clip-bench --bin bench_search -- --n 200000
 //! --big 0` measures it at 200,000).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
@@ -16,27 +16,8 @@ use anyhow::{bail, Context, Result};
 /// f32 rows, with room.
 const BIG_RUN_BYTES: u64 = 8 << 30;
 
-pub fn run(root: &Path) -> Result<()> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(&cargo)
-        .current_dir(root)
-        .args([
-            "build",
-            "--quiet",
-            "--release",
-            "-p",
-            "clip-bench",
-            "--bin",
-            "bench_search",
-        ])
-        .status()?;
-    if !status.success() {
-        bail!("building the search benchmark failed");
-    }
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("target"));
-    let exe = target.join("release/bench_search");
+pub fn run(examples: &Path) -> Result<()> {
+    let exe = examples.join("bench_search");
     let mut cmd = Command::new(&exe);
     cmd.arg("--no-graph");
     match available_memory() {

@@ -126,6 +126,49 @@ fn stats(mut ms: Vec<f64>) -> (f64, f64) {
     (ms[ms.len() / 2], ms[(ms.len() * 9 / 10).min(ms.len() - 1)])
 }
 
+/// One probe count's result of [`time_lists`].
+struct ListsRun {
+    probes: usize,
+    default: bool,
+    median_ms: f64,
+    p90_ms: f64,
+    recall: f64,
+}
+
+/// Times the lists search with the default probe count, then each of `extra`; `exact(row, q)`
+/// re-scores a candidate.
+fn time_lists(
+    lists: &Lists,
+    queries: &[Vec<f32>],
+    truth: &[Vec<(usize, f32)>],
+    k: usize,
+    extra: &[usize],
+    exact: &mut dyn FnMut(usize, &[f32]) -> f32,
+) -> Vec<ListsRun> {
+    let default = default_probes(lists.len());
+    let probes = std::iter::once(default).chain(extra.iter().copied().filter(|&p| p != default));
+    probes
+        .map(|p| {
+            let (mut ms, mut rec) = (vec![], 0.0);
+            for (q, tr) in queries.iter().zip(truth) {
+                let t = Instant::now();
+                let rough = lists.search(q, rerank_candidates(k), p, &|_| true);
+                let hits = rerank(rough.into_iter().map(|(i, _)| i), k, |i| exact(i, q));
+                ms.push(t.elapsed().as_secs_f64() * 1e3);
+                rec += recall(&hits, tr);
+            }
+            let (median_ms, p90_ms) = stats(ms);
+            ListsRun {
+                probes: p,
+                default: p == default,
+                median_ms,
+                p90_ms,
+                recall: rec / queries.len() as f64,
+            }
+        })
+        .collect()
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     let (dim, k) = (cli.dim, cli.top);
@@ -186,24 +229,11 @@ fn main() -> Result<()> {
         let t = Instant::now();
         let lists = Lists::build(&data, dim, &codes)?;
         let build_s = t.elapsed().as_secs_f64();
-        let default = default_probes(lists.len());
-        let probes: Vec<usize> = std::iter::once(default)
-            .chain(cli.probes.iter().copied().filter(|&p| p != default))
-            .collect();
-        for &p in &probes {
-            let (mut ms, mut rec) = (vec![], 0.0);
-            for (q, tr) in queries.iter().zip(&truth) {
-                let t = Instant::now();
-                let rough = lists.search(q, rerank_candidates(k), p, &|_| true);
-                let hits = rerank(rough.into_iter().map(|(i, _)| i), k, |i| dot_f32(row(i), q));
-                ms.push(t.elapsed().as_secs_f64() * 1e3);
-                rec += recall(&hits, tr);
-            }
-            let (med, p90) = stats(ms);
+        for r in time_lists(&lists, &queries, &truth, k, &cli.probes, &mut |i, q| dot_f32(row(i), q)) {
             line(
-                json!({"embeddings": n, "method": "approx-lists+rerank", "median_ms": med, "p90_ms": p90,
-                        "recall_at_k": rec / queries.len() as f64, "speedup": exact_med / med, "build_s": build_s,
-                        "lists": lists.len(), "probes": p, "default_probes": p == probes[0]}),
+                json!({"embeddings": n, "method": "approx-lists+rerank", "median_ms": r.median_ms, "p90_ms": r.p90_ms,
+                        "recall_at_k": r.recall, "speedup": exact_med / r.median_ms, "build_s": build_s,
+                        "lists": lists.len(), "probes": r.probes, "default_probes": r.default}),
             );
         }
 
@@ -295,27 +325,15 @@ fn main() -> Result<()> {
         );
         let lists = Lists::from_assignment(dim, centroids, &assignment, &codes);
         drop(assignment);
-        let default = default_probes(lists.len());
-        let probes: Vec<usize> = std::iter::once(default)
-            .chain(cli.probes.iter().copied().filter(|&p| p != default))
-            .collect();
-        for &p in &probes {
-            let (mut ms, mut rec) = (vec![], 0.0);
-            for (q, tr) in queries.iter().zip(&truth) {
-                let t = Instant::now();
-                let rough = lists.search(q, rerank_candidates(k), p, &|_| true);
-                let hits = rerank(rough.into_iter().map(|(i, _)| i), k, |i| {
-                    lib.row(i as u64, &mut buf);
-                    dot_f32(&buf, q)
-                });
-                ms.push(t.elapsed().as_secs_f64() * 1e3);
-                rec += recall(&hits, tr);
-            }
-            let (med, p90) = stats(ms);
+        let mut exact = |i: usize, q: &[f32]| {
+            lib.row(i as u64, &mut buf);
+            dot_f32(&buf, q)
+        };
+        for r in time_lists(&lists, &queries, &truth, k, &cli.probes, &mut exact) {
             line(
-                json!({"embeddings": n, "method": "approx-lists+rerank", "median_ms": med, "p90_ms": p90,
-                        "recall_at_k": rec / queries.len() as f64, "build_s": lists_s,
-                        "lists": lists.len(), "probes": p, "default_probes": p == probes[0]}),
+                json!({"embeddings": n, "method": "approx-lists+rerank", "median_ms": r.median_ms, "p90_ms": r.p90_ms,
+                        "recall_at_k": r.recall, "build_s": lists_s,
+                        "lists": lists.len(), "probes": r.probes, "default_probes": r.default}),
             );
         }
     }

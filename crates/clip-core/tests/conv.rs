@@ -64,7 +64,19 @@ fn cpu_kernel_matches_candle_forward_and_backward() {
         (5, 4, 6, 9, 7, 3, 2, 1),
         (2, 5, 8, 8, 8, 1, 2, 0),
         (3, 5, 3, 6, 6, 1, 1, 0),
+        // Maps of 256+ positions (and single images): one GEMM per image, the batch split over
+        // threads, forward's kept columns read image by image in the weight gradient.
+        (1, 2, 3, 17, 17, 3, 1, 1),
+        (5, 2, 3, 17, 16, 3, 1, 1),
+        (3, 3, 2, 40, 40, 7, 2, 3),
     ] {
+        // Without gradients nothing is kept, and forward gives the same values.
+        let (xt, wt) = (
+            Tensor::from_vec(pseudo(b * c * h * w, 2.0), (b, c, h, w), &Device::Cpu).unwrap(),
+            Tensor::from_vec(pseudo(o * c * k * k, 5.0), (o, c, k, k), &Device::Cpu).unwrap(),
+        );
+        let plain = conv2d_cpu(&xt, &wt, s, p).unwrap();
+        assert!(max_diff(&plain, &xt.conv2d(&wt, p, s, 1, 1).unwrap()) < 1e-3);
         let x = Var::from_tensor(&Tensor::from_vec(pseudo(b * c * h * w, 2.0), (b, c, h, w), &Device::Cpu).unwrap())
             .unwrap();
         let kk = Var::from_tensor(&Tensor::from_vec(pseudo(o * c * k * k, 5.0), (o, c, k, k), &Device::Cpu).unwrap())

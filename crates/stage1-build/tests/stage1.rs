@@ -21,11 +21,7 @@ fn stage1(config: &Path, json: &Path, cache: &Path) -> (Option<i32>, String, ser
         .env("HF_HUB_CACHE", cache)
         .output()
         .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = clipmine_tests::log(&out);
     let report = std::fs::read_to_string(json)
         .map(|s| serde_json::from_str(&s).unwrap())
         .unwrap_or(serde_json::Value::Null);

@@ -14,11 +14,7 @@ fn stage2(args: &[&str], json: &Path) -> (Output, String, serde_json::Value) {
         .arg(json)
         .output()
         .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = clipmine_tests::log(&out);
     let report =
         serde_json::from_str(&std::fs::read_to_string(json).unwrap_or_else(|_| panic!("no report; output:\n{text}")))
             .unwrap();
@@ -201,11 +197,7 @@ fn a_pretrained_english_tokenizer_fails_on_chinese_captions_and_suggests_a_model
         .env("HF_HUB_CACHE", &cache)
         .output()
         .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = clipmine_tests::log(&out);
     assert_eq!(out.status.code(), Some(1), "{text}");
     let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert_eq!(failed_checks(&report), ["unknown tokens"], "{text}");

@@ -11,11 +11,7 @@ fn step_time_is_information_not_a_check() {
         .args(["--device", "cpu", "--json", json.to_str().unwrap()])
         .output()
         .unwrap();
-    let log = format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
+    let log = clipmine_tests::log(&o);
     assert!(o.status.success(), "{log}");
     assert!(
         log.contains("[info] step time:") && !log.contains("[ok] step time"),

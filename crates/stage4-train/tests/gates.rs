@@ -30,11 +30,7 @@ fn untrained(data: &Path, out: &Path) -> (Option<i32>, String, serde_json::Value
         .arg(&json)
         .output()
         .unwrap();
-    let log = format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
+    let log = clipmine_tests::log(&o);
     let report = std::fs::read_to_string(&json)
         .map(|s| serde_json::from_str(&s).unwrap())
         .unwrap_or(serde_json::Value::Null);

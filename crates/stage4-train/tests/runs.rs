@@ -13,14 +13,7 @@ fn cmd(args: &[&str]) -> Command {
 
 fn run(args: &[&str]) -> (Option<i32>, String) {
     let o = cmd(args).output().unwrap();
-    (
-        o.status.code(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        ),
-    )
+    (o.status.code(), clipmine_tests::log(&o))
 }
 
 fn spawn(args: &[&str]) -> Child {
@@ -29,14 +22,7 @@ fn spawn(args: &[&str]) -> Child {
 
 fn finish(child: Child) -> (Option<i32>, String) {
     let o = child.wait_with_output().unwrap();
-    (
-        o.status.code(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        ),
-    )
+    (o.status.code(), clipmine_tests::log(&o))
 }
 
 /// Waits until the run has a complete checkpoint (its first epoch is over).

@@ -9,14 +9,7 @@ fn run(args: &[&str]) -> (Option<i32>, String) {
         .args(args)
         .output()
         .unwrap();
-    (
-        o.status.code(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        ),
-    )
+    (o.status.code(), clipmine_tests::log(&o))
 }
 
 #[test]
@@ -119,11 +112,7 @@ fn a_run_from_pretrained_towers_starts_from_their_weights_and_keeps_their_tokeni
         .env("HF_HUB_CACHE", &fixtures)
         .output()
         .unwrap();
-    let log = format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
+    let log = clipmine_tests::log(&o);
     assert!(out.join("model.safetensors").is_file(), "{log}");
 
     let snap = fixtures.join("models--clipmine-test--tiny-bert/snapshots/0123456789abcdef0123456789abcdef01234567");

@@ -74,20 +74,6 @@ fn pseudo(n: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
-/// Peak resident memory of this process so far (Linux `VmHWM`), in MiB; `null` elsewhere.
-fn peak_rss_mb() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let kb: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))?
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()?;
-    Some(kb / 1024.0)
-}
-
 /// N(0, 1) values from [`pseudo`] (Box–Muller).
 fn normal(n: usize, seed: u64) -> Vec<f32> {
     let u = pseudo(n + 1, seed);
@@ -184,7 +170,7 @@ fn main() -> Result<()> {
                     "image_size": s, "seq_len": l, "steps": steps, "ms_per_step": mean * 1e3,
                     "pairs_per_s": b as f64 / mean, "losses": losses,
                     "forward_share": t_fwd / total, "backward_share": t_bwd / total, "optimizer_share": t_opt / total,
-                    "threads": rayon::current_num_threads(), "peak_rss_mb": peak_rss_mb(),
+                    "threads": rayon::current_num_threads(), "peak_rss_mb": clip_bench::peak_rss_mib(),
                     "composed": clip_core::nn::dispatch::composed_forced(),
                 })
             );

@@ -23,6 +23,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use candle_core::Device;
 use clap::Parser;
+use clip_bench::{cpu_seconds, peak_rss_mib};
 use clip_core::data::{epoch_seed, Dataset, ImageStore, LoadOptions, Loader, StoreMode, TextTokenizer};
 use clip_core::optim::AdamW;
 use clip_core::progress::Silent;
@@ -74,22 +75,6 @@ fn generate(dir: &std::path::Path, n: usize) -> Result<()> {
     }
     std::fs::write(&marker, csv)?;
     Ok(())
-}
-
-/// Peak resident memory of this process so far, MiB (Linux).
-fn peak_rss_mib() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib / 1024.0)
-}
-
-fn cpu_seconds() -> Option<f64> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let (utime, stime): (f64, f64) = (f.get(11)?.parse().ok()?, f.get(12)?.parse().ok()?);
-    Some((utime + stime) / 100.0)
 }
 
 /// Wall and CPU seconds of `f`.

@@ -15,6 +15,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use candle_core::Device;
 use clap::Parser;
+use clip_bench::cpu_seconds;
 use clip_core::fit::Trainer;
 use clip_core::prepare::{prepare, DataSource};
 use clip_core::ClipConfig;
@@ -60,17 +61,6 @@ fn synthetic(n: usize) -> Result<TempDir> {
     }
     std::fs::write(dir.0.join("captions.csv"), csv)?;
     Ok(dir)
-}
-
-/// CPU seconds used by this process so far (all threads), where Linux tells.
-fn cpu_seconds() -> Option<f64> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-    // Fields after the command name (which may hold spaces) start at the last ')'.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let (utime, stime): (f64, f64) = (f.get(11)?.parse().ok()?, f.get(12)?.parse().ok()?);
-    // USER_HZ is 100 on every mainstream Linux.
-    Some((utime + stime) / 100.0)
 }
 
 /// Seconds (wall, CPU) per epoch over `epochs` training epochs, and the first epoch's loss.

@@ -46,6 +46,16 @@ pub fn train_step_with(
     opt: &mut AdamW,
     micro_batches: &[Batch],
     clip_grad_norm: f64,
+    forward: impl Fn(&ClipModel, &Batch) -> Result<Embeddings> + Sync,
+) -> Result<StepOutcome> {
+    crate::nn::on_compute_pool(|| step_on_pool(model, opt, micro_batches, clip_grad_norm, &forward))
+}
+
+fn step_on_pool(
+    model: &ClipModel,
+    opt: &mut AdamW,
+    micro_batches: &[Batch],
+    clip_grad_norm: f64,
     forward: impl Fn(&ClipModel, &Batch) -> Result<Embeddings>,
 ) -> Result<StepOutcome> {
     if micro_batches.is_empty() {
@@ -108,6 +118,8 @@ fn check_grad_norm(grad_norm: f64, step: u64) -> Result<()> {
 
 /// Loss of a batch in evaluation mode (no dropout, BatchNorm running statistics).
 pub fn eval_loss(model: &ClipModel, batch: &Batch) -> Result<f64> {
-    let e = model.forward_batch(batch, false)?;
-    Ok(model.loss(&e, Some(&batch.positives))?.to_scalar::<f32>()? as f64)
+    crate::nn::on_compute_pool(|| {
+        let e = model.forward_batch(batch, false)?;
+        Ok(model.loss(&e, Some(&batch.positives))?.to_scalar::<f32>()? as f64)
+    })
 }

@@ -142,16 +142,19 @@ fn main() -> Result<()> {
             let (mut t_fwd, mut t_bwd, mut t_opt) = (0.0, 0.0, 0.0);
             for step in 0..warmup + steps {
                 let batch = &batches[step % 2];
-                let t = Instant::now();
-                model.reseed_dropout(step as u64);
-                let e = model.forward(&batch.images, &batch.input_ids, &batch.attention_mask, true)?;
-                let loss = model.loss(&e, Some(&batch.positives))?;
-                let value = loss.to_scalar::<f32>()? as f64;
-                let t1 = Instant::now();
-                let grads = opt.grads_by_name(&loss.backward()?);
-                let t2 = Instant::now();
-                opt.step(&grads)?;
-                let t3 = Instant::now();
+                // On a worker of the compute pool, as `train_step` runs (see `on_compute_pool`).
+                let (t, t1, t2, t3, value) = clip_core::nn::on_compute_pool(|| -> Result<_> {
+                    let t = Instant::now();
+                    model.reseed_dropout(step as u64);
+                    let e = model.forward(&batch.images, &batch.input_ids, &batch.attention_mask, true)?;
+                    let loss = model.loss(&e, Some(&batch.positives))?;
+                    let value = loss.to_scalar::<f32>()? as f64;
+                    let t1 = Instant::now();
+                    let grads = opt.grads_by_name(&loss.backward()?);
+                    let t2 = Instant::now();
+                    opt.step(&grads)?;
+                    Ok((t, t1, t2, Instant::now(), value))
+                })?;
                 if step >= warmup {
                     times.push((t3 - t).as_secs_f64());
                     losses.push(value);

@@ -154,12 +154,12 @@ impl ClipModel {
 
     /// Images (B, 3, S, S), normalised → embeddings (B, P).
     pub fn encode_image(&self, images: &Tensor, train: bool) -> Result<Tensor> {
-        self.project_image(&self.image_features(images, train)?, train)
+        crate::nn::on_compute_pool(|| self.project_image(&self.image_features(images, train)?, train))
     }
 
     /// Token ids and attention mask (B, L) → embeddings (B, P).
     pub fn encode_text(&self, input_ids: &Tensor, attention_mask: &Tensor, train: bool) -> Result<Tensor> {
-        self.project_text(&self.text_features(input_ids, attention_mask, train)?, train)
+        crate::nn::on_compute_pool(|| self.project_text(&self.text_features(input_ids, attention_mask, train)?, train))
     }
 
     pub fn forward(

@@ -17,6 +17,7 @@ mod layer_norm_cpu;
 mod linear;
 mod max_pool;
 mod max_pool_cpu;
+mod pool;
 mod softmax_cpu;
 
 pub use batch_norm::{batch_norm_reference, batch_norm_train_cpu, BatchNorm2d};
@@ -27,6 +28,7 @@ pub use dropout::{Dropout, DropoutRng};
 pub use layer_norm::{layer_norm_cpu, layer_norm_reference, LayerNorm};
 pub use linear::{Embedding, Linear};
 pub use max_pool::{max_pool_3x3_s2, max_pool_3x3_s2_cpu, max_pool_3x3_s2_reference};
+pub use pool::on_compute_pool;
 
 use candle_core::{Result, Tensor, D};
 

@@ -27,8 +27,9 @@ fn batch(cfg: &ClipConfig, b: usize, l: usize) -> (Tensor, Tensor, Tensor) {
 }
 
 /// Loss and gradients by name of one forward/backward in training mode (dropout off, so both
-/// paths see the same function).
-fn loss_and_grads(cfg: &ClipConfig) -> (f32, Vec<(String, Tensor)>) {
+/// paths see the same function), then the image embeddings in evaluation mode (BatchNorm on the
+/// running statistics that step updated).
+fn loss_and_grads(cfg: &ClipConfig) -> (f32, Vec<(String, Tensor)>, Vec<f32>) {
     let model = ClipModel::new(cfg, &Device::Cpu).unwrap();
     let (images, ids, mask) = batch(cfg, 4, 6);
     let e = model.forward(&images, &ids, &mask, true).unwrap();
@@ -46,7 +47,9 @@ fn loss_and_grads(cfg: &ClipConfig) -> (f32, Vec<(String, Tensor)>) {
             (n, g)
         })
         .collect();
-    (loss.to_scalar::<f32>().unwrap(), named)
+    let eval = model.encode_image(&images, false).unwrap();
+    let eval = eval.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    (loss.to_scalar::<f32>().unwrap(), named, eval)
 }
 
 #[test]
@@ -62,10 +65,16 @@ fn the_composed_path_matches_the_fused_kernels_and_covers_every_variable() {
         cfg.head_dropout = 0.0;
         force_composed(false);
         assert!(use_cpu_kernel(&probe));
-        let (fused_loss, fused) = loss_and_grads(&cfg);
+        let (fused_loss, fused, fused_eval) = loss_and_grads(&cfg);
         force_composed(true);
         assert!(!use_cpu_kernel(&probe));
-        let (composed_loss, composed) = loss_and_grads(&cfg);
+        let (composed_loss, composed, composed_eval) = loss_and_grads(&cfg);
+        let d = fused_eval
+            .iter()
+            .zip(&composed_eval)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(d <= 1e-4, "{loss}: evaluation-mode image embeddings differ by {d}");
         assert!(
             (fused_loss - composed_loss).abs() <= 1e-4 * fused_loss.abs().max(1.0),
             "{loss}: loss {fused_loss} fused, {composed_loss} composed"

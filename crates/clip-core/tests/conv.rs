@@ -103,7 +103,7 @@ fn fused_batch_norm_matches_the_composed_one_forward_and_backward() {
     .unwrap();
     let g = Var::from_tensor(&Tensor::new(&[1.0f32, 0.5, -2.0, 1.5], &Device::Cpu).unwrap()).unwrap();
     let be = Var::from_tensor(&Tensor::new(&[0.1f32, -0.3, 0.0, 2.0], &Device::Cpu).unwrap()).unwrap();
-    let ours = batch_norm_train_cpu(x.as_tensor(), g.as_tensor(), be.as_tensor(), 1e-5).unwrap();
+    let ours = batch_norm_train_cpu(x.as_tensor(), g.as_tensor(), be.as_tensor(), 1e-5, false).unwrap();
     let theirs = batch_norm_reference(x.as_tensor(), g.as_tensor(), be.as_tensor(), 1e-5).unwrap();
     assert_same(ours, theirs, &[&x, &g, &be], 1e-3, "batch norm");
 }

@@ -161,11 +161,100 @@ fn batch_norm_kernel() {
     check(
         "batch norm",
         &[x, g, b],
-        &|t| nn::batch_norm_train_cpu(&t[0], &t[1], &t[2], 1e-5),
+        &|t| nn::batch_norm_train_cpu(&t[0], &t[1], &t[2], 1e-5, false),
         &|t| nn::batch_norm_reference(&t[0], &t[1], &t[2], 1e-5),
         1e-2,
         5e-3,
     );
+}
+
+#[test]
+fn batch_norm_relu_kernel() {
+    // About half the outputs clamp; none sits within the finite-difference step of the kink.
+    let x = input(&[3, 4, 3, 2], 1.5, 6.0);
+    let g = Tensor::new(&[1.0f32, 0.5, -2.0, 1.5], &Device::Cpu).unwrap();
+    // Every pre-activation is ≥ 0.057 away from the kink (checked in numpy).
+    let b = Tensor::new(&[0.1f32, -0.3, 0.05, 0.4], &Device::Cpu).unwrap();
+    let y = flat(&nn::batch_norm_train_cpu(&x, &g, &b, 1e-5, true).unwrap());
+    let zeros = y.iter().filter(|&&v| v == 0.0).count();
+    assert!(zeros > 10 && zeros < y.len() - 10, "{zeros} of {} clamped", y.len());
+    check(
+        "batch norm + relu",
+        &[x, g, b],
+        &|t| nn::batch_norm_train_cpu(&t[0], &t[1], &t[2], 1e-5, true),
+        &|t| nn::batch_norm_reference(&t[0], &t[1], &t[2], 1e-5)?.relu(),
+        1e-3,
+        5e-3,
+    );
+}
+
+#[test]
+fn batch_norm_eval_kernel() {
+    let x = input(&[2, 3, 2, 3], 2.5, 4.0);
+    let g = Tensor::new(&[1.0f32, -0.5, 2.0], &Device::Cpu).unwrap();
+    let b = Tensor::new(&[0.2f32, -0.1, 0.3], &Device::Cpu).unwrap();
+    let stats: (&[f32], &[f32]) = (&[0.1, -0.2, 0.05], &[1.5, 0.7, 2.0]);
+    for relu in [false, true] {
+        check(
+            &format!("batch norm (evaluation, relu {relu})"),
+            &[x.clone(), g.clone(), b.clone()],
+            &|t| nn::batch_norm_eval_cpu(&t[0], &t[1], &t[2], stats, 1e-5, relu),
+            &|t| {
+                let y = nn::batch_norm_eval_reference(&t[0], &t[1], &t[2], stats, 1e-5)?;
+                if relu {
+                    y.relu()
+                } else {
+                    Ok(y)
+                }
+            },
+            1e-3,
+            5e-3,
+        );
+    }
+}
+
+#[test]
+fn add_relu_kernel() {
+    // More elements than one work item holds, so the chunks are covered too.
+    for shape in [&[2, 3, 4, 5][..], &[3, 40_000][..]] {
+        let a = input(shape, 1.0, 4.0);
+        let b = input(shape, 7.0, 4.0);
+        let y = flat(&nn::add_relu_cpu(&a, &b).unwrap());
+        let zeros = y.iter().filter(|&&v| v == 0.0).count();
+        assert!(
+            zeros > y.len() / 4 && zeros < y.len() * 3 / 4,
+            "{zeros} of {} clamped",
+            y.len()
+        );
+        if y.len() > 1000 {
+            // Values and gradients only: finite differences over 240,000 inputs take too long.
+            let (va, vb) = (Var::from_tensor(&a).unwrap(), Var::from_tensor(&b).unwrap());
+            let fused = nn::add_relu_cpu(va.as_tensor(), vb.as_tensor()).unwrap();
+            let composed = nn::add_relu_reference(va.as_tensor(), vb.as_tensor()).unwrap();
+            assert!(flat(&fused) == flat(&composed), "add + relu: values differ");
+            let w = input(shape, 3.0, 1.0);
+            let gf = (&fused * &w).unwrap().sum_all().unwrap().backward().unwrap();
+            let gc = (&composed * &w).unwrap().sum_all().unwrap().backward().unwrap();
+            // Where a + b is exactly 0, candle's ReLU passes the gradient and PyTorch's (and
+            // this kernel's) does not; elsewhere they must agree exactly.
+            let sum = flat(&(&a + &b).unwrap());
+            for v in [&va, &vb] {
+                let (f, c) = (flat(gf.get(v).unwrap()), flat(gc.get(v).unwrap()));
+                let wrong = (0..f.len()).filter(|&i| sum[i] != 0.0 && f[i] != c[i]).count();
+                assert_eq!(wrong, 0, "add + relu: {wrong} gradients differ");
+                assert!(f.iter().any(|&g| g != 0.0));
+            }
+            continue;
+        }
+        check(
+            "add + relu",
+            &[a, b],
+            &|t| nn::add_relu_cpu(&t[0], &t[1]),
+            &|t| nn::add_relu_reference(&t[0], &t[1]),
+            1e-3,
+            2e-3,
+        );
+    }
 }
 
 #[test]

@@ -73,16 +73,18 @@ impl ModuleT for ResBlock {
         let mut h = x.clone();
         let last = self.convs.len() - 1;
         for (i, (conv, bn)) in self.convs.iter().enumerate() {
-            h = bn.forward_t(&conv.forward(&h)?, train)?;
-            if i != last {
-                h = h.relu()?;
-            }
+            let z = conv.forward(&h)?;
+            h = if i != last {
+                bn.forward_relu(&z, train)?
+            } else {
+                bn.forward_t(&z, train)?
+            };
         }
         let shortcut = match &self.downsample {
             Some(d) => d.bn.forward_t(&d.conv.forward(x)?, train)?,
             None => x.clone(),
         };
-        (h + shortcut)?.relu()
+        crate::nn::add_relu(&h, &shortcut)
     }
 }
 
@@ -123,7 +125,7 @@ impl ResNet {
 
 impl ModuleT for ResNet {
     fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        let mut h = self.bn1.forward_t(&self.conv1.forward(x)?, train)?.relu()?;
+        let mut h = self.bn1.forward_relu(&self.conv1.forward(x)?, train)?;
         if self.stem_pool {
             h = max_pool_3x3_s2(&h)?;
         }

@@ -72,19 +72,41 @@ impl BatchNorm2d {
 
 impl ModuleT for BatchNorm2d {
     fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        self.run(x, train, false)
+    }
+}
+
+impl BatchNorm2d {
+    /// `relu(self.forward_t(x, train))`, as one fused kernel on the CPU (see `batch_norm_cpu`).
+    pub fn forward_relu(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        self.run(x, train, true)
+    }
+
+    fn run(&self, x: &Tensor, train: bool, relu: bool) -> candle_core::Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
         let n = b * h * w;
         if train && n < 2 {
             candle_core::bail!("BatchNorm in training mode needs more than one value per channel (got batch {b} of {h}×{w}): use a batch size of at least 2")
         }
-        if train && super::dispatch::use_cpu_kernel(x) {
+        if super::dispatch::use_cpu_kernel(x) {
+            let x = x.contiguous()?;
+            if !train {
+                let op = super::batch_norm_cpu::BatchNormEval {
+                    eps: self.eps as f32,
+                    relu,
+                    mean: self.running_mean.as_tensor().to_vec1()?,
+                    var: self.running_var.as_tensor().to_vec1()?,
+                };
+                return x.apply_op3(&self.weight, &self.bias, op);
+            }
             // One fused kernel per direction (see `batch_norm_cpu`).
             let stats = std::sync::Arc::new(std::sync::Mutex::new(None));
             let op = super::batch_norm_cpu::BatchNormTrain {
                 eps: self.eps as f32,
+                relu,
                 stats: stats.clone(),
             };
-            let y = x.contiguous()?.apply_op3(&self.weight, &self.bias, op)?;
+            let y = x.apply_op3(&self.weight, &self.bias, op)?;
             let (mean, var) = stats
                 .lock()
                 .unwrap()
@@ -106,8 +128,14 @@ impl ModuleT for BatchNorm2d {
             )
         };
         let xn = x.broadcast_sub(&mean)?.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-        xn.broadcast_mul(&self.weight.reshape((1, c, 1, 1))?)?
-            .broadcast_add(&self.bias.reshape((1, c, 1, 1))?)
+        let y = xn
+            .broadcast_mul(&self.weight.reshape((1, c, 1, 1))?)?
+            .broadcast_add(&self.bias.reshape((1, c, 1, 1))?)?;
+        if relu {
+            y.relu()
+        } else {
+            Ok(y)
+        }
     }
 }
 
@@ -122,11 +150,54 @@ pub fn batch_norm_reference(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64
         .broadcast_add(&bias.reshape((1, c, 1, 1))?)
 }
 
-/// The fused CPU kernel (training mode, batch statistics), exposed for tests and benchmarks.
-pub fn batch_norm_train_cpu(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+/// The fused CPU kernel (training mode, batch statistics, then a ReLU when `relu`), exposed for
+/// tests and benchmarks.
+pub fn batch_norm_train_cpu(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+    relu: bool,
+) -> candle_core::Result<Tensor> {
     let op = super::batch_norm_cpu::BatchNormTrain {
         eps: eps as f32,
+        relu,
         stats: Default::default(),
     };
     x.contiguous()?.apply_op3(weight, bias, op)
+}
+
+/// The fused evaluation-mode kernel (given running statistics, then a ReLU when `relu`), exposed
+/// for tests and benchmarks.
+pub fn batch_norm_eval_cpu(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    (mean, var): (&[f32], &[f32]),
+    eps: f64,
+    relu: bool,
+) -> candle_core::Result<Tensor> {
+    let op = super::batch_norm_cpu::BatchNormEval {
+        eps: eps as f32,
+        relu,
+        mean: mean.to_vec(),
+        var: var.to_vec(),
+    };
+    x.contiguous()?.apply_op3(weight, bias, op)
+}
+
+/// The composed evaluation-mode BatchNorm, for comparing with the fused kernel.
+pub fn batch_norm_eval_reference(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    (mean, var): (&[f32], &[f32]),
+    eps: f64,
+) -> candle_core::Result<Tensor> {
+    let c = x.dim(1)?;
+    let mean = Tensor::from_slice(mean, (1, c, 1, 1), x.device())?;
+    let var = Tensor::from_slice(var, (1, c, 1, 1), x.device())?;
+    let xn = x.broadcast_sub(&mean)?.broadcast_div(&(var + eps)?.sqrt()?)?;
+    xn.broadcast_mul(&weight.reshape((1, c, 1, 1))?)?
+        .broadcast_add(&bias.reshape((1, c, 1, 1))?)
 }

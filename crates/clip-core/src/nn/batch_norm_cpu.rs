@@ -5,6 +5,11 @@
 //! that was the largest share of a training step. Here the forward is two passes (statistics,
 //! normalise) and the backward two (two sums per channel, then the input gradient).
 //!
+//! A ReLU that follows a BatchNorm (as in every ResNet block but the last) is fused into it: the
+//! forward clamps as it writes, and the backward masks the incoming gradient where the output was
+//! zero while it reads it. candle's own ReLU backward is six passes and four allocations (a
+//! comparison, a cast, a product, and the gradient store's zero-fill and sum).
+//!
 //! Layout: x (B, C, H, W) contiguous f32; weight and bias (C).
 
 use std::sync::{Arc, Mutex};
@@ -45,10 +50,41 @@ fn stats(x: &[f32], b: usize, c: usize, hw: usize) -> (Vec<f32>, Vec<f32>) {
 /// Per-channel (mean, biased variance) of the last forward pass, shared with the caller.
 pub type BatchStats = Arc<Mutex<Option<(Vec<f32>, Vec<f32>)>>>;
 
-/// y = (x − mean) / √(var + eps) · weight + bias with batch statistics; the statistics are left
-/// in `stats` for the running averages.
+/// Per channel (scale, shift) so that y = x·scale + shift.
+fn affine(gamma: &[f32], beta: &[f32], mean: &[f32], var: &[f32], eps: f32) -> (Vec<f32>, Vec<f32>) {
+    (0..gamma.len())
+        .map(|ch| {
+            let scale = gamma[ch] / (var[ch] + eps).sqrt();
+            (scale, beta[ch] - mean[ch] * scale)
+        })
+        .unzip()
+}
+
+/// y = x·scale + shift per channel (clamped at 0 with `relu`), one (B, C) plane per work item.
+fn apply_affine(x: &[f32], c: usize, hw: usize, scale: &[f32], shift: &[f32], relu: bool) -> Vec<f32> {
+    let mut y = Vec::with_capacity(x.len());
+    // Every element is written below before the vector is read.
+    y.spare_capacity_mut()
+        .par_chunks_mut(hw)
+        .zip(x.par_chunks(hw))
+        .enumerate()
+        .for_each(|(i, (yc, xc))| {
+            let (a, b) = (scale[i % c], shift[i % c]);
+            for (o, &v) in yc.iter_mut().zip(xc) {
+                let t = v * a + b;
+                o.write(if relu { t.max(0.0) } else { t });
+            }
+        });
+    // SAFETY: the loop above wrote all x.len() elements.
+    unsafe { y.set_len(x.len()) };
+    y
+}
+
+/// y = (x − mean) / √(var + eps) · weight + bias with batch statistics, then max(0, ·) when
+/// `relu`; the statistics are left in `stats` for the running averages.
 pub struct BatchNormTrain {
     pub eps: f32,
+    pub relu: bool,
     pub stats: BatchStats,
 }
 
@@ -73,18 +109,8 @@ impl CustomOp3 for BatchNormTrain {
             super::dispatch::host_f32("batch norm", s3, l3)?,
         );
         let (mean, var) = stats(x, b, c, hw);
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(hw)
-            .zip(x.par_chunks(hw))
-            .enumerate()
-            .for_each(|(i, (yc, xc))| {
-                let ch = i % c;
-                let scale = gamma[ch] / (var[ch] + self.eps).sqrt();
-                let shift = beta[ch] - mean[ch] * scale;
-                for (o, &v) in yc.iter_mut().zip(xc) {
-                    *o = v * scale + shift;
-                }
-            });
+        let (scale, shift) = affine(gamma, beta, &mean, &var, self.eps);
+        let y = apply_affine(x, c, hw, &scale, &shift, self.relu);
         *self.stats.lock().unwrap() = Some((mean, var));
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
@@ -93,12 +119,16 @@ impl CustomOp3 for BatchNormTrain {
         &self,
         x: &Tensor,
         gamma: &Tensor,
-        _beta: &Tensor,
+        beta: &Tensor,
         _y: &Tensor,
         gy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (b, c, h, w) = x.dims4()?;
-        let packed = x.apply_op3_no_bwd(gamma, &gy.contiguous()?, &BatchNormGrad { eps: self.eps })?;
+        let grad = BatchNormGrad {
+            eps: self.eps,
+            relu_beta: if self.relu { Some(beta.to_vec1()?) } else { None },
+        };
+        let packed = x.apply_op3_no_bwd(gamma, &gy.contiguous()?, &grad)?;
         let n = b * c * h * w;
         let gx = packed.narrow(0, 0, n)?.reshape((b, c, h, w))?;
         let ggamma = packed.narrow(0, n, c)?;
@@ -110,6 +140,9 @@ impl CustomOp3 for BatchNormTrain {
 /// The three gradients of [`BatchNormTrain`], packed as [dx, dweight, dbias] in one vector.
 struct BatchNormGrad {
     eps: f32,
+    /// With a fused ReLU: the bias, to recompute where the forward clamped (the same arithmetic,
+    /// so the same mask) instead of keeping the output.
+    relu_beta: Option<Vec<f32>>,
 }
 
 impl CustomOp3 for BatchNormGrad {
@@ -134,6 +167,28 @@ impl CustomOp3 for BatchNormGrad {
         );
         let (mean, var) = stats(x, b, c, hw);
         let rstd: Vec<f32> = var.iter().map(|v| 1.0 / (v + self.eps).sqrt()).collect();
+        let masked;
+        let gy: &[f32] = match &self.relu_beta {
+            None => gy,
+            Some(beta) => {
+                // dy where the forward's output was positive, 0 where it clamped.
+                let (scale, shift) = affine(gamma, beta, &mean, &var, self.eps);
+                let mut m = Vec::with_capacity(gy.len());
+                m.spare_capacity_mut()
+                    .par_chunks_mut(hw)
+                    .enumerate()
+                    .for_each(|(i, mc)| {
+                        let (a, s, off) = (scale[i % c], shift[i % c], i * hw);
+                        for ((o, &g), &v) in mc.iter_mut().zip(&gy[off..off + hw]).zip(&x[off..off + hw]) {
+                            o.write(if v * a + s > 0.0 { g } else { 0.0 });
+                        }
+                    });
+                // SAFETY: every element was written above.
+                unsafe { m.set_len(gy.len()) };
+                masked = m;
+                &masked
+            }
+        };
         // Per channel: Σ dy and Σ dy·x̂.
         let (sum_dy, sum_dy_xhat): (Vec<f32>, Vec<f32>) = (0..c)
             .into_par_iter()
@@ -166,6 +221,75 @@ impl CustomOp3 for BatchNormGrad {
         rest[c..].copy_from_slice(&sum_dy);
         let len = out.len();
         Ok((CpuStorage::F32(out), Shape::from(len)))
+    }
+}
+
+/// Evaluation-mode BatchNorm (running statistics, then max(0, ·) when `relu`) as one pass.
+///
+/// Composed, it is four broadcast ops and a ReLU over each activation: in inference (indexing,
+/// evaluation) the largest cost after the convolutions. Its backward (rarely needed: evaluation
+/// output is normally detached) is composed from tensor ops.
+pub struct BatchNormEval {
+    pub eps: f32,
+    pub relu: bool,
+    pub mean: Vec<f32>,
+    pub var: Vec<f32>,
+}
+
+impl CustomOp3 for BatchNormEval {
+    fn name(&self) -> &'static str {
+        "clipmine-batch-norm-eval"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (_, c, hw) = dims(l1)?;
+        let (x, gamma, beta) = (
+            super::dispatch::host_f32("batch norm", s1, l1)?,
+            super::dispatch::host_f32("batch norm", s2, l2)?,
+            super::dispatch::host_f32("batch norm", s3, l3)?,
+        );
+        if gamma.len() != c || beta.len() != c || self.mean.len() != c || self.var.len() != c {
+            candle_core::bail!(
+                "batch norm: {c} channels, but parameters of {} and {}",
+                gamma.len(),
+                self.mean.len()
+            )
+        }
+        let (scale, shift) = affine(gamma, beta, &self.mean, &self.var, self.eps);
+        let y = apply_affine(x, c, hw, &scale, &shift, self.relu);
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        _beta: &Tensor,
+        y: &Tensor,
+        gy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let c = x.dim(1)?;
+        let per_channel = |v: &[f32]| Tensor::from_slice(v, (1, c, 1, 1), x.device());
+        let gy = if self.relu {
+            (gy * y.gt(0f32)?.to_dtype(gy.dtype())?)?
+        } else {
+            gy.clone()
+        };
+        let rstd: Vec<f32> = self.var.iter().map(|v| 1.0 / (v + self.eps).sqrt()).collect();
+        let rstd = per_channel(&rstd)?;
+        let xhat = x.broadcast_sub(&per_channel(&self.mean)?)?.broadcast_mul(&rstd)?;
+        let gx = gy.broadcast_mul(&(gamma.reshape((1, c, 1, 1))? * &rstd)?)?;
+        let ggamma = (&gy * xhat)?.sum((0, 2, 3))?;
+        let gbeta = gy.sum((0, 2, 3))?;
+        Ok((Some(gx), Some(ggamma), Some(gbeta)))
     }
 }
 

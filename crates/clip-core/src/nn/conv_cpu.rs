@@ -14,6 +14,7 @@
 //! training step. Larger ones (a ResNet50 stem at 224 px: 59 MB at batch 8) are rebuilt, so
 //! memory stays below PyTorch's.
 
+use std::mem::MaybeUninit;
 use std::sync::Mutex;
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
@@ -151,13 +152,41 @@ fn col2im(g: &Geometry, cols: &[f32], x: &mut [f32]) {
     }
 }
 
-/// dst (m×n) = [dst +] lhs (m×k) · rhs (k×n), each given by (row stride, column stride).
+/// Space for `len` values that a GEMM without accumulation will write in full: zero-filling it
+/// first was most of the `memset` in a training step's profile (the allocator's reused memory is
+/// not zero).
+fn uninit(len: usize) -> Vec<MaybeUninit<f32>> {
+    let mut v = Vec::with_capacity(len);
+    // SAFETY: `MaybeUninit` values need no initialisation.
+    unsafe { v.set_len(len) };
+    v
+}
+
+/// The values of a buffer from [`uninit`].
+///
+/// # Safety
+/// Every element of `v` has been written.
+unsafe fn assume_init(v: Vec<MaybeUninit<f32>>) -> Vec<f32> {
+    let mut v = std::mem::ManuallyDrop::new(v);
+    // SAFETY: same allocation, length and capacity; `MaybeUninit<f32>` has f32's layout, and the
+    // caller guarantees the values are initialised.
+    unsafe { Vec::from_raw_parts(v.as_mut_ptr().cast::<f32>(), v.len(), v.capacity()) }
+}
+
+/// An initialised buffer seen as one a GEMM may write (it never writes uninitialised values).
+fn as_uninit(s: &mut [f32]) -> &mut [MaybeUninit<f32>] {
+    // SAFETY: same layout; the GEMM only stores initialised f32 values through it.
+    unsafe { std::slice::from_raw_parts_mut(s.as_mut_ptr().cast(), s.len()) }
+}
+
+/// dst (m×n) = [dst +] lhs (m×k) · rhs (k×n), each given by (row stride, column stride). Without
+/// `accumulate` dst is only written, so it may be uninitialised; with it dst must hold values.
 #[allow(clippy::too_many_arguments)]
 fn matmul(
     m: usize,
     n: usize,
     k: usize,
-    dst: &mut [f32],
+    dst: &mut [MaybeUninit<f32>],
     accumulate: bool,
     lhs: &[f32],
     lhs_rs: usize,
@@ -174,7 +203,7 @@ fn matmul(
             m,
             n,
             k,
-            dst.as_mut_ptr(),
+            dst.as_mut_ptr().cast::<f32>(),
             1,
             n as isize,
             accumulate,
@@ -266,16 +295,20 @@ fn keeps_cols(g: &Geometry, keep: bool) -> bool {
 fn forward_batched(g: &Geometry, x: &[f32], w: &[f32], keep: bool) -> (Vec<f32>, Option<Vec<f32>>) {
     let (ckk, n, o, bn) = (g.ckk(), g.n(), g.o, g.b * g.n());
     let cols = im2col_batch(g, x);
-    let mut yt = vec![0f32; o * bn];
+    let mut yt = uninit(o * bn);
     matmul(o, bn, ckk, &mut yt, false, w, ckk, 1, &cols, bn, 1, parallel());
+    // SAFETY: the GEMM wrote all of yt.
+    let yt = unsafe { assume_init(yt) };
     (unbatch_columns(&yt, g.b, o, n), keeps_cols(g, keep).then_some(cols))
 }
 
 fn grad_input_batched(g: &Geometry, gy: &[f32], w: &[f32]) -> Vec<f32> {
     let (ckk, n, o, bn) = (g.ckk(), g.n(), g.o, g.b * g.n());
     let gyt = batch_columns(gy, g.b, o, n);
-    let mut cols = vec![0f32; ckk * bn];
+    let mut cols = uninit(ckk * bn);
     matmul(ckk, bn, o, &mut cols, false, w, 1, ckk, &gyt, bn, 1, parallel());
+    // SAFETY: the GEMM wrote all of cols.
+    let cols = unsafe { assume_init(cols) };
     if g.is_pointwise() {
         return unbatch_columns(&cols, g.b, ckk, n);
     }
@@ -302,10 +335,11 @@ fn grad_weight_batched(g: &Geometry, x: &[f32], gy: &[f32], kept: Option<&[f32]>
         }
     };
     let gyt = batch_columns(gy, g.b, o, n);
-    let mut gw = vec![0f32; o * ckk];
+    let mut gw = uninit(o * ckk);
     // gw (O, CKK) = gy (O, B·N) · colsᵀ (B·N, CKK)
     matmul(o, ckk, bn, &mut gw, false, &gyt, bn, 1, cols, 1, bn, parallel());
-    gw
+    // SAFETY: the GEMM wrote all of gw.
+    unsafe { assume_init(gw) }
 }
 
 /// Images per work item: enough to keep both GEMM and threads busy.
@@ -319,7 +353,7 @@ fn forward(g: &Geometry, x: &[f32], w: &[f32], keep: bool) -> (Vec<f32>, Option<
         return forward_batched(g, x, w, keep);
     }
     let (ckk, n, o) = (g.ckk(), g.n(), g.o);
-    let mut y = vec![0f32; g.b * o * n];
+    let mut y = uninit(g.b * o * n);
     let per = chunks(g.b);
     let keep = keeps_cols(g, keep);
     // Kept: every image's columns, image after image; else one buffer per thread.
@@ -354,7 +388,8 @@ fn forward(g: &Geometry, x: &[f32], w: &[f32], keep: bool) -> (Vec<f32>, Option<
                 matmul(o, n, ckk, yb, false, w, ckk, 1, colsb, n, 1, SERIAL);
             }
         });
-    (y, keep.then_some(kept))
+    // SAFETY: the chunks cover y, and each image's GEMM wrote its (O, N) block in full.
+    (unsafe { assume_init(y) }, keep.then_some(kept))
 }
 
 fn grad_input(g: &Geometry, gy: &[f32], w: &[f32]) -> Vec<f32> {
@@ -366,16 +401,18 @@ fn grad_input(g: &Geometry, gy: &[f32], w: &[f32]) -> Vec<f32> {
     let mut gx = vec![0f32; g.b * img];
     let per = chunks(g.b);
     gx.par_chunks_mut(per * img).enumerate().for_each(|(ci, gxs)| {
-        let mut cols = vec![0f32; ckk * n];
+        let mut cols = if g.is_pointwise() { vec![] } else { uninit(ckk * n) };
         for (bi, gxb) in gxs.chunks_mut(img).enumerate() {
             let b = ci * per + bi;
             let gyb = &gy[b * o * n..][..o * n];
             if g.is_pointwise() {
                 // gx_b (C, N) = Wᵀ (C, O) · gy_b (O, N)
-                matmul(ckk, n, o, gxb, false, w, 1, ckk, gyb, n, 1, SERIAL);
+                matmul(ckk, n, o, as_uninit(gxb), false, w, 1, ckk, gyb, n, 1, SERIAL);
             } else {
                 matmul(ckk, n, o, &mut cols, false, w, 1, ckk, gyb, n, 1, SERIAL);
-                col2im(g, &cols, gxb);
+                // SAFETY: the GEMM just wrote all of cols (it is rewritten for every image).
+                let written = unsafe { std::slice::from_raw_parts(cols.as_ptr().cast::<f32>(), cols.len()) };
+                col2im(g, written, gxb);
             }
         }
     });
@@ -414,7 +451,7 @@ fn grad_weight(g: &Geometry, x: &[f32], gy: &[f32], kept: Option<&[f32]>) -> Vec
                     o,
                     ckk,
                     n,
-                    &mut gw,
+                    as_uninit(&mut gw),
                     true,
                     &gy[b * o * n..][..o * n],
                     n,

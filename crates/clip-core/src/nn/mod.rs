@@ -18,9 +18,12 @@ mod linear;
 mod max_pool;
 mod max_pool_cpu;
 mod pool;
+mod relu_cpu;
 mod softmax_cpu;
 
-pub use batch_norm::{batch_norm_reference, batch_norm_train_cpu, BatchNorm2d};
+pub use batch_norm::{
+    batch_norm_eval_cpu, batch_norm_eval_reference, batch_norm_reference, batch_norm_train_cpu, BatchNorm2d,
+};
 pub use conv::{conv2d_im2col, Conv2d};
 pub use conv_cpu::conv2d_cpu;
 pub use dispatch::{force_composed, use_cpu_kernel};
@@ -68,4 +71,23 @@ pub fn softmax_reference(x: &Tensor) -> Result<Tensor> {
 /// The fused CPU softmax kernel, exposed for tests and benchmarks.
 pub fn softmax_cpu(x: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op1(softmax_cpu::SoftmaxLastDim)
+}
+
+/// max(0, a + b) for a and b of one shape (a residual block's ending), with a backward pass.
+pub fn add_relu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if dispatch::use_cpu_kernel(a) && b.dtype() == a.dtype() && b.device().is_cpu() && a.dims() == b.dims() {
+        add_relu_cpu(a, b)
+    } else {
+        add_relu_reference(a, b)
+    }
+}
+
+/// max(0, a + b) composed from candle ops (any device, broadcasting).
+pub fn add_relu_reference(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    a.broadcast_add(b)?.relu()
+}
+
+/// The fused CPU kernel of [`add_relu`], exposed for tests and benchmarks.
+pub fn add_relu_cpu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    a.contiguous()?.apply_op2(&b.contiguous()?, relu_cpu::AddRelu)
 }

@@ -12,7 +12,7 @@ Model (names match the tutorial's modules, and so the Rust `ParamStore` names):
 
 Nothing is downloaded: every tower starts from random weights (pretrained=False).
 
-Subcommands: params, names, bench, train-folders (see README.md beside this file).
+Subcommands: params, names, bench, bench-infer, train-folders (see README.md beside this file).
 """
 from __future__ import annotations
 
@@ -305,6 +305,16 @@ def add_model_args(p: argparse.ArgumentParser):
     g.add_argument("--seed", type=int)
 
 
+def add_bench_args(p: argparse.ArgumentParser):
+    add_model_args(p)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--seq-len", type=int, default=32, help="caption tokens (all unpadded)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's own)")
+
+
 def cfg_from_args(a) -> Cfg:
     c = preset(a.preset)
     im = {"model": a.image_model, "image_size": a.image_size}
@@ -374,17 +384,23 @@ def peak_rss_mb():
     return round(kib / (1024.0 if sys.platform != "darwin" else 1024.0 * 1024.0), 1)
 
 
-def cmd_bench(a):
+def bench_setup(a):
+    """What `bench` and `bench-infer` share: threads, the model on its device, two random batches."""
     if a.threads:
         torch.set_num_threads(a.threads)
     cfg = cfg_from_args(a)
     device = torch.device(a.device)
     model = build(cfg).to(device)
-    model.train()
-    optimizer, _ = make_optimizer(model, cfg.train)
     seq_len = min(a.seq_len, cfg.text.max_position_embeddings)
     gen = torch.Generator().manual_seed(cfg.seed)
     batches = [random_batch(cfg, a.batch_size, seq_len, device, gen) for _ in range(2)]
+    return cfg, device, model, seq_len, batches
+
+
+def cmd_bench(a):
+    cfg, device, model, seq_len, batches = bench_setup(a)
+    model.train()
+    optimizer, _ = make_optimizer(model, cfg.train)
     t_fwd = t_bwd = t_opt = 0.0
     losses = []
     for step in range(a.warmup + a.steps):
@@ -417,6 +433,39 @@ def cmd_bench(a):
         "forward_share": round(t_fwd / total, 3), "backward_share": round(t_bwd / total, 3),
         "optimizer_share": round(t_opt / total, 3), "losses": losses,
         "peak_rss_mb": peak_rss_mb(),
+    }
+    print(json.dumps(out))
+
+
+def cmd_bench_infer(a):
+    """Each tower with its projection head in eval mode (clipmine's encode_image / encode_text),
+    timed apart: building an index runs the image side, a query the text side."""
+    cfg, device, model, seq_len, batches = bench_setup(a)
+    model.eval()
+    t_image = t_text = 0.0
+    with torch.inference_mode():
+        for step in range(a.warmup + a.steps):
+            batch = batches[step % 2]
+            sync(device)
+            t0 = time.perf_counter()
+            model.image_projection(model.image_encoder(batch["image"])).cpu()
+            sync(device)
+            t1 = time.perf_counter()
+            model.text_projection(model.text_encoder(input_ids=batch["input_ids"],
+                                                     attention_mask=batch["attention_mask"])).cpu()
+            sync(device)
+            t2 = time.perf_counter()
+            if step >= a.warmup:
+                t_image += t1 - t0
+                t_text += t2 - t1
+    n = max(a.steps, 1)
+    out = {
+        "impl": "pytorch", "bench": "infer", "torch": torch.__version__, "config": cfg.name,
+        "image_model": cfg.image.model, "device": a.device, "batch_size": a.batch_size,
+        "image_size": cfg.image.image_size, "seq_len": seq_len, "steps": a.steps, "warmup": a.warmup,
+        "images_per_s": round(a.batch_size * n / t_image, 3), "captions_per_s": round(a.batch_size * n / t_text, 3),
+        "ms_per_image_batch": round(1000 * t_image / n, 2), "ms_per_text_batch": round(1000 * t_text / n, 2),
+        "threads": torch.get_num_threads(), "peak_rss_mb": peak_rss_mb(),
     }
     print(json.dumps(out))
 
@@ -561,14 +610,13 @@ def main(argv=None):
     p.set_defaults(fn=cmd_names)
 
     p = sub.add_parser("bench", help="time training steps on random data; one JSON line")
-    add_model_args(p)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--seq-len", type=int, default=32, help="caption tokens (all unpadded)")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's own)")
+    add_bench_args(p)
     p.set_defaults(fn=cmd_bench)
+
+    p = sub.add_parser("bench-infer", help="time the image and the text embeddings (eval mode) on random data; "
+                                           "one JSON line")
+    add_bench_args(p)
+    p.set_defaults(fn=cmd_bench_infer)
 
     p = sub.add_parser("train-folders", help="train on root/<label>/*.png; zero-shot accuracy")
     add_model_args(p)

@@ -1,8 +1,10 @@
-//! `cargo xtask bench [train|loader|search]…`: speed measurements as JSON lines, never in tests.
+//! `cargo xtask bench [train|infer|loader|search]…`: speed measurements as JSON lines, never in tests.
 //!
 //! `train` times training steps of the `tiny` preset in clipmine and, when PyTorch is installed,
 //! in the PyTorch reference of the same recipe (`xtask/reference/simple_clip.py bench`), in the
-//! same run on the same machine, and prints their ratio of speed and of peak memory (RSS). The
+//! same run on the same machine, and prints their ratio of speed and of peak memory (RSS); `infer`
+//! does the same for image and caption embeddings in evaluation mode (`simple_clip.py
+//! bench-infer`). The reference runs with clipmine's thread count. The
 //! programs are built in the release profile. Run it on an idle machine: a build beside a
 //! benchmark slows it several times.
 
@@ -13,30 +15,31 @@ use serde_json::{json, Value};
 
 use crate::verify::workspace_root;
 
-/// Speed as JSON lines: training steps against the PyTorch reference, the loader, an index, search.
+/// Speed as JSON lines: training steps and inference against the PyTorch reference, the loader, an index, search.
 ///
 /// `train` times training steps in clipmine and, when PyTorch is installed, in the PyTorch
-/// reference of the same recipe, and prints their ratio. Run it on an idle machine: a build beside
+/// reference of the same recipe, and prints their ratio; `infer` does the same for image and
+/// caption embeddings (evaluation mode). Run it on an idle machine: a build beside
 /// a benchmark slows it several times.
 #[derive(Debug, clap::Args)]
 #[command(
     verbatim_doc_comment,
-    after_help = "Examples:\n  cargo xtask bench                          everything\n  cargo xtask bench train --no-reference     clipmine's training steps alone\n  cargo xtask bench loader search --batch-size 32"
+    after_help = "Examples:\n  cargo xtask bench                          everything\n  cargo xtask bench train --no-reference     clipmine's training steps alone\n  cargo xtask bench infer --preset simple-clip --batch-size 8\n  cargo xtask bench loader search --batch-size 32"
 )]
 pub struct Args {
     /// What to measure; default: all.
     #[arg(value_enum, value_name = "WHAT")]
     what: Vec<What>,
-    /// Model for `train`.
+    /// Model for `train` and `infer`.
     #[arg(long, value_name = "NAME", default_value = "tiny")]
     preset: String,
-    /// Batch size for `train` and `loader`.
+    /// Batch size for `train`, `infer` and `loader`.
     #[arg(long = "batch-size", value_name = "B", default_value_t = 16)]
     batch_size: usize,
-    /// Timed steps for `train`.
+    /// Timed steps for `train` and `infer`.
     #[arg(long, value_name = "N", default_value_t = 10)]
     steps: usize,
-    /// Caption tokens for `train` [default: 12 for tiny, 32 otherwise].
+    /// Caption tokens for `train` and `infer` [default: 12 for tiny, 32 otherwise].
     #[arg(long = "seq-len", value_name = "L")]
     seq_len: Option<usize>,
     /// Skip the PyTorch reference.
@@ -52,6 +55,8 @@ pub struct Args {
 enum What {
     /// Training steps: clipmine against the PyTorch reference, as a ratio.
     Train,
+    /// Inference: image and caption embeddings, clipmine against the PyTorch reference, as a ratio.
+    Infer,
     /// The data pipeline against training steps.
     Loader,
     /// Building an image index.
@@ -77,7 +82,14 @@ pub fn run(args: Args) -> Result<bool> {
     let (batch, steps, reference) = (batch_size.to_string(), steps.to_string(), !no_reference);
     let seq_len = seq_len.map(|l| l.to_string());
     if what.is_empty() {
-        what = vec![What::Train, What::Loader, What::Index, What::Search, What::Frozen];
+        what = vec![
+            What::Train,
+            What::Infer,
+            What::Loader,
+            What::Index,
+            What::Search,
+            What::Frozen,
+        ];
     }
     let seq_len = seq_len.unwrap_or_else(|| if preset == "tiny" { "12" } else { "32" }.to_string());
     let root = workspace_root();
@@ -110,63 +122,77 @@ pub fn run(args: Args) -> Result<bool> {
         .map(|t| if t.is_relative() { root.join(t) } else { t })
         .unwrap_or_else(|| root.join("target"));
     let examples = target.join("release");
+    // The same model and batch on both sides: `bench train|infer` here, `simple_clip.py
+    // bench|bench-infer` there.
+    let model_args = |sub: &'static str| {
+        [
+            sub,
+            "--preset",
+            &preset,
+            "--batch-size",
+            &batch,
+            "--steps",
+            &steps,
+            "--seq-len",
+            &seq_len,
+        ]
+        .map(String::from)
+    };
+    // Runs the reference with clipmine's thread count, prints its line and the ratio line.
+    let compare = |ours: &Value, args: &[String], bench: &str, metrics: &[(&str, &str)]| -> Result<()> {
+        let threads = ours["threads"].as_u64().map(|t| t.to_string());
+        let threads = threads.iter().flat_map(|t| ["--threads", t.as_str()]);
+        let Some(theirs) = reference_line(&root, args.iter().map(String::as_str).chain(threads))? else {
+            return Ok(());
+        };
+        println!("{theirs}");
+        let mut line = json!({
+            "bench": bench, "preset": preset, "batch_size": batch, "seq_len": seq_len,
+            "clipmine_threads": ours["threads"], "pytorch_threads": theirs["threads"],
+        });
+        let num = |v: &Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+        for (key, ratio) in metrics {
+            let (a, b) = (num(ours, key), num(&theirs, key));
+            line[format!("clipmine_{key}")] = json!(a);
+            line[format!("pytorch_{key}")] = json!(b);
+            line[*ratio] = json!(a / b);
+        }
+        println!("{line}");
+        Ok(())
+    };
     let mut steps_per_s = None;
     for w in what {
         match w {
             What::Train => {
-                let ours = json_line(Command::new(examples.join("bench")).args([
-                    "train",
-                    "--preset",
-                    &preset,
-                    "--batch-size",
-                    &batch,
-                    "--steps",
-                    &steps,
-                    "--seq-len",
-                    &seq_len,
-                ]))?;
+                let ours = json_line(Command::new(examples.join("bench")).args(model_args("train")))?;
                 println!("{ours}");
                 steps_per_s = ours["ms_per_step"].as_f64().map(|ms| 1e3 / ms);
                 if reference {
-                    let script = root.join("xtask/reference/simple_clip.py");
-                    let theirs = Command::new("python3")
-                        .arg(&script)
-                        .args([
-                            "bench",
-                            "--preset",
-                            &preset,
-                            "--batch-size",
-                            &batch,
-                            "--steps",
-                            &steps,
-                            "--seq-len",
-                            &seq_len,
-                        ])
-                        .output();
-                    match theirs {
-                        Ok(o) if o.status.success() => {
-                            let theirs: Value =
-                                serde_json::from_slice(last_line(&o.stdout)).context("parsing the reference's JSON")?;
-                            println!("{theirs}");
-                            let num = |v: &Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
-                            let (a, b) = (num(&ours, "pairs_per_s"), num(&theirs, "pairs_per_s"));
-                            let (ra, rb) = (num(&ours, "peak_rss_mb"), num(&theirs, "peak_rss_mb"));
-                            println!(
-                                "{}",
-                                json!({
-                                    "bench": "train-ratio", "preset": preset, "batch_size": batch, "seq_len": seq_len,
-                                    "clipmine_threads": ours["threads"], "pytorch_threads": theirs["threads"],
-                                    "clipmine_pairs_per_s": a, "pytorch_pairs_per_s": b, "clipmine_over_pytorch": a / b,
-                                    "clipmine_peak_rss_mb": ra, "pytorch_peak_rss_mb": rb, "rss_clipmine_over_pytorch": ra / rb,
-                                })
-                            );
-                        }
-                        Ok(o) => eprintln!(
-                            "the PyTorch reference did not run (pip install torch timm transformers): {}",
-                            String::from_utf8_lossy(&o.stderr).lines().last().unwrap_or("")
-                        ),
-                        Err(e) => eprintln!("the PyTorch reference did not run: {e}"),
-                    }
+                    compare(
+                        &ours,
+                        &model_args("bench"),
+                        "train-ratio",
+                        &[
+                            ("pairs_per_s", "clipmine_over_pytorch"),
+                            ("peak_rss_mb", "rss_clipmine_over_pytorch"),
+                        ],
+                    )?;
+                }
+            }
+            What::Infer => {
+                let ours = json_line(Command::new(examples.join("bench")).args(model_args("infer")))?;
+                println!("{ours}");
+                if reference {
+                    compare(
+                        &ours,
+                        &model_args("bench-infer"),
+                        "infer-ratio",
+                        &[
+                            ("images_per_s", "images_clipmine_over_pytorch"),
+                            ("captions_per_s", "captions_clipmine_over_pytorch"),
+                            ("peak_rss_mb", "rss_clipmine_over_pytorch"),
+                        ],
+                    )?;
                 }
             }
             What::Loader => {
@@ -198,6 +224,28 @@ pub fn run(args: Args) -> Result<bool> {
         }
     }
     Ok(true)
+}
+
+/// The JSON line of the PyTorch reference (`xtask/reference/simple_clip.py ARGS`), or `None`
+/// (said on stderr) when it could not run, e.g. without torch installed.
+fn reference_line<'a>(root: &std::path::Path, args: impl IntoIterator<Item = &'a str>) -> Result<Option<Value>> {
+    let script = root.join("xtask/reference/simple_clip.py");
+    match Command::new("python3").arg(&script).args(args).output() {
+        Ok(o) if o.status.success() => Ok(Some(
+            serde_json::from_slice(last_line(&o.stdout)).context("parsing the reference's JSON")?,
+        )),
+        Ok(o) => {
+            eprintln!(
+                "the PyTorch reference did not run (pip install torch timm transformers): {}",
+                String::from_utf8_lossy(&o.stderr).lines().last().unwrap_or("")
+            );
+            Ok(None)
+        }
+        Err(e) => {
+            eprintln!("the PyTorch reference did not run: {e}");
+            Ok(None)
+        }
+    }
 }
 
 fn last_line(bytes: &[u8]) -> &[u8] {
@@ -246,6 +294,12 @@ mod tests {
         let a = parse(&["search", "train", "--batch-size", "8", "--no-reference"]).unwrap();
         assert_eq!(a.what, [What::Search, What::Train]);
         assert_eq!((a.batch_size, a.no_reference), (8, true));
+        let a = parse(&["infer", "--preset", "simple-clip", "--steps", "2", "--seq-len", "16"]).unwrap();
+        assert_eq!(a.what, [What::Infer]);
+        assert_eq!(
+            (a.preset.as_str(), a.steps, a.seq_len, a.batch_size),
+            ("simple-clip", 2, Some(16), 16)
+        );
         for bad in [&["speed"][..], &["--steps", "ten"], &["--batch-size"]] {
             assert!(parse(bad).is_err(), "{bad:?} should be rejected");
         }

@@ -1,11 +1,13 @@
 //! Benchmarks printed as JSON lines (run through `cargo xtask bench`):
 //!
 //!     bench train  [--preset tiny | --config FILE] [--batch-size B] [--steps N] [--seq-len L]
+//!     bench infer  [the same flags as train]
 //!     bench search [--n 1000000] [--dim 256] [--queries 20] [--top 10]
 //!     bench index  [--images 500] [--preset tiny]
 //!
 //! `train` times full training steps (forward, backward, AdamW) on random data, like the PyTorch
-//! reference's `bench`; `search` times text → image queries over a synthetic index; `index`
+//! reference's `bench`; `infer` times the image and the text tower (each with its projection
+//! head) in evaluation mode on the same batches, like the reference's `bench-infer`; `search` times text → image queries over a synthetic index; `index`
 //! times building an image index (decode + embed) of generated photos.
 
 use std::time::Instant;
@@ -25,24 +27,29 @@ struct Cli {
     cmd: Cmd,
 }
 
+/// What `train` and `infer` measure: a model, a batch shape, and how many steps.
+#[derive(clap::Args)]
+struct ModelBench {
+    #[arg(long)]
+    preset: Option<String>,
+    #[arg(long)]
+    config: Option<std::path::PathBuf>,
+    #[arg(long)]
+    batch_size: Option<usize>,
+    #[arg(long, default_value_t = 10)]
+    steps: usize,
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
+    #[arg(long, default_value_t = 32)]
+    seq_len: usize,
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
-    Train {
-        #[arg(long)]
-        preset: Option<String>,
-        #[arg(long)]
-        config: Option<std::path::PathBuf>,
-        #[arg(long)]
-        batch_size: Option<usize>,
-        #[arg(long, default_value_t = 10)]
-        steps: usize,
-        #[arg(long, default_value_t = 2)]
-        warmup: usize,
-        #[arg(long, default_value_t = 32)]
-        seq_len: usize,
-        #[arg(long, default_value = "cpu")]
-        device: String,
-    },
+    Train(ModelBench),
+    Infer(ModelBench),
     Index {
         #[arg(long, default_value_t = 500)]
         images: usize,
@@ -90,57 +97,93 @@ fn normal(n: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
+/// A model built from [`ModelBench`], with the batch shape both benchmarks use.
+struct Setup {
+    cfg: ClipConfig,
+    dev: Device,
+    model: ClipModel,
+    /// Batch size, caption tokens, image side.
+    b: usize,
+    l: usize,
+    s: usize,
+}
+
+impl Setup {
+    fn new(a: &ModelBench) -> Result<Self> {
+        let cfg = ClipConfig::resolve(a.config.as_deref(), a.preset.as_deref())?;
+        let dev = clip_core::device::parse_device(&a.device)?;
+        let b = a.batch_size.unwrap_or(cfg.train.batch_size);
+        let l = a.seq_len.min(cfg.max_tokens());
+        let s = cfg.image.image_size;
+        let model = ClipModel::new(&cfg, &dev)?;
+        Ok(Self {
+            cfg,
+            dev,
+            model,
+            b,
+            l,
+            s,
+        })
+    }
+
+    /// The JSON line of a run: what it ran (model, shapes, threads) and its peak memory, then `fields`.
+    fn line(&self, a: &ModelBench, fields: serde_json::Value) -> serde_json::Value {
+        let mut line = json!({
+            "impl": "clipmine", "config": self.cfg.name, "device": clip_core::device::describe(&self.dev),
+            "batch_size": self.b, "image_size": self.s, "seq_len": self.l, "steps": a.steps, "warmup": a.warmup,
+            "threads": rayon::current_num_threads(), "peak_rss_mb": clip_bench::peak_rss_mib(),
+            "composed": clip_core::nn::dispatch::composed_forced(),
+        });
+        if let (Some(line), serde_json::Value::Object(fields)) = (line.as_object_mut(), fields) {
+            line.extend(fields);
+        }
+        line
+    }
+
+    /// The two batches taken in turn. As the reference's `random_batch`: N(0, 1) pixels, token
+    /// ids uniform in [4, vocab) after a [CLS]-like first token — so the losses of the two sides
+    /// are comparable, not only their speed.
+    fn batches(&self) -> Result<[Batch; 2]> {
+        Ok([self.batch(1)?, self.batch(2)?])
+    }
+
+    fn batch(&self, seed: u64) -> Result<Batch> {
+        let (b, l, s, dev, vocab) = (self.b, self.l, self.s, &self.dev, self.cfg.text.vocab_size);
+        let cls = if vocab < 102 { 2 } else { 101 };
+        let ids: Vec<u32> = pseudo(b * l, seed + 10)
+            .iter()
+            .enumerate()
+            .map(|(i, u)| {
+                if i % l == 0 {
+                    cls
+                } else {
+                    4 + ((u * 0.5 + 0.5) * (vocab - 4) as f32) as u32 % (vocab as u32 - 4)
+                }
+            })
+            .collect();
+        Ok(Batch {
+            images: Tensor::from_vec(normal(b * 3 * s * s, seed), (b, 3, s, s), dev)?,
+            input_ids: Tensor::from_vec(ids, (b, l), dev)?,
+            attention_mask: Tensor::ones((b, l), DType::U32, dev)?,
+            pairs: (0..b).collect(),
+            positives: Tensor::eye(b, DType::F32, dev)?,
+            image_features: None,
+            text_features: None,
+        })
+    }
+}
+
 fn main() -> Result<()> {
     match Cli::parse().cmd {
-        Cmd::Train {
-            preset,
-            config,
-            batch_size,
-            steps,
-            warmup,
-            seq_len,
-            device,
-        } => {
-            let cfg = ClipConfig::resolve(config.as_deref(), preset.as_deref())?;
-            let dev = clip_core::device::parse_device(&device)?;
-            let b = batch_size.unwrap_or(cfg.train.batch_size);
-            let l = seq_len.min(cfg.max_tokens());
-            let s = cfg.image.image_size;
-            let model = ClipModel::new(&cfg, &dev)?;
-            let mut opt = AdamW::new(&model.params, &cfg.train)?;
-            // As the reference's `random_batch`: N(0, 1) pixels, token ids uniform in [4, vocab)
-            // after a [CLS]-like first token, and two batches taken in turn — so the losses of the
-            // two sides are comparable, not only their speed.
-            let cls = if cfg.text.vocab_size < 102 { 2 } else { 101 };
-            let make_batch = |seed: u64| -> Result<Batch> {
-                let ids: Vec<u32> = pseudo(b * l, seed + 10)
-                    .iter()
-                    .enumerate()
-                    .map(|(i, u)| {
-                        if i % l == 0 {
-                            cls
-                        } else {
-                            4 + ((u * 0.5 + 0.5) * (cfg.text.vocab_size - 4) as f32) as u32
-                                % (cfg.text.vocab_size as u32 - 4)
-                        }
-                    })
-                    .collect();
-                Ok(Batch {
-                    images: Tensor::from_vec(normal(b * 3 * s * s, seed), (b, 3, s, s), &dev)?,
-                    input_ids: Tensor::from_vec(ids, (b, l), &dev)?,
-                    attention_mask: Tensor::ones((b, l), DType::U32, &dev)?,
-                    pairs: (0..b).collect(),
-                    positives: Tensor::eye(b, DType::F32, &dev)?,
-                    image_features: None,
-                    text_features: None,
-                })
-            };
-            let batches = [make_batch(1)?, make_batch(2)?];
+        Cmd::Train(a) => {
+            let x = Setup::new(&a)?;
+            let (model, batches) = (&x.model, x.batches()?);
+            let mut opt = AdamW::new(&model.params, &x.cfg.train)?;
             let mut times = vec![];
             let mut losses = vec![];
             // The same work as `train_step`, timed by phase (as the PyTorch reference reports it).
             let (mut t_fwd, mut t_bwd, mut t_opt) = (0.0, 0.0, 0.0);
-            for step in 0..warmup + steps {
+            for step in 0..a.warmup + a.steps {
                 let batch = &batches[step % 2];
                 // On a worker of the compute pool, as `train_step` runs (see `on_compute_pool`).
                 let (t, t1, t2, t3, value) = clip_core::nn::on_compute_pool(|| -> Result<_> {
@@ -155,7 +198,7 @@ fn main() -> Result<()> {
                     opt.step(&grads)?;
                     Ok((t, t1, t2, Instant::now(), value))
                 })?;
-                if step >= warmup {
+                if step >= a.warmup {
                     times.push((t3 - t).as_secs_f64());
                     losses.push(value);
                     t_fwd += (t1 - t).as_secs_f64();
@@ -165,18 +208,47 @@ fn main() -> Result<()> {
             }
             let total = t_fwd + t_bwd + t_opt;
             let mean = times.iter().sum::<f64>() / times.len().max(1) as f64;
-            println!(
-                "{}",
+            let line = x.line(
+                &a,
                 json!({
-                    "impl": "clipmine", "bench": "train", "config": cfg.name, "device": clip_core::device::describe(&dev),
-                    "params": model.params.total_params(), "loss": cfg.loss.to_string(), "batch_size": b,
-                    "image_size": s, "seq_len": l, "steps": steps, "ms_per_step": mean * 1e3,
-                    "pairs_per_s": b as f64 / mean, "losses": losses,
+                    "bench": "train", "params": model.params.total_params(), "loss": x.cfg.loss.to_string(),
+                    "ms_per_step": mean * 1e3, "pairs_per_s": x.b as f64 / mean, "losses": losses,
                     "forward_share": t_fwd / total, "backward_share": t_bwd / total, "optimizer_share": t_opt / total,
-                    "threads": rayon::current_num_threads(), "peak_rss_mb": clip_bench::peak_rss_mib(),
-                    "composed": clip_core::nn::dispatch::composed_forced(),
-                })
+                }),
             );
+            println!("{line}");
+        }
+        Cmd::Infer(a) => {
+            let x = Setup::new(&a)?;
+            let (model, batches) = (&x.model, x.batches()?);
+            // Each tower with its head, in evaluation mode, timed apart (building an index runs
+            // the image side, a query the text side); reading the embeddings back makes sure the
+            // work is done on any device.
+            let (mut t_image, mut t_text) = (0.0, 0.0);
+            for step in 0..a.warmup + a.steps {
+                let batch = &batches[step % 2];
+                let t = Instant::now();
+                model.encode_image(&batch.images, false)?.detach().to_vec2::<f32>()?;
+                let t1 = Instant::now();
+                model
+                    .encode_text(&batch.input_ids, &batch.attention_mask, false)?
+                    .detach()
+                    .to_vec2::<f32>()?;
+                let t2 = Instant::now();
+                if step >= a.warmup {
+                    t_image += (t1 - t).as_secs_f64();
+                    t_text += (t2 - t1).as_secs_f64();
+                }
+            }
+            let (n, b) = (a.steps.max(1) as f64, x.b as f64);
+            let line = x.line(
+                &a,
+                json!({
+                    "bench": "infer", "images_per_s": b * n / t_image, "captions_per_s": b * n / t_text,
+                    "ms_per_image_batch": t_image / n * 1e3, "ms_per_text_batch": t_text / n * 1e3,
+                }),
+            );
+            println!("{line}");
         }
         Cmd::Index { images, preset } => {
             let cfg = ClipConfig::preset(&preset)?;

@@ -22,7 +22,7 @@ pub fn embed_store_images(
     let mut parts = vec![];
     for c in images.chunks(chunk.max(1)) {
         let x = store.batch_tensor(c, None, device)?;
-        parts.push(model.encode_image(&x, false)?.detach());
+        parts.push(model.embed_images(&x)?);
     }
     Ok(Tensor::cat(&parts, 0)?)
 }
@@ -38,7 +38,7 @@ pub fn embed_texts(
     let mut parts = vec![];
     for c in texts.chunks(chunk.max(1)) {
         let (ids, mask) = tok.encode_batch(c, device)?;
-        parts.push(model.encode_text(&ids, &mask, false)?.detach());
+        parts.push(model.embed_texts(&ids, &mask)?);
     }
     Ok(Tensor::cat(&parts, 0)?)
 }

@@ -303,7 +303,10 @@ impl FeatureCache {
             model.config.image.feature_dim(),
             &keys,
             chunk,
-            |items| model.image_features(&store.batch_tensor(items, None, &dev)?, false),
+            |items| {
+                let x = store.batch_tensor(items, None, &dev)?;
+                crate::nn::no_grad(|| model.image_features(&x, false))
+            },
         )
     }
 
@@ -313,7 +316,7 @@ impl FeatureCache {
         let keys: Vec<Option<Key>> = (0..pairs).map(|p| Some(key_of_tokens(loader.tokens(p)))).collect();
         self.features(CachedTower::Text, &fp, model.config.text.dim, &keys, chunk, |items| {
             let (ids, mask) = loader.text_inputs(items)?;
-            model.text_features(&ids, &mask, false)
+            crate::nn::no_grad(|| model.text_features(&ids, &mask, false))
         })
     }
 }

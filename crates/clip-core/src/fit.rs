@@ -608,7 +608,7 @@ impl Trainer {
         let pairs = self.fixed_pairs();
         let frozen = self.frozen_features()?;
         let b = self.data.loader.batch_with(&pairs, frozen.as_deref())?;
-        let e = self.model.forward_batch(&b, false)?;
+        let e = crate::nn::no_grad(|| self.model.forward_batch(&b, false))?;
         to_rows(&cosine_similarity(&e.image, &e.text)?)
     }
 

@@ -118,7 +118,7 @@ fn check_grad_norm(grad_norm: f64, step: u64) -> Result<()> {
 
 /// Loss of a batch in evaluation mode (no dropout, BatchNorm running statistics).
 pub fn eval_loss(model: &ClipModel, batch: &Batch) -> Result<f64> {
-    crate::nn::on_compute_pool(|| {
+    crate::nn::no_grad(|| {
         let e = model.forward_batch(batch, false)?;
         Ok(model.loss(&e, Some(&batch.positives))?.to_scalar::<f32>()? as f64)
     })

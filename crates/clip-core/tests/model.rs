@@ -398,3 +398,40 @@ fn the_shipped_configs_parse_and_tiny_toml_is_the_preset() {
     let tiny = ClipConfig::from_toml_file(&dir.join("tiny.toml")).unwrap();
     assert_eq!(tiny.to_toml().unwrap(), ClipConfig::tiny().to_toml().unwrap());
 }
+
+#[test]
+fn inference_embeddings_equal_evaluation_mode_without_a_graph() {
+    let cfg = ClipConfig::tiny();
+    let model = ClipModel::new(&cfg, &Device::Cpu).unwrap();
+    let (images, ids, mask) = random_batch(&cfg, 3, 7);
+    // Evaluation mode still records a graph: the weights are variables.
+    let eval_i = model.encode_image(&images, false).unwrap();
+    let eval_t = model.encode_text(&ids, &mask, false).unwrap();
+    assert!(eval_i.track_op() && eval_t.track_op());
+    let (emb_i, emb_t) = (
+        model.embed_images(&images).unwrap(),
+        model.embed_texts(&ids, &mask).unwrap(),
+    );
+    assert!(!emb_i.track_op() && !emb_t.track_op());
+    for (a, b) in [(&eval_i, &emb_i), (&eval_t, &emb_t)] {
+        let d = (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert_eq!(d, 0.0, "no_grad changed the embeddings");
+    }
+    // Inside no_grad nothing is recorded, also on the compute pool's threads; outside again it is.
+    use clip_core::nn::{grad_enabled, no_grad, on_compute_pool};
+    let inner = no_grad(|| {
+        let on_pool = on_compute_pool(grad_enabled);
+        let e = model.encode_image(&images, false).unwrap();
+        (grad_enabled(), on_pool, e.track_op())
+    });
+    assert_eq!(inner, (false, false, false));
+    assert!(grad_enabled() && on_compute_pool(grad_enabled));
+    assert!(model.encode_image(&images, false).unwrap().track_op());
+}

@@ -331,7 +331,7 @@ fn embed_upload(state: &State, body: &[u8]) -> Result<Vec<f32>> {
         )
     })?;
     let x = x.unsqueeze(0)?.to_device(&state.device)?;
-    let e = l2_normalize(&state.model.encode_image(&x, false)?.detach())?;
+    let e = l2_normalize(&state.model.embed_images(&x)?)?;
     Ok(e.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?)
 }
 

@@ -228,11 +228,10 @@ fn main() -> Result<()> {
             for step in 0..a.warmup + a.steps {
                 let batch = &batches[step % 2];
                 let t = Instant::now();
-                model.encode_image(&batch.images, false)?.detach().to_vec2::<f32>()?;
+                model.embed_images(&batch.images)?.to_vec2::<f32>()?;
                 let t1 = Instant::now();
                 model
-                    .encode_text(&batch.input_ids, &batch.attention_mask, false)?
-                    .detach()
+                    .embed_texts(&batch.input_ids, &batch.attention_mask)?
                     .to_vec2::<f32>()?;
                 let t2 = Instant::now();
                 if step >= a.warmup {

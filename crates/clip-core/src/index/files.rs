@@ -76,7 +76,7 @@ pub fn embed_image_files(
         }
         if !good.is_empty() {
             let x = Tensor::stack(&good, 0)?.to_device(&dev)?;
-            parts.push(l2_normalize(&model.encode_image(&x, false)?.detach())?.to_device(&Device::Cpu)?);
+            parts.push(l2_normalize(&model.embed_images(&x)?)?.to_device(&Device::Cpu)?);
         }
         on_progress(group.len());
     }

@@ -130,16 +130,21 @@ impl ClipModel {
     /// A frozen tower runs in evaluation mode whatever `train` says.
     pub fn image_features(&self, images: &Tensor, train: bool) -> Result<Tensor> {
         self.tower_calls[0].fetch_add(1, Ordering::Relaxed);
-        Ok(self.image_encoder.forward_t(images, train && !self.image_frozen())?)
+        if self.image_frozen() {
+            // A frozen tower needs no graph: its activations are freed as it goes.
+            return crate::nn::no_grad(|| Ok(self.image_encoder.forward_t(images, false)?.detach()));
+        }
+        Ok(self.image_encoder.forward_t(images, train)?)
     }
 
     /// Token ids and attention mask (B, L) → pooled text-tower features (B, dim), before the
     /// head. A frozen tower runs in evaluation mode whatever `train` says.
     pub fn text_features(&self, input_ids: &Tensor, attention_mask: &Tensor, train: bool) -> Result<Tensor> {
         self.tower_calls[1].fetch_add(1, Ordering::Relaxed);
-        Ok(self
-            .text_encoder
-            .forward(input_ids, attention_mask, train && !self.text_frozen())?)
+        if self.text_frozen() {
+            return crate::nn::no_grad(|| Ok(self.text_encoder.forward(input_ids, attention_mask, false)?.detach()));
+        }
+        Ok(self.text_encoder.forward(input_ids, attention_mask, train)?)
     }
 
     /// Pooled image features (B, D) → embeddings (B, P).
@@ -160,6 +165,18 @@ impl ClipModel {
     /// Token ids and attention mask (B, L) → embeddings (B, P).
     pub fn encode_text(&self, input_ids: &Tensor, attention_mask: &Tensor, train: bool) -> Result<Tensor> {
         crate::nn::on_compute_pool(|| self.project_text(&self.text_features(input_ids, attention_mask, train)?, train))
+    }
+
+    /// Image embeddings for search and evaluation: evaluation mode, and no graph for a backward
+    /// pass ([`crate::nn::no_grad`]), so each activation is freed once read; the output is
+    /// detached.
+    pub fn embed_images(&self, images: &Tensor) -> Result<Tensor> {
+        crate::nn::no_grad(|| Ok(self.encode_image(images, false)?.detach()))
+    }
+
+    /// Caption embeddings for search and evaluation (see [`ClipModel::embed_images`]).
+    pub fn embed_texts(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
+        crate::nn::no_grad(|| Ok(self.encode_text(input_ids, attention_mask, false)?.detach()))
     }
 
     pub fn forward(

@@ -83,6 +83,7 @@ impl BatchNorm2d {
     }
 
     fn run(&self, x: &Tensor, train: bool, relu: bool) -> candle_core::Result<Tensor> {
+        let (weight, bias) = (super::param(&self.weight), super::param(&self.bias));
         let (b, c, h, w) = x.dims4()?;
         let n = b * h * w;
         if train && n < 2 {
@@ -97,7 +98,7 @@ impl BatchNorm2d {
                     mean: self.running_mean.as_tensor().to_vec1()?,
                     var: self.running_var.as_tensor().to_vec1()?,
                 };
-                return x.apply_op3(&self.weight, &self.bias, op);
+                return x.apply_op3(&weight, &bias, op);
             }
             // One fused kernel per direction (see `batch_norm_cpu`).
             let stats = std::sync::Arc::new(std::sync::Mutex::new(None));
@@ -106,7 +107,7 @@ impl BatchNorm2d {
                 relu,
                 stats: stats.clone(),
             };
-            let y = x.apply_op3(&self.weight, &self.bias, op)?;
+            let y = x.apply_op3(&weight, &bias, op)?;
             let (mean, var) = stats
                 .lock()
                 .unwrap()
@@ -129,8 +130,8 @@ impl BatchNorm2d {
         };
         let xn = x.broadcast_sub(&mean)?.broadcast_div(&(var + self.eps)?.sqrt()?)?;
         let y = xn
-            .broadcast_mul(&self.weight.reshape((1, c, 1, 1))?)?
-            .broadcast_add(&self.bias.reshape((1, c, 1, 1))?)?;
+            .broadcast_mul(&weight.reshape((1, c, 1, 1))?)?
+            .broadcast_add(&bias.reshape((1, c, 1, 1))?)?;
         if relu {
             y.relu()
         } else {

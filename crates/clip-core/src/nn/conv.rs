@@ -32,12 +32,13 @@ impl Conv2d {
 
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let w = super::param(&self.weight);
         if super::dispatch::use_cpu_kernel(x) {
-            super::conv_cpu::conv2d_cpu(x, &self.weight, self.stride, self.padding)
-        } else if x.track_op() || self.weight.track_op() {
-            conv2d_im2col(x, &self.weight, self.stride, self.padding)
+            super::conv_cpu::conv2d_cpu(x, &w, self.stride, self.padding)
+        } else if x.track_op() || w.track_op() {
+            conv2d_im2col(x, &w, self.stride, self.padding)
         } else {
-            x.conv2d(&self.weight, self.padding, self.stride, 1, 1)
+            x.conv2d(&w, self.padding, self.stride, 1, 1)
         }
     }
 }

@@ -27,11 +27,12 @@ impl LayerNorm {
 
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (w, b) = (super::param(&self.weight), super::param(&self.bias));
         if super::dispatch::use_cpu_kernel(x) {
             let op = super::layer_norm_cpu::LayerNormOp { eps: self.eps as f32 };
-            return x.contiguous()?.apply_op3(&self.weight, &self.bias, op);
+            return x.contiguous()?.apply_op3(&w, &b, op);
         }
-        layer_norm_reference(x, &self.weight, &self.bias, self.eps)
+        layer_norm_reference(x, &w, &b, self.eps)
     }
 }
 

@@ -33,12 +33,12 @@ impl Module for Linear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         // CUDA's matmul rejects some strided operands (e.g. a CLS slice): make them contiguous.
         let x = x.contiguous()?;
-        let w = self.weight.t()?;
+        let w = super::param(&self.weight).t()?;
         let y = match x.dims() {
             [b, l, d] => x.reshape((b * l, *d))?.matmul(&w)?.reshape((*b, *l, ()))?,
             _ => x.matmul(&w)?,
         };
-        y.broadcast_add(&self.bias)
+        y.broadcast_add(&super::param(&self.bias))
     }
 }
 
@@ -62,6 +62,8 @@ impl Module for Embedding {
     fn forward(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
         let mut shape = ids.dims().to_vec();
         shape.push(self.dim);
-        self.weight.index_select(&ids.flatten_all()?, 0)?.reshape(shape)
+        super::param(&self.weight)
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape(shape)
     }
 }

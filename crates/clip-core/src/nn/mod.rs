@@ -31,7 +31,7 @@ pub use dropout::{Dropout, DropoutRng};
 pub use layer_norm::{layer_norm_cpu, layer_norm_reference, LayerNorm};
 pub use linear::{Embedding, Linear};
 pub use max_pool::{max_pool_3x3_s2, max_pool_3x3_s2_cpu, max_pool_3x3_s2_reference};
-pub use pool::on_compute_pool;
+pub use pool::{grad_enabled, no_grad, on_compute_pool, param};
 
 use candle_core::{Result, Tensor, D};
 

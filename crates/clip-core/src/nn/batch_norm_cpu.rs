@@ -167,26 +167,18 @@ impl CustomOp3 for BatchNormGrad {
         );
         let (mean, var) = stats(x, b, c, hw);
         let rstd: Vec<f32> = var.iter().map(|v| 1.0 / (v + self.eps).sqrt()).collect();
-        let masked;
-        let gy: &[f32] = match &self.relu_beta {
-            None => gy,
-            Some(beta) => {
-                // dy where the forward's output was positive, 0 where it clamped.
-                let (scale, shift) = affine(gamma, beta, &mean, &var, self.eps);
-                let mut m = Vec::with_capacity(gy.len());
-                m.spare_capacity_mut()
-                    .par_chunks_mut(hw)
-                    .enumerate()
-                    .for_each(|(i, mc)| {
-                        let (a, s, off) = (scale[i % c], shift[i % c], i * hw);
-                        for ((o, &g), &v) in mc.iter_mut().zip(&gy[off..off + hw]).zip(&x[off..off + hw]) {
-                            o.write(if v * a + s > 0.0 { g } else { 0.0 });
-                        }
-                    });
-                // SAFETY: every element was written above.
-                unsafe { m.set_len(gy.len()) };
-                masked = m;
-                &masked
+        // With a fused ReLU, dy counts only where the forward's output was positive; the mask is
+        // recomputed (the same arithmetic as the forward, so the same mask) rather than stored.
+        let (scale, shift) = match &self.relu_beta {
+            Some(beta) => affine(gamma, beta, &mean, &var, self.eps),
+            None => (vec![], vec![]),
+        };
+        let relu = self.relu_beta.is_some();
+        let dy = |ch: usize, g: f32, v: f32| -> f32 {
+            if relu && v * scale[ch] + shift[ch] <= 0.0 {
+                0.0
+            } else {
+                g
             }
         };
         // Per channel: Σ dy and Σ dy·x̂.
@@ -197,6 +189,7 @@ impl CustomOp3 for BatchNormGrad {
                 for bi in 0..b {
                     let off = (bi * c + ch) * hw;
                     for (&g, &v) in gy[off..off + hw].iter().zip(&x[off..off + hw]) {
+                        let g = dy(ch, g, v);
                         s += g as f64;
                         sx += g as f64 * ((v - mean[ch]) * rstd[ch]) as f64;
                     }
@@ -214,7 +207,7 @@ impl CustomOp3 for BatchNormGrad {
             let k = gamma[ch] * rstd[ch] / n;
             for ((d, &g), &v) in dxc.iter_mut().zip(&gy[off..off + hw]).zip(&x[off..off + hw]) {
                 let xhat = (v - mean[ch]) * rstd[ch];
-                *d = k * (n * g - sum_dy[ch] - xhat * sum_dy_xhat[ch]);
+                *d = k * (n * dy(ch, g, v) - sum_dy[ch] - xhat * sum_dy_xhat[ch]);
             }
         });
         rest[..c].copy_from_slice(&sum_dy_xhat);

@@ -435,3 +435,25 @@ fn inference_embeddings_equal_evaluation_mode_without_a_graph() {
     assert!(grad_enabled() && on_compute_pool(grad_enabled));
     assert!(model.encode_image(&images, false).unwrap().track_op());
 }
+
+#[test]
+fn cls_pooling_computes_only_cls_in_the_last_layer_and_equals_the_full_pass() {
+    let cfg = ClipConfig::tiny();
+    assert_eq!(cfg.text.pooling, clip_core::config::Pooling::Cls);
+    let model = ClipModel::new(&cfg, &Device::Cpu).unwrap();
+    let (_, ids, mask) = random_batch(&cfg, 3, 7);
+    let tower = model.text_tower();
+    let full = tower.hidden_states(&ids, &mask, false).unwrap();
+    let cls = tower.forward(&ids, &mask, false).unwrap();
+    let expected = full.narrow(1, 0, 1).unwrap().squeeze(1).unwrap();
+    assert_eq!(cls.dims(), expected.dims());
+    let d = (cls - expected)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(d <= 1e-5, "CLS-only last layer differs from the full pass by {d}");
+}

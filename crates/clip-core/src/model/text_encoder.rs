@@ -110,18 +110,21 @@ impl Attention {
     }
 
     /// `mask_bias`: (B, 1, 1, L), 0 for real tokens and a large negative number for padding.
-    fn forward(&self, x: &Tensor, mask_bias: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+    /// Self-attention of the tokens `rows` (B, Lq, D) over all tokens `x` (B, L, D): `rows` is
+    /// `x` itself, or only its first token when only [CLS] is read out.
+    fn forward(&self, x: &Tensor, rows: &Tensor, mask_bias: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         let (b, l, d) = x.dims3()?;
+        let lq = rows.dim(1)?;
         let dh = d / self.n_heads;
-        let heads = |t: Tensor| t.reshape((b, l, self.n_heads, dh))?.transpose(1, 2)?.contiguous();
-        let q = (heads(self.query.forward(x)?)? / (dh as f64).sqrt())?;
-        let k = heads(self.key.forward(x)?)?;
-        let v = heads(self.value.forward(x)?)?;
+        let heads = |t: Tensor, n: usize| t.reshape((b, n, self.n_heads, dh))?.transpose(1, 2)?.contiguous();
+        let q = (heads(self.query.forward(rows)?, lq)? / (dh as f64).sqrt())?;
+        let k = heads(self.key.forward(x)?, l)?;
+        let v = heads(self.value.forward(x)?, l)?;
         let scores = q.matmul(&k.t()?.contiguous()?)?.broadcast_add(mask_bias)?;
         // Ours, not candle's `softmax_last_dim`: that kernel has no backward.
         let weights = softmax_last_dim(&scores)?;
         let weights = self.dropout.forward_t(&weights, train)?;
-        let ctx = weights.matmul(&v)?.transpose(1, 2)?.reshape((b, l, d))?;
+        let ctx = weights.matmul(&v)?.transpose(1, 2)?.reshape((b, lq, d))?;
         self.out.forward(&ctx)
     }
 }
@@ -152,12 +155,13 @@ impl TransformerBlock {
         })
     }
 
-    fn forward(&self, x: &Tensor, mask_bias: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        let mut sa = self.attention.forward(x, mask_bias, train)?;
+    /// The block's output at the tokens `rows` of `x` (all of `x`, or its first token).
+    fn forward(&self, x: &Tensor, rows: &Tensor, mask_bias: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        let mut sa = self.attention.forward(x, rows, mask_bias, train)?;
         if self.attention_output_dropout {
             sa = self.dropout.forward_t(&sa, train)?;
         }
-        let x = self.attention_norm.forward(&(sa + x)?)?;
+        let x = self.attention_norm.forward(&(sa + rows)?)?;
         let ff = self
             .ffn_out
             .forward(&activate(&self.ffn_in.forward(&x)?, self.activation)?)?;
@@ -218,6 +222,19 @@ impl TextEncoder {
         attention_mask: &Tensor,
         train: bool,
     ) -> candle_core::Result<Tensor> {
+        self.run(input_ids, attention_mask, train, false)
+    }
+
+    /// Every token's last hidden state, or with `cls_only` just the first token's (B, 1, D): the
+    /// last layer then computes its queries, attention output and feed-forward for [CLS] alone,
+    /// since nothing reads the other tokens' outputs (a sixth of DistilBERT's work).
+    fn run(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        train: bool,
+        cls_only: bool,
+    ) -> candle_core::Result<Tensor> {
         let (b, l) = input_ids.dims2()?;
         if l > self.max_positions {
             candle_core::bail!(
@@ -238,18 +255,30 @@ impl TextEncoder {
         let mut x = self.dropout.forward_t(&self.layer_norm.forward(&x)?, train)?;
         // 0 where attended, −1e9 where padded.
         let mask_bias = ((attention_mask.to_dtype(DType::F32)? - 1.0)? * 1e9)?.reshape((b, 1, 1, l))?;
-        for layer in &self.layers {
-            x = layer.forward(&x, &mask_bias, train)?;
+        let last = self.layers.len().saturating_sub(1);
+        for (i, layer) in self.layers.iter().enumerate() {
+            let rows = if cls_only && i == last {
+                x.narrow(1, 0, 1)?.contiguous()?
+            } else {
+                x.clone()
+            };
+            x = layer.forward(&x, &rows, &mask_bias, train)?;
+        }
+        if cls_only {
+            x = x.narrow(1, 0, 1)?;
         }
         Ok(x)
     }
 
     pub fn forward(&self, input_ids: &Tensor, attention_mask: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        let x = self.hidden_states(input_ids, attention_mask, train)?;
         match self.pooling {
             // [CLS]; contiguous because CUDA's matmul rejects this strided slice.
-            Pooling::Cls => x.narrow(1, 0, 1)?.squeeze(1)?.contiguous(),
+            Pooling::Cls => self
+                .run(input_ids, attention_mask, train, true)?
+                .squeeze(1)?
+                .contiguous(),
             Pooling::Mean => {
+                let x = self.hidden_states(input_ids, attention_mask, train)?;
                 let m = attention_mask.to_dtype(DType::F32)?.unsqueeze(2)?;
                 let sum = x.broadcast_mul(&m)?.sum(1)?;
                 let count = m.sum(1)?.clamp(1e-9f64, f64::MAX)?;

@@ -305,6 +305,9 @@ impl AdamW {
     }
 }
 
+/// Partial sums kept side by side in the vectorised loop.
+const LANES: usize = 16;
+
 /// Elements per parallel work item of the fused update: large tensors (the word-embedding table)
 /// are split across threads, small ones stay whole.
 const ADAM_CHUNK: usize = 1 << 16;
@@ -364,15 +367,27 @@ impl candle_core::InplaceOp2 for AdamStep<'_> {
             .zip(m.par_chunks_mut(ADAM_CHUNK))
             .zip(v.par_chunks_mut(ADAM_CHUNK).zip(g.par_chunks(ADAM_CHUNK)))
             .map(|((p, m), (v, g))| {
-                let mut sq = 0f32;
-                for i in 0..p.len() {
-                    let gi = g[i];
-                    sq += gi * gi;
-                    m[i] = b1 * m[i] + (1.0 - b1) * gi;
-                    v[i] = b2 * v[i] + (1.0 - b2) * gi * gi;
-                    p[i] = p[i] * decay - step_size * m[i] / ((v[i] * rbc2).sqrt() + eps);
+                // LANES independent partial sums: one running sum is a dependency chain that
+                // keeps the compiler from vectorising the whole loop (it was 7 % of a `tiny` step).
+                let mut sq = [0f32; LANES];
+                let lanes = p
+                    .chunks_mut(LANES)
+                    .zip(m.chunks_mut(LANES))
+                    .zip(v.chunks_mut(LANES).zip(g.chunks(LANES)));
+                for ((p, m), (v, g)) in lanes {
+                    // Zipped, so no index is bounds-checked and the lanes vectorise.
+                    let each = p
+                        .iter_mut()
+                        .zip(m.iter_mut())
+                        .zip(v.iter_mut().zip(g.iter().zip(&mut sq)));
+                    for ((p, m), (v, (&g, sq))) in each {
+                        *sq += g * g;
+                        *m = b1 * *m + (1.0 - b1) * g;
+                        *v = b2 * *v + (1.0 - b2) * g * g;
+                        *p = *p * decay - step_size * *m / ((*v * rbc2).sqrt() + eps);
+                    }
                 }
-                sq as f64
+                sq.iter().map(|&s| s as f64).sum::<f64>()
             })
             .sum();
         *self.sum_sq.lock().unwrap() = sum_sq;

@@ -18,7 +18,9 @@ pub fn max_pool_3x3_s2(x: &Tensor) -> candle_core::Result<Tensor> {
 
 /// The fused CPU kernel, exposed for tests and benchmarks.
 pub fn max_pool_3x3_s2_cpu(x: &Tensor) -> candle_core::Result<Tensor> {
-    x.contiguous()?.apply_op1(super::max_pool_cpu::MaxPool3x3S2)
+    // The arg-maxes are noted only when a backward pass can follow.
+    let argmax = x.track_op().then(|| std::sync::Mutex::new(vec![]));
+    x.contiguous()?.apply_op1(super::max_pool_cpu::MaxPool3x3S2 { argmax })
 }
 
 /// The composed (device-agnostic) max-pool.

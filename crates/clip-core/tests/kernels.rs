@@ -281,3 +281,54 @@ fn conv_kernel() {
         );
     }
 }
+
+#[test]
+fn conv_skips_the_input_gradient_of_images_that_need_none() {
+    // As in the first convolution: the images are plain tensors, the kernel a variable.
+    let x = input(&[2, 3, 9, 9], 2.0, 2.0);
+    let w = Var::from_tensor(&input(&[4, 3, 3, 3], 5.0, 1.0)).unwrap();
+    let ours = nn::conv2d_cpu(&x, w.as_tensor(), 2, 1).unwrap();
+    let reference = nn::conv2d_im2col(&x, w.as_tensor(), 2, 1).unwrap();
+    let wt = input(ours.dims(), 3.0, 1.0);
+    let g = (&ours * &wt).unwrap().sum_all().unwrap().backward().unwrap();
+    let r = (&reference * &wt).unwrap().sum_all().unwrap().backward().unwrap();
+    assert!(g.get(&x).is_none(), "the images got a gradient");
+    let d = max_abs(&(g.get(w.as_tensor()).unwrap() - r.get(w.as_tensor()).unwrap()).unwrap());
+    assert!(d <= 1e-4, "weight gradient differs by {d}");
+}
+
+#[test]
+fn linear_kernel() {
+    // (N, in) and (B, L, in) inputs; more than 64 outputs, so the bias sums span column blocks.
+    for (x_shape, d_out) in [(&[5, 7][..], 3), (&[2, 3, 6][..], 70)] {
+        let d_in = *x_shape.last().unwrap();
+        let x = input(x_shape, 1.0, 2.0);
+        let w = input(&[d_out, d_in], 4.0, 1.0);
+        let b = input(&[d_out], 6.0, 1.0);
+        check(
+            &format!("linear {x_shape:?} → {d_out}"),
+            &[x, w, b],
+            &|t| nn::linear_cpu(&t[0], &t[1], &t[2]),
+            &|t| nn::linear_reference(&t[0], &t[1], &t[2]),
+            1e-2,
+            2e-3,
+        );
+    }
+    // An input that needs no gradient (the op skips its GEMM) still gives W and b theirs.
+    let x = input(&[4, 5], 2.0, 1.0);
+    let (w, b) = (
+        Var::from_tensor(&input(&[3, 5], 3.0, 1.0)).unwrap(),
+        Var::from_tensor(&input(&[3], 5.0, 1.0)).unwrap(),
+    );
+    let y = nn::linear_cpu(&x, w.as_tensor(), b.as_tensor()).unwrap();
+    let r = nn::linear_reference(&x, w.as_tensor(), b.as_tensor()).unwrap();
+    let (gy, gr) = (
+        y.sum_all().unwrap().backward().unwrap(),
+        r.sum_all().unwrap().backward().unwrap(),
+    );
+    assert!(gy.get(&x).is_none());
+    for v in [&w, &b] {
+        let d = max_abs(&(gy.get(v.as_tensor()).unwrap() - gr.get(v.as_tensor()).unwrap()).unwrap());
+        assert!(d <= 1e-5, "gradient differs by {d}");
+    }
+}

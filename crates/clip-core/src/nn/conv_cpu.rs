@@ -155,7 +155,7 @@ fn col2im(g: &Geometry, cols: &[f32], x: &mut [f32]) {
 /// Space for `len` values that a GEMM without accumulation will write in full: zero-filling it
 /// first was most of the `memset` in a training step's profile (the allocator's reused memory is
 /// not zero).
-fn uninit(len: usize) -> Vec<MaybeUninit<f32>> {
+pub(super) fn uninit(len: usize) -> Vec<MaybeUninit<f32>> {
     let mut v = Vec::with_capacity(len);
     // SAFETY: `MaybeUninit` values need no initialisation.
     unsafe { v.set_len(len) };
@@ -166,7 +166,7 @@ fn uninit(len: usize) -> Vec<MaybeUninit<f32>> {
 ///
 /// # Safety
 /// Every element of `v` has been written.
-unsafe fn assume_init(v: Vec<MaybeUninit<f32>>) -> Vec<f32> {
+pub(super) unsafe fn assume_init(v: Vec<MaybeUninit<f32>>) -> Vec<f32> {
     let mut v = std::mem::ManuallyDrop::new(v);
     // SAFETY: same allocation, length and capacity; `MaybeUninit<f32>` has f32's layout, and the
     // caller guarantees the values are initialised.
@@ -174,7 +174,7 @@ unsafe fn assume_init(v: Vec<MaybeUninit<f32>>) -> Vec<f32> {
 }
 
 /// An initialised buffer seen as one a GEMM may write (it never writes uninitialised values).
-fn as_uninit(s: &mut [f32]) -> &mut [MaybeUninit<f32>] {
+pub(super) fn as_uninit(s: &mut [f32]) -> &mut [MaybeUninit<f32>] {
     // SAFETY: same layout; the GEMM only stores initialised f32 values through it.
     unsafe { std::slice::from_raw_parts_mut(s.as_mut_ptr().cast(), s.len()) }
 }
@@ -182,7 +182,7 @@ fn as_uninit(s: &mut [f32]) -> &mut [MaybeUninit<f32>] {
 /// dst (m×n) = [dst +] lhs (m×k) · rhs (k×n), each given by (row stride, column stride). Without
 /// `accumulate` dst is only written, so it may be uninitialised; with it dst must hold values.
 #[allow(clippy::too_many_arguments)]
-fn matmul(
+pub(super) fn matmul(
     m: usize,
     n: usize,
     k: usize,
@@ -235,7 +235,7 @@ fn batched(g: &Geometry) -> bool {
     g.n() < BATCHED_BELOW && g.b > 1
 }
 
-fn parallel() -> gemm::Parallelism {
+pub(super) fn parallel() -> gemm::Parallelism {
     gemm::Parallelism::Rayon(rayon::current_num_threads().max(1))
 }
 
@@ -503,14 +503,19 @@ impl CustomOp2 for Conv2dOp {
 
     fn bwd(&self, x: &Tensor, w: &Tensor, _y: &Tensor, gy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let gy = gy.contiguous()?;
-        let gx = gy.apply_op2_no_bwd(
-            w,
-            &GradInput {
-                stride: self.stride,
-                pad: self.pad,
-                x_dims: x.dims().to_vec(),
-            },
-        )?;
+        // The images entering the first convolution need no gradient: skip its GEMM and col2im.
+        let gx = if x.track_op() {
+            Some(gy.apply_op2_no_bwd(
+                w,
+                &GradInput {
+                    stride: self.stride,
+                    pad: self.pad,
+                    x_dims: x.dims().to_vec(),
+                },
+            )?)
+        } else {
+            None
+        };
         let gw = x.apply_op2_no_bwd(
             &gy,
             &GradWeight {
@@ -520,7 +525,7 @@ impl CustomOp2 for Conv2dOp {
                 cols: self.cols.lock().unwrap_or_else(|e| e.into_inner()).take(),
             },
         )?;
-        Ok((Some(gx), Some(gw)))
+        Ok((gx, Some(gw)))
     }
 }
 

@@ -31,14 +31,36 @@ impl Linear {
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        // CUDA's matmul rejects some strided operands (e.g. a CLS slice): make them contiguous.
-        let x = x.contiguous()?;
-        let w = super::param(&self.weight).t()?;
-        let y = match x.dims() {
-            [b, l, d] => x.reshape((b * l, *d))?.matmul(&w)?.reshape((*b, *l, ()))?,
-            _ => x.matmul(&w)?,
-        };
-        y.broadcast_add(&super::param(&self.bias))
+        let (w, b) = (super::param(&self.weight), super::param(&self.bias));
+        if super::dispatch::use_cpu_kernel(x) {
+            return linear_cpu(x, &w, &b);
+        }
+        linear_reference(x, &w, &b)
+    }
+}
+
+/// x (…, in) · Wᵀ + b composed from candle ops (any device).
+pub fn linear_reference(x: &Tensor, w: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    // CUDA's matmul rejects some strided operands (e.g. a CLS slice): make them contiguous.
+    let x = x.contiguous()?;
+    let w = w.t()?;
+    let y = match x.dims() {
+        [b, l, d] => x.reshape((b * l, *d))?.matmul(&w)?.reshape((*b, *l, ()))?,
+        _ => x.matmul(&w)?,
+    };
+    y.broadcast_add(b)
+}
+
+/// The fused CPU kernel (see `linear_cpu`), for inputs (N, in) or (B, L, in).
+pub fn linear_cpu(x: &Tensor, w: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    let op = super::linear_cpu::LinearOp;
+    match x.dims() {
+        &[bs, l, d] => x
+            .contiguous()?
+            .reshape((bs * l, d))?
+            .apply_op3(&w.contiguous()?, &b.contiguous()?, op)?
+            .reshape((bs, l, ())),
+        _ => x.contiguous()?.apply_op3(&w.contiguous()?, &b.contiguous()?, op),
     }
 }
 

@@ -15,6 +15,7 @@ mod gelu_cpu;
 mod layer_norm;
 mod layer_norm_cpu;
 mod linear;
+mod linear_cpu;
 mod max_pool;
 mod max_pool_cpu;
 mod pool;
@@ -29,7 +30,7 @@ pub use conv_cpu::conv2d_cpu;
 pub use dispatch::{force_composed, use_cpu_kernel};
 pub use dropout::{Dropout, DropoutRng};
 pub use layer_norm::{layer_norm_cpu, layer_norm_reference, LayerNorm};
-pub use linear::{Embedding, Linear};
+pub use linear::{linear_cpu, linear_reference, Embedding, Linear};
 pub use max_pool::{max_pool_3x3_s2, max_pool_3x3_s2_cpu, max_pool_3x3_s2_reference};
 pub use pool::{grad_enabled, no_grad, on_compute_pool, param};
 

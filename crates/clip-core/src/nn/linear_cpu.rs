@@ -1,0 +1,165 @@
+//! `nn.Linear` on the CPU as one op each way: y = x·Wᵀ + b.
+//!
+//! Composed, a linear layer is a transpose, a matmul and a broadcast add: three graph nodes, each
+//! of which candle's backward pass gives a zero-filled gradient buffer and a sum, and the bias
+//! gradient a strided reduction. Here the forward writes the bias into y and lets the GEMM add
+//! x·Wᵀ to it; the backward is two GEMMs (dx = dy·W, dW = dyᵀ·x) and a column sum for db.
+//!
+//! Layout: x (N, in), W (out, in), b (out), y (N, out), all contiguous f32.
+
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::conv_cpu::{as_uninit, assume_init, matmul, parallel, uninit};
+use super::dispatch::host_f32;
+
+fn dims(x: &Layout, w: &Layout) -> Result<(usize, usize, usize)> {
+    let (&[n, d_in], &[d_out, w_in]) = (x.dims(), w.dims()) else {
+        candle_core::bail!(
+            "linear expects x (N, in) and W (out, in), got {:?} and {:?}",
+            x.dims(),
+            w.dims()
+        )
+    };
+    if d_in != w_in {
+        candle_core::bail!("linear: input of {d_in} features, weight of {w_in}")
+    }
+    Ok((n, d_in, d_out))
+}
+
+pub struct LinearOp;
+
+impl CustomOp3 for LinearOp {
+    fn name(&self) -> &'static str {
+        "clipmine-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, d_in, d_out) = dims(l1, l2)?;
+        let (x, w, b) = (
+            host_f32("linear", s1, l1)?,
+            host_f32("linear", s2, l2)?,
+            host_f32("linear", s3, l3)?,
+        );
+        if b.len() != d_out {
+            candle_core::bail!("linear: bias of {} for {d_out} outputs", b.len())
+        }
+        let mut y = Vec::with_capacity(n * d_out);
+        for _ in 0..n {
+            y.extend_from_slice(b);
+        }
+        // y (N, out) += x (N, in) · Wᵀ (in, out)
+        matmul(
+            n,
+            d_out,
+            d_in,
+            as_uninit(&mut y),
+            true,
+            x,
+            d_in,
+            1,
+            w,
+            1,
+            d_in,
+            parallel(),
+        );
+        Ok((CpuStorage::F32(y), Shape::from((n, d_out))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _y: &Tensor,
+        gy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (n, d_in) = x.dims2()?;
+        let d_out = w.dim(0)?;
+        let packed = x.apply_op3_no_bwd(
+            w,
+            &gy.contiguous()?,
+            &LinearGrad {
+                input_grad: x.track_op(),
+            },
+        )?;
+        let (mut at, mut gx) = (0, None);
+        if x.track_op() {
+            gx = Some(packed.narrow(0, 0, n * d_in)?.reshape((n, d_in))?);
+            at = n * d_in;
+        }
+        let gw = packed.narrow(0, at, d_out * d_in)?.reshape((d_out, d_in))?;
+        let gb = packed.narrow(0, at + d_out * d_in, d_out)?;
+        Ok((gx, Some(gw), Some(gb)))
+    }
+}
+
+/// [dx (when `input_grad`), dW, db] packed in one vector.
+struct LinearGrad {
+    input_grad: bool,
+}
+
+impl CustomOp3 for LinearGrad {
+    fn name(&self) -> &'static str {
+        "clipmine-linear-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, d_in, d_out) = dims(l1, l2)?;
+        let (x, w, gy) = (
+            host_f32("linear", s1, l1)?,
+            host_f32("linear", s2, l2)?,
+            host_f32("linear", s3, l3)?,
+        );
+        if l3.dims() != [n, d_out] {
+            candle_core::bail!(
+                "linear backward: gradient {:?} does not match output {:?}",
+                l3.dims(),
+                (n, d_out)
+            )
+        }
+        let nx = if self.input_grad { n * d_in } else { 0 };
+        let mut out = uninit(nx + d_out * d_in + d_out);
+        let (gx, rest) = out.split_at_mut(nx);
+        let (gw, gb) = rest.split_at_mut(d_out * d_in);
+        if self.input_grad {
+            // dx (N, in) = dy (N, out) · W (out, in)
+            matmul(n, d_in, d_out, gx, false, gy, d_out, 1, w, d_in, 1, parallel());
+        }
+        // dW (out, in) = dyᵀ (out, N) · x (N, in)
+        matmul(d_out, d_in, n, gw, false, gy, 1, d_out, x, d_in, 1, parallel());
+        // db = Σ over rows of dy, a column block per work item.
+        gb.par_chunks_mut(64).enumerate().for_each(|(ci, cols)| {
+            let c0 = ci * 64;
+            let mut acc = [0f32; 64];
+            for row in gy.chunks_exact(d_out) {
+                for (a, &g) in acc.iter_mut().zip(&row[c0..c0 + cols.len()]) {
+                    *a += g;
+                }
+            }
+            for (o, &a) in cols.iter_mut().zip(&acc) {
+                o.write(a);
+            }
+        });
+        // SAFETY: the GEMMs wrote dx and dW in full, and the column sums all of db.
+        let out = unsafe { assume_init(out) };
+        let len = out.len();
+        Ok((CpuStorage::F32(out), Shape::from(len)))
+    }
+}

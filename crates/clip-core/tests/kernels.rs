@@ -268,6 +268,9 @@ fn conv_kernel() {
         (1, 2, 3, 5, 5, 3, 1, 1),
         (2, 2, 2, 17, 16, 3, 1, 1),
         (2, 2, 3, 16, 16, 1, 1, 0),
+        // A stem: 7×7, stride 2, padding 3, on an even and an odd width.
+        (2, 2, 3, 11, 10, 7, 2, 3),
+        (1, 1, 2, 9, 13, 7, 2, 3),
     ] {
         let x = input(&[b, c, h, w], 2.0, 2.0);
         let wt = input(&[o, c, k, k], 5.0, 1.0);

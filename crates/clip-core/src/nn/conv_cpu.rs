@@ -136,7 +136,7 @@ fn im2col_stride2(g: &Geometry, x: &[f32], cols: &mut [f32]) {
                 if inside {
                     let src = &x[(c * g.h + i as usize) * g.w..][..g.w];
                     for (j, &v) in src.iter().enumerate() {
-                        if j % 2 == 0 {
+                        if j.is_multiple_of(2) {
                             even[j / 2] = v;
                         } else {
                             odd[j / 2] = v;
@@ -155,7 +155,7 @@ fn im2col_stride2(g: &Geometry, x: &[f32], cols: &mut [f32]) {
                     if lo < hi {
                         // Input column 2·oj + kj − pad: parity and offset fixed for this kj.
                         let j0 = 2 * lo + kj - g.pad;
-                        let part = if j0 % 2 == 0 { &even } else { &odd };
+                        let part = if j0.is_multiple_of(2) { &even } else { &odd };
                         out[lo..hi].copy_from_slice(&part[j0 / 2..j0 / 2 + (hi - lo)]);
                     }
                 }

@@ -317,6 +317,30 @@ fn linear_kernel() {
             2e-3,
         );
     }
+    // A weight large enough to be transposed before the forward GEMM (values and gradients only:
+    // finite differences over 75,000 weights take too long).
+    let x = Var::from_tensor(&input(&[3, 2, 300], 1.5, 1.0)).unwrap();
+    let (w, b) = (
+        Var::from_tensor(&input(&[250, 300], 2.5, 0.1)).unwrap(),
+        Var::from_tensor(&input(&[250], 3.5, 1.0)).unwrap(),
+    );
+    let y = nn::linear_cpu(x.as_tensor(), w.as_tensor(), b.as_tensor()).unwrap();
+    let r = nn::linear_reference(x.as_tensor(), w.as_tensor(), b.as_tensor()).unwrap();
+    let d = max_abs(&(&y - &r).unwrap());
+    assert!(
+        d <= 1e-4 * max_abs(&r).max(1.0),
+        "transposed-weight linear differs by {d}"
+    );
+    let wy = input(y.dims(), 7.0, 1.0);
+    let (gy, gr) = (
+        (&y * &wy).unwrap().sum_all().unwrap().backward().unwrap(),
+        (&r * &wy).unwrap().sum_all().unwrap().backward().unwrap(),
+    );
+    for v in [&x, &w, &b] {
+        let (a, c) = (gy.get(v.as_tensor()).unwrap(), gr.get(v.as_tensor()).unwrap());
+        let d = max_abs(&(a - c).unwrap());
+        assert!(d <= 1e-4 * max_abs(c).max(1.0), "gradient differs by {d}");
+    }
     // An input that needs no gradient (the op skips its GEMM) still gives W and b theirs.
     let x = input(&[4, 5], 2.0, 1.0);
     let (w, b) = (

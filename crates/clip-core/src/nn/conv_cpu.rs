@@ -87,32 +87,40 @@ fn valid_cols(g: &Geometry, kj: usize) -> (usize, usize) {
 
 /// cols (C·K·K, Ho·Wo) of one image (C, H, W).
 fn im2col(g: &Geometry, x: &[f32], cols: &mut [f32]) {
+    let kkn = g.k * g.k * g.n();
+    for (c, rows) in cols.chunks_mut(kkn).enumerate() {
+        im2col_channel(g, x, c, rows, g.n(), 0);
+    }
+}
+
+/// The K·K column rows of channel `c` of one image (C, H, W): row r is written to
+/// `rows[r·stride + offset..][..Ho·Wo]`, so one image's columns can go straight into a
+/// whole-batch matrix (stride B·Ho·Wo, offset b·Ho·Wo) without a copy in between.
+fn im2col_channel(g: &Geometry, x: &[f32], c: usize, rows: &mut [f32], stride: usize, offset: usize) {
     if g.stride == 2 {
-        return im2col_stride2(g, x, cols);
+        return im2col_channel_stride2(g, x, c, rows, stride, offset);
     }
     let n = g.n();
-    for c in 0..g.c {
-        for ki in 0..g.k {
-            for kj in 0..g.k {
-                let row = &mut cols[((c * g.k + ki) * g.k + kj) * n..][..n];
-                let (lo, hi) = valid_cols(g, kj);
-                for oi in 0..g.ho {
-                    let out = &mut row[oi * g.wo..][..g.wo];
-                    let i = (oi * g.stride + ki) as isize - g.pad as isize;
-                    if i < 0 || i as usize >= g.h {
-                        out.fill(0.0);
-                        continue;
-                    }
-                    let src = &x[(c * g.h + i as usize) * g.w..][..g.w];
-                    out[..lo].fill(0.0);
-                    out[hi..].fill(0.0);
-                    let j0 = lo * g.stride + kj - g.pad;
-                    if g.stride == 1 {
-                        out[lo..hi].copy_from_slice(&src[j0..j0 + (hi - lo)]);
-                    } else {
-                        for (o, v) in out[lo..hi].iter_mut().zip(src[j0..].iter().step_by(g.stride)) {
-                            *o = *v;
-                        }
+    for ki in 0..g.k {
+        for kj in 0..g.k {
+            let row = &mut rows[(ki * g.k + kj) * stride + offset..][..n];
+            let (lo, hi) = valid_cols(g, kj);
+            for oi in 0..g.ho {
+                let out = &mut row[oi * g.wo..][..g.wo];
+                let i = (oi * g.stride + ki) as isize - g.pad as isize;
+                if i < 0 || i as usize >= g.h {
+                    out.fill(0.0);
+                    continue;
+                }
+                let src = &x[(c * g.h + i as usize) * g.w..][..g.w];
+                out[..lo].fill(0.0);
+                out[hi..].fill(0.0);
+                let j0 = lo * g.stride + kj - g.pad;
+                if g.stride == 1 {
+                    out[lo..hi].copy_from_slice(&src[j0..j0 + (hi - lo)]);
+                } else {
+                    for (o, v) in out[lo..hi].iter_mut().zip(src[j0..].iter().step_by(g.stride)) {
+                        *o = *v;
                     }
                 }
             }
@@ -120,44 +128,41 @@ fn im2col(g: &Geometry, x: &[f32], cols: &mut [f32]) {
     }
 }
 
-/// [`im2col`] for stride 2 (the stems' 7×7 convolutions and every downsampling 3×3): each input
-/// row is split once into its even and odd columns, and every kernel column then copies a
-/// contiguous run from one of them, instead of K strided gathers per row (the stem's im2col was
-/// 8 % of a `tiny` training step).
-fn im2col_stride2(g: &Geometry, x: &[f32], cols: &mut [f32]) {
-    let n = g.n();
+/// [`im2col_channel`] for stride 2 (the stems' 7×7 convolutions and every downsampling 3×3):
+/// each input row is split once into its even and odd columns, and every kernel column then
+/// copies a contiguous run from one of them, instead of K strided gathers per row (the stem's
+/// im2col was 8 % of a `tiny` training step).
+fn im2col_channel_stride2(g: &Geometry, x: &[f32], c: usize, rows: &mut [f32], stride: usize, offset: usize) {
     let half = g.w.div_ceil(2);
     let (mut even, mut odd) = (vec![0f32; half], vec![0f32; half]);
-    for c in 0..g.c {
-        for ki in 0..g.k {
-            for oi in 0..g.ho {
-                let i = (oi * 2 + ki) as isize - g.pad as isize;
-                let inside = i >= 0 && (i as usize) < g.h;
-                if inside {
-                    let src = &x[(c * g.h + i as usize) * g.w..][..g.w];
-                    for (j, &v) in src.iter().enumerate() {
-                        if j.is_multiple_of(2) {
-                            even[j / 2] = v;
-                        } else {
-                            odd[j / 2] = v;
-                        }
+    for ki in 0..g.k {
+        for oi in 0..g.ho {
+            let i = (oi * 2 + ki) as isize - g.pad as isize;
+            let inside = i >= 0 && (i as usize) < g.h;
+            if inside {
+                let src = &x[(c * g.h + i as usize) * g.w..][..g.w];
+                for (j, &v) in src.iter().enumerate() {
+                    if j.is_multiple_of(2) {
+                        even[j / 2] = v;
+                    } else {
+                        odd[j / 2] = v;
                     }
                 }
-                for kj in 0..g.k {
-                    let out = &mut cols[((c * g.k + ki) * g.k + kj) * n + oi * g.wo..][..g.wo];
-                    if !inside {
-                        out.fill(0.0);
-                        continue;
-                    }
-                    let (lo, hi) = valid_cols(g, kj);
-                    out[..lo].fill(0.0);
-                    out[hi..].fill(0.0);
-                    if lo < hi {
-                        // Input column 2·oj + kj − pad: parity and offset fixed for this kj.
-                        let j0 = 2 * lo + kj - g.pad;
-                        let part = if j0.is_multiple_of(2) { &even } else { &odd };
-                        out[lo..hi].copy_from_slice(&part[j0 / 2..j0 / 2 + (hi - lo)]);
-                    }
+            }
+            for kj in 0..g.k {
+                let out = &mut rows[(ki * g.k + kj) * stride + offset + oi * g.wo..][..g.wo];
+                if !inside {
+                    out.fill(0.0);
+                    continue;
+                }
+                let (lo, hi) = valid_cols(g, kj);
+                out[..lo].fill(0.0);
+                out[hi..].fill(0.0);
+                if lo < hi {
+                    // Input column 2·oj + kj − pad: parity and offset fixed for this kj.
+                    let j0 = 2 * lo + kj - g.pad;
+                    let part = if j0.is_multiple_of(2) { &even } else { &odd };
+                    out[lo..hi].copy_from_slice(&part[j0 / 2..j0 / 2 + (hi - lo)]);
                 }
             }
         }
@@ -290,21 +295,19 @@ pub(super) fn parallel() -> gemm::Parallelism {
 /// [b·N, (b+1)·N).
 fn im2col_batch(g: &Geometry, x: &[f32]) -> Vec<f32> {
     let (ckk, n, bn) = (g.ckk(), g.n(), g.b * g.n());
-    let img = g.c * g.h * g.w;
+    let (img, kk) = (g.c * g.h * g.w, g.k * g.k);
     let mut all = vec![0f32; ckk * bn];
-    let mut tmp = if g.is_pointwise() { vec![] } else { vec![0f32; ckk * n] };
-    for b in 0..g.b {
-        let xb = &x[b * img..][..img];
-        let src: &[f32] = if g.is_pointwise() {
-            xb
-        } else {
-            im2col(g, xb, &mut tmp);
-            &tmp
-        };
-        for r in 0..ckk {
-            all[r * bn + b * n..][..n].copy_from_slice(&src[r * n..][..n]);
+    // A channel's K·K rows per work item; each image writes its band of every row.
+    all.par_chunks_mut(kk * bn).enumerate().for_each(|(c, rows)| {
+        for b in 0..g.b {
+            let xb = &x[b * img..][..img];
+            if g.is_pointwise() {
+                rows[b * n..][..n].copy_from_slice(&xb[c * n..][..n]);
+            } else {
+                im2col_channel(g, xb, c, rows, bn, b * n);
+            }
         }
-    }
+    });
     all
 }
 

@@ -139,6 +139,25 @@ fn max_pool_kernel() {
 }
 
 #[test]
+fn max_pool_without_a_backward_gives_the_same_values() {
+    // Without gradients the pool takes window maxima separably and notes no arg-max.
+    for (h, w) in [(7, 7), (8, 6), (5, 9), (2, 3), (1, 1), (32, 32)] {
+        let x = input(&[2, 3, h, w], 1.5, 4.0);
+        let tracked = Var::from_tensor(&x).unwrap();
+        let (plain, noted) = (
+            nn::max_pool_3x3_s2_cpu(&x).unwrap(),
+            nn::max_pool_3x3_s2_cpu(tracked.as_tensor()).unwrap(),
+        );
+        assert_eq!(flat(&plain), flat(&noted), "{h}×{w}");
+        assert_eq!(
+            flat(&plain),
+            flat(&nn::max_pool_3x3_s2_reference(&x).unwrap()),
+            "{h}×{w}"
+        );
+    }
+}
+
+#[test]
 fn layer_norm_kernel() {
     let x = input(&[2, 5, 12], 4.5, 4.0);
     let g = input(&[12], 8.0, 2.0);

@@ -55,6 +55,28 @@ fn argmax(x: &[f32], h: usize, w: usize, i: usize, j: usize) -> usize {
     best
 }
 
+/// The window maxima alone (no backward to follow), separably: each row's maxima over column
+/// triples, then the maxima of row triples of those, with no index kept.
+fn max_values(x: &[f32], h: usize, w: usize, y: &mut [f32]) {
+    let (ho, wo) = (out_size(h), out_size(w));
+    let mut rows = vec![0f32; h * wo];
+    for (src, dst) in x.chunks_exact(w).zip(rows.chunks_exact_mut(wo)) {
+        for (j, d) in dst.iter_mut().enumerate() {
+            let (c0, c1) = ((2 * j).saturating_sub(1), (2 * j + 2).min(w));
+            *d = src[c0..c1].iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+        }
+    }
+    for (i, out) in y.chunks_exact_mut(wo).enumerate().take(ho) {
+        let (r0, r1) = ((2 * i).saturating_sub(1), (2 * i + 2).min(h));
+        out.copy_from_slice(&rows[r0 * wo..][..wo]);
+        for r in r0 + 1..r1 {
+            for (o, &v) in out.iter_mut().zip(&rows[r * wo..][..wo]) {
+                *o = o.max(v);
+            }
+        }
+    }
+}
+
 /// The pool; `argmax`, when it is `Some`, receives each output's source index within its plane
 /// for the backward pass.
 pub struct MaxPool3x3S2 {
@@ -75,26 +97,22 @@ impl CustomOp1 for MaxPool3x3S2 {
         }
         let mut y = vec![0f32; b * c * ho * wo];
         let mut at = vec![0u32; if self.argmax.is_some() { y.len() } else { 0 }];
-        let pool = |(yp, xp): (&mut [f32], &[f32]), mut ap: Option<&mut [u32]>| {
+        let pool = |(yp, xp): (&mut [f32], &[f32]), ap: &mut [u32]| {
             for i in 0..ho {
                 for j in 0..wo {
                     let k = argmax(xp, h, w, i, j);
                     yp[i * wo + j] = xp[k];
-                    if let Some(a) = ap.as_deref_mut() {
-                        a[i * wo + j] = k as u32;
-                    }
+                    ap[i * wo + j] = k as u32;
                 }
             }
         };
         let planes = y.par_chunks_mut(ho * wo).zip(x.par_chunks(h * w));
         match &self.argmax {
             Some(slot) => {
-                planes
-                    .zip(at.par_chunks_mut(ho * wo))
-                    .for_each(|(p, a)| pool(p, Some(a)));
+                planes.zip(at.par_chunks_mut(ho * wo)).for_each(|(p, a)| pool(p, a));
                 *slot.lock().unwrap_or_else(|e| e.into_inner()) = at;
             }
-            None => planes.for_each(|p| pool(p, None)),
+            None => planes.for_each(|(yp, xp)| max_values(xp, h, w, yp)),
         }
         Ok((CpuStorage::F32(y), Shape::from((b, c, ho, wo))))
     }

@@ -108,10 +108,11 @@ impl BatchNorm2d {
                 stats: stats.clone(),
             };
             let y = x.apply_op3(&weight, &bias, op)?;
+            // Cloned, not taken: the backward pass reads them too.
             let (mean, var) = stats
                 .lock()
                 .unwrap()
-                .take()
+                .clone()
                 .expect("the forward pass stores the batch statistics");
             self.update_running_host(&mean, &var, n)?;
             return Ok(y);

@@ -160,6 +160,7 @@ impl CustomOp3 for BatchNormTrain {
         let grad = BatchNormGrad {
             eps: self.eps,
             relu_beta: if self.relu { Some(beta.to_vec1()?) } else { None },
+            saved: self.stats.lock().unwrap_or_else(|e| e.into_inner()).clone(),
         };
         let packed = x.apply_op3_no_bwd(gamma, &gy.contiguous()?, &grad)?;
         let n = b * c * h * w;
@@ -173,6 +174,8 @@ impl CustomOp3 for BatchNormTrain {
 /// The three gradients of [`BatchNormTrain`], packed as [dx, dweight, dbias] in one vector.
 struct BatchNormGrad {
     eps: f32,
+    /// The forward pass's (mean, variance), so the backward need not compute them again.
+    saved: Option<(Vec<f32>, Vec<f32>)>,
     /// With a fused ReLU: the bias, to recompute where the forward clamped (the same arithmetic,
     /// so the same mask) instead of keeping the output.
     relu_beta: Option<Vec<f32>>,
@@ -198,7 +201,10 @@ impl CustomOp3 for BatchNormGrad {
             super::dispatch::host_f32("batch norm", s2, l2)?,
             super::dispatch::host_f32("batch norm", s3, l3)?,
         );
-        let (mean, var) = stats(x, b, c, hw);
+        let (mean, var) = match &self.saved {
+            Some((m, v)) if m.len() == c && v.len() == c => (m.clone(), v.clone()),
+            _ => stats(x, b, c, hw),
+        };
         let rstd: Vec<f32> = var.iter().map(|v| 1.0 / (v + self.eps).sqrt()).collect();
         // With a fused ReLU, dy counts only where the forward's output was positive; the mask is
         // recomputed (the same arithmetic as the forward, so the same mask) rather than stored.

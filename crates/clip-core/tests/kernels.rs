@@ -378,3 +378,44 @@ fn linear_kernel() {
         assert!(d <= 1e-5, "gradient differs by {d}");
     }
 }
+
+#[test]
+fn attention_kernel() {
+    // 2 heads of 3; a padded key in the second item; all queries, and the first only (as the
+    // last layer computes [CLS]).
+    let (b, l, d) = (2, 4, 6);
+    let mask = Tensor::new(&[[0f32, 0., 0., 0.], [0., 0., 0., -1e9]], &Device::Cpu).unwrap();
+    for lq in [l, 1] {
+        let q = input(&[b, lq, d], 1.0, 2.0);
+        let k = input(&[b, l, d], 4.0, 2.0);
+        let v = input(&[b, l, d], 6.0, 2.0);
+        let m = mask.clone();
+        check(
+            &format!("attention, {lq} queries"),
+            &[q, k, v],
+            &|t| nn::attention_cpu(&t[0], &t[1], &t[2], &m, 2),
+            &|t| nn::attention_reference(&t[0], &t[1], &t[2], &m, 2, |w| Ok(w.clone())),
+            1e-2,
+            3e-3,
+        );
+    }
+    // The padded key gets no weight: changing its value changes nothing.
+    let q = input(&[b, l, d], 1.0, 2.0);
+    let k = input(&[b, l, d], 4.0, 2.0);
+    let v = input(&[b, l, d], 6.0, 2.0);
+    let v2 = v
+        .slice_assign(
+            &[1..2, 3..4, 0..d],
+            &Tensor::full(9f32, (1, 1, d), &Device::Cpu).unwrap(),
+        )
+        .unwrap();
+    let (a, c) = (
+        nn::attention_cpu(&q, &k, &v, &mask, 2).unwrap(),
+        nn::attention_cpu(&q, &k, &v2, &mask, 2).unwrap(),
+    );
+    assert_eq!(flat(&a), flat(&c));
+    assert!(
+        nn::attention_cpu(&q, &k, &v, &mask, 4).is_err(),
+        "6 features do not split into 4 heads"
+    );
+}

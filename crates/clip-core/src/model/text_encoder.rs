@@ -22,7 +22,7 @@ use anyhow::Result;
 use candle_core::{DType, Module, ModuleT, Tensor};
 
 use crate::config::{Activation, Pooling, TextConfig, TextKind};
-use crate::nn::{gelu, softmax_last_dim, Dropout, DropoutRng, Embedding, LayerNorm, Linear};
+use crate::nn::{attention, attention_reference, gelu, Dropout, DropoutRng, Embedding, LayerNorm, Linear};
 use crate::params::ParamBuilder;
 
 const INIT_STD: f64 = 0.02;
@@ -113,18 +113,15 @@ impl Attention {
     /// Self-attention of the tokens `rows` (B, Lq, D) over all tokens `x` (B, L, D): `rows` is
     /// `x` itself, or only its first token when only [CLS] is read out.
     fn forward(&self, x: &Tensor, rows: &Tensor, mask_bias: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        let (b, l, d) = x.dims3()?;
-        let lq = rows.dim(1)?;
-        let dh = d / self.n_heads;
-        let heads = |t: Tensor, n: usize| t.reshape((b, n, self.n_heads, dh))?.transpose(1, 2)?.contiguous();
-        let q = (heads(self.query.forward(rows)?, lq)? / (dh as f64).sqrt())?;
-        let k = heads(self.key.forward(x)?, l)?;
-        let v = heads(self.value.forward(x)?, l)?;
-        let scores = q.matmul(&k.t()?.contiguous()?)?.broadcast_add(mask_bias)?;
-        // Ours, not candle's `softmax_last_dim`: that kernel has no backward.
-        let weights = softmax_last_dim(&scores)?;
-        let weights = self.dropout.forward_t(&weights, train)?;
-        let ctx = weights.matmul(&v)?.transpose(1, 2)?.reshape((b, lq, d))?;
+        let (q, k, v) = (self.query.forward(rows)?, self.key.forward(x)?, self.value.forward(x)?);
+        let ctx = if train && self.dropout.active() {
+            // Dropout on the attention weights sits inside the op: only the composed path has it.
+            attention_reference(&q, &k, &v, mask_bias, self.n_heads, |w| {
+                self.dropout.forward_t(w, train)
+            })?
+        } else {
+            attention(&q, &k, &v, mask_bias, self.n_heads)?
+        };
         self.out.forward(&ctx)
     }
 }
@@ -254,7 +251,7 @@ impl TextEncoder {
         }
         let mut x = self.dropout.forward_t(&self.layer_norm.forward(&x)?, train)?;
         // 0 where attended, −1e9 where padded.
-        let mask_bias = ((attention_mask.to_dtype(DType::F32)? - 1.0)? * 1e9)?.reshape((b, 1, 1, l))?;
+        let mask_bias = ((attention_mask.to_dtype(DType::F32)? - 1.0)? * 1e9)?;
         let last = self.layers.len().saturating_sub(1);
         for (i, layer) in self.layers.iter().enumerate() {
             let rows = if cls_only && i == last {

@@ -59,6 +59,11 @@ impl Dropout {
             rng: rng.clone(),
         }
     }
+
+    /// Whether it drops anything in training mode (p > 0).
+    pub fn active(&self) -> bool {
+        self.p > 0.0
+    }
 }
 
 impl ModuleT for Dropout {

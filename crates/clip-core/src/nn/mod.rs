@@ -5,6 +5,7 @@
 //! composed candle path in one place, [`dispatch::use_cpu_kernel`]; each also exposes both paths
 //! (`*_cpu` and `*_reference`) so tests can compare them.
 
+mod attention_cpu;
 mod batch_norm;
 mod batch_norm_cpu;
 mod conv;
@@ -91,4 +92,54 @@ pub fn add_relu_reference(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 /// The fused CPU kernel of [`add_relu`], exposed for tests and benchmarks.
 pub fn add_relu_cpu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     a.contiguous()?.apply_op2(&b.contiguous()?, relu_cpu::AddRelu)
+}
+
+/// Multi-head attention of queries `q` (B, Lq, H·Dh) over keys `k` and values `v` (B, L, H·Dh),
+/// scores scaled by 1/√Dh plus `mask` (B, L): 0 where attended, −1e9 where padded. Returns the
+/// context (B, Lq, H·Dh). Fused on the CPU (see `attention_cpu`), composed elsewhere; without
+/// attention dropout (the composed path applies it between the softmax and the values).
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, heads: usize) -> Result<Tensor> {
+    if dispatch::use_cpu_kernel(q) && dispatch::use_cpu_kernel(k) && dispatch::use_cpu_kernel(v) {
+        attention_cpu(q, k, v, mask, heads)
+    } else {
+        attention_reference(q, k, v, mask, heads, |w| Ok(w.clone()))
+    }
+}
+
+/// [`attention`] composed from candle ops (any device); `dropout` is applied to the attention
+/// weights.
+pub fn attention_reference(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+    heads: usize,
+    dropout: impl Fn(&Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let (b, lq, d) = q.dims3()?;
+    let l = k.dim(1)?;
+    let dh = d / heads;
+    let split = |t: &Tensor, n: usize| t.reshape((b, n, heads, dh))?.transpose(1, 2)?.contiguous();
+    let q = (split(q, lq)? / (dh as f64).sqrt())?;
+    let (k, v) = (split(k, l)?, split(v, l)?);
+    let scores = q
+        .matmul(&k.t()?.contiguous()?)?
+        .broadcast_add(&mask.reshape((b, 1, 1, l))?)?;
+    let weights = dropout(&softmax_last_dim(&scores)?)?;
+    weights.matmul(&v)?.transpose(1, 2)?.reshape((b, lq, d))
+}
+
+/// The fused CPU kernel of [`attention`], exposed for tests and benchmarks.
+pub fn attention_cpu(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, heads: usize) -> Result<Tensor> {
+    let d = q.dim(2)?;
+    if heads == 0 || d % heads != 0 {
+        candle_core::bail!("attention: {d} features do not split into {heads} heads")
+    }
+    let op = attention_cpu::Attention {
+        heads,
+        scale: 1.0 / ((d / heads) as f32).sqrt(),
+        mask: mask.flatten_all()?.to_vec1::<f32>()?,
+        probs: (q.track_op() || k.track_op() || v.track_op()).then(|| std::sync::Mutex::new(vec![])),
+    };
+    q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)
 }

@@ -19,12 +19,15 @@ pub fn embed_store_images(
     chunk: usize,
     device: &Device,
 ) -> Result<Tensor> {
-    let mut parts = vec![];
-    for c in images.chunks(chunk.max(1)) {
-        let x = store.batch_tensor(c, None, device)?;
-        parts.push(model.embed_images(&x)?);
-    }
-    Ok(Tensor::cat(&parts, 0)?)
+    // One `no_grad` scope for all batches: what the layers prepare from their weights is reused.
+    crate::nn::no_grad(|| {
+        let mut parts = vec![];
+        for c in images.chunks(chunk.max(1)) {
+            let x = store.batch_tensor(c, None, device)?;
+            parts.push(model.embed_images(&x)?);
+        }
+        Ok(Tensor::cat(&parts, 0)?)
+    })
 }
 
 /// Embeddings (N, P) of captions, `chunk` at a time.
@@ -35,10 +38,12 @@ pub fn embed_texts(
     chunk: usize,
     device: &Device,
 ) -> Result<Tensor> {
-    let mut parts = vec![];
-    for c in texts.chunks(chunk.max(1)) {
-        let (ids, mask) = tok.encode_batch(c, device)?;
-        parts.push(model.embed_texts(&ids, &mask)?);
-    }
-    Ok(Tensor::cat(&parts, 0)?)
+    crate::nn::no_grad(|| {
+        let mut parts = vec![];
+        for c in texts.chunks(chunk.max(1)) {
+            let (ids, mask) = tok.encode_batch(c, device)?;
+            parts.push(model.embed_texts(&ids, &mask)?);
+        }
+        Ok(Tensor::cat(&parts, 0)?)
+    })
 }

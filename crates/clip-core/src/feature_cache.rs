@@ -297,26 +297,31 @@ impl FeatureCache {
         let fp = tower_fingerprint(&model.params, &model.config, CachedTower::Image)?;
         let keys: Vec<Option<Key>> = (0..store.len()).map(|i| store.rgb(i).map(|p| key_of(&p))).collect();
         let dev = model.device().clone();
-        self.features(
-            CachedTower::Image,
-            &fp,
-            model.config.image.feature_dim(),
-            &keys,
-            chunk,
-            |items| {
-                let x = store.batch_tensor(items, None, &dev)?;
-                crate::nn::no_grad(|| model.image_features(&x, false))
-            },
-        )
+        // One `no_grad` scope for all chunks: what the layers prepare from their weights is reused.
+        crate::nn::no_grad(|| {
+            self.features(
+                CachedTower::Image,
+                &fp,
+                model.config.image.feature_dim(),
+                &keys,
+                chunk,
+                |items| {
+                    let x = store.batch_tensor(items, None, &dev)?;
+                    model.image_features(&x, false)
+                },
+            )
+        })
     }
 
     /// Text-tower features of every caption the loader holds, by pair index.
     pub fn text_features(&self, model: &ClipModel, loader: &Loader, pairs: usize, chunk: usize) -> Result<FeatureRows> {
         let fp = tower_fingerprint(&model.params, &model.config, CachedTower::Text)?;
         let keys: Vec<Option<Key>> = (0..pairs).map(|p| Some(key_of_tokens(loader.tokens(p)))).collect();
-        self.features(CachedTower::Text, &fp, model.config.text.dim, &keys, chunk, |items| {
-            let (ids, mask) = loader.text_inputs(items)?;
-            crate::nn::no_grad(|| model.text_features(&ids, &mask, false))
+        crate::nn::no_grad(|| {
+            self.features(CachedTower::Text, &fp, model.config.text.dim, &keys, chunk, |items| {
+                let (ids, mask) = loader.text_inputs(items)?;
+                model.text_features(&ids, &mask, false)
+            })
         })
     }
 }

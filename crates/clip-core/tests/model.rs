@@ -437,6 +437,51 @@ fn inference_embeddings_equal_evaluation_mode_without_a_graph() {
 }
 
 #[test]
+fn a_no_grad_scope_reuses_prepared_weights_and_the_next_scope_sees_new_ones() {
+    use clip_core::nn::no_grad;
+    let max_diff = |a: &Tensor, b: &Tensor| -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
+    let cfg = ClipConfig::tiny();
+    let model = ClipModel::new(&cfg, &Device::Cpu).unwrap();
+    let (_, ids, mask) = random_batch(&cfg, 3, 7);
+    let eval = model.encode_text(&ids, &mask, false).unwrap();
+    // Several batches in one scope: the linear layers' prepared (transposed) weights are made
+    // once and reused; every batch equals evaluation mode.
+    let (first, again) = no_grad(|| {
+        (
+            model.embed_texts(&ids, &mask).unwrap(),
+            model.embed_texts(&ids, &mask).unwrap(),
+        )
+    });
+    assert!(max_diff(&eval, &first) < 1e-5 && max_diff(&first, &again) == 0.0);
+    // Weights changed between scopes (a training step) are seen by the next scope: nothing
+    // prepared outlives its scope.
+    for (name, _, var) in model.params.trainable() {
+        if name.starts_with("text_encoder") && var.as_tensor().rank() == 2 {
+            var.set(&(var.as_tensor() * 1.5).unwrap()).unwrap();
+        }
+    }
+    let eval2 = model.encode_text(&ids, &mask, false).unwrap();
+    let after = no_grad(|| model.embed_texts(&ids, &mask).unwrap());
+    assert!(
+        max_diff(&eval2, &first) > 1e-3,
+        "scaling the text weights did not change the embeddings"
+    );
+    assert!(
+        max_diff(&eval2, &after) < 1e-5,
+        "a new scope used weights prepared before they changed"
+    );
+}
+
+#[test]
 fn cls_pooling_computes_only_cls_in_the_last_layer_and_equals_the_full_pass() {
     let cfg = ClipConfig::tiny();
     assert_eq!(cfg.text.pooling, clip_core::config::Pooling::Cls);

@@ -224,21 +224,26 @@ fn main() -> Result<()> {
             // Each tower with its head, in evaluation mode, timed apart (building an index runs
             // the image side, a query the text side); reading the embeddings back makes sure the
             // work is done on any device.
+            // All in one `no_grad` scope, as an index or an evaluation runs (and as the reference
+            // runs under `torch.inference_mode`): weights prepared in warm-up are reused.
             let (mut t_image, mut t_text) = (0.0, 0.0);
-            for step in 0..a.warmup + a.steps {
-                let batch = &batches[step % 2];
-                let t = Instant::now();
-                model.embed_images(&batch.images)?.to_vec2::<f32>()?;
-                let t1 = Instant::now();
-                model
-                    .embed_texts(&batch.input_ids, &batch.attention_mask)?
-                    .to_vec2::<f32>()?;
-                let t2 = Instant::now();
-                if step >= a.warmup {
-                    t_image += (t1 - t).as_secs_f64();
-                    t_text += (t2 - t1).as_secs_f64();
+            clip_core::nn::no_grad(|| -> Result<()> {
+                for step in 0..a.warmup + a.steps {
+                    let batch = &batches[step % 2];
+                    let t = Instant::now();
+                    model.embed_images(&batch.images)?.to_vec2::<f32>()?;
+                    let t1 = Instant::now();
+                    model
+                        .embed_texts(&batch.input_ids, &batch.attention_mask)?
+                        .to_vec2::<f32>()?;
+                    let t2 = Instant::now();
+                    if step >= a.warmup {
+                        t_image += (t1 - t).as_secs_f64();
+                        t_text += (t2 - t1).as_secs_f64();
+                    }
                 }
-            }
+                Ok(())
+            })?;
             let (n, b) = (a.steps.max(1) as f64, x.b as f64);
             let line = x.line(
                 &a,

@@ -61,25 +61,29 @@ pub fn embed_image_files(
     let mut parts = vec![];
     let mut ok = vec![];
     let mut failed = vec![];
-    for (c, group) in paths.chunks(chunk.max(1)).enumerate() {
-        let decoded: Vec<Result<Tensor>> = group.par_iter().map(|p| ImageStore::load_one(p, cfg)).collect();
-        let mut good = vec![];
-        for (i, d) in decoded.into_iter().enumerate() {
-            let idx = c * chunk.max(1) + i;
-            match d {
-                Ok(t) => {
-                    good.push(t);
-                    ok.push(idx);
+    // One `no_grad` scope for all batches: what the layers prepare from their weights is reused.
+    crate::nn::no_grad(|| -> Result<()> {
+        for (c, group) in paths.chunks(chunk.max(1)).enumerate() {
+            let decoded: Vec<Result<Tensor>> = group.par_iter().map(|p| ImageStore::load_one(p, cfg)).collect();
+            let mut good = vec![];
+            for (i, d) in decoded.into_iter().enumerate() {
+                let idx = c * chunk.max(1) + i;
+                match d {
+                    Ok(t) => {
+                        good.push(t);
+                        ok.push(idx);
+                    }
+                    Err(e) => failed.push((idx, format!("{e:#}"))),
                 }
-                Err(e) => failed.push((idx, format!("{e:#}"))),
             }
+            if !good.is_empty() {
+                let x = Tensor::stack(&good, 0)?.to_device(&dev)?;
+                parts.push(l2_normalize(&model.embed_images(&x)?)?.to_device(&Device::Cpu)?);
+            }
+            on_progress(group.len());
         }
-        if !good.is_empty() {
-            let x = Tensor::stack(&good, 0)?.to_device(&dev)?;
-            parts.push(l2_normalize(&model.embed_images(&x)?)?.to_device(&Device::Cpu)?);
-        }
-        on_progress(group.len());
-    }
+        Ok(())
+    })?;
     let emb = if parts.is_empty() {
         None
     } else {

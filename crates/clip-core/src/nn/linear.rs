@@ -33,6 +33,12 @@ impl Module for Linear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let (w, b) = (super::param(&self.weight), super::param(&self.bias));
         if super::dispatch::use_cpu_kernel(x) {
+            // Inside `no_grad` the weight is transposed once for the whole scope: read in place
+            // it is a column-major GEMM operand, which the `gemm` crate packs slowly.
+            if let Some(scope) = super::pool::prepared() {
+                let wt = scope.get_or(self.weight.id(), || transposed(&w))?;
+                return apply(x, &wt, &b, super::linear_cpu::LinearOp { transposed: true });
+            }
             return linear_cpu(x, &w, &b);
         }
         linear_reference(x, &w, &b)
@@ -51,9 +57,23 @@ pub fn linear_reference(x: &Tensor, w: &Tensor, b: &Tensor) -> candle_core::Resu
     y.broadcast_add(b)
 }
 
+/// Wᵀ (in, out) of a weight W (out, in), as a new tensor.
+fn transposed(w: &Tensor) -> candle_core::Result<Tensor> {
+    let (d_out, d_in) = w.dims2()?;
+    let data = w.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+    Tensor::from_vec(
+        super::linear_cpu::transpose(d_out, d_in, &data),
+        (d_in, d_out),
+        w.device(),
+    )
+}
+
 /// The fused CPU kernel (see `linear_cpu`), for inputs (N, in) or (B, L, in).
 pub fn linear_cpu(x: &Tensor, w: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
-    let op = super::linear_cpu::LinearOp;
+    apply(x, w, b, super::linear_cpu::LinearOp { transposed: false })
+}
+
+fn apply(x: &Tensor, w: &Tensor, b: &Tensor, op: super::linear_cpu::LinearOp) -> candle_core::Result<Tensor> {
     match x.dims() {
         &[bs, l, d] => x
             .contiguous()?

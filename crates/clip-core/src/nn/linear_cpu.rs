@@ -13,14 +13,16 @@ use rayon::prelude::*;
 use super::conv_cpu::{as_uninit, assume_init, matmul, parallel, uninit};
 use super::dispatch::host_f32;
 
-fn dims(x: &Layout, w: &Layout) -> Result<(usize, usize, usize)> {
-    let (&[n, d_in], &[d_out, w_in]) = (x.dims(), w.dims()) else {
+/// (N, in, out) of x (N, in) and W (out, in), or Wᵀ (in, out) when `transposed`.
+fn dims(x: &Layout, w: &Layout, transposed: bool) -> Result<(usize, usize, usize)> {
+    let (&[n, d_in], &[a, b]) = (x.dims(), w.dims()) else {
         candle_core::bail!(
             "linear expects x (N, in) and W (out, in), got {:?} and {:?}",
             x.dims(),
             w.dims()
         )
     };
+    let (d_out, w_in) = if transposed { (b, a) } else { (a, b) };
     if d_in != w_in {
         candle_core::bail!("linear: input of {d_in} features, weight of {w_in}")
     }
@@ -35,7 +37,7 @@ const TRANSPOSE_FROM: usize = 1 << 16;
 
 /// Wᵀ (cols, rows) of W (rows, cols), row-major, in tiles of 8 source columns per write stream
 /// (16 rows of a 3072-wide matrix map to one L1 set and evict each other), parallel over them.
-fn transpose(rows: usize, cols: usize, w: &[f32]) -> Vec<f32> {
+pub(super) fn transpose(rows: usize, cols: usize, w: &[f32]) -> Vec<f32> {
     const T: usize = 8;
     let mut out = uninit(rows * cols);
     out.par_chunks_mut(T * rows).enumerate().for_each(|(tile, dst)| {
@@ -51,7 +53,11 @@ fn transpose(rows: usize, cols: usize, w: &[f32]) -> Vec<f32> {
     unsafe { assume_init(out) }
 }
 
-pub struct LinearOp;
+/// y = x·Wᵀ + b. With `transposed` the weight operand is Wᵀ (in, out) already, prepared once for
+/// a whole `no_grad` scope (see `nn::pool`); that form has no backward pass.
+pub struct LinearOp {
+    pub transposed: bool,
+}
 
 impl CustomOp3 for LinearOp {
     fn name(&self) -> &'static str {
@@ -67,7 +73,7 @@ impl CustomOp3 for LinearOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (n, d_in, d_out) = dims(l1, l2)?;
+        let (n, d_in, d_out) = dims(l1, l2, self.transposed)?;
         let (x, w, b) = (
             host_f32("linear", s1, l1)?,
             host_f32("linear", s2, l2)?,
@@ -84,7 +90,9 @@ impl CustomOp3 for LinearOp {
         // GEMM packs through its slow generic path (21 % of DistilBERT's inference in `perf`).
         // Where the weight is square or narrowing, transposing it first costs less than that.
         let y_out = as_uninit(&mut y);
-        if d_in >= d_out && d_in * d_out >= TRANSPOSE_FROM {
+        if self.transposed {
+            matmul(n, d_out, d_in, y_out, true, x, d_in, 1, w, d_out, 1, parallel());
+        } else if d_in >= d_out && d_in * d_out >= TRANSPOSE_FROM {
             let wt = transpose(d_out, d_in, w);
             matmul(n, d_out, d_in, y_out, true, x, d_in, 1, &wt, d_out, 1, parallel());
         } else {
@@ -101,6 +109,9 @@ impl CustomOp3 for LinearOp {
         _y: &Tensor,
         gy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        if self.transposed {
+            candle_core::bail!("linear: no backward through a weight prepared for inference (no_grad)")
+        }
         let (n, d_in) = x.dims2()?;
         let d_out = w.dim(0)?;
         let packed = x.apply_op3_no_bwd(
@@ -140,7 +151,7 @@ impl CustomOp3 for LinearGrad {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (n, d_in, d_out) = dims(l1, l2)?;
+        let (n, d_in, d_out) = dims(l1, l2, false)?;
         let (x, w, gy) = (
             host_f32("linear", s1, l1)?,
             host_f32("linear", s2, l2)?,

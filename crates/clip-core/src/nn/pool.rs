@@ -14,37 +14,79 @@
 //! layers use their weights detached ([`param`]), nothing is recorded, and each activation is
 //! freed as soon as the next layer has read it (PyTorch's `inference_mode`).
 
-use std::cell::Cell;
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
-use candle_core::Tensor;
+use candle_core::{Tensor, TensorId};
 
-thread_local! {
-    static NO_GRAD: Cell<bool> = const { Cell::new(false) };
+/// What one [`no_grad`] scope shares: weights prepared once for the whole scope (a linear
+/// layer's transposed weight). Within a scope the weights cannot change — nothing trains inside
+/// one — and the scope's end drops them, so they never go stale.
+#[derive(Default)]
+pub(crate) struct Prepared {
+    weights: Mutex<HashMap<TensorId, Tensor>>,
 }
 
-/// Restores the calling thread's setting when dropped (also on a panic).
-struct Restore(bool);
-
-impl Drop for Restore {
-    fn drop(&mut self) {
-        NO_GRAD.set(self.0);
+impl Prepared {
+    /// The weight prepared for `id`, made by `make` the first time.
+    pub(crate) fn get_or(
+        &self,
+        id: TensorId,
+        make: impl FnOnce() -> candle_core::Result<Tensor>,
+    ) -> candle_core::Result<Tensor> {
+        let mut map = self.weights.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = map.get(&id) {
+            return Ok(t.clone());
+        }
+        let t = make()?;
+        map.insert(id, t.clone());
+        Ok(t)
     }
 }
 
-fn with_no_grad<R>(on: bool, f: impl FnOnce() -> R) -> R {
-    let _restore = Restore(NO_GRAD.replace(on));
+thread_local! {
+    /// `Some` inside [`no_grad`].
+    static SCOPE: RefCell<Option<Arc<Prepared>>> = const { RefCell::new(None) };
+}
+
+/// Restores the calling thread's scope when dropped (also on a panic).
+struct Restore(Option<Arc<Prepared>>);
+
+impl Drop for Restore {
+    fn drop(&mut self) {
+        let previous = self.0.take();
+        SCOPE.with(|s| *s.borrow_mut() = previous);
+    }
+}
+
+fn in_scope<R>(scope: Option<Arc<Prepared>>, f: impl FnOnce() -> R) -> R {
+    let _restore = Restore(SCOPE.with(|s| std::mem::replace(&mut *s.borrow_mut(), scope)));
     f()
+}
+
+fn current() -> Option<Arc<Prepared>> {
+    SCOPE.with(|s| s.borrow().clone())
 }
 
 /// Whether the layers record a graph for a backward pass here (true unless inside [`no_grad`]).
 pub fn grad_enabled() -> bool {
-    !NO_GRAD.get()
+    SCOPE.with(|s| s.borrow().is_none())
 }
 
 /// Runs `f` with the layers' weights detached: its outputs have no graph and cannot be
-/// differentiated, and its activations are freed as it goes. For inference only.
+/// differentiated, and its activations are freed as it goes. For inference only. Wrap a whole
+/// loop over batches in one scope: what the layers prepare from their weights is kept for it.
 pub fn no_grad<R>(f: impl FnOnce() -> R) -> R {
-    with_no_grad(true, f)
+    match current() {
+        Some(_) => f(),
+        None => in_scope(Some(Arc::default()), f),
+    }
+}
+
+/// The weights prepared in the current [`no_grad`] scope (`None` outside one).
+pub(crate) fn prepared() -> Option<Arc<Prepared>> {
+    current()
 }
 
 /// A layer's parameter as its forward pass uses it: itself, or detached inside [`no_grad`].
@@ -56,12 +98,12 @@ pub fn param(t: &Tensor) -> Tensor {
     }
 }
 
-/// Runs `f` on a worker of rayon's global pool (inline when already on one), under the calling
-/// thread's [`no_grad`] setting, and returns its result. Wrap whole units of work — a training
+/// Runs `f` on a worker of rayon's global pool (inline when already on one), in the calling
+/// thread's [`no_grad`] scope, and returns its result. Wrap whole units of work — a training
 /// step, a batch's forward pass — not single ops.
 pub fn on_compute_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
-    // The setting is per thread, so it travels with the work; re-establishing it also keeps
+    // The scope is per thread, so it travels with the work; re-establishing it also keeps
     // another thread's job, stolen by this worker while it waits, from seeing it.
-    let no = !grad_enabled();
-    rayon::scope(|_| with_no_grad(no, f))
+    let scope = current();
+    rayon::scope(|_| in_scope(scope, f))
 }

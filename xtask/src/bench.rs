@@ -148,7 +148,7 @@ pub fn run(args: Args) -> Result<bool> {
         println!("{theirs}");
         let mut line = json!({
             "bench": bench, "preset": preset, "batch_size": batch, "seq_len": seq_len,
-            "clipmine_threads": ours["threads"], "pytorch_threads": theirs["threads"],
+            "clipmine_threads": ours["threads"], "pytorch_threads": theirs["threads"], "cpu": cpu_model(),
         });
         let num = |v: &Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
         for (key, ratio) in metrics {
@@ -266,6 +266,20 @@ fn json_line(cmd: &mut Command) -> Result<Value> {
     let text = String::from_utf8_lossy(&o.stdout);
     let start = text.find('{').context("no JSON in the benchmark's output")?;
     Ok(serde_json::from_str(text[start..].trim())?)
+}
+
+/// The processor's model name (Linux), for the ratio lines: the same two programs compare
+/// differently on different processors (PyTorch's MKL, for one, is tuned for Intel's).
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                l.strip_prefix("model name")
+                    .map(|v| v.trim_start_matches([' ', '\t', ':']).trim().to_string())
+            })
+        })
+        .unwrap_or_else(|| std::env::consts::ARCH.to_string())
 }
 
 #[cfg(test)]

@@ -463,12 +463,26 @@ fn a_no_grad_scope_reuses_prepared_weights_and_the_next_scope_sees_new_ones() {
     });
     assert!(max_diff(&eval, &first) < 1e-5 && max_diff(&first, &again) == 0.0);
     // Weights changed between scopes (a training step) are seen by the next scope: nothing
-    // prepared outlives its scope.
-    for (name, _, var) in model.params.trainable() {
-        if name.starts_with("text_encoder") && var.as_tensor().rank() == 2 {
-            var.set(&(var.as_tensor() * 1.5).unwrap()).unwrap();
+    // prepared outlives its scope. Changed inside a scope they are not (weights must not change
+    // within one), which shows the scope's first batch prepared them and later ones reused them.
+    let scale_text_weights = || {
+        for (name, _, var) in model.params.trainable() {
+            if name.starts_with("text_encoder") && var.as_tensor().rank() == 2 {
+                var.set(&(var.as_tensor() * 1.5).unwrap()).unwrap();
+            }
         }
-    }
+    };
+    let in_scope = no_grad(|| {
+        model.embed_texts(&ids, &mask).unwrap();
+        scale_text_weights();
+        model.embed_texts(&ids, &mask).unwrap()
+    });
+    // (The embedding tables are scaled too and read directly, but the LayerNorm after them
+    // takes the common factor out up to its epsilon.)
+    assert!(
+        max_diff(&first, &in_scope) < 1e-5,
+        "the scope did not reuse its prepared weights"
+    );
     let eval2 = model.encode_text(&ids, &mask, false).unwrap();
     let after = no_grad(|| model.embed_texts(&ids, &mask).unwrap());
     assert!(

@@ -35,13 +35,14 @@ impl Prepared {
         id: TensorId,
         make: impl FnOnce() -> candle_core::Result<Tensor>,
     ) -> candle_core::Result<Tensor> {
-        let mut map = self.weights.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(t) = map.get(&id) {
+        let lock = || self.weights.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = lock().get(&id) {
             return Ok(t.clone());
         }
+        // Made without the lock held: `make` runs parallel work, and a rayon worker waiting on
+        // it may pick up another layer's forward that asks for its own prepared weight.
         let t = make()?;
-        map.insert(id, t.clone());
-        Ok(t)
+        Ok(lock().entry(id).or_insert(t).clone())
     }
 }
 

@@ -34,6 +34,9 @@ pub const OPTIMIZER: &str = "optimizer.safetensors";
 /// The latest checkpoint (for `--resume`), beside the best model.
 pub const LAST: &str = "last";
 pub const STATE: &str = "state.json";
+/// Which data a run trains on (see [`crate::run_dir::DataIdentity`]). Its presence also marks a
+/// run written with every file checksummed: such a run's folders must hold a manifest.
+pub const DATASET: &str = "dataset.json";
 
 /// Writes `bytes` to `path` atomically (temporary file + fsync + rename + fsync of the folder).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
@@ -53,6 +56,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 pub fn write_checked(dir: &Path, files: &[(String, Vec<u8>)]) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating folder {}", dir.display()))?;
     // An unreadable old manifest only loses the old versions' sums: the new files replace them.
+    // A folder keeps its manifest's version: an old run's stays 1 (it never listed every file).
     let old = Manifest::read(dir).ok().flatten().unwrap_or_default();
     let mut during = old.clone();
     during.hash = manifest::HASH.into();
@@ -77,14 +81,47 @@ pub fn write_checked(dir: &Path, files: &[(String, Vec<u8>)]) -> Result<()> {
     write_atomic(&dir.join(MANIFEST), &done.to_json()?)
 }
 
-/// Reads a file and verifies it against its folder's manifest (a folder without one — written
-/// before checksums, or not by a run — is read unchecked).
+/// Writes one file into a folder: through [`write_checked`] when the folder holds a checksum
+/// manifest (a run folder: every file it holds stays covered), else with [`write_atomic`].
+pub fn write_covered(path: &Path, bytes: &[u8]) -> Result<()> {
+    if parent(path).join(MANIFEST).is_file() {
+        write_checked(parent(path), &[(file_name(path), bytes.to_vec())])
+    } else {
+        write_atomic(path, bytes)
+    }
+}
+
+/// Reads a file and verifies it against its folder's manifest. Without a manifest, a folder of a
+/// run that checksums every file (see [`DATASET`]) is an error; any other folder (a run written
+/// before checksums, model files copied elsewhere) is read unverified, with a warning.
 pub fn read_checked(path: &Path) -> Result<Vec<u8>> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    if let Some(m) = Manifest::read(parent(path))? {
-        m.verify(path, &bytes)?;
+    let dir = parent(path);
+    match Manifest::read(dir)? {
+        Some(m) => m.verify(path, &bytes)?,
+        None if requires_manifest(dir) => anyhow::bail!(
+            "{} has no {MANIFEST}, so {} cannot be verified: the manifest was deleted or lost — restore it from a copy, or resume from the run's last/ checkpoint",
+            dir.display(),
+            path.display()
+        ),
+        None => eprintln!(
+            "warning: {} is read unverified: {} has no {MANIFEST} (written before checksums, or copied without it)",
+            path.display(),
+            dir.display()
+        ),
     }
     Ok(bytes)
+}
+
+/// Whether `dir` belongs to a run that checksums every file: the run folder holds [`DATASET`]
+/// (for `last/`, its parent does).
+fn requires_manifest(dir: &Path) -> bool {
+    let run = if dir.file_name().is_some_and(|n| n == LAST) {
+        dir.parent().unwrap_or(dir)
+    } else {
+        dir
+    };
+    run.join(DATASET).is_file()
 }
 
 /// Serialises tensors to safetensors bytes in memory (so they can be written atomically).

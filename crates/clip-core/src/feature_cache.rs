@@ -15,7 +15,10 @@
 //!   caption's token ids (the tokenizer's output, so a changed tokenizer or caption gets a new
 //!   row, and the thousands of identical captions of class folders share one).
 //!
-//! Files are written atomically; a file that cannot be read is treated as empty and rewritten.
+//! Files are written atomically, and each row carries a checksum (xxh3-64 of its key and values):
+//! a row whose bytes changed on disk is detected, dropped and computed again, and a file whose
+//! header is damaged is rebuilt whole — both with a warning, never silently wrong features. A
+//! missing file is an empty cache; any other error reading one (permissions, I/O) is an error.
 //! The hash is xxh3-128: a cache key needs spread, not cryptographic strength.
 
 use std::collections::{HashMap, HashSet};
@@ -35,7 +38,7 @@ use crate::params::ParamStore;
 pub const CACHE_DIR: &str = "feature-cache";
 
 /// Bumped whenever what a row means changes (a new pooling, a new file layout).
-const FORMAT: &str = "clipmine-feature-cache/1";
+const FORMAT: &str = "clipmine-feature-cache/2";
 
 /// A 128-bit content hash.
 pub type Key = [u8; 16];
@@ -130,6 +133,9 @@ pub struct FeatureRows {
     pub file: PathBuf,
     pub reused: usize,
     pub computed: usize,
+    /// Rows found damaged in the file (checksum mismatch) and computed again; every row when the
+    /// file itself could not be parsed.
+    pub damaged: usize,
 }
 
 impl FeatureRows {
@@ -194,9 +200,14 @@ pub struct FeatureCache {
 }
 
 /// A stored file's rows, by key.
+#[derive(Default)]
 struct Stored {
     keys: Vec<Key>,
     data: Vec<f32>,
+    /// Rows dropped because their checksum did not match (or 1 for a file that cannot be parsed).
+    damaged: usize,
+    /// Why the whole file was unusable, when it was.
+    broken: Option<String>,
 }
 
 impl FeatureCache {
@@ -226,10 +237,19 @@ impl FeatureCache {
         mut compute: impl FnMut(&[usize]) -> Result<Tensor>,
     ) -> Result<FeatureRows> {
         let file = self.file(tower, fingerprint);
-        let mut stored = read(&file, dim).unwrap_or(Stored {
-            keys: vec![],
-            data: vec![],
-        });
+        let mut stored = read(&file, dim)?;
+        let damaged = stored.damaged;
+        match &stored.broken {
+            Some(why) => eprintln!(
+                "warning: the feature cache {} is damaged ({why}): it is rebuilt",
+                file.display()
+            ),
+            None if damaged > 0 => eprintln!(
+                "warning: the feature cache {} had {damaged} damaged row(s) (checksum mismatch): they are computed again",
+                file.display()
+            ),
+            None => {}
+        }
         let mut index: HashMap<Key, u32> = stored.keys.iter().enumerate().map(|(r, k)| (*k, r as u32)).collect();
         let before = stored.keys.len();
         // One item per key not stored yet.
@@ -261,7 +281,7 @@ impl FeatureCache {
             }
         }
         let computed = stored.keys.len() - before;
-        if computed > 0 {
+        if computed > 0 || damaged > 0 {
             write(&file, tower, fingerprint, dim, &stored)?;
         }
         let row_of: Vec<u32> = keys
@@ -289,13 +309,16 @@ impl FeatureCache {
             file,
             reused,
             computed,
+            damaged,
         })
     }
 
     /// Image-tower features of every decoded image of `store`, by image index.
     pub fn image_features(&self, model: &ClipModel, store: &ImageStore, chunk: usize) -> Result<FeatureRows> {
         let fp = tower_fingerprint(&model.params, &model.config, CachedTower::Image)?;
-        let keys: Vec<Option<Key>> = (0..store.len()).map(|i| store.rgb(i).map(|p| key_of(&p))).collect();
+        let keys: Vec<Option<Key>> = (0..store.len())
+            .map(|i| Ok(store.rgb(i)?.map(|p| key_of(&p))))
+            .collect::<Result<_>>()?;
         let dev = model.device().clone();
         // One `no_grad` scope for all chunks: what the layers prepare from their weights is reused.
         crate::nn::no_grad(|| {
@@ -326,36 +349,86 @@ impl FeatureCache {
     }
 }
 
+/// The checksum of one row: its key and its values.
+fn row_sum(key: &Key, row: &[f32]) -> u64 {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    h.update(key);
+    for v in row {
+        h.update(&v.to_le_bytes());
+    }
+    h.digest()
+}
+
+/// The rows stored in `file` whose checksums match. A missing file is empty; a file that cannot
+/// be parsed is empty with every row counted damaged (it is rewritten); any other read error
+/// (permissions, I/O) is returned.
 fn read(file: &Path, dim: usize) -> Result<Stored> {
-    let bytes = std::fs::read(file)?;
-    let st = safetensors::SafeTensors::deserialize(&bytes)?;
+    let bytes = match std::fs::read(file) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Stored::default()),
+        Err(e) => return Err(e).with_context(|| format!("reading the feature cache {}", file.display())),
+    };
+    match parse(&bytes, dim) {
+        Ok(s) => Ok(s),
+        Err(e) => Ok(Stored {
+            damaged: 1,
+            broken: Some(format!("{e:#}")),
+            ..Stored::default()
+        }),
+    }
+}
+
+fn parse(bytes: &[u8], dim: usize) -> Result<Stored> {
+    let st = safetensors::SafeTensors::deserialize(bytes)?;
     let features = st.tensor("features")?;
     let keys = st.tensor("keys")?;
+    let sums = st.tensor("sums")?;
     let n = keys.shape().first().copied().unwrap_or(0);
     if features.dtype() != safetensors::Dtype::F32
         || keys.dtype() != safetensors::Dtype::U8
+        || sums.dtype() != safetensors::Dtype::U64
         || features.shape() != [n, dim]
         || keys.shape() != [n, 16]
+        || sums.shape() != [n]
     {
-        bail!("{} does not hold {dim}-wide features", file.display());
+        bail!("it does not hold {dim}-wide features with their keys and checksums");
     }
-    let data = features
+    let data: Vec<f32> = features
         .data()
         .chunks_exact(4)
         .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
         .collect();
-    let keys = keys
+    let keys: Vec<Key> = keys
         .data()
         .chunks_exact(16)
         .map(|b| b.try_into().expect("16 bytes"))
         .collect();
-    Ok(Stored { keys, data })
+    let sums = sums
+        .data()
+        .chunks_exact(8)
+        .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")));
+    let mut out = Stored::default();
+    for ((key, row), sum) in keys.iter().zip(data.chunks_exact(dim.max(1))).zip(sums) {
+        if row_sum(key, row) == sum {
+            out.keys.push(*key);
+            out.data.extend_from_slice(row);
+        } else {
+            out.damaged += 1;
+        }
+    }
+    Ok(out)
 }
 
 fn write(file: &Path, tower: CachedTower, fingerprint: &str, dim: usize, s: &Stored) -> Result<()> {
     let n = s.keys.len();
     let features: Vec<u8> = s.data.iter().flat_map(|v| v.to_le_bytes()).collect();
     let keys: Vec<u8> = s.keys.iter().flatten().copied().collect();
+    let sums: Vec<u8> = s
+        .keys
+        .iter()
+        .zip(s.data.chunks_exact(dim.max(1)))
+        .flat_map(|(k, row)| row_sum(k, row).to_le_bytes())
+        .collect();
     let views = [
         (
             "features",
@@ -364,6 +437,10 @@ fn write(file: &Path, tower: CachedTower, fingerprint: &str, dim: usize, s: &Sto
         (
             "keys",
             safetensors::tensor::TensorView::new(safetensors::Dtype::U8, vec![n, 16], &keys)?,
+        ),
+        (
+            "sums",
+            safetensors::tensor::TensorView::new(safetensors::Dtype::U64, vec![n], &sums)?,
         ),
     ];
     let meta: HashMap<String, String> = [

@@ -34,8 +34,8 @@ use candle_core::Tensor;
 use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::checkpoint::{
-    self, optimizer_files, read_checked, weights_bytes, write_atomic, CONFIG, LAST, METRICS, OPTIMIZER, STATE,
-    TOKENIZER, WEIGHTS,
+    self, optimizer_files, read_checked, weights_bytes, CONFIG, DATASET, LAST, METRICS, OPTIMIZER, STATE, TOKENIZER,
+    WEIGHTS,
 };
 use crate::config::{ClipConfig, Schedule};
 use crate::data::Batch;
@@ -47,7 +47,7 @@ use crate::optim::AdamW;
 use crate::params::Group;
 use crate::prepare::Prepared;
 use crate::retrieval::{to_rows, Recall};
-use crate::run_dir::{is_checkpoint, run_files, RunLock};
+use crate::run_dir::{is_checkpoint, run_files, DataIdentity, RunLock};
 use crate::schedule::{cosine, Plateau};
 use crate::train::{eval_loss, train_step};
 
@@ -136,6 +136,15 @@ impl std::fmt::Display for Stopped {
 
 impl std::error::Error for Stopped {}
 
+/// What a resume may do beyond what the run recorded.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ResumeOptions {
+    /// Continue on data other than the run's (`dataset.json`): another path or another listing.
+    /// Without it such a resume is refused, naming both. A run stopped mid-epoch then restarts
+    /// that epoch (its remaining batches are not those of the other data).
+    pub other_data: bool,
+}
+
 /// One changed config key on resume: `key: old → new`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Change {
@@ -163,8 +172,12 @@ pub struct Trainer {
     frozen: Mutex<Option<Arc<FrozenFeatures>>>,
     /// Raised (by a signal handler) to stop at the end of the current step.
     stop: Option<Arc<AtomicBool>>,
-    /// What a resumed run's config changed (recorded in `config.toml`).
+    /// What a resumed run's config changed (recorded in `config.toml`), and `data` when it was
+    /// resumed on other data ([`ResumeOptions::other_data`]).
     pub changes: Vec<Change>,
+    /// Set when `--resume` found no checkpoint (the run was killed before its first one) and so
+    /// started again from epoch 1, with the run's config and data.
+    pub restarted: bool,
     /// The folder's lock, held as long as the trainer lives.
     pub lock: RunLock,
 }
@@ -191,10 +204,26 @@ impl Trainer {
         checkpoint::clean_stale(&out)?;
         let t = Self::build(cfg, data, lock)?;
         crate::pretrained::load_pretrained(&t.model, &crate::hub::Hub::from_env())?;
-        write_atomic(&out.join(CONFIG), cfg.to_toml()?.as_bytes())?;
-        t.data.tokenizer.save(&out.join(TOKENIZER))?;
-        checkpoint::write_checked(&out, &[(WEIGHTS.into(), weights_bytes(&t.model.params)?)])?;
+        t.start_files()?;
         Ok(t)
+    }
+
+    /// The files a run has from its first moment, in one checksummed group — config, tokenizer,
+    /// data identity, untrained weights — then the epoch-0 checkpoint `last/`, so that a run
+    /// killed at any moment after this can be resumed.
+    fn start_files(&self) -> Result<()> {
+        let identity = DataIdentity::of(&self.data);
+        checkpoint::write_checked(
+            &self.out,
+            &[
+                (CONFIG.into(), self.cfg.to_toml()?.into_bytes()),
+                (TOKENIZER.into(), self.data.tokenizer.to_json()?.into_bytes()),
+                (DATASET.into(), identity.to_json()?),
+                (WEIGHTS.into(), weights_bytes(&self.model.params)?),
+            ],
+        )?;
+        self.save_checkpoint()?;
+        Ok(())
     }
 
     /// Continues the run in `out` from its last checkpoint (the end of an epoch, or the step where
@@ -206,10 +235,26 @@ impl Trainer {
 
     /// [`Trainer::resume`] in a folder the caller has locked already.
     pub fn resume_locked(cfg: &ClipConfig, data: Prepared, lock: RunLock) -> Result<Self> {
+        Self::resume_with(cfg, data, lock, ResumeOptions::default())
+    }
+
+    /// [`Trainer::resume_locked`] with [`ResumeOptions`].
+    ///
+    /// The data must be the run's (`dataset.json`: its path and a fingerprint of its listing)
+    /// unless `opts.other_data` says otherwise: a mid-epoch resume skips the batches already
+    /// trained on, which are only the same batches on the same data. A run killed before its
+    /// first checkpoint starts again from epoch 1 ([`Trainer::restarted`]).
+    pub fn resume_with(cfg: &ClipConfig, data: Prepared, lock: RunLock, opts: ResumeOptions) -> Result<Self> {
         let out = lock.dir.clone();
         let last = recover_last(&out)?;
-        let saved = ClipConfig::from_toml_file(&out.join(CONFIG))?;
-        let changes = config_changes(&saved, cfg)?;
+        if !out.join(CONFIG).is_file() {
+            bail!(
+                "{} holds no run to resume (nothing was written yet, not even its {CONFIG}): start a new run there",
+                out.display()
+            );
+        }
+        let saved = crate::run_dir::RunDir { dir: out.clone() }.config()?;
+        let mut changes = config_changes(&saved, cfg)?;
         let fixed: Vec<String> = changes
             .iter()
             .filter(|c| !(c.key.starts_with("train.") || c.key == "data.augment"))
@@ -222,7 +267,21 @@ impl Trainer {
                 out.display()
             );
         }
+        let data_change = check_data(&out, &data, opts)?;
         let mut t = Self::build(cfg, data, lock)?;
+        let Some(last) = last else {
+            // Killed before the first checkpoint: start again from epoch 1, from the untrained
+            // weights it saved when they verify (else from the same seeded initialisation).
+            if out.join(WEIGHTS).is_file() {
+                checkpoint::load_weights(&t.model.params, &out.join(WEIGHTS))?;
+            } else {
+                crate::pretrained::load_pretrained(&t.model, &crate::hub::Hub::from_env())?;
+            }
+            t.start_files()?;
+            t.restarted = true;
+            t.changes = changes;
+            return Ok(t);
+        };
         let configured = t.opt.base.clone();
         checkpoint::load_weights(&t.model.params, &last.join(WEIGHTS))?;
         t.opt.load(&last.join(OPTIMIZER))?;
@@ -245,6 +304,12 @@ impl Trainer {
                 );
             }
         }
+        if let Some(change) = data_change {
+            // Other data: the rest of a stopped epoch would be other batches; start it over.
+            t.state.partial = None;
+            checkpoint::write_checked(&out, &[(DATASET.into(), DataIdentity::of(&t.data).to_json()?)])?;
+            changes.push(change);
+        }
         // The optimiser's saved rates give way to the config's; the schedule's current factor stays.
         for (g, want) in configured {
             let (base, now) = (t.opt.base[&g], t.opt.groups[&g]);
@@ -266,8 +331,8 @@ impl Trainer {
         }
         t.state.plateau.patience = cfg.train.patience;
         t.state.plateau.factor = cfg.train.factor;
-        if !changes.is_empty() {
-            write_atomic(&out.join(CONFIG), cfg.to_toml()?.as_bytes())?;
+        if changes.iter().any(|c| c.key != "data") {
+            checkpoint::write_checked(&out, &[(CONFIG.into(), cfg.to_toml()?.into_bytes())])?;
         }
         t.changes = changes;
         Ok(t)
@@ -297,6 +362,7 @@ impl Trainer {
             frozen: Mutex::new(None),
             stop: None,
             changes: vec![],
+            restarted: false,
             lock,
         })
     }
@@ -692,10 +758,7 @@ impl Trainer {
             "best_by": if self.validates() { "validation loss" } else { "training loss" },
             "history": h,
         });
-        write_atomic(
-            &self.out.join(METRICS),
-            serde_json::to_string_pretty(&metrics)?.as_bytes(),
-        )?;
+        let metrics = serde_json::to_string_pretty(&metrics)?;
         let mut csv =
             String::from("epoch,train_loss,val_loss,lr_image,lr_text,lr_head,i2t_r1,t2i_r1,seconds,pairs_per_second\n");
         for r in h {
@@ -713,7 +776,13 @@ impl Trainer {
                 r.pairs_per_second
             ));
         }
-        write_atomic(&self.out.join("loss.csv"), csv.as_bytes())
+        checkpoint::write_checked(
+            &self.out,
+            &[
+                (METRICS.into(), metrics.into_bytes()),
+                ("loss.csv".into(), csv.into_bytes()),
+            ],
+        )
     }
 
     /// Loads the best weights saved so far into the model (cached features are looked up again,
@@ -726,8 +795,9 @@ impl Trainer {
 
 /// The `last/` checkpoint of a run, after tidying what a crash left: a `last/` lost mid-swap is
 /// restored from `last.old/`, and `last.tmp/` (never swapped in) and stale temporary files are
-/// removed. Call it while holding the folder's lock.
-fn recover_last(out: &Path) -> Result<PathBuf> {
+/// removed. `None` when the run has no checkpoint yet (killed before its first was written).
+/// Call it while holding the folder's lock.
+fn recover_last(out: &Path) -> Result<Option<PathBuf>> {
     let last = out.join(LAST);
     let old = out.join(format!("{LAST}.old"));
     if !is_checkpoint(&last) && is_checkpoint(&old) {
@@ -744,12 +814,46 @@ fn recover_last(out: &Path) -> Result<PathBuf> {
     checkpoint::clean_stale(out)?;
     checkpoint::clean_stale(&last)?;
     if !is_checkpoint(&last) {
+        if last.exists() {
+            std::fs::remove_dir_all(&last).with_context(|| format!("removing {}", last.display()))?;
+        }
+        return Ok(None);
+    }
+    Ok(Some(last))
+}
+
+/// Compares the data a run is resumed on with the run's (`dataset.json`). Returns the change
+/// to record when they differ and `opts.other_data` allows it; refuses it otherwise, saying
+/// which. A run without `dataset.json` (written before it was recorded) is resumed with a
+/// warning.
+fn check_data(out: &Path, data: &Prepared, opts: ResumeOptions) -> Result<Option<Change>> {
+    let now = DataIdentity::of(data);
+    let Some(recorded) = DataIdentity::read(out)? else {
+        if out.join(CONFIG).is_file() {
+            eprintln!(
+                "warning: {} does not record which data it was trained on (written before {DATASET}): make sure --data names the run's dataset",
+                out.display()
+            );
+        }
+        return Ok(None);
+    };
+    let Some(why) = recorded.differs(&now) else {
+        return Ok(None);
+    };
+    if !opts.other_data {
         bail!(
-            "{} has no checkpoint to resume from (no {LAST}/{STATE}): did its first epoch finish?",
-            out.display()
+            "{} was trained on {} but is resumed on {}: {why} — pass --data {} to continue on the run's data, or --other-data to continue on this data (a stopped epoch then starts over)",
+            out.display(),
+            recorded.describe(),
+            now.describe(),
+            recorded.path.display()
         );
     }
-    Ok(last)
+    Ok(Some(Change {
+        key: "data".into(),
+        old: recorded.describe(),
+        new: now.describe(),
+    }))
 }
 
 /// The keys whose values differ between two configs, as `section.key`.

@@ -207,6 +207,22 @@ mod tests {
     }
 
     #[test]
+    fn the_retrieval_threshold_is_five_times_chance_capped_at_halfway() {
+        // Text → image recall@10 over n images: chance 10/n. From 90 images on, 5× chance is
+        // the threshold (exactly equal at 90); below, 5× chance would pass halfway to 1, and
+        // halfway is used.
+        for n in [65usize, 80, 89] {
+            let chance = RECALL_K as f64 / n as f64;
+            assert!(TIMES_CHANCE * chance > halfway(chance));
+            assert_eq!(recall_threshold(chance), halfway(chance), "{n}");
+        }
+        for n in [91usize, 200, 5000] {
+            let chance = RECALL_K as f64 / n as f64;
+            assert_eq!(recall_threshold(chance), TIMES_CHANCE * chance, "{n}");
+        }
+    }
+
+    #[test]
     fn a_constant_model_fails_retrieval_small_and_large() {
         for (n, per) in [(10, 3), (64, 1), (65, 1), (300, 5), (2000, 1)] {
             let text_image: Vec<usize> = (0..n * per).map(|j| j / per).collect();

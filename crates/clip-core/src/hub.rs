@@ -106,18 +106,25 @@ impl Hub {
     /// `refs/<revision>` (or `revision` itself when it is a commit hash), then
     /// `snapshots/<commit>/<file>`.
     pub fn cached(&self, repo: &str, revision: &str, file: &str) -> Option<PathBuf> {
+        // Both are joined into paths: a revision such as `../../x` must never leave the cache, and
+        // a ref file is only trusted to hold a commit hash.
+        validate_revision(revision).ok()?;
         let dir = self.repo_dir(repo);
         let commit = match std::fs::read_to_string(dir.join("refs").join(revision)) {
             Ok(c) => c.trim().to_string(),
             Err(_) if is_commit_hash(revision) => revision.to_string(),
             Err(_) => return None,
         };
+        if !is_commit_hash(&commit) {
+            return None;
+        }
         let path = dir.join("snapshots").join(commit).join(file);
         path.is_file().then_some(path)
     }
 
     /// `file` of `repo` at `revision`: from the cache, else downloaded into it (unless offline).
     pub fn get(&self, repo: &str, revision: &str, file: &str) -> Result<PathBuf> {
+        validate_revision(revision)?;
         if let Some(p) = self.cached(repo, revision, file) {
             return Ok(p);
         }
@@ -173,6 +180,45 @@ impl Hub {
     }
 }
 
+/// Refuses a revision that is not a git ref name or commit as the Hub accepts them (a branch, a
+/// tag, `refs/pr/N`, a commit hash), by git's `check-ref-format` rules: no `..`, no part starting
+/// with `.` or ending in `.lock`, no `@{`, no control characters, spaces or `~^:?*[\\`, no empty
+/// part, no leading or trailing `/`. The revision names a file under the cache's `refs/`, so this
+/// is what keeps `refs/../..` out of the file system.
+pub fn validate_revision(revision: &str) -> Result<()> {
+    let bad = |why: &str| anyhow::anyhow!("revision {revision:?} is not a valid branch, tag or commit name: {why}");
+    if revision.is_empty() {
+        return Err(bad("it is empty"));
+    }
+    if revision.len() > 255 {
+        return Err(bad("it is longer than 255 characters"));
+    }
+    if let Some(c) = revision
+        .chars()
+        .find(|c| c.is_control() || c.is_whitespace() || "~^:?*[\\".contains(*c))
+    {
+        return Err(bad(&format!("it contains {c:?}")));
+    }
+    if revision.contains("..") {
+        return Err(bad("it contains `..`"));
+    }
+    if revision.contains("@{") || revision == "@" {
+        return Err(bad("it contains `@{`"));
+    }
+    if revision.starts_with('/') || revision.ends_with('/') || revision.ends_with('.') {
+        return Err(bad("it starts or ends with `/`, or ends with `.`"));
+    }
+    for part in revision.split('/') {
+        if part.is_empty() {
+            return Err(bad("it has an empty part (`//`)"));
+        }
+        if part.starts_with('.') || part.ends_with(".lock") {
+            return Err(bad("a part starts with `.` or ends with `.lock`"));
+        }
+    }
+    Ok(())
+}
+
 fn is_commit_hash(s: &str) -> bool {
     s.len() == 40 && s.bytes().all(|b| b.is_ascii_hexdigit())
 }
@@ -226,6 +272,7 @@ impl ModelSource {
             bail!("`pretrained = {spec:?}` is neither an existing path nor a Hugging Face repo id (org/name, optionally @revision)");
         }
         let revision = revision.or(at).unwrap_or("main").to_string();
+        validate_revision(&revision).with_context(|| format!("`pretrained = {spec:?}`"))?;
         Ok(ModelSource::Hub {
             repo: repo.to_string(),
             revision,

@@ -57,6 +57,8 @@ impl DataSource {
 
 /// Everything a training stage needs from the data.
 pub struct Prepared {
+    /// Where the dataset was loaded from (as given: a folder, a captions file, shards).
+    pub source: PathBuf,
     pub dataset: Dataset,
     pub split: Split,
     pub tokenizer: TextTokenizer,
@@ -106,6 +108,7 @@ pub fn prepare(cfg: &ClipConfig, source: &DataSource, device: &Device, progress:
     let store = Arc::new(store);
     let loader = Loader::new(&dataset, store.clone(), &tokenizer, cfg, device)?;
     Ok(Prepared {
+        source: path,
         dataset,
         split,
         tokenizer,

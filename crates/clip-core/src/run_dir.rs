@@ -7,14 +7,84 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use candle_core::Device;
+use serde::{Deserialize, Serialize};
 
 pub use lock::{process_alive, Holder, RunLock, LOCK};
 
 use crate::checkpoint::{CONFIG, LAST, MANIFEST, METRICS, OPTIMIZER, STATE, TOKENIZER, WEIGHTS};
 
+pub use crate::checkpoint::DATASET;
+
+/// Which data a run trains on, recorded in its `dataset.json`, so that `--resume` on other data
+/// (another path, or the same path with other contents) is caught instead of silently skipping
+/// the wrong batches.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataIdentity {
+    /// The dataset as given (made absolute): a folder, a captions file, a shard pattern.
+    pub path: PathBuf,
+    pub images: usize,
+    pub pairs: usize,
+    /// [`crate::data::Dataset::listing_fingerprint`].
+    pub fingerprint: String,
+}
+
+impl DataIdentity {
+    pub fn of(data: &crate::prepare::Prepared) -> Self {
+        Self {
+            path: std::path::absolute(&data.source).unwrap_or_else(|_| data.source.clone()),
+            images: data.dataset.images.len(),
+            pairs: data.dataset.pairs.len(),
+            fingerprint: data.dataset.listing_fingerprint(),
+        }
+    }
+
+    /// The identity recorded in `run`, verified; `None` for a run written before it was recorded.
+    pub fn read(run: &Path) -> Result<Option<Self>> {
+        let path = run.join(DATASET);
+        if !path.is_file() {
+            return Ok(None);
+        }
+        let bytes = crate::checkpoint::read_checked(&path)?;
+        Ok(Some(
+            serde_json::from_slice(&bytes).with_context(|| format!("parsing {}", path.display()))?,
+        ))
+    }
+
+    pub fn to_json(&self) -> Result<Vec<u8>> {
+        Ok(serde_json::to_vec_pretty(self)?)
+    }
+
+    /// `PATH (N pairs of M images, listing 1234abcd…)`.
+    pub fn describe(&self) -> String {
+        format!(
+            "{} ({} pairs of {} images, listing {})",
+            self.path.display(),
+            self.pairs,
+            self.images,
+            &self.fingerprint[..self.fingerprint.len().min(12)]
+        )
+    }
+
+    /// How `other` differs from this, in words; `None` when it is the same data.
+    pub fn differs(&self, other: &Self) -> Option<String> {
+        let same_path = self.path == other.path;
+        let same_listing = self.fingerprint == other.fingerprint;
+        match (same_path, same_listing) {
+            (true, true) => None,
+            (false, true) => Some("another path, with the same listing (moved or copied?)".into()),
+            (true, false) => Some(format!(
+                "the same path, but its listing changed ({} pairs of {} images, was {} of {})",
+                other.pairs, other.images, self.pairs, self.images
+            )),
+            (false, false) => Some("another dataset".into()),
+        }
+    }
+}
+
 /// What a run writes into its folder (besides `run.lock` and the shared feature cache): a folder
-/// holding any of these already holds a run.
-pub const RUN_FILES: [&str; 13] = [
+/// holding any of these already holds a run, and `--overwrite` removes all of them. A test runs
+/// stage 4 and fails on any file it leaves that is not listed here.
+pub const RUN_FILES: [&str; 18] = [
     CONFIG,
     TOKENIZER,
     WEIGHTS,
@@ -22,10 +92,15 @@ pub const RUN_FILES: [&str; 13] = [
     "optimizer.json",
     MANIFEST,
     METRICS,
+    DATASET,
     "loss.csv",
     "loss.png",
+    "lr.png",
+    "quality.png",
     "similarity_before.png",
     "similarity_after.png",
+    "similarity.json",
+    "report.html",
     LAST,
     "last.old",
 ];
@@ -89,12 +164,19 @@ impl RunDir {
         Ok(Self { dir: dir.to_path_buf() })
     }
 
+    /// The run's `config.toml`, verified against its manifest.
     pub fn config(&self) -> Result<ClipConfig> {
-        ClipConfig::from_toml_file(&self.dir.join(CONFIG))
+        let path = self.dir.join(CONFIG);
+        let bytes = crate::checkpoint::read_checked(&path)?;
+        let text = std::str::from_utf8(&bytes).with_context(|| format!("{} is not UTF-8", path.display()))?;
+        ClipConfig::from_toml_str(text).with_context(|| format!("in config {}", path.display()))
     }
 
+    /// The run's `tokenizer.json`, verified against its manifest.
     pub fn tokenizer(&self, cfg: &ClipConfig) -> Result<TextTokenizer> {
-        TextTokenizer::from_file(&self.dir.join(TOKENIZER), cfg.max_tokens())
+        let path = self.dir.join(TOKENIZER);
+        let bytes = crate::checkpoint::read_checked(&path)?;
+        TextTokenizer::from_json(&bytes, cfg.max_tokens(), &path.display().to_string())
     }
 
     /// The best model with its tokenizer, ready for prediction.

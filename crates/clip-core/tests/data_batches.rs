@@ -113,7 +113,7 @@ fn every_pixel_layout_becomes_rgb() {
     assert_eq!(ds.images.len(), names.len());
     let px = |name: &str, x: usize, y: usize| {
         let i = ds.images.iter().position(|e| e.name == name).unwrap();
-        let rgb = store.rgb(i).unwrap();
+        let rgb = store.rgb(i).unwrap().unwrap();
         assert_eq!(rgb.len(), 3 * s * s);
         let o = (y * s + x) * 3;
         [rgb[o], rgb[o + 1], rgb[o + 2]]

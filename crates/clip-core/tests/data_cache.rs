@@ -59,7 +59,7 @@ fn open(dir: &Path, cache: &Path, skip_bad: bool) -> (Dataset, ImageStore, Vec<S
 
 fn pixels_of(ds: &Dataset, store: &ImageStore, name: &str) -> Vec<u8> {
     let i = ds.images.iter().position(|e| e.name == name).unwrap();
-    store.rgb(i).unwrap().into_owned()
+    store.rgb(i).unwrap().unwrap().into_owned()
 }
 
 #[test]
@@ -125,7 +125,7 @@ fn the_image_cache_decodes_only_what_changed() {
     assert_eq!(files.iter().filter(|f| f.ends_with(".bin")).count(), 1, "{files:?}");
     let manifest = std::fs::read_to_string(&r.manifest).unwrap();
     assert!(!manifest.contains("c.png") && manifest.contains("d.png"), "{manifest}");
-    assert!(manifest.contains("\"format\":1"), "{manifest}");
+    assert!(manifest.contains("\"format\":2"), "{manifest}");
 }
 
 /// A tar shard with these members (name, bytes).
@@ -228,7 +228,7 @@ fn webdataset_shards_are_read_in_place() {
     let s = cfg.image.image_size as u32;
     let want = image::imageops::resize(&picture(30, 20, 4), s, s, image::imageops::FilterType::Triangle);
     let k4 = ds.images.iter().position(|e| e.name == "k4.png").unwrap();
-    assert_eq!(store.rgb(k4).unwrap().as_ref(), want.as_raw().as_slice());
+    assert_eq!(store.rgb(k4).unwrap().unwrap().as_ref(), want.as_raw().as_slice());
     // Unchanged shards hit the cache.
     let (again, _) = ImageStore::open(&ds, &cfg, &StoreMode::Cache(Some(dir.path().join("c"))), true, &Silent).unwrap();
     assert_eq!(again.cache().unwrap().built, 0);
@@ -279,4 +279,55 @@ fn a_streaming_epoch_equals_the_cached_one() {
         augmented.iter().map(|b| &b.0).collect::<Vec<_>>(),
         plain.iter().map(|b| &b.0).collect::<Vec<_>>()
     );
+}
+
+#[test]
+fn a_flipped_bit_in_the_image_cache_is_detected_and_the_image_decoded_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let d = dir.path();
+    for (i, n) in ["a.png", "b.png"].iter().enumerate() {
+        picture(40, 30, i as u8).save(d.join(n)).unwrap();
+    }
+    write_csv(d, &["a.png", "b.png"]);
+    let (ds, store, _) = open(d, &cache, false);
+    let want_b = pixels_of(&ds, &store, "b.png");
+    let b = ds.images.iter().position(|e| e.name == "b.png").unwrap();
+    let want_batch = store.batch_pixels(&[b], None).unwrap();
+    drop(store);
+    let data = std::fs::read_dir(&cache)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "bin"))
+        .unwrap();
+    // Slots are image indices at page-aligned strides: flip one bit inside b's.
+    let stride = (3 * 64 * 64usize).div_ceil(4096) * 4096;
+    let mut bytes = std::fs::read(&data).unwrap();
+    bytes[b * stride + 100] ^= 0x04;
+    std::fs::write(&data, &bytes).unwrap();
+
+    // A full hit (the files did not change), yet the damaged slot is caught on reading, both by
+    // rgb and by a batch, and decoded again from the file.
+    let (ds, store, _) = open(d, &cache, false);
+    assert_eq!(store.cache().unwrap().built, 0);
+    assert_eq!(pixels_of(&ds, &store, "b.png"), want_b);
+    assert_eq!(store.repaired(), 1);
+    assert_eq!(store.batch_pixels(&[b], None).unwrap(), want_batch);
+    drop(store);
+    // The repair was written back: the next start reads the slot cleanly.
+    let (ds, store, _) = open(d, &cache, false);
+    assert_eq!(pixels_of(&ds, &store, "b.png"), want_b);
+    assert_eq!(store.repaired(), 0);
+
+    // A read that fails (the data file cut short under a running store) is an error, not a
+    // missing image.
+    std::fs::File::options()
+        .write(true)
+        .open(&data)
+        .unwrap()
+        .set_len(10)
+        .unwrap();
+    let err = format!("{:#}", store.rgb(b).unwrap_err());
+    assert!(err.contains("reading slot") && err.contains("image cache"), "{err}");
+    assert!(store.batch_pixels(&[b], None).is_err());
 }

@@ -132,3 +132,105 @@ fn ordinary_images_still_decode() {
     assert_eq!(ds.pairs.len(), 3);
     assert!(Path::new(&ds.images[1].path).ends_with("images/fine.jpg"));
 }
+
+/// A tar header for a regular file `name` of `size` bytes.
+fn tar_header(name: &str, size: u64) -> Vec<u8> {
+    let mut h = tar::Header::new_gnu();
+    h.set_path(name).unwrap();
+    h.set_size(size);
+    h.set_mode(0o644);
+    h.set_entry_type(tar::EntryType::Regular);
+    h.set_cksum();
+    h.as_bytes().to_vec()
+}
+
+/// A tar shard holding `members` (name, bytes), then a last member `huge.jpg` whose header claims
+/// `claimed` bytes while only a few follow (the shard ends there, without the end-of-archive
+/// blocks a writer adds).
+fn shard_with_liar(path: &Path, members: &[(&str, Vec<u8>)], claimed: u64) {
+    let mut raw = vec![];
+    for (name, bytes) in members {
+        raw.extend(tar_header(name, bytes.len() as u64));
+        raw.extend_from_slice(bytes);
+        raw.resize(raw.len().div_ceil(512) * 512, 0);
+    }
+    raw.extend(tar_header("huge.jpg", claimed));
+    raw.extend_from_slice(&[0xFF, 0xD8, 0xFF, 0xE0]);
+    raw.extend_from_slice(&[0u8; 508]);
+    std::fs::write(path, raw).unwrap();
+}
+
+#[test]
+fn webdataset_members_are_held_to_the_same_limits_as_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let png = |img: &RgbImage| {
+        let mut b = std::io::Cursor::new(vec![]);
+        img.write_to(&mut b, image::ImageFormat::Png).unwrap();
+        b.into_inner()
+    };
+    let shards = dir.path().join("shards");
+    std::fs::create_dir(&shards).unwrap();
+    // Past the end of its shard, and past any image's size (100 GB).
+    shard_with_liar(
+        &shards.join("shard-001.tar"),
+        &[("fine.png", png(&small())), ("fine.txt", b"a fine picture".to_vec())],
+        1 << 20,
+    );
+    shard_with_liar(
+        &shards.join("shard-000.tar"),
+        &[
+            ("good.png", png(&small())),
+            ("good.txt", b"a good picture".to_vec()),
+            ("bomb.jpg", jpeg_declaring(65535, 65535)),
+            ("bomb.txt", b"a bomb".to_vec()),
+            ("huge.txt", b"a header that lies".to_vec()),
+        ],
+        100 << 30,
+    );
+    let skip = LoadOptions {
+        skip_bad: true,
+        ..LoadOptions::default()
+    };
+    let cfg = ClipConfig::tiny();
+    let t = Instant::now();
+    let (ds, store) = Dataset::load_with_images(&shards, &skip, &cfg, &clip_core::progress::Silent).unwrap();
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    assert_eq!(ds.captions(), ["a good picture", "a fine picture"], "{:?}", ds.bad);
+    assert_eq!((0..store.len()).filter(|&i| store.contains(i)).count(), 2);
+    let bad: Vec<String> = ds.bad.iter().map(|b| b.to_string()).collect();
+    assert_eq!(bad.len(), 3, "{bad:?}");
+    assert!(
+        bad.iter()
+            .any(|b| b.contains("shard-000.tar:huge.jpg") && b.contains("107374182400 bytes, more than the 256 MiB")),
+        "{bad:?}"
+    );
+    assert!(
+        bad.iter()
+            .any(|b| b.contains("shard-001.tar:huge.jpg") && b.contains("past the end of the shard")),
+        "{bad:?}"
+    );
+    assert!(
+        bad.iter()
+            .any(|b| b.contains("shard-000.tar:bomb.jpg") && b.contains("image too large")),
+        "{bad:?}"
+    );
+
+    // A header within the shard but over the image limit is refused by its size alone.
+    let big = dir.path().join("big.tar");
+    // Written sparse: the 256 MiB of the image member are a hole, not bytes on disk.
+    let header = tar_header;
+    let f = std::fs::File::create(&big).unwrap();
+    let size = MAX_DECODE_BYTES + 1;
+    let next = 512 + size.div_ceil(512) * 512;
+    use std::os::unix::fs::FileExt;
+    f.write_all_at(&header("big.jpg", size), 0).unwrap();
+    f.write_all_at(&header("big.txt", 7), next).unwrap();
+    f.write_all_at(b"too big", next + 512).unwrap();
+    f.set_len(next + 1024 + 1024).unwrap();
+    drop(f);
+    let err = format!("{:#}", Dataset::load(&big, &skip).unwrap_err());
+    assert!(
+        err.contains("big.tar:big.jpg") && err.contains("268435457 bytes, more than the 256 MiB"),
+        "{err}"
+    );
+}

@@ -352,3 +352,42 @@ fn changed(a: &candle_core::Tensor, b: &candle_core::Tensor) -> anyhow::Result<b
         .to_scalar::<f32>()?
         > 0.0)
 }
+
+#[test]
+fn a_flipped_bit_in_the_feature_cache_is_detected_and_only_that_row_recomputed() {
+    let cfg = frozen(true, true);
+    let d = data(&cfg, None);
+    let model = ClipModel::new(&cfg, &Device::Cpu).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cache = FeatureCache::new(dir.path());
+    let first = cache.image_features(&model, &d.store, 4).unwrap();
+    let all: Vec<usize> = (0..d.store.len()).collect();
+    let want = first.tensor(&all, &Device::Cpu).unwrap();
+    // Flip one bit of the first stored feature value: the data follow the JSON header.
+    let mut bytes = std::fs::read(&first.file).unwrap();
+    let header = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let meta: serde_json::Value = serde_json::from_slice(&bytes[8..8 + header]).unwrap();
+    let start = meta["features"]["data_offsets"][0].as_u64().unwrap() as usize;
+    bytes[8 + header + start + 1] ^= 0x10;
+    std::fs::write(&first.file, &bytes).unwrap();
+    let again = cache.image_features(&model, &d.store, 4).unwrap();
+    assert_eq!(
+        (again.damaged, again.computed),
+        (1, 1),
+        "one row detected and recomputed"
+    );
+    assert_eq!(max_diff(&want, &again.tensor(&all, &Device::Cpu).unwrap()), 0.0);
+    // The file was rewritten whole: the next read finds nothing damaged.
+    let third = cache.image_features(&model, &d.store, 4).unwrap();
+    assert_eq!((third.damaged, third.computed), (0, 0));
+
+    // An error other than "not there" surfaces, naming the file (a folder where the file goes
+    // cannot be read as one).
+    std::fs::remove_file(&first.file).unwrap();
+    std::fs::create_dir(&first.file).unwrap();
+    let err = format!("{:#}", cache.image_features(&model, &d.store, 4).unwrap_err());
+    assert!(
+        err.contains("reading the feature cache") && err.contains(&first.file.display().to_string()),
+        "{err}"
+    );
+}

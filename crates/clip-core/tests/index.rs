@@ -321,3 +321,61 @@ fn a_newer_format_is_refused_and_version_1_is_upgraded() {
     let err = format!("{:#}", ImageIndex::load(dir).err().unwrap());
     assert!(err.contains("manifest.json"), "{err}");
 }
+
+#[test]
+fn a_damaged_graph_is_dropped_with_a_warning_and_the_segment_still_answers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (photos, dir) = (tmp.path().join("photos"), tmp.path().join("index"));
+    std::fs::create_dir_all(&photos).unwrap();
+    let names: Vec<String> = (0..40).map(|i| format!("p{i:02}.jpg")).collect();
+    for n in &names {
+        std::fs::write(photos.join(n), n).unwrap();
+    }
+    let opts = IndexOptions {
+        graph: GraphPolicy::Always,
+        ..IndexOptions::default()
+    };
+    let (idx, _) = update(&dir, &photos, &opts);
+    assert_eq!(idx.segment_counts().1, 1);
+    let graph = dir.join("seg-000001.hnsw");
+    let good = std::fs::read(&graph).unwrap();
+    // Three ways to damage it: the last point's row number (the last 4 bytes) out of range, a
+    // neighbour id of layer 0 out of range (its first node's first id, found by its value), and
+    // a cut file.
+    let mut bad_value = good.clone();
+    let n = bad_value.len();
+    bad_value[n - 4..].copy_from_slice(&0xFFFF_FF00u32.to_le_bytes());
+    let mut bad_neighbour = good.clone();
+    // bincode: params (2 × u64), ef_search (u64), points (u64 count, then per point: u64 count,
+    // 32 codes, f32 scale), then layer 0 (u64 count, then 64 ids per node).
+    let zero = 24 + 8 + 40 * (8 + 32 + 4) + 8;
+    bad_neighbour[zero..zero + 4].copy_from_slice(&7_000_000u32.to_le_bytes());
+    let cut = good[..good.len() / 2].to_vec();
+    for (what, bytes, why) in [
+        ("a row number", bad_value, "names row"),
+        ("a neighbour", bad_neighbour, "names a point that does not exist"),
+        ("a cut file", cut, "reading the HNSW graph"),
+    ] {
+        std::fs::write(&graph, &bytes).unwrap();
+        let idx = ImageIndex::load(&dir).unwrap();
+        let warnings = idx.warnings();
+        assert_eq!(warnings.len(), 1, "{what}: {warnings:?}");
+        assert!(
+            warnings[0].contains("seg-000001.hnsw") && warnings[0].contains(why) && warnings[0].contains("rebuild"),
+            "{what}: {}",
+            warnings[0]
+        );
+        assert_eq!(idx.segment_counts().1, 0, "{what}: the graph is not used");
+        // Every photo is still found first by its own embedding, in every mode.
+        for (i, e) in idx.entries.iter().enumerate() {
+            let q = name_vector(&e.path, 32);
+            for mode in [SearchMode::Exact, SearchMode::Compact, SearchMode::Approx] {
+                assert_eq!(idx.search_with(&q, 3, mode).unwrap()[0].0, i, "{what} {mode:?}");
+            }
+        }
+    }
+    std::fs::write(&graph, &good).unwrap();
+    let idx = ImageIndex::load(&dir).unwrap();
+    assert!(idx.warnings().is_empty());
+    assert_eq!(idx.segment_counts().1, 1);
+}

@@ -294,3 +294,173 @@ fn a_nan_validation_loss_is_never_the_best_and_the_untrained_model_stays_usable(
     assert!(t.state.history[0].val_loss.is_nan() && t.state.history[2].val_loss.is_nan());
     RunDir::open(out.path()).unwrap().load(&Device::Cpu).unwrap();
 }
+
+/// The demo set copied to `dir` (captions and images), optionally with one caption changed.
+fn copy_demo(dir: &std::path::Path, change_a_caption: bool) -> std::path::PathBuf {
+    let demo = clip_core::data::Dataset::demo_dir();
+    let to = dir.join("demo");
+    std::fs::create_dir_all(to.join("images")).unwrap();
+    for e in std::fs::read_dir(demo.join("images")).unwrap() {
+        let p = e.unwrap().path();
+        std::fs::copy(&p, to.join("images").join(p.file_name().unwrap())).unwrap();
+    }
+    let mut csv = std::fs::read_to_string(demo.join("captions.csv")).unwrap();
+    if change_a_caption {
+        let line = csv.lines().nth(1).unwrap().to_string();
+        csv = csv.replacen(&line, &format!("{line} indeed"), 1);
+    }
+    std::fs::write(to.join("captions.csv"), csv).unwrap();
+    to
+}
+
+fn data_at(cfg: &ClipConfig, path: &std::path::Path) -> clip_core::prepare::Prepared {
+    let source = DataSource {
+        path: Some(path.to_path_buf()),
+        image_cache: clip_core::prepare::ImageCache::Off,
+        ..DataSource::default()
+    };
+    prepare(cfg, &source, &Device::Cpu, &clip_core::progress::Silent).unwrap()
+}
+
+#[test]
+fn resume_on_other_data_is_refused_naming_both_unless_asked_for() {
+    let cfg = small_batches();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let mut t = Trainer::new(&cfg, demo(&cfg), &out).unwrap();
+    train(&mut t, 1);
+    drop(t);
+    let recorded: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("dataset.json")).unwrap()).unwrap();
+    assert_eq!(recorded["pairs"], 30, "{recorded}");
+    assert!(
+        recorded["path"].as_str().unwrap().ends_with("assets/demo"),
+        "{recorded}"
+    );
+
+    // The same listing under another path, and the same path with a caption changed.
+    let copy = copy_demo(&tmp.path().join("copy"), false);
+    let err = format!("{:#}", Trainer::resume(&cfg, data_at(&cfg, &copy), &out).err().unwrap());
+    assert!(
+        err.contains("was trained on") && err.contains("assets/demo") && err.contains(&copy.display().to_string()),
+        "{err}"
+    );
+    assert!(
+        err.contains("another path, with the same listing") && err.contains("--other-data"),
+        "{err}"
+    );
+    let changed = copy_demo(&tmp.path().join("changed"), true);
+    let err = format!(
+        "{:#}",
+        Trainer::resume(&cfg, data_at(&cfg, &changed), &out).err().unwrap()
+    );
+    assert!(err.contains("another dataset"), "{err}");
+
+    // Asked for: the change is recorded, and a stopped epoch starts over.
+    let mut t = Trainer::resume(&cfg, demo(&cfg), &out).unwrap();
+    t.set_stop(Arc::new(AtomicBool::new(true)));
+    assert!(t.train_epoch(|_, _, _| {}).unwrap_err().is::<Stopped>());
+    t.save_checkpoint().unwrap();
+    drop(t);
+    let opts = clip_core::fit::ResumeOptions { other_data: true };
+    let lock = clip_core::run_dir::RunLock::acquire(&out).unwrap();
+    let t = Trainer::resume_with(&cfg, data_at(&cfg, &changed), lock, opts).unwrap();
+    assert!(t.state.partial.is_none(), "the stopped epoch starts over on other data");
+    assert_eq!(t.changes.len(), 1);
+    assert_eq!(t.changes[0].key, "data");
+    drop(t);
+    let now: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("dataset.json")).unwrap()).unwrap();
+    assert_eq!(now["path"].as_str().unwrap(), changed.display().to_string());
+    // From now on the changed data is the run's.
+    assert!(Trainer::resume(&cfg, data_at(&cfg, &changed), &out).is_ok());
+}
+
+#[test]
+fn every_file_of_a_run_is_checksummed_and_a_missing_manifest_is_an_error() {
+    let cfg = ClipConfig::tiny();
+    let out = tempfile::tempdir().unwrap();
+    let mut t = Trainer::new(&cfg, demo(&cfg), out.path()).unwrap();
+    train(&mut t, 1);
+    drop(t);
+    let manifest = |dir: &std::path::Path| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap()
+    };
+    // Every file of the run folder (but the lock, the manifest and the checkpoint folder) and of
+    // last/ is listed.
+    for dir in [out.path().to_path_buf(), out.path().join(LAST)] {
+        let m = manifest(&dir);
+        assert_eq!(m["version"], 2);
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let e = e.unwrap();
+            let name = e.file_name().to_string_lossy().into_owned();
+            if e.path().is_dir() || name == "run.lock" || name == "manifest.json" {
+                continue;
+            }
+            assert!(
+                m["files"].get(&name).is_some(),
+                "{} not covered: {m}",
+                e.path().display()
+            );
+        }
+    }
+    // config.toml and tokenizer.json are verified when a run is opened.
+    let run = RunDir::open(out.path()).unwrap();
+    for f in ["config.toml", "tokenizer.json"] {
+        let p = out.path().join(f);
+        let good = std::fs::read(&p).unwrap();
+        let mut bad = good.clone();
+        let n = bad.len() / 2;
+        bad[n] ^= 0x01;
+        std::fs::write(&p, &bad).unwrap();
+        let err = format!("{:#}", run.load(&Device::Cpu).err().unwrap());
+        assert!(
+            err.contains(&p.display().to_string()) && err.contains("checksum mismatch"),
+            "{f}: {err}"
+        );
+        std::fs::write(&p, &good).unwrap();
+    }
+    run.load(&Device::Cpu).unwrap();
+
+    // A file the manifest does not list (copied in) is refused when read.
+    let weights = out.path().join(WEIGHTS);
+    let good_manifest = std::fs::read(out.path().join("manifest.json")).unwrap();
+    let mut m = manifest(out.path());
+    m["files"].as_object_mut().unwrap().remove(WEIGHTS);
+    std::fs::write(out.path().join("manifest.json"), m.to_string()).unwrap();
+    let err = format!("{:#}", run.load(&Device::Cpu).err().unwrap());
+    assert!(
+        err.contains(&weights.display().to_string()) && err.contains("not listed"),
+        "{err}"
+    );
+    // An unknown hash is an error, not a pass.
+    let mut m = manifest(out.path());
+    m["hash"] = serde_json::json!("md5");
+    std::fs::write(out.path().join("manifest.json"), m.to_string()).unwrap();
+    let err = format!("{:#}", run.load(&Device::Cpu).err().unwrap());
+    assert!(err.contains("hash \"md5\"") && err.contains("cannot check"), "{err}");
+    // A missing manifest is an error for a run that checksums every file, in both folders.
+    std::fs::remove_file(out.path().join("manifest.json")).unwrap();
+    let err = format!("{:#}", run.load(&Device::Cpu).err().unwrap());
+    assert!(
+        err.contains("has no manifest.json") && err.contains("cannot be verified"),
+        "{err}"
+    );
+    std::fs::write(out.path().join("manifest.json"), &good_manifest).unwrap();
+    std::fs::remove_file(out.path().join(LAST).join("manifest.json")).unwrap();
+    let err = format!("{:#}", Trainer::resume(&cfg, demo(&cfg), out.path()).err().unwrap());
+    assert!(err.contains("has no manifest.json"), "{err}");
+
+    // An old run (no dataset.json, a version-1 manifest listing only the weights) still loads.
+    let old = tempfile::tempdir().unwrap();
+    for f in [WEIGHTS, "config.toml", "tokenizer.json"] {
+        std::fs::copy(out.path().join(f), old.path().join(f)).unwrap();
+    }
+    let mut m = manifest(out.path());
+    m.as_object_mut().unwrap().remove("version");
+    let weights_sum = m["files"][WEIGHTS].clone();
+    m["files"] = serde_json::json!({ WEIGHTS: weights_sum });
+    std::fs::write(old.path().join("manifest.json"), m.to_string()).unwrap();
+    RunDir::open(old.path()).unwrap().load(&Device::Cpu).unwrap();
+    std::fs::remove_file(old.path().join("manifest.json")).unwrap();
+    RunDir::open(old.path()).unwrap().load(&Device::Cpu).unwrap();
+}

@@ -78,9 +78,49 @@ fn resume_reproduces_the_uninterrupted_losses() {
 }
 
 #[test]
-fn resume_without_a_checkpoint_says_why() {
+fn resume_of_a_folder_without_a_run_says_why() {
     let cfg = ClipConfig::tiny();
     let empty = tempfile::tempdir().unwrap();
     let err = Trainer::resume(&cfg, demo(&cfg), empty.path()).err().unwrap();
-    assert!(format!("{err:#}").contains("no checkpoint to resume from"), "{err:#}");
+    assert!(format!("{err:#}").contains("holds no run to resume"), "{err:#}");
+}
+
+#[test]
+fn a_run_killed_before_its_first_checkpoint_resumes_from_epoch_1() {
+    let mut cfg = ClipConfig::tiny();
+    cfg.train.epochs = 2;
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut full = Trainer::new(&cfg, demo(&cfg), a.path()).unwrap();
+    // A new run has a checkpoint from its first moment (epoch 0), so a kill in epoch 1 resumes.
+    assert!(a.path().join("last/state.json").is_file());
+    train(&mut full, 2);
+
+    // Killed at each point of its start: after the files, before last/ (as runs written before
+    // the epoch-0 checkpoint were), and after only the config.
+    for lost in [
+        vec!["last"],
+        vec!["last", "model.safetensors", "dataset.json", "tokenizer.json"],
+    ] {
+        let t = Trainer::new(&cfg, demo(&cfg), b.path()).unwrap();
+        drop(t);
+        for f in &lost {
+            let p = b.path().join(f);
+            if p.is_dir() {
+                std::fs::remove_dir_all(&p).unwrap();
+            } else {
+                std::fs::remove_file(&p).unwrap();
+            }
+        }
+        // Files removed by hand leave the manifest listing them: that is what a kill between
+        // the two manifest writes looks like too.
+        let mut resumed = Trainer::resume(&cfg, demo(&cfg), b.path()).unwrap();
+        assert!(resumed.restarted, "{lost:?}");
+        assert_eq!(resumed.state.epoch, 0);
+        assert!(b.path().join("last/state.json").is_file());
+        train(&mut resumed, 2);
+        let losses = |t: &Trainer| t.state.history.iter().map(|r| r.train_loss).collect::<Vec<_>>();
+        assert_eq!(losses(&full), losses(&resumed), "{lost:?}");
+        drop(resumed);
+        clip_core::run_dir::clear_run(b.path()).unwrap();
+    }
 }

@@ -83,20 +83,69 @@ pub fn serve(opts: ServeOptions, device: &Device) -> Result<()> {
     );
     use std::io::Write;
     std::io::stdout().flush()?;
-    let workers: Vec<_> = (0..opts.workers.max(1))
-        .map(|_| {
-            let (server, state) = (server.clone(), state.clone());
-            std::thread::spawn(move || {
-                for req in server.incoming_requests() {
-                    handle(&state, req);
-                }
-            })
+    let workers = opts.workers.max(1);
+    supervise(workers, move |_| {
+        for req in server.incoming_requests() {
+            handle(&state, req);
+        }
+    })
+}
+
+/// Runs `work` on `n` threads and waits for them. A request's panic is caught inside
+/// [`handle`], so a worker only ends when the server stops or something outside a request
+/// panics: each such end is logged, and once every worker is gone the server is reported as
+/// failed (the process exits non-zero) instead of exiting as if it had been stopped.
+fn supervise(n: usize, work: impl Fn(usize) + Send + Sync + 'static) -> Result<()> {
+    let work = Arc::new(work);
+    let workers: Vec<_> = (0..n)
+        .map(|i| {
+            let work = work.clone();
+            std::thread::Builder::new()
+                .name(format!("serve-{i}"))
+                .spawn(move || work(i))
+                .context("starting a server thread")
         })
-        .collect();
-    for w in workers {
-        let _ = w.join();
+        .collect::<Result<_>>()?;
+    let mut died = vec![];
+    for (i, w) in workers.into_iter().enumerate() {
+        if let Err(panic) = w.join() {
+            let msg = panic_message(&*panic);
+            eprintln!("serve: worker {i} died: {msg}");
+            died.push(format!("worker {i}: {msg}"));
+        }
+    }
+    if !died.is_empty() {
+        bail!(
+            "the server stopped: {} of {n} workers died ({})",
+            died.len(),
+            died.join("; ")
+        );
     }
     Ok(())
+}
+
+/// What a panic said, when it said it with a string.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
+}
+
+/// Runs one request's `answer`; a panic in it becomes a 500 (logged with the request) and the
+/// worker goes on serving.
+fn guarded(what: &str, answer: impl FnOnce() -> Reply) -> Reply {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(answer)) {
+        Ok(reply) => reply,
+        Err(panic) => {
+            eprintln!("serve: {what} failed: {}", panic_message(&*panic));
+            error(
+                500,
+                "internal error: the server failed to answer this request (see its log)",
+            )
+        }
+    }
 }
 
 fn load_state(opts: &ServeOptions, device: &Device) -> Result<State> {
@@ -151,13 +200,28 @@ fn handle(state: &State, mut req: Request) {
     let url = req.url().to_string();
     let (path, query) = url.split_once('?').unwrap_or((url.as_str(), ""));
     let params: HashMap<String, String> = form_urlencoded::parse(query.as_bytes()).into_owned().collect();
-    let reply = match (req.method(), path) {
+    let what = format!("{} {path}", req.method());
+    let reply = guarded(&what, || route(state, &mut req, path, &params));
+    let (status, ctype, body) = reply;
+    let header = Header::from_bytes("Content-Type", ctype).expect("a valid header");
+    let nosniff = Header::from_bytes("X-Content-Type-Options", "nosniff").expect("a valid header");
+    let resp = Response::from_data(body)
+        .with_status_code(StatusCode(status))
+        .with_header(header)
+        .with_header(nosniff);
+    // A client that went away is not the server's problem.
+    let _ = req.respond(resp);
+}
+
+/// The answer to one request.
+fn route(state: &State, req: &mut Request, path: &str, params: &HashMap<String, String>) -> Reply {
+    match (req.method(), path) {
         (Method::Get, "/") | (Method::Get, "/index.html") => {
             (200, "text/html; charset=utf-8", PAGE.as_bytes().to_vec())
         }
-        (Method::Get, "/api/search") => search_text(state, &params),
-        (Method::Post, "/api/image") => match read_body(&mut req) {
-            Ok(body) => search_image(state, &params, &body),
+        (Method::Get, "/api/search") => search_text(state, params),
+        (Method::Post, "/api/image") => match read_body(req) {
+            Ok(body) => search_image(state, params, &body),
             Err(r) => r,
         },
         (Method::Get, "/api/info") => json_reply(
@@ -168,16 +232,7 @@ fn handle(state: &State, mut req: Request) {
         (Method::Get, p) if p.starts_with("/images/") => serve_image(state, &p["/images/".len()..]),
         (_, "/api/search" | "/api/image" | "/") => error(405, "method not allowed"),
         _ => error(404, "not found"),
-    };
-    let (status, ctype, body) = reply;
-    let header = Header::from_bytes("Content-Type", ctype).expect("a valid header");
-    let nosniff = Header::from_bytes("X-Content-Type-Options", "nosniff").expect("a valid header");
-    let resp = Response::from_data(body)
-        .with_status_code(StatusCode(status))
-        .with_header(header)
-        .with_header(nosniff);
-    // A client that went away is not the server's problem.
-    let _ = req.respond(resp);
+    }
 }
 
 /// The request body, refused (413) beyond [`MAX_UPLOAD`].
@@ -369,5 +424,45 @@ fn content_type(path: &str) -> &'static str {
         Some("gif") => "image/gif",
         Some("bmp") => "image/bmp",
         _ => "application/octet-stream",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[test]
+    fn a_panicking_request_is_answered_500_and_the_worker_goes_on() {
+        let (status, _, body) = guarded("GET /boom", || panic!("boom"));
+        assert_eq!(status, 500);
+        assert!(String::from_utf8(body).unwrap().contains("internal error"));
+        // The same thread answers the next request.
+        assert_eq!(guarded("GET /", || (200, "text/plain", b"ok".to_vec())).0, 200);
+    }
+
+    #[test]
+    fn a_pool_whose_workers_all_die_is_an_error_naming_them() {
+        let err = format!("{:#}", supervise(3, |i| panic!("worker {i} hit a bug")).unwrap_err());
+        assert!(
+            err.contains("3 of 3 workers died") && err.contains("hit a bug"),
+            "{err}"
+        );
+        let err = format!(
+            "{:#}",
+            supervise(2, |i| if i == 1 {
+                panic!("only one")
+            })
+            .unwrap_err()
+        );
+        assert!(err.contains("1 of 2 workers died") && err.contains("only one"), "{err}");
+        // Workers that return (the server stopped) are not a failure.
+        let done = Arc::new(AtomicUsize::new(0));
+        let d = done.clone();
+        supervise(4, move |_| {
+            d.fetch_add(1, Ordering::SeqCst);
+        })
+        .unwrap();
+        assert_eq!(done.load(Ordering::SeqCst), 4);
     }
 }

@@ -134,6 +134,11 @@ fn the_search_page_answers_text_and_image_queries_and_serves_only_indexed_images
         "{v}"
     );
 
+    // An indexed photo replaced by a link out of the folder after indexing: the server must
+    // check where a path leads when it serves it, not only when it indexed it.
+    std::fs::remove_file(photos.join("coffee.jpg")).unwrap();
+    std::os::unix::fs::symlink(outside.join("secret.jpg"), photos.join("coffee.jpg")).unwrap();
+
     let captions = demo().join("captions.csv");
     let server = start(&[
         "--run",
@@ -214,6 +219,7 @@ fn the_search_page_answers_text_and_image_queries_and_serves_only_indexed_images
         ("/images/%2Fetc%2Fpasswd", 403),
         ("/images//etc/passwd", 403),
         ("/images/sub%5C..%5C..%5Cx.jpg", 403),
+        ("/images/coffee.jpg", 403),
         ("/images/leak.jpg", 404),
         ("/images/nothere.jpg", 404),
         ("/images/", 404),
@@ -221,6 +227,9 @@ fn the_search_page_answers_text_and_image_queries_and_serves_only_indexed_images
     ] {
         let (status, _, body) = http(port, "GET", target, b"");
         assert_eq!(status, want, "{target}: {}", String::from_utf8_lossy(&body));
+        if target == "/images/coffee.jpg" {
+            assert!(String::from_utf8_lossy(&body).contains("leads outside the indexed folder"));
+        }
         assert!(!body.windows(secret.len()).any(|w| w == secret.as_slice()));
         assert!(!String::from_utf8_lossy(&body).contains("root:"), "{target}");
     }

@@ -20,8 +20,9 @@ use clip_cli::Report;
 use clip_core::checkpoint::RunDir;
 use clip_core::config::Schedule;
 use clip_core::device;
-use clip_core::fit::{Stopped, Trainer};
+use clip_core::fit::{ResumeOptions, Stopped, Trainer};
 use clip_core::prepare::prepare;
+use clip_core::run_dir::DataIdentity;
 use clip_core::run_dir::{clear_run, run_files, RunLock, LOCK};
 
 #[derive(Parser)]
@@ -50,6 +51,11 @@ struct Args {
     /// Run frozen towers on every batch instead of caching their features.
     #[arg(long, conflicts_with = "feature_cache")]
     no_feature_cache: bool,
+    /// With --resume: continue on the data --data names although it is not the run's (another
+    /// path, or the run's path with other contents). Without it such a resume is refused, naming
+    /// both; a run stopped mid-epoch then starts that epoch over.
+    #[arg(long, requires = "resume")]
+    other_data: bool,
 }
 
 fn main() -> ExitCode {
@@ -79,7 +85,7 @@ fn run(args: Args) -> Result<ExitCode> {
         }
     }
     let mut cfg = match &args.resume {
-        Some(run) => RunDir::open(run)?.config()?,
+        Some(run) => resumed_config(run)?,
         None => args.model.load_config()?,
     };
     args.train.apply(&mut cfg)?;
@@ -123,9 +129,23 @@ fn run(args: Args) -> Result<ExitCode> {
         }
     }
 
-    let tokenizer = args.resume.as_ref().map(|r| r.join(clip_core::checkpoint::TOKENIZER));
     let mut source = args.data.source();
-    source.tokenizer = tokenizer.or(source.tokenizer);
+    if let Some(run) = &args.resume {
+        // The run's tokenizer (verified against its manifest); a run killed before writing it
+        // trains it again from the same captions.
+        let tok = run.join(clip_core::checkpoint::TOKENIZER);
+        if tok.is_file() {
+            clip_core::checkpoint::read_checked(&tok)?;
+            source.tokenizer = Some(tok);
+        }
+        // Without --data, the run's own data (recorded in dataset.json), not the demo set.
+        if source.path.is_none() {
+            if let Some(id) = DataIdentity::read(run)? {
+                println!("data: the run's dataset {}", id.path.display());
+                source.path = Some(id.path);
+            }
+        }
+    }
     let data = prepare(&cfg, &source, &dev, &clip_cli::progress::Bar::new())?;
     println!(
         "data: {} pairs of {} images; training on {}, validating on {}{}",
@@ -150,11 +170,25 @@ fn run(args: Args) -> Result<ExitCode> {
         );
     }
     let mut t = match &args.resume {
-        Some(_) => Trainer::resume_locked(&cfg, data, lock)?,
+        Some(_) => Trainer::resume_with(
+            &cfg,
+            data,
+            lock,
+            ResumeOptions {
+                other_data: args.other_data,
+            },
+        )?,
         None => Trainer::new_locked(&cfg, data, lock)?,
     };
+    if t.restarted {
+        println!(
+            "resume: {} had no checkpoint yet (stopped before its first was saved): starting from epoch 1",
+            out.display()
+        );
+    }
     for c in &t.changes {
-        println!("resume: {c} (recorded in config.toml)");
+        let file = if c.key == "data" { "dataset.json" } else { "config.toml" };
+        println!("resume: {c} (recorded in {file})");
         if c.key == "train.epochs" && cfg.train.schedule == Schedule::Cosine {
             println!("  cosine schedule: the decay now spans {} epochs; from the next step the learning rate follows that curve", cfg.train.epochs);
         }
@@ -342,6 +376,24 @@ fn run(args: Args) -> Result<ExitCode> {
     println!("report: {}", page.display());
     report.metric("report", page.display().to_string());
     report.finish(args.model.json.as_deref())
+}
+
+/// The config of the run `--resume` names, verified against its manifest. A folder stopped
+/// before it wrote its config holds nothing to resume, and says how to start it again.
+fn resumed_config(run: &Path) -> Result<clip_core::ClipConfig> {
+    if !run.is_dir() {
+        bail!(
+            "run folder {} does not exist: pass the --out folder of a stage 4 run",
+            run.display()
+        );
+    }
+    if !run.join(clip_core::checkpoint::CONFIG).is_file() {
+        bail!(
+            "{} holds no run to resume (it was stopped before writing its config.toml): start it again with your original command and --out {0}",
+            run.display()
+        );
+    }
+    RunDir { dir: run.to_path_buf() }.config()
 }
 
 /// Says which towers are frozen and where their cached features came from.

@@ -17,6 +17,15 @@ pub const MANIFEST: &str = "manifest.json";
 /// The manifest's `hash` field: which hash its sums are.
 pub const HASH: &str = "xxh3-128";
 
+/// The manifest's `version`: 2 lists every file of its folder, so a file it does not list is an
+/// error; 1 (runs written before every file was covered) listed only the weights and optimiser
+/// state, so another file read from such a folder is read unverified, with a warning.
+pub const VERSION: u32 = 2;
+
+fn version_1() -> u32 {
+    1
+}
+
 /// Size and hash of one version of a file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Sum {
@@ -37,14 +46,27 @@ impl Sum {
 
 /// Accepted versions of each file by name: the first is the current one, the others are accepted
 /// only while a write is in flight.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Manifest {
     pub hash: String,
+    #[serde(default = "version_1")]
+    pub version: u32,
     pub files: BTreeMap<String, Vec<Sum>>,
 }
 
+impl Default for Manifest {
+    fn default() -> Self {
+        Self {
+            hash: HASH.into(),
+            version: VERSION,
+            files: BTreeMap::new(),
+        }
+    }
+}
+
 impl Manifest {
-    /// The manifest of `dir`; `None` when there is none (a folder written before checksums).
+    /// The manifest of `dir`; `None` when there is none (a folder written before checksums). A
+    /// manifest whose hash this build does not know is an error: its sums cannot be checked.
     pub fn read(dir: &Path) -> Result<Option<Self>> {
         let path = dir.join(MANIFEST);
         let text = match std::fs::read_to_string(&path) {
@@ -54,24 +76,51 @@ impl Manifest {
         };
         let corrupted = || format!("{} is corrupted: it is not a valid checksum manifest", path.display());
         let value: serde_json::Value = serde_json::from_str(&text).with_context(corrupted)?;
-        // Another tool's manifest.json (an index's, a model hub's) is not ours to check against.
-        if value.get("hash").and_then(|h| h.as_str()) != Some(HASH) {
-            return Ok(None);
+        match value.get("hash") {
+            Some(serde_json::Value::String(h)) if h == HASH => {}
+            Some(h) => bail!(
+                "{} records its checksums with hash {h}, which this build cannot check (it knows {HASH}): the files it covers cannot be verified",
+                path.display()
+            ),
+            None => bail!(
+                "{} names no hash: it is not a checksum manifest (damaged, or another tool's) — the files it should cover cannot be verified",
+                path.display()
+            ),
         }
-        Ok(Some(serde_json::from_value(value).with_context(corrupted)?))
+        let m: Self = serde_json::from_value(value).with_context(corrupted)?;
+        if m.version > VERSION {
+            bail!(
+                "{} has version {}, newer than this build reads ({VERSION}): update clipmine",
+                path.display(),
+                m.version
+            );
+        }
+        Ok(Some(m))
     }
 
     pub fn to_json(&self) -> Result<Vec<u8>> {
         Ok(serde_json::to_vec_pretty(self)?)
     }
 
-    /// Checks `bytes`, read from `path`, against this manifest's entry for the file (if it has one).
+    /// Checks `bytes`, read from `path`, against this manifest's entry for the file. A file it
+    /// does not list is an error in a version-2 manifest (which lists every file of its folder),
+    /// and is read with a warning from an older one.
     pub fn verify(&self, path: &Path, bytes: &[u8]) -> Result<()> {
         let name = path
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
         let Some(accepted) = self.files.get(&name) else {
+            if self.version >= 2 {
+                bail!(
+                    "{} is not listed in its folder's {MANIFEST}, so it cannot be verified: it was not written by this run (copied in?), or the manifest is damaged",
+                    path.display()
+                );
+            }
+            eprintln!(
+                "warning: {} is read unverified: its folder's {MANIFEST} was written before every file of a run was checksummed",
+                path.display()
+            );
             return Ok(());
         };
         let got = Sum::of(bytes);

@@ -45,8 +45,9 @@ use crate::progress::Progress;
 /// skip it).
 pub const CACHE_DIR: &str = ".clipmine-cache";
 
-/// Bumped whenever the meaning of the data changes (decoder, resize filter, layout).
-const FORMAT: u32 = 1;
+/// Bumped whenever the meaning of the data changes (decoder, resize filter, layout). 2: each
+/// entry holds its slot's checksum.
+const FORMAT: u32 = 2;
 
 /// Slots start on page boundaries.
 const PAGE: usize = 4096;
@@ -104,19 +105,30 @@ struct Entry {
     stamp: Stamp,
     /// Slot in the data file; `None` when the image could not be decoded (`error` says why).
     slot: Option<usize>,
+    /// xxh3-64 of the slot's pixels: a slot whose bytes changed on disk is decoded again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    sum: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     error: Option<String>,
 }
 
 /// The cache of a dataset's images, opened for reading.
 pub(crate) struct Cached {
-    /// The data file (read with [`read_at`]).
+    /// The data file (read with [`read_at`]), and where it is (to repair a damaged slot).
     pub file: File,
+    pub path: PathBuf,
+    /// The checksum of each image's slot ([`slot_sum`]).
+    pub sums: Vec<Option<u64>>,
     pub stride: usize,
     /// Slot of each image; `None` where it failed (see `errors`).
     pub slots: Vec<Option<usize>>,
     pub errors: Vec<Option<String>>,
     pub report: CacheReport,
+}
+
+/// The checksum of a slot's pixels.
+pub(crate) fn slot_sum(pixels: &[u8]) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(pixels)
 }
 
 /// Bytes between slots for S×S images.
@@ -195,14 +207,17 @@ pub(crate) fn open(
 
     let full_hit = hits == origins.len() && dropped == 0;
     let slots: Vec<Option<usize>> = found.iter().map(|e| e.and_then(|e| e.slot)).collect();
+    let sums: Vec<Option<u64>> = found.iter().map(|e| e.and_then(|e| e.sum)).collect();
     let errors: Vec<Option<String>> = found.iter().map(|e| e.and_then(|e| e.error.clone())).collect();
     if full_hit && old.is_some() {
         // A full hit: read the data file as it is.
-        let Some((_, file, bytes_on_disk)) = old else {
+        let Some((m, file, bytes_on_disk)) = old else {
             unreachable!("checked above")
         };
         return Ok(Cached {
             file,
+            path: dir.join(&m.data),
+            sums,
             stride,
             slots,
             errors,
@@ -227,7 +242,14 @@ pub(crate) fn open(
     let file = tmp.as_file();
     progress.start("decoding images", (n - hits) as u64);
     let old_file = old.as_ref().map(|(_, file, _)| file);
-    let results: Vec<Result<(), String>> = (0..n)
+    let fresh = |i: usize| -> Result<Vec<u8>, String> {
+        let r = stamps[i]
+            .clone()
+            .and_then(|_| decode(&origins[i]).map_err(|e| format!("{e:#}")));
+        progress.inc(1);
+        r
+    };
+    let results: Vec<Result<u64, String>> = (0..n)
         .into_par_iter()
         .map(|i| {
             let pixels = match (found[i], old_file) {
@@ -237,18 +259,17 @@ pub(crate) fn open(
                     let mut px = vec![0u8; per];
                     read_at(old, &mut px, (s * stride) as u64)
                         .map_err(|e| format!("reading the image cache being updated: {e}"))?;
-                    px
+                    // A slot damaged on disk is decoded again rather than copied on.
+                    if e.sum == Some(slot_sum(&px)) {
+                        px
+                    } else {
+                        fresh(i)?
+                    }
                 }
-                _ => {
-                    let r = stamps[i]
-                        .clone()
-                        .and_then(|_| decode(&origins[i]).map_err(|e| format!("{e:#}")));
-                    progress.inc(1);
-                    r?
-                }
+                _ => fresh(i)?,
             };
             write_at(file, &pixels, (i * stride) as u64).map_err(|e| format!("writing the image cache: {e}"))?;
-            Ok(())
+            Ok(slot_sum(&pixels))
         })
         .collect();
     progress.finish();
@@ -285,6 +306,7 @@ pub(crate) fn open(
                 member: o.member().map(str::to_string),
                 stamp,
                 slot: r.is_ok().then_some(i),
+                sum: r.as_ref().ok().copied(),
                 error: r.as_ref().err().cloned(),
             })
         })
@@ -307,6 +329,8 @@ pub(crate) fn open(
     let bytes_on_disk = file.metadata()?.len();
     Ok(Cached {
         stride,
+        path: data_path,
+        sums: results.iter().map(|r| r.as_ref().ok().copied()).collect(),
         slots: results
             .iter()
             .enumerate()
@@ -352,12 +376,12 @@ pub(crate) fn read_at(file: &File, mut buf: &mut [u8], mut offset: u64) -> std::
 }
 
 #[cfg(unix)]
-fn write_at(file: &File, bytes: &[u8], offset: u64) -> std::io::Result<()> {
+pub(crate) fn write_at(file: &File, bytes: &[u8], offset: u64) -> std::io::Result<()> {
     std::os::unix::fs::FileExt::write_all_at(file, bytes, offset)
 }
 
 #[cfg(windows)]
-fn write_at(file: &File, mut bytes: &[u8], mut offset: u64) -> std::io::Result<()> {
+pub(crate) fn write_at(file: &File, mut bytes: &[u8], mut offset: u64) -> std::io::Result<()> {
     use std::os::windows::fs::FileExt;
     while !bytes.is_empty() {
         let n = file.seek_write(bytes, offset)?;

@@ -237,6 +237,29 @@ impl Dataset {
     }
 
     /// The file errors are reported against: the captions file, or the root of class folders.
+    /// xxh3-128 of what training sees of the dataset, in order: each image's name, each pair's
+    /// image, caption and label, the class names. The same listing gives the same fingerprint
+    /// wherever the files are; another caption, image or order gives another. 32 hex digits.
+    pub fn listing_fingerprint(&self) -> String {
+        let mut h = xxhash_rust::xxh3::Xxh3::new();
+        let mut field = |b: &[u8]| {
+            h.update(&(b.len() as u64).to_le_bytes());
+            h.update(b);
+        };
+        for e in &self.images {
+            field(e.name.as_bytes());
+        }
+        for p in &self.pairs {
+            field(&(p.image as u64).to_le_bytes());
+            field(p.caption.as_bytes());
+            field(&p.label.map_or(u64::MAX, |l| l as u64).to_le_bytes());
+        }
+        for l in &self.labels {
+            field(l.as_bytes());
+        }
+        format!("{:032x}", h.digest128())
+    }
+
     pub fn source_path(&self) -> &Path {
         match &self.source {
             Source::Captions { file, .. } => file,

@@ -5,7 +5,7 @@
 //! image per batch on the small stored image, so it costs microseconds. Augmentation instead
 //! crops the original file, decoded again each time ([`augment_original`]).
 
-use std::io::BufReader;
+use std::io::{BufRead, BufReader, Seek};
 use std::path::Path;
 
 use anyhow::{Context, Result};
@@ -113,7 +113,12 @@ impl Preprocess {
 /// allocation check `ImageReader::decode` makes, so it is made here.
 pub(crate) fn decode(path: &Path) -> Result<DynamicImage> {
     let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let mut reader = ImageReader::new(BufReader::new(file)).with_guessed_format()?;
+    decode_reader(BufReader::new(file))
+}
+
+/// [`decode`] for bytes from anywhere (a tar member, an upload), under the same limits.
+pub(crate) fn decode_reader(reader: impl BufRead + Seek) -> Result<DynamicImage> {
+    let mut reader = ImageReader::new(reader).with_guessed_format()?;
     reader.limits(limits());
     let mut decoder = reader.into_decoder().map_err(too_large)?;
     let (w, h) = decoder.dimensions();

@@ -5,14 +5,14 @@
 //! (the shard is never extracted).
 
 use std::fs::File;
-use std::io::{BufReader, Cursor, Read, Seek, SeekFrom};
+use std::io::{Cursor, Read, Seek, SeekFrom};
 use std::path::PathBuf;
 use std::time::UNIX_EPOCH;
 
 use anyhow::{Context, Result};
-use image::{DynamicImage, ImageDecoder, ImageReader};
+use image::DynamicImage;
 
-use super::{Dataset, Source};
+use super::{Dataset, Source, MAX_DECODE_BYTES};
 
 /// One image's original bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -75,31 +75,45 @@ impl Origin {
         })
     }
 
-    /// The image at full resolution, upright (EXIF orientation applied).
+    /// The image at full resolution, upright (EXIF orientation applied), under the limits of
+    /// [`super::image::decode`]. A member's length comes from its tar header, which anyone can
+    /// write: it is checked against the shard's real length and against [`MAX_DECODE_BYTES`]
+    /// before a byte is allocated for it.
     pub fn decode(&self) -> Result<DynamicImage> {
         match self {
             Origin::File(p) => super::image::decode(p),
             Origin::Member { shard, offset, len, .. } => {
                 let mut f = File::open(shard).with_context(|| format!("opening {}", shard.display()))?;
+                let shard_len = f
+                    .metadata()
+                    .with_context(|| format!("reading {}", shard.display()))?
+                    .len();
+                check_span(*offset, *len, shard_len)?;
                 f.seek(SeekFrom::Start(*offset))?;
                 let mut bytes = vec![0u8; *len as usize];
                 f.read_exact(&mut bytes)
                     .with_context(|| format!("reading {} bytes at {offset}", len))?;
-                decode_bytes(&bytes)
+                super::image::decode_reader(Cursor::new(bytes))
             }
         }
     }
 }
 
-/// Decodes an image held in memory (format from its content), upright.
-fn decode_bytes(bytes: &[u8]) -> Result<DynamicImage> {
-    let mut decoder = ImageReader::new(BufReader::new(Cursor::new(bytes)))
-        .with_guessed_format()?
-        .into_decoder()?;
-    let orientation = decoder.orientation()?;
-    let mut img = DynamicImage::from_decoder(decoder)?;
-    img.apply_orientation(orientation);
-    Ok(img)
+/// Whether a member of `len` bytes at `offset` lies inside a shard of `shard_len` bytes and is
+/// no larger than an image may be (its encoded bytes are never more than its decoded pixels).
+pub(crate) fn check_span(offset: u64, len: u64, shard_len: u64) -> Result<()> {
+    if len > MAX_DECODE_BYTES {
+        anyhow::bail!(
+            "image too large: its tar header says {len} bytes, more than the {} MiB an image may take",
+            MAX_DECODE_BYTES >> 20
+        );
+    }
+    if offset.checked_add(len).is_none_or(|end| end > shard_len) {
+        anyhow::bail!(
+            "its tar header says {len} bytes at offset {offset}, past the end of the shard ({shard_len} bytes): the shard is truncated or damaged"
+        );
+    }
+    Ok(())
 }
 
 /// The origin of every image of `ds`, by image index.

@@ -21,9 +21,10 @@
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
@@ -48,8 +49,12 @@ pub enum StoreMode {
 
 enum Pixels {
     Memory(Vec<u8>),
-    /// The image cache's data file, read a slot at a time.
-    Cached(std::fs::File),
+    /// The image cache's data file, read a slot at a time and checked against its slot's sum.
+    Cached {
+        file: std::fs::File,
+        path: PathBuf,
+        sums: Vec<Option<u64>>,
+    },
     Stream,
 }
 
@@ -69,6 +74,8 @@ pub struct ImageStore {
     cache: Option<CacheReport>,
     /// Why the store is not what was asked for (an unwritable cache folder), when it is not.
     note: Option<String>,
+    /// Cache slots found damaged on reading (checksum mismatch) and decoded again.
+    repaired: AtomicUsize,
 }
 
 impl ImageStore {
@@ -108,6 +115,7 @@ impl ImageStore {
             pool: OnceLock::new(),
             cache: None,
             note: None,
+            repaired: AtomicUsize::new(0),
         };
         let decode = |o: &Origin| -> Result<Vec<u8>> { Ok(fit(&to_rgb(o.decode()?), &prep).into_raw()) };
         let errors: Vec<Option<String>> = match mode {
@@ -125,7 +133,11 @@ impl ImageStore {
                 ) {
                     Ok(c) => {
                         store.stride = c.stride;
-                        store.pixels = Pixels::Cached(c.file);
+                        store.pixels = Pixels::Cached {
+                            file: c.file,
+                            path: c.path,
+                            sums: c.sums,
+                        };
                         store.slots = c.slots;
                         store.cache = Some(c.report);
                         c.errors
@@ -233,19 +245,56 @@ impl ImageStore {
     }
 
     /// Image `i` as HWC u8 RGB, S×S: borrowed from memory, read from the cache, or decoded now
-    /// when streaming.
-    pub fn rgb(&self, i: usize) -> Option<Cow<'_, [u8]>> {
+    /// when streaming. `None` when the image was not decoded (see [`ImageStore::contains`]); an
+    /// error when reading or decoding it fails now.
+    pub fn rgb(&self, i: usize) -> Result<Option<Cow<'_, [u8]>>> {
         let per = 3 * self.size * self.size;
-        let slot = (*self.slots.get(i)?)?;
-        match &self.pixels {
-            Pixels::Memory(p) => Some(Cow::Borrowed(&p[slot * self.stride..][..per])),
-            Pixels::Cached(f) => {
+        let Some(slot) = self.slots.get(i).copied().flatten() else {
+            return Ok(None);
+        };
+        Ok(Some(match &self.pixels {
+            Pixels::Memory(p) => Cow::Borrowed(&p[slot * self.stride..][..per]),
+            Pixels::Cached { .. } => {
                 let mut px = vec![0u8; per];
-                cache::read_at(f, &mut px, (slot * self.stride) as u64).ok()?;
-                Some(Cow::Owned(px))
+                self.read_slot(i, slot, &mut px)?;
+                Cow::Owned(px)
             }
-            Pixels::Stream => self.decode_fitted(i).ok().map(Cow::Owned),
+            Pixels::Stream => Cow::Owned(self.decode_fitted(i)?),
+        }))
+    }
+
+    /// Cache slots found damaged (checksum mismatch) since the store was opened, and decoded
+    /// again from their files.
+    pub fn repaired(&self) -> usize {
+        self.repaired.load(Ordering::Relaxed)
+    }
+
+    /// Reads image `i`'s cache slot into `px` and checks it against its checksum. A damaged slot
+    /// (a bit flipped on disk) is decoded again from the original, written back to the cache
+    /// (best effort: a read-only cache is only read) and counted in [`ImageStore::repaired`].
+    fn read_slot(&self, i: usize, slot: usize, px: &mut [u8]) -> Result<()> {
+        let Pixels::Cached { file, path, sums } = &self.pixels else {
+            unreachable!("only for a cached store")
+        };
+        let offset = (slot * self.stride) as u64;
+        cache::read_at(file, px, offset)
+            .with_context(|| format!("reading slot {slot} of the image cache {}", path.display()))?;
+        if sums.get(i).copied().flatten() == Some(cache::slot_sum(px)) {
+            return Ok(());
         }
+        let fresh = self.decode_fitted(i)?;
+        px.copy_from_slice(&fresh);
+        if self.repaired.fetch_add(1, Ordering::Relaxed) == 0 {
+            eprintln!(
+                "warning: the image cache {} has a damaged slot ({}): decoded again from the file",
+                path.display(),
+                self.origins[i].describe()
+            );
+        }
+        if let Ok(w) = std::fs::OpenOptions::new().write(true).open(path) {
+            let _ = cache::write_at(&w, px, offset);
+        }
+        Ok(())
     }
 
     fn decode_fitted(&self, i: usize) -> Result<Vec<u8>> {
@@ -313,15 +362,17 @@ impl ImageStore {
                 .par_chunks_mut(per.max(1))
                 .zip(slots.par_iter())
                 .for_each(|(dst, &s)| normalise_into(&bytes[s * self.stride..][..per], &self.prep, dst)),
-            Pixels::Cached(file) => out.par_chunks_mut(per.max(1)).zip(slots.par_iter()).try_for_each_init(
-                || vec![0u8; per],
-                |px, (dst, &s)| -> Result<()> {
-                    cache::read_at(file, px, (s * self.stride) as u64)
-                        .map_err(|e| anyhow::anyhow!("reading slot {s} of the image cache: {e}"))?;
-                    normalise_into(px, &self.prep, dst);
-                    Ok(())
-                },
-            )?,
+            Pixels::Cached { .. } => out
+                .par_chunks_mut(per.max(1))
+                .zip(slots.par_iter().zip(image_indices.par_iter()))
+                .try_for_each_init(
+                    || vec![0u8; per],
+                    |px, (dst, (&s, &i))| -> Result<()> {
+                        self.read_slot(i, s, px)?;
+                        normalise_into(px, &self.prep, dst);
+                        Ok(())
+                    },
+                )?,
             Pixels::Stream => unreachable!("handled above"),
         }
         Ok(out)
@@ -352,7 +403,7 @@ impl std::fmt::Debug for ImageStore {
         let decoded = self.slots.iter().filter(|s| s.is_some()).count();
         let mode = match self.pixels {
             Pixels::Memory(_) => "memory",
-            Pixels::Cached(_) => "cache",
+            Pixels::Cached { .. } => "cache",
             Pixels::Stream => "stream",
         };
         f.debug_struct("ImageStore")

@@ -164,6 +164,13 @@ impl TextTokenizer {
         Self::wrap(inner, max_len, &format!("tokenizer {}", path.display()))
     }
 
+    /// A tokenizer from the text of a `tokenizer.json` (read and verified by the caller); `what`
+    /// names it in errors.
+    pub fn from_json(json: &[u8], max_len: usize, what: &str) -> Result<Self> {
+        let inner = tk(Tokenizer::from_bytes(json)).with_context(|| format!("reading tokenizer {what}"))?;
+        Self::wrap(inner, max_len, &format!("tokenizer {what}"))
+    }
+
     /// BERT's WordPiece pipeline (the `tokenizers` crate's BERT normaliser, pre-tokenizer,
     /// WordPiece model, [CLS]/[SEP] post-processor and decoder) over a `vocab.txt`, for models
     /// on the Hub that ship only their vocabulary (bert-base-chinese's first releases and others).
@@ -223,9 +230,14 @@ impl TextTokenizer {
         })
     }
 
+    /// The `tokenizer.json` text (Hugging Face format: it loads in Python too).
+    pub fn to_json(&self) -> Result<String> {
+        tk(self.inner.to_string(true))
+    }
+
     /// Writes `tokenizer.json` atomically (Hugging Face format: it loads in Python too).
     pub fn save(&self, path: &Path) -> Result<()> {
-        let json = tk(self.inner.to_string(true))?;
+        let json = self.to_json()?;
         crate::checkpoint::write_atomic(path, json.as_bytes())
             .with_context(|| format!("writing tokenizer {}", path.display()))
     }

@@ -20,6 +20,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 
 use super::dataset::CAPTION_FILES;
+use super::origin::check_span;
 use super::paths::absolute;
 use super::{BadRow, Dataset, ImageEntry, LoadOptions, Pair, Source, IMAGE_EXTENSIONS};
 
@@ -69,45 +70,107 @@ pub(crate) fn shards(path: &Path) -> Result<Option<Vec<PathBuf>>> {
     Ok(None)
 }
 
+/// The most names one brace pattern may expand to, all groups together: a few hundred thousand
+/// shards is already a very large dataset, and each name costs memory before any shard is opened.
+pub const MAX_BRACE_NAMES: u64 = 1_000_000;
+
+/// One `{…}` group of a pattern: a numeric range or a list of alternatives.
+enum Group<'a> {
+    Range { from: u64, to: u64, width: usize },
+    List(Vec<&'a str>),
+}
+
+impl Group<'_> {
+    fn len(&self) -> u64 {
+        match self {
+            Group::Range { from, to, .. } => to - from + 1,
+            Group::List(l) => l.len() as u64,
+        }
+    }
+
+    fn get(&self, i: u64) -> String {
+        match self {
+            Group::Range { from, width, .. } => format!("{:0width$}", from + i),
+            Group::List(l) => l[i as usize].to_string(),
+        }
+    }
+}
+
 /// Shell-style brace expansion: `{00000..00099}` (numeric range, zero-padded to the width of
 /// its first bound when that starts with 0) and `{a,b,c}` (alternatives), several per pattern.
+///
+/// The number of names is the product of the groups' sizes; it is counted before any name is
+/// made and refused above [`MAX_BRACE_NAMES`], so `{0..9999999}{0..9999999}` is an error in
+/// microseconds rather than an exhausted memory.
 pub fn expand_braces(pattern: &str) -> Result<Vec<String>> {
-    let Some(open) = pattern.find('{') else {
-        return Ok(vec![pattern.to_string()]);
-    };
-    let Some(len) = pattern[open..].find('}') else {
-        bail!("{pattern}: a `{{` without its `}}`");
-    };
-    let (head, body, tail) = (
-        &pattern[..open],
-        &pattern[open + 1..open + len],
-        &pattern[open + len + 1..],
-    );
-    let options: Vec<String> = if let Some((a, b)) = body.split_once("..") {
-        let bad = || anyhow::anyhow!("{pattern}: {{{body}}} is not a range of numbers like {{00000..00099}}");
-        let (from, to): (u64, u64) = (a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?);
-        if from > to {
-            bail!("{pattern}: the range {{{body}}} runs backwards");
+    // Literal text and groups, alternating: lit0 {g0} lit1 {g1} … litN.
+    let mut literals = vec![];
+    let mut groups = vec![];
+    let mut rest = pattern;
+    while let Some(open) = rest.find('{') {
+        let Some(len) = rest[open..].find('}') else {
+            bail!("{pattern}: a `{{` without its `}}`");
+        };
+        let body = &rest[open + 1..open + len];
+        literals.push(&rest[..open]);
+        groups.push(if let Some((a, b)) = body.split_once("..") {
+            let bad = || anyhow::anyhow!("{pattern}: {{{body}}} is not a range of numbers like {{00000..00099}}");
+            let (from, to): (u64, u64) = (a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?);
+            if from > to {
+                bail!("{pattern}: the range {{{body}}} runs backwards");
+            }
+            if to - from >= MAX_BRACE_NAMES {
+                bail!("{pattern}: the range {{{body}}} names more than {MAX_BRACE_NAMES} shards");
+            }
+            let width = if a.starts_with('0') { a.len() } else { 0 };
+            Group::Range { from, to, width }
+        } else {
+            Group::List(body.split(',').collect())
+        });
+        rest = &rest[open + len + 1..];
+    }
+    literals.push(rest);
+    let total = groups.iter().try_fold(1u64, |n, g| n.checked_mul(g.len()));
+    match total {
+        Some(n) if n <= MAX_BRACE_NAMES => {}
+        _ => bail!(
+            "{pattern}: the pattern names {} shards in all (the product of its groups' sizes: {}), more than the {MAX_BRACE_NAMES} allowed — name fewer shards, or a folder of .tar files",
+            total.map_or_else(|| "over 18 quintillion".to_string(), |n| n.to_string()),
+            groups.iter().map(|g| g.len().to_string()).collect::<Vec<_>>().join(" × ")
+        ),
+    }
+    // Odometer order: the last group changes fastest, as the shell expands.
+    let mut names = Vec::with_capacity(total.unwrap_or(0) as usize);
+    let mut digit = vec![0u64; groups.len()];
+    loop {
+        let mut name = String::from(literals[0]);
+        for (k, g) in groups.iter().enumerate() {
+            name.push_str(&g.get(digit[k]));
+            name.push_str(literals[k + 1]);
         }
-        if to - from > 10_000_000 {
-            bail!("{pattern}: the range {{{body}}} names more than 10 million shards");
+        names.push(name);
+        let mut k = groups.len();
+        loop {
+            if k == 0 {
+                return Ok(names);
+            }
+            k -= 1;
+            digit[k] += 1;
+            if digit[k] < groups[k].len() {
+                break;
+            }
+            digit[k] = 0;
         }
-        let width = if a.starts_with('0') { a.len() } else { 0 };
-        (from..=to).map(|i| format!("{i:0width$}")).collect()
-    } else {
-        body.split(',').map(str::to_string).collect()
-    };
-    let rest = expand_braces(tail)?;
-    Ok(options
-        .iter()
-        .flat_map(|o| rest.iter().map(move |r| format!("{head}{o}{r}")))
-        .collect())
+    }
 }
 
 /// What one key of a shard holds.
 #[derive(Default)]
 struct Sample {
     image: Option<(String, MemberSpan)>,
+    /// An image member that cannot be used (its header claims more than the shard holds, or more
+    /// than an image may take): its name and why.
+    bad_image: Option<(String, String)>,
     txt: Option<std::result::Result<String, String>>,
     json: Option<std::result::Result<String, String>>,
     /// Any member of the key, for messages.
@@ -160,6 +223,10 @@ impl Dataset {
                     (None, Some(j)) => j,
                     (None, None) => Err("no caption (key.txt, or key.json with a `caption` or `text` field)".into()),
                 };
+                if let (None, Some((name, why))) = (&s.image, &s.bad_image) {
+                    bad.push(member_bad(shard, name, why.clone()));
+                    continue;
+                }
                 let Some((name, span)) = s.image else {
                     bad.push(member_bad(
                         shard,
@@ -209,6 +276,10 @@ impl Dataset {
 /// images nor captions are ignored; unreadable captions are kept as errors for their sample.
 fn read_shard(shard: &Path, bad: &mut Vec<BadRow>) -> Result<Vec<Sample>> {
     let file = File::open(shard).with_context(|| format!("opening {}", shard.display()))?;
+    let shard_len = file
+        .metadata()
+        .with_context(|| format!("reading {}", shard.display()))?
+        .len();
     let mut archive = tar::Archive::new(file);
     let mut order: Vec<String> = vec![];
     let mut samples: HashMap<String, Sample> = HashMap::new();
@@ -244,6 +315,11 @@ fn read_shard(shard: &Path, bad: &mut Vec<BadRow>) -> Result<Vec<Sample>> {
                 offset: entry.raw_file_position(),
                 len: entry.size(),
             };
+            // The header's size is the writer's word: checked here, so nothing later allocates it.
+            if let Err(e) = check_span(span.offset, span.len, shard_len) {
+                sample.bad_image = Some((name, format!("{e:#}")));
+                continue;
+            }
             sample.image = Some((name, span));
         } else if ext == "txt" {
             sample.txt = Some(read_text(&mut entry).map_err(|e| format!("{name}: {e}")));
@@ -273,5 +349,23 @@ mod tests {
         assert!(expand_braces("s/{3..1}.tar").is_err());
         assert!(expand_braces("s/{x..y}.tar").is_err());
         assert!(expand_braces("s/{0.tar").is_err());
+    }
+
+    #[test]
+    fn the_product_of_ranges_is_capped_before_anything_is_made() {
+        let t = std::time::Instant::now();
+        let err = format!("{:#}", expand_braces("s/{0..9999999}{0..9999999}.tar").unwrap_err());
+        assert!(err.contains("more than 1000000 shards"), "{err}");
+        let err = format!("{:#}", expand_braces("s/{0..999999}{0..999999}.tar").unwrap_err());
+        assert!(t.elapsed() < std::time::Duration::from_millis(100), "{:?}", t.elapsed());
+        assert!(
+            err.contains("1000000000000 shards in all") && err.contains("1000000 × 1000000"),
+            "{err}"
+        );
+        let err = format!("{:#}", expand_braces("{0..999}{0..999}{0,1}").unwrap_err());
+        assert!(err.contains("2000000 shards in all"), "{err}");
+        // One range alone is capped too, and a product at the cap is fine.
+        assert!(expand_braces("{0..1000000}").is_err());
+        assert_eq!(expand_braces("{0..999}{0..999}").unwrap().len(), 1_000_000);
     }
 }

@@ -98,9 +98,80 @@ impl Graph {
         bincode::serialize(&(&self.params, &self.map)).context("serialising the HNSW graph")
     }
 
-    pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
+    /// Reads a graph written by [`Graph::to_bytes`] for a segment of `rows` rows of `dim`, checking
+    /// every id in it first: the search follows neighbour ids and returns row numbers unchecked,
+    /// so a damaged file would otherwise panic (or read another row) at query time.
+    pub fn from_bytes(bytes: &[u8], rows: usize, dim: usize) -> Result<Self> {
+        let raw: (GraphParams, RawMap) = bincode::deserialize(bytes).context("reading the HNSW graph")?;
+        raw.1.check(rows, dim).context("the HNSW graph is damaged")?;
         let (params, map): (GraphParams, HnswMap<Code, u32>) =
             bincode::deserialize(bytes).context("reading the HNSW graph")?;
         Ok(Self { map, params })
+    }
+}
+
+/// `instant_distance::HnswMap<Code, u32>` as bincode lays it out (its fields are private), read
+/// only to check it: the points, the neighbour lists of layer 0 (64 ids a node) and of the
+/// upper layers (32 ids a node, `u32::MAX` for none), and each point's value (our row number).
+#[derive(Deserialize)]
+struct RawMap {
+    hnsw: RawHnsw,
+    values: Vec<u32>,
+}
+
+#[derive(Deserialize)]
+struct RawHnsw {
+    #[allow(dead_code)]
+    ef_search: usize,
+    points: Vec<Code>,
+    zero: Vec<([u32; 32], [u32; 32])>,
+    layers: Vec<Vec<[u32; 32]>>,
+}
+
+impl RawMap {
+    fn check(&self, rows: usize, dim: usize) -> Result<()> {
+        let h = &self.hnsw;
+        let n = h.points.len();
+        if n != rows || h.zero.len() != n || self.values.len() != n {
+            anyhow::bail!(
+                "it has {n} points, {} layer-0 nodes and {} values for a segment of {rows} rows",
+                h.zero.len(),
+                self.values.len()
+            );
+        }
+        if let Some(p) = h
+            .points
+            .iter()
+            .position(|p| p.codes.len() != dim || !p.scale.is_finite())
+        {
+            anyhow::bail!("point {p} does not hold {dim} codes and a finite scale");
+        }
+        if let Some(v) = self.values.iter().find(|&&v| v as usize >= rows) {
+            anyhow::bail!("it names row {v} of a segment of {rows} rows");
+        }
+        let ok = |id: u32, len: usize| id == u32::MAX || (id as usize) < len;
+        if let Some(i) = h.zero.iter().position(|(a, b)| !a.iter().chain(b).all(|&id| ok(id, n))) {
+            anyhow::bail!("node {i} of layer 0 names a point that does not exist");
+        }
+        // The search starts at point 0 of the top layer and carries its candidates down, so each
+        // layer must hold every node of the one above it (layers[0] is layer 1, the largest).
+        let mut below = n;
+        for (l, layer) in h.layers.iter().enumerate() {
+            if layer.len() > below || layer.is_empty() {
+                anyhow::bail!(
+                    "upper layer {} has {} nodes (the layer below has {below})",
+                    l + 1,
+                    layer.len()
+                );
+            }
+            below = layer.len();
+            if let Some(i) = layer
+                .iter()
+                .position(|node| !node.iter().all(|&id| ok(id, layer.len())))
+            {
+                anyhow::bail!("node {i} of upper layer {} names a node that does not exist", l + 1);
+            }
+        }
+        Ok(())
     }
 }

@@ -226,7 +226,25 @@ impl ImageIndex {
         self.root.join(&self.entries[i].path)
     }
 
+    /// What loading left out (a damaged HNSW graph, whose segment is then searched without it).
+    pub fn warnings(&self) -> Vec<String> {
+        self.segments
+            .iter()
+            .filter_map(|s| s.warning().map(str::to_string))
+            .collect()
+    }
+
+    /// Reads the index in `dir`. A damaged HNSW graph is not an error (the segment is searched
+    /// without it): it is printed as a warning on stderr and kept in [`ImageIndex::warnings`].
     pub fn load(dir: &Path) -> Result<Self> {
+        let idx = Self::load_unchecked(dir)?;
+        for w in idx.warnings() {
+            eprintln!("warning: {w}");
+        }
+        Ok(idx)
+    }
+
+    fn load_unchecked(dir: &Path) -> Result<Self> {
         let mpath = dir.join(MANIFEST);
         let text =
             std::fs::read_to_string(&mpath).with_context(|| format!("reading index manifest {}", mpath.display()))?;

@@ -57,6 +57,8 @@ pub struct Segment {
     codes: Int8Rows,
     lists: Option<Lists>,
     graph: Option<Graph>,
+    /// Why this segment was read without a part of it (a damaged graph), for the index's owner.
+    warning: Option<String>,
 }
 
 impl Segment {
@@ -76,6 +78,7 @@ impl Segment {
             codes,
             lists,
             graph,
+            warning: None,
         }
     }
 
@@ -92,6 +95,11 @@ impl Segment {
 
     pub fn has_graph(&self) -> bool {
         self.graph.is_some()
+    }
+
+    /// Why this segment was read without a part of it (a damaged graph), if it was.
+    pub fn warning(&self) -> Option<&str> {
+        self.warning.as_deref()
     }
 
     /// Whether it has k-means lists (segments of [`LISTS_MIN_ROWS`] rows or more).
@@ -250,14 +258,28 @@ impl Segment {
                     })?)
                 }
             };
+        // A graph is only a shortcut: one that cannot be read, or fails its checks, is dropped
+        // with a warning and the segment is searched by its lists or the scan.
+        let mut warning = None;
         let graph = if graph {
             let gpath = Self::file(dir, id, "hnsw");
-            let b = std::fs::read(&gpath).with_context(|| format!("reading index graph {}", gpath.display()))?;
-            Some(Graph::from_bytes(&b).with_context(|| format!("in {}", gpath.display()))?)
+            let read = std::fs::read(&gpath)
+                .with_context(|| format!("reading index graph {}", gpath.display()))
+                .and_then(|b| Graph::from_bytes(&b, rows, dim).with_context(|| format!("in {}", gpath.display())));
+            match read {
+                Ok(g) => Some(g),
+                Err(e) => {
+                    warning = Some(format!(
+                        "{e:#}: this segment is searched without its graph (exactly, or by its k-means lists); rebuild the index to restore it"
+                    ));
+                    None
+                }
+            }
         } else {
             None
         };
         Ok(Self {
+            warning,
             id,
             dim,
             f32,

@@ -32,6 +32,9 @@ pub struct ModelArgs {
 impl ModelArgs {
     pub fn load_config(&self) -> Result<ClipConfig> {
         let mut cfg = ClipConfig::resolve(self.config.as_deref(), self.preset.as_deref())?;
+        // Pretrained towers take their architecture from their own config.json (from the Hub's
+        // cache, or downloaded into it).
+        clip_core::pretrained::apply_configs(&mut cfg, &clip_core::hub::Hub::from_env())?;
         if let Some(s) = self.seed {
             cfg.seed = s;
         }

@@ -77,7 +77,7 @@ impl Fixed {
     }
 
     pub fn save(&self, run: &Path) -> Result<()> {
-        clip_core::checkpoint::write_covered(&run.join(SIMILARITY), serde_json::to_string_pretty(self)?.as_bytes())
+        clip_core::files::write_covered(&run.join(SIMILARITY), serde_json::to_string_pretty(self)?.as_bytes())
     }
 
     /// Draws one matrix as a labelled PNG heat map.
@@ -197,8 +197,7 @@ fn thumbnail(t: &Trainer, i: usize) -> Option<String> {
 pub fn write(t: &Trainer, fixed: &Fixed, ranking: Option<&Ranking>, thumbs: &mut Thumbnails) -> Result<PathBuf> {
     let html = render(t, fixed, ranking, thumbs)?;
     let path = t.out.join(REPORT);
-    clip_core::checkpoint::write_covered(&path, html.as_bytes())
-        .with_context(|| format!("writing {}", path.display()))?;
+    clip_core::files::write_covered(&path, html.as_bytes()).with_context(|| format!("writing {}", path.display()))?;
     Ok(path)
 }
 

@@ -483,7 +483,7 @@ fn save_png(path: &Path, w: u32, h: u32, buf: Vec<u8>) -> Result<()> {
     let mut bytes = std::io::Cursor::new(Vec::new());
     img.write_to(&mut bytes, image::ImageFormat::Png)?;
     // In a run folder the plot is covered by its checksum manifest, like every file of a run.
-    clip_core::checkpoint::write_covered(path, bytes.get_ref())
+    clip_core::files::write_covered(path, bytes.get_ref())
 }
 
 /// The curves of a run's history, one value per epoch, ready to plot as PNG or SVG.

@@ -119,7 +119,7 @@ impl Report {
 /// Writes JSON via a temporary file and a rename, so a crash never leaves half a file.
 pub fn write_json_atomic(path: &Path, value: &impl Serialize) -> Result<()> {
     let text = serde_json::to_string_pretty(value)?;
-    clip_core::checkpoint::write_atomic(path, text.as_bytes()).with_context(|| format!("writing {}", path.display()))
+    clip_core::files::write_atomic(path, text.as_bytes()).with_context(|| format!("writing {}", path.display()))
 }
 
 /// Formats 90724928 as "90,724,928".

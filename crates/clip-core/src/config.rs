@@ -487,17 +487,16 @@ impl ClipConfig {
         Ok(cfg)
     }
 
-    /// `--config FILE` wins over `--preset NAME`; neither gives `tiny`. A tower that names
-    /// `pretrained` weights gets its architecture from the model's own config.json (fetched into
-    /// the Hugging Face cache if needed, see [`crate::pretrained`]).
+    /// `--config FILE` wins over `--preset NAME`; neither gives `tiny`. Pure data: a tower that
+    /// names `pretrained` weights gets its architecture from the model's own config.json only
+    /// when the program applies it ([`crate::pretrained::apply_configs`], with the one
+    /// [`crate::hub::Hub`] it builds).
     pub fn resolve(config: Option<&Path>, preset: Option<&str>) -> Result<Self> {
-        let mut cfg = match (config, preset) {
+        Ok(match (config, preset) {
             (Some(p), _) => Self::from_toml_file(p)?,
             (None, Some(name)) => Self::preset(name)?,
             (None, None) => Self::tiny(),
-        };
-        crate::pretrained::apply_configs(&mut cfg, &crate::hub::Hub::from_env())?;
-        Ok(cfg)
+        })
     }
 
     pub fn to_toml(&self) -> Result<String> {

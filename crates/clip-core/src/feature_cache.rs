@@ -25,12 +25,13 @@ use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use xxhash_rust::xxh3::Xxh3;
 
-use crate::checkpoint::write_atomic;
 use crate::config::ClipConfig;
+pub use crate::data::{FeatureRows, FrozenFeatures};
 use crate::data::{ImageStore, Loader, IMAGENET_MEAN, IMAGENET_STD};
+use crate::files::write_atomic;
 use crate::model::ClipModel;
 use crate::params::ParamStore;
 
@@ -119,78 +120,6 @@ fn preprocessing(cfg: &ClipConfig, tower: CachedTower) -> Result<String> {
         ),
         CachedTower::Text => format!("text {}", serde_json::to_string(&cfg.text)?),
     })
-}
-
-/// Features of many items, deduplicated: item i's row is `row_of[i]`.
-#[derive(Debug, Clone)]
-pub struct FeatureRows {
-    dim: usize,
-    /// Distinct rows back to back, each `dim` long.
-    data: Vec<f32>,
-    /// Row of each item; `u32::MAX` for an item that has none (an image that was not decoded).
-    row_of: Vec<u32>,
-    /// Where they are stored, and how many rows were found there vs computed now.
-    pub file: PathBuf,
-    pub reused: usize,
-    pub computed: usize,
-    /// Rows found damaged in the file (checksum mismatch) and computed again; every row when the
-    /// file itself could not be parsed.
-    pub damaged: usize,
-}
-
-impl FeatureRows {
-    /// Feature size.
-    pub fn dim(&self) -> usize {
-        self.dim
-    }
-
-    /// Items covered.
-    pub fn len(&self) -> usize {
-        self.row_of.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.row_of.is_empty()
-    }
-
-    /// Distinct rows (items with the same input share one).
-    pub fn distinct(&self) -> usize {
-        self.data.len() / self.dim.max(1)
-    }
-
-    /// The rows of some items, back to back.
-    pub fn gather(&self, items: &[usize]) -> Result<Vec<f32>> {
-        let mut out = Vec::with_capacity(items.len() * self.dim);
-        for &i in items {
-            match self.row_of.get(i) {
-                Some(&r) if r != u32::MAX => {
-                    let r = r as usize * self.dim;
-                    out.extend_from_slice(&self.data[r..r + self.dim]);
-                }
-                _ => bail!("no cached features for item {i} (of {})", self.row_of.len()),
-            }
-        }
-        Ok(out)
-    }
-
-    /// The rows of some items as a (N, dim) tensor.
-    pub fn tensor(&self, items: &[usize], device: &Device) -> Result<Tensor> {
-        Ok(Tensor::from_vec(self.gather(items)?, (items.len(), self.dim), device)?)
-    }
-}
-
-/// The cached features of a dataset's frozen towers: image rows by image index, text rows by pair
-/// index. A tower without rows runs as usual.
-#[derive(Debug, Clone, Default)]
-pub struct FrozenFeatures {
-    pub image: Option<FeatureRows>,
-    pub text: Option<FeatureRows>,
-}
-
-impl FrozenFeatures {
-    pub fn is_empty(&self) -> bool {
-        self.image.is_none() && self.text.is_none()
-    }
 }
 
 /// A cache folder.
@@ -299,18 +228,11 @@ impl FeatureCache {
             data.extend_from_slice(&stored.data[r..r + dim]);
         }
         let reused = used.len() - computed.min(used.len());
-        Ok(FeatureRows {
-            dim,
-            data,
-            row_of: row_of
-                .iter()
-                .map(|r| renumber.get(r).copied().unwrap_or(u32::MAX))
-                .collect(),
-            file,
-            reused,
-            computed,
-            damaged,
-        })
+        let row_of = row_of
+            .iter()
+            .map(|r| renumber.get(r).copied().unwrap_or(u32::MAX))
+            .collect();
+        Ok(FeatureRows::new(dim, data, row_of, file, reused, computed, damaged))
     }
 
     /// Image-tower features of every decoded image of `store`, by image index.

@@ -3,7 +3,7 @@
 //! Layers and data only — no argument parsing, progress bars, reports or plots: those belong to
 //! the programs (`crates/clip-cli` and the stage binaries). The modules, alphabetically:
 
-/// Checkpoint files: atomic, checksummed, and the one place weights are read and written.
+/// Weights and optimiser state as checksummed safetensors: the one place they are read and written.
 pub mod checkpoint;
 /// The recipe in one value: model shape, loss, data and training knobs, from TOML or a preset.
 pub mod config;
@@ -15,6 +15,9 @@ pub mod device;
 pub mod embed;
 /// Frozen towers' outputs computed once and kept on disk.
 pub mod feature_cache;
+/// Atomic, checksummed writes, manifests, folder syncs and stale-file cleanup: the leaf every
+/// module that writes to disk builds on.
+pub mod files;
 /// Training over many epochs, with validation, checkpoints and resume.
 pub mod fit;
 /// Stage 4's final gate: thresholds set against what a model that learned nothing scores.

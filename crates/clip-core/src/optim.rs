@@ -5,7 +5,6 @@
 //! learning rates (image tower / text tower / heads, as the tutorial) and saves everything.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
 use std::sync::Mutex;
 
 use anyhow::{bail, Result};
@@ -291,17 +290,6 @@ impl AdamW {
         self.groups = meta.groups;
         self.base = meta.base;
         Ok(())
-    }
-
-    /// Saves the state to `path` (moments) and `path` with `.json` (the rest), checksummed:
-    /// see [`crate::checkpoint::save_optimizer`].
-    pub fn save(&self, path: &Path) -> Result<()> {
-        crate::checkpoint::save_optimizer(self, path)
-    }
-
-    /// Loads a state written by [`AdamW::save`], verifying its checksums.
-    pub fn load(&mut self, path: &Path) -> Result<()> {
-        crate::checkpoint::load_optimizer(self, path)
     }
 }
 

@@ -7,7 +7,6 @@
 //! under its timm / Hugging Face name.
 
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Result};
@@ -192,12 +191,6 @@ impl ParamStore {
             .into_iter()
             .map(|(n, e)| (n, e.var.as_tensor().detach()))
             .collect()
-    }
-
-    /// Loads every parameter and buffer from a safetensors file, verified against its folder's
-    /// checksums (see [`crate::checkpoint::load_weights`]).
-    pub fn load_safetensors(&self, path: &Path) -> Result<()> {
-        crate::checkpoint::load_weights(self, path)
     }
 
     /// Loads every parameter and buffer from tensors in memory. Every name must be present with the

@@ -1,5 +1,6 @@
-//! A run folder as stage 4 leaves it, opened for prediction or resuming, and the lock that keeps
-//! one writer per folder.
+//! A run folder: its layout (the file names, the complete list of what a run writes), the rules a
+//! run's files obey (every one checksummed), the folder as stage 4 leaves it opened for prediction
+//! or resuming, the data it trained on, and the lock that keeps one writer per folder.
 
 mod lock;
 
@@ -9,11 +10,21 @@ use anyhow::{Context, Result};
 use candle_core::Device;
 use serde::{Deserialize, Serialize};
 
-pub use lock::{process_alive, Holder, RunLock, LOCK};
+pub use crate::files::{process_alive, MANIFEST};
+pub use lock::{Holder, RunLock, LOCK};
 
-use crate::checkpoint::{CONFIG, LAST, MANIFEST, METRICS, OPTIMIZER, STATE, TOKENIZER, WEIGHTS};
-
-pub use crate::checkpoint::DATASET;
+/// Files of a run folder written by stage 4.
+pub const WEIGHTS: &str = "model.safetensors";
+pub const CONFIG: &str = "config.toml";
+pub const TOKENIZER: &str = "tokenizer.json";
+pub const METRICS: &str = "metrics.json";
+pub const OPTIMIZER: &str = "optimizer.safetensors";
+/// The latest checkpoint (for `--resume`), beside the best model.
+pub const LAST: &str = "last";
+pub const STATE: &str = "state.json";
+/// Which data a run trains on ([`DataIdentity`]). Its presence also marks a run written with
+/// every file checksummed: such a run's folders must hold a manifest ([`require_manifests`]).
+pub const DATASET: &str = "dataset.json";
 
 /// Which data a run trains on, recorded in its `dataset.json`, so that `--resume` on other data
 /// (another path, or the same path with other contents) is caught instead of silently skipping
@@ -44,7 +55,7 @@ impl DataIdentity {
         if !path.is_file() {
             return Ok(None);
         }
-        let bytes = crate::checkpoint::read_checked(&path)?;
+        let bytes = crate::files::read_checked(&path)?;
         Ok(Some(
             serde_json::from_slice(&bytes).with_context(|| format!("parsing {}", path.display()))?,
         ))
@@ -110,6 +121,33 @@ pub fn run_files(dir: &Path) -> Vec<&'static str> {
     RUN_FILES.into_iter().filter(|f| dir.join(f).exists()).collect()
 }
 
+/// Refuses to start a run in `dir` when it already holds one (any of [`RUN_FILES`]): the one copy
+/// of this rule, for the library ([`crate::fit::Trainer::new`]) and the programs alike.
+pub fn refuse_existing_run(dir: &Path) -> Result<()> {
+    let existing = run_files(dir);
+    if !existing.is_empty() {
+        anyhow::bail!(
+            "{} already holds a run ({}): continue it with --resume {0}, or pass --overwrite to start over (its model and checkpoints are deleted)",
+            dir.display(),
+            existing.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// Makes `dir` ready for a new run, holding its lock: a folder holding a run is refused, or with
+/// `overwrite` cleared of that run's files. Returns the lock and the files removed.
+pub fn open_new(dir: &Path, overwrite: bool) -> Result<(RunLock, Vec<&'static str>)> {
+    let lock = RunLock::acquire(dir)?;
+    let existing = run_files(dir);
+    if overwrite && !existing.is_empty() {
+        clear_run(dir)?;
+        return Ok((lock, existing));
+    }
+    refuse_existing_run(dir)?;
+    Ok((lock, vec![]))
+}
+
 /// Removes a previous run's files from `dir` (only those in [`RUN_FILES`], and `last.tmp/`: the
 /// folder may hold other things). Call it while holding the folder's [`RunLock`].
 pub fn clear_run(dir: &Path) -> Result<()> {
@@ -123,6 +161,24 @@ pub fn clear_run(dir: &Path) -> Result<()> {
             continue;
         };
         r.with_context(|| format!("removing {}", p.display()))?;
+    }
+    Ok(())
+}
+
+/// Refuses a run folder (and its `last/`) whose manifest is missing, when the run checksums
+/// every file (it has [`DATASET`]): its files could then not be verified. A run written before
+/// that is read with warnings instead (see [`crate::files::read_checked`]).
+pub fn require_manifests(run: &Path) -> Result<()> {
+    if !run.join(DATASET).is_file() {
+        return Ok(());
+    }
+    for dir in [run.to_path_buf(), run.join(LAST)] {
+        if dir.is_dir() && !dir.join(MANIFEST).is_file() {
+            anyhow::bail!(
+                "{} has no {MANIFEST}, so its files cannot be verified: the manifest was deleted or lost — restore it from a copy, or resume from the run's last/ checkpoint",
+                dir.display()
+            );
+        }
     }
     Ok(())
 }
@@ -167,7 +223,8 @@ impl RunDir {
     /// The run's `config.toml`, verified against its manifest.
     pub fn config(&self) -> Result<ClipConfig> {
         let path = self.dir.join(CONFIG);
-        let bytes = crate::checkpoint::read_checked(&path)?;
+        require_manifests(&self.dir)?;
+        let bytes = crate::files::read_checked(&path)?;
         let text = std::str::from_utf8(&bytes).with_context(|| format!("{} is not UTF-8", path.display()))?;
         ClipConfig::from_toml_str(text).with_context(|| format!("in config {}", path.display()))
     }
@@ -175,7 +232,8 @@ impl RunDir {
     /// The run's `tokenizer.json`, verified against its manifest.
     pub fn tokenizer(&self, cfg: &ClipConfig) -> Result<TextTokenizer> {
         let path = self.dir.join(TOKENIZER);
-        let bytes = crate::checkpoint::read_checked(&path)?;
+        require_manifests(&self.dir)?;
+        let bytes = crate::files::read_checked(&path)?;
         TextTokenizer::from_json(&bytes, cfg.max_tokens(), &path.display().to_string())
     }
 
@@ -183,6 +241,7 @@ impl RunDir {
     pub fn load(&self, device: &Device) -> Result<(ClipModel, TextTokenizer)> {
         let cfg = self.config()?;
         let model = ClipModel::new(&cfg, device)?;
+        require_manifests(&self.dir)?;
         crate::checkpoint::load_weights(&model.params, &self.dir.join(WEIGHTS))?;
         let tok = self.tokenizer(&cfg)?;
         Ok((model, tok))

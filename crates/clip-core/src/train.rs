@@ -85,28 +85,35 @@ fn step_on_pool(
             };
         }
     }
-    let grad_norm = if clip_grad_norm > 0.0 {
-        let grad_norm = AdamW::grad_norm(&acc)?;
-        check_grad_norm(grad_norm, opt.step + 1)?;
-        if grad_norm > clip_grad_norm {
-            let s = clip_grad_norm / (grad_norm + 1e-6);
-            for g in acc.values_mut() {
-                *g = (&*g * s)?;
-            }
-        }
-        opt.step(&acc)?;
-        grad_norm
-    } else {
-        // Without clipping the norm is only reported: the update computes it in its own pass.
-        let grad_norm = opt.step(&acc)?;
-        check_grad_norm(grad_norm, opt.step)?;
-        grad_norm
-    };
+    let grad_norm = apply_update(opt, &mut acc, clip_grad_norm)?;
     Ok(StepOutcome {
         loss: total_loss / k,
         grad_norm,
         grads: acc,
     })
+}
+
+/// The optimiser's half of a step: clips the gradients to `clip_grad_norm` (when it is > 0) and
+/// applies them. Returns the gradient norm before clipping; errors when it is NaN/Inf (before
+/// the update with clipping on, after it without).
+pub fn apply_update(opt: &mut AdamW, grads: &mut Grads, clip_grad_norm: f64) -> Result<f64> {
+    if clip_grad_norm > 0.0 {
+        let grad_norm = AdamW::grad_norm(grads)?;
+        check_grad_norm(grad_norm, opt.step + 1)?;
+        if grad_norm > clip_grad_norm {
+            let s = clip_grad_norm / (grad_norm + 1e-6);
+            for g in grads.values_mut() {
+                *g = (&*g * s)?;
+            }
+        }
+        opt.step(grads)?;
+        Ok(grad_norm)
+    } else {
+        // Without clipping the norm is only reported: the update computes it in its own pass.
+        let grad_norm = opt.step(grads)?;
+        check_grad_norm(grad_norm, opt.step)?;
+        Ok(grad_norm)
+    }
 }
 
 fn check_grad_norm(grad_norm: f64, step: u64) -> Result<()> {

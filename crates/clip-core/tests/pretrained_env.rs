@@ -1,5 +1,5 @@
 //! The Hugging Face environment variables, as a user sets them: HF_HUB_OFFLINE, HF_HUB_CACHE and
-//! HF_HOME steer where `ClipConfig::resolve` and `pretrained::build` find a model. One test in its
+//! HF_HOME steer where `pretrained::apply_configs` and `pretrained::build` find a model. One test in its
 //! own binary, because it changes the process environment.
 
 use std::path::Path;
@@ -40,7 +40,13 @@ fn offline_loading_follows_hf_hub_cache_and_hf_home() {
     std::env::set_var("HF_HOME", home.path().join("elsewhere"));
     assert_eq!(Hub::from_env().cache_dir(), cache);
     assert!(Hub::from_env().is_offline());
-    let cfg = ClipConfig::resolve(Some(&config), None).unwrap();
+    // The config is pure data; the program applies the pretrained towers' own configs.
+    let resolve = |config: &std::path::Path| -> anyhow::Result<ClipConfig> {
+        let mut cfg = ClipConfig::resolve(Some(config), None)?;
+        pretrained::apply_configs(&mut cfg, &Hub::from_env())?;
+        Ok(cfg)
+    };
+    let cfg = resolve(&config).unwrap();
     assert_eq!(
         (cfg.text.dim, cfg.image.feature_dim(), cfg.image.image_size),
         (24, 32, 224)
@@ -58,11 +64,11 @@ fn offline_loading_follows_hf_hub_cache_and_hf_home() {
     std::env::remove_var("HF_HUB_CACHE");
     std::env::set_var("HF_HOME", home.path());
     assert_eq!(Hub::from_env().cache_dir(), cache);
-    ClipConfig::resolve(Some(&config), None).unwrap();
+    resolve(&config).unwrap();
 
     // Offline, a model that is not cached is an error naming the cache folder it looked in.
     std::fs::write(&config, "[text]\npretrained = \"someone/not-cached\"\n").unwrap();
-    let err = format!("{:#}", ClipConfig::resolve(Some(&config), None).unwrap_err());
+    let err = format!("{:#}", resolve(&config).unwrap_err());
     assert!(
         err.contains(&cache.join("models--someone--not-cached").display().to_string()),
         "{err}"

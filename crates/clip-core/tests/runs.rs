@@ -5,11 +5,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use candle_core::Device;
-use clip_core::checkpoint::{RunDir, LAST, STATE, WEIGHTS};
 use clip_core::config::Schedule;
 use clip_core::fit::{Stopped, Trainer, Validation};
 use clip_core::params::Group;
 use clip_core::prepare::{prepare, DataSource};
+use clip_core::run_dir::{RunDir, LAST, STATE, WEIGHTS};
 use clip_core::ClipConfig;
 
 fn demo(cfg: &ClipConfig) -> clip_core::prepare::Prepared {

@@ -4,7 +4,6 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
-use clip_core::checkpoint::RunDir;
 use clip_core::config::LossKind;
 use clip_core::data::{Dataset, ImageStore, LoadOptions, TextTokenizer};
 use clip_core::embed::embed_texts;
@@ -12,6 +11,7 @@ use clip_core::index::{embed_image_files, model_fingerprint, GraphPolicy, ImageI
 use clip_core::loss::l2_normalize;
 use clip_core::progress::Silent;
 use clip_core::retrieval::{argsort_desc, softmax, to_rows, Recall};
+use clip_core::run_dir::RunDir;
 use clip_core::ClipModel;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;

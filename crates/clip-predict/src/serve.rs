@@ -15,13 +15,13 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
-use clip_core::checkpoint::RunDir;
 use clip_core::config::LossKind;
 use clip_core::data::{ImageStore, TextTokenizer};
 use clip_core::embed::embed_texts;
 use clip_core::index::{model_fingerprint, ImageIndex, SearchMode};
 use clip_core::loss::l2_normalize;
 use clip_core::retrieval::softmax;
+use clip_core::run_dir::RunDir;
 use clip_core::ClipModel;
 use serde_json::{json, Value};
 use tiny_http::{Header, Method, Request, Response, Server, StatusCode};

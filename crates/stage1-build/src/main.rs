@@ -7,12 +7,13 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::Result;
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Device, Tensor};
 use clap::Parser;
 use clip_cli::fmt_count;
 use clip_cli::Report;
 use clip_core::device;
 use clip_core::params::Group;
+use clip_core::{ClipConfig, ClipModel};
 
 #[derive(Parser)]
 #[command(about = "Stage 1 — build the model, count its parameters and run a random forward pass.")]
@@ -30,9 +31,32 @@ fn main() -> ExitCode {
 
 fn run(args: Args) -> Result<ExitCode> {
     let mut report = Report::new(1, "build");
+    let json = args.model.json.as_deref();
     println!("stage 1 — build: does this environment build the model?\n");
+    environment(&mut report);
+    let Some(cfg) = config(&args.model, &mut report) else {
+        return report.finish(json);
+    };
+    let Some(dev) = device(&args.model, &mut report) else {
+        return report.finish(json);
+    };
+    let Some(model) = build(&cfg, &dev, &mut report) else {
+        return report.finish(json);
+    };
+    count_parameters(&model, &mut report);
+    // A forward pass on random inputs, in evaluation mode, then in training mode.
+    let inputs = RandomInputs::new(&cfg, &dev, args.batch_size.max(2))?;
+    for train in [false, true] {
+        forward(&model, &inputs, train, &mut report)?;
+    }
+    if json.is_some() {
+        pretrained::probe(&model, &mut report);
+    }
+    report.finish(json)
+}
 
-    // The environment: what candle was built with and where it will run.
+/// The environment: what candle was built with and where it will run.
+fn environment(report: &mut Report) {
     let features = device::compiled_features();
     println!(
         "candle {}; compiled features: {}",
@@ -45,12 +69,15 @@ fn run(args: Args) -> Result<ExitCode> {
     );
     report.metric("candle_version", clip_core::CANDLE_VERSION);
     report.metric("features", &features);
+}
 
-    let cfg = match args.model.load_config() {
+/// The config the flags name (a file, a preset, or `tiny`); `None` when it cannot be read.
+fn config(args: &clip_cli::ModelArgs, report: &mut Report) -> Option<ClipConfig> {
+    let cfg = match args.load_config() {
         Ok(c) => c,
         Err(e) => {
             report.check("config", false, format!("{e:#}"));
-            return report.finish(args.model.json.as_deref());
+            return None;
         }
     };
     report.check(
@@ -62,17 +89,20 @@ fn run(args: Args) -> Result<ExitCode> {
         ),
     );
     report.metric("config", &cfg.name);
+    Some(cfg)
+}
 
-    let dev = match args.model.device() {
+/// The device, proven to compute: opening one proves little (a CUDA build with a mismatched
+/// driver opens and then computes garbage or fails on the first kernel), so a small product whose
+/// exact answer is known is computed on it.
+fn device(args: &clip_cli::ModelArgs, report: &mut Report) -> Option<Device> {
+    let dev = match args.device() {
         Ok(d) => d,
         Err(e) => {
             report.check("device", false, format!("{e:#}"));
-            return report.finish(args.model.json.as_deref());
+            return None;
         }
     };
-    // Opening a device proves little (a CUDA build with a mismatched driver opens and then
-    // computes garbage or fails on the first kernel): the check is a small product whose exact
-    // answer is known.
     let probe = device_probe(&dev);
     report.check(
         "device",
@@ -86,23 +116,28 @@ fn run(args: Args) -> Result<ExitCode> {
         },
     );
     report.metric("device", device::describe(&dev));
-    if probe.is_err() {
-        return report.finish(args.model.json.as_deref());
-    }
+    probe.is_ok().then_some(dev)
+}
 
-    // Build: every tensor is allocated and initialised here.
+/// The model: every tensor is allocated and initialised (or loaded from pretrained weights) here.
+fn build(cfg: &ClipConfig, dev: &Device, report: &mut Report) -> Option<ClipModel> {
     let t = Instant::now();
-    let model = match clip_core::pretrained::build(&cfg, &dev) {
+    let model = match clip_core::pretrained::build(cfg, dev) {
         Ok((m, loaded)) => {
-            pretrained::show(&loaded, &mut report);
+            pretrained::show(&loaded, report);
             m
         }
         Err(e) => {
             report.check("build", false, format!("{e:#} — check the config's shapes"));
-            return report.finish(args.model.json.as_deref());
+            return None;
         }
     };
     report.metric("build_seconds", t.elapsed().as_secs_f64());
+    Some(model)
+}
+
+/// The parameters of each part, trainable and frozen.
+fn count_parameters(model: &ClipModel, report: &mut Report) {
     println!("\nparameters:");
     let mut parts = serde_json::Map::new();
     for g in Group::ALL {
@@ -120,59 +155,75 @@ fn run(args: Args) -> Result<ExitCode> {
     report.metric("parameters", parts);
     report.metric("total_parameters", total);
     report.check("build", true, format!("{} parameters", fmt_count(total)));
+}
 
-    // A forward pass on random inputs, in evaluation mode, then in training mode.
-    let b = args.batch_size.max(2);
-    let s = cfg.image.image_size;
-    let l = cfg.max_tokens().min(16);
-    let images = Tensor::randn(0f32, 1f32, (b, 3, s, s), &dev)?;
-    let ids = Tensor::rand(0f32, cfg.text.vocab_size as f32, (b, l), &dev)?.to_dtype(DType::U32)?;
-    let mask = Tensor::ones((b, l), DType::U32, &dev)?;
-    for train in [false, true] {
-        let mode = if train { "train" } else { "eval" };
-        let t = Instant::now();
-        match model.forward(&images, &ids, &mask, train) {
-            Ok(e) => {
-                let ms = t.elapsed().as_secs_f64() * 1e3;
-                report.metric(&format!("forward_{mode}_ms"), ms);
-                let want = [b, cfg.projection_dim];
-                let shapes_ok = e.image.dims() == want && e.text.dims() == want;
-                report.check(
-                    &format!("forward ({mode})"),
-                    shapes_ok,
-                    format!(
-                        "image {:?}, text {:?}, expected {want:?} each; {ms:.0} ms for batch {b}",
-                        e.image.dims(),
-                        e.text.dims()
-                    ),
-                );
-                let finite = all_finite(&e.image)? && all_finite(&e.text)?;
-                report.check(
-                    &format!("finite ({mode})"),
-                    finite,
-                    if finite {
-                        "every embedding value is finite".into()
-                    } else {
-                        "NaN or Inf in the embeddings: the initialisation or a layer is broken".to_string()
-                    },
-                );
-                let loss = model.loss(&e, None)?.to_scalar::<f32>()?;
-                report.metric(&format!("loss_{mode}"), loss);
-                report.check(
-                    &format!("loss ({mode})"),
-                    loss.is_finite(),
-                    format!("{} loss {loss:.4} on random inputs", cfg.loss),
-                );
-            }
-            Err(e) => {
-                report.check(&format!("forward ({mode})"), false, format!("{e:#}"));
-            }
+/// A batch of random images and token ids of the config's shapes.
+struct RandomInputs {
+    images: Tensor,
+    ids: Tensor,
+    mask: Tensor,
+    batch: usize,
+    projection_dim: usize,
+    loss: String,
+}
+
+impl RandomInputs {
+    fn new(cfg: &ClipConfig, dev: &Device, batch: usize) -> Result<Self> {
+        let s = cfg.image.image_size;
+        let l = cfg.max_tokens().min(16);
+        Ok(Self {
+            images: Tensor::randn(0f32, 1f32, (batch, 3, s, s), dev)?,
+            ids: Tensor::rand(0f32, cfg.text.vocab_size as f32, (batch, l), dev)?.to_dtype(DType::U32)?,
+            mask: Tensor::ones((batch, l), DType::U32, dev)?,
+            batch,
+            projection_dim: cfg.projection_dim,
+            loss: cfg.loss.to_string(),
+        })
+    }
+}
+
+/// One forward pass and its loss on the random inputs: the shapes, every value finite.
+fn forward(model: &ClipModel, x: &RandomInputs, train: bool, report: &mut Report) -> Result<()> {
+    let mode = if train { "train" } else { "eval" };
+    let t = Instant::now();
+    let e = match model.forward(&x.images, &x.ids, &x.mask, train) {
+        Ok(e) => e,
+        Err(e) => {
+            report.check(&format!("forward ({mode})"), false, format!("{e:#}"));
+            return Ok(());
         }
-    }
-    if args.model.json.is_some() {
-        pretrained::probe(&model, &mut report);
-    }
-    report.finish(args.model.json.as_deref())
+    };
+    let ms = t.elapsed().as_secs_f64() * 1e3;
+    report.metric(&format!("forward_{mode}_ms"), ms);
+    let want = [x.batch, x.projection_dim];
+    report.check(
+        &format!("forward ({mode})"),
+        e.image.dims() == want && e.text.dims() == want,
+        format!(
+            "image {:?}, text {:?}, expected {want:?} each; {ms:.0} ms for batch {}",
+            e.image.dims(),
+            e.text.dims(),
+            x.batch
+        ),
+    );
+    let finite = all_finite(&e.image)? && all_finite(&e.text)?;
+    report.check(
+        &format!("finite ({mode})"),
+        finite,
+        if finite {
+            "every embedding value is finite"
+        } else {
+            "NaN or Inf in the embeddings: the initialisation or a layer is broken"
+        },
+    );
+    let loss = model.loss(&e, None)?.to_scalar::<f32>()?;
+    report.metric(&format!("loss_{mode}"), loss);
+    report.check(
+        &format!("loss ({mode})"),
+        loss.is_finite(),
+        format!("{} loss {loss:.4} on random inputs", x.loss),
+    );
+    Ok(())
 }
 
 /// What came from pretrained weights, and the probe values to compare with PyTorch.
@@ -229,7 +280,7 @@ mod pretrained {
 /// Multiplies two small matrices on `dev` and compares with the product computed here. The
 /// entries are multiples of 1/8 below 1, so every partial sum is exact in f32 and any difference
 /// is the device's error, not rounding.
-fn device_probe(dev: &candle_core::Device) -> Result<()> {
+fn device_probe(dev: &Device) -> Result<()> {
     let (m, k, n) = (64, 48, 32);
     let a: Vec<f32> = (0..m * k).map(|i| ((i * 7 % 13) as f32 - 6.0) / 8.0).collect();
     let b: Vec<f32> = (0..k * n).map(|i| ((i * 5 % 11) as f32 - 5.0) / 8.0).collect();

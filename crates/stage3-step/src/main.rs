@@ -16,11 +16,12 @@ use clap::Parser;
 use clip_cli::DataArgs;
 use clip_cli::Report;
 use clip_core::config::LossKind;
+use clip_core::data::Batch;
 use clip_core::model::Embeddings;
 use clip_core::optim::AdamW;
-use clip_core::prepare::prepare;
-use clip_core::train::train_step_with;
-use clip_core::{device, ClipModel};
+use clip_core::prepare::{prepare, Prepared};
+use clip_core::train::{apply_update, step_seed, StepOutcome};
+use clip_core::{device, ClipConfig, ClipModel};
 
 #[derive(Parser)]
 #[command(
@@ -48,15 +49,9 @@ fn main() -> ExitCode {
 
 fn run(args: Args) -> Result<ExitCode> {
     let mut report = Report::new(3, "step");
+    let json = args.model.json.as_deref();
     println!("stage 3 — step: does one training step work?\n");
-    let mut cfg = args.model.load_config()?;
-    if let Some(b) = args.batch_size {
-        cfg.train.batch_size = b;
-    }
-    if let Some(towers) = &args.freeze {
-        cfg.train.freeze(towers)?;
-    }
-    cfg.validate()?;
+    let cfg = config(&args)?;
     let dev = args.model.device()?;
     println!(
         "config {} (loss {}), device {}",
@@ -67,8 +62,43 @@ fn run(args: Args) -> Result<ExitCode> {
     let data = prepare(&cfg, &args.data.source(), &dev, &clip_core::progress::Silent)?;
     let (model, _) = clip_core::pretrained::build(&cfg, &dev)?;
     let mut opt = AdamW::new(&model.params, &cfg.train)?;
+    let Some(batch) = first_batch(&cfg, &data, &mut report)? else {
+        return report.finish(json);
+    };
+    let chance = chance_loss(&model, &batch)?;
 
-    // One batch: the first training pairs.
+    // The step, as the tutorial writes it: forward, loss, loss.backward(), optimizer.step().
+    let cut = args.cut_gradient.as_deref();
+    let before = snapshot(&model)?;
+    let t = Instant::now();
+    let outcome = match step(&model, &mut opt, &batch, cut) {
+        Ok(o) => o,
+        Err(e) => {
+            report.check("step", false, format!("{e:#}"));
+            return report.finish(json);
+        }
+    };
+    check_loss(&cfg, &outcome, chance, t.elapsed().as_secs_f64() * 1e3, &mut report);
+    let missing = check_gradients(&model, &mut opt, &batch, cut, &outcome, &mut report)?;
+    check_updates(&model, &before, &missing, &mut report)?;
+    report.finish(json)
+}
+
+/// The config with this stage's flags applied (batch size, frozen towers).
+fn config(args: &Args) -> Result<ClipConfig> {
+    let mut cfg = args.model.load_config()?;
+    if let Some(b) = args.batch_size {
+        cfg.train.batch_size = b;
+    }
+    if let Some(towers) = &args.freeze {
+        cfg.train.freeze(towers)?;
+    }
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+/// One batch: the first training pairs (at least 2, for a contrastive loss).
+fn first_batch(cfg: &ClipConfig, data: &Prepared, report: &mut Report) -> Result<Option<Batch>> {
     let n = cfg.train.batch_size.min(data.split.train.len());
     if n < 2 {
         report.check(
@@ -76,7 +106,7 @@ fn run(args: Args) -> Result<ExitCode> {
             false,
             format!("only {n} training pair(s): a contrastive step needs at least 2"),
         );
-        return report.finish(args.model.json.as_deref());
+        return Ok(None);
     }
     let batch = data.loader.batch(&data.split.train[..n])?;
     report.check(
@@ -88,55 +118,75 @@ fn run(args: Args) -> Result<ExitCode> {
             batch.input_ids.dims()
         ),
     );
+    Ok(Some(batch))
+}
 
-    // The loss an untrained model should have: ln B for the clip loss (uniform over B captions);
-    // for the soft loss, the same loss with the pairs shuffled (what no learning looks like).
-    let e = model.forward(&batch.images, &batch.input_ids, &batch.attention_mask, false)?;
-    let chance = match cfg.loss {
+/// The loss an untrained model should have: ln B for the clip loss (uniform over B captions);
+/// for the soft loss, the same loss with the pairs shuffled (what no learning looks like).
+fn chance_loss(model: &ClipModel, batch: &Batch) -> Result<f64> {
+    Ok(match model.config.loss {
         LossKind::Clip => clip_core::loss::clip_chance(&batch.positives)?,
         LossKind::Soft => {
-            let perm: Vec<u32> = (0..n as u32).map(|i| (i + 1) % n as u32).collect();
-            let idx = candle_core::Tensor::new(perm.as_slice(), &dev)?;
+            let e = model.forward(&batch.images, &batch.input_ids, &batch.attention_mask, false)?;
+            let n = batch.pairs.len() as u32;
+            let perm: Vec<u32> = (0..n).map(|i| (i + 1) % n).collect();
+            let idx = Tensor::new(perm.as_slice(), e.text.device())?;
             let shuffled = Embeddings {
                 image: e.image.clone(),
                 text: e.text.index_select(&idx, 0)?,
             };
             model.loss(&shuffled, None)?.to_scalar::<f32>()? as f64
         }
-    };
+    })
+}
 
-    let before = snapshot(&model)?;
-    let t = Instant::now();
-    // The model's own training forward pass, with the tower named by --cut-gradient detached
-    // before its projection head: a deliberate bug, to see the gradient check catch it.
-    let cut = args.cut_gradient.as_deref();
-    let forward = |m: &ClipModel, b: &clip_core::data::Batch| -> Result<Embeddings> {
-        let mut image = m.image_features(&b.images, true)?;
-        let mut text = m.text_features(&b.input_ids, &b.attention_mask, true)?;
-        match cut {
-            Some("image") => image = image.detach(),
-            Some("text") => text = text.detach(),
-            _ => {}
+/// The model's own training forward pass, with the tower named by `cut` (--cut-gradient)
+/// detached before its projection head: a deliberate bug, to see the gradient check catch it.
+fn forward(model: &ClipModel, b: &Batch, cut: Option<&str>) -> Result<Embeddings> {
+    let mut image = model.image_features(&b.images, true)?;
+    let mut text = model.text_features(&b.input_ids, &b.attention_mask, true)?;
+    match cut {
+        Some("image") => image = image.detach(),
+        Some("text") => text = text.detach(),
+        _ => {}
+    }
+    Ok(Embeddings {
+        image: model.project_image(&image, true)?,
+        text: model.project_text(&text, true)?,
+    })
+}
+
+/// One training step: forward (training mode), loss, backward, one AdamW update (with the
+/// config's gradient clipping), on the compute threads as stage 4 runs it.
+fn step(model: &ClipModel, opt: &mut AdamW, batch: &Batch, cut: Option<&str>) -> Result<StepOutcome> {
+    clip_core::nn::on_compute_pool(|| {
+        model.reseed_dropout(step_seed(model.config.seed, opt.step));
+        let e = forward(model, batch, cut)?;
+        let loss = model.loss(&e, Some(&batch.positives))?;
+        let value = loss.to_scalar::<f32>()? as f64;
+        if !value.is_finite() {
+            anyhow::bail!(
+                "the loss is {value} at step {}: check the loss, the temperature and the inputs",
+                opt.step + 1
+            );
         }
-        Ok(Embeddings {
-            image: m.project_image(&image, true)?,
-            text: m.project_text(&text, true)?,
+        let mut grads = opt.grads_by_name(&loss.backward()?);
+        let grad_norm = apply_update(opt, &mut grads, model.config.train.clip_grad_norm)?;
+        Ok(StepOutcome {
+            loss: value,
+            grad_norm,
+            grads,
         })
-    };
-    let batches = std::slice::from_ref(&batch);
-    let outcome = match train_step_with(&model, &mut opt, batches, cfg.train.clip_grad_norm, forward) {
-        Ok(o) => o,
-        Err(e) => {
-            report.check("step", false, format!("{e:#}"));
-            return report.finish(args.model.json.as_deref());
-        }
-    };
-    let ms = t.elapsed().as_secs_f64() * 1e3;
+    })
+}
+
+/// The step's loss against its value at chance, and its time (information, not a check: no
+/// threshold fits every machine and model size).
+fn check_loss(cfg: &ClipConfig, outcome: &StepOutcome, chance: f64, ms: f64, report: &mut Report) {
     report.metric("step_ms", ms);
     report.metric("loss", outcome.loss);
     report.metric("chance_loss", chance);
     report.metric("grad_norm", outcome.grad_norm);
-
     let near = (outcome.loss - chance).abs() <= 0.5 * chance.max(0.1);
     report.check(
         "loss",
@@ -152,13 +202,12 @@ fn run(args: Args) -> Result<ExitCode> {
                 "same embeddings, pairs shuffled"
             },
             if near {
-                String::new()
+                ""
             } else {
-                " — far from chance for an untrained model: check the loss, the temperature and the inputs".into()
+                " — far from chance for an untrained model: check the loss, the temperature and the inputs"
             }
         ),
     );
-    // No threshold fits every machine and model size: the time is information, not a check.
     report.info(
         "step time",
         format!(
@@ -166,36 +215,41 @@ fn run(args: Args) -> Result<ExitCode> {
             outcome.grad_norm
         ),
     );
+}
 
-    // Every trainable variable got a finite, non-zero gradient.
+/// Every trainable variable got a finite, non-zero gradient. Returns the names of those that
+/// got none (they are not expected to move).
+fn check_gradients(
+    model: &ClipModel,
+    opt: &mut AdamW,
+    batch: &Batch,
+    cut: Option<&str>,
+    outcome: &StepOutcome,
+    report: &mut Report,
+) -> Result<Vec<String>> {
     let names: Vec<String> = opt.names().map(String::from).collect();
     let mut coverage = gradient_coverage(&names, &outcome.grads)?;
     // A ResNet whose residual blocks start as the identity (timm's zero_init_last: the last
     // BatchNorm γ of each block is 0) gives the blocks' other weights exactly zero gradient on the
     // first step, as PyTorch does; step 1 moves γ off zero, so step 2 must reach them.
-    let second_step = cfg.image.zero_init_last && coverage.iter().any(|(_, _, nz)| !nz);
+    let second_step = model.config.image.zero_init_last && coverage.iter().any(|(_, _, nz)| !nz);
     if second_step {
-        let again = train_step_with(&model, &mut opt, batches, cfg.train.clip_grad_norm, forward)?;
+        let again = step(model, opt, batch, cut)?;
         for (c, (_, finite, nonzero)) in coverage.iter_mut().zip(gradient_coverage(&names, &again.grads)?) {
             c.1 &= finite;
             c.2 |= nonzero;
         }
     }
-    let missing: Vec<&str> = coverage
-        .iter()
-        .filter(|(_, _, nz)| !nz)
-        .map(|(n, _, _)| n.as_str())
-        .collect();
-    let not_finite: Vec<&str> = coverage
-        .iter()
-        .filter(|(_, f, _)| !f)
-        .map(|(n, _, _)| n.as_str())
-        .collect();
+    let pick = |f: fn(&(String, bool, bool)) -> bool| -> Vec<&str> {
+        coverage.iter().filter(|c| f(c)).map(|(n, _, _)| n.as_str()).collect()
+    };
+    let (missing, not_finite) = (pick(|c| !c.2), pick(|c| !c.1));
     report.metric("no_gradient", &missing);
+    let ok = missing.is_empty() && not_finite.is_empty();
     report.check(
         "gradients",
-        missing.is_empty() && not_finite.is_empty(),
-        if missing.is_empty() && not_finite.is_empty() {
+        ok,
+        if ok {
             format!(
                 "all {} trainable tensors got a finite, non-zero gradient{}",
                 names.len(),
@@ -215,17 +269,24 @@ fn run(args: Args) -> Result<ExitCode> {
             )
         },
     );
+    Ok(missing.into_iter().map(String::from).collect())
+}
 
-    // Parameters moved; frozen ones and never-trained ones did not; BatchNorm statistics did in a
-    // trainable image tower, and did not in a frozen one (it runs in evaluation mode).
-    let after = snapshot(&model)?;
-    let mut unchanged = vec![];
-    let mut frozen_moved = vec![];
-    let mut stats_moved = 0;
-    let mut stats_total = 0;
+/// Parameters moved; frozen ones and never-trained ones did not; BatchNorm statistics did in a
+/// trainable image tower, and did not in a frozen one (it runs in evaluation mode).
+fn check_updates(
+    model: &ClipModel,
+    before: &HashMap<String, Tensor>,
+    missing: &[String],
+    report: &mut Report,
+) -> Result<()> {
+    let after = snapshot(model)?;
+    let (mut unchanged, mut frozen_moved, mut frozen) = (vec![], vec![], 0);
+    let (mut stats_moved, mut stats_total) = (0, 0);
     for (name, e) in model.params.entries() {
         let moved = changed(&before[&name], &after[&name])?;
-        if e.is_trainable() && !moved && !missing.contains(&name.as_str()) {
+        frozen += (e.is_param() && !e.is_trainable()) as usize;
+        if e.is_trainable() && !moved && !missing.contains(&name) {
             unchanged.push(name);
         } else if e.is_param() && !e.is_trainable() && moved {
             frozen_moved.push(name);
@@ -234,7 +295,6 @@ fn run(args: Args) -> Result<ExitCode> {
             stats_moved += moved as usize;
         }
     }
-    let unchanged_ref: Vec<&str> = unchanged.iter().map(String::as_str).collect();
     report.check(
         "updates",
         unchanged.is_empty(),
@@ -244,17 +304,10 @@ fn run(args: Args) -> Result<ExitCode> {
             format!(
                 "{} tensors did not change{}: is their learning rate 0?",
                 unchanged.len(),
-                list(": ", &unchanged_ref)
+                list(": ", &as_strs(&unchanged))
             )
         },
     );
-    let frozen: usize = model
-        .params
-        .entries()
-        .iter()
-        .filter(|(_, e)| e.is_param() && !e.is_trainable())
-        .count();
-    let frozen_ref: Vec<&str> = frozen_moved.iter().map(String::as_str).collect();
     report.check(
         "frozen",
         frozen_moved.is_empty(),
@@ -263,24 +316,30 @@ fn run(args: Args) -> Result<ExitCode> {
         } else if frozen_moved.is_empty() {
             format!("all {frozen} frozen tensors unchanged")
         } else {
-            format!("frozen tensors changed{}", list(": ", &frozen_ref))
+            format!("frozen tensors changed{}", list(": ", &as_strs(&frozen_moved)))
         },
     );
-    let (bn_ok, bn_detail) = if cfg.train.freeze_image {
+    check_batch_norm(model.config.train.freeze_image, stats_moved, stats_total, report);
+    Ok(())
+}
+
+/// BatchNorm running statistics: updated by a trainable image tower, kept by a frozen one.
+fn check_batch_norm(frozen_image: bool, moved: usize, total: usize, report: &mut Report) {
+    let (ok, detail) = if frozen_image {
         (
-            stats_moved == 0,
-            if stats_moved == 0 {
-                format!("all {stats_total} BatchNorm layers of the frozen image tower kept their running statistics (it runs in evaluation mode)")
+            moved == 0,
+            if moved == 0 {
+                format!("all {total} BatchNorm layers of the frozen image tower kept their running statistics (it runs in evaluation mode)")
             } else {
-                format!("{stats_moved} of {stats_total} BatchNorm layers of the frozen image tower changed their running statistics — a frozen tower must run in evaluation mode")
+                format!("{moved} of {total} BatchNorm layers of the frozen image tower changed their running statistics — a frozen tower must run in evaluation mode")
             },
         )
     } else {
         (
-            stats_moved == stats_total,
+            moved == total,
             format!(
-                "{stats_moved} of {stats_total} BatchNorm layers of the trainable image tower updated their running statistics{}",
-                if stats_moved == stats_total {
+                "{moved} of {total} BatchNorm layers of the trainable image tower updated their running statistics{}",
+                if moved == total {
                     ""
                 } else {
                     " — is training mode reaching the image tower?"
@@ -288,8 +347,11 @@ fn run(args: Args) -> Result<ExitCode> {
             ),
         )
     };
-    report.check("batch norm", bn_ok, bn_detail);
-    report.finish(args.model.json.as_deref())
+    report.check("batch norm", ok, detail);
+}
+
+fn as_strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
 }
 
 fn list(prefix: &str, names: &[&str]) -> String {

@@ -12,18 +12,18 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
+use candle_core::Device;
 use clap::Parser;
 use clip_cli::html_report::{self, Fixed, Ranking, Thumbnails};
 use clip_cli::plot;
 use clip_cli::DataArgs;
 use clip_cli::Report;
-use clip_core::checkpoint::RunDir;
 use clip_core::config::Schedule;
-use clip_core::device;
-use clip_core::fit::{ResumeOptions, Stopped, Trainer};
-use clip_core::prepare::prepare;
-use clip_core::run_dir::DataIdentity;
-use clip_core::run_dir::{clear_run, run_files, RunLock, LOCK};
+use clip_core::fit::{ResumeOptions, Stopped, Trainer, Validation};
+use clip_core::params::Group;
+use clip_core::prepare::{prepare, DataSource};
+use clip_core::run_dir::{self, DataIdentity, RunDir, RunLock, LOCK};
+use clip_core::{device, ClipConfig};
 
 #[derive(Parser)]
 #[command(
@@ -64,8 +64,41 @@ fn main() -> ExitCode {
 
 fn run(args: Args) -> Result<ExitCode> {
     let mut report = Report::new(4, "train");
+    let json = args.model.json.as_deref();
     println!("stage 4 — train: does the loss keep falling over many epochs?\n");
-    // A resumed run keeps its own config; training flags replace its values (and are recorded).
+    let (cfg, dev, out) = setup(&args)?;
+    let mut t = open_run(&args, &cfg, &dev, &out)?;
+    let mut fixed = before_training(&args, &mut t)?;
+    let mut thumbs = Thumbnails::default();
+
+    // The loop: train an epoch, validate, schedule, checkpoint.
+    while t.state.epoch < cfg.train.epochs {
+        let lr = t.opt.groups[&Group::Heads].lr;
+        let started = Instant::now();
+        let (train_loss, pps) = match train_epoch(&mut t, lr) {
+            Ok(v) => v,
+            Err(e) if e.is::<Stopped>() => return stopped(&t, &args, e),
+            Err(e) => {
+                report.check("finite", false, format!("{e:#}"));
+                return report.finish(json);
+            }
+        };
+        let v = t.validate()?;
+        let secs = started.elapsed().as_secs_f64();
+        let best = t.end_epoch(train_loss, &v, secs, pps)?;
+        plot_curves(&t)?;
+        // Cheap: curves and the before matrix, no embedding; the rankings come at the end.
+        html_report::write(&t, &fixed, None, &mut thumbs)?;
+        print_epoch(&t, train_loss, &v, lr, pps, secs, best);
+    }
+    judge(&mut t, &mut fixed, &mut thumbs, &mut report)?;
+    report.finish(json)
+}
+
+/// The config (the run's own for --resume, with the training flags applied), the device and the
+/// run folder. A resumed run keeps its model, seed and tokenizer: the flags that would change
+/// them are refused.
+fn setup(args: &Args) -> Result<(ClipConfig, Device, PathBuf)> {
     if args.resume.is_some() {
         let refused: Vec<&str> = [
             (args.model.config.is_some(), "--config"),
@@ -103,50 +136,29 @@ fn run(args: Args) -> Result<ExitCode> {
         device::describe(&dev),
         out.display()
     );
-    // One writer per folder: an existing folder is locked before the data is read, so a second run
-    // is refused at once (a new folder is created, and locked, once the data is known to be good).
-    let mut lock = if out.exists() {
-        Some(RunLock::acquire(&out)?)
-    } else {
-        None
-    };
-    if args.resume.is_none() {
-        let existing = run_files(&out);
-        if !existing.is_empty() {
-            if !args.train.overwrite {
-                bail!(
-                    "{} already holds a run ({}): continue it with --resume {0}, or pass --overwrite to start over (its model and checkpoints are deleted)",
-                    out.display(),
-                    existing.join(", ")
+    Ok((cfg, dev, out))
+}
+
+/// The trainer of a new or resumed run. One writer per folder: an existing folder is locked
+/// before the data is read, so a second run is refused at once (a new folder is created, and
+/// locked, once the data is known to be good).
+fn open_run(args: &Args, cfg: &ClipConfig, dev: &Device, out: &Path) -> Result<Trainer> {
+    let lock = match (&args.resume, out.exists()) {
+        (Some(_), _) => Some(RunLock::acquire(out)?),
+        (None, true) => {
+            let (lock, removed) = run_dir::open_new(out, args.train.overwrite)?;
+            if !removed.is_empty() {
+                println!(
+                    "--overwrite: removed the previous run's {} from {}",
+                    removed.join(", "),
+                    out.display()
                 );
             }
-            clear_run(&out)?;
-            println!(
-                "--overwrite: removed the previous run's {} from {}",
-                existing.join(", "),
-                out.display()
-            );
+            Some(lock)
         }
-    }
-
-    let mut source = args.data.source();
-    if let Some(run) = &args.resume {
-        // The run's tokenizer (verified against its manifest); a run killed before writing it
-        // trains it again from the same captions.
-        let tok = run.join(clip_core::checkpoint::TOKENIZER);
-        if tok.is_file() {
-            clip_core::checkpoint::read_checked(&tok)?;
-            source.tokenizer = Some(tok);
-        }
-        // Without --data, the run's own data (recorded in dataset.json), not the demo set.
-        if source.path.is_none() {
-            if let Some(id) = DataIdentity::read(run)? {
-                println!("data: the run's dataset {}", id.path.display());
-                source.path = Some(id.path);
-            }
-        }
-    }
-    let data = prepare(&cfg, &source, &dev, &clip_cli::progress::Bar::new())?;
+        (None, false) => None,
+    };
+    let data = prepare(cfg, &data_source(args)?, dev, &clip_cli::progress::Bar::new())?;
     println!(
         "data: {} pairs of {} images; training on {}, validating on {}{}",
         data.dataset.pairs.len(),
@@ -159,9 +171,9 @@ fn run(args: Args) -> Result<ExitCode> {
             .map(|n| format!(" ({n})"))
             .unwrap_or_default()
     );
-    let lock = match lock.take() {
+    let lock = match lock {
         Some(l) => l,
-        None => RunLock::acquire(&out)?,
+        None => RunLock::acquire(out)?,
     };
     if let Some(h) = &lock.took_over {
         println!(
@@ -169,17 +181,43 @@ fn run(args: Args) -> Result<ExitCode> {
             out.join(LOCK).display()
         );
     }
-    let mut t = match &args.resume {
-        Some(_) => Trainer::resume_with(
-            &cfg,
-            data,
-            lock,
-            ResumeOptions {
+    let t = match &args.resume {
+        Some(_) => {
+            let opts = ResumeOptions {
                 other_data: args.other_data,
-            },
-        )?,
-        None => Trainer::new_locked(&cfg, data, lock)?,
+            };
+            Trainer::resume_with(cfg, data, lock, opts)?
+        }
+        None => Trainer::new_locked(cfg, data, lock)?,
     };
+    describe_resume(&t, out);
+    Ok(t)
+}
+
+/// The data to train on: the flags', and for --resume the run's tokenizer (verified against its
+/// manifest; a run killed before writing it trains it again from the same captions) and, without
+/// --data, the run's own dataset (recorded in dataset.json), not the demo set.
+fn data_source(args: &Args) -> Result<DataSource> {
+    let mut source = args.data.source();
+    let Some(run) = &args.resume else {
+        return Ok(source);
+    };
+    let tok = run.join(run_dir::TOKENIZER);
+    if tok.is_file() {
+        clip_core::files::read_checked(&tok)?;
+        source.tokenizer = Some(tok);
+    }
+    if source.path.is_none() {
+        if let Some(id) = DataIdentity::read(run)? {
+            println!("data: the run's dataset {}", id.path.display());
+            source.path = Some(id.path);
+        }
+    }
+    Ok(source)
+}
+
+/// What a resume found and changed.
+fn describe_resume(t: &Trainer, out: &Path) {
     if t.restarted {
         println!(
             "resume: {} had no checkpoint yet (stopped before its first was saved): starting from epoch 1",
@@ -189,46 +227,61 @@ fn run(args: Args) -> Result<ExitCode> {
     for c in &t.changes {
         let file = if c.key == "data" { "dataset.json" } else { "config.toml" };
         println!("resume: {c} (recorded in {file})");
-        if c.key == "train.epochs" && cfg.train.schedule == Schedule::Cosine {
-            println!("  cosine schedule: the decay now spans {} epochs; from the next step the learning rate follows that curve", cfg.train.epochs);
+        if c.key == "train.epochs" && t.cfg.train.schedule == Schedule::Cosine {
+            println!(
+                "  cosine schedule: the decay now spans {} epochs; from the next step the learning rate follows that curve",
+                t.cfg.train.epochs
+            );
         }
     }
     if let Some(note) = t.selection_note() {
         println!("note: {note}");
     }
+}
+
+/// Everything before the first step: the feature cache, where training starts, the fixed batch's
+/// similarity before training (kept in similarity.json for the report, and for a resumed run's
+/// report), and Ctrl-C.
+fn before_training(args: &Args, t: &mut Trainer) -> Result<Fixed> {
     if args.no_feature_cache {
         t.set_feature_cache(None);
     } else if let Some(dir) = &args.feature_cache {
         t.set_feature_cache(Some(dir.clone()));
     }
-    describe_frozen(&t)?;
-    // The fixed batch's similarity before training, kept in similarity.json for the report (and
-    // for a resumed run's report).
-    let mut fixed = Fixed::load_or_new(&t);
-    let mut thumbs = Thumbnails::default();
+    describe_frozen(t)?;
+    let mut fixed = Fixed::load_or_new(t);
+    let epochs = t.cfg.train.epochs;
     match &t.state.partial {
         Some(p) => println!(
-            "resuming in epoch {} of {} after step {} of {}",
+            "resuming in epoch {} of {epochs} after step {} of {}",
             t.state.epoch + 1,
-            cfg.train.epochs,
             p.steps,
             t.steps_per_epoch()
         ),
-        None if t.state.epoch > 0 => println!("resuming after epoch {} of {}", t.state.epoch, cfg.train.epochs),
+        None if t.state.epoch > 0 => println!("resuming after epoch {} of {epochs}", t.state.epoch),
         None => {
             let before = t.fixed_similarity()?;
             fixed.heat_map(
-                &out.join("similarity_before.png"),
+                &t.out.join("similarity_before.png"),
                 &before,
                 "Similarity before training",
             )?;
             fixed.before = Some(before);
-            fixed.save(&out)?;
+            fixed.save(&t.out)?;
         }
     }
+    stop_on_ctrl_c(t)?;
+    println!(
+        "{epochs} epochs × {} steps of {} pairs\n",
+        t.steps_per_epoch(),
+        t.cfg.train.batch_size * t.cfg.train.accumulate
+    );
+    Ok(fixed)
+}
 
-    // Ctrl-C / SIGTERM: finish the step, save, say how to resume; a second one quits at once (the
-    // last checkpoint on disk is complete either way).
+/// Ctrl-C / SIGTERM: finish the step, save, say how to resume; a second one quits at once (the
+/// last checkpoint on disk is complete either way).
+fn stop_on_ctrl_c(t: &mut Trainer) -> Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
     ctrlc::set_handler(move || {
@@ -240,73 +293,103 @@ fn run(args: Args) -> Result<ExitCode> {
     })
     .context("installing the Ctrl-C handler")?;
     t.set_stop(stop);
+    Ok(())
+}
 
-    // The loop: train an epoch, validate, schedule, checkpoint.
-    let steps = t.steps_per_epoch() as u64;
+/// One epoch (or the rest of a stopped one) under a progress bar.
+fn train_epoch(t: &mut Trainer, lr: f64) -> Result<(f64, f64)> {
+    let epoch = t.state.epoch + 1;
+    let bar = clip_cli::progress::epoch_bar(epoch, t.cfg.train.epochs, t.steps_per_epoch() as u64);
+    bar.set_position(t.state.partial.as_ref().map_or(0, |p| p.steps as u64));
+    let trained = t.train_epoch(|_, loss, pps| {
+        bar.set_message(format!("loss {loss:.4} lr {lr:.2e} {pps:.0} pairs/s"));
+        bar.inc(1);
+    });
+    bar.finish_and_clear();
+    trained
+}
+
+/// Stopped by Ctrl-C: the checkpoint with the position in the epoch, and the command that resumes.
+fn stopped(t: &Trainer, args: &Args, why: anyhow::Error) -> Result<ExitCode> {
+    let dir = t.save_checkpoint()?;
     println!(
-        "{} epochs × {steps} steps of {} pairs\n",
-        cfg.train.epochs,
-        cfg.train.batch_size * cfg.train.accumulate
+        "{why:#}: checkpoint saved in {}\nresume with:\n  {}",
+        dir.display(),
+        resume_command(args, &t.out)
     );
-    while t.state.epoch < cfg.train.epochs {
-        let epoch = t.state.epoch + 1;
-        let bar = clip_cli::progress::epoch_bar(epoch, cfg.train.epochs, steps);
-        let lr = t.opt.groups[&clip_core::params::Group::Heads].lr;
-        let started = Instant::now();
-        bar.set_position(t.state.partial.as_ref().map_or(0, |p| p.steps as u64));
-        let trained = t.train_epoch(|_, loss, pps| {
-            bar.set_message(format!("loss {loss:.4} lr {lr:.2e} {pps:.0} pairs/s"));
-            bar.inc(1);
-        });
-        bar.finish_and_clear();
-        let (train_loss, pps) = match trained {
-            Ok(v) => v,
-            Err(e) if e.is::<Stopped>() => {
-                let dir = t.save_checkpoint()?;
-                println!(
-                    "{e:#}: checkpoint saved in {}\nresume with:\n  {}",
-                    dir.display(),
-                    resume_command(&args, &out)
-                );
-                return Ok(ExitCode::from(130));
-            }
-            Err(e) => {
-                report.check("finite", false, format!("{e:#}"));
-                return report.finish(args.model.json.as_deref());
-            }
-        };
-        let v = t.validate()?;
-        let secs = started.elapsed().as_secs_f64();
-        let best = t.end_epoch(train_loss, &v, secs, pps)?;
-        plot_curves(&t)?;
-        // Cheap: curves and the before matrix, no embedding; the rankings come at the end.
-        html_report::write(&t, &fixed, None, &mut thumbs)?;
-        // Class folders: zero-shot accuracy; captions: recall@1 both ways.
-        let quality = match v.zero_shot {
-            Some(acc) => format!("zero-shot acc {acc:.3}"),
-            None => format!("R@1 i→t {:.2} t→i {:.2}", v.recall.i2t_r1, v.recall.t2i_r1),
-        };
-        let flag = if best {
-            "  *best"
-        } else if !v.loss.is_finite() && t.validates() {
-            "  (validation loss is not finite: not kept as the best model)"
-        } else {
-            ""
-        };
-        let val = if t.validates() {
-            format!("{:.4}", v.loss)
-        } else {
-            "–".into()
-        };
-        println!(
-            "epoch {epoch:>3}: train {train_loss:.4}  val {val}  {quality}  lr {lr:.2e}  {pps:.0} pairs/s  {secs:.1}s{flag}"
-        );
-    }
+    Ok(ExitCode::from(130))
+}
+
+/// One line per epoch: losses, quality (zero-shot accuracy for class folders, recall@1 both ways
+/// for captions), learning rate, speed, and whether it is the best so far.
+fn print_epoch(t: &Trainer, train_loss: f64, v: &Validation, lr: f64, pps: f64, secs: f64, best: bool) {
+    let epoch = t.state.epoch;
+    let quality = match v.zero_shot {
+        Some(acc) => format!("zero-shot acc {acc:.3}"),
+        None => format!("R@1 i→t {:.2} t→i {:.2}", v.recall.i2t_r1, v.recall.t2i_r1),
+    };
+    let flag = if best {
+        "  *best"
+    } else if !v.loss.is_finite() && t.validates() {
+        "  (validation loss is not finite: not kept as the best model)"
+    } else {
+        ""
+    };
+    let val = if t.validates() {
+        format!("{:.4}", v.loss)
+    } else {
+        "–".into()
+    };
+    println!(
+        "epoch {epoch:>3}: train {train_loss:.4}  val {val}  {quality}  lr {lr:.2e}  {pps:.0} pairs/s  {secs:.1}s{flag}"
+    );
+}
+
+/// The gate: no NaN or Inf, the loss fell to half its first value, and the best model learned
+/// (see clip_core::gates); then the after heat map and the full report.
+fn judge(t: &mut Trainer, fixed: &mut Fixed, thumbs: &mut Thumbnails, report: &mut Report) -> Result<()> {
     if t.state.best_epoch == 0 {
         println!("no epoch had a finite loss: model.safetensors holds the untrained model");
     }
+    judge_losses(t, report);
+    t.load_best()?;
+    let after = t.fixed_similarity()?;
+    fixed.heat_map(
+        &t.out.join("similarity_after.png"),
+        &after,
+        "Similarity after training (best model)",
+    )?;
+    fixed.after = Some(after);
+    fixed.save(&t.out)?;
+    let page = html_report::write(t, fixed, Some(&Ranking::compute(t)?), thumbs)?;
+    report.metric("train_recall", t.recall(&t.data.split.train)?);
+    report.metric("best_epoch", t.state.best_epoch);
+    report.metric("best_val_loss", t.state.best_val_loss);
+    report.metric("run", t.out.display().to_string());
+    // Zero-shot accuracy (class folders) or retrieval (captions), against what a model that
+    // learned nothing scores: see clip_core::gates.
+    let gate = clip_core::gates::learned(t)?;
+    report.metric("gate", &gate);
+    if gate.name == "zero-shot" {
+        report.metric("train_zero_shot", gate.value);
+    }
+    let val = t.state.history.iter().filter_map(|h| h.zero_shot).next_back();
+    let detail = match val {
+        Some(v) => format!(
+            "best model (epoch {}): {}; {v:.3} on validation (last epoch)",
+            t.state.best_epoch, gate.detail
+        ),
+        None => format!("best model (epoch {}): {}", t.state.best_epoch, gate.detail),
+    };
+    report.check(gate.name, gate.passed, detail);
+    println!("\nrun folder: {} (model.safetensors, config.toml, tokenizer.json, metrics.json, loss.csv, loss/lr/quality.png, similarity_before/after.png, similarity.json)", t.out.display());
+    println!("report: {}", page.display());
+    report.metric("report", page.display().to_string());
+    Ok(())
+}
 
-    // Gate: it learned.
+/// No NaN or Inf in any epoch's losses, and the last epoch's training loss at most half the first.
+fn judge_losses(t: &Trainer, report: &mut Report) {
     let h = &t.state.history;
     let (first, last) = (
         h.first().map(|r| r.train_loss).unwrap_or(f64::NAN),
@@ -341,41 +424,6 @@ fn run(args: Args) -> Result<ExitCode> {
             }
         ),
     );
-    t.load_best()?;
-    let after = t.fixed_similarity()?;
-    fixed.heat_map(
-        &out.join("similarity_after.png"),
-        &after,
-        "Similarity after training (best model)",
-    )?;
-    fixed.after = Some(after);
-    fixed.save(&out)?;
-    let page = html_report::write(&t, &fixed, Some(&Ranking::compute(&t)?), &mut thumbs)?;
-    let r = t.recall(&t.data.split.train)?;
-    report.metric("train_recall", r);
-    report.metric("best_epoch", t.state.best_epoch);
-    report.metric("best_val_loss", t.state.best_val_loss);
-    report.metric("run", out.display().to_string());
-    // Zero-shot accuracy (class folders) or retrieval (captions), against what a model that
-    // learned nothing scores: see clip_core::gates.
-    let gate = clip_core::gates::learned(&t)?;
-    report.metric("gate", &gate);
-    if gate.name == "zero-shot" {
-        report.metric("train_zero_shot", gate.value);
-    }
-    let val = t.state.history.iter().filter_map(|h| h.zero_shot).next_back();
-    let detail = match val {
-        Some(v) => format!(
-            "best model (epoch {}): {}; {v:.3} on validation (last epoch)",
-            t.state.best_epoch, gate.detail
-        ),
-        None => format!("best model (epoch {}): {}", t.state.best_epoch, gate.detail),
-    };
-    report.check(gate.name, gate.passed, detail);
-    println!("\nrun folder: {} (model.safetensors, config.toml, tokenizer.json, metrics.json, loss.csv, loss/lr/quality.png, similarity_before/after.png, similarity.json)", out.display());
-    println!("report: {}", page.display());
-    report.metric("report", page.display().to_string());
-    report.finish(args.model.json.as_deref())
 }
 
 /// The config of the run `--resume` names, verified against its manifest. A folder stopped
@@ -387,7 +435,7 @@ fn resumed_config(run: &Path) -> Result<clip_core::ClipConfig> {
             run.display()
         );
     }
-    if !run.join(clip_core::checkpoint::CONFIG).is_file() {
+    if !run.join(clip_core::run_dir::CONFIG).is_file() {
         bail!(
             "{} holds no run to resume (it was stopped before writing its config.toml): start it again with your original command and --out {0}",
             run.display()

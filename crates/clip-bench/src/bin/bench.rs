@@ -110,7 +110,8 @@ struct Setup {
 
 impl Setup {
     fn new(a: &ModelBench) -> Result<Self> {
-        let cfg = ClipConfig::resolve(a.config.as_deref(), a.preset.as_deref())?;
+        let mut cfg = ClipConfig::resolve(a.config.as_deref(), a.preset.as_deref())?;
+        clip_core::pretrained::apply_configs(&mut cfg, &clip_core::hub::Hub::from_env())?;
         let dev = clip_core::device::parse_device(&a.device)?;
         let b = a.batch_size.unwrap_or(cfg.train.batch_size);
         let l = a.seq_len.min(cfg.max_tokens());

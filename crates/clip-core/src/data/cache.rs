@@ -319,7 +319,7 @@ pub(crate) fn open(
         data: data_name,
         entries,
     };
-    crate::checkpoint::write_atomic(&manifest_path, &serde_json::to_vec(&manifest)?)?;
+    crate::files::write_atomic(&manifest_path, &serde_json::to_vec(&manifest)?)?;
     if let Some((m, _, _)) = &old {
         if m.data != manifest.data {
             let _ = std::fs::remove_file(dir.join(&m.data));

@@ -5,39 +5,17 @@
 //! Rows are checked one by one, and each problem becomes a [`BadRow`] naming the file and line,
 //! so one bad row never hides the others and never panics.
 
-use std::fmt;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
-use super::BadRow;
+use super::types::{BadRow, CaptionFormat};
 
 /// Header names accepted for the image column (compared trimmed and case-insensitively).
 pub const IMAGE_COLUMNS: [&str; 4] = ["image", "image_name", "filename", "file"];
 /// Header names accepted for the caption column.
 pub const CAPTION_COLUMNS: [&str; 4] = ["caption", "text", "comment", "captions"];
-
-/// How a captions file is laid out.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CaptionFormat {
-    Csv,
-    Tsv,
-    /// `|`-separated, as Flickr30k's `results.csv`.
-    Pipe,
-    JsonLines,
-}
-
-impl fmt::Display for CaptionFormat {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            CaptionFormat::Csv => "CSV",
-            CaptionFormat::Tsv => "TSV",
-            CaptionFormat::Pipe => "|-separated",
-            CaptionFormat::JsonLines => "JSON Lines",
-        })
-    }
-}
 
 /// One usable row: an image name as written and a trimmed, non-empty caption.
 #[derive(Debug, Clone)]

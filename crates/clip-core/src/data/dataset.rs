@@ -1,146 +1,15 @@
 //! A dataset: images on disk and the (image, caption) pairs that use them.
 
 use std::collections::HashMap;
-use std::fmt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Result};
 
-use super::captions::{self, CaptionFormat};
+use super::captions;
 use super::folders::{self, render_template};
 use super::paths::{absolute, contained, images_dir, relative_image_path};
-use super::{list_bad, ImageStore};
-use crate::config::ClipConfig;
-
-/// The caption of a class-folder image when no template is given.
-pub const DEFAULT_TEMPLATE: &str = "a photo of a {label}";
-/// Captions files looked for, in this order, when a dataset is given as a folder.
-pub const CAPTION_FILES: [&str; 4] = ["captions.csv", "captions.tsv", "captions.txt", "captions.jsonl"];
-
-/// An image file used by one or more pairs.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ImageEntry {
-    /// Absolute path.
-    pub path: PathBuf,
-    /// As written in the captions file, or `label/file.jpg` for class folders.
-    pub name: String,
-}
-
-/// One training example: an image and one of its captions.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Pair {
-    /// Index into [`Dataset::images`].
-    pub image: usize,
-    pub caption: String,
-    /// Index into [`Dataset::labels`] (class folders only), kept for zero-shot evaluation.
-    pub label: Option<usize>,
-    /// 1-based line in the captions file; 0 for class folders.
-    pub line: usize,
-}
-
-/// A row (or image) that cannot be used, and why.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BadRow {
-    /// The captions file, or the image itself for class folders.
-    pub file: PathBuf,
-    /// 1-based line in `file`; 0 when the problem is a whole file (class-folder images).
-    pub line: usize,
-    pub reason: String,
-}
-
-impl BadRow {
-    pub fn new(file: &Path, line: usize, reason: impl Into<String>) -> Self {
-        Self {
-            file: file.to_path_buf(),
-            line,
-            reason: reason.into(),
-        }
-    }
-}
-
-/// `FILE:LINE: reason` (or `FILE: reason` when there is no line), as compilers write it, so
-/// editors and terminals can jump to the row.
-impl fmt::Display for BadRow {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.line {
-            0 => write!(f, "{}: {}", self.file.display(), self.reason),
-            n => write!(f, "{}:{n}: {}", self.file.display(), self.reason),
-        }
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct LoadOptions {
-    /// Leave bad rows out (they are listed in [`Dataset::bad`]) instead of failing.
-    pub skip_bad: bool,
-    /// Caption templates for class folders; `{label}` is replaced by the folder name.
-    pub templates: Vec<String>,
-}
-
-impl Default for LoadOptions {
-    fn default() -> Self {
-        Self {
-            skip_bad: false,
-            templates: vec![DEFAULT_TEMPLATE.to_string()],
-        }
-    }
-}
-
-/// Where the pairs came from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Source {
-    Captions {
-        file: PathBuf,
-        format: CaptionFormat,
-    },
-    ClassFolders {
-        templates: Vec<String>,
-    },
-    /// WebDataset tar shards; image i is the member at `members[i]` of its shard.
-    WebDataset {
-        shards: Vec<PathBuf>,
-        members: Vec<super::MemberSpan>,
-    },
-}
-
-impl fmt::Display for Source {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Source::Captions { file, format } => {
-                write!(f, "{format} captions file {}", file.display())
-            }
-            Source::ClassFolders { templates } => {
-                write!(f, "class folders, captions from {templates:?}")
-            }
-            Source::WebDataset { shards, .. } => match shards.as_slice() {
-                [one] => write!(f, "WebDataset shard {}", one.display()),
-                [first, .., last] => write!(
-                    f,
-                    "{} WebDataset shards, {} … {}",
-                    shards.len(),
-                    first.display(),
-                    last.display()
-                ),
-                [] => write!(f, "no WebDataset shards"),
-            },
-        }
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct Dataset {
-    /// The dataset's folder (absolute): the captions file's folder, or the class folders' parent.
-    pub root: PathBuf,
-    /// The folder image names are resolved against first (`root/images` when it exists).
-    pub image_root: PathBuf,
-    pub source: Source,
-    pub images: Vec<ImageEntry>,
-    pub pairs: Vec<Pair>,
-    /// Class names (class folders only), sorted; [`Pair::label`] indexes them.
-    pub labels: Vec<String>,
-    /// Rows left out (only non-empty with [`LoadOptions::skip_bad`]).
-    pub bad: Vec<BadRow>,
-}
+use super::types::list_bad;
+use super::types::{BadRow, Dataset, ImageEntry, LoadOptions, Pair, Source, CAPTION_FILES, DEFAULT_TEMPLATE};
 
 impl Dataset {
     /// Loads a folder (with a `captions.{csv,tsv,txt,jsonl}` file, or class folders) or a captions
@@ -148,7 +17,7 @@ impl Dataset {
     /// dataset with no usable rows always fails.
     pub fn load(path: &Path, opts: &LoadOptions) -> Result<Dataset> {
         if let Some(shards) = super::webdataset::shards(path)? {
-            return Self::from_webdataset(shards, opts);
+            return super::webdataset::read(shards)?.check_rows(opts);
         }
         if path.is_file() {
             let ext = path
@@ -187,36 +56,6 @@ impl Dataset {
         dir.canonicalize().unwrap_or(dir)
     }
 
-    /// Loads a dataset and decodes its images (see [`ImageStore::load`]). With `skip_bad`, the
-    /// pairs of images that cannot be decoded are dropped and listed in [`Dataset::bad`].
-    pub fn load_with_images(
-        path: &Path,
-        opts: &LoadOptions,
-        cfg: &ClipConfig,
-        progress: &dyn crate::progress::Progress,
-    ) -> Result<(Dataset, ImageStore)> {
-        let mut ds = Self::load(path, opts)?;
-        let (store, bad) = ImageStore::load(&ds, cfg, opts.skip_bad, progress)?;
-        ds.drop_undecodable(&store, bad)?;
-        Ok((ds, store))
-    }
-
-    /// Drops the pairs whose image is not in `store` and records `bad` (what [`ImageStore::load`]
-    /// returned). Pair indices change; image indices do not. Fails when no pair is left.
-    pub fn drop_undecodable(&mut self, store: &ImageStore, bad: Vec<BadRow>) -> Result<()> {
-        self.pairs.retain(|p| store.contains(p.image));
-        self.bad.extend(bad);
-        self.bad.sort_by(|a, b| (&a.file, a.line).cmp(&(&b.file, b.line)));
-        if self.pairs.is_empty() {
-            bail!(
-                "{}: no image could be decoded:{}",
-                self.source_path().display(),
-                list_bad(&self.bad)
-            );
-        }
-        Ok(())
-    }
-
     /// Every caption, in pair order.
     pub fn captions(&self) -> Vec<String> {
         self.pairs.iter().map(|p| p.caption.clone()).collect()
@@ -236,7 +75,6 @@ impl Dataset {
         n
     }
 
-    /// The file errors are reported against: the captions file, or the root of class folders.
     /// xxh3-128 of what training sees of the dataset, in order: each image's name, each pair's
     /// image, caption and label, the class names. The same listing gives the same fingerprint
     /// wherever the files are; another caption, image or order gives another. 32 hex digits.
@@ -260,6 +98,7 @@ impl Dataset {
         format!("{:032x}", h.digest128())
     }
 
+    /// The file errors are reported against: the captions file, or the root of class folders.
     pub fn source_path(&self) -> &Path {
         match &self.source {
             Source::Captions { file, .. } => file,

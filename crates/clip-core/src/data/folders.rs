@@ -11,7 +11,7 @@ use anyhow::{Context, Result};
 
 use super::image::is_image_file;
 use super::paths::contained;
-use super::BadRow;
+use super::types::BadRow;
 
 /// A template with `{label}` replaced by the label.
 pub fn render_template(template: &str, label: &str) -> String {

@@ -21,10 +21,10 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rayon::prelude::*;
 
+use super::features::FrozenFeatures;
 use super::tokenizer::pad;
 use super::{mix, Dataset, ImageStore, TextTokenizer};
 use crate::config::ClipConfig;
-use crate::feature_cache::FrozenFeatures;
 
 /// Batches prepared ahead of the one being used.
 const PREFETCH: usize = 2;

@@ -19,6 +19,7 @@
 mod cache;
 mod captions;
 mod dataset;
+mod features;
 mod folders;
 mod image;
 mod loader;
@@ -27,12 +28,12 @@ mod paths;
 mod split;
 mod store;
 mod tokenizer;
+mod types;
 mod webdataset;
 mod wordpiece;
 
 pub use cache::{CacheReport, CACHE_DIR};
-pub use captions::CaptionFormat;
-pub use dataset::{BadRow, Dataset, ImageEntry, LoadOptions, Pair, Source, DEFAULT_TEMPLATE};
+pub use features::{FeatureRows, FrozenFeatures};
 pub use folders::render_template;
 pub use image::{
     normalised_range, Preprocess, IMAGENET_MEAN, IMAGENET_STD, IMAGE_EXTENSIONS, MAX_DECODE_BYTES, MAX_IMAGE_SIDE,
@@ -42,17 +43,7 @@ pub use paths::{absolute, contained, image_files, relative_image_path, Listing};
 pub use split::{Split, MIN_IMAGES_TO_SPLIT};
 pub use store::{ImageStore, StoreMode};
 pub use tokenizer::{TextTokenizer, UnkReport, SPECIAL_TOKENS};
-pub use webdataset::{expand_braces, MemberSpan};
+pub use types::{BadRow, CaptionFormat, Dataset, ImageEntry, LoadOptions, MemberSpan, Pair, Source, DEFAULT_TEMPLATE};
+pub use webdataset::expand_braces;
 
 pub(crate) use crate::rng::mix;
-
-/// At most this many bad rows are listed in an error; the total is always given.
-pub(crate) const MAX_LISTED: usize = 10;
-
-/// "\n  FILE:LINE: reason …\n  … and 2 more" for an error message.
-pub(crate) fn list_bad(bad: &[BadRow]) -> String {
-    if bad.is_empty() {
-        return String::new();
-    }
-    format!("\n  {}", crate::listing::first_n(bad, MAX_LISTED, "\n  "))
-}

@@ -12,7 +12,8 @@ use std::time::UNIX_EPOCH;
 use anyhow::{Context, Result};
 use image::DynamicImage;
 
-use super::{Dataset, Source, MAX_DECODE_BYTES};
+use super::image::MAX_DECODE_BYTES;
+use super::types::{Dataset, Source};
 
 /// One image's original bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
-use super::Dataset;
+use super::types::Dataset;
 
 /// Below this many images a split leaves too little on one side to mean anything: two or three
 /// held-out photos make a validation loss of pure noise, and a model trained from scratch cannot

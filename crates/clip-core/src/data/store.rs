@@ -30,8 +30,9 @@ use rayon::prelude::*;
 
 use super::cache::{self, CacheReport, CACHE_DIR};
 use super::image::{augment_original, fit, normalise_into, prepare, to_rgb, Preprocess};
+use super::mix;
 use super::origin::{origins, Origin};
-use super::{list_bad, mix, BadRow, Dataset, Source};
+use super::types::{list_bad, BadRow, Dataset, LoadOptions, Source};
 use crate::config::ClipConfig;
 use crate::progress::Progress;
 
@@ -395,6 +396,38 @@ impl ImageStore {
         let mut out = vec![0f32; 3 * s * s];
         normalise_into(rgb.as_raw(), &prep, &mut out);
         Ok(Tensor::from_vec(out, (3, s, s), &Device::Cpu)?)
+    }
+}
+
+impl Dataset {
+    /// Loads a dataset and decodes its images (see [`ImageStore::load`]). With `skip_bad`, the
+    /// pairs of images that cannot be decoded are dropped and listed in [`Dataset::bad`].
+    pub fn load_with_images(
+        path: &Path,
+        opts: &LoadOptions,
+        cfg: &ClipConfig,
+        progress: &dyn crate::progress::Progress,
+    ) -> Result<(Dataset, ImageStore)> {
+        let mut ds = Self::load(path, opts)?;
+        let (store, bad) = ImageStore::load(&ds, cfg, opts.skip_bad, progress)?;
+        ds.drop_undecodable(&store, bad)?;
+        Ok((ds, store))
+    }
+
+    /// Drops the pairs whose image is not in `store` and records `bad` (what [`ImageStore::load`]
+    /// returned). Pair indices change; image indices do not. Fails when no pair is left.
+    pub fn drop_undecodable(&mut self, store: &ImageStore, bad: Vec<BadRow>) -> Result<()> {
+        self.pairs.retain(|p| store.contains(p.image));
+        self.bad.extend(bad);
+        self.bad.sort_by(|a, b| (&a.file, a.line).cmp(&(&b.file, b.line)));
+        if self.pairs.is_empty() {
+            bail!(
+                "{}: no image could be decoded:{}",
+                self.source_path().display(),
+                list_bad(&self.bad)
+            );
+        }
+        Ok(())
     }
 }
 

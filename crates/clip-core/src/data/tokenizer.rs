@@ -238,7 +238,7 @@ impl TextTokenizer {
     /// Writes `tokenizer.json` atomically (Hugging Face format: it loads in Python too).
     pub fn save(&self, path: &Path) -> Result<()> {
         let json = self.to_json()?;
-        crate::checkpoint::write_atomic(path, json.as_bytes())
+        crate::files::write_atomic(path, json.as_bytes())
             .with_context(|| format!("writing tokenizer {}", path.display()))
     }
 

@@ -19,17 +19,10 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 
-use super::dataset::CAPTION_FILES;
+use super::image::IMAGE_EXTENSIONS;
 use super::origin::check_span;
 use super::paths::absolute;
-use super::{BadRow, Dataset, ImageEntry, LoadOptions, Pair, Source, IMAGE_EXTENSIONS};
-
-/// Where an image member's bytes are in its shard.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct MemberSpan {
-    pub offset: u64,
-    pub len: u64,
-}
+use super::types::{BadRow, Dataset, ImageEntry, MemberSpan, Pair, Source, CAPTION_FILES};
 
 /// The shards `path` names, or `None` when it is not WebDataset input: a pattern with braces, a
 /// `.tar` file, or a folder holding `.tar` files and no captions file.
@@ -200,76 +193,73 @@ fn json_caption(text: &str) -> std::result::Result<String, String> {
         .ok_or_else(|| "no string field `caption` or `text`".to_string())
 }
 
-impl Dataset {
-    /// A dataset from WebDataset shards, read in order; bad members are listed in
-    /// [`Dataset::bad`] (with `opts.skip_bad`) or fail the load.
-    pub(crate) fn from_webdataset(shards: Vec<PathBuf>, opts: &LoadOptions) -> Result<Dataset> {
-        let shards: Vec<PathBuf> = shards.iter().map(|s| absolute(s)).collect::<Result<_>>()?;
-        let mut images = vec![];
-        let mut members = vec![];
-        let mut pairs = vec![];
-        let mut bad = vec![];
-        for shard in &shards {
-            let samples = match read_shard(shard, &mut bad) {
-                Ok(s) => s,
-                Err(e) => {
-                    bad.push(BadRow::new(shard, 0, format!("{e:#}")));
-                    continue;
-                }
+/// The rows of WebDataset shards, read in order, with the members that cannot be used in
+/// [`Dataset::bad`] (the caller checks them: [`Dataset::load`]).
+pub(crate) fn read(shards: Vec<PathBuf>) -> Result<Dataset> {
+    let shards: Vec<PathBuf> = shards.iter().map(|s| absolute(s)).collect::<Result<_>>()?;
+    let mut images = vec![];
+    let mut members = vec![];
+    let mut pairs = vec![];
+    let mut bad = vec![];
+    for shard in &shards {
+        let samples = match read_shard(shard, &mut bad) {
+            Ok(s) => s,
+            Err(e) => {
+                bad.push(BadRow::new(shard, 0, format!("{e:#}")));
+                continue;
+            }
+        };
+        for s in samples {
+            let caption = match (s.txt, s.json) {
+                (Some(t), _) => t,
+                (None, Some(j)) => j,
+                (None, None) => Err("no caption (key.txt, or key.json with a `caption` or `text` field)".into()),
             };
-            for s in samples {
-                let caption = match (s.txt, s.json) {
-                    (Some(t), _) => t,
-                    (None, Some(j)) => j,
-                    (None, None) => Err("no caption (key.txt, or key.json with a `caption` or `text` field)".into()),
-                };
-                if let (None, Some((name, why))) = (&s.image, &s.bad_image) {
-                    bad.push(member_bad(shard, name, why.clone()));
-                    continue;
+            if let (None, Some((name, why))) = (&s.image, &s.bad_image) {
+                bad.push(member_bad(shard, name, why.clone()));
+                continue;
+            }
+            let Some((name, span)) = s.image else {
+                bad.push(member_bad(
+                    shard,
+                    &s.first,
+                    "a caption without an image (key.jpg|png|webp)",
+                ));
+                continue;
+            };
+            match caption {
+                Ok(c) if c.is_empty() => bad.push(member_bad(shard, &name, "empty caption")),
+                Ok(caption) => {
+                    pairs.push(Pair {
+                        image: images.len(),
+                        caption,
+                        label: None,
+                        line: 0,
+                    });
+                    images.push(ImageEntry {
+                        path: shard.clone(),
+                        name,
+                    });
+                    members.push(span);
                 }
-                let Some((name, span)) = s.image else {
-                    bad.push(member_bad(
-                        shard,
-                        &s.first,
-                        "a caption without an image (key.jpg|png|webp)",
-                    ));
-                    continue;
-                };
-                match caption {
-                    Ok(c) if c.is_empty() => bad.push(member_bad(shard, &name, "empty caption")),
-                    Ok(caption) => {
-                        pairs.push(Pair {
-                            image: images.len(),
-                            caption,
-                            label: None,
-                            line: 0,
-                        });
-                        images.push(ImageEntry {
-                            path: shard.clone(),
-                            name,
-                        });
-                        members.push(span);
-                    }
-                    Err(reason) => bad.push(member_bad(shard, &name, reason)),
-                }
+                Err(reason) => bad.push(member_bad(shard, &name, reason)),
             }
         }
-        let root = shards
-            .first()
-            .and_then(|s| s.parent())
-            .map(Path::to_path_buf)
-            .unwrap_or_else(|| PathBuf::from("."));
-        let ds = Dataset {
-            image_root: root.clone(),
-            root,
-            source: Source::WebDataset { shards, members },
-            images,
-            pairs,
-            labels: vec![],
-            bad,
-        };
-        ds.check_rows(opts)
     }
+    let root = shards
+        .first()
+        .and_then(|s| s.parent())
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
+    Ok(Dataset {
+        image_root: root.clone(),
+        root,
+        source: Source::WebDataset { shards, members },
+        images,
+        pairs,
+        labels: vec![],
+        bad,
+    })
 }
 
 /// The samples of one shard, in the order their keys first appear. Members that are neither

@@ -7,16 +7,16 @@ use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
-use crate::checkpoint::WEIGHTS;
 use crate::config::ClipConfig;
 use crate::data::ImageStore;
 use crate::loss::l2_normalize;
 use crate::model::ClipModel;
+use crate::run_dir::WEIGHTS;
 
 /// A stable id of a trained model: FNV-1a over its weights and config files.
 pub fn model_fingerprint(run: &Path) -> Result<String> {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for f in [WEIGHTS, crate::checkpoint::CONFIG] {
+    for f in [WEIGHTS, crate::run_dir::CONFIG] {
         let p = run.join(f);
         let bytes = std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?;
         for b in bytes {

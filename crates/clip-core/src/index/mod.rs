@@ -36,7 +36,7 @@ pub use quant::{dot_f32, dot_i8, quantize, rerank, Int8Rows};
 pub use scan::{scan_top_k, select, top_k, TopK};
 pub use segment::{rerank_candidates, SearchMode, Segment};
 
-use crate::checkpoint::write_atomic;
+use crate::files::write_atomic;
 use crate::model::ClipModel;
 
 /// The index format this build writes; it reads this one and upgrades version 1.

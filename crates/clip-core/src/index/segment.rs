@@ -15,7 +15,7 @@ use super::approx::{Graph, GraphParams};
 use super::lists::{default_probes, Lists, LISTS_MIN_ROWS};
 use super::quant::{dot_f32, rerank, Int8Rows};
 use super::scan::{scan_top_k, TopK};
-use crate::checkpoint::write_atomic;
+use crate::files::write_atomic;
 
 /// How a query is answered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]

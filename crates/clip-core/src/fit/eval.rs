@@ -1,0 +1,218 @@
+//! Measuring a run while it trains: validation loss, retrieval recall, zero-shot accuracy, and
+//! the fixed batch whose similarity matrix the report shows before and after training — all in
+//! evaluation mode, from cached features where a frozen tower has them.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use anyhow::Result;
+use candle_core::Tensor;
+
+use super::Trainer;
+use crate::embed::{embed_store_images, embed_texts};
+use crate::feature_cache::{FeatureCache, FrozenFeatures};
+use crate::loss::{cosine_similarity, l2_normalize};
+use crate::retrieval::{to_rows, Recall};
+use crate::train::eval_loss;
+
+/// Recall is computed over at most this many pairs: its similarity matrix grows with the square.
+pub const MAX_RECALL_PAIRS: usize = 2000;
+
+/// What validation measured after an epoch.
+#[derive(Debug, Clone, Copy)]
+pub struct Validation {
+    pub loss: f64,
+    pub recall: Recall,
+    /// Zero-shot accuracy, when the dataset has class labels (see [`Trainer::zero_shot`]).
+    pub zero_shot: Option<f64>,
+}
+
+impl Trainer {
+    /// The cached features of the frozen towers for the whole dataset, computed (or read from the
+    /// cache folder) on first use; `None` when no tower is cached.
+    pub fn frozen_features(&self) -> Result<Option<Arc<FrozenFeatures>>> {
+        let (image, text) = self.cached_towers();
+        let Some(dir) = self.feature_cache.as_deref().filter(|_| image || text) else {
+            return Ok(None);
+        };
+        let mut slot = self.frozen.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(f) = &*slot {
+            return Ok(Some(f.clone()));
+        }
+        let cache = FeatureCache::new(dir);
+        let chunk = self.cfg.train.batch_size.max(16);
+        let f = Arc::new(FrozenFeatures {
+            image: if image {
+                Some(cache.image_features(&self.model, &self.data.store, chunk)?)
+            } else {
+                None
+            },
+            text: if text {
+                Some(cache.text_features(&self.model, &self.data.loader, self.data.dataset.pairs.len(), chunk)?)
+            } else {
+                None
+            },
+        });
+        *slot = Some(f.clone());
+        Ok(Some(f))
+    }
+
+    /// Embeddings (N, P) of images of the store, in evaluation mode (from cached features when
+    /// the image tower's are cached).
+    fn embed_images(&self, images: &[usize]) -> Result<Tensor> {
+        let bs = self.cfg.train.batch_size.max(16);
+        let frozen = self.frozen_features()?;
+        match frozen.as_deref().and_then(|f| f.image.as_ref()) {
+            Some(rows) => {
+                let parts = images
+                    .chunks(bs)
+                    .map(|c| -> Result<Tensor> {
+                        Ok(self
+                            .model
+                            .project_image(&rows.tensor(c, &self.data.device)?, false)?
+                            .detach())
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                Ok(Tensor::cat(&parts, 0)?)
+            }
+            None => embed_store_images(&self.model, &self.data.store, images, bs, &self.data.device),
+        }
+    }
+
+    /// Embeddings (N, P) of the captions of some pairs, in evaluation mode.
+    fn embed_captions(&self, pairs: &[usize]) -> Result<Tensor> {
+        let bs = self.cfg.train.batch_size.max(16);
+        let frozen = self.frozen_features()?;
+        match frozen.as_deref().and_then(|f| f.text.as_ref()) {
+            Some(rows) => {
+                let parts = pairs
+                    .chunks(bs)
+                    .map(|c| -> Result<Tensor> {
+                        Ok(self
+                            .model
+                            .project_text(&rows.tensor(c, &self.data.device)?, false)?
+                            .detach())
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                Ok(Tensor::cat(&parts, 0)?)
+            }
+            None => {
+                let texts: Vec<&str> = pairs
+                    .iter()
+                    .map(|&p| self.data.dataset.pairs[p].caption.as_str())
+                    .collect();
+                embed_texts(&self.model, &self.data.tokenizer, &texts, bs, &self.data.device)
+            }
+        }
+    }
+
+    /// Validation loss (mean over batches, evaluation mode) and retrieval recall.
+    pub fn validate(&self) -> Result<Validation> {
+        let val = &self.data.split.val;
+        let mut total = 0.0;
+        let mut count = 0usize;
+        // A fixed shuffle: the same batches every epoch (comparable losses), but not in file order —
+        // class folders in order would put one class per batch and make the loss trivial.
+        let order = Some(crate::data::epoch_seed(self.cfg.seed ^ 0x7a1, 0));
+        let frozen = self.frozen_features()?;
+        for b in self
+            .data
+            .loader
+            .batches_with(val, self.cfg.train.batch_size, order, false, frozen)
+        {
+            let b = b?;
+            total += eval_loss(&self.model, &b)? * b.pairs.len() as f64;
+            count += b.pairs.len();
+        }
+        let loss = if count > 0 { total / count as f64 } else { f64::NAN };
+        Ok(Validation {
+            loss,
+            recall: self.recall(val)?,
+            zero_shot: self.zero_shot(val)?,
+        })
+    }
+
+    /// For class-folder datasets: the share of (a sample of) `pairs` whose image is closest to its
+    /// own class's caption among one caption per class. Retrieval recall means little there —
+    /// thousands of identical captions — while this is the accuracy `clip-predict eval` reports.
+    pub fn zero_shot(&self, pairs: &[usize]) -> Result<Option<f64>> {
+        let ds = &self.data.dataset;
+        if ds.labels.is_empty() {
+            return Ok(None);
+        }
+        // One caption per class: its first pair's.
+        let mut caption_of: Vec<Option<usize>> = vec![None; ds.labels.len()];
+        for (i, p) in ds.pairs.iter().enumerate() {
+            if let Some(l) = p.label {
+                caption_of[l].get_or_insert(i);
+            }
+        }
+        let classes: Vec<usize> = (0..ds.labels.len()).filter(|&l| caption_of[l].is_some()).collect();
+        let class_pairs: Vec<usize> = classes.iter().filter_map(|&l| caption_of[l]).collect();
+        let step = pairs.len().div_ceil(MAX_RECALL_PAIRS).max(1);
+        let sample: Vec<usize> = pairs
+            .iter()
+            .copied()
+            .step_by(step)
+            .filter(|&p| ds.pairs[p].label.is_some())
+            .collect();
+        if sample.is_empty() {
+            return Ok(None);
+        }
+        let images: Vec<usize> = sample.iter().map(|&p| ds.pairs[p].image).collect();
+        let ie = self.embed_images(&images)?;
+        let te = self.embed_captions(&class_pairs)?;
+        let sim = to_rows(&cosine_similarity(&ie, &te)?)?;
+        let right = sample
+            .iter()
+            .zip(&sim)
+            .filter(|(&p, row)| classes[crate::retrieval::argsort_desc(row)[0]] == ds.pairs[p].label.unwrap())
+            .count();
+        Ok(Some(right as f64 / sample.len() as f64))
+    }
+
+    /// Recall@K over the given pairs — an evenly spaced sample of at most [`MAX_RECALL_PAIRS`] —
+    /// their distinct images against their captions.
+    pub fn recall(&self, pairs: &[usize]) -> Result<Recall> {
+        let step = pairs.len().div_ceil(MAX_RECALL_PAIRS).max(1);
+        let sample: Vec<usize> = pairs.iter().copied().step_by(step).collect();
+        let pairs = &sample[..];
+        let ds = &self.data.dataset;
+        let images: Vec<usize> = pairs
+            .iter()
+            .map(|&p| ds.pairs[p].image)
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let pos = |img: usize| images.iter().position(|&i| i == img).unwrap();
+        let text_image: Vec<usize> = pairs.iter().map(|&p| pos(ds.pairs[p].image)).collect();
+        let ie = self.embed_images(&images)?;
+        let te = self.embed_captions(pairs)?;
+        Recall::from_embeddings(&l2_normalize(&ie)?, &l2_normalize(&te)?, &text_image, 512)
+    }
+
+    /// The fixed set of pairs behind [`Trainer::fixed_similarity`]: the first 16 distinct training
+    /// images, one caption each (their names and captions label the heat maps).
+    pub fn fixed_pairs(&self) -> Vec<usize> {
+        let ds = &self.data.dataset;
+        let mut seen = BTreeSet::new();
+        self.data
+            .split
+            .train
+            .iter()
+            .copied()
+            .filter(|&p| seen.insert(ds.pairs[p].image))
+            .take(16)
+            .collect()
+    }
+
+    /// Cosine similarities (image rows × caption columns) of the [`Trainer::fixed_pairs`]: the
+    /// before/after heat maps.
+    pub fn fixed_similarity(&self) -> Result<Vec<Vec<f32>>> {
+        let pairs = self.fixed_pairs();
+        let frozen = self.frozen_features()?;
+        let b = self.data.loader.batch_with(&pairs, frozen.as_deref())?;
+        let e = crate::nn::no_grad(|| self.model.forward_batch(&b, false))?;
+        to_rows(&cosine_similarity(&e.image, &e.text)?)
+    }
+}

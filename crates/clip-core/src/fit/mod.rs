@@ -1,0 +1,267 @@
+//! Training over many epochs: the loop behind stage 4, with validation, schedules, checkpoints
+//! and resume.
+//!
+//! A run folder holds the best model by validation loss (`model.safetensors`, `optimizer.*`,
+//! `config.toml`, `tokenizer.json`, `metrics.json`) and the latest checkpoint under `last/` for
+//! `--resume`. Every file is written atomically and checksummed ([`crate::checkpoint`]); `last/` is
+//! replaced as a whole, so a crash — even SIGKILL — leaves either the previous checkpoint or the
+//! new one. One process writes a folder at a time ([`RunLock`]).
+//!
+//! `last/` is written after every epoch, and mid-epoch when training is stopped
+//! ([`Trainer::set_stop`]): it then records the steps done in the current epoch, and a resumed run
+//! skips those batches (the epoch's order is a function of seed and epoch) and continues exactly
+//! as an uninterrupted run would.
+//!
+//! Resuming honours the config it is given: learning rates, weight decay, epochs and the other
+//! `train.*` keys may change (the optimiser takes the new rates, `config.toml` records them, and
+//! [`Trainer::changes`] lists them); anything that would make another model or another data split
+//! (the model's shape, the seed, `data.*` but augmentation) is refused. Under the cosine schedule
+//! the decay is always spread over the configured epochs, so raising them stretches the rest of the
+//! curve: from the next step the rate follows the cosine of the new total.
+//!
+//! A frozen tower's features are computed once and cached (in `feature-cache/` of the run folder
+//! by default, see [`crate::feature_cache`]); training, validation and recall then use them
+//! instead of running the tower, so an epoch costs only what still trains.
+
+mod eval;
+mod open;
+mod save;
+mod state;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+
+pub use eval::{Validation, MAX_RECALL_PAIRS};
+pub use open::ResumeOptions;
+pub use state::{config_changes, Change, EpochRecord, PartialEpoch, Stopped, TrainState};
+
+use crate::config::{ClipConfig, Schedule};
+use crate::data::Batch;
+use crate::feature_cache::{FrozenFeatures, CACHE_DIR};
+use crate::model::ClipModel;
+use crate::optim::AdamW;
+use crate::params::Group;
+use crate::prepare::Prepared;
+use crate::run_dir::RunLock;
+use crate::schedule::{cosine, Plateau};
+use crate::train::train_step;
+
+pub struct Trainer {
+    pub cfg: ClipConfig,
+    pub model: ClipModel,
+    pub opt: AdamW,
+    pub data: Prepared,
+    pub out: PathBuf,
+    pub state: TrainState,
+    /// Where frozen towers' features are cached; `None` runs them on every batch.
+    feature_cache: Option<PathBuf>,
+    /// The cached features, once computed or read (see [`Trainer::frozen_features`]).
+    frozen: Mutex<Option<Arc<FrozenFeatures>>>,
+    /// Raised (by a signal handler) to stop at the end of the current step.
+    stop: Option<Arc<AtomicBool>>,
+    /// What a resumed run's config changed (recorded in `config.toml`), and `data` when it was
+    /// resumed on other data ([`ResumeOptions::other_data`]).
+    pub changes: Vec<Change>,
+    /// Set when `--resume` found no checkpoint (the run was killed before its first one) and so
+    /// started again from epoch 1, with the run's config and data.
+    pub restarted: bool,
+    /// The folder's lock, held as long as the trainer lives.
+    pub lock: RunLock,
+}
+
+impl Trainer {
+    /// The model, optimiser and state of epoch 0, touching no file.
+    fn build(cfg: &ClipConfig, data: Prepared, lock: RunLock) -> Result<Self> {
+        let model = ClipModel::new(cfg, &data.device)?;
+        let opt = AdamW::new(&model.params, &cfg.train)?;
+        let state = TrainState {
+            epoch: 0,
+            best_val_loss: f64::INFINITY,
+            best_epoch: 0,
+            plateau: Plateau::new(cfg.train.patience, cfg.train.factor),
+            history: vec![],
+            partial: None,
+        };
+        let out = lock.dir.clone();
+        Ok(Self {
+            cfg: cfg.clone(),
+            model,
+            opt,
+            data,
+            out: out.clone(),
+            state,
+            feature_cache: Some(out.join(CACHE_DIR)),
+            frozen: Mutex::new(None),
+            stop: None,
+            changes: vec![],
+            restarted: false,
+            lock,
+        })
+    }
+
+    /// Stops training at the end of the step during which `flag` is raised: [`Trainer::train_epoch`]
+    /// then returns [`Stopped`] and [`Trainer::save_checkpoint`] saves where it got to.
+    pub fn set_stop(&mut self, flag: Arc<AtomicBool>) {
+        self.stop = Some(flag);
+    }
+
+    /// Whether validation can measure a loss: the contrastive loss needs batches of 2 pairs.
+    pub fn validates(&self) -> bool {
+        self.data.split.val.len() >= 2
+    }
+
+    /// Why the best model is not chosen by validation loss, when it is not.
+    pub fn selection_note(&self) -> Option<String> {
+        let n = self.data.split.val.len();
+        (!self.validates()).then(|| {
+            format!(
+                "the validation split has {n} pair{}, too few for a contrastive loss (a batch needs 2): validation loss is not measured and the best model is chosen by training loss",
+                if n == 1 { "" } else { "s" }
+            )
+        })
+    }
+
+    /// Where frozen towers' features are cached (default: `feature-cache/` in the run folder);
+    /// `None` runs the frozen towers on every batch (in evaluation mode), as a baseline.
+    pub fn set_feature_cache(&mut self, dir: Option<PathBuf>) {
+        self.feature_cache = dir;
+        *self.frozen.get_mut().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    /// Which towers' features are cached, (image, text): the frozen ones, and the image tower only
+    /// without augmentation (an augmented image is a new input every epoch).
+    pub fn cached_towers(&self) -> (bool, bool) {
+        if self.feature_cache.is_none() {
+            return (false, false);
+        }
+        let t = &self.cfg.train;
+        (t.freeze_image && !self.cfg.data.augment, t.freeze_text)
+    }
+
+    /// Optimiser steps in one epoch.
+    pub fn steps_per_epoch(&self) -> usize {
+        let b = self.cfg.train.batch_size;
+        let n = self.data.split.train.len();
+        let batches = n / b + usize::from(n % b >= 2);
+        batches.div_ceil(self.cfg.train.accumulate).max(1)
+    }
+
+    /// Trains one epoch (or the rest of a stopped one); `on_step(step_in_epoch, loss, pairs_per_s)`
+    /// reports progress. Returns (mean loss, pairs per second), or the error [`Stopped`] when the
+    /// stop flag was raised (the steps done are kept in `state.partial`).
+    pub fn train_epoch(&mut self, mut on_step: impl FnMut(usize, f64, f64)) -> Result<(f64, f64)> {
+        let epoch = self.state.epoch;
+        let steps_per_epoch = self.steps_per_epoch();
+        let total_steps = (self.cfg.train.epochs * steps_per_epoch) as u64;
+        let started = Instant::now();
+        let done = self.state.partial.take().unwrap_or_default();
+        let skip = done.steps;
+        let PartialEpoch {
+            mut losses,
+            pairs: pairs_before,
+            seconds: seconds_before,
+            ..
+        } = done;
+        let mut pairs = 0usize;
+        let mut pending: Vec<Batch> = vec![];
+        let batches = self.data.loader.batches_with(
+            &self.data.split.train,
+            self.cfg.train.batch_size,
+            Some(crate::data::epoch_seed(self.cfg.seed, epoch)),
+            self.cfg.data.augment,
+            self.frozen_features()?,
+        );
+        let mut step = 0usize;
+        let mut iter = batches.into_iter().peekable();
+        while let Some(b) = iter.next() {
+            pending.push(b?);
+            if pending.len() < self.cfg.train.accumulate && iter.peek().is_some() {
+                continue;
+            }
+            if step < skip {
+                // Done before the run was stopped: the same batches, already trained on.
+                pending.clear();
+                step += 1;
+                continue;
+            }
+            if self.cfg.train.schedule == Schedule::Cosine {
+                self.opt
+                    .scale_lr(cosine(self.opt.step, self.cfg.train.warmup_steps as u64, total_steps));
+            }
+            let n: usize = pending.iter().map(|b| b.pairs.len()).sum();
+            let out = train_step(&self.model, &mut self.opt, &pending, self.cfg.train.clip_grad_norm)
+                .with_context(|| format!("epoch {}, step {}", epoch + 1, step + 1))?;
+            pending.clear();
+            pairs += n;
+            losses.push(out.loss);
+            step += 1;
+            let pps = pairs as f64 / started.elapsed().as_secs_f64().max(1e-9);
+            on_step(step, out.loss, pps);
+            if self.stop.as_ref().is_some_and(|f| f.load(Ordering::SeqCst)) {
+                self.state.partial = Some(PartialEpoch {
+                    steps: step,
+                    losses,
+                    pairs: pairs_before + pairs,
+                    seconds: seconds_before + started.elapsed().as_secs_f64(),
+                });
+                return Err(Stopped {
+                    epoch: epoch + 1,
+                    step,
+                    steps: steps_per_epoch,
+                }
+                .into());
+            }
+        }
+        if losses.is_empty() {
+            bail!(
+                "no training batch of at least 2 pairs: the training split has {} pairs",
+                self.data.split.train.len()
+            );
+        }
+        let mean = losses.iter().sum::<f64>() / losses.len() as f64;
+        Ok((mean, pairs as f64 / started.elapsed().as_secs_f64().max(1e-9)))
+    }
+
+    /// Records an epoch: schedule, history, checkpoints. Returns whether it is the best so far.
+    ///
+    /// The best model is the one with the lowest validation loss — or training loss, when the
+    /// validation split is too small to measure one ([`Trainer::selection_note`]). An epoch whose
+    /// loss is NaN or infinite is never the best: `model.safetensors` keeps the previous best (or
+    /// the untrained model), so a diverged run still leaves a usable model.
+    pub fn end_epoch(&mut self, train_loss: f64, v: &Validation, seconds: f64, pairs_per_second: f64) -> Result<bool> {
+        let val_loss = v.loss;
+        let score = if self.validates() { val_loss } else { train_loss };
+        let lr = |g| self.opt.groups[&g].lr;
+        self.state.history.push(EpochRecord {
+            epoch: self.state.epoch + 1,
+            train_loss,
+            val_loss,
+            lr_image: lr(Group::ImageTower),
+            lr_text: lr(Group::TextTower),
+            lr_head: lr(Group::Heads),
+            recall: v.recall,
+            zero_shot: v.zero_shot,
+            seconds,
+            pairs_per_second,
+        });
+        self.state.epoch += 1;
+        self.state.partial = None;
+        if self.cfg.train.schedule == Schedule::Plateau {
+            let scale = self.state.plateau.observe(score);
+            self.opt.scale_lr(scale);
+        }
+        let best = score.is_finite() && score < self.state.best_val_loss;
+        if best {
+            self.state.best_val_loss = score;
+            self.state.best_epoch = self.state.epoch;
+            self.save_best()?;
+        }
+        self.save_checkpoint()?;
+        self.write_metrics()?;
+        Ok(best)
+    }
+}

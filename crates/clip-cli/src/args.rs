@@ -70,6 +70,9 @@ pub struct DataArgs {
     /// caching. Nothing is checked before training (run stage 2 for that).
     #[arg(long)]
     pub stream: bool,
+    /// Caption template for class folders, with {label}; repeat for several [default: "a photo of a {label}"].
+    #[arg(long = "template", value_name = "TEXT")]
+    pub templates: Vec<String>,
 }
 
 impl DataArgs {
@@ -90,6 +93,7 @@ impl DataArgs {
                 (None, false) => ImageCache::Default,
             },
             stream: self.stream,
+            templates: self.templates.clone(),
         }
     }
 }

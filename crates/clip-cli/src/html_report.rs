@@ -52,7 +52,7 @@ pub struct Fixed {
 impl Fixed {
     /// The fixed pairs and their labels, with no matrix yet.
     pub fn new(t: &Trainer) -> Self {
-        let ds = &t.data.dataset;
+        let ds = &t.data().dataset;
         let pairs = t.fixed_pairs();
         Self {
             images: pairs
@@ -69,7 +69,7 @@ impl Fixed {
     /// The run's `similarity.json` when it holds the same pairs (a resumed run), else a new one.
     pub fn load_or_new(t: &Trainer) -> Self {
         let fresh = Self::new(t);
-        std::fs::read_to_string(t.out.join(SIMILARITY))
+        std::fs::read_to_string(t.out().join(SIMILARITY))
             .ok()
             .and_then(|s| serde_json::from_str::<Fixed>(&s).ok())
             .filter(|f| f.pairs == fresh.pairs && f.captions == fresh.captions)
@@ -116,8 +116,8 @@ impl Ranking {
     /// Embeds an evenly spaced sample of at most [`MAX_IMAGES`] images and their distinct
     /// captions (at most [`MAX_CAPTIONS`]) with the trainer's model, in evaluation mode.
     pub fn compute(t: &Trainer) -> Result<Self> {
-        let ds = &t.data.dataset;
-        let store = &t.data.store;
+        let ds = &t.data().dataset;
+        let store = &t.data().store;
         let usable: Vec<usize> = (0..ds.images.len()).filter(|&i| store.contains(i)).collect();
         let step = usable.len().div_ceil(MAX_IMAGES).max(1);
         let images: Vec<usize> = usable.into_iter().step_by(step).take(MAX_IMAGES).collect();
@@ -139,11 +139,11 @@ impl Ranking {
             };
             owners[col].insert(row);
         }
-        let bs = t.cfg.train.batch_size.max(16);
-        let dev = &t.data.device;
-        let ie = clip_core::embed::embed_store_images(&t.model, store, &images, bs, dev)?;
+        let bs = t.cfg().train.batch_size.max(16);
+        let dev = &t.data().device;
+        let ie = clip_core::embed::embed_store_images(t.model(), store, &images, bs, dev)?;
         let texts: Vec<&str> = captions.iter().map(String::as_str).collect();
-        let te = clip_core::embed::embed_texts(&t.model, &t.data.tokenizer, &texts, bs, dev)?;
+        let te = clip_core::embed::embed_texts(t.model(), &t.data().tokenizer, &texts, bs, dev)?;
         let sim = to_rows(&cosine_similarity(&ie, &te)?)?;
         Ok(Self {
             images,
@@ -170,12 +170,12 @@ impl Thumbnails {
 /// Image `i` scaled to [`THUMB`] pixels as a JPEG `data:` URI: from its file, or from the decoded
 /// square the model sees when the file cannot be read again.
 fn thumbnail(t: &Trainer, i: usize) -> Option<String> {
-    let from_file = image::open(&t.data.dataset.images[i].path)
+    let from_file = image::open(&t.data().dataset.images[i].path)
         .ok()
         .map(|img| img.thumbnail(THUMB, THUMB).to_rgb8());
     let from_store = || {
-        let s = t.data.store.size() as u32;
-        t.data
+        let s = t.data().store.size() as u32;
+        t.data()
             .store
             .rgb(i)
             .ok()
@@ -196,7 +196,7 @@ fn thumbnail(t: &Trainer, i: usize) -> Option<String> {
 /// model's (at the end of a run); without it, the page has everything else (after each epoch).
 pub fn write(t: &Trainer, fixed: &Fixed, ranking: Option<&Ranking>, thumbs: &mut Thumbnails) -> Result<PathBuf> {
     let html = render(t, fixed, ranking, thumbs)?;
-    let path = t.out.join(REPORT);
+    let path = t.out().join(REPORT);
     clip_core::files::write_covered(&path, html.as_bytes()).with_context(|| format!("writing {}", path.display()))?;
     Ok(path)
 }
@@ -251,13 +251,13 @@ table.c2i figcaption{overflow-wrap:anywhere} table.c2i figcaption .score{display
 "#;
 
 fn render(t: &Trainer, fixed: &Fixed, ranking: Option<&Ranking>, thumbs: &mut Thumbnails) -> Result<String> {
-    let ds = &t.data.dataset;
-    let h = &t.state.history;
+    let ds = &t.data().dataset;
+    let h = &t.state().history;
     let run_name = t
-        .out
+        .out()
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| t.out.display().to_string());
+        .unwrap_or_else(|| t.out().display().to_string());
     let mut body = String::new();
     let w = &mut body;
     // Which images appear: their thumbnails become CSS classes below.
@@ -272,21 +272,25 @@ fn render(t: &Trainer, fixed: &Fixed, ranking: Option<&Ranking>, thumbs: &mut Th
             if big { " big" } else { "" }
         )
     };
-    let held_out: BTreeSet<usize> = if t.data.split.is_fallback() {
+    let held_out: BTreeSet<usize> = if t.data().split.is_fallback() {
         BTreeSet::new()
     } else {
-        t.data.split.val.iter().map(|&p| ds.pairs[p].image).collect()
+        t.data().split.val.iter().map(|&p| ds.pairs[p].image).collect()
     };
 
     writeln!(w, "<h1>clipmine run <code>{}</code></h1>", escape(&run_name))?;
     let status = match (ranking.is_some(), h.last()) {
         (true, _) => format!(
             "Finished: {} epochs; best model from epoch {} (validation loss {:.4}).",
-            t.state.epoch, t.state.best_epoch, t.state.best_val_loss
+            t.state().epoch,
+            t.state().best_epoch,
+            t.state().best_val_loss
         ),
         (false, Some(r)) => format!(
             "In progress: epoch {} of {} done (validation loss {:.4}); the rankings appear when training ends.",
-            r.epoch, t.cfg.train.epochs, r.val_loss
+            r.epoch,
+            t.cfg().train.epochs,
+            r.val_loss
         ),
         (false, None) => "Training has not finished an epoch yet.".to_string(),
     };
@@ -298,7 +302,7 @@ fn render(t: &Trainer, fixed: &Fixed, ranking: Option<&Ranking>, thumbs: &mut Th
     if h.is_empty() {
         writeln!(w, "<p class=\"note\">No epoch finished yet.</p>")?;
     } else {
-        let c = Curves::new(h, t.cfg.train.freeze_image, t.cfg.train.freeze_text);
+        let c = Curves::new(h, t.cfg().train.freeze_image, t.cfg().train.freeze_text);
         writeln!(w, "<div class=\"plots\">")?;
         for p in [c.loss(), c.lr(), c.quality()] {
             writeln!(w, "{}", inline_svg(&plot::line_plot_svg(&p)?))?;
@@ -426,7 +430,7 @@ fn render(t: &Trainer, fixed: &Fixed, ranking: Option<&Ranking>, thumbs: &mut Th
 
     // Data and config.
     writeln!(w, "<h2 id=\"data\">Data</h2><table class=\"kv\">")?;
-    let split = &t.data.split;
+    let split = &t.data().split;
     let mut rows: Vec<(&str, String)> = vec![
         ("source", format!("{} ({})", ds.root.display(), ds.source)),
         ("pairs", ds.pairs.len().to_string()),
@@ -457,9 +461,9 @@ fn render(t: &Trainer, fixed: &Fixed, ranking: Option<&Ranking>, thumbs: &mut Th
     writeln!(
         w,
         "<h2 id=\"config\">Config</h2><p class=\"note\">config.toml of this run ({}, loss {}).</p><pre>{}</pre>",
-        escape(&t.cfg.name),
-        escape(&t.cfg.loss.to_string()),
-        escape(&t.cfg.to_toml()?)
+        escape(&t.cfg().name),
+        escape(&t.cfg().loss.to_string()),
+        escape(&t.cfg().to_toml()?)
     )?;
 
     // The page: thumbnails as CSS classes, then the body.

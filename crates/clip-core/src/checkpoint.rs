@@ -7,7 +7,7 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
 
-use crate::files::{read_checked, write_checked};
+use crate::files::{file_name, parent, read_checked, write_checked};
 use crate::optim::{AdamW, OptimMeta};
 use crate::params::ParamStore;
 
@@ -69,16 +69,4 @@ pub fn load_optimizer(opt: &mut AdamW, path: &Path) -> Result<()> {
         .with_context(|| format!("parsing {}", meta_path.display()))?;
     opt.restore(&tensors, meta)
         .with_context(|| format!("optimiser state {}", path.display()))
-}
-
-fn parent(path: &Path) -> &Path {
-    path.parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."))
-}
-
-fn file_name(path: &Path) -> String {
-    path.file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "file".into())
 }

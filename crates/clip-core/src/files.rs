@@ -165,13 +165,15 @@ fn temp_path(path: &Path) -> PathBuf {
     parent(path).join(format!(".{}.tmp-{}", file_name(path), std::process::id()))
 }
 
-fn parent(path: &Path) -> &Path {
+/// The folder holding `path` (`.` for a bare file name).
+pub(crate) fn parent(path: &Path) -> &Path {
     path.parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."))
 }
 
-fn file_name(path: &Path) -> String {
+/// The last part of `path`, as text (`file` when there is none).
+pub(crate) fn file_name(path: &Path) -> String {
     path.file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "file".into())

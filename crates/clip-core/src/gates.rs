@@ -182,8 +182,8 @@ pub fn judge_retrieval(r: &Recall, text_image: &[usize], on: &str) -> Gate {
 /// Stage 4's gate on the trainer's current model (call [`Trainer::load_best`] first to judge the
 /// best one): zero-shot accuracy for class folders, retrieval for captions.
 pub fn learned(t: &Trainer) -> Result<Gate> {
-    let train = &t.data.split.train;
-    let ds = &t.data.dataset;
+    let train = &t.data().split.train;
+    let ds = &t.data().dataset;
     let n = train.len();
     let on = if n > MAX_RECALL_PAIRS {
         format!("a sample of {MAX_RECALL_PAIRS} of the {n} training pairs")

@@ -125,7 +125,7 @@ fn frozen_towers_run_in_evaluation_mode() {
 
 fn train(t: &mut Trainer, epochs: usize) -> Vec<(f64, f64)> {
     let mut losses = vec![];
-    while t.state.epoch < epochs {
+    while t.state().epoch < epochs {
         let (loss, pps) = t.train_epoch(|_, _, _| {}).unwrap();
         let v = t.validate().unwrap();
         t.end_epoch(loss, &v, 0.0, pps).unwrap();
@@ -142,19 +142,19 @@ fn the_cache_is_computed_once_and_hit_afterwards() {
     assert_eq!(t.cached_towers(), (true, true));
     let f = t.frozen_features().unwrap().unwrap();
     let (img, txt) = (f.image.as_ref().unwrap(), f.text.as_ref().unwrap());
-    let images = t.data.dataset.images.len();
+    let images = t.data().dataset.images.len();
     assert_eq!((img.computed, img.reused, img.distinct()), (images, 0, images));
-    assert_eq!(txt.len(), t.data.dataset.pairs.len());
+    assert_eq!(txt.len(), t.data().dataset.pairs.len());
     assert!(txt.computed > 0 && txt.reused == 0);
     assert!(img.file.starts_with(run.path().join("feature-cache")) && img.file.is_file());
-    let calls = t.model.tower_calls();
+    let calls = t.model().tower_calls();
     assert!(calls.0 > 0 && calls.1 > 0);
 
     // Two epochs with validation and recall: neither tower runs again.
     train(&mut t, 2);
-    t.recall(&t.data.split.train).unwrap();
+    t.recall(&t.data().split.train).unwrap();
     t.fixed_similarity().unwrap();
-    assert_eq!(t.model.tower_calls(), calls);
+    assert_eq!(t.model().tower_calls(), calls);
 
     // Resuming the run reads its own cache (once the first trainer has let go of the folder).
     drop(t);
@@ -162,7 +162,7 @@ fn the_cache_is_computed_once_and_hit_afterwards() {
     train(&mut resumed, 3);
     let f = resumed.frozen_features().unwrap().unwrap();
     assert_eq!(f.image.as_ref().unwrap().computed, 0);
-    assert_eq!(resumed.model.tower_calls(), (0, 0));
+    assert_eq!(resumed.model().tower_calls(), (0, 0));
 
     // A new run on the same cache folder reads every feature and runs no tower at all.
     let other = tempfile::tempdir().unwrap();
@@ -173,7 +173,7 @@ fn the_cache_is_computed_once_and_hit_afterwards() {
     assert_eq!((img2.computed, img2.reused), (0, images));
     assert_eq!((txt2.computed, txt2.reused), (0, txt.distinct()));
     train(&mut t2, 1);
-    assert_eq!(t2.model.tower_calls(), (0, 0));
+    assert_eq!(t2.model().tower_calls(), (0, 0));
 }
 
 #[test]
@@ -185,9 +185,9 @@ fn augmentation_keeps_the_frozen_image_tower_running() {
     assert_eq!(t.cached_towers(), (false, true));
     let f = t.frozen_features().unwrap().unwrap();
     assert!(f.image.is_none() && f.text.is_some());
-    let before = t.model.tower_calls();
+    let before = t.model().tower_calls();
     train(&mut t, 1);
-    let after = t.model.tower_calls();
+    let after = t.model().tower_calls();
     assert!(after.0 > before.0, "augmented images go through the tower");
     assert_eq!(after.1, before.1, "captions still come from the cache");
 }
@@ -303,8 +303,8 @@ fn cached_features_give_the_same_losses_as_running_the_towers() {
             );
         }
         let (ra, rb) = (
-            cached.recall(&cached.data.split.train).unwrap(),
-            direct.recall(&direct.data.split.train).unwrap(),
+            cached.recall(&cached.data().split.train).unwrap(),
+            direct.recall(&direct.data().split.train).unwrap(),
         );
         assert_eq!((ra.i2t_r1, ra.t2i_r1), (rb.i2t_r1, rb.t2i_r1));
     }

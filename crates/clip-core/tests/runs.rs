@@ -17,7 +17,7 @@ fn demo(cfg: &ClipConfig) -> clip_core::prepare::Prepared {
 }
 
 fn train(t: &mut Trainer, epochs: usize) {
-    while t.state.epoch < epochs {
+    while t.state().epoch < epochs {
         let (loss, pps) = t.train_epoch(|_, _, _| {}).unwrap();
         let v = t.validate().unwrap();
         t.end_epoch(loss, &v, 0.0, pps).unwrap();
@@ -32,7 +32,7 @@ fn small_batches() -> ClipConfig {
 }
 
 fn losses(t: &Trainer) -> Vec<(f64, f64)> {
-    t.state.history.iter().map(|r| (r.train_loss, r.val_loss)).collect()
+    t.state().history.iter().map(|r| (r.train_loss, r.val_loss)).collect()
 }
 
 fn flip_byte(path: &std::path::Path) {
@@ -72,7 +72,7 @@ fn a_flipped_byte_or_a_truncation_is_an_error_naming_the_file() {
     let err = format!("{:#}", Trainer::resume(&cfg, demo(&cfg), out.path()).err().unwrap());
     assert!(err.contains(&state.display().to_string()), "{err}");
     std::fs::write(&state, text).unwrap();
-    assert_eq!(Trainer::resume(&cfg, demo(&cfg), out.path()).unwrap().state.epoch, 1);
+    assert_eq!(Trainer::resume(&cfg, demo(&cfg), out.path()).unwrap().state().epoch, 1);
 
     // The best model, as prediction loads it.
     let best = out.path().join(WEIGHTS);
@@ -102,7 +102,7 @@ fn one_writer_per_run_folder() {
     // A fresh run never writes over an old one.
     let err = format!("{:#}", Trainer::new(&cfg, demo(&cfg), out.path()).err().unwrap());
     assert!(err.contains("already holds a run") && err.contains("--resume"), "{err}");
-    assert_eq!(Trainer::resume(&cfg, demo(&cfg), out.path()).unwrap().state.epoch, 1);
+    assert_eq!(Trainer::resume(&cfg, demo(&cfg), out.path()).unwrap().state().epoch, 1);
 }
 
 #[test]
@@ -143,8 +143,8 @@ fn stopped_mid_epoch_then_resumed_matches_an_uninterrupted_run() {
     drop(first);
 
     let mut resumed = Trainer::resume(&cfg, demo(&cfg), b.path()).unwrap();
-    assert_eq!(resumed.state.epoch, 1);
-    assert_eq!(resumed.state.partial.as_ref().map(|p| p.steps), Some(3));
+    assert_eq!(resumed.state().epoch, 1);
+    assert_eq!(resumed.state().partial.as_ref().map(|p| p.steps), Some(3));
     train(&mut resumed, 3);
     // Every step's loss is the same; an epoch's mean may differ in its last bit, summed in two parts.
     let (a, b) = (losses(&full), losses(&resumed));
@@ -155,9 +155,9 @@ fn stopped_mid_epoch_then_resumed_matches_an_uninterrupted_run() {
             "a run stopped mid-epoch must resume exactly: {a:?} vs {b:?}"
         );
     }
-    assert_eq!(full.opt.step, resumed.opt.step);
+    assert_eq!(full.opt().step, resumed.opt().step);
     let weights = |t: &Trainer| {
-        t.model
+        t.model()
             .params
             .tensors()
             .into_iter()
@@ -185,7 +185,7 @@ fn a_crash_mid_swap_and_stale_temporary_files_are_recovered_on_resume() {
     let dead = format!(".{WEIGHTS}.tmp-{}", 4_000_000_000u32);
     std::fs::write(p.join(&dead), b"half").unwrap();
     let resumed = Trainer::resume(&cfg, demo(&cfg), p).unwrap();
-    assert_eq!(resumed.state.epoch, 1);
+    assert_eq!(resumed.state().epoch, 1);
     assert!(p.join(LAST).join(STATE).is_file());
     for gone in ["last.old", "last.tmp", &dead] {
         assert!(!p.join(gone).exists(), "{gone} left behind");
@@ -198,7 +198,7 @@ fn resume_applies_and_records_new_rates_and_refuses_a_new_seed() {
     let out = tempfile::tempdir().unwrap();
     let mut t = Trainer::new(&cfg, demo(&cfg), out.path()).unwrap();
     train(&mut t, 1);
-    let saved_head = t.opt.groups[&Group::Heads];
+    let saved_head = t.opt().groups[&Group::Heads];
     drop(t);
 
     let mut seeded = cfg.clone();
@@ -213,10 +213,10 @@ fn resume_applies_and_records_new_rates_and_refuses_a_new_seed() {
     faster.train.lr_head = cfg.train.lr_head * 3.0;
     faster.train.weight_decay = 0.5;
     let t = Trainer::resume(&faster, demo(&faster), out.path()).unwrap();
-    let keys: Vec<&str> = t.changes.iter().map(|c| c.key.as_str()).collect();
+    let keys: Vec<&str> = t.changes().iter().map(|c| c.key.as_str()).collect();
     assert_eq!(keys, ["train.lr_head", "train.weight_decay"]);
-    let head = t.opt.groups[&Group::Heads];
-    assert_eq!(t.opt.base[&Group::Heads].lr, faster.train.lr_head);
+    let head = t.opt().groups[&Group::Heads];
+    assert_eq!(t.opt().base[&Group::Heads].lr, faster.train.lr_head);
     // The schedule's factor so far is kept on top of the new rate.
     assert!(
         (head.lr - saved_head.lr * 3.0).abs() < 1e-15,
@@ -244,7 +244,7 @@ fn raising_epochs_under_cosine_stretches_the_decay() {
     train(&mut t, 3);
     // The last step of epoch 3 ran at the rate of a 4-epoch cosine, not at the end of a 2-epoch one.
     let want = cfg.train.lr_head * clip_core::schedule::cosine(3 * spe - 1, 0, 4 * spe);
-    let got = t.state.history[2].lr_head;
+    let got = t.state().history[2].lr_head;
     assert!(want > 0.0 && (got - want).abs() < 1e-12, "lr {got}, want {want}");
 }
 
@@ -257,8 +257,8 @@ fn a_one_pair_validation_split_still_leaves_a_usable_model() {
     let mut t = Trainer::new(&cfg, data, out.path()).unwrap();
     assert!(t.selection_note().unwrap().contains("chosen by training loss"));
     train(&mut t, 2);
-    assert!(t.state.history.iter().all(|r| r.val_loss.is_nan()));
-    assert!(t.state.best_epoch >= 1, "a model must be picked by training loss");
+    assert!(t.state().history.iter().all(|r| r.val_loss.is_nan()));
+    assert!(t.state().best_epoch >= 1, "a model must be picked by training loss");
     t.load_best().unwrap();
     drop(t);
     RunDir::open(out.path()).unwrap().load(&Device::Cpu).unwrap();
@@ -266,7 +266,7 @@ fn a_one_pair_validation_split_still_leaves_a_usable_model() {
     let mut data = demo(&cfg);
     data.split.val.truncate(1);
     let mut t = Trainer::resume(&cfg, data, out.path()).unwrap();
-    assert_eq!(t.state.epoch, 2);
+    assert_eq!(t.state().epoch, 2);
     train(&mut t, 3);
 }
 
@@ -281,17 +281,17 @@ fn a_nan_validation_loss_is_never_the_best_and_the_untrained_model_stays_usable(
         ..t.validate().unwrap()
     };
     assert!(!t.end_epoch(loss, &nan, 0.0, pps).unwrap());
-    assert_eq!(t.state.best_epoch, 0);
+    assert_eq!(t.state().best_epoch, 0);
     t.load_best().unwrap();
     let (loss, pps) = t.train_epoch(|_, _, _| {}).unwrap();
     let v = t.validate().unwrap();
     assert!(t.end_epoch(loss, &v, 0.0, pps).unwrap());
     let (loss, pps) = t.train_epoch(|_, _, _| {}).unwrap();
     assert!(!t.end_epoch(loss, &nan, 0.0, pps).unwrap());
-    assert_eq!(t.state.best_epoch, 2);
+    assert_eq!(t.state().best_epoch, 2);
     drop(t);
     let t = Trainer::resume(&cfg, demo(&cfg), out.path()).unwrap();
-    assert!(t.state.history[0].val_loss.is_nan() && t.state.history[2].val_loss.is_nan());
+    assert!(t.state().history[0].val_loss.is_nan() && t.state().history[2].val_loss.is_nan());
     RunDir::open(out.path()).unwrap().load(&Device::Cpu).unwrap();
 }
 
@@ -365,9 +365,12 @@ fn resume_on_other_data_is_refused_naming_both_unless_asked_for() {
     let opts = clip_core::fit::ResumeOptions { other_data: true };
     let lock = clip_core::run_dir::RunLock::acquire(&out).unwrap();
     let t = Trainer::resume_with(&cfg, data_at(&cfg, &changed), lock, opts).unwrap();
-    assert!(t.state.partial.is_none(), "the stopped epoch starts over on other data");
-    assert_eq!(t.changes.len(), 1);
-    assert_eq!(t.changes[0].key, "data");
+    assert!(
+        t.state().partial.is_none(),
+        "the stopped epoch starts over on other data"
+    );
+    assert_eq!(t.changes().len(), 1);
+    assert_eq!(t.changes()[0].key, "data");
     drop(t);
     let now: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("dataset.json")).unwrap()).unwrap();
     assert_eq!(now["path"].as_str().unwrap(), changed.display().to_string());

@@ -11,7 +11,7 @@ fn demo(cfg: &ClipConfig) -> clip_core::prepare::Prepared {
 }
 
 fn train(t: &mut Trainer, epochs: usize) {
-    while t.state.epoch < epochs {
+    while t.state().epoch < epochs {
         let (loss, pps) = t.train_epoch(|_, _, _| {}).unwrap();
         let v = t.validate().unwrap();
         t.end_epoch(loss, &v, 0.0, pps).unwrap();
@@ -23,13 +23,13 @@ fn tiny_learns_the_demo_set() {
     let cfg = ClipConfig::tiny();
     let out = tempfile::tempdir().unwrap();
     let mut t = Trainer::new(&cfg, demo(&cfg), out.path()).unwrap();
-    let before = t.recall(&t.data.split.train.clone()).unwrap();
+    let before = t.recall(&t.data().split.train.clone()).unwrap();
     train(&mut t, cfg.train.epochs);
-    let h = &t.state.history;
+    let h = &t.state().history;
     let (first, last) = (h[0].train_loss, h.last().unwrap().train_loss);
     assert!(last < 0.5 * first, "loss {first} → {last}");
     t.load_best().unwrap();
-    let after = t.recall(&t.data.split.train.clone()).unwrap();
+    let after = t.recall(&t.data().split.train.clone()).unwrap();
     assert!(
         before.i2t_r1 < 1.0 && before.t2i_r1 < 1.0,
         "untrained model already perfect? {before:?}"
@@ -59,11 +59,11 @@ fn resume_reproduces_the_uninterrupted_losses() {
     train(&mut first, 2);
     drop(first);
     let mut resumed = Trainer::resume(&cfg, demo(&cfg), b.path()).unwrap();
-    assert_eq!(resumed.state.epoch, 2);
+    assert_eq!(resumed.state().epoch, 2);
     train(&mut resumed, 4);
 
     let losses = |t: &Trainer| {
-        t.state
+        t.state()
             .history
             .iter()
             .map(|r| (r.train_loss, r.val_loss))
@@ -74,7 +74,7 @@ fn resume_reproduces_the_uninterrupted_losses() {
         losses(&resumed),
         "a resumed run must match the uninterrupted one exactly"
     );
-    assert_eq!(full.opt.step, resumed.opt.step);
+    assert_eq!(full.opt().step, resumed.opt().step);
 }
 
 #[test]
@@ -114,11 +114,11 @@ fn a_run_killed_before_its_first_checkpoint_resumes_from_epoch_1() {
         // Files removed by hand leave the manifest listing them: that is what a kill between
         // the two manifest writes looks like too.
         let mut resumed = Trainer::resume(&cfg, demo(&cfg), b.path()).unwrap();
-        assert!(resumed.restarted, "{lost:?}");
-        assert_eq!(resumed.state.epoch, 0);
+        assert!(resumed.restarted(), "{lost:?}");
+        assert_eq!(resumed.state().epoch, 0);
         assert!(b.path().join("last/state.json").is_file());
         train(&mut resumed, 2);
-        let losses = |t: &Trainer| t.state.history.iter().map(|r| r.train_loss).collect::<Vec<_>>();
+        let losses = |t: &Trainer| t.state().history.iter().map(|r| r.train_loss).collect::<Vec<_>>();
         assert_eq!(losses(&full), losses(&resumed), "{lost:?}");
         drop(resumed);
         clip_core::run_dir::clear_run(b.path()).unwrap();

@@ -25,7 +25,7 @@ fn trained_run(dir: &Path) -> PathBuf {
     let data = prepare(&cfg, &DataSource::default(), &Device::Cpu, &clip_core::progress::Silent).unwrap();
     let out = dir.join("run");
     let mut t = Trainer::new(&cfg, data, &out).unwrap();
-    while t.state.epoch < cfg.train.epochs {
+    while t.state().epoch < cfg.train.epochs {
         let (loss, pps) = t.train_epoch(|_, _, _| {}).unwrap();
         let v = t.validate().unwrap();
         t.end_epoch(loss, &v, 0.0, pps).unwrap();

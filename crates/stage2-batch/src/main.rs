@@ -6,18 +6,17 @@
 //! could stop a training run hours in (a missing file, a corrupt image, captions the tokenizer
 //! cannot read) is found here, in seconds.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Result;
+use candle_core::Device;
 use clap::Parser;
 use clip_cli::fmt_count;
-use clip_cli::Report;
-use clip_core::data::{
-    Batch, Dataset, ImageStore, LoadOptions, Loader, Split, StoreMode, TextTokenizer, UnkReport, DEFAULT_TEMPLATE,
-};
+use clip_cli::{DataArgs, Report};
+use clip_core::data::{Batch, Dataset, ImageStore, LoadOptions, Loader, Split, StoreMode, TextTokenizer, UnkReport};
+use clip_core::prepare::{self, DataSource, TokenizerOrigin};
 use clip_core::{device, ClipConfig, ClipModel};
 use unicode_width::UnicodeWidthChar;
 
@@ -31,27 +30,11 @@ const LABEL_COLUMNS: usize = 16;
 struct Args {
     #[command(flatten)]
     model: clip_cli::ModelArgs,
-    /// A dataset folder (images + captions.csv|tsv|txt|jsonl, or class folders) or a captions file [default: the demo set].
-    #[arg(long, value_name = "PATH")]
-    data: Option<PathBuf>,
-    /// Leave bad rows and undecodable images out (and list them) instead of failing.
-    #[arg(long)]
-    skip_bad: bool,
-    /// Caption template for class folders, with {label}; repeat for several [default: "a photo of a {label}"].
-    #[arg(long = "template", value_name = "TEXT")]
-    templates: Vec<String>,
-    /// A tokenizer.json to use [default: train a WordPiece tokenizer on the training captions].
-    #[arg(long, value_name = "FILE")]
-    tokenizer: Option<PathBuf>,
+    #[command(flatten)]
+    data: DataArgs,
     /// Pairs in the checked batch [default: the config's train.batch_size].
     #[arg(long)]
     batch_size: Option<usize>,
-    /// Keep the decoded images in this image cache folder [default: DATA/.clipmine-cache].
-    #[arg(long, value_name = "DIR", conflicts_with = "no_image_cache")]
-    image_cache: Option<PathBuf>,
-    /// Decode into memory instead of using the image cache.
-    #[arg(long)]
-    no_image_cache: bool,
 }
 
 /// Batches alive at once while training: the one in use, the ones prefetched (up to 4 when
@@ -77,20 +60,48 @@ fn run(args: Args) -> Result<ExitCode> {
 }
 
 fn check(args: &Args, report: &mut Report) -> Result<()> {
-    // What the config and device are is information; that they load is the check, and only
-    // fails here, naming the file and the problem, when they do not.
+    let Some((cfg, dev)) = config_and_device(args, report) else {
+        return Ok(());
+    };
+    let source = args.data.source();
+    let Some((ds, store)) = load(&source, &cfg, report)? else {
+        return Ok(());
+    };
+    let resident_images = store.bytes();
+    let split = split(&ds, &cfg, report);
+    let tok = tokenizer(&source, &ds, &split, &cfg, report)?;
+
+    println!("\nbatch: the first training pairs, as one training step will see them");
+    let loader = Loader::new(&ds, Arc::new(store), &tok, &cfg, &dev)?;
+    let b = args.batch_size.unwrap_or(cfg.train.batch_size).min(split.train.len());
+    if !report.check(
+        "batch size",
+        b >= 2,
+        format!("{b} pairs (a contrastive loss compares each pair with the others, so it needs at least 2)"),
+    ) {
+        return Ok(());
+    }
+    let batch = loader.batch(&split.train[..b])?;
+    check_images(&batch, &cfg, report)?;
+    check_tokens(&batch, &tok, &cfg, report)?;
+    untrained_model(&ds, &batch, &cfg, &dev, resident_images, report)
+}
+
+/// What the config and device are is information; that they load is the check, and only fails
+/// here, naming the file and the problem, when they do not.
+fn config_and_device(args: &Args, report: &mut Report) -> Option<(ClipConfig, Device)> {
     let cfg = match args.model.load_config() {
         Ok(c) => c,
         Err(e) => {
             report.check("config", false, format!("{e:#}"));
-            return Ok(());
+            return None;
         }
     };
     let dev = match args.model.device() {
         Ok(d) => d,
         Err(e) => {
             report.check("device", false, format!("{e:#}"));
-            return Ok(());
+            return None;
         }
     };
     report.info(
@@ -105,32 +116,24 @@ fn check(args: &Args, report: &mut Report) -> Result<()> {
         ),
     );
     report.metric("config", &cfg.name);
+    Some((cfg, dev))
+}
 
-    let Some((ds, store)) = load(args, &cfg, report)? else {
-        return Ok(());
-    };
-    let resident_images = store.bytes();
-    let split = split(&ds, &cfg, report);
-    let tok = tokenizer(args, &ds, &split, &cfg, report)?;
-
-    println!("\nbatch: the first training pairs, as one training step will see them");
-    let store = Arc::new(store);
-    let loader = Loader::new(&ds, store, &tok, &cfg, &dev)?;
-    let b = args.batch_size.unwrap_or(cfg.train.batch_size).min(split.train.len());
-    if !report.check(
-        "batch size",
-        b >= 2,
-        format!("{b} pairs (a contrastive loss compares each pair with the others, so it needs at least 2)"),
-    ) {
-        return Ok(());
-    }
-    let batch = loader.batch(&split.train[..b])?;
-    check_batch(&batch, &tok, &cfg, report)?;
-
+/// The untrained model on the batch (evaluation mode): its embeddings' shapes and the B×B
+/// similarity matrix, with the memory a training run will need.
+fn untrained_model(
+    ds: &Dataset,
+    batch: &Batch,
+    cfg: &ClipConfig,
+    dev: &Device,
+    resident_images: usize,
+    report: &mut Report,
+) -> Result<()> {
     println!("\nmodel: the untrained model on this batch (evaluation mode)");
+    let b = batch.pairs.len();
     let t = Instant::now();
-    let model = ClipModel::new(&cfg, &dev)?;
-    memory(&cfg, model.params.total_params(), resident_images, report);
+    let model = ClipModel::new(cfg, dev)?;
+    memory(cfg, model.params.total_params(), resident_images, report);
     let e = model.forward(&batch.images, &batch.input_ids, &batch.attention_mask, false)?;
     let ms = t.elapsed().as_secs_f64() * 1e3;
     report.metric("forward_ms", ms);
@@ -161,92 +164,96 @@ fn check(args: &Args, report: &mut Report) -> Result<()> {
     Ok(())
 }
 
-/// Loads and checks the rows, then decodes every image. `None` when nothing is left to check.
-fn load(args: &Args, cfg: &ClipConfig, report: &mut Report) -> Result<Option<(Dataset, ImageStore)>> {
-    let path = args.data.clone().unwrap_or_else(Dataset::demo_dir);
-    println!("\ndataset: {}", path.display());
+/// Loads and checks the rows, then decodes every image, with the steps training uses
+/// ([`clip_core::prepare::load`]). Bad rows are always collected (not failed on at the first) so
+/// they can all be listed. `None` when nothing is left to check.
+fn load(source: &DataSource, cfg: &ClipConfig, report: &mut Report) -> Result<Option<(Dataset, ImageStore)>> {
+    println!("\ndataset: {}", source.path().display());
     println!("  every row is checked and every image decoded now, so a bad file stops this step, not a training run");
-    let templates = if args.templates.is_empty() {
-        vec![DEFAULT_TEMPLATE.to_string()]
-    } else {
-        args.templates.clone()
-    };
-    // Bad rows are always collected (not failed on at the first) so they can all be listed.
     let opts = LoadOptions {
         skip_bad: true,
-        templates,
+        ..source.load_options()
+    };
+    // Streaming training checks nothing up front: this stage decodes every image once anyway.
+    let mode = match source.store_mode() {
+        StoreMode::Stream => StoreMode::Memory,
+        m => m,
     };
     let t = Instant::now();
-    let mut ds = match Dataset::load(&path, &opts) {
+    let mut ds = match Dataset::load(&source.path(), &opts) {
         Ok(ds) => ds,
         Err(e) => {
             report.check("rows", false, format!("{e:#}"));
             return Ok(None);
         }
     };
-    let rows_seconds = t.elapsed().as_secs_f64();
+    report.metric("load_seconds", t.elapsed().as_secs_f64());
     println!("  {}", ds.source);
     let t = Instant::now();
-    let mode = if args.no_image_cache {
-        StoreMode::Memory
-    } else {
-        StoreMode::Cache(args.image_cache.clone())
+    let (store, image_bad) = match prepare::decode(&mut ds, cfg, &mode, true, &clip_cli::progress::Bar::new()) {
+        Ok(decoded) => decoded,
+        Err(e) => {
+            report.check("images", false, format!("{e:#}"));
+            return Ok(None);
+        }
     };
-    let (store, bad_images) = ImageStore::open(&ds, cfg, &mode, true, &clip_cli::progress::Bar::new())?;
-    let decode_seconds = t.elapsed().as_secs_f64();
-    let image_bad: Vec<String> = bad_images.iter().map(|b| b.to_string()).collect();
-    if let Err(e) = ds.drop_undecodable(&store, bad_images) {
-        report.check("images", false, format!("{e:#}"));
-        return Ok(None);
-    }
-    report.metric("load_seconds", rows_seconds);
-    report.metric("decode_seconds", decode_seconds);
-    report.metric("bad_rows", ds.bad.iter().map(|b| b.to_string()).collect::<Vec<_>>());
+    report.metric("decode_seconds", t.elapsed().as_secs_f64());
+    let image_bad: Vec<String> = image_bad.iter().map(|b| b.to_string()).collect();
+    check_rows(&ds, &image_bad, source.skip_bad, report);
+    check_decoded(&ds, &store, &image_bad, source.skip_bad, cfg, report);
+    summarise(&ds, report);
+    Ok(Some((ds, store)))
+}
 
+/// The rows: every bad one (not an image that failed) named, or left out with --skip-bad.
+fn check_rows(ds: &Dataset, image_bad: &[String], skip_bad: bool, report: &mut Report) {
+    report.metric("bad_rows", ds.bad.iter().map(|b| b.to_string()).collect::<Vec<_>>());
     let row_bad: Vec<String> = ds
         .bad
         .iter()
         .map(|b| b.to_string())
         .filter(|b| !image_bad.contains(b))
         .collect();
-    let rows_detail = match row_bad.len() {
+    let detail = match row_bad.len() {
         0 => format!("{} pairs, no bad rows", ds.pairs.len()),
-        n if args.skip_bad => format!("{} left out (--skip-bad), {} usable", rows(n), ds.pairs.len()),
+        n if skip_bad => format!("{} left out (--skip-bad), {} usable", rows(n), ds.pairs.len()),
         n => format!(
             "{}: {} — fix them, or leave them out with --skip-bad",
             rows(n),
             first(&row_bad)
         ),
     };
-    report.check("rows", row_bad.is_empty() || args.skip_bad, rows_detail);
+    report.check("rows", row_bad.is_empty() || skip_bad, detail);
+}
+
+/// The images: every one decoded (or found in the image cache), or named.
+fn check_decoded(
+    ds: &Dataset,
+    store: &ImageStore,
+    image_bad: &[String],
+    skip_bad: bool,
+    cfg: &ClipConfig,
+    report: &mut Report,
+) {
     let s = cfg.image.image_size;
     let n = ds.images.len();
     let held = match store.cache() {
-        Some(c) => format!(
-            "image cache {}",
-            if c.built == 0 && c.dropped == 0 {
-                "hit"
-            } else {
-                "updated"
-            }
-        ),
+        Some(c) if c.built == 0 && c.dropped == 0 => "image cache hit".to_string(),
+        Some(_) => "image cache updated".to_string(),
         None => format!("{} KiB in memory", fmt_count(store.bytes() / 1024)),
     };
-    let mut detail = format!(
-        "{} of {n} decoded to {s}×{s} RGB in {decode_seconds:.2} s ({held})",
-        n - image_bad.len(),
-    );
+    let mut detail = format!("{} of {n} decoded to {s}×{s} RGB ({held})", n - image_bad.len());
     if !image_bad.is_empty() {
-        detail.push_str(&if args.skip_bad {
+        detail.push_str(&if skip_bad {
             "; the captions of the others are left out (--skip-bad)".to_string()
         } else {
             format!(
                 "; {} — replace them, or leave their captions out with --skip-bad",
-                first(&image_bad)
+                first(image_bad)
             )
         });
     }
-    report.check("images", image_bad.is_empty() || args.skip_bad, detail);
+    report.check("images", image_bad.is_empty() || skip_bad, detail);
     match store.cache() {
         Some(c) => {
             println!("  image cache: {c}");
@@ -260,13 +267,14 @@ fn load(args: &Args, cfg: &ClipConfig, report: &mut Report) -> Result<Option<(Da
     if let Some(note) = store.note() {
         println!("  note: {note}");
     }
+}
+
+/// The bad rows listed, and the dataset in numbers: pairs, images, captions per image, classes.
+fn summarise(ds: &Dataset, report: &mut Report) {
     if !ds.bad.is_empty() {
         println!("  bad rows and images:");
-    }
-    if !ds.bad.is_empty() {
         println!("    {}", clip_core::listing::first_n(&ds.bad, 10, "\n    "));
     }
-
     let per_image: Vec<usize> = ds.captions_per_image().into_iter().filter(|&n| n > 0).collect();
     let (min, mean, max) = stats(&per_image);
     println!(
@@ -283,7 +291,6 @@ fn load(args: &Args, cfg: &ClipConfig, report: &mut Report) -> Result<Option<(Da
         "captions_per_image",
         serde_json::json!({ "min": min, "mean": mean, "max": max }),
     );
-    Ok(Some((ds, store)))
 }
 
 fn split(ds: &Dataset, cfg: &ClipConfig, report: &mut Report) -> Split {
@@ -319,27 +326,23 @@ fn split(ds: &Dataset, cfg: &ClipConfig, report: &mut Report) -> Split {
     s
 }
 
-fn tokenizer(args: &Args, ds: &Dataset, split: &Split, cfg: &ClipConfig, report: &mut Report) -> Result<TextTokenizer> {
+/// The tokenizer training will use ([`clip_core::prepare::tokenizer`]): its vocabulary fits the
+/// model, and how many caption tokens it cannot read.
+fn tokenizer(
+    source: &DataSource,
+    ds: &Dataset,
+    split: &Split,
+    cfg: &ClipConfig,
+    report: &mut Report,
+) -> Result<TextTokenizer> {
     println!("\ntokenizer: captions become ids; text the tokenizer has no entry for becomes [UNK], which the model cannot learn from");
     let train_captions = ds.captions_of(&split.train);
-    // A pretrained text tower reads with its own tokenizer, from the same repo or folder.
-    let pretrained = match (&args.tokenizer, &cfg.text.pretrained) {
-        (None, Some(name)) => clip_core::pretrained::tokenizer(cfg, &clip_core::hub::Hub::from_env())?
-            .map(|(t, file)| (t, name.clone(), file)),
-        _ => None,
-    };
-    let (tok, trained) = match (&args.tokenizer, &pretrained) {
-        (Some(path), _) => (TextTokenizer::from_file(path, cfg.max_tokens())?, false),
-        (None, Some((t, _, _))) => (t.clone(), false),
-        (None, None) => (
-            TextTokenizer::train(&train_captions, cfg.text.vocab_size, cfg.max_tokens())?,
-            true,
-        ),
-    };
-    let what = match (&args.tokenizer, &pretrained) {
-        (Some(path), _) => format!("{} (loaded)", path.display()),
-        (None, Some((_, name, file))) => format!("{name}'s own tokenizer ({})", file.display()),
-        (None, None) => format!("WordPiece trained on the {} training captions", train_captions.len()),
+    let chosen = prepare::tokenizer(cfg, source.tokenizer.as_deref(), &train_captions)?;
+    let tok = chosen.tokenizer;
+    let what = match &chosen.origin {
+        TokenizerOrigin::File(path) => format!("{} (loaded)", path.display()),
+        TokenizerOrigin::Pretrained { model, file } => format!("{model}'s own tokenizer ({})", file.display()),
+        TokenizerOrigin::Trained(n) => format!("WordPiece trained on the {n} training captions"),
     };
     let fits = tok.check_fits(cfg);
     report.check(
@@ -355,7 +358,6 @@ fn tokenizer(args: &Args, ds: &Dataset, split: &Split, cfg: &ClipConfig, report:
         },
     );
     report.metric("vocab_size", tok.vocab_size());
-
     let lengths = ds
         .pairs
         .iter()
@@ -370,11 +372,27 @@ fn tokenizer(args: &Args, ds: &Dataset, split: &Split, cfg: &ClipConfig, report:
         "caption_tokens",
         serde_json::json!({ "min": min, "mean": mean, "max": max }),
     );
+    unknown_tokens(&tok, &chosen.origin, ds, split, cfg, report)?;
+    Ok(tok)
+}
 
-    // A tokenizer trained here knows every training caption; the validation captions may use text
-    // the training captions never do, which no tokenizer trained on them could know, so they are
-    // shown but not gated. A loaded tokenizer is judged on every caption.
-    let gated = if trained { train_captions } else { ds.captions() };
+/// Unknown tokens: a tokenizer trained here knows every training caption; the validation
+/// captions may use text the training captions never do, which no tokenizer trained on them could
+/// know, so they are shown but not gated. A loaded tokenizer is judged on every caption.
+fn unknown_tokens(
+    tok: &TextTokenizer,
+    origin: &TokenizerOrigin,
+    ds: &Dataset,
+    split: &Split,
+    cfg: &ClipConfig,
+    report: &mut Report,
+) -> Result<()> {
+    let trained = matches!(origin, TokenizerOrigin::Trained(_));
+    let gated = if trained {
+        ds.captions_of(&split.train)
+    } else {
+        ds.captions()
+    };
     let r = tok.unknown_report(&gated)?;
     let whose = if trained { "training captions" } else { "captions" };
     let ok = r.share() <= MAX_UNKNOWN_SHARE;
@@ -390,14 +408,14 @@ fn tokenizer(args: &Args, ds: &Dataset, split: &Split, cfg: &ClipConfig, report:
     } else if ok {
         format!("{measured}; unknown: {}", r.examples(12))
     } else {
-        let fix = if trained {
-            "shorten the long words, or raise text.vocab_size".to_string()
-        } else if let Some((_, name, _)) = &pretrained {
-            format!(
-                "the pretrained text model {name} cannot read these captions; pick one whose vocabulary covers them, e.g. text.pretrained = \"distilbert/distilbert-base-multilingual-cased\" (the simple-clip-pretrained-zh preset) or \"google-bert/bert-base-chinese\" for Chinese, or train from scratch with a tokenizer trained on your captions (the simple-clip preset)"
-            )
-        } else {
-            "train one on your captions (leave out --tokenizer) or pick a tokenizer that covers them".to_string()
+        let fix = match origin {
+            TokenizerOrigin::Trained(_) => "shorten the long words, or raise text.vocab_size".to_string(),
+            TokenizerOrigin::Pretrained { model, .. } => format!(
+                "the pretrained text model {model} cannot read these captions; pick one whose vocabulary covers them, e.g. text.pretrained = \"distilbert/distilbert-base-multilingual-cased\" (the simple-clip-pretrained-zh preset) or \"google-bert/bert-base-chinese\" for Chinese, or train from scratch with a tokenizer trained on your captions (the simple-clip preset)"
+            ),
+            TokenizerOrigin::File(_) => {
+                "train one on your captions (leave out --tokenizer) or pick a tokenizer that covers them".to_string()
+            }
         };
         format!("this tokenizer has no entry for {}: {fix}; {measured}", r.examples(12))
     };
@@ -416,7 +434,7 @@ fn tokenizer(args: &Args, ds: &Dataset, split: &Split, cfg: &ClipConfig, report:
             cfg.max_tokens()
         );
     }
-    Ok(tok)
+    Ok(())
 }
 
 fn print_validation_unknowns(v: &UnkReport) {
@@ -431,7 +449,8 @@ fn print_validation_unknowns(v: &UnkReport) {
     }
 }
 
-fn check_batch(batch: &Batch, tok: &TextTokenizer, cfg: &ClipConfig, report: &mut Report) -> Result<()> {
+/// The image tensor: its shape, and values in the range normalised pixels can take.
+fn check_images(batch: &Batch, cfg: &ClipConfig, report: &mut Report) -> Result<()> {
     let b = batch.pairs.len();
     let s = cfg.image.image_size;
     let (lo, hi) = clip_core::data::Preprocess::from_config(cfg).normalised_range();
@@ -454,7 +473,12 @@ fn check_batch(batch: &Batch, tok: &TextTokenizer, cfg: &ClipConfig, report: &mu
             }
         ),
     );
+    Ok(())
+}
 
+/// The token tensors: shapes, [CLS] first, and a mask that hides exactly the padding.
+fn check_tokens(batch: &Batch, tok: &TextTokenizer, cfg: &ClipConfig, report: &mut Report) -> Result<()> {
+    let b = batch.pairs.len();
     let ids = batch.input_ids.to_vec2::<u32>()?;
     let mask = batch.attention_mask.to_vec2::<u32>()?;
     let l = batch.input_ids.dim(1)?;

@@ -72,8 +72,8 @@ fn run(args: Args) -> Result<ExitCode> {
     let mut thumbs = Thumbnails::default();
 
     // The loop: train an epoch, validate, schedule, checkpoint.
-    while t.state.epoch < cfg.train.epochs {
-        let lr = t.opt.groups[&Group::Heads].lr;
+    while t.state().epoch < cfg.train.epochs {
+        let lr = t.lr(Group::Heads);
         let started = Instant::now();
         let (train_loss, pps) = match train_epoch(&mut t, lr) {
             Ok(v) => v,
@@ -218,19 +218,19 @@ fn data_source(args: &Args) -> Result<DataSource> {
 
 /// What a resume found and changed.
 fn describe_resume(t: &Trainer, out: &Path) {
-    if t.restarted {
+    if t.restarted() {
         println!(
             "resume: {} had no checkpoint yet (stopped before its first was saved): starting from epoch 1",
             out.display()
         );
     }
-    for c in &t.changes {
+    for c in t.changes() {
         let file = if c.key == "data" { "dataset.json" } else { "config.toml" };
         println!("resume: {c} (recorded in {file})");
-        if c.key == "train.epochs" && t.cfg.train.schedule == Schedule::Cosine {
+        if c.key == "train.epochs" && t.cfg().train.schedule == Schedule::Cosine {
             println!(
                 "  cosine schedule: the decay now spans {} epochs; from the next step the learning rate follows that curve",
-                t.cfg.train.epochs
+                t.cfg().train.epochs
             );
         }
     }
@@ -250,31 +250,31 @@ fn before_training(args: &Args, t: &mut Trainer) -> Result<Fixed> {
     }
     describe_frozen(t)?;
     let mut fixed = Fixed::load_or_new(t);
-    let epochs = t.cfg.train.epochs;
-    match &t.state.partial {
+    let epochs = t.cfg().train.epochs;
+    match &t.state().partial {
         Some(p) => println!(
             "resuming in epoch {} of {epochs} after step {} of {}",
-            t.state.epoch + 1,
+            t.state().epoch + 1,
             p.steps,
             t.steps_per_epoch()
         ),
-        None if t.state.epoch > 0 => println!("resuming after epoch {} of {epochs}", t.state.epoch),
+        None if t.state().epoch > 0 => println!("resuming after epoch {} of {epochs}", t.state().epoch),
         None => {
             let before = t.fixed_similarity()?;
             fixed.heat_map(
-                &t.out.join("similarity_before.png"),
+                &t.out().join("similarity_before.png"),
                 &before,
                 "Similarity before training",
             )?;
             fixed.before = Some(before);
-            fixed.save(&t.out)?;
+            fixed.save(t.out())?;
         }
     }
     stop_on_ctrl_c(t)?;
     println!(
         "{epochs} epochs × {} steps of {} pairs\n",
         t.steps_per_epoch(),
-        t.cfg.train.batch_size * t.cfg.train.accumulate
+        t.cfg().train.batch_size * t.cfg().train.accumulate
     );
     Ok(fixed)
 }
@@ -298,9 +298,9 @@ fn stop_on_ctrl_c(t: &mut Trainer) -> Result<()> {
 
 /// One epoch (or the rest of a stopped one) under a progress bar.
 fn train_epoch(t: &mut Trainer, lr: f64) -> Result<(f64, f64)> {
-    let epoch = t.state.epoch + 1;
-    let bar = clip_cli::progress::epoch_bar(epoch, t.cfg.train.epochs, t.steps_per_epoch() as u64);
-    bar.set_position(t.state.partial.as_ref().map_or(0, |p| p.steps as u64));
+    let epoch = t.state().epoch + 1;
+    let bar = clip_cli::progress::epoch_bar(epoch, t.cfg().train.epochs, t.steps_per_epoch() as u64);
+    bar.set_position(t.state().partial.as_ref().map_or(0, |p| p.steps as u64));
     let trained = t.train_epoch(|_, loss, pps| {
         bar.set_message(format!("loss {loss:.4} lr {lr:.2e} {pps:.0} pairs/s"));
         bar.inc(1);
@@ -315,7 +315,7 @@ fn stopped(t: &Trainer, args: &Args, why: anyhow::Error) -> Result<ExitCode> {
     println!(
         "{why:#}: checkpoint saved in {}\nresume with:\n  {}",
         dir.display(),
-        resume_command(args, &t.out)
+        resume_command(args, t.out())
     );
     Ok(ExitCode::from(130))
 }
@@ -323,7 +323,7 @@ fn stopped(t: &Trainer, args: &Args, why: anyhow::Error) -> Result<ExitCode> {
 /// One line per epoch: losses, quality (zero-shot accuracy for class folders, recall@1 both ways
 /// for captions), learning rate, speed, and whether it is the best so far.
 fn print_epoch(t: &Trainer, train_loss: f64, v: &Validation, lr: f64, pps: f64, secs: f64, best: bool) {
-    let epoch = t.state.epoch;
+    let epoch = t.state().epoch;
     let quality = match v.zero_shot {
         Some(acc) => format!("zero-shot acc {acc:.3}"),
         None => format!("R@1 i→t {:.2} t→i {:.2}", v.recall.i2t_r1, v.recall.t2i_r1),
@@ -348,24 +348,24 @@ fn print_epoch(t: &Trainer, train_loss: f64, v: &Validation, lr: f64, pps: f64, 
 /// The gate: no NaN or Inf, the loss fell to half its first value, and the best model learned
 /// (see clip_core::gates); then the after heat map and the full report.
 fn judge(t: &mut Trainer, fixed: &mut Fixed, thumbs: &mut Thumbnails, report: &mut Report) -> Result<()> {
-    if t.state.best_epoch == 0 {
+    if t.state().best_epoch == 0 {
         println!("no epoch had a finite loss: model.safetensors holds the untrained model");
     }
     judge_losses(t, report);
     t.load_best()?;
     let after = t.fixed_similarity()?;
     fixed.heat_map(
-        &t.out.join("similarity_after.png"),
+        &t.out().join("similarity_after.png"),
         &after,
         "Similarity after training (best model)",
     )?;
     fixed.after = Some(after);
-    fixed.save(&t.out)?;
+    fixed.save(t.out())?;
     let page = html_report::write(t, fixed, Some(&Ranking::compute(t)?), thumbs)?;
-    report.metric("train_recall", t.recall(&t.data.split.train)?);
-    report.metric("best_epoch", t.state.best_epoch);
-    report.metric("best_val_loss", t.state.best_val_loss);
-    report.metric("run", t.out.display().to_string());
+    report.metric("train_recall", t.recall(&t.data().split.train)?);
+    report.metric("best_epoch", t.state().best_epoch);
+    report.metric("best_val_loss", t.state().best_val_loss);
+    report.metric("run", t.out().display().to_string());
     // Zero-shot accuracy (class folders) or retrieval (captions), against what a model that
     // learned nothing scores: see clip_core::gates.
     let gate = clip_core::gates::learned(t)?;
@@ -373,16 +373,17 @@ fn judge(t: &mut Trainer, fixed: &mut Fixed, thumbs: &mut Thumbnails, report: &m
     if gate.name == "zero-shot" {
         report.metric("train_zero_shot", gate.value);
     }
-    let val = t.state.history.iter().filter_map(|h| h.zero_shot).next_back();
+    let val = t.state().history.iter().filter_map(|h| h.zero_shot).next_back();
     let detail = match val {
         Some(v) => format!(
             "best model (epoch {}): {}; {v:.3} on validation (last epoch)",
-            t.state.best_epoch, gate.detail
+            t.state().best_epoch,
+            gate.detail
         ),
-        None => format!("best model (epoch {}): {}", t.state.best_epoch, gate.detail),
+        None => format!("best model (epoch {}): {}", t.state().best_epoch, gate.detail),
     };
     report.check(gate.name, gate.passed, detail);
-    println!("\nrun folder: {} (model.safetensors, config.toml, tokenizer.json, metrics.json, loss.csv, loss/lr/quality.png, similarity_before/after.png, similarity.json)", t.out.display());
+    println!("\nrun folder: {} (model.safetensors, config.toml, tokenizer.json, metrics.json, loss.csv, loss/lr/quality.png, similarity_before/after.png, similarity.json)", t.out().display());
     println!("report: {}", page.display());
     report.metric("report", page.display().to_string());
     Ok(())
@@ -390,7 +391,7 @@ fn judge(t: &mut Trainer, fixed: &mut Fixed, thumbs: &mut Thumbnails, report: &m
 
 /// No NaN or Inf in any epoch's losses, and the last epoch's training loss at most half the first.
 fn judge_losses(t: &Trainer, report: &mut Report) {
-    let h = &t.state.history;
+    let h = &t.state().history;
     let (first, last) = (
         h.first().map(|r| r.train_loss).unwrap_or(f64::NAN),
         h.last().map(|r| r.train_loss).unwrap_or(f64::NAN),
@@ -446,7 +447,7 @@ fn resumed_config(run: &Path) -> Result<clip_core::ClipConfig> {
 
 /// Says which towers are frozen and where their cached features came from.
 fn describe_frozen(t: &Trainer) -> Result<()> {
-    let tr = &t.cfg.train;
+    let tr = &t.cfg().train;
     if !tr.freeze_image && !tr.freeze_text {
         return Ok(());
     }
@@ -480,7 +481,7 @@ fn describe_frozen(t: &Trainer) -> Result<()> {
                 r.computed,
                 started.elapsed().as_secs_f64()
             ),
-            None if !cached && tower == "image" && t.cfg.data.augment => {
+            None if !cached && tower == "image" && t.cfg().data.augment => {
                 println!("frozen image tower: runs on every batch (augmented images are new inputs every epoch)")
             }
             None => println!("frozen {tower} tower: runs on every batch (--no-feature-cache)"),
@@ -545,6 +546,6 @@ fn new_run_dir() -> Result<PathBuf> {
 
 /// loss.png, lr.png and quality.png: the history so far, one point per epoch.
 fn plot_curves(t: &Trainer) -> Result<()> {
-    let tr = &t.cfg.train;
-    plot::Curves::new(&t.state.history, tr.freeze_image, tr.freeze_text).write_png(&t.out)
+    let tr = &t.cfg().train;
+    plot::Curves::new(&t.state().history, tr.freeze_image, tr.freeze_text).write_png(t.out())
 }

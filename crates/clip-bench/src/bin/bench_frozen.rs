@@ -72,7 +72,7 @@ fn time_epochs(t: &mut Trainer, epochs: usize) -> Result<(f64, Option<f64>, f64)
         if e == 0 {
             first = loss;
         }
-        t.state.epoch += 1;
+        t.skip_end_of_epoch();
     }
     let per_wall = wall.elapsed().as_secs_f64() / epochs as f64;
     let per_cpu = cpu.zip(cpu_seconds()).map(|(a, b)| (b - a) / epochs as f64);
@@ -113,7 +113,7 @@ fn main() -> Result<()> {
         "bench": "frozen",
         "preset": cfg.name,
         "images": args.images,
-        "pairs": cached.data.split.train.len(),
+        "pairs": cached.data().split.train.len(),
         "batch_size": cfg.train.batch_size,
         "cached_epochs": cached_epochs,
         "recomputed_epochs": args.epochs,

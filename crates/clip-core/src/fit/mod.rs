@@ -50,13 +50,16 @@ use crate::run_dir::RunLock;
 use crate::schedule::{cosine, Plateau};
 use crate::train::train_step;
 
+/// A run in training: its config, model, optimiser, data, folder and what it remembers. Its
+/// fields are private; the programs and the report read it through the accessors below, and
+/// change it only through the training methods (`train_epoch`, `end_epoch`, the savers).
 pub struct Trainer {
-    pub cfg: ClipConfig,
-    pub model: ClipModel,
-    pub opt: AdamW,
-    pub data: Prepared,
-    pub out: PathBuf,
-    pub state: TrainState,
+    cfg: ClipConfig,
+    model: ClipModel,
+    opt: AdamW,
+    data: Prepared,
+    out: PathBuf,
+    state: TrainState,
     /// Where frozen towers' features are cached; `None` runs them on every batch.
     feature_cache: Option<PathBuf>,
     /// The cached features, once computed or read (see [`Trainer::frozen_features`]).
@@ -65,12 +68,66 @@ pub struct Trainer {
     stop: Option<Arc<AtomicBool>>,
     /// What a resumed run's config changed (recorded in `config.toml`), and `data` when it was
     /// resumed on other data ([`ResumeOptions::other_data`]).
-    pub changes: Vec<Change>,
+    changes: Vec<Change>,
     /// Set when `--resume` found no checkpoint (the run was killed before its first one) and so
     /// started again from epoch 1, with the run's config and data.
-    pub restarted: bool,
+    restarted: bool,
     /// The folder's lock, held as long as the trainer lives.
-    pub lock: RunLock,
+    #[allow(dead_code)]
+    lock: RunLock,
+}
+
+/// Read-only views of a run, for the programs and the report.
+impl Trainer {
+    /// The config the run trains with (a resumed run's, with its changes applied).
+    pub fn cfg(&self) -> &ClipConfig {
+        &self.cfg
+    }
+
+    pub fn model(&self) -> &ClipModel {
+        &self.model
+    }
+
+    pub fn opt(&self) -> &AdamW {
+        &self.opt
+    }
+
+    /// The dataset, its split, tokenizer, images and loader.
+    pub fn data(&self) -> &Prepared {
+        &self.data
+    }
+
+    /// The run folder.
+    pub fn out(&self) -> &std::path::Path {
+        &self.out
+    }
+
+    /// The history, the best epoch, the schedule, the position in a stopped epoch.
+    pub fn state(&self) -> &TrainState {
+        &self.state
+    }
+
+    /// What a resume changed (see [`ResumeOptions`]).
+    pub fn changes(&self) -> &[Change] {
+        &self.changes
+    }
+
+    /// Whether a resume found no checkpoint and started again from epoch 1.
+    pub fn restarted(&self) -> bool {
+        self.restarted
+    }
+
+    /// Counts the epoch just trained as done without validating, scheduling or saving anything:
+    /// for benchmarks that time epochs alone (a real run calls [`Trainer::end_epoch`]).
+    pub fn skip_end_of_epoch(&mut self) {
+        self.state.epoch += 1;
+        self.state.partial = None;
+    }
+
+    /// The current learning rate of a parameter group.
+    pub fn lr(&self, group: Group) -> f64 {
+        self.opt.groups[&group].lr
+    }
 }
 
 impl Trainer {

@@ -123,15 +123,18 @@ impl Ranking {
         let images: Vec<usize> = usable.into_iter().step_by(step).take(MAX_IMAGES).collect();
         let row_of: BTreeMap<usize, usize> = images.iter().enumerate().map(|(r, &i)| (i, r)).collect();
         let mut captions: Vec<String> = vec![];
+        // The first pair of each distinct caption: what the run embeds it from.
+        let mut caption_pairs: Vec<usize> = vec![];
         let mut owners: Vec<BTreeSet<usize>> = vec![];
         let mut col_of: BTreeMap<&str, usize> = BTreeMap::new();
-        for p in &ds.pairs {
+        for (i, p) in ds.pairs.iter().enumerate() {
             let Some(&row) = row_of.get(&p.image) else { continue };
             let col = match col_of.get(p.caption.as_str()) {
                 Some(&c) => c,
                 None if captions.len() < MAX_CAPTIONS => {
                     col_of.insert(&p.caption, captions.len());
                     captions.push(p.caption.clone());
+                    caption_pairs.push(i);
                     owners.push(BTreeSet::new());
                     captions.len() - 1
                 }
@@ -139,11 +142,10 @@ impl Ranking {
             };
             owners[col].insert(row);
         }
-        let bs = t.cfg().train.batch_size.max(16);
-        let dev = &t.data().device;
-        let ie = clip_core::embed::embed_store_images(t.model(), store, &images, bs, dev)?;
-        let texts: Vec<&str> = captions.iter().map(String::as_str).collect();
-        let te = clip_core::embed::embed_texts(t.model(), &t.data().tokenizer, &texts, bs, dev)?;
+        // The run's own embeddings (from cached features where a tower is frozen), as its
+        // validation and recall see them.
+        let ie = t.embed_images(&images)?;
+        let te = t.embed_captions(&caption_pairs)?;
         let sim = to_rows(&cosine_similarity(&ie, &te)?)?;
         Ok(Self {
             images,

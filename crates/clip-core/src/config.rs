@@ -315,22 +315,11 @@ pub struct ClipConfig {
     pub data: DataConfig,
 }
 
+/// What a config file's missing keys take: the `tiny` preset's values, which `tiny.toml` spells
+/// out (a test keeps the two equal). Written here, not read from the file, because reading any
+/// TOML config starts from these defaults.
 impl Default for ClipConfig {
     fn default() -> Self {
-        Self::tiny()
-    }
-}
-
-pub const PRESETS: [&str; 4] = [
-    "tiny",
-    "simple-clip",
-    "simple-clip-pretrained",
-    "simple-clip-pretrained-zh",
-];
-
-impl ClipConfig {
-    /// Small enough to train on a 2-core CPU in minutes: the demo default.
-    pub fn tiny() -> Self {
         Self {
             preset: None,
             name: "tiny".into(),
@@ -357,103 +346,67 @@ impl ClipConfig {
             },
         }
     }
+}
 
-    /// The tutorial's model: ResNet50 + DistilBERT base + 256-d heads, `soft` loss.
+pub const PRESETS: [&str; 4] = [
+    "tiny",
+    "simple-clip",
+    "simple-clip-pretrained",
+    "simple-clip-pretrained-zh",
+];
+
+/// The presets' TOML files, built into every program: one source for each preset, the same file
+/// a user can copy and edit (`--config assets/configs/NAME.toml`).
+const PRESET_FILES: [(&str, &str); 4] = [
+    ("tiny", include_str!("../../../assets/configs/tiny.toml")),
+    ("simple-clip", include_str!("../../../assets/configs/simple-clip.toml")),
+    (
+        "simple-clip-pretrained",
+        include_str!("../../../assets/configs/simple-clip-pretrained.toml"),
+    ),
+    (
+        "simple-clip-pretrained-zh",
+        include_str!("../../../assets/configs/simple-clip-pretrained-zh.toml"),
+    ),
+];
+
+impl ClipConfig {
+    /// Small enough to train on a 2-core CPU in minutes: the demo default (`tiny.toml`).
+    pub fn tiny() -> Self {
+        Self::builtin("tiny")
+    }
+
+    /// The tutorial's model: ResNet50 + DistilBERT base + 256-d heads, `soft` loss
+    /// (`simple-clip.toml`).
     pub fn simple_clip() -> Self {
-        Self {
-            preset: None,
-            name: "simple-clip".into(),
-            image: ImageConfig {
-                image_size: 224,
-                block: Block::Bottleneck,
-                depths: vec![3, 4, 6, 3],
-                stem_width: 64,
-                widths: vec![64, 128, 256, 512],
-                stem_pool: true,
-                stem_stride: 2,
-                stem_kernel: 7,
-                zero_init_last: true,
-                ..ImageConfig::default()
-            },
-            text: TextConfig {
-                vocab_size: 30522,
-                dim: 768,
-                n_layers: 6,
-                n_heads: 12,
-                hidden_dim: 3072,
-                max_position_embeddings: 512,
-                dropout: 0.1,
-                attention_dropout: 0.1,
-                ..TextConfig::default()
-            },
-            projection_dim: 256,
-            head_dropout: 0.1,
-            loss: LossKind::Soft,
-            temperature: 1.0,
-            seed: 42,
-            train: TrainConfig {
-                batch_size: 32,
-                epochs: 4,
-                ..TrainConfig::default()
-            },
-            data: DataConfig::default(),
-        }
+        Self::builtin("simple-clip")
     }
 
     /// The tutorial's own setup: timm `resnet50.a1_in1k` and `distilbert-base-uncased`, fine-tuned
-    /// at 1e-4 (image) / 1e-5 (text) / 1e-3 (heads). The architecture shown here is what the
-    /// repos' config.json files say; they are read again when the model is built.
+    /// at 1e-4 (image) / 1e-5 (text) / 1e-3 (heads) (`simple-clip-pretrained.toml`). The
+    /// architecture shown is what the repos' config.json files say; they are read again when the
+    /// model is built.
     pub fn simple_clip_pretrained() -> Self {
-        let base = Self::simple_clip();
-        Self {
-            name: "simple-clip-pretrained".into(),
-            image: ImageConfig {
-                pretrained: Some("timm/resnet50.a1_in1k".into()),
-                crop_pct: 0.95,
-                interpolation: Interpolation::Bicubic,
-                ..base.image.clone()
-            },
-            text: TextConfig {
-                pretrained: Some("distilbert/distilbert-base-uncased".into()),
-                ..base.text.clone()
-            },
-            train: TrainConfig {
-                lr_image: 1e-4,
-                lr_text: 1e-5,
-                lr_head: 1e-3,
-                ..base.train.clone()
-            },
-            data: DataConfig {
-                center_crop: true,
-                ..base.data.clone()
-            },
-            ..base
-        }
+        Self::builtin("simple-clip-pretrained")
     }
 
     /// As `simple-clip-pretrained`, with a text tower that reads Chinese (and 100 other
-    /// languages): `distilbert-base-multilingual-cased`, whose vocabulary has 人, 蔘, 枸, 杞 ….
+    /// languages): `distilbert-base-multilingual-cased` (`simple-clip-pretrained-zh.toml`).
     pub fn simple_clip_pretrained_zh() -> Self {
-        let base = Self::simple_clip_pretrained();
-        Self {
-            name: "simple-clip-pretrained-zh".into(),
-            text: TextConfig {
-                pretrained: Some("distilbert/distilbert-base-multilingual-cased".into()),
-                vocab_size: 119547,
-                ..base.text.clone()
-            },
-            ..base
-        }
+        Self::builtin("simple-clip-pretrained-zh")
     }
 
+    /// A preset that is built in: its file parses (every preset is parsed by the tests).
+    fn builtin(name: &str) -> Self {
+        Self::preset(name).unwrap_or_else(|e| panic!("the built-in preset {name} does not parse: {e:#}"))
+    }
+
+    /// The preset `name`, from its built-in TOML file.
     pub fn preset(name: &str) -> Result<Self> {
-        match name {
-            "tiny" => Ok(Self::tiny()),
-            "simple-clip" => Ok(Self::simple_clip()),
-            "simple-clip-pretrained" => Ok(Self::simple_clip_pretrained()),
-            "simple-clip-pretrained-zh" => Ok(Self::simple_clip_pretrained_zh()),
-            _ => bail!("unknown preset {name:?}; the presets are: {}", PRESETS.join(", ")),
-        }
+        let Some((_, text)) = PRESET_FILES.iter().find(|(n, _)| *n == name) else {
+            bail!("unknown preset {name:?}; the presets are: {}", PRESETS.join(", "))
+        };
+        Self::from_toml_str(text).with_context(|| format!("in the built-in preset {name} (assets/configs/{name}.toml)"))
     }
 
     /// Reads a TOML config. Errors name the file, and TOML's message names the line and column.

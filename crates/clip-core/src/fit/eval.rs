@@ -10,7 +10,7 @@ use candle_core::Tensor;
 
 use super::Trainer;
 use crate::embed::{embed_store_images, embed_texts};
-use crate::feature_cache::{FeatureCache, FrozenFeatures};
+use crate::feature_cache::{FeatureCache, FeatureRows, FrozenFeatures};
 use crate::loss::{cosine_similarity, l2_normalize};
 use crate::retrieval::{to_rows, Recall};
 use crate::train::eval_loss;
@@ -57,45 +57,25 @@ impl Trainer {
         Ok(Some(f))
     }
 
-    /// Embeddings (N, P) of images of the store, in evaluation mode (from cached features when
-    /// the image tower's are cached).
-    fn embed_images(&self, images: &[usize]) -> Result<Tensor> {
+    /// Embeddings (N, P) of images of the store, in evaluation mode, from the cached features
+    /// when the image tower's are cached: the one way a run embeds its images (validation,
+    /// recall, zero-shot, the report).
+    pub fn embed_images(&self, images: &[usize]) -> Result<Tensor> {
         let bs = self.cfg.train.batch_size.max(16);
         let frozen = self.frozen_features()?;
         match frozen.as_deref().and_then(|f| f.image.as_ref()) {
-            Some(rows) => {
-                let parts = images
-                    .chunks(bs)
-                    .map(|c| -> Result<Tensor> {
-                        Ok(self
-                            .model
-                            .project_image(&rows.tensor(c, &self.data.device)?, false)?
-                            .detach())
-                    })
-                    .collect::<Result<Vec<_>>>()?;
-                Ok(Tensor::cat(&parts, 0)?)
-            }
+            Some(rows) => self.project_rows(rows, images, |x| self.model.project_image(x, false)),
             None => embed_store_images(&self.model, &self.data.store, images, bs, &self.data.device),
         }
     }
 
-    /// Embeddings (N, P) of the captions of some pairs, in evaluation mode.
-    fn embed_captions(&self, pairs: &[usize]) -> Result<Tensor> {
+    /// Embeddings (N, P) of the captions of some pairs, in evaluation mode, from the cached
+    /// features when the text tower's are cached: the one way a run embeds its captions.
+    pub fn embed_captions(&self, pairs: &[usize]) -> Result<Tensor> {
         let bs = self.cfg.train.batch_size.max(16);
         let frozen = self.frozen_features()?;
         match frozen.as_deref().and_then(|f| f.text.as_ref()) {
-            Some(rows) => {
-                let parts = pairs
-                    .chunks(bs)
-                    .map(|c| -> Result<Tensor> {
-                        Ok(self
-                            .model
-                            .project_text(&rows.tensor(c, &self.data.device)?, false)?
-                            .detach())
-                    })
-                    .collect::<Result<Vec<_>>>()?;
-                Ok(Tensor::cat(&parts, 0)?)
-            }
+            Some(rows) => self.project_rows(rows, pairs, |x| self.model.project_text(x, false)),
             None => {
                 let texts: Vec<&str> = pairs
                     .iter()
@@ -104,6 +84,21 @@ impl Trainer {
                 embed_texts(&self.model, &self.data.tokenizer, &texts, bs, &self.data.device)
             }
         }
+    }
+
+    /// Cached tower features of `items` through a projection head, a batch at a time.
+    fn project_rows(
+        &self,
+        rows: &FeatureRows,
+        items: &[usize],
+        project: impl Fn(&Tensor) -> anyhow::Result<Tensor>,
+    ) -> Result<Tensor> {
+        let bs = self.cfg.train.batch_size.max(16);
+        let parts = items
+            .chunks(bs)
+            .map(|c| Ok(project(&rows.tensor(c, &self.data.device)?)?.detach()))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Tensor::cat(&parts, 0)?)
     }
 
     /// Validation loss (mean over batches, evaluation mode) and retrieval recall.

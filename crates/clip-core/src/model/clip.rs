@@ -19,6 +19,25 @@ pub struct Embeddings {
 /// The whole model. Parameter names follow the tutorial's PyTorch `CLIPModel`:
 /// `image_encoder.model.*` (timm ResNet), `text_encoder.model.*` (HF DistilBERT or BERT),
 /// `image_projection.*`, `text_projection.*`, and `logit_scale` for the `clip` loss.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use clip_core::{ClipConfig, ClipModel};
+///
+/// let cfg = ClipConfig::tiny();
+/// let model = ClipModel::new(&cfg, &Device::Cpu)?;
+/// let images = Tensor::randn(0f32, 1f32, (2, 3, 64, 64), &Device::Cpu)?;
+/// let ids = Tensor::new(&[[2u32, 17, 40, 3], [2, 9, 3, 0]], &Device::Cpu)?;
+/// let mask = Tensor::new(&[[1u32, 1, 1, 1], [1, 1, 1, 0]], &Device::Cpu)?;
+/// let e = model.forward(&images, &ids, &mask, true)?;
+/// assert_eq!((e.image.dims(), e.text.dims()), ([2, 128].as_slice(), [2, 128].as_slice()));
+/// // The contrastive loss reaches every trainable tensor of both towers and the heads.
+/// let grads = model.loss(&e, None)?.backward()?;
+/// for (name, entry) in model.params.entries().into_iter().filter(|(_, e)| e.is_trainable()) {
+///     assert!(grads.get(entry.var.as_tensor()).is_some(), "{name}");
+/// }
+/// # Ok::<(), anyhow::Error>(())
+/// ```
 pub struct ClipModel {
     pub config: ClipConfig,
     pub params: ParamStore,

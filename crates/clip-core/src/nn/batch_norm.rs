@@ -7,6 +7,28 @@ use crate::params::{Init, ParamBuilder};
 /// running statistics in evaluation mode.
 ///
 /// candle-nn's and candle-transformers' ResNets only have the evaluation half.
+///
+/// ```
+/// use candle_core::{Device, ModuleT, Tensor};
+/// use clip_core::nn::BatchNorm2d;
+/// use clip_core::params::{Group, ParamStore};
+///
+/// let store = ParamStore::new(&Device::Cpu, 0);
+/// let bn = BatchNorm2d::new(&store.root(Group::ImageTower, true).pp("bn1"), 4)?;
+/// let x = Tensor::randn(1f32, 2f32, (8, 4, 5, 5), &Device::Cpu)?;
+/// // Training mode normalises with the batch's statistics and updates the running ones.
+/// let y = bn.forward_t(&x, true)?;
+/// assert_eq!(y.dims(), [8, 4, 5, 5]);
+/// let mean = store.get("bn1.running_mean").unwrap().var.as_tensor().to_vec1::<f32>()?;
+/// assert!(mean.iter().all(|&m| m != 0.0), "running statistics moved: {mean:?}");
+/// // γ and β get gradients (the running statistics are buffers, not trained).
+/// let grads = (y * &x)?.sum_all()?.backward()?;
+/// for (name, e) in store.entries().into_iter().filter(|(_, e)| e.is_param()) {
+///     let g = grads.get(e.var.as_tensor()).expect(&name);
+///     assert!(g.abs()?.sum_all()?.to_scalar::<f32>()? > 0.0, "{name}");
+/// }
+/// # Ok::<(), anyhow::Error>(())
+/// ```
 #[derive(Clone)]
 pub struct BatchNorm2d {
     weight: Tensor,

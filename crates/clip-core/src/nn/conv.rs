@@ -5,6 +5,26 @@ use crate::params::{Init, ParamBuilder};
 
 /// `nn.Conv2d` without bias (ResNet convolutions are always followed by BatchNorm).
 ///
+/// ```
+/// use candle_core::{Device, Module, Tensor};
+/// use clip_core::nn::Conv2d;
+/// use clip_core::params::{Group, ParamStore};
+///
+/// let store = ParamStore::new(&Device::Cpu, 0);
+/// // 3 → 8 channels, 3×3 kernel, stride 2, padding 1: 16×16 becomes 8×8.
+/// let conv = Conv2d::new(&store.root(Group::ImageTower, true).pp("conv1"), 3, 8, 3, 2, 1)?;
+/// let x = Tensor::randn(0f32, 1f32, (2, 3, 16, 16), &Device::Cpu)?;
+/// let y = conv.forward(&x)?;
+/// assert_eq!(y.dims(), [2, 8, 8, 8]);
+/// // Every weight gets a finite, non-zero gradient: the layer has a working backward.
+/// let grads = y.sqr()?.sum_all()?.backward()?;
+/// for (name, e) in store.entries() {
+///     let g = grads.get(e.var.as_tensor()).expect(&name);
+///     assert!(g.abs()?.sum_all()?.to_scalar::<f32>()? > 0.0, "{name}");
+/// }
+/// # Ok::<(), anyhow::Error>(())
+/// ```
+///
 /// On the CPU it runs [`conv2d_cpu`](super::conv_cpu::conv2d_cpu), whose three products are all
 /// im2col + GEMM. Elsewhere, when gradients are needed, the convolution is computed as im2col +
 /// matrix product built from differentiable tensor ops. candle's own `conv2d` backward computes the input gradient with a

@@ -46,6 +46,22 @@ fn uniform(seed: u64, i: u64) -> f32 {
 }
 
 /// Inverted dropout, active only in training mode.
+///
+/// ```
+/// use candle_core::{Device, ModuleT, Tensor};
+/// use clip_core::nn::{Dropout, DropoutRng};
+///
+/// let drop = Dropout::new(0.5, &DropoutRng::new(7));
+/// let x = Tensor::ones((1000,), candle_core::DType::F32, &Device::Cpu)?;
+/// // Evaluation mode passes the input through.
+/// assert_eq!(drop.forward_t(&x, false)?.to_vec1::<f32>()?, x.to_vec1::<f32>()?);
+/// // Training mode zeroes about half and scales the rest by 2, so the mean stays about 1.
+/// let y = drop.forward_t(&x, true)?.to_vec1::<f32>()?;
+/// let zeros = y.iter().filter(|&&v| v == 0.0).count();
+/// assert!((400..600).contains(&zeros), "{zeros}");
+/// assert!(y.iter().all(|&v| v == 0.0 || v == 2.0));
+/// # Ok::<(), anyhow::Error>(())
+/// ```
 #[derive(Clone)]
 pub struct Dropout {
     p: f32,

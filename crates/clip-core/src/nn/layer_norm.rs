@@ -8,6 +8,28 @@ use crate::params::{Init, ParamBuilder};
 /// `candle_nn::LayerNorm` uses a fused kernel with no backward: gradients stop there silently.
 /// On the CPU this runs our own fused kernel (forward and backward, see `layer_norm_cpu`);
 /// elsewhere it is composed from differentiable ops.
+///
+/// ```
+/// use candle_core::{Device, Module, Tensor};
+/// use clip_core::nn::LayerNorm;
+/// use clip_core::params::{Group, ParamStore};
+///
+/// let store = ParamStore::new(&Device::Cpu, 0);
+/// let ln = LayerNorm::new(&store.root(Group::TextTower, true).pp("ln"), 6, 1e-12)?;
+/// let x = Tensor::randn(0f32, 3f32, (2, 5, 6), &Device::Cpu)?;
+/// let y = ln.forward(&x)?;
+/// // Every row has mean 0 (γ = 1, β = 0 at the start).
+/// let mean = y.mean_keepdim(2)?.abs()?.max_all()?.to_scalar::<f32>()?;
+/// assert!(mean < 1e-5);
+/// let y = (y * &x)?;
+/// // Every weight gets a finite, non-zero gradient: the layer has a working backward.
+/// let grads = y.sqr()?.sum_all()?.backward()?;
+/// for (name, e) in store.entries() {
+///     let g = grads.get(e.var.as_tensor()).expect(&name);
+///     assert!(g.abs()?.sum_all()?.to_scalar::<f32>()? > 0.0, "{name}");
+/// }
+/// # Ok::<(), anyhow::Error>(())
+/// ```
 #[derive(Clone, Debug)]
 pub struct LayerNorm {
     weight: Tensor,

@@ -4,6 +4,25 @@ use candle_core::{Module, Tensor};
 use crate::params::{Init, ParamBuilder};
 
 /// `nn.Linear`: weight (out, in), bias (out).
+///
+/// ```
+/// use candle_core::{Device, Module, Tensor};
+/// use clip_core::nn::Linear;
+/// use clip_core::params::{Group, ParamStore};
+///
+/// let store = ParamStore::new(&Device::Cpu, 0);
+/// let layer = Linear::new(&store.root(Group::Heads, true).pp("proj"), 4, 2)?;
+/// let x = Tensor::randn(0f32, 1f32, (3, 4), &Device::Cpu)?;
+/// let y = layer.forward(&x)?;
+/// assert_eq!(y.dims(), [3, 2]);
+/// // Every weight gets a finite, non-zero gradient: the layer has a working backward.
+/// let grads = y.sqr()?.sum_all()?.backward()?;
+/// for (name, e) in store.entries() {
+///     let g = grads.get(e.var.as_tensor()).expect(&name);
+///     assert!(g.abs()?.sum_all()?.to_scalar::<f32>()? > 0.0, "{name}");
+/// }
+/// # Ok::<(), anyhow::Error>(())
+/// ```
 #[derive(Clone, Debug)]
 pub struct Linear {
     weight: Tensor,
@@ -85,6 +104,25 @@ fn apply(x: &Tensor, w: &Tensor, b: &Tensor, op: super::linear_cpu::LinearOp) ->
 }
 
 /// `nn.Embedding`: a lookup table whose rows get gradients through `index_select`.
+///
+/// ```
+/// use candle_core::{Device, Module, Tensor};
+/// use clip_core::nn::Embedding;
+/// use clip_core::params::{Group, ParamStore};
+///
+/// let store = ParamStore::new(&Device::Cpu, 0);
+/// let table = Embedding::new(&store.root(Group::TextTower, true).pp("tokens"), 10, 4, 0.02)?;
+/// let ids = Tensor::new(&[[1u32, 3, 3], [0, 9, 2]], &Device::Cpu)?;
+/// let y = table.forward(&ids)?;
+/// assert_eq!(y.dims(), [2, 3, 4]);
+/// // Every weight gets a finite, non-zero gradient: the layer has a working backward.
+/// let grads = y.sqr()?.sum_all()?.backward()?;
+/// for (name, e) in store.entries() {
+///     let g = grads.get(e.var.as_tensor()).expect(&name);
+///     assert!(g.abs()?.sum_all()?.to_scalar::<f32>()? > 0.0, "{name}");
+/// }
+/// # Ok::<(), anyhow::Error>(())
+/// ```
 #[derive(Clone, Debug)]
 pub struct Embedding {
     weight: Tensor,

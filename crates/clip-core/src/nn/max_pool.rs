@@ -8,6 +8,19 @@ use candle_core::Tensor;
 /// Output size is ⌊(n − 1) / 2⌋ + 1, as PyTorch's.
 ///
 /// On contiguous f32 CPU tensors it runs the fused kernel of `max_pool_cpu` instead.
+///
+/// ```
+/// use candle_core::{Device, Tensor, Var};
+/// use clip_core::nn::max_pool_3x3_s2;
+///
+/// let x = Var::from_tensor(&Tensor::randn(0f32, 1f32, (1, 2, 7, 7), &Device::Cpu)?)?;
+/// let y = max_pool_3x3_s2(x.as_tensor())?;
+/// assert_eq!(y.dims(), [1, 2, 4, 4]); // ⌊(7 − 1) / 2⌋ + 1
+/// // The gradient reaches the input: each window's maximum gets it.
+/// let g = y.sum_all()?.backward()?.get(x.as_tensor()).unwrap().sum_all()?.to_scalar::<f32>()?;
+/// assert_eq!(g, 32.0); // one per output value
+/// # Ok::<(), anyhow::Error>(())
+/// ```
 pub fn max_pool_3x3_s2(x: &Tensor) -> candle_core::Result<Tensor> {
     if super::dispatch::use_cpu_kernel(x) {
         max_pool_3x3_s2_cpu(x)

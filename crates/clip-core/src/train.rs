@@ -120,23 +120,33 @@ fn step_on_pool(
 /// applies them. Returns the gradient norm before clipping; errors when it is NaN/Inf (before
 /// the update with clipping on, after it without).
 pub fn apply_update(opt: &mut AdamW, grads: &mut Grads, clip_grad_norm: f64) -> Result<f64> {
-    if clip_grad_norm > 0.0 {
-        let grad_norm = AdamW::grad_norm(grads)?;
-        check_grad_norm(grad_norm, opt.step + 1)?;
-        if grad_norm > clip_grad_norm {
-            let s = clip_grad_norm / (grad_norm + 1e-6);
-            for g in grads.values_mut() {
-                *g = (&*g * s)?;
-            }
+    let clipped = clip_gradients(grads, clip_grad_norm, opt.step + 1)?;
+    let norm = opt.step(grads)?;
+    match clipped {
+        Some(before) => Ok(before),
+        None => {
+            check_grad_norm(norm, opt.step)?;
+            Ok(norm)
         }
-        opt.step(grads)?;
-        Ok(grad_norm)
-    } else {
-        // Without clipping the norm is only reported: the update computes it in its own pass.
-        let grad_norm = opt.step(grads)?;
-        check_grad_norm(grad_norm, opt.step)?;
-        Ok(grad_norm)
     }
+}
+
+/// Scales `grads` down to a global norm of `max_norm` when they exceed it (`max_norm` > 0), and
+/// returns their norm before clipping; an error when that norm is NaN/Inf (step `step`), before
+/// anything is applied. `None` when clipping is off: the update measures the norm in its own pass.
+pub fn clip_gradients(grads: &mut Grads, max_norm: f64, step: u64) -> Result<Option<f64>> {
+    if max_norm <= 0.0 {
+        return Ok(None);
+    }
+    let grad_norm = AdamW::grad_norm(grads)?;
+    check_grad_norm(grad_norm, step)?;
+    if grad_norm > max_norm {
+        let s = max_norm / (grad_norm + 1e-6);
+        for g in grads.values_mut() {
+            *g = (&*g * s)?;
+        }
+    }
+    Ok(Some(grad_norm))
 }
 
 fn check_grad_norm(grad_norm: f64, step: u64) -> Result<()> {

@@ -20,7 +20,7 @@ use clip_core::data::Batch;
 use clip_core::model::Embeddings;
 use clip_core::optim::AdamW;
 use clip_core::prepare::{prepare, Prepared};
-use clip_core::train::{apply_update, step_seed, StepOutcome};
+use clip_core::train::{clip_gradients, step_seed, StepOutcome};
 use clip_core::{device, ClipConfig, ClipModel};
 
 #[derive(Parser)]
@@ -156,8 +156,9 @@ fn forward(model: &ClipModel, b: &Batch, cut: Option<&str>) -> Result<Embeddings
     })
 }
 
-/// One training step: forward (training mode), loss, backward, one AdamW update (with the
-/// config's gradient clipping), on the compute threads as stage 4 runs it.
+/// One training step, as the tutorial writes it: forward (training mode), loss,
+/// `loss.backward()`, gradient clipping when the config asks for it, `optimizer.step()` — on the
+/// compute threads, as stage 4 runs it.
 fn step(model: &ClipModel, opt: &mut AdamW, batch: &Batch, cut: Option<&str>) -> Result<StepOutcome> {
     clip_core::nn::on_compute_pool(|| {
         model.reseed_dropout(step_seed(model.config.seed, opt.step));
@@ -170,8 +171,10 @@ fn step(model: &ClipModel, opt: &mut AdamW, batch: &Batch, cut: Option<&str>) ->
                 opt.step + 1
             );
         }
-        let mut grads = opt.grads_by_name(&loss.backward()?);
-        let grad_norm = apply_update(opt, &mut grads, model.config.train.clip_grad_norm)?;
+        let mut grads = opt.grads_by_name(&loss.backward()?); // loss.backward()
+        let clipped = clip_gradients(&mut grads, model.config.train.clip_grad_norm, opt.step + 1)?;
+        let norm = opt.step(&grads)?; // optimizer.step()
+        let grad_norm = clipped.unwrap_or(norm);
         Ok(StepOutcome {
             loss: value,
             grad_norm,

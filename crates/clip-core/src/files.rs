@@ -67,10 +67,10 @@ pub fn write_checked(dir: &Path, files: &[(String, Vec<u8>)]) -> Result<()> {
 /// Writes one file into a folder: through [`write_checked`] when the folder holds a checksum
 /// manifest (a run folder: every file it holds stays covered), else with [`write_atomic`].
 pub fn write_covered(path: &Path, bytes: &[u8]) -> Result<()> {
-    if parent(path).join(MANIFEST).is_file() {
-        write_checked(parent(path), &[(file_name(path), bytes.to_vec())])
-    } else {
-        write_atomic(path, bytes)
+    // Only a manifest of ours: another tool's `manifest.json` (an image index's) is left alone.
+    match Manifest::read(parent(path)) {
+        Ok(Some(_)) => write_checked(parent(path), &[(file_name(path), bytes.to_vec())]),
+        _ => write_atomic(path, bytes),
     }
 }
 
@@ -177,4 +177,27 @@ pub(crate) fn file_name(path: &Path) -> String {
     path.file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "file".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_covered_write_joins_our_manifest_and_leaves_another_tools_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        // A folder with a checksum manifest: the new file is listed and verifies.
+        write_checked(dir.path(), &[("a.txt".into(), b"a".to_vec())]).unwrap();
+        write_covered(&dir.path().join("plot.png"), b"png").unwrap();
+        let m = Manifest::read(dir.path()).unwrap().unwrap();
+        assert!(m.files.contains_key("plot.png") && m.files.contains_key("a.txt"));
+        assert_eq!(read_checked(&dir.path().join("plot.png")).unwrap(), b"png");
+        // A folder whose manifest.json is another tool's (an index's): written, manifest untouched.
+        let other = tempfile::tempdir().unwrap();
+        let index = br#"{"version": 2, "fingerprint": "x", "segments": []}"#;
+        std::fs::write(other.path().join(MANIFEST), index).unwrap();
+        write_covered(&other.path().join("confusion.png"), b"png").unwrap();
+        assert_eq!(std::fs::read(other.path().join(MANIFEST)).unwrap(), index);
+        assert_eq!(std::fs::read(other.path().join("confusion.png")).unwrap(), b"png");
+    }
 }

@@ -91,16 +91,14 @@ fn a_run_killed_before_its_first_checkpoint_resumes_from_epoch_1() {
     cfg.train.epochs = 2;
     let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let mut full = Trainer::new(&cfg, demo(&cfg), a.path()).unwrap();
-    // A new run has a checkpoint from its first moment (epoch 0), so a kill in epoch 1 resumes.
-    assert!(a.path().join("last/state.json").is_file());
+    // A new run has its files from its first moment, but no checkpoint until its first epoch ends.
+    assert!(a.path().join("model.safetensors").is_file() && a.path().join("dataset.json").is_file());
+    assert!(!a.path().join("last").exists());
     train(&mut full, 2);
 
-    // Killed at each point of its start: after the files, before last/ (as runs written before
-    // the epoch-0 checkpoint were), and after only the config.
-    for lost in [
-        vec!["last"],
-        vec!["last", "model.safetensors", "dataset.json", "tokenizer.json"],
-    ] {
+    // Killed at each point of its start: in epoch 1 (all files, no last/ yet), and after only
+    // the config was written.
+    for lost in [vec![], vec!["model.safetensors", "dataset.json", "tokenizer.json"]] {
         let t = Trainer::new(&cfg, demo(&cfg), b.path()).unwrap();
         drop(t);
         for f in &lost {
@@ -116,8 +114,8 @@ fn a_run_killed_before_its_first_checkpoint_resumes_from_epoch_1() {
         let mut resumed = Trainer::resume(&cfg, demo(&cfg), b.path()).unwrap();
         assert!(resumed.restarted(), "{lost:?}");
         assert_eq!(resumed.state().epoch, 0);
-        assert!(b.path().join("last/state.json").is_file());
         train(&mut resumed, 2);
+        assert!(b.path().join("last/state.json").is_file());
         let losses = |t: &Trainer| t.state().history.iter().map(|r| r.train_loss).collect::<Vec<_>>();
         assert_eq!(losses(&full), losses(&resumed), "{lost:?}");
         drop(resumed);

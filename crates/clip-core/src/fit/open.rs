@@ -46,8 +46,10 @@ impl Trainer {
     }
 
     /// The files a run has from its first moment, in one checksummed group — config, tokenizer,
-    /// data identity, untrained weights — then the epoch-0 checkpoint `last/`, so that a run
-    /// killed at any moment after this can be resumed.
+    /// data identity, untrained weights. No `last/` is written yet: a run killed before its first
+    /// checkpoint is resumed by starting again from these (see [`Trainer::restarted`]), which is
+    /// what an epoch-0 checkpoint would hold, without writing the weights twice and the zero
+    /// optimiser moments (over 1 GB for simple-clip) at every start.
     fn start_files(&self) -> Result<()> {
         let identity = DataIdentity::of(&self.data);
         write_checked(
@@ -58,9 +60,7 @@ impl Trainer {
                 (DATASET.into(), identity.to_json()?),
                 (WEIGHTS.into(), weights_bytes(&self.model.params)?),
             ],
-        )?;
-        self.save_checkpoint()?;
-        Ok(())
+        )
     }
 
     /// Continues the run in `out` from its last checkpoint (the end of an epoch, or the step where

@@ -93,8 +93,24 @@ pub fn run(args: Args) -> Result<bool> {
             What::Frozen,
         ];
     }
-    let seq_len = seq_len.unwrap_or_else(|| if preset == "tiny" { "12" } else { "32" }.to_string());
     let root = workspace_root();
+    // A pretrained-CLIP preset is benchmarked as its architecture with random weights (no
+    // machine here reaches the real ones; the speed does not depend on them), against open_clip.
+    let clip_arch = clip_architecture(&preset);
+    if let Some((arch, _)) = clip_arch {
+        if what.iter().any(|w| *w != What::Infer) {
+            bail!("--preset {preset} (a pretrained CLIP, open_clip's {arch}) is benchmarked with `infer` only");
+        }
+    }
+    // open_clip always runs the whole 77-token context: so does clipmine here, for a fair ratio.
+    let seq_len = seq_len.unwrap_or_else(|| {
+        match (preset.as_str(), clip_arch) {
+            (_, Some(_)) => "77",
+            ("tiny", _) => "12",
+            _ => "32",
+        }
+        .to_string()
+    });
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let status = Command::new(&cargo)
         .current_dir(&root)
@@ -126,8 +142,17 @@ pub fn run(args: Args) -> Result<bool> {
     let examples = target.join("release");
     // The same model and batch on both sides: `bench train|infer` here, `simple_clip.py
     // bench|bench-infer` there.
+    let shape_dir = match clip_arch {
+        Some((arch, json)) => {
+            let dir = target.join("bench-clip").join(arch);
+            std::fs::create_dir_all(&dir)?;
+            std::fs::write(dir.join("open_clip_config.json"), json)?;
+            Some(dir.display().to_string())
+        }
+        None => None,
+    };
     let model_args = |sub: &'static str| {
-        [
+        let mut args: Vec<String> = [
             sub,
             "--preset",
             &preset,
@@ -139,12 +164,35 @@ pub fn run(args: Args) -> Result<bool> {
             &seq_len,
         ]
         .map(String::from)
+        .to_vec();
+        if let Some(dir) = &shape_dir {
+            args.extend(["--pretrained".to_string(), dir.clone()]);
+        }
+        args
     };
     // Runs the reference with clipmine's thread count, prints its line and the ratio line.
     let compare = |ours: &Value, args: &[String], bench: &str, metrics: &[(&str, &str)]| -> Result<()> {
+        // open_clip for a pretrained-CLIP preset, else the recipe's PyTorch reference.
+        let (script, args): (&str, Vec<String>) = match clip_arch {
+            Some((arch, _)) => (
+                "clip_bench.py",
+                [
+                    "bench-infer",
+                    "--model",
+                    arch,
+                    "--batch-size",
+                    &batch,
+                    "--steps",
+                    &steps,
+                ]
+                .map(String::from)
+                .to_vec(),
+            ),
+            None => ("simple_clip.py", args.to_vec()),
+        };
         let threads = ours["threads"].as_u64().map(|t| t.to_string());
         let threads = threads.iter().flat_map(|t| ["--threads", t.as_str()]);
-        let Some(theirs) = reference_line(&root, args.iter().map(String::as_str).chain(threads))? else {
+        let Some(theirs) = reference_line(&root, script, args.iter().map(String::as_str).chain(threads))? else {
             return Ok(());
         };
         println!("{theirs}");
@@ -230,15 +278,19 @@ pub fn run(args: Args) -> Result<bool> {
 
 /// The JSON line of the PyTorch reference (`xtask/reference/simple_clip.py ARGS`), or `None`
 /// (said on stderr) when it could not run, e.g. without torch installed.
-fn reference_line<'a>(root: &std::path::Path, args: impl IntoIterator<Item = &'a str>) -> Result<Option<Value>> {
-    let script = root.join("xtask/reference/simple_clip.py");
+fn reference_line<'a>(
+    root: &std::path::Path,
+    script: &str,
+    args: impl IntoIterator<Item = &'a str>,
+) -> Result<Option<Value>> {
+    let script = root.join("xtask/reference").join(script);
     match Command::new("python3").arg(&script).args(args).output() {
         Ok(o) if o.status.success() => Ok(Some(
             serde_json::from_slice(last_line(&o.stdout)).context("parsing the reference's JSON")?,
         )),
         Ok(o) => {
             eprintln!(
-                "the PyTorch reference did not run (pip install torch timm transformers): {}",
+                "the PyTorch reference did not run (pip install torch timm transformers open_clip_torch): {}",
                 String::from_utf8_lossy(&o.stderr).lines().last().unwrap_or("")
             );
             Ok(None)
@@ -247,6 +299,28 @@ fn reference_line<'a>(root: &std::path::Path, args: impl IntoIterator<Item = &'a
             eprintln!("the PyTorch reference did not run: {e}");
             Ok(None)
         }
+    }
+}
+
+/// The open_clip architecture of a pretrained-CLIP preset, and its `open_clip_config.json`
+/// (open_clip's own model configs, with OpenAI's QuickGELU).
+fn clip_architecture(preset: &str) -> Option<(&'static str, &'static str)> {
+    match preset {
+        "clip-vit-b-32" => Some((
+            "ViT-B-32",
+            concat!(
+                r#"{"model_cfg": {"embed_dim": 512, "quick_gelu": true, "vision_cfg": {"image_size": 224, "layers": 12, "width": 768, "patch_size": 32}, "#,
+                r#""text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 512, "heads": 8, "layers": 12}}}"#
+            ),
+        )),
+        "clip-rn50" => Some((
+            "RN50",
+            concat!(
+                r#"{"model_cfg": {"embed_dim": 1024, "quick_gelu": true, "vision_cfg": {"image_size": 224, "layers": [3, 4, 6, 3], "width": 64}, "#,
+                r#""text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 512, "heads": 8, "layers": 12}}}"#
+            ),
+        )),
+        _ => None,
     }
 }
 

@@ -14,10 +14,18 @@ pub struct ModelArgs {
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// A named preset: tiny (CPU-sized, the default), simple-clip (the tutorial's ResNet50 +
-    /// DistilBERT from scratch), simple-clip-pretrained (timm resnet50.a1_in1k + distilbert-base-uncased) or
-    /// simple-clip-pretrained-zh (a multilingual text tower).
+    /// DistilBERT from scratch), simple-clip-pretrained (timm resnet50.a1_in1k + distilbert-base-uncased),
+    /// simple-clip-pretrained-zh (a multilingual text tower), or a whole pretrained CLIP:
+    /// clip-vit-b-32 (OpenAI ViT-B/32), clip-rn50 (OpenAI RN50), chinese-clip-vit-b-16.
     #[arg(long, value_name = "NAME")]
     pub preset: Option<String>,
+    /// Start from this pretrained CLIP, whatever the config says: a Hugging Face repo
+    /// (openai/clip-vit-base-patch32, laion/CLIP-ViT-B-32-laion2B-s34B-b79K, org/name@revision)
+    /// or a folder in Hugging Face (config.json + model.safetensors) or open_clip
+    /// (open_clip_config.json + weights) layout. Its files set the whole model, the tokenizer and
+    /// the preprocessing.
+    #[arg(long, value_name = "REPO|DIR")]
+    pub pretrained: Option<String>,
     /// Where to run: auto (a GPU if compiled in and present), cpu, cuda, cuda:N, metal.
     #[arg(long, default_value = "auto")]
     pub device: String,
@@ -32,6 +40,10 @@ pub struct ModelArgs {
 impl ModelArgs {
     pub fn load_config(&self) -> Result<ClipConfig> {
         let mut cfg = ClipConfig::resolve(self.config.as_deref(), self.preset.as_deref())?;
+        if let Some(p) = &self.pretrained {
+            cfg.pretrained = Some(p.clone());
+            cfg.name = p.clone();
+        }
         // Pretrained towers take their architecture from their own config.json (from the Hub's
         // cache, or downloaded into it).
         clip_core::pretrained::apply_configs(&mut cfg, &clip_core::hub::Hub::from_env())?;

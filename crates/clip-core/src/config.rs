@@ -26,9 +26,34 @@ pub enum Interpolation {
     Bicubic,
 }
 
+/// The image tower's architecture.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ImageArch {
+    /// A timm / torchvision ResNet (v1.5), pooled by a global average.
+    Resnet,
+    /// A CLIP Vision Transformer (OpenAI, open_clip, Hugging Face `CLIPVisionModel`).
+    Vit,
+    /// OpenAI's ModifiedResNet (CLIP RN50, RN101 …): three-convolution stem, anti-aliased
+    /// average-pool strides and attention pooling, whose output is already the embedding.
+    ClipResnet,
+}
+
+/// How a Vision Transformer turns its tokens into one vector (open_clip's `pool_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ImagePool {
+    /// The class token (OpenAI's and most checkpoints').
+    Tok,
+    /// The mean of the patch tokens.
+    Avg,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ImageConfig {
+    /// `resnet` (the recipe's), `vit` or `clip_resnet` (pretrained CLIPs set it).
+    pub arch: ImageArch,
     /// Start from a pretrained timm ResNet: a Hugging Face repo id (`timm/resnet50.a1_in1k`,
     /// optionally `@revision`), a local folder with config.json + model.safetensors, or a
     /// `.safetensors` file. Its config.json then sets the architecture and the preprocessing below.
@@ -65,11 +90,39 @@ pub struct ImageConfig {
     /// exactly zero gradient (as in PyTorch). On in `simple-clip` (as the reference's timm
     /// ResNet50); off in `tiny`, whose first step stage 3 checks for a gradient everywhere.
     pub zero_init_last: bool,
+    /// ViT: patch size in pixels (the patch convolution's kernel and stride).
+    pub patch_size: usize,
+    /// ViT: token width; `clip_resnet`: the base width (64 in RN50).
+    pub width: usize,
+    /// ViT: number of transformer blocks.
+    pub layers: usize,
+    /// ViT and `clip_resnet`'s attention pool: number of attention heads.
+    pub heads: usize,
+    /// ViT: feed-forward width.
+    pub mlp_dim: usize,
+    /// ViT: `tok` (class token) or `avg` pooling.
+    pub pool: ImagePool,
+    /// ViT: the feed-forward activation (`quick_gelu` for OpenAI's weights, `gelu` for LAION's).
+    pub activation: Activation,
+    /// ViT: LayerNorm epsilon.
+    pub layer_norm_eps: f64,
+    /// `clip_resnet`: the attention pool's output size (the embedding size).
+    pub output_dim: usize,
 }
 
 impl Default for ImageConfig {
     fn default() -> Self {
         Self {
+            arch: ImageArch::Resnet,
+            patch_size: 16,
+            width: 64,
+            layers: 2,
+            heads: 2,
+            mlp_dim: 256,
+            pool: ImagePool::Tok,
+            activation: Activation::QuickGelu,
+            layer_norm_eps: 1e-5,
+            output_dim: 0,
             pretrained: None,
             revision: None,
             image_size: 64,
@@ -96,9 +149,43 @@ impl ImageConfig {
             Block::Bottleneck => 4,
         }
     }
+    /// The architecture in one line, as stage 1 prints it.
+    pub fn describe(&self) -> String {
+        match self.arch {
+            ImageArch::Resnet => format!(
+                "ResNet ({:?} blocks {:?}, widths {:?}), {} px",
+                self.block, self.depths, self.widths, self.image_size
+            )
+            .to_lowercase(),
+            ImageArch::Vit => format!(
+                "ViT {}×{} patches of {} px, {} blocks × {} wide, {} heads, MLP {}, {}, pooled by {}",
+                self.image_size / self.patch_size.max(1),
+                self.image_size / self.patch_size.max(1),
+                self.patch_size,
+                self.layers,
+                self.width,
+                self.heads,
+                self.mlp_dim,
+                self.activation.name(),
+                match self.pool {
+                    ImagePool::Tok => "the class token",
+                    ImagePool::Avg => "the mean of the patch tokens",
+                }
+            ),
+            ImageArch::ClipResnet => format!(
+                "OpenAI ModifiedResNet (stages {:?}, width {}), attention pool ({} heads) → {}, {} px",
+                self.depths, self.width, self.heads, self.output_dim, self.image_size
+            ),
+        }
+    }
+
     /// Size of the pooled image feature that enters the projection head.
     pub fn feature_dim(&self) -> usize {
-        self.widths.last().copied().unwrap_or(0) * self.expansion()
+        match self.arch {
+            ImageArch::Resnet => self.widths.last().copied().unwrap_or(0) * self.expansion(),
+            ImageArch::Vit => self.width,
+            ImageArch::ClipResnet => self.output_dim,
+        }
     }
 }
 
@@ -111,6 +198,9 @@ pub enum TextKind {
     /// Hugging Face `BertModel` and its family (MiniLM, bert-base-chinese …): token-type
     /// embeddings, `encoder.layer.N.attention.self.query`, …
     Bert,
+    /// The CLIP text transformer (OpenAI, open_clip, Hugging Face `CLIPTextModel`): pre-LN
+    /// blocks under a causal mask, `final_layer_norm`, pooled at the end-of-text token.
+    Clip,
 }
 
 /// How the text tower turns token states into one vector.
@@ -121,6 +211,9 @@ pub enum Pooling {
     Cls,
     /// The average over real (unpadded) tokens, as sentence-transformers models are trained.
     Mean,
+    /// The end-of-text token (CLIP's text transformer): the first `text.eos_token_id`, else the
+    /// last real token.
+    Eot,
 }
 
 /// The feed-forward activation (Hugging Face's `hidden_act` / `activation`).
@@ -133,6 +226,8 @@ pub enum Activation {
     #[serde(alias = "gelu_pytorch_tanh")]
     GeluNew,
     Relu,
+    /// x·σ(1.702x), OpenAI CLIP's approximation (open_clip's `quick_gelu`).
+    QuickGelu,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -161,6 +256,49 @@ pub struct TextConfig {
     pub activation: Activation,
     /// Rows of BERT's token-type table (only `kind = "bert"` has one).
     pub type_vocab_size: usize,
+    /// The end-of-text id `pooling = "eot"` looks for (49407 in OpenAI's vocabulary).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eos_token_id: Option<u32>,
+}
+
+impl TextConfig {
+    /// The architecture in one line, as stage 1 prints it.
+    pub fn describe(&self) -> String {
+        let (family, pooled) = match self.kind {
+            TextKind::Distilbert => ("DistilBERT (post-LN)", self.pooling),
+            TextKind::Bert => ("BERT (post-LN)", self.pooling),
+            TextKind::Clip => ("CLIP text transformer (pre-LN, causal)", self.pooling),
+        };
+        format!(
+            "{family}, {} layers × {} wide, {} heads, MLP {}, {}, vocabulary {}, {} positions, pooled at {}",
+            self.n_layers,
+            self.dim,
+            self.n_heads,
+            self.hidden_dim,
+            self.activation.name(),
+            self.vocab_size,
+            self.max_position_embeddings,
+            match pooled {
+                Pooling::Cls => "[CLS]".to_string(),
+                Pooling::Mean => "the mean of the tokens".to_string(),
+                Pooling::Eot => match self.eos_token_id {
+                    Some(e) => format!("the end-of-text token ({e})"),
+                    None => "the last token".to_string(),
+                },
+            }
+        )
+    }
+}
+
+impl Activation {
+    pub fn name(self) -> &'static str {
+        match self {
+            Activation::Gelu => "GELU (erf)",
+            Activation::GeluNew => "GELU (tanh)",
+            Activation::Relu => "ReLU",
+            Activation::QuickGelu => "QuickGELU",
+        }
+    }
 }
 
 impl Default for TextConfig {
@@ -181,6 +319,7 @@ impl Default for TextConfig {
             layer_norm_eps: 1e-12,
             activation: Activation::Gelu,
             type_vocab_size: 2,
+            eos_token_id: None,
         }
     }
 }
@@ -294,17 +433,40 @@ impl Default for DataConfig {
     }
 }
 
+/// What turns a tower's pooled features into the shared embedding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HeadKind {
+    /// The tutorial's projection head: Linear → GELU → Linear, dropout, residual, LayerNorm.
+    Mlp,
+    /// CLIP's: one bias-free matrix (`visual_projection`, `text_projection`). A `clip_resnet`
+    /// image tower has none: its attention pool already ends in the projection.
+    Linear,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ClipConfig {
     /// Start from this preset and override what the file sets (only read from files).
     #[serde(skip_serializing)]
     pub preset: Option<String>,
+    /// Start from a whole pretrained CLIP: a Hugging Face repo (`openai/clip-vit-base-patch32`,
+    /// `laion/CLIP-ViT-B-32-laion2B-s34B-b79K`, `OFA-Sys/chinese-clip-vit-base-patch16`,
+    /// optionally `@revision`) or a local folder in Hugging Face (`config.json` +
+    /// `model.safetensors`) or open_clip (`open_clip_config.json` + weights) layout. Its files
+    /// then set both towers, the heads, `logit_scale`, the tokenizer and the preprocessing.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pretrained: Option<String>,
+    /// Branch, tag or commit of `pretrained` (default `main`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub revision: Option<String>,
     pub name: String,
     pub image: ImageConfig,
     pub text: TextConfig,
     /// Size of the shared embedding space.
     pub projection_dim: usize,
+    /// `mlp` (the tutorial's projection heads) or `linear` (CLIP's bias-free projections).
+    pub head: HeadKind,
     /// Dropout inside the projection heads.
     pub head_dropout: f64,
     pub loss: LossKind,
@@ -322,6 +484,9 @@ impl Default for ClipConfig {
     fn default() -> Self {
         Self {
             preset: None,
+            pretrained: None,
+            revision: None,
+            head: HeadKind::Mlp,
             name: "tiny".into(),
             image: ImageConfig::default(),
             text: TextConfig::default(),
@@ -348,16 +513,19 @@ impl Default for ClipConfig {
     }
 }
 
-pub const PRESETS: [&str; 4] = [
+pub const PRESETS: [&str; 7] = [
     "tiny",
     "simple-clip",
     "simple-clip-pretrained",
     "simple-clip-pretrained-zh",
+    "clip-vit-b-32",
+    "clip-rn50",
+    "chinese-clip-vit-b-16",
 ];
 
 /// The presets' TOML files, built into every program: one source for each preset, the same file
 /// a user can copy and edit (`--config assets/configs/NAME.toml`).
-const PRESET_FILES: [(&str, &str); 4] = [
+const PRESET_FILES: [(&str, &str); 7] = [
     ("tiny", include_str!("../../../assets/configs/tiny.toml")),
     ("simple-clip", include_str!("../../../assets/configs/simple-clip.toml")),
     (
@@ -367,6 +535,15 @@ const PRESET_FILES: [(&str, &str); 4] = [
     (
         "simple-clip-pretrained-zh",
         include_str!("../../../assets/configs/simple-clip-pretrained-zh.toml"),
+    ),
+    (
+        "clip-vit-b-32",
+        include_str!("../../../assets/configs/clip-vit-b-32.toml"),
+    ),
+    ("clip-rn50", include_str!("../../../assets/configs/clip-rn50.toml")),
+    (
+        "chinese-clip-vit-b-16",
+        include_str!("../../../assets/configs/chinese-clip-vit-b-16.toml"),
     ),
 ];
 
@@ -461,36 +638,56 @@ impl ClipConfig {
         let i = &self.image;
         let t = &self.text;
         let mut errs = vec![];
-        if i.depths.is_empty() || i.depths.len() != i.widths.len() {
+        match i.arch {
+            ImageArch::Resnet => self.validate_resnet(&mut errs),
+            ImageArch::Vit => {
+                if i.patch_size == 0 || i.image_size < i.patch_size || !i.image_size.is_multiple_of(i.patch_size) {
+                    errs.push(format!(
+                        "image.image_size {} must be a multiple of image.patch_size {}",
+                        i.image_size, i.patch_size
+                    ));
+                }
+                if i.width == 0 || i.heads == 0 || !i.width.is_multiple_of(i.heads) || i.layers == 0 || i.mlp_dim == 0 {
+                    errs.push(format!(
+                        "image.width ({}) must be a positive multiple of image.heads ({}), and image.layers and image.mlp_dim at least 1",
+                        i.width, i.heads
+                    ));
+                }
+            }
+            ImageArch::ClipResnet => {
+                if i.depths.len() != 4 || i.depths.contains(&0) || i.width == 0 || i.output_dim == 0 {
+                    errs.push("a clip_resnet image tower needs 4 stages of depth ≥ 1 (image.depths), image.width and image.output_dim ≥ 1".into());
+                }
+                if i.image_size == 0 || !i.image_size.is_multiple_of(32) {
+                    errs.push(format!(
+                        "image.image_size {} must be a multiple of 32 for a clip_resnet tower",
+                        i.image_size
+                    ));
+                }
+                if i.heads == 0 || !(i.width * 32).is_multiple_of(i.heads) {
+                    errs.push(format!(
+                        "image.heads ({}) must divide the attention pool's width {}",
+                        i.heads,
+                        i.width * 32
+                    ));
+                }
+            }
+        }
+        if self.head == HeadKind::Linear && i.arch == ImageArch::ClipResnet && i.output_dim != self.projection_dim {
             errs.push(format!(
-                "image.depths ({:?}) and image.widths ({:?}) must be non-empty and of the same length (one entry per stage)",
-                i.depths, i.widths
+                "a clip_resnet tower's attention pool gives {} values, but projection_dim is {}",
+                i.output_dim, self.projection_dim
             ));
         }
-        if i.depths.contains(&0) || i.widths.contains(&0) || i.stem_width == 0 {
-            errs.push("image depths and widths must all be at least 1".into());
+        if t.kind != TextKind::Clip && t.pooling == Pooling::Eot {
+            errs.push(
+                "text.pooling = \"eot\" is for a clip text tower; a BERT-family tower reads [CLS] or the mean".into(),
+            );
         }
-        if i.stem_kernel == 0 || i.stem_kernel.is_multiple_of(2) {
-            errs.push(format!("image.stem_kernel must be odd (got {})", i.stem_kernel));
-        }
-        if i.stem_stride == 0 {
-            errs.push("image.stem_stride must be at least 1".into());
-        }
-        // Saturating: the sizes come from a file, and a huge stride or 70 stages must be an error
-        // message, not an overflow.
-        let stages = 1usize
-            .checked_shl(i.depths.len().saturating_sub(1) as u32)
-            .unwrap_or(usize::MAX);
-        let reduction = i
-            .stem_stride
-            .max(1)
-            .saturating_mul(if i.stem_pool { 2 } else { 1 })
-            .saturating_mul(stages);
-        if i.image_size < reduction {
-            errs.push(format!(
-                "image.image_size {} is smaller than the ResNet's total stride {} (stem × pool × stages): use larger images or fewer stages",
-                i.image_size, reduction
-            ));
+        if t.kind == TextKind::Clip && t.pooling != Pooling::Eot {
+            errs.push(
+                "a clip text tower is causal (a token sees only those before it): use text.pooling = \"eot\"".into(),
+            );
         }
         if t.dim == 0 || t.n_heads == 0 || !t.dim.is_multiple_of(t.n_heads) {
             errs.push(format!(
@@ -574,6 +771,42 @@ impl ClipConfig {
             bail!("invalid config:\n  - {}", errs.join("\n  - "));
         }
         Ok(())
+    }
+
+    /// The ResNet image tower's shape checks.
+    fn validate_resnet(&self, errs: &mut Vec<String>) {
+        let i = &self.image;
+        if i.depths.is_empty() || i.depths.len() != i.widths.len() {
+            errs.push(format!(
+                "image.depths ({:?}) and image.widths ({:?}) must be non-empty and of the same length (one entry per stage)",
+                i.depths, i.widths
+            ));
+        }
+        if i.depths.contains(&0) || i.widths.contains(&0) || i.stem_width == 0 {
+            errs.push("image depths and widths must all be at least 1".into());
+        }
+        if i.stem_kernel == 0 || i.stem_kernel.is_multiple_of(2) {
+            errs.push(format!("image.stem_kernel must be odd (got {})", i.stem_kernel));
+        }
+        if i.stem_stride == 0 {
+            errs.push("image.stem_stride must be at least 1".into());
+        }
+        // Saturating: the sizes come from a file, and a huge stride or 70 stages must be an error
+        // message, not an overflow.
+        let stages = 1usize
+            .checked_shl(i.depths.len().saturating_sub(1) as u32)
+            .unwrap_or(usize::MAX);
+        let reduction = i
+            .stem_stride
+            .max(1)
+            .saturating_mul(if i.stem_pool { 2 } else { 1 })
+            .saturating_mul(stages);
+        if i.image_size < reduction {
+            errs.push(format!(
+                "image.image_size {} is smaller than the ResNet's total stride {} (stem × pool × stages): use larger images or fewer stages",
+                i.image_size, reduction
+            ));
+        }
     }
 
     /// Longest tokenised caption the model accepts.

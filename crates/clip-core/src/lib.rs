@@ -22,6 +22,8 @@ pub mod files;
 pub mod fit;
 /// Stage 4's final gate: thresholds set against what a model that learned nothing scores.
 pub mod gates;
+/// A model's architecture read from its config.json (timm, Hugging Face DistilBERT / BERT).
+pub mod hf_config;
 /// Finding a model's files: the Hugging Face cache and Hub (hf-hub), or a local path.
 pub mod hub;
 /// An incremental image index for text → image search.
@@ -42,6 +44,9 @@ pub mod params;
 pub mod prepare;
 /// Starting from open-source towers: configs, weights (name mapping) and tokenizers.
 pub mod pretrained;
+/// Whole pretrained CLIPs (OpenAI, open_clip, Hugging Face, Chinese-CLIP): their config, weights
+/// and tokenizer.
+pub mod pretrained_clip;
 /// Progress of long work, reported to whoever shows it.
 pub mod progress;
 /// Recall@K and ranking helpers.

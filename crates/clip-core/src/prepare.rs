@@ -147,7 +147,8 @@ pub fn decode(
 pub enum TokenizerOrigin {
     /// A `tokenizer.json` the user named.
     File(PathBuf),
-    /// The pretrained text tower's own (`text.pretrained`), from this file.
+    /// The pretrained CLIP's or text tower's own (`pretrained`, `text.pretrained`), from this
+    /// file.
     Pretrained { model: String, file: PathBuf },
     /// WordPiece trained now on this many training captions.
     Trained(usize),
@@ -168,7 +169,7 @@ pub fn tokenizer(cfg: &ClipConfig, file: Option<&Path>, train_captions: &[String
             origin: TokenizerOrigin::File(f.to_path_buf()),
         });
     }
-    if let Some(model) = &cfg.text.pretrained {
+    if let Some(model) = cfg.pretrained.as_ref().or(cfg.text.pretrained.as_ref()) {
         let (tokenizer, file) = crate::pretrained::tokenizer(cfg, &crate::hub::Hub::from_env())?
             .context("the pretrained text tower has no tokenizer")?;
         return Ok(ChosenTokenizer {

@@ -179,5 +179,8 @@ fn loading_errors_name_the_file() {
     let json = std::fs::read_to_string(&path).unwrap().replace("[CLS]", "<s>");
     std::fs::write(&path, json).unwrap();
     let err = format!("{:#}", TextTokenizer::from_file(&path, 64).unwrap_err());
-    assert!(err.contains("tokenizer.json has no [CLS] token"), "{err}");
+    assert!(
+        err.contains("tokenizer.json has neither BERT's special tokens ([PAD], [CLS], [SEP]) nor CLIP's"),
+        "{err}"
+    );
 }

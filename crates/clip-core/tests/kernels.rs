@@ -419,3 +419,130 @@ fn attention_kernel() {
         "6 features do not split into 4 heads"
     );
 }
+
+#[test]
+fn quick_gelu() {
+    let x = input(&[3, 7], 2.0, 8.0);
+    check(
+        "quick_gelu",
+        std::slice::from_ref(&x),
+        &|t| nn::quick_gelu_cpu(&t[0]),
+        &|t| &t[0] * candle_nn::ops::sigmoid(&(&t[0] * 1.702)?)?,
+        1e-2,
+        3e-3,
+    );
+    check(
+        "quick_gelu, composed",
+        &[x],
+        &|t| nn::quick_gelu_reference(&t[0]),
+        &|t| &t[0] * candle_nn::ops::sigmoid(&(&t[0] * 1.702)?)?,
+        1e-2,
+        3e-3,
+    );
+}
+
+#[test]
+fn causal_attention_kernel() {
+    // 2 heads of 3, a padded key in the second item; the fused kernel against the composed
+    // bias, values and gradients, and finite differences.
+    let (b, l, d) = (2, 5, 6);
+    let mask = Tensor::new(&[[0f32, 0., 0., 0., 0.], [0., 0., 0., 0., -1e9]], &Device::Cpu).unwrap();
+    let (q, k, v) = (
+        input(&[b, l, d], 1.0, 2.0),
+        input(&[b, l, d], 4.0, 2.0),
+        input(&[b, l, d], 6.0, 2.0),
+    );
+    let m = mask.clone();
+    check(
+        "causal attention",
+        &[q.clone(), k.clone(), v.clone()],
+        &|t| nn::attention_causal_cpu(&t[0], &t[1], &t[2], &m, 2),
+        &|t| nn::attention_causal_reference(&t[0], &t[1], &t[2], &m, 2),
+        1e-2,
+        3e-3,
+    );
+    // The first token sees only itself: its output is its own value.
+    let out = nn::attention_causal_cpu(&q, &k, &v, &mask, 2).unwrap();
+    let first = flat(&out.narrow(1, 0, 1).unwrap());
+    let v0 = flat(&v.narrow(1, 0, 1).unwrap());
+    assert!(first.iter().zip(&v0).all(|(a, b)| (a - b).abs() < 1e-6));
+}
+
+/// A causal mask (1, 1, L, L) plus a padded key in the second item, as the CLIP text tower.
+fn causal_bias(b: usize, l: usize) -> Tensor {
+    let mut v = vec![0f32; b * l * l];
+    for i in 0..b {
+        for q in 0..l {
+            for k in 0..l {
+                if k > q || (i == 1 && k == l - 1) {
+                    v[(i * l + q) * l + k] = -1e9;
+                }
+            }
+        }
+    }
+    Tensor::from_vec(v, (b, 1, l, l), &Device::Cpu).unwrap()
+}
+
+#[test]
+fn attention_with_a_full_bias() {
+    let (b, l, d) = (2, 4, 6);
+    let (q, k, v) = (
+        input(&[b, l, d], 1.0, 2.0),
+        input(&[b, l, d], 4.0, 2.0),
+        input(&[b, l, d], 6.0, 2.0),
+    );
+    // A bias of zeros is plain attention.
+    let zeros = Tensor::zeros((b, l), candle_core::DType::F32, &Device::Cpu).unwrap();
+    let z4 = Tensor::zeros((1, 1, l, l), candle_core::DType::F32, &Device::Cpu).unwrap();
+    check(
+        "attention, zero bias",
+        &[q.clone(), k.clone(), v.clone()],
+        &|t| nn::attention_with_bias(&t[0], &t[1], &t[2], &z4, 2),
+        &|t| nn::attention_reference(&t[0], &t[1], &t[2], &zeros, 2, |w| Ok(w.clone())),
+        1e-2,
+        3e-3,
+    );
+    // Causal: gradients against finite differences.
+    let bias = causal_bias(b, l);
+    check(
+        "attention, causal",
+        &[q.clone(), k.clone(), v.clone()],
+        &|t| nn::attention_with_bias(&t[0], &t[1], &t[2], &bias, 2),
+        &|t| nn::attention_with_bias(&t[0], &t[1], &t[2], &bias, 2),
+        1e-2,
+        3e-3,
+    );
+    // A token sees no later one: changing the last value changes only the last row.
+    let v2 = v
+        .slice_assign(
+            &[0..b, l - 1..l, 0..d],
+            &Tensor::full(9f32, (b, 1, d), &Device::Cpu).unwrap(),
+        )
+        .unwrap();
+    let (a, c) = (
+        nn::attention_with_bias(&q, &k, &v, &bias, 2).unwrap(),
+        nn::attention_with_bias(&q, &k, &v2, &bias, 2).unwrap(),
+    );
+    assert_eq!(
+        flat(&a.narrow(1, 0, l - 1).unwrap()),
+        flat(&c.narrow(1, 0, l - 1).unwrap())
+    );
+    assert_ne!(
+        flat(&a.narrow(1, l - 1, 1).unwrap().narrow(0, 0, 1).unwrap()),
+        flat(&c.narrow(1, l - 1, 1).unwrap().narrow(0, 0, 1).unwrap())
+    );
+}
+
+#[test]
+fn average_pool_of_the_modified_resnet() {
+    // candle's avg_pool2d (kernel = stride = 2) against a reshape-and-mean, with its backward.
+    let x = input(&[2, 3, 4, 6], 5.0, 3.0);
+    check(
+        "avg_pool2d(2)",
+        &[x],
+        &|t| t[0].avg_pool2d(2),
+        &|t| t[0].reshape((2, 3, 2, 2, 3, 2))?.mean(5)?.mean(3),
+        1e-2,
+        3e-3,
+    );
+}

@@ -7,8 +7,12 @@ use candle_core::{Device, Tensor};
 use clip_core::config::LossKind;
 use clip_core::data::{Dataset, ImageStore, LoadOptions, TextTokenizer};
 use clip_core::embed::embed_texts;
-use clip_core::index::{embed_image_files, model_fingerprint, GraphPolicy, ImageIndex, IndexOptions, SearchMode};
+use clip_core::hub::Hub;
+use clip_core::index::{
+    embed_image_files, files_fingerprint, model_fingerprint, GraphPolicy, ImageIndex, IndexOptions, SearchMode,
+};
 use clip_core::loss::l2_normalize;
+use clip_core::pretrained_clip::{self, ClipLoad};
 use clip_core::progress::Silent;
 use clip_core::retrieval::{argsort_desc, softmax, to_rows, Recall};
 use clip_core::run_dir::RunDir;
@@ -17,21 +21,21 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
 use crate::table::fit;
-use crate::{Cli, Cmd};
+use crate::{Cli, Cmd, ModelChoice};
 
 pub fn run(cli: Cli) -> Result<ExitCode> {
     let device = clip_core::device::parse_device(&cli.device)?;
     let json = cli.json;
     match cli.command {
         Cmd::ImageToText {
-            run,
+            model,
             images,
             texts,
             captions,
             top,
-        } => image_to_text(&run, &images, texts, captions.as_deref(), top, json, &device),
+        } => image_to_text(&model, &images, texts, captions.as_deref(), top, json, &device),
         Cmd::TextToImage {
-            run,
+            model,
             text,
             index,
             images,
@@ -39,7 +43,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             mode,
             sheet,
         } => text_to_image(
-            &run,
+            &model,
             &text,
             index.as_deref(),
             images.as_deref(),
@@ -50,14 +54,14 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             &device,
         ),
         Cmd::Index {
-            run,
+            model,
             images,
             out,
             batch_size,
             approx,
-        } => index(&run, &images, out, batch_size, approx, json, &device),
+        } => index(&model, &images, out, batch_size, approx, json, &device),
         Cmd::Serve {
-            run,
+            model,
             index,
             addr,
             texts,
@@ -69,10 +73,13 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             } else {
                 candidate_texts(texts, texts_file.as_deref())?
             };
-            let index = index.unwrap_or_else(|| run.join("index"));
+            let index = match index {
+                Some(i) => i,
+                None => default_index(&model)?,
+            };
             crate::serve::serve(
                 crate::serve::ServeOptions {
-                    run,
+                    model,
                     index,
                     addr,
                     texts,
@@ -83,14 +90,14 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Eval {
-            run,
+            model,
             data,
             templates,
             confusion,
             batch_size,
             skip_bad,
         } => eval(
-            &run,
+            &model,
             &data,
             templates,
             confusion.as_deref(),
@@ -99,26 +106,96 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             json,
             &device,
         ),
-        Cmd::Demo { run, data } => demo(&run, data.unwrap_or_else(Dataset::demo_dir).as_path(), &device),
+        Cmd::Demo { model, data } => demo(&model, data.unwrap_or_else(Dataset::demo_dir).as_path(), &device),
     }
 }
 
-struct Loaded {
-    run: RunDir,
-    model: ClipModel,
-    tok: TextTokenizer,
-    /// exp(logit scale) for the clip loss; 1/T for the soft loss (whose logits are raw dot products).
-    scale: f32,
+/// Where a loaded model came from.
+pub(crate) enum Origin {
+    /// A run folder written by stage 4.
+    Run(RunDir),
+    /// A pretrained CLIP, as its files give it.
+    Checkpoint { spec: String, load: ClipLoad },
 }
 
-fn load(run: &Path, device: &Device) -> Result<Loaded> {
-    let run = RunDir::open(run)?;
-    let (model, tok) = run.load(device)?;
+pub(crate) struct Loaded {
+    pub origin: Origin,
+    pub model: ClipModel,
+    pub tok: TextTokenizer,
+    /// exp(logit scale) for the clip loss; 1/T for the soft loss (whose logits are raw dot products).
+    pub scale: f32,
+}
+
+impl Loaded {
+    /// The id an index records of the model that embedded it.
+    pub fn fingerprint(&self) -> Result<String> {
+        match &self.origin {
+            Origin::Run(run) => model_fingerprint(&run.dir),
+            Origin::Checkpoint { load, .. } => files_fingerprint(&[&load.config_file, &load.weights_file]),
+        }
+    }
+
+    /// How to name this model on a command line (for hints).
+    pub fn flag(&self) -> String {
+        match &self.origin {
+            Origin::Run(run) => format!("--run {}", run.dir.display()),
+            Origin::Checkpoint { spec, .. } => format!("--model {spec}"),
+        }
+    }
+
+    /// Fails when `index` was embedded by another model.
+    pub fn check_index(&self, index: &ImageIndex, dir: &Path) -> Result<()> {
+        let fp = self.fingerprint()?;
+        if index.fingerprint != fp {
+            bail!(
+                "index {} was made by another model (fingerprint {}, this model {fp}): rebuild it with `clip-predict index {} --images … --out {}`",
+                dir.display(),
+                index.fingerprint,
+                self.flag(),
+                dir.display()
+            );
+        }
+        Ok(())
+    }
+}
+
+/// The index folder when none is given: the run's `index/`; a pretrained model has no folder of
+/// its own to keep one in.
+fn default_index(choice: &ModelChoice) -> Result<PathBuf> {
+    match &choice.run {
+        Some(run) => Ok(run.join("index")),
+        None => bail!("with --model, name the index folder (--index / --out DIR): a pretrained model has no run folder to keep it in"),
+    }
+}
+
+pub(crate) fn load(choice: &ModelChoice, device: &Device) -> Result<Loaded> {
+    let (origin, model, tok) = match (&choice.run, &choice.model) {
+        (Some(run), _) => {
+            let run = RunDir::open(run)?;
+            let (model, tok) = run.load(device)?;
+            (Origin::Run(run), model, tok)
+        }
+        (None, Some(spec)) => {
+            let o = pretrained_clip::open(spec, &Hub::from_env(), device)
+                .with_context(|| format!("opening the pretrained CLIP {spec}"))?;
+            let origin = Origin::Checkpoint {
+                spec: spec.clone(),
+                load: o.load,
+            };
+            (origin, o.model, o.tokenizer)
+        }
+        (None, None) => bail!("name a model: --run DIR (trained by stage 4) or --model NAME|DIR (a pretrained CLIP)"),
+    };
     let scale = match model.config.loss {
         LossKind::Clip => model.logit_scale()?.unwrap_or(1.0),
         LossKind::Soft => (1.0 / model.config.temperature) as f32,
     };
-    Ok(Loaded { run, model, tok, scale })
+    Ok(Loaded {
+        origin,
+        model,
+        tok,
+        scale,
+    })
 }
 
 /// Candidate captions from --texts, or a file: a dataset's captions file (its caption column) or
@@ -159,7 +236,7 @@ fn candidate_texts(texts: Vec<String>, file: Option<&Path>) -> Result<Vec<String
 }
 
 fn image_to_text(
-    run: &Path,
+    choice: &ModelChoice,
     images: &[PathBuf],
     texts: Vec<String>,
     captions: Option<&Path>,
@@ -167,7 +244,7 @@ fn image_to_text(
     json: bool,
     device: &Device,
 ) -> Result<ExitCode> {
-    let m = load(run, device)?;
+    let m = load(choice, device)?;
     let texts = candidate_texts(texts, captions)?;
     let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
     let text_emb = embed_texts(&m.model, &m.tok, &refs, 64, device)?;
@@ -227,7 +304,7 @@ fn logit_rows(m: &Loaded, img_norm: &Tensor, text_emb: &Tensor) -> Result<Vec<Ve
 
 #[allow(clippy::too_many_arguments)]
 fn text_to_image(
-    run: &Path,
+    choice: &ModelChoice,
     text: &str,
     index: Option<&Path>,
     images: Option<&Path>,
@@ -237,18 +314,15 @@ fn text_to_image(
     json: bool,
     device: &Device,
 ) -> Result<ExitCode> {
-    let m = load(run, device)?;
+    let m = load(choice, device)?;
     let idx = match (index, images) {
         (Some(dir), _) => {
             let idx = ImageIndex::load(dir)?;
-            let fp = model_fingerprint(&m.run.dir)?;
-            if idx.fingerprint != fp {
-                bail!("index {} was made by another model (fingerprint {}, this run {fp}): rebuild it with `clip-predict index --run {}`", dir.display(), idx.fingerprint, m.run.dir.display());
-            }
+            m.check_index(&idx, dir)?;
             idx
         }
         (None, Some(folder)) => {
-            let fp = model_fingerprint(&m.run.dir)?;
+            let fp = m.fingerprint()?;
             let opts = IndexOptions {
                 graph: GraphPolicy::Never,
                 ..IndexOptions::default()
@@ -304,7 +378,7 @@ fn text_to_image(
 }
 
 fn index(
-    run: &Path,
+    choice: &ModelChoice,
     images: &Path,
     out: Option<PathBuf>,
     batch_size: usize,
@@ -312,14 +386,17 @@ fn index(
     json: bool,
     device: &Device,
 ) -> Result<ExitCode> {
-    let m = load(run, device)?;
-    let out = out.unwrap_or_else(|| m.run.dir.join("index"));
+    let out = match out {
+        Some(o) => o,
+        None => default_index(choice)?,
+    };
+    let m = load(choice, device)?;
     let previous = if out.join(clip_core::index::MANIFEST).is_file() {
         Some(ImageIndex::load(&out)?)
     } else {
         None
     };
-    let fp = model_fingerprint(&m.run.dir)?;
+    let fp = m.fingerprint()?;
     let bar = ProgressBar::new(clip_core::index::list_images(images)?.len() as u64);
     bar.set_style(
         ProgressStyle::with_template("embedding [{bar:30}] {pos}/{len} {per_sec}")
@@ -364,7 +441,7 @@ fn index(
 
 #[allow(clippy::too_many_arguments)]
 fn eval(
-    run: &Path,
+    choice: &ModelChoice,
     data: &Path,
     templates: Vec<String>,
     confusion: Option<&Path>,
@@ -373,10 +450,17 @@ fn eval(
     json: bool,
     device: &Device,
 ) -> Result<ExitCode> {
-    let m = load(run, device)?;
+    let m = load(choice, device)?;
     let mut opts = LoadOptions {
         skip_bad,
         ..LoadOptions::default()
+    };
+    // One argument without {label} that names a file: the templates are its lines.
+    let templates = match templates.as_slice() {
+        [one] if !one.contains("{label}") && Path::new(one).is_file() => {
+            clip_core::data::read_templates(Path::new(one))?
+        }
+        _ => templates,
     };
     if !templates.is_empty() {
         opts.templates = templates.clone();
@@ -394,10 +478,11 @@ fn eval(
     )?)?;
     if !ds.labels.is_empty() {
         // Zero-shot: one text embedding per class, the mean of its templates' (normalised) embeddings.
-        let templates = if opts.templates.is_empty() {
-            vec![clip_core::data::DEFAULT_TEMPLATE.to_string()]
-        } else {
-            opts.templates.clone()
+        // Given templates; else a pretrained CLIP's built-in ensemble; else the training default.
+        let templates = match (&m.origin, templates.is_empty()) {
+            (_, false) => templates,
+            (Origin::Checkpoint { .. }, true) => clip_core::data::default_ensemble(&ds.labels),
+            (Origin::Run(_), true) => vec![clip_core::data::DEFAULT_TEMPLATE.to_string()],
         };
         let mut class_emb = vec![];
         for label in &ds.labels {
@@ -432,6 +517,14 @@ fn eval(
             }
         }
         let accuracy = correct as f64 / all.len().max(1) as f64;
+        let per_class: Vec<_> = matrix
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let n: usize = r.iter().sum();
+                json!({"label": ds.labels[i], "images": n, "correct": r[i], "accuracy": r[i] as f64 / n.max(1) as f64})
+            })
+            .collect();
         if let Some(p) = confusion {
             let rows: Vec<Vec<f32>> = matrix
                 .iter()
@@ -461,7 +554,7 @@ fn eval(
             println!(
                 "{}",
                 serde_json::to_string(
-                    &json!({"kind": "zero-shot", "images": all.len(), "classes": ds.labels, "accuracy": accuracy, "confusion": matrix, "templates": templates, "seconds": secs})
+                    &json!({"kind": "zero-shot", "images": all.len(), "classes": ds.labels, "accuracy": accuracy, "per_class": per_class, "confusion": matrix, "templates": templates, "seconds": secs})
                 )?
             );
         } else {
@@ -471,6 +564,16 @@ fn eval(
                 n,
                 templates.len()
             );
+            println!("  {:<24} {:>7} {:>8}", "class", "images", "accuracy");
+            for c in &per_class {
+                println!(
+                    "  {} {:>7} {:>8.4}",
+                    fit(c["label"].as_str().unwrap_or(""), 24),
+                    c["images"],
+                    c["accuracy"].as_f64().unwrap_or(0.0)
+                );
+            }
+            println!("templates: {}", templates.join(" | "));
             print!("{:>14} ", "true \\ pred");
             for j in 0..n {
                 print!("{:>6}", j);
@@ -518,8 +621,8 @@ fn eval(
 }
 
 /// Each image's best caption and each caption's best image, marked right (✓) or wrong (✗).
-fn demo(run: &Path, data: &Path, device: &Device) -> Result<ExitCode> {
-    let m = load(run, device)?;
+fn demo(choice: &ModelChoice, data: &Path, device: &Device) -> Result<ExitCode> {
+    let m = load(choice, device)?;
     let ds = Dataset::load(data, &LoadOptions::default())?;
     let (store, _) = ImageStore::load(&ds, &m.model.config, false, &Silent)?;
     let all: Vec<usize> = (0..ds.images.len()).collect();

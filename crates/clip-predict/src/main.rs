@@ -5,6 +5,9 @@
 //! `index` embeds a folder of images once so searching it is instant; `eval` measures retrieval
 //! recall on a caption dataset, or zero-shot accuracy on class folders; `serve` is a local web
 //! page (and JSON API) to search an index by caption or by image.
+//!
+//! Every command takes a model trained by stage 4 (`--run DIR`), or a pretrained CLIP as it is
+//! (`--model clip-vit-b-32`, a Hugging Face repo, or a folder): zero-shot on day one.
 
 mod commands;
 mod serve;
@@ -18,7 +21,7 @@ use clap::{Parser, Subcommand};
 #[derive(Parser)]
 #[command(
     name = "clip-predict",
-    about = "Use a trained clipmine model: image → text, text → image, an image index, evaluation."
+    about = "Use a trained clipmine model (--run) or a pretrained CLIP (--model): image → text, text → image, an image index, evaluation."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -31,13 +34,28 @@ struct Cli {
     json: bool,
 }
 
+/// The model to use: one trained by stage 4, or a pretrained CLIP as it is.
+#[derive(clap::Args, Clone, Debug)]
+#[group(required = true, multiple = false)]
+pub struct ModelChoice {
+    /// A run folder written by stage 4.
+    #[arg(long, value_name = "DIR")]
+    pub run: Option<PathBuf>,
+    /// A pretrained CLIP, zero-shot (untrained by clipmine): a preset (clip-vit-b-32, clip-rn50,
+    /// chinese-clip-vit-b-16), a Hugging Face repo (openai/clip-vit-base-patch32,
+    /// org/name@revision; from the Hub cache, HF_HUB_OFFLINE=1 for no network), or a folder in
+    /// Hugging Face (config.json + model.safetensors) or open_clip (open_clip_config.json +
+    /// weights) layout.
+    #[arg(long, value_name = "NAME|DIR")]
+    pub model: Option<String>,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Rank captions for each image (cosine score and softmax probability).
     ImageToText {
-        /// A run folder written by stage 4.
-        #[arg(long)]
-        run: PathBuf,
+        #[command(flatten)]
+        model: ModelChoice,
         /// Images to caption.
         #[arg(required = true)]
         images: Vec<PathBuf>,
@@ -53,8 +71,8 @@ enum Cmd {
     },
     /// Find the images that best fit a caption, from an index (or a folder, embedded on the fly).
     TextToImage {
-        #[arg(long)]
-        run: PathBuf,
+        #[command(flatten)]
+        model: ModelChoice,
         /// The caption, e.g. "一杯咖啡".
         text: String,
         /// An index written by `index`.
@@ -75,11 +93,11 @@ enum Cmd {
     },
     /// Embed every image under a folder into an index (re-running embeds only new or changed files).
     Index {
-        #[arg(long)]
-        run: PathBuf,
+        #[command(flatten)]
+        model: ModelChoice,
         #[arg(long)]
         images: PathBuf,
-        /// The index folder (default: RUN/index).
+        /// The index folder (default: RUN/index; required with --model).
         #[arg(long)]
         out: Option<PathBuf>,
         #[arg(long, default_value_t = 64)]
@@ -91,9 +109,9 @@ enum Cmd {
     /// A local web page to search an index: by caption, or by a dropped-in image (best captions
     /// from --texts / --texts-file, and the most similar photos); JSON API at /api/search?q=…
     Serve {
-        #[arg(long)]
-        run: PathBuf,
-        /// An index written by `index` (default: RUN/index).
+        #[command(flatten)]
+        model: ModelChoice,
+        /// An index written by `index` (default: RUN/index; required with --model).
         #[arg(long)]
         index: Option<PathBuf>,
         /// Where to listen (port 0: any free port; the first line printed says which).
@@ -111,11 +129,13 @@ enum Cmd {
     },
     /// Recall@1/5/10 on a caption dataset; zero-shot accuracy on class folders.
     Eval {
-        #[arg(long)]
-        run: PathBuf,
+        #[command(flatten)]
+        model: ModelChoice,
         #[arg(long)]
         data: PathBuf,
-        /// Caption templates for class folders ({label} is replaced); several are averaged.
+        /// Caption templates for class folders ({label} is replaced); several are averaged (a
+        /// prompt ensemble), or one file of templates, one per line. Default: the run's
+        /// template; with --model, a built-in ensemble (English, or Chinese for Chinese labels).
         #[arg(long, num_args = 1..)]
         templates: Vec<String>,
         /// Write the confusion matrix of a zero-shot evaluation as a PNG.
@@ -129,8 +149,8 @@ enum Cmd {
     },
     /// The tutorial's ending on a dataset: each image's best caption, and each caption's best image.
     Demo {
-        #[arg(long)]
-        run: PathBuf,
+        #[command(flatten)]
+        model: ModelChoice,
         /// A caption dataset (default: the demo set).
         #[arg(long)]
         data: Option<PathBuf>,

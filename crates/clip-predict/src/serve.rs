@@ -18,10 +18,9 @@ use candle_core::Device;
 use clip_core::config::LossKind;
 use clip_core::data::{ImageStore, TextTokenizer};
 use clip_core::embed::embed_texts;
-use clip_core::index::{model_fingerprint, ImageIndex, SearchMode};
+use clip_core::index::{ImageIndex, SearchMode};
 use clip_core::loss::l2_normalize;
 use clip_core::retrieval::softmax;
-use clip_core::run_dir::RunDir;
 use clip_core::ClipModel;
 use serde_json::{json, Value};
 use tiny_http::{Header, Method, Request, Response, Server, StatusCode};
@@ -36,7 +35,7 @@ pub const MAX_UPLOAD: usize = 16 << 20;
 const PAGE: &str = include_str!("serve.html");
 
 pub struct ServeOptions {
-    pub run: PathBuf,
+    pub model: crate::ModelChoice,
     pub index: PathBuf,
     pub addr: String,
     pub texts: Vec<String>,
@@ -149,18 +148,10 @@ fn guarded(what: &str, answer: impl FnOnce() -> Reply) -> Reply {
 }
 
 fn load_state(opts: &ServeOptions, device: &Device) -> Result<State> {
-    let run = RunDir::open(&opts.run)?;
-    let (model, tok) = run.load(device)?;
+    let loaded = crate::commands::load(&opts.model, device)?;
     let index = ImageIndex::load(&opts.index)?;
-    let fp = model_fingerprint(&run.dir)?;
-    if index.fingerprint != fp {
-        bail!(
-            "index {} was made by another model (fingerprint {}, this run {fp}): rebuild it with `clip-predict index --run {}`",
-            opts.index.display(),
-            index.fingerprint,
-            run.dir.display()
-        );
-    }
+    loaded.check_index(&index, &opts.index)?;
+    let crate::commands::Loaded { model, tok, .. } = loaded;
     let root = index
         .root
         .canonicalize()

@@ -49,7 +49,8 @@ fn run(args: Args) -> Result<ExitCode> {
     for train in [false, true] {
         forward(&model, &inputs, train, &mut report)?;
     }
-    if json.is_some() {
+    // A pretrained CLIP is probed always: its answers on fixed inputs are what the user compares.
+    if json.is_some() || cfg.pretrained.is_some() {
         pretrained::probe(&model, &mut report);
     }
     report.finish(json)
@@ -124,7 +125,7 @@ fn build(cfg: &ClipConfig, dev: &Device, report: &mut Report) -> Option<ClipMode
     let t = Instant::now();
     let model = match clip_core::pretrained::build(cfg, dev) {
         Ok((m, loaded)) => {
-            pretrained::show(&loaded, report);
+            pretrained::show(&loaded, cfg, report);
             m
         }
         Err(e) => {
@@ -231,9 +232,14 @@ mod pretrained {
     use clip_cli::Report;
     use clip_core::hub::Hub;
     use clip_core::pretrained::{self, LoadReport};
+    use clip_core::pretrained_clip::ClipLoad;
     use clip_core::ClipModel;
 
-    pub fn show(loaded: &LoadReport, report: &mut Report) {
+    pub fn show(loaded: &LoadReport, cfg: &clip_core::ClipConfig, report: &mut Report) {
+        if let Some(clip) = &loaded.clip {
+            show_clip(clip, cfg, report);
+            return;
+        }
         if loaded.towers.is_empty() {
             return;
         }
@@ -259,6 +265,54 @@ mod pretrained {
         report.metric("pretrained", loaded);
     }
 
+    /// A whole pretrained CLIP: where each file came from, the architecture its config gave, the
+    /// tokenizer and the preprocessing.
+    fn show_clip(clip: &ClipLoad, cfg: &clip_core::ClipConfig, report: &mut Report) {
+        let i = &cfg.image;
+        println!("\npretrained CLIP: {} ({})", clip.source, clip.format.describe());
+        if let Some(c) = &clip.commit {
+            println!("  commit         {c}");
+        }
+        println!("  config         {}", clip.config_file.display());
+        println!(
+            "  weights        {}: {} tensors loaded into every tensor of the model, {} ignored",
+            clip.weights_file.display(),
+            clip.loaded,
+            clip.ignored
+        );
+        println!("  image tower    {}", i.describe());
+        println!("  text tower     {}", cfg.text.describe());
+        println!(
+            "  heads          bias-free projections to {} dimensions; logit_scale from the checkpoint",
+            cfg.projection_dim
+        );
+        let tok = match pretrained::tokenizer(cfg, &Hub::from_env()) {
+            Ok(Some((t, file))) => format!(
+                "{} ({} ids, captions cut at {} tokens)",
+                file.display(),
+                t.vocab_size(),
+                t.max_len()
+            ),
+            Ok(None) => "none".into(),
+            Err(e) => {
+                report.check("tokenizer", false, format!("{e:#}"));
+                return;
+            }
+        };
+        println!("  tokenizer      {tok}");
+        println!(
+            "  preprocessing  {} px: shortest side resized (bicubic), centre crop; mean {:?}, std {:?}",
+            i.image_size, i.mean, i.std
+        );
+        report.check(
+            "pretrained CLIP",
+            true,
+            format!("{} loaded: {} tensors", clip.source, clip.loaded),
+        );
+        report.metric("pretrained_clip", clip);
+        report.metric("tokenizer", tok);
+    }
+
     /// The first 8 pooled values of each tower (eval mode, before the heads) on fixed inputs.
     pub fn probe(model: &ClipModel, report: &mut Report) {
         let tok = match pretrained::tokenizer(&model.config, &Hub::from_env()) {
@@ -269,7 +323,25 @@ mod pretrained {
             }
         };
         match pretrained::probe(model, tok.as_ref()) {
-            Ok(p) => report.metric("probe", &p),
+            Ok(p) => {
+                let show = |v: &[f32]| {
+                    v.iter()
+                        .take(4)
+                        .map(|x| format!("{x:+.4}"))
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                };
+                println!("\nprobe (evaluation mode, pooled features before the heads):");
+                println!(
+                    "  image tower on a grey {0}×{0} image: {1} …",
+                    p.image_size,
+                    show(&p.image)
+                );
+                if let (Some(ids), Some(text)) = (&p.token_ids, &p.text) {
+                    println!("  text tower on {:?} (ids {ids:?}): {} …", p.caption, show(text));
+                }
+                report.metric("probe", &p)
+            }
             Err(e) => {
                 report.check("probe", false, format!("{e:#}"));
             }

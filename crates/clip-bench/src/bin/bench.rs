@@ -1,7 +1,7 @@
 //! Benchmarks printed as JSON lines (run through `cargo xtask bench`):
 //!
 //!     bench train  [--preset tiny | --config FILE] [--batch-size B] [--steps N] [--seq-len L]
-//!     bench infer  [the same flags as train]
+//!     bench infer  [the same flags as train] [--pretrained REPO|DIR]
 //!     bench search [--n 1000000] [--dim 256] [--queries 20] [--top 10]
 //!     bench index  [--images 500] [--preset tiny]
 //!
@@ -34,6 +34,10 @@ struct ModelBench {
     preset: Option<String>,
     #[arg(long)]
     config: Option<std::path::PathBuf>,
+    /// A pretrained CLIP whose architecture to build (its config alone is read: the weights stay
+    /// random, which does not change the speed).
+    #[arg(long)]
+    pretrained: Option<String>,
     #[arg(long)]
     batch_size: Option<usize>,
     #[arg(long, default_value_t = 10)]
@@ -111,6 +115,9 @@ struct Setup {
 impl Setup {
     fn new(a: &ModelBench) -> Result<Self> {
         let mut cfg = ClipConfig::resolve(a.config.as_deref(), a.preset.as_deref())?;
+        if let Some(p) = &a.pretrained {
+            cfg.pretrained = Some(p.clone());
+        }
         clip_core::pretrained::apply_configs(&mut cfg, &clip_core::hub::Hub::from_env())?;
         let dev = clip_core::device::parse_device(&a.device)?;
         let b = a.batch_size.unwrap_or(cfg.train.batch_size);

@@ -18,6 +18,67 @@ pub fn render_template(template: &str, label: &str) -> String {
     template.replace("{label}", label)
 }
 
+/// The prompt ensemble zero-shot classification uses with English labels: CLIP's own kind of
+/// templates (its ImageNet prompt-engineering notebook), whose averaged text embeddings classify
+/// better than any one of them.
+pub const ENSEMBLE_EN: [&str; 8] = [
+    "a photo of a {label}.",
+    "a photo of the {label}.",
+    "itap of a {label}.",
+    "a bad photo of the {label}.",
+    "a photo of the large {label}.",
+    "a photo of the small {label}.",
+    "a close-up photo of a {label}.",
+    "art of the {label}.",
+];
+
+/// The ensemble for Chinese labels, after Chinese-CLIP's zero-shot templates.
+pub const ENSEMBLE_ZH: [&str; 7] = [
+    "{label}的照片。",
+    "一张{label}的照片。",
+    "一张好看的{label}的照片。",
+    "一张清晰的{label}的照片。",
+    "{label}的特写照片。",
+    "质量差的{label}的照片。",
+    "{label}的低分辨率照片。",
+];
+
+/// The built-in ensemble for `labels`: Chinese when any label holds a CJK character, else English.
+pub fn default_ensemble(labels: &[String]) -> Vec<String> {
+    let cjk = |c: char| matches!(c as u32, 0x3400..=0x4DBF | 0x4E00..=0x9FFF | 0xF900..=0xFAFF | 0x20000..=0x2FA1F);
+    let set: &[&str] = if labels.iter().any(|l| l.chars().any(cjk)) {
+        &ENSEMBLE_ZH
+    } else {
+        &ENSEMBLE_EN
+    };
+    set.iter().map(|t| t.to_string()).collect()
+}
+
+/// Templates from a file, one per line (blank lines and `#` comments skipped); each must hold
+/// `{label}`, or the error names the file and line.
+pub fn read_templates(path: &std::path::Path) -> anyhow::Result<Vec<String>> {
+    use anyhow::Context;
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading templates {}", path.display()))?;
+    let mut out = vec![];
+    for (n, line) in text.lines().enumerate() {
+        let t = line.trim();
+        if t.is_empty() || t.starts_with('#') {
+            continue;
+        }
+        if !t.contains("{label}") {
+            anyhow::bail!("{}:{}: template {t:?} has no {{label}}", path.display(), n + 1);
+        }
+        out.push(t.to_string());
+    }
+    if out.is_empty() {
+        anyhow::bail!(
+            "{} holds no templates (one per line, each with {{label}})",
+            path.display()
+        );
+    }
+    Ok(out)
+}
+
 /// One image of a class folder.
 #[derive(Debug, Clone)]
 pub(crate) struct FolderImage {

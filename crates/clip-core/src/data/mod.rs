@@ -34,7 +34,7 @@ mod wordpiece;
 
 pub use cache::{CacheReport, CACHE_DIR};
 pub use features::{FeatureRows, FrozenFeatures};
-pub use folders::render_template;
+pub use folders::{default_ensemble, read_templates, render_template, ENSEMBLE_EN, ENSEMBLE_ZH};
 pub use image::{
     normalised_range, Preprocess, IMAGENET_MEAN, IMAGENET_STD, IMAGE_EXTENSIONS, MAX_DECODE_BYTES, MAX_IMAGE_SIDE,
 };

@@ -171,6 +171,19 @@ impl TextTokenizer {
         Self::wrap(inner, max_len, &format!("tokenizer {what}"))
     }
 
+    /// OpenAI CLIP's byte-level BPE over its published vocabulary (`bpe_simple_vocab_16e6.txt.gz`,
+    /// built in), for checkpoints that bring no tokenizer files (open_clip's `timm/…openai`,
+    /// `laion/…` repos). Built as Hugging Face's `CLIPTokenizerFast` describes it — NFC, runs of
+    /// whitespace to one space, lower case; CLIP's split pattern; byte-level BPE with `</w>`
+    /// ending each word — so its ids equal Hugging Face's. They equal open_clip's
+    /// `SimpleTokenizer` too, except where open_clip first runs `ftfy.fix_text` and
+    /// `html.unescape` (curly quotes, full-width forms, ligatures, mojibake, `&amp;`), which
+    /// neither Hugging Face nor clipmine does.
+    pub fn openai_bpe(max_len: usize) -> Result<Self> {
+        let json = openai_bpe_json()?;
+        Self::from_json(json.as_bytes(), max_len, "OpenAI's BPE vocabulary (built in)")
+    }
+
     /// BERT's WordPiece pipeline (the `tokenizers` crate's BERT normaliser, pre-tokenizer,
     /// WordPiece model, [CLS]/[SEP] post-processor and decoder) over a `vocab.txt`, for models
     /// on the Hub that ship only their vocabulary (bert-base-chinese's first releases and others).
@@ -207,16 +220,25 @@ impl TextTokenizer {
 
     fn wrap(mut inner: Tokenizer, max_len: usize, what: &str) -> Result<Self> {
         if max_len < 2 {
-            bail!("the longest caption must allow at least 2 tokens ([CLS] and [SEP]), got {max_len}");
+            bail!("the longest caption must allow at least 2 tokens (start and end), got {max_len}");
         }
         inner.with_padding(None);
         tk(inner.with_truncation(None).map(|_| ()))?;
-        let id = |t: &str| {
-            inner.token_to_id(t).with_context(|| {
-                format!("{what} has no {t} token: clipmine needs a BERT-style tokenizer ([PAD], [CLS], [SEP], [UNK])")
-            })
+        // BERT's specials, else CLIP's start/end of text (CLIP pads with 0 after the end token,
+        // as open_clip does: the causal mask makes the pad id irrelevant).
+        let bert = (
+            inner.token_to_id("[PAD]"),
+            inner.token_to_id("[CLS]"),
+            inner.token_to_id("[SEP]"),
+        );
+        let clip = (inner.token_to_id("<|startoftext|>"), inner.token_to_id("<|endoftext|>"));
+        let (pad, cls, sep) = match (bert, clip) {
+            ((Some(p), Some(c), Some(s)), _) => (p, c, s),
+            (_, (Some(c), Some(s))) => (0, c, s),
+            _ => bail!(
+                "{what} has neither BERT's special tokens ([PAD], [CLS], [SEP]) nor CLIP's (<|startoftext|>, <|endoftext|>): clipmine cannot tell where a caption starts and ends"
+            ),
         };
-        let (pad, cls, sep) = (id("[PAD]")?, id("[CLS]")?, id("[SEP]")?);
         let unk = inner.token_to_id("[UNK]");
         let vocab_size = inner.get_vocab(true).values().max().map_or(0, |&m| m as usize + 1);
         Ok(Self {
@@ -380,6 +402,81 @@ pub(crate) fn pre_tokenizer() -> Result<PreTokenizerSequence> {
         PreTokenizerWrapper::from(syllables),
     ]))
 }
+
+/// OpenAI's BPE merges (the file open_clip and OpenAI's `clip` ship, MIT licence).
+const OPENAI_BPE_GZ: &[u8] = include_bytes!("../../../../assets/tokenizers/bpe_simple_vocab_16e6.txt.gz");
+
+/// GPT-2's byte → printable character table, in its own order (printable bytes first).
+fn bytes_to_unicode() -> Vec<char> {
+    let mut bs: Vec<u32> = (b'!' as u32..=b'~' as u32)
+        .chain(0xA1..=0xAC)
+        .chain(0xAE..=0xFF)
+        .collect();
+    let mut cs = bs.clone();
+    let mut n = 0;
+    for b in 0..256u32 {
+        if !bs.contains(&b) {
+            bs.push(b);
+            cs.push(256 + n);
+            n += 1;
+        }
+    }
+    cs.into_iter().filter_map(char::from_u32).collect()
+}
+
+/// The `tokenizer.json` of OpenAI's BPE, as `CLIPTokenizerFast.save_pretrained` writes it.
+fn openai_bpe_json() -> Result<String> {
+    use std::io::Read;
+    let mut text = String::new();
+    flate2::read::GzDecoder::new(OPENAI_BPE_GZ)
+        .read_to_string(&mut text)
+        .context("unpacking the built-in BPE vocabulary")?;
+    // open_clip: merges = lines[1 : 49152 - 256 - 2 + 1].
+    let merges: Vec<&str> = text.split('\n').skip(1).take(49152 - 256 - 2).collect();
+    let chars = bytes_to_unicode();
+    let mut vocab: Vec<String> = chars.iter().map(|c| c.to_string()).collect();
+    vocab.extend(chars.iter().map(|c| format!("{c}</w>")));
+    let mut pairs = Vec::with_capacity(merges.len());
+    for m in &merges {
+        let (a, b) = m
+            .split_once(' ')
+            .context("a malformed merge in the built-in BPE vocabulary")?;
+        vocab.push(format!("{a}{b}"));
+        pairs.push(serde_json::json!([a, b]));
+    }
+    let (sot, eot) = (vocab.len(), vocab.len() + 1);
+    vocab.push("<|startoftext|>".into());
+    vocab.push("<|endoftext|>".into());
+    let vocab: serde_json::Map<String, serde_json::Value> = vocab
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| (t, serde_json::json!(i)))
+        .collect();
+    let special = |id: usize, content: &str| {
+        serde_json::json!({"id": id, "content": content, "single_word": false, "lstrip": false,
+            "rstrip": false, "normalized": false, "special": true})
+    };
+    let json = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null,
+        "added_tokens": [special(sot, "<|startoftext|>"), special(eot, "<|endoftext|>")],
+        "normalizer": {"type": "Sequence", "normalizers": [
+            {"type": "NFC"}, {"type": "Replace", "pattern": {"Regex": "\\s+"}, "content": " "},
+            {"type": "Lowercase"}]},
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": CLIP_SPLIT}, "behavior": "Removed", "invert": true},
+            {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true}]},
+        "post_processor": {"type": "RobertaProcessing", "sep": ["<|endoftext|>", eot],
+            "cls": ["<|startoftext|>", sot], "trim_offsets": false, "add_prefix_space": false},
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "model": {"type": "BPE", "dropout": null, "unk_token": "<|endoftext|>",
+            "continuing_subword_prefix": "", "end_of_word_suffix": "</w>", "fuse_unk": false,
+            "byte_fallback": false, "ignore_merges": false, "vocab": vocab, "merges": pairs},
+    });
+    Ok(json.to_string())
+}
+
+/// CLIP's split pattern (open_clip's, with the special tokens kept whole).
+const CLIP_SPLIT: &str = r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
 
 /// Pads sequences to the longest with `pad`: (ids, mask, L), row-major (B, L).
 pub(crate) fn pad(seqs: &[&[u32]], pad: u32) -> (Vec<u32>, Vec<u32>, usize) {

@@ -3,8 +3,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use anyhow::Result;
 use candle_core::{Device, ModuleT, Tensor};
 
-use super::{ProjectionHead, ResNet, TextEncoder};
-use crate::config::{ClipConfig, LossKind};
+use super::{Head, ImageTower, TextTower};
+use crate::config::{ClipConfig, HeadKind, ImageArch, LossKind};
 use crate::data::Batch;
 use crate::loss;
 use crate::nn::DropoutRng;
@@ -41,10 +41,10 @@ pub struct Embeddings {
 pub struct ClipModel {
     pub config: ClipConfig,
     pub params: ParamStore,
-    image_encoder: ResNet,
-    text_encoder: TextEncoder,
-    image_projection: ProjectionHead,
-    text_projection: ProjectionHead,
+    image_encoder: ImageTower,
+    text_encoder: TextTower,
+    image_projection: Head,
+    text_projection: Head,
     logit_scale: Option<Tensor>,
     dropout_rng: DropoutRng,
     /// Batches each tower has run on (image, text): evidence that cached features replace it.
@@ -58,14 +58,14 @@ impl ClipModel {
         let params = ParamStore::new(device, config.seed);
         let dropout_rng = DropoutRng::new(config.seed ^ 0x5eed);
         let tr = &config.train;
-        let image_encoder = ResNet::new(
+        let image_encoder = ImageTower::new(
             &params
                 .root(Group::ImageTower, !tr.freeze_image)
                 .pp("image_encoder")
                 .pp("model"),
             &config.image,
         )?;
-        let text_encoder = TextEncoder::new(
+        let text_encoder = TextTower::new(
             &params
                 .root(Group::TextTower, !tr.freeze_text)
                 .pp("text_encoder")
@@ -75,15 +75,22 @@ impl ClipModel {
         )?;
         let heads = params.root(Group::Heads, true);
         let p = config.projection_dim;
-        let image_projection = ProjectionHead::new(
-            &heads.pp("image_projection"),
-            config.image.feature_dim(),
-            p,
-            config.head_dropout,
-            &dropout_rng,
-        )?;
-        let text_projection = ProjectionHead::new(
+        // A clip_resnet's attention pool already ends in CLIP's projection.
+        let image_projection = if config.head == HeadKind::Linear && config.image.arch == ImageArch::ClipResnet {
+            Head::Identity
+        } else {
+            Head::new(
+                &heads.pp("image_projection"),
+                config.head,
+                config.image.feature_dim(),
+                p,
+                config.head_dropout,
+                &dropout_rng,
+            )?
+        };
+        let text_projection = Head::new(
             &heads.pp("text_projection"),
+            config.head,
             config.text.dim,
             p,
             config.head_dropout,
@@ -107,12 +114,12 @@ impl ClipModel {
     }
 
     /// The image tower alone (pooled features before the head).
-    pub fn image_tower(&self) -> &ResNet {
+    pub fn image_tower(&self) -> &ImageTower {
         &self.image_encoder
     }
 
     /// The text tower alone (pooled states before the head).
-    pub fn text_tower(&self) -> &TextEncoder {
+    pub fn text_tower(&self) -> &TextTower {
         &self.text_encoder
     }
 

@@ -22,7 +22,7 @@ use anyhow::Result;
 use candle_core::{DType, Module, ModuleT, Tensor};
 
 use crate::config::{Activation, Pooling, TextConfig, TextKind};
-use crate::nn::{attention, attention_reference, gelu, Dropout, DropoutRng, Embedding, LayerNorm, Linear};
+use crate::nn::{activation, attention, attention_reference, Dropout, DropoutRng, Embedding, LayerNorm, Linear};
 use crate::params::ParamBuilder;
 
 const INIT_STD: f64 = 0.02;
@@ -74,16 +74,8 @@ const BERT: Scheme = Scheme {
 fn scheme(kind: TextKind) -> &'static Scheme {
     match kind {
         TextKind::Distilbert => &DISTILBERT,
-        TextKind::Bert => &BERT,
-    }
-}
-
-fn activate(x: &Tensor, a: Activation) -> candle_core::Result<Tensor> {
-    match a {
-        Activation::Gelu => gelu(x),
-        // candle's `gelu` is the tanh approximation, as Hugging Face's `gelu_new`.
-        Activation::GeluNew => x.gelu(),
-        Activation::Relu => x.relu(),
+        // The CLIP text transformer is its own module (`ClipTextTransformer`).
+        TextKind::Bert | TextKind::Clip => &BERT,
     }
 }
 
@@ -161,7 +153,7 @@ impl TransformerBlock {
         let x = self.attention_norm.forward(&(sa + rows)?)?;
         let ff = self
             .ffn_out
-            .forward(&activate(&self.ffn_in.forward(&x)?, self.activation)?)?;
+            .forward(&activation(&self.ffn_in.forward(&x)?, self.activation)?)?;
         let ff = self.dropout.forward_t(&ff, train)?;
         self.output_norm.forward(&(ff + x)?)
     }
@@ -270,7 +262,8 @@ impl TextEncoder {
     pub fn forward(&self, input_ids: &Tensor, attention_mask: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         match self.pooling {
             // [CLS]; contiguous because CUDA's matmul rejects this strided slice.
-            Pooling::Cls => self
+            // The config refuses `eot` for a BERT tower, which has no end-of-text token.
+            Pooling::Cls | Pooling::Eot => self
                 .run(input_ids, attention_mask, train, true)?
                 .squeeze(1)?
                 .contiguous(),

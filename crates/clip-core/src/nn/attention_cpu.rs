@@ -77,6 +77,10 @@ pub struct Attention {
     pub scale: f32,
     pub mask: Vec<f32>,
     pub probs: Option<Mutex<Vec<f32>>>,
+    /// A query sees only keys at or before its own position (the CLIP text transformer); the
+    /// queries are the last Lq positions. Masked probabilities are exactly 0, so the backward
+    /// needs nothing more.
+    pub causal: bool,
 }
 
 impl CustomOp3 for Attention {
@@ -112,6 +116,9 @@ impl CustomOp3 for Attention {
                     for i in 0..g.lq {
                         let p = &mut pb[(hi * g.lq + i) * g.l..][..g.l];
                         let qi = &q[(bi * g.lq + i) * g.d + col..][..g.dh];
+                        // Keys this query sees: all, or those up to its own position.
+                        let seen = if self.causal { i + 1 + (g.l - g.lq) } else { g.l };
+                        let (p, _hidden) = p.split_at_mut(seen);
                         let mut top = f32::NEG_INFINITY;
                         for (j, s) in p.iter_mut().enumerate() {
                             let kj = &k[(bi * g.l + j) * g.d + col..][..g.dh];

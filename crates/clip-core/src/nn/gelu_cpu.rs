@@ -74,3 +74,63 @@ impl CustomOp2 for GeluGrad {
         Ok((CpuStorage::F32(gx), l1.shape().clone()))
     }
 }
+
+/// σ(1.702x).
+fn quick_sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-1.702 * x).exp())
+}
+
+/// OpenAI's QuickGELU, x·σ(1.702x), in one pass per direction (composed, it is four passes with
+/// four allocations over a ViT's largest activations).
+pub struct QuickGelu;
+
+impl CustomOp1 for QuickGelu {
+    fn name(&self) -> &'static str {
+        "clipmine-quick-gelu"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = host_f32("quick_gelu", s, l)?;
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(ys, xs)| {
+            for (o, &v) in ys.iter_mut().zip(xs) {
+                *o = v * quick_sigmoid(v);
+            }
+        });
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, gy: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(x.apply_op2_no_bwd(&gy.contiguous()?, &QuickGeluGrad)?))
+    }
+}
+
+/// dx = dy · (σ + 1.702·x·σ·(1 − σ)), σ = σ(1.702x).
+struct QuickGeluGrad;
+
+impl CustomOp2 for QuickGeluGrad {
+    fn name(&self) -> &'static str {
+        "clipmine-quick-gelu-grad"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (x, gy) = (host_f32("quick_gelu", s1, l1)?, host_f32("quick_gelu", s2, l2)?);
+        if x.len() != gy.len() {
+            candle_core::bail!(
+                "quick_gelu backward: gradient {:?} does not match input {:?}",
+                l2.dims(),
+                l1.dims()
+            )
+        }
+        let mut gx = vec![0f32; x.len()];
+        gx.par_chunks_mut(CHUNK)
+            .zip(x.par_chunks(CHUNK).zip(gy.par_chunks(CHUNK)))
+            .for_each(|(gxs, (xs, gys))| {
+                for ((o, &v), &g) in gxs.iter_mut().zip(xs).zip(gys) {
+                    let s = quick_sigmoid(v);
+                    *o = g * (s + 1.702 * v * s * (1.0 - s));
+                }
+            });
+        Ok((CpuStorage::F32(gx), l1.shape().clone()))
+    }
+}

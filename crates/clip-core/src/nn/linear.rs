@@ -39,6 +39,13 @@ impl Linear {
         })
     }
 
+    /// A bias-free projection (CLIP's `visual_projection`, `text_projection`): `weight` (out, in)
+    /// and a constant zero bias that is no parameter (so the fused kernels still apply).
+    pub fn bias_free(weight: Tensor) -> candle_core::Result<Self> {
+        let bias = Tensor::zeros(weight.dim(0)?, weight.dtype(), weight.device())?;
+        Ok(Self { weight, bias })
+    }
+
     /// BERT's initialisation: N(0, std) weight, zero bias.
     pub fn new_normal(pb: &ParamBuilder, d_in: usize, d_out: usize, std: f64) -> Result<Self> {
         Ok(Self {

@@ -56,6 +56,39 @@ pub fn gelu_cpu(x: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op1(gelu_cpu::Gelu)
 }
 
+/// The feed-forward activation a config names.
+pub fn activation(x: &Tensor, a: crate::config::Activation) -> Result<Tensor> {
+    use crate::config::Activation;
+    match a {
+        Activation::Gelu => gelu(x),
+        // candle's `gelu` is the tanh approximation, as Hugging Face's `gelu_new`.
+        Activation::GeluNew => x.gelu(),
+        Activation::Relu => x.relu(),
+        Activation::QuickGelu => quick_gelu(x),
+    }
+}
+
+/// x·σ(1.702x), OpenAI CLIP's approximation of GELU: a fused kernel on the CPU, composed
+/// elsewhere (as x / (1 + e^(−1.702x)), differentiable on every device).
+pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
+    if dispatch::use_cpu_kernel(x) {
+        quick_gelu_cpu(x)
+    } else {
+        quick_gelu_reference(x)
+    }
+}
+
+/// [`quick_gelu`] composed from candle ops (any device).
+pub fn quick_gelu_reference(x: &Tensor) -> Result<Tensor> {
+    let e = (x * -1.702)?.exp()?;
+    x / (e + 1.0)?
+}
+
+/// The fused CPU kernel of [`quick_gelu`], exposed for tests and benchmarks.
+pub fn quick_gelu_cpu(x: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(gelu_cpu::QuickGelu)
+}
+
 /// Softmax over the last dimension, with a backward pass (candle's `softmax_last_dim` has none).
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     if dispatch::use_cpu_kernel(x) {
@@ -129,8 +162,35 @@ pub fn attention_reference(
     weights.matmul(&v)?.transpose(1, 2)?.reshape((b, lq, d))
 }
 
+/// Multi-head attention with an additive `bias` broadcastable to (B, H, Lq, L): a causal mask
+/// (1, 1, L, L) plus padding, say. Composed from candle ops (any device), with a backward.
+pub fn attention_with_bias(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, heads: usize) -> Result<Tensor> {
+    let (b, lq, d) = q.dims3()?;
+    let l = k.dim(1)?;
+    if heads == 0 || d % heads != 0 {
+        candle_core::bail!("attention: {d} features do not split into {heads} heads")
+    }
+    let dh = d / heads;
+    let split = |t: &Tensor, n: usize| t.reshape((b, n, heads, dh))?.transpose(1, 2)?.contiguous();
+    let q = (split(q, lq)? / (dh as f64).sqrt())?;
+    let (k, v) = (split(k, l)?, split(v, l)?);
+    let scores = q.matmul(&k.t()?.contiguous()?)?.broadcast_add(bias)?;
+    softmax_last_dim(&scores)?
+        .matmul(&v)?
+        .transpose(1, 2)?
+        .reshape((b, lq, d))
+}
+
 /// The fused CPU kernel of [`attention`], exposed for tests and benchmarks.
 pub fn attention_cpu(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, heads: usize) -> Result<Tensor> {
+    let d = q.dim(2)?;
+    if heads == 0 || d % heads != 0 {
+        candle_core::bail!("attention: {d} features do not split into {heads} heads")
+    }
+    attention_cpu_op(q, k, v, mask, heads, false)
+}
+
+fn attention_cpu_op(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, heads: usize, causal: bool) -> Result<Tensor> {
     let d = q.dim(2)?;
     if heads == 0 || d % heads != 0 {
         candle_core::bail!("attention: {d} features do not split into {heads} heads")
@@ -140,6 +200,35 @@ pub fn attention_cpu(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, heads: u
         scale: 1.0 / ((d / heads) as f32).sqrt(),
         mask: mask.flatten_all()?.to_vec1::<f32>()?,
         probs: (q.track_op() || k.track_op() || v.track_op()).then(|| std::sync::Mutex::new(vec![])),
+        causal,
     };
     q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)
+}
+
+/// Causal multi-head attention (a token sees itself and the tokens before it) with padded keys
+/// masked by `mask` (B, L) as in [`attention`]: the CLIP text transformer's. Fused on the CPU,
+/// composed elsewhere.
+pub fn attention_causal(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, heads: usize) -> Result<Tensor> {
+    if dispatch::use_cpu_kernel(q) && dispatch::use_cpu_kernel(k) && dispatch::use_cpu_kernel(v) {
+        attention_causal_cpu(q, k, v, mask, heads)
+    } else {
+        attention_causal_reference(q, k, v, mask, heads)
+    }
+}
+
+/// [`attention_causal`] composed from candle ops: the causal bias plus the key mask.
+pub fn attention_causal_reference(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, heads: usize) -> Result<Tensor> {
+    let (b, lq, _) = q.dims3()?;
+    let l = k.dim(1)?;
+    let causal: Vec<f32> = (0..lq)
+        .flat_map(|i| (0..l).map(move |j| if j > i + (l - lq) { -1e9 } else { 0.0 }))
+        .collect();
+    let causal = Tensor::from_vec(causal, (1, 1, lq, l), q.device())?;
+    let bias = causal.broadcast_add(&mask.reshape((b, 1, 1, l))?)?;
+    attention_with_bias(q, k, v, &bias, heads)
+}
+
+/// The fused CPU kernel of [`attention_causal`], exposed for tests and benchmarks.
+pub fn attention_causal_cpu(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, heads: usize) -> Result<Tensor> {
+    attention_cpu_op(q, k, v, mask, heads, true)
 }

@@ -76,16 +76,14 @@ fn read_json(path: &Path) -> Result<Value> {
 /// Which layout a checkpoint has, and its config file: open_clip's config first (open_clip
 /// repos may carry a Hugging Face config.json too), then Hugging Face's.
 pub fn detect(src: &ModelSource, hub: &Hub) -> Result<(Format, PathBuf, Value)> {
-    let oc_err = match src.get(hub, "open_clip_config.json") {
-        Ok(p) => {
-            let json = read_json(&p)?;
-            return Ok((Format::OpenClip, p, json));
-        }
-        Err(e) => e,
-    };
+    if let Ok(p) = src.get(hub, "open_clip_config.json") {
+        let json = read_json(&p)?;
+        return Ok((Format::OpenClip, p, json));
+    }
+    // The second lookup's error says why (not in the cache and offline, no such file …).
     let path = src.get(hub, "config.json").map_err(|e| {
         anyhow::anyhow!(
-            "{} is not a CLIP checkpoint clipmine knows: it has neither an open_clip_config.json ({oc_err:#}) nor a config.json ({e:#})",
+            "{} is not a CLIP checkpoint clipmine knows: it has neither an open_clip_config.json nor a config.json ({e:#})",
             src.describe()
         )
     })?;
@@ -687,9 +685,26 @@ pub struct Opened {
 /// Opens the checkpoint `spec` names: a preset that names one (`clip-vit-b-32`, `clip-rn50`,
 /// `chinese-clip-vit-b-16`), a Hugging Face repo (`org/name[@revision]`) or a local folder.
 pub fn open(spec: &str, hub: &Hub, device: &Device) -> Result<Opened> {
+    let clip_presets = || {
+        crate::config::PRESETS
+            .iter()
+            .filter(|p| ClipConfig::preset(p).is_ok_and(|c| c.pretrained.is_some()))
+            .copied()
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     let mut cfg = match ClipConfig::preset(spec) {
         Ok(c) if c.pretrained.is_some() => c,
-        _ => ClipConfig {
+        Ok(_) => bail!(
+            "preset {spec} names no pretrained CLIP (it is a recipe to train from): the presets that do are {}; a model you trained is --run DIR",
+            clip_presets()
+        ),
+        // A bare name that is neither a folder nor org/name: most likely a mistyped preset.
+        Err(_) if !spec.contains('/') && !Path::new(spec).exists() => bail!(
+            "{spec:?} is not a pretrained-CLIP preset ({}), a Hugging Face repo (org/name) or a folder",
+            clip_presets()
+        ),
+        Err(_) => ClipConfig {
             pretrained: Some(spec.to_string()),
             name: spec.to_string(),
             ..ClipConfig::tiny()

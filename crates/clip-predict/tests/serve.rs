@@ -276,3 +276,73 @@ fn serve_names_a_missing_run() {
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("does not exist"));
 }
+
+/// A tiny pretrained CLIP made with transformers (clip-core's test fixtures), as a folder.
+fn checkpoint() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(
+        "../clip-core/tests/fixtures/clip/hub/models--test--hf-clip/snapshots/89abcdef0123456789abcdef0123456789abcdef",
+    )
+}
+
+#[test]
+fn serve_searches_with_a_pretrained_clip() {
+    let tmp = tempfile::tempdir().unwrap();
+    let photos = tmp.path().join("photos");
+    std::fs::create_dir_all(&photos).unwrap();
+    for f in ["coffee.jpg", "rocket.jpg"] {
+        std::fs::copy(demo().join("images").join(f), photos.join(f)).unwrap();
+    }
+    let model = checkpoint();
+    let m = model.to_str().unwrap();
+    // With --model, the index folder must be named.
+    let o = Command::new(env!("CARGO_BIN_EXE_clip-predict"))
+        .args(["serve", "--model", m, "--addr", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("with --model, name the index folder"));
+    let index = tmp.path().join("index");
+    let o = Command::new(env!("CARGO_BIN_EXE_clip-predict"))
+        .args([
+            "--device",
+            "cpu",
+            "index",
+            "--model",
+            m,
+            "--images",
+            photos.to_str().unwrap(),
+        ])
+        .args(["--out", index.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
+    let server = start(&[
+        "--model",
+        m,
+        "--index",
+        index.to_str().unwrap(),
+        "--texts",
+        "a cup",
+        "a rocket",
+    ]);
+    let (status, j) = get_json(server.port, &format!("/api/search?q={}", enc("a photo of a cat")));
+    assert_eq!(status, 200, "{j}");
+    let results = j["results"].as_array().unwrap();
+    assert_eq!(results.len(), 2, "{j}");
+    // The same index may not be served by another model.
+    let other = checkpoint().to_str().unwrap().replace("hf-clip", "cn-clip");
+    let o = Command::new(env!("CARGO_BIN_EXE_clip-predict"))
+        .args([
+            "serve",
+            "--model",
+            &other,
+            "--index",
+            index.to_str().unwrap(),
+            "--addr",
+            "127.0.0.1:0",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("was made by another model"));
+}

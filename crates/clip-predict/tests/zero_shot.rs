@@ -199,3 +199,30 @@ fn zero_shot_eval_uses_a_prompt_ensemble_and_reports_each_class() {
         "{err}"
     );
 }
+
+#[test]
+fn a_model_that_is_not_a_pretrained_clip_is_named_as_such() {
+    let img = image(32, 0);
+    let img = img.to_str().unwrap();
+    let (code, _, err) = predict(&["image-to-text", "--model", "clip-vit-b32", img, "--texts", "a", "b"]);
+    assert_eq!(code, Some(2));
+    assert!(
+        err.contains(
+            "\"clip-vit-b32\" is not a pretrained-CLIP preset (clip-vit-b-32, clip-rn50, chinese-clip-vit-b-16)"
+        ),
+        "{err}"
+    );
+    let (code, _, err) = predict(&["image-to-text", "--model", "tiny", img, "--texts", "a", "b"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("preset tiny names no pretrained CLIP"), "{err}");
+    let (code, _, err) = predict(&["image-to-text", "--model", "nobody/nothing", img, "--texts", "a", "b"]);
+    assert_eq!(code, Some(2));
+    assert!(
+        err.contains("nobody/nothing@main is not a CLIP checkpoint clipmine knows"),
+        "{err}"
+    );
+    // --run and --model are one choice.
+    let (code, _, err) = predict(&["image-to-text", "--model", "x/y", "--run", "r", img, "--texts", "a"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("cannot be used with"), "{err}");
+}

@@ -18,6 +18,7 @@ from the cache (HF_HUB_OFFLINE=1) and from a plain folder, and compare with `gol
              open_clip_pytorch_model.bin (fp16)
   hf-clip    transformers CLIPModel: config.json + model.safetensors + tokenizer.json (a cut
              BPE vocabulary, so pooling takes the `eos_token_id` branch) + preprocessor_config.json
+  hf-clip-bin  the same with pytorch_model.bin instead of model.safetensors (older Hub repos)
   cn-clip    transformers ChineseCLIPModel: BERT text tower (WordPiece vocab.txt + tokenizer.json)
              with a CLIP ViT
 
@@ -186,6 +187,12 @@ def hf_clip(out: Path) -> None:
         "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
         "image_mean": list(MEAN), "image_std": list(STD), "do_convert_rgb": True}, indent=2))
     goldens(out, "hf-clip", model, tok, 32, pad=eos)
+    # The same checkpoint as older Hub repos hold it: PyTorch's pickle instead of safetensors.
+    old = snapshot(out, "hf-clip-bin")
+    for f in snap.iterdir():
+        if f.name != "model.safetensors":
+            shutil.copy(f, old / f.name)
+    torch.save({k: v.contiguous() for k, v in model.state_dict().items()}, old / "pytorch_model.bin")
 
 
 def cn_clip(out: Path) -> None:

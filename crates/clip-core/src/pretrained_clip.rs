@@ -374,7 +374,8 @@ fn weights_file(src: &ModelSource, format: Format, hub: &Hub) -> Result<PathBuf>
     }
     match format {
         Format::OpenClip => src.get_any(hub, &["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]),
-        _ => src.get(hub, "model.safetensors"),
+        // Older Hub repos (and branches) hold only PyTorch's pickle.
+        _ => src.get_any(hub, &["model.safetensors", "pytorch_model.bin"]),
     }
 }
 

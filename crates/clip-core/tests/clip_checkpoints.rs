@@ -324,3 +324,11 @@ fn a_tokenizer_whose_ids_exceed_the_embedding_table_is_refused() {
         "{err}"
     );
 }
+
+#[test]
+fn a_hugging_face_checkpoint_with_only_a_pytorch_bin_loads() {
+    // Older Hub repos of openai/clip-* hold pytorch_model.bin: the same tensors, pickled.
+    let (model, report) = load("test/hf-clip-bin");
+    assert!(report.clip.unwrap().weights_file.ends_with("pytorch_model.bin"));
+    assert_parity("hf-clip", &model);
+}

@@ -173,10 +173,25 @@ pub fn apply_config(cfg: &mut ClipConfig, hub: &Hub) -> Result<Option<Format>> {
     Ok(Some(format))
 }
 
+/// A sub-config as transformers reads it: `NAME` updated by `NAME_dict`, whose keys win. Hub
+/// configs saved by old transformers (openai/clip-vit-large-patch14's, for one) keep stale
+/// defaults in `text_config` and the real sizes in `text_config_dict`.
+fn sub_config(json: &Value, name: &str) -> Value {
+    let mut merged = match json.get(name) {
+        Some(Value::Object(o)) => o.clone(),
+        _ => serde_json::Map::new(),
+    };
+    if let Some(Value::Object(o)) = json.get(format!("{name}_dict").as_str()) {
+        for (k, v) in o {
+            merged.insert(k.clone(), v.clone());
+        }
+    }
+    Value::Object(merged)
+}
+
 fn apply_hf(cfg: &mut ClipConfig, format: Format, json: &Value) -> Result<()> {
-    let null = Value::Null;
-    let text = json.get("text_config").unwrap_or(&null);
-    let vision = json.get("vision_config").unwrap_or(&null);
+    let text = &sub_config(json, "text_config");
+    let vision = &sub_config(json, "vision_config");
     cfg.projection_dim = num(json, "projection_dim", 512)?;
     hf_vision(cfg, vision)?;
     let t = &mut cfg.text;
@@ -195,8 +210,6 @@ fn apply_hf(cfg: &mut ClipConfig, format: Format, json: &Value) -> Result<()> {
             ] {
                 o.entry(k).or_insert(d.into());
             }
-        } else {
-            bail!("no text_config object");
         }
         crate::hf_config::text_config_from_json(t, &bert).context("text_config")?;
         t.pooling = Pooling::Cls;

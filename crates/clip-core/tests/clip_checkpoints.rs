@@ -332,3 +332,21 @@ fn a_hugging_face_checkpoint_with_only_a_pytorch_bin_loads() {
     assert!(report.clip.unwrap().weights_file.ends_with("pytorch_model.bin"));
     assert_parity("hf-clip", &model);
 }
+
+#[test]
+fn old_configs_with_text_and_vision_config_dicts_load() {
+    // As openai/clip-vit-large-patch14's config.json: stale defaults in text_config /
+    // vision_config, the real sizes in text_config_dict / vision_config_dict (which win).
+    let dir = edited("hf-clip", |d| {
+        rewrite_json(&d.join("config.json"), |j| {
+            for part in ["text_config", "vision_config"] {
+                j[format!("{part}_dict")] = j[part].clone();
+                j[part]["hidden_size"] = 512.into();
+                j[part]["num_hidden_layers"] = 12.into();
+            }
+        })
+    });
+    let (model, _) = load(dir.path().to_str().unwrap());
+    assert_eq!((model.config.text.dim, model.config.image.width), (16, 16));
+    assert_parity("hf-clip", &model);
+}

@@ -349,6 +349,13 @@ fn apply_preprocessor(cfg: &mut ClipConfig, p: &Value) -> Result<()> {
     if let Some(s) = p.get("image_std") {
         cfg.image.std = crate::hf_config::floats3(s, "image_std")?;
     }
+    // `size: {height, width}` (Chinese-CLIP's processor) resizes to the square itself, aspect
+    // ratio not kept; `shortest_edge` (CLIP's) resizes the shorter side, then crops the centre.
+    if let Some(Value::Object(size)) = p.get("size") {
+        if size.contains_key("height") && !size.contains_key("shortest_edge") {
+            cfg.data.center_crop = false;
+        }
+    }
     let crop = p.get("crop_size").and_then(|c| match c {
         Value::Object(o) => o.get("height").and_then(Value::as_u64),
         v => v.as_u64(),

@@ -143,6 +143,9 @@ fn hugging_face_chinese_clip_matches_transformers() {
     assert_eq!(report.clip.unwrap().format, Format::HfChineseClip);
     assert_eq!(model.config.text.kind, TextKind::Bert);
     assert_eq!(model.config.data.max_length, 52);
+    // Its processor resizes to the square (size {height, width}); CLIP's crops the centre.
+    assert!(!model.config.data.center_crop);
+    assert!(config("test/hf-clip").data.center_crop);
     assert_parity("cn-clip", &model);
 }
 

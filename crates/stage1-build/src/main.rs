@@ -300,8 +300,13 @@ mod pretrained {
             }
         };
         println!("  tokenizer      {tok}");
+        let fit = if cfg.data.center_crop {
+            "shortest side resized (bicubic), centre crop"
+        } else {
+            "resized to the square (bicubic, aspect ratio not kept)"
+        };
         println!(
-            "  preprocessing  {} px: shortest side resized (bicubic), centre crop; mean {:?}, std {:?}",
+            "  preprocessing  {} px: {fit}; mean {:?}, std {:?}",
             i.image_size, i.mean, i.std
         );
         report.check(

@@ -112,7 +112,10 @@ pub fn run(args: Args) -> Result<bool> {
         .to_string()
     });
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(&cargo)
+    let mut build = Command::new(&cargo);
+    // As in `verify::build`: xtask's own package variables would make ring rebuild.
+    crate::verify::without_package_env(&mut build);
+    let status = build
         .current_dir(&root)
         .args([
             "build",

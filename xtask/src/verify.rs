@@ -230,10 +230,33 @@ fn predict(bin_dir: &Path, run: &Path, o: &Args) -> Result<()> {
     Ok(())
 }
 
+/// Drops what `cargo run -p xtask` told this process about its own package (CARGO_PKG_NAME,
+/// CARGO_MANIFEST_DIR …) from a nested cargo call. Passed on, they reach build scripts that
+/// watch them (ring's), which then rebuild ring, rustls and everything above them (~30 s on 2
+/// cores) whenever an ordinary `cargo build` or `cargo test` comes between two runs.
+pub fn without_package_env(cmd: &mut Command) {
+    for (key, _) in std::env::vars_os() {
+        let k = key.to_string_lossy();
+        if k.starts_with("CARGO_PKG_")
+            || matches!(
+                k.as_ref(),
+                "CARGO_MANIFEST_DIR"
+                    | "CARGO_MANIFEST_PATH"
+                    | "CARGO_CRATE_NAME"
+                    | "CARGO_BIN_NAME"
+                    | "CARGO_PRIMARY_PACKAGE"
+            )
+        {
+            cmd.env_remove(&key);
+        }
+    }
+}
+
 /// Builds every stage binary (and clip-predict) in one cargo call; returns their folder.
 pub fn build(root: &Path, release: bool) -> Result<PathBuf> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
+    without_package_env(&mut cmd);
     cmd.current_dir(root).args(["build", "--quiet"]);
     for (_, bin, _, _) in STAGES {
         cmd.args(["-p", bin]);

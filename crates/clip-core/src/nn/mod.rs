@@ -53,7 +53,7 @@ pub fn gelu_reference(x: &Tensor) -> Result<Tensor> {
 
 /// The fused CPU GELU kernel, exposed for tests and benchmarks.
 pub fn gelu_cpu(x: &Tensor) -> Result<Tensor> {
-    x.contiguous()?.apply_op1(gelu_cpu::Gelu)
+    x.contiguous()?.apply_op1(gelu_cpu::Activate(gelu_cpu::Gelu))
 }
 
 /// The feed-forward activation a config names.
@@ -86,7 +86,7 @@ pub fn quick_gelu_reference(x: &Tensor) -> Result<Tensor> {
 
 /// The fused CPU kernel of [`quick_gelu`], exposed for tests and benchmarks.
 pub fn quick_gelu_cpu(x: &Tensor) -> Result<Tensor> {
-    x.contiguous()?.apply_op1(gelu_cpu::QuickGelu)
+    x.contiguous()?.apply_op1(gelu_cpu::Activate(gelu_cpu::QuickGelu))
 }
 
 /// Softmax over the last dimension, with a backward pass (candle's `softmax_last_dim` has none).

@@ -41,6 +41,11 @@ impl ModelArgs {
     pub fn load_config(&self) -> Result<ClipConfig> {
         let mut cfg = ClipConfig::resolve(self.config.as_deref(), self.preset.as_deref())?;
         if let Some(p) = &self.pretrained {
+            // A recipe config (or none) turned into a fine-tune takes a fine-tune's defaults; a
+            // config file keeps the training settings it wrote.
+            if cfg.pretrained.is_none() && self.config.is_none() {
+                cfg.train = clip_core::config::TrainConfig::pretrained_start();
+            }
             cfg.pretrained = Some(p.clone());
             cfg.name = p.clone();
         }
@@ -128,7 +133,8 @@ pub struct TrainArgs {
     /// Learning rate of the projection heads (and the clip loss's temperature).
     #[arg(long)]
     pub lr_head: Option<f64>,
-    /// Weight decay of the heads (the towers have none, as in the tutorial).
+    /// Weight decay: of the heads (the towers have none, as in the tutorial), or of every weight
+    /// matrix when fine-tuning a pretrained CLIP (train.decay_towers).
     #[arg(long)]
     pub weight_decay: Option<f64>,
     /// plateau (ReduceLROnPlateau on validation loss) or cosine (with --warmup-steps).
@@ -157,6 +163,22 @@ pub struct TrainArgs {
     /// Same as --freeze text (kept for older scripts).
     #[arg(long, hide = true)]
     pub freeze_text: bool,
+    /// Lock the image tower (open_clip's --lock-image): no gradient, no optimiser state, its
+    /// BatchNorms keep their statistics; with --unlocked-layers N its last N blocks (and the final
+    /// norm or attention pool and the projection) still train. Locked with N = 0, the image
+    /// projection is locked too and only the text side learns (LiT).
+    #[arg(long)]
+    pub lock_image: bool,
+    /// Lock the text tower, as --lock-image.
+    #[arg(long)]
+    pub lock_text: bool,
+    /// Blocks at the top of a locked tower that still train [default: the config's, 0].
+    #[arg(long, value_name = "N")]
+    pub unlocked_layers: Option<usize>,
+    /// Layer-wise learning-rate decay (e.g. 0.75): each block trains at this factor × the rate
+    /// of the block above it; the top (final norm, projection) at the full rate [default: 1, off].
+    #[arg(long, value_name = "FACTOR")]
+    pub layer_decay: Option<f64>,
     /// Start over in an --out folder that already holds a run: its model, checkpoints and metrics
     /// are deleted first (other files stay). Without it, such a folder is refused.
     #[arg(long)]
@@ -185,6 +207,10 @@ impl TrainArgs {
         set(&mut t.warmup_steps, self.warmup_steps);
         set(&mut t.clip_grad_norm, self.clip_grad_norm);
         set(&mut t.accumulate, self.accumulate);
+        t.lock_image |= self.lock_image;
+        t.lock_text |= self.lock_text;
+        set(&mut t.unlocked_layers, self.unlocked_layers);
+        set(&mut t.layer_decay, self.layer_decay);
         t.freeze_image |= self.freeze_image;
         t.freeze_text |= self.freeze_text;
         if let Some(towers) = &self.freeze {

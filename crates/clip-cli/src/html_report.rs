@@ -252,6 +252,55 @@ table.c2i figcaption{overflow-wrap:anywhere} table.c2i figcaption .score{display
 .note{color:#555;font-size:13px}
 "#;
 
+/// A fine-tune's table: the untouched checkpoint, every epoch and each WiSE-FT α, validated.
+fn start_table(w: &mut String, t: &Trainer, start: &clip_core::fit::Validation) -> Result<()> {
+    let zs = start.zero_shot.is_some();
+    writeln!(
+        w,
+        "<h3>Before and after, on the validation split</h3><table class=\"c2i\"><tr><th></th><th>val loss</th><th>R@1 image→text</th><th>R@1 text→image</th>{}</tr>",
+        if zs { "<th>zero-shot accuracy</th>" } else { "" }
+    )?;
+    let mut row = |name: String, loss: f64, i2t: f64, t2i: f64, zero_shot: Option<f64>| {
+        writeln!(
+            w,
+            "<tr><td>{}</td><td>{loss:.4}</td><td>{i2t:.3}</td><td>{t2i:.3}</td>{}</tr>",
+            escape(&name),
+            zero_shot.map(|a| format!("<td>{a:.3}</td>")).unwrap_or_default()
+        )
+    };
+    row(
+        "start (the checkpoint)".into(),
+        start.loss,
+        start.recall.i2t_r1,
+        start.recall.t2i_r1,
+        start.zero_shot,
+    )?;
+    for r in &t.state().history {
+        row(
+            format!("epoch {}", r.epoch),
+            r.val_loss,
+            r.recall.i2t_r1,
+            r.recall.t2i_r1,
+            r.zero_shot,
+        )?;
+    }
+    if let Some(wise) = &t.state().wise_ft {
+        for p in &wise.points {
+            let v = &p.validation;
+            let kept = if p.alpha == wise.chosen { " (kept)" } else { "" };
+            row(
+                format!("WiSE-FT α {}{kept}", p.alpha),
+                v.loss,
+                v.recall.i2t_r1,
+                v.recall.t2i_r1,
+                v.zero_shot,
+            )?;
+        }
+    }
+    writeln!(w, "</table>")?;
+    Ok(())
+}
+
 fn render(t: &Trainer, fixed: &Fixed, ranking: Option<&Ranking>, thumbs: &mut Thumbnails) -> Result<String> {
     let ds = &t.data().dataset;
     let h = &t.state().history;
@@ -304,12 +353,19 @@ fn render(t: &Trainer, fixed: &Fixed, ranking: Option<&Ranking>, thumbs: &mut Th
     if h.is_empty() {
         writeln!(w, "<p class=\"note\">No epoch finished yet.</p>")?;
     } else {
-        let c = Curves::new(h, t.cfg().train.freeze_image, t.cfg().train.freeze_text);
+        let c =
+            Curves::new(h, t.cfg().train.freeze_image, t.cfg().train.freeze_text).with_start(t.state().start.as_ref());
         writeln!(w, "<div class=\"plots\">")?;
         for p in [c.loss(), c.lr(), c.quality()] {
             writeln!(w, "{}", inline_svg(&plot::line_plot_svg(&p)?))?;
         }
+        if let Some(wise) = &t.state().wise_ft {
+            writeln!(w, "{}", inline_svg(&plot::line_plot_svg(&plot::wise_ft(wise).plot())?))?;
+        }
         writeln!(w, "</div>")?;
+        if let Some(start) = &t.state().start {
+            start_table(w, t, start)?;
+        }
         let last = h.last().expect("not empty");
         writeln!(
             w,

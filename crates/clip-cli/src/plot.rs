@@ -69,6 +69,8 @@ pub struct LinePlot<'a> {
     pub log_y: bool,
     /// Fixed y range (e.g. 0–1 for recall); otherwise from the data.
     pub y_range: Option<(f64, f64)>,
+    /// The x value of each point (WiSE-FT's α); `None`: epochs 1, 2, …
+    pub x: Option<&'a [f64]>,
 }
 
 /// Colours of matplotlib's default cycle, which people know from their own plots.
@@ -135,7 +137,16 @@ where
             }
         }
     };
-    let x_max = (n as f64).max(2.0);
+    let (x_min, x_max) = match plot.x {
+        Some(xs) if !xs.is_empty() => {
+            let lo = xs.iter().copied().fold(f64::INFINITY, f64::min);
+            let hi = xs.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let pad = ((hi - lo) * 0.05).max(0.02);
+            (lo - pad, hi + pad)
+        }
+        _ => (0.8, (n as f64).max(2.0) + 0.2),
+    };
+    let at = |i: usize| plot.x.and_then(|xs| xs.get(i).copied()).unwrap_or((i + 1) as f64);
     // The legend goes in the corner the curves leave free at the end: lower right when they end
     // high (recall rising to 1), upper right when they end low (a falling loss).
     let ends: Vec<f64> = plot
@@ -170,7 +181,13 @@ where
                 .x_desc(plot.x_label)
                 .y_desc(plot.y_label)
                 .x_labels(x_labels)
-                .x_label_formatter(&|x| format!("{}", x.round() as i64))
+                .x_label_formatter(&|x| {
+                    if plot.x.is_some() {
+                        format!("{x:.1}")
+                    } else {
+                        format!("{}", x.round() as i64)
+                    }
+                })
                 .y_label_formatter(&$fmt)
                 .label_style((FAMILY, 13))
                 .axis_desc_style((FAMILY, 15))
@@ -184,7 +201,7 @@ where
                     .iter()
                     .enumerate()
                     .filter(|(_, v)| keep(**v))
-                    .map(|(i, v)| ((i + 1) as f64, *v))
+                    .map(|(i, v)| (at(i), *v))
                     .collect();
                 chart
                     .draw_series(LineSeries::new(pts.clone(), c.stroke_width(s.width)))
@@ -209,9 +226,7 @@ where
         }};
     }
     if plot.log_y {
-        let chart = b
-            .build_cartesian_2d(0.8..x_max + 0.2, (lo..hi).log_scale())
-            .map_err(err)?;
+        let chart = b.build_cartesian_2d(x_min..x_max, (lo..hi).log_scale()).map_err(err)?;
         // Label 1, 2 and 5 × 10^k only: every minor tick labelled is unreadable.
         let wide = hi / lo > 30.0;
         finish!(chart, move |v: &f64| {
@@ -225,7 +240,7 @@ where
             }
         });
     } else {
-        let chart = b.build_cartesian_2d(0.8..x_max + 0.2, lo..hi).map_err(err)?;
+        let chart = b.build_cartesian_2d(x_min..x_max, lo..hi).map_err(err)?;
         let span = hi - lo;
         let tiny = hi.abs().max(lo.abs()) < 0.01;
         finish!(chart, move |v: &f64| if tiny {
@@ -495,6 +510,8 @@ pub struct Curves {
     /// (name, values): recall@1 both ways, or zero-shot accuracy for class folders.
     quality: Vec<(&'static str, Vec<f64>)>,
     zero_shot: bool,
+    /// The checkpoint's validation loss, repeated per epoch (a fine-tune).
+    start_loss: Option<Vec<f64>>,
 }
 
 impl Curves {
@@ -523,7 +540,24 @@ impl Curves {
             lr,
             quality,
             zero_shot,
+            start_loss: None,
         }
+    }
+
+    /// Adds the untouched checkpoint's validation figures (a fine-tune's start) as flat lines
+    /// beside every epoch's.
+    pub fn with_start(mut self, start: Option<&clip_core::fit::Validation>) -> Self {
+        let Some(v) = start else { return self };
+        let n = self.val_loss.len();
+        if self.zero_shot {
+            self.quality
+                .push(("start: zero-shot accuracy", vec![v.zero_shot.unwrap_or(f64::NAN); n]));
+        } else {
+            self.quality.push(("start: image → text", vec![v.recall.i2t_r1; n]));
+            self.quality.push(("start: text → image", vec![v.recall.t2i_r1; n]));
+        }
+        self.start_loss = Some(vec![v.loss; n]);
+        self
     }
 
     pub fn loss(&self) -> LinePlot<'_> {
@@ -544,9 +578,18 @@ impl Curves {
                     colour: ORANGE,
                     width: 2,
                 },
-            ],
+            ]
+            .into_iter()
+            .chain(self.start_loss.as_ref().map(|v| Series {
+                name: "start: validation",
+                values: v,
+                colour: GREEN,
+                width: 2,
+            }))
+            .collect(),
             log_y: false,
             y_range: None,
+            x: None,
         }
     }
 
@@ -577,6 +620,7 @@ impl Curves {
                 .collect(),
             log_y,
             y_range: None,
+            x: None,
         }
     }
 
@@ -592,7 +636,7 @@ impl Curves {
             series: self
                 .quality
                 .iter()
-                .zip([(BLUE, 4), (ORANGE, 2)])
+                .zip([(BLUE, 4), (ORANGE, 2), (GREEN, 2), (RED, 2)])
                 .map(|((name, v), (colour, width))| Series {
                     name,
                     values: v,
@@ -602,6 +646,7 @@ impl Curves {
                 .collect(),
             log_y: false,
             y_range: Some((0.0, 1.05)),
+            x: None,
         }
     }
 
@@ -610,6 +655,53 @@ impl Curves {
         line_plot(&dir.join("loss.png"), &self.loss())?;
         line_plot(&dir.join("lr.png"), &self.lr())?;
         line_plot(&dir.join("quality.png"), &self.quality())
+    }
+}
+
+/// WiSE-FT's curve: validation quality and loss against α (0: the checkpoint, 1: fine-tuned).
+pub struct WiseCurve {
+    alphas: Vec<f64>,
+    quality: Vec<f64>,
+    zero_shot: bool,
+}
+
+/// The curve of a WiSE-FT sweep.
+pub fn wise_ft(w: &clip_core::fit::WiseFt) -> WiseCurve {
+    WiseCurve {
+        alphas: w.points.iter().map(|p| p.alpha).collect(),
+        quality: w.points.iter().map(|p| p.validation.quality()).collect(),
+        zero_shot: w.points.iter().any(|p| p.validation.zero_shot.is_some()),
+    }
+}
+
+impl WiseCurve {
+    pub fn plot(&self) -> LinePlot<'_> {
+        LinePlot {
+            title: "WiSE-FT: (1 − α)·checkpoint + α·fine-tuned",
+            x_label: "α (0 = checkpoint, 1 = fine-tuned)",
+            y_label: if self.zero_shot {
+                "validation zero-shot accuracy"
+            } else {
+                "validation mean recall@1"
+            },
+            series: vec![Series {
+                name: if self.zero_shot {
+                    "zero-shot accuracy"
+                } else {
+                    "mean recall@1"
+                },
+                values: &self.quality,
+                colour: BLUE,
+                width: 3,
+            }],
+            log_y: false,
+            y_range: Some((0.0, 1.05)),
+            x: Some(&self.alphas),
+        }
+    }
+
+    pub fn write_png(&self, path: &Path) -> Result<()> {
+        line_plot(path, &self.plot())
     }
 }
 

@@ -60,6 +60,7 @@ fn a_line_plot_has_its_size_lines_title_axes_and_legend() {
             ],
             log_y: false,
             y_range: None,
+            x: None,
         },
     )
     .unwrap();
@@ -108,6 +109,7 @@ fn a_log_scale_plot_of_learning_rates_is_drawn() {
             ],
             log_y: true,
             y_range: None,
+            x: None,
         },
     )
     .unwrap();
@@ -135,6 +137,7 @@ fn a_single_epoch_plot_still_draws() {
             }],
             log_y: false,
             y_range: Some((0.0, 1.0)),
+            x: None,
         },
     )
     .unwrap();
@@ -256,6 +259,7 @@ fn empty_input_still_gives_a_labelled_picture_not_a_panic() {
             }],
             log_y: true,
             y_range: None,
+            x: None,
         },
     )
     .unwrap();

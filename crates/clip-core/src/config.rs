@@ -373,6 +373,25 @@ pub struct TrainConfig {
     pub freeze_image: bool,
     /// Keep the text tower fixed: evaluation mode, no gradient, no optimiser state, features cached.
     pub freeze_text: bool,
+    /// Lock the image tower but its last `unlocked_layers` blocks (open_clip's `--lock-image`):
+    /// the locked part gets no gradient and no optimiser state, its BatchNorms keep their
+    /// statistics. With `unlocked_layers = 0` the image projection is locked too (LiT).
+    pub lock_image: bool,
+    /// Lock the text tower but its last `unlocked_layers` blocks (`--lock-text`).
+    pub lock_text: bool,
+    /// Blocks at the top of a locked tower that still train, with what follows them (the final
+    /// LayerNorm or attention pool, and the projection).
+    pub unlocked_layers: usize,
+    /// Layer-wise learning-rate decay: block i of L trains at lr·decay^(L−i), the embeddings at
+    /// lr·decay^(L+1), the final norm and projection at lr (1 = off).
+    pub layer_decay: f64,
+    /// Weight decay on every weight matrix of both towers and the heads (open_clip's rule:
+    /// not on biases, norms, `logit_scale`), as a pretrained start wants; off, only the heads
+    /// decay (the tutorial's rule).
+    pub decay_towers: bool,
+    /// Warm-up as a share of all steps, for the cosine schedule: the longer of this and
+    /// `warmup_steps` is used (a pretrained start: 0.1).
+    pub warmup_share: f64,
 }
 
 impl TrainConfig {
@@ -405,7 +424,76 @@ impl Default for TrainConfig {
             accumulate: 1,
             freeze_image: false,
             freeze_text: false,
+            lock_image: false,
+            lock_text: false,
+            unlocked_layers: 0,
+            layer_decay: 1.0,
+            decay_towers: false,
+            warmup_share: 0.0,
         }
+    }
+}
+
+impl TrainConfig {
+    /// Defaults for fine-tuning a pretrained CLIP (a config with `pretrained`), not training
+    /// from scratch: small steps on both towers and the checkpoint's own projections (FLYP's
+    /// 1e-5, weight decay 0.1 on every weight matrix, cosine decay after a 10 % warm-up), since
+    /// the recipe's 1e-3 on a few hundred pairs wipes out what the checkpoint knew.
+    pub fn pretrained_start() -> Self {
+        Self {
+            batch_size: 32,
+            epochs: 10,
+            lr_image: 1e-5,
+            lr_text: 1e-5,
+            lr_head: 1e-5,
+            weight_decay: 0.1,
+            decay_towers: true,
+            schedule: Schedule::Cosine,
+            warmup_share: 0.1,
+            ..Self::default()
+        }
+    }
+
+    /// Warm-up steps of a run of `total` steps: the longer of `warmup_steps` and the share.
+    pub fn warmup(&self, total: u64) -> u64 {
+        (self.warmup_steps as u64).max((self.warmup_share * total as f64).round() as u64)
+    }
+
+    /// One line saying how the optimiser will treat a pretrained start (stage 4 prints it).
+    pub fn describe(&self) -> String {
+        let lrs = if self.lr_image == self.lr_text && self.lr_text == self.lr_head {
+            format!("lr {:.0e} for both towers and the projections", self.lr_image)
+        } else {
+            format!(
+                "lr {:.0e} image, {:.0e} text, {:.0e} projections",
+                self.lr_image, self.lr_text, self.lr_head
+            )
+        };
+        let decay = if self.decay_towers {
+            format!("weight decay {} on every weight matrix", self.weight_decay)
+        } else {
+            format!("weight decay {} on the heads", self.weight_decay)
+        };
+        let schedule = match self.schedule {
+            Schedule::Cosine => "cosine decay after a warm-up".to_string(),
+            Schedule::Plateau => format!("×{} after {} epochs without improvement", self.factor, self.patience),
+        };
+        let mut parts = vec![lrs, decay, schedule];
+        if self.layer_decay != 1.0 {
+            parts.push(format!("layer-wise lr decay {}", self.layer_decay));
+        }
+        for (locked, tower) in [(self.lock_image, "image"), (self.lock_text, "text")] {
+            if locked {
+                parts.push(match self.unlocked_layers {
+                    0 => format!("{tower} tower locked"),
+                    n => format!(
+                        "{tower} tower locked but its last {n} block{}",
+                        if n == 1 { "" } else { "s" }
+                    ),
+                });
+            }
+        }
+        parts.join(", ")
     }
 }
 
@@ -573,6 +661,12 @@ impl ClipConfig {
         Self::builtin("simple-clip-pretrained-zh")
     }
 
+    /// This config with [`TrainConfig::pretrained_start`]'s training defaults.
+    pub fn with_pretrained_start(mut self) -> Self {
+        self.train = TrainConfig::pretrained_start();
+        self
+    }
+
     /// A preset that is built in: its file parses (every preset is parsed by the tests).
     fn builtin(name: &str) -> Self {
         Self::preset(name).unwrap_or_else(|e| panic!("the built-in preset {name} does not parse: {e:#}"))
@@ -597,16 +691,17 @@ impl ClipConfig {
         // Parse straight into the struct first: TOML's errors then name the line and column of an
         // unknown key or a wrong type.
         let direct: Self = toml::from_str(text)?;
-        if direct.preset.is_none() {
+        if direct.preset.is_none() && direct.pretrained.is_none() {
             direct.validate()?;
             return Ok(direct);
         }
-        // A config may start from a preset (`preset = "simple-clip"`) and override fields.
+        // A config may start from a preset (`preset = "simple-clip"`) and override fields; one
+        // that names a `pretrained` CLIP starts from the defaults for fine-tuning one.
         let value: toml::Table = toml::from_str(text)?;
         let mut base = match value.get("preset") {
             Some(toml::Value::String(p)) => toml::Table::try_from(Self::preset(p)?)?,
             Some(_) => bail!("`preset` must be a string, one of: {}", PRESETS.join(", ")),
-            None => toml::Table::try_from(Self::tiny())?,
+            None => toml::Table::try_from(Self::tiny().with_pretrained_start())?,
         };
         merge(&mut base, value);
         base.remove("preset");
@@ -756,6 +851,37 @@ impl ClipConfig {
         ] {
             if !(lr >= 0.0 && lr.is_finite()) {
                 errs.push(format!("train.{name} must be a finite number ≥ 0 (got {lr})"));
+            }
+        }
+        if !(tr.layer_decay > 0.0 && tr.layer_decay <= 1.0) {
+            errs.push(format!(
+                "train.layer_decay must be in (0, 1] (got {}; 1 is off)",
+                tr.layer_decay
+            ));
+        }
+        if !(0.0..1.0).contains(&tr.warmup_share) {
+            errs.push(format!(
+                "train.warmup_share must be in [0, 1) (got {})",
+                tr.warmup_share
+            ));
+        }
+        for (lock, freeze, tower) in [
+            (tr.lock_image, tr.freeze_image, "image"),
+            (tr.lock_text, tr.freeze_text, "text"),
+        ] {
+            if lock && freeze {
+                errs.push(format!(
+                    "train.lock_{tower} and train.freeze_{tower} both set: freeze fixes the whole {tower} tower (and caches its features), lock keeps its last unlocked_layers blocks training — choose one"
+                ));
+            }
+        }
+        let blocks = crate::model::blocks::counts(self);
+        for (lock, n, tower) in [(tr.lock_image, blocks.0, "image"), (tr.lock_text, blocks.1, "text")] {
+            if lock && tr.unlocked_layers > n {
+                errs.push(format!(
+                    "train.unlocked_layers is {} but the {tower} tower has {n} blocks",
+                    tr.unlocked_layers
+                ));
             }
         }
         if !(0.0..1.0).contains(&self.data.val_fraction) {

@@ -59,6 +59,8 @@ pub mod run_dir;
 pub mod schedule;
 /// One training step.
 pub mod train;
+/// WiSE-FT: interpolating a checkpoint and its fine-tuned weights.
+pub mod wise_ft;
 
 pub use config::ClipConfig;
 pub use model::ClipModel;

@@ -28,6 +28,10 @@ struct Slot {
     group: Group,
     var: Var,
     moments: Moments,
+    /// Multiplies the group's learning rate (layer-wise decay; 1 otherwise).
+    lr_scale: f64,
+    /// Whether the group's weight decay applies (not to biases and norms when the towers decay).
+    decays: bool,
 }
 
 /// Adam's first and second moments of one parameter.
@@ -100,20 +104,24 @@ pub type Grads = HashMap<String, Tensor>;
 impl AdamW {
     /// Groups as the tutorial: heads get `weight_decay`, the towers none; a frozen tower's
     /// parameters are not trainable and get no state at all.
+    ///
+    /// With `decay_towers` (a pretrained start), every group decays, but only weight matrices
+    /// (rank ≥ 2), as open_clip excludes biases, norms and `logit_scale`.
     pub fn new(params: &ParamStore, cfg: &TrainConfig) -> Result<Self> {
+        let tower_decay = if cfg.decay_towers { cfg.weight_decay } else { 0.0 };
         let mut groups = BTreeMap::new();
         groups.insert(
             Group::ImageTower,
             GroupSettings {
                 lr: cfg.lr_image,
-                weight_decay: 0.0,
+                weight_decay: tower_decay,
             },
         );
         groups.insert(
             Group::TextTower,
             GroupSettings {
                 lr: cfg.lr_text,
-                weight_decay: 0.0,
+                weight_decay: tower_decay,
             },
         );
         groups.insert(
@@ -139,6 +147,8 @@ impl AdamW {
             slots.push(Slot {
                 name,
                 group,
+                lr_scale: 1.0,
+                decays: !cfg.decay_towers || var.rank() >= 2,
                 moments,
                 var,
             });
@@ -152,6 +162,15 @@ impl AdamW {
             eps: 1e-8,
             step: 0,
         })
+    }
+
+    /// Scales each parameter's learning rate by `scale(name)` (layer-wise decay, see
+    /// [`crate::model::blocks::lr_scale`]).
+    pub fn with_lr_scales(mut self, scale: impl Fn(&str) -> f64) -> Self {
+        for s in &mut self.slots {
+            s.lr_scale = scale(&s.name);
+        }
+        self
     }
 
     /// Names of the parameters this optimiser updates.
@@ -195,6 +214,8 @@ impl AdamW {
                 return Ok(0.0);
             };
             let GroupSettings { lr, weight_decay } = self.groups[&s.group];
+            let lr = lr * s.lr_scale;
+            let weight_decay = if s.decays { weight_decay } else { 0.0 };
             match &s.moments {
                 Moments::Host(mv) => {
                     let op = AdamStep {

@@ -67,10 +67,14 @@ pub enum Init {
 }
 
 /// All tensors of a model, by name, in creation order (a `BTreeMap` keeps listings stable).
+/// Decides, by name, which parameters are created locked (not trainable) although their tower trains.
+pub type LockRule = Arc<dyn Fn(&str) -> bool + Send + Sync>;
+
 #[derive(Clone)]
 pub struct ParamStore {
     inner: Arc<Mutex<Inner>>,
     device: Device,
+    lock: Option<LockRule>,
 }
 
 struct Inner {
@@ -86,7 +90,15 @@ impl ParamStore {
                 rng: rand::rngs::StdRng::seed_from_u64(seed),
             })),
             device: device.clone(),
+            lock: None,
         }
+    }
+
+    /// Parameters created from now on whose name `rule` accepts are locked: held out of the
+    /// autograd graph and the optimiser, as a frozen tower's are (`--lock-image`).
+    pub fn with_lock(mut self, rule: LockRule) -> Self {
+        self.lock = Some(rule);
+        self
     }
 
     pub fn device(&self) -> &Device {
@@ -150,6 +162,10 @@ impl ParamStore {
     }
 
     fn create(&self, name: String, shape: &[usize], init: Init, group: Group, kind: Kind) -> Result<Tensor> {
+        let kind = match (kind, &self.lock) {
+            (Kind::Param { trainable: true }, Some(rule)) if rule(&name) => Kind::Param { trainable: false },
+            (k, _) => k,
+        };
         let mut inner = self.inner.lock().unwrap();
         if inner.entries.contains_key(&name) {
             bail!("internal error: parameter {name} created twice");

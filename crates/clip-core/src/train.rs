@@ -109,6 +109,7 @@ fn step_on_pool(
         }
     }
     let grad_norm = apply_update(opt, &mut acc, clip_grad_norm)?;
+    model.clamp_logit_scale()?;
     Ok(StepOutcome {
         loss: total_loss / k,
         grad_norm,

@@ -56,6 +56,12 @@ struct Args {
     /// both; a run stopped mid-epoch then starts that epoch over.
     #[arg(long, requires = "resume")]
     other_data: bool,
+    /// After fine-tuning a pretrained CLIP: WiSE-FT, the weights (1−α)·checkpoint + α·fine-tuned,
+    /// for one α (0.5) or a sweep FROM:TO:STEP (0:1:0.1); each is validated, the best becomes
+    /// model.safetensors, and report.html plots the curve. It keeps much of what the checkpoint
+    /// knew while keeping most of what the fine-tune learned.
+    #[arg(long, value_name = "ALPHA|FROM:TO:STEP")]
+    wise_ft: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -67,6 +73,13 @@ fn run(args: Args) -> Result<ExitCode> {
     let json = args.model.json.as_deref();
     println!("stage 4 — train: does the loss keep falling over many epochs?\n");
     let (cfg, dev, out) = setup(&args)?;
+    let alphas = match &args.wise_ft {
+        Some(spec) if cfg.pretrained.is_none() => bail!(
+            "--wise-ft {spec}: WiSE-FT interpolates with the pretrained CLIP a run starts from; start from one (--pretrained, a clip-* preset or `pretrained` in the config)"
+        ),
+        Some(spec) => Some(clip_core::wise_ft::parse_alphas(spec)?),
+        None => None,
+    };
     let mut t = open_run(&args, &cfg, &dev, &out)?;
     let mut fixed = before_training(&args, &mut t)?;
     let mut thumbs = Thumbnails::default();
@@ -91,7 +104,7 @@ fn run(args: Args) -> Result<ExitCode> {
         html_report::write(&t, &fixed, None, &mut thumbs)?;
         print_epoch(&t, train_loss, &v, lr, pps, secs, best);
     }
-    judge(&mut t, &mut fixed, &mut thumbs, &mut report)?;
+    judge(&mut t, &mut fixed, &mut thumbs, &mut report, alphas.as_deref())?;
     report.finish(json)
 }
 
@@ -249,6 +262,10 @@ fn before_training(args: &Args, t: &mut Trainer) -> Result<Fixed> {
         t.set_feature_cache(Some(dir.clone()));
     }
     describe_frozen(t)?;
+    if t.cfg().pretrained.is_some() {
+        println!("fine-tuning a pretrained CLIP: {}", t.cfg().train.describe());
+        println!("  logit_scale is learned and clamped to ≤ ln 100 after every step, as open_clip");
+    }
     let mut fixed = Fixed::load_or_new(t);
     let epochs = t.cfg().train.epochs;
     match &t.state().partial {
@@ -260,6 +277,11 @@ fn before_training(args: &Args, t: &mut Trainer) -> Result<Fixed> {
         ),
         None if t.state().epoch > 0 => println!("resuming after epoch {} of {epochs}", t.state().epoch),
         None => {
+            if t.cfg().pretrained.is_some() {
+                // What fine-tuning must not lose: the checkpoint, untouched, on the validation split.
+                let v = t.measure_start()?;
+                println!("start (the checkpoint, untouched): val {:.4}  {}", v.loss, v.describe());
+            }
             let before = t.fixed_similarity()?;
             fixed.heat_map(
                 &t.out().join("similarity_before.png"),
@@ -347,12 +369,25 @@ fn print_epoch(t: &Trainer, train_loss: f64, v: &Validation, lr: f64, pps: f64, 
 
 /// The gate: no NaN or Inf, the loss fell to half its first value, and the best model learned
 /// (see clip_core::gates); then the after heat map and the full report.
-fn judge(t: &mut Trainer, fixed: &mut Fixed, thumbs: &mut Thumbnails, report: &mut Report) -> Result<()> {
+fn judge(
+    t: &mut Trainer,
+    fixed: &mut Fixed,
+    thumbs: &mut Thumbnails,
+    report: &mut Report,
+    alphas: Option<&[f64]>,
+) -> Result<()> {
     if t.state().best_epoch == 0 {
         println!("no epoch had a finite loss: model.safetensors holds the untrained model");
     }
-    judge_losses(t, report);
+    let fine_tune = t.cfg().pretrained.is_some();
+    judge_losses(t, report, fine_tune);
     t.load_best()?;
+    if let Some(alphas) = alphas {
+        wise_ft(t, alphas)?;
+    }
+    if fine_tune {
+        judge_fine_tune(t, report)?;
+    }
     let after = t.fixed_similarity()?;
     fixed.heat_map(
         &t.out().join("similarity_after.png"),
@@ -366,6 +401,12 @@ fn judge(t: &mut Trainer, fixed: &mut Fixed, thumbs: &mut Thumbnails, report: &m
     report.metric("best_epoch", t.state().best_epoch);
     report.metric("best_val_loss", t.state().best_val_loss);
     report.metric("run", t.out().display().to_string());
+    if fine_tune {
+        println!("\nrun folder: {} (model.safetensors, config.toml, tokenizer.json, metrics.json with the start and every epoch, loss.csv, plots)", t.out().display());
+        println!("report: {}", page.display());
+        report.metric("report", page.display().to_string());
+        return Ok(());
+    }
     // Zero-shot accuracy (class folders) or retrieval (captions), against what a model that
     // learned nothing scores: see clip_core::gates.
     let gate = clip_core::gates::learned(t)?;
@@ -389,8 +430,103 @@ fn judge(t: &mut Trainer, fixed: &mut Fixed, thumbs: &mut Thumbnails, report: &m
     Ok(())
 }
 
-/// No NaN or Inf in any epoch's losses, and the last epoch's training loss at most half the first.
-fn judge_losses(t: &Trainer, report: &mut Report) {
+/// WiSE-FT over `alphas`, one line per α; the best becomes the run's model.
+fn wise_ft(t: &mut Trainer, alphas: &[f64]) -> Result<()> {
+    println!(
+        "\nWiSE-FT: (1−α)·checkpoint + α·fine-tuned (best epoch {}), on the validation split",
+        t.state().best_epoch
+    );
+    let w = t.wise_ft(alphas, |p| {
+        println!(
+            "  α {:.2}: val {:.4}  {}",
+            p.alpha,
+            p.validation.loss,
+            p.validation.describe()
+        )
+    })?;
+    println!(
+        "  kept α = {} as model.safetensors (wise_ft.png, report.html)",
+        w.chosen
+    );
+    plot::wise_ft(&w).write_png(&t.out().join("wise_ft.png"))
+}
+
+/// A fine-tune's gate: the final model (the best epoch, or the WiSE-FT blend) validated against
+/// the untouched checkpoint, side by side; it fails when the fine-tune made the model worse.
+fn judge_fine_tune(t: &Trainer, report: &mut Report) -> Result<()> {
+    let Some(start) = t.state().start else {
+        report.check(
+            "not below the start",
+            false,
+            "the run has no measurement of its checkpoint before training (started by an older clipmine): start it again to compare",
+        );
+        return Ok(());
+    };
+    let last = t.validate()?;
+    let label = match &t.state().wise_ft {
+        Some(w) => format!("final (epoch {}, WiSE-FT α {})", t.state().best_epoch, w.chosen),
+        None => format!("final (best, epoch {})", t.state().best_epoch),
+    };
+    println!("\nbefore and after, on the validation split:");
+    print!("{}", before_after_table(t, &start, &label, &last));
+    report.metric("start", start);
+    report.metric("final", last);
+    let (q0, q1) = (start.quality(), last.quality());
+    let what = if start.zero_shot.is_some() {
+        "zero-shot accuracy"
+    } else {
+        "mean recall@1"
+    };
+    report.check(
+        "not below the start",
+        q1 >= q0,
+        if q1 >= q0 {
+            format!("{what} {q0:.3} (checkpoint) → {q1:.3} (final), validation loss {:.4} → {:.4}", start.loss, last.loss)
+        } else {
+            format!(
+                "{what} fell from {q0:.3} (checkpoint) to {q1:.3} (final): the fine-tune lost more than it learned — lower the learning rates, train fewer epochs, lock most of a tower (--lock-image --unlocked-layers 2), or blend with the checkpoint (--wise-ft 0:1:0.1)"
+            )
+        },
+    );
+    Ok(())
+}
+
+/// The start, every epoch and the final model in one table.
+fn before_after_table(t: &Trainer, start: &Validation, label: &str, last: &Validation) -> String {
+    let zs = start.zero_shot.is_some();
+    let mut s = format!(
+        "  {:<34} {:>9} {:>8} {:>8}{}\n",
+        "",
+        "val loss",
+        "R@1 i→t",
+        "R@1 t→i",
+        if zs { "  zero-shot" } else { "" }
+    );
+    let mut row = |name: &str, v: &Validation| {
+        s.push_str(&format!(
+            "  {name:<34} {:>9.4} {:>8.3} {:>8.3}{}\n",
+            v.loss,
+            v.recall.i2t_r1,
+            v.recall.t2i_r1,
+            v.zero_shot.map(|a| format!("  {a:>9.3}")).unwrap_or_default()
+        ));
+    };
+    row("start (checkpoint)", start);
+    for r in &t.state().history {
+        let v = Validation {
+            loss: r.val_loss,
+            recall: r.recall,
+            zero_shot: r.zero_shot,
+        };
+        row(&format!("epoch {}", r.epoch), &v);
+    }
+    row(label, last);
+    s
+}
+
+/// No NaN or Inf in any epoch's losses, and (training from scratch) the last epoch's training
+/// loss at most half the first; a fine-tune starts low and is judged against its start instead.
+fn judge_losses(t: &Trainer, report: &mut Report, fine_tune: bool) {
     let h = &t.state().history;
     let (first, last) = (
         h.first().map(|r| r.train_loss).unwrap_or(f64::NAN),
@@ -408,9 +544,12 @@ fn judge_losses(t: &Trainer, report: &mut Report) {
             "no NaN or Inf in any epoch's training loss (no validation loss: the split is too small)"
         },
     );
-    let threshold = 0.5 * first;
     report.metric("first_epoch_loss", first);
     report.metric("last_epoch_loss", last);
+    if fine_tune {
+        return;
+    }
+    let threshold = 0.5 * first;
     report.metric("loss_threshold", threshold);
     report.check(
         "loss fell",
@@ -547,5 +686,7 @@ fn new_run_dir() -> Result<PathBuf> {
 /// loss.png, lr.png and quality.png: the history so far, one point per epoch.
 fn plot_curves(t: &Trainer) -> Result<()> {
     let tr = &t.cfg().train;
-    plot::Curves::new(&t.state().history, tr.freeze_image, tr.freeze_text).write_png(t.out())
+    plot::Curves::new(&t.state().history, tr.freeze_image, tr.freeze_text)
+        .with_start(t.state().start.as_ref())
+        .write_png(t.out())
 }

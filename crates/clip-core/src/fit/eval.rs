@@ -19,12 +19,34 @@ use crate::train::eval_loss;
 pub const MAX_RECALL_PAIRS: usize = 2000;
 
 /// What validation measured after an epoch.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
 pub struct Validation {
+    #[serde(deserialize_with = "super::state::nan_if_null")]
     pub loss: f64,
     pub recall: Recall,
     /// Zero-shot accuracy, when the dataset has class labels (see [`Trainer::zero_shot`]).
+    #[serde(default)]
     pub zero_shot: Option<f64>,
+}
+
+impl Validation {
+    /// One number to compare models by: zero-shot accuracy for class folders, else the mean of
+    /// recall@1 both ways.
+    pub fn quality(&self) -> f64 {
+        self.zero_shot
+            .unwrap_or(0.5 * (self.recall.i2t_r1 + self.recall.t2i_r1))
+    }
+
+    /// What [`Validation::quality`] is, in words, with its value.
+    pub fn describe(&self) -> String {
+        match self.zero_shot {
+            Some(a) => format!("zero-shot accuracy {a:.3}"),
+            None => format!(
+                "recall@1 image→text {:.3}, text→image {:.3}",
+                self.recall.i2t_r1, self.recall.t2i_r1
+            ),
+        }
+    }
 }
 
 impl Trainer {
@@ -99,6 +121,16 @@ impl Trainer {
             .map(|c| Ok(project(&rows.tensor(c, &self.data.device)?)?.detach()))
             .collect::<Result<Vec<_>>>()?;
         Ok(Tensor::cat(&parts, 0)?)
+    }
+
+    /// Validates the model as it is before the first step — for a pretrained start, the
+    /// untouched checkpoint — and keeps the figures in the run's state and metrics.json, where
+    /// every epoch (and stage 4's gate) is compared with them.
+    pub fn measure_start(&mut self) -> Result<Validation> {
+        let v = self.validate()?;
+        self.state.start = Some(v);
+        self.write_metrics()?;
+        Ok(v)
     }
 
     /// Validation loss (mean over batches, evaluation mode) and retrieval recall.

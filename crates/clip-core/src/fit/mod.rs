@@ -27,6 +27,7 @@ mod eval;
 mod open;
 mod save;
 mod state;
+mod wise;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -38,6 +39,7 @@ use anyhow::{bail, Context, Result};
 pub use eval::{Validation, MAX_RECALL_PAIRS};
 pub use open::ResumeOptions;
 pub use state::{config_changes, Change, EpochRecord, PartialEpoch, Stopped, TrainState};
+pub use wise::{WiseFt, WisePoint};
 
 use crate::config::{ClipConfig, Schedule};
 use crate::data::Batch;
@@ -134,13 +136,17 @@ impl Trainer {
     /// The model, optimiser and state of epoch 0, touching no file.
     fn build(cfg: &ClipConfig, data: Prepared, lock: RunLock) -> Result<Self> {
         let model = ClipModel::new(cfg, &data.device)?;
-        let opt = AdamW::new(&model.params, &cfg.train)?;
+        let decay = cfg.train.layer_decay;
+        let opt = AdamW::new(&model.params, &cfg.train)?
+            .with_lr_scales(|name| crate::model::blocks::lr_scale(cfg, decay, name));
         let state = TrainState {
             epoch: 0,
             best_val_loss: f64::INFINITY,
             best_epoch: 0,
             plateau: Plateau::new(cfg.train.patience, cfg.train.factor),
             history: vec![],
+            start: None,
+            wise_ft: None,
             partial: None,
         };
         let out = lock.dir.clone();
@@ -247,7 +253,7 @@ impl Trainer {
             }
             if self.cfg.train.schedule == Schedule::Cosine {
                 self.opt
-                    .scale_lr(cosine(self.opt.step, self.cfg.train.warmup_steps as u64, total_steps));
+                    .scale_lr(cosine(self.opt.step, self.cfg.train.warmup(total_steps), total_steps));
             }
             let n: usize = pending.iter().map(|b| b.pairs.len()).sum();
             let out = train_step(&self.model, &mut self.opt, &pending, self.cfg.train.clip_grad_norm)

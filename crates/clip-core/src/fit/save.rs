@@ -55,6 +55,8 @@ impl Trainer {
             "best_epoch": self.state.best_epoch,
             "best_val_loss": self.state.best_val_loss,
             "best_by": if self.validates() { "validation loss" } else { "training loss" },
+            "start": self.state.start,
+            "wise_ft": self.state.wise_ft,
             "history": h,
         });
         let metrics = serde_json::to_string_pretty(&metrics)?;

@@ -45,6 +45,12 @@ pub struct TrainState {
     #[serde(deserialize_with = "plateau_lenient")]
     pub plateau: Plateau,
     pub history: Vec<EpochRecord>,
+    /// Validation of the model before its first step (a pretrained start's checkpoint).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start: Option<super::Validation>,
+    /// The WiSE-FT sweep at the end of a fine-tune (`--wise-ft`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wise_ft: Option<super::WiseFt>,
     /// The epoch in progress when training was stopped in its middle.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub partial: Option<PartialEpoch>,
@@ -138,7 +144,7 @@ pub fn config_changes(old: &ClipConfig, new: &ClipConfig) -> Result<Vec<Change>>
 }
 
 /// JSON has no NaN or infinity (serde_json writes `null`): read `null` back as NaN.
-fn nan_if_null<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<f64, D::Error> {
+pub(super) fn nan_if_null<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<f64, D::Error> {
     Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
 }
 

@@ -55,7 +55,14 @@ impl ClipModel {
     /// Builds a randomly initialised model; the same config and seed give the same weights.
     pub fn new(config: &ClipConfig, device: &Device) -> Result<Self> {
         config.validate()?;
-        let params = ParamStore::new(device, config.seed);
+        let mut params = ParamStore::new(device, config.seed);
+        let tr = &config.train;
+        if tr.lock_image || tr.lock_text {
+            let cfg = config.clone();
+            params = params.with_lock(std::sync::Arc::new(move |name: &str| {
+                super::blocks::is_locked(&cfg, &cfg.train, name)
+            }));
+        }
         let dropout_rng = DropoutRng::new(config.seed ^ 0x5eed);
         let tr = &config.train;
         let image_encoder = ImageTower::new(
@@ -245,6 +252,26 @@ impl ClipModel {
             (LossKind::Clip, Some(s)) => loss::clip_loss(&e.image, &e.text, s, positives),
             _ => loss::soft_loss(&e.image, &e.text, self.config.temperature),
         }
+    }
+
+    /// Clamps the learnable `logit_scale` to [0, ln 100] in place, as open_clip does after every
+    /// optimiser step: beyond it the loss's own clamp would hold the scale with a zero gradient
+    /// while the parameter drifted on. Returns whether it had to.
+    pub fn clamp_logit_scale(&self) -> Result<bool> {
+        let Some(e) = self.params.get("logit_scale") else {
+            return Ok(false);
+        };
+        let v = e
+            .var
+            .as_tensor()
+            .to_dtype(candle_core::DType::F32)?
+            .to_scalar::<f32>()?;
+        let c = v.clamp(0.0, loss::CLIP_MAX_LOGIT_SCALE as f32);
+        if c == v {
+            return Ok(false);
+        }
+        e.var.set(&Tensor::new(c, self.device())?)?;
+        Ok(true)
     }
 
     /// The current logit scale exp(s) of the `clip` loss, if any.

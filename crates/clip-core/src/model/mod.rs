@@ -1,6 +1,7 @@
 //! The CLIP model: an image tower (a timm ResNet, a CLIP ViT or OpenAI's ModifiedResNet), a text
 //! tower (DistilBERT / BERT or the CLIP text transformer), and a head for each.
 
+pub mod blocks;
 mod clip;
 mod clip_resnet;
 mod clip_text;

@@ -37,6 +37,9 @@ pub struct BatchNorm2d {
     running_var: Var,
     eps: f64,
     momentum: f64,
+    /// Its scale and shift are not trained (a frozen or locked tower): it always normalises with
+    /// its running statistics and never updates them, as open_clip's `freeze_batch_norm_2d`.
+    locked: bool,
 }
 
 impl BatchNorm2d {
@@ -47,8 +50,11 @@ impl BatchNorm2d {
     /// A BatchNorm whose scale γ starts at `gamma` (0 for a residual block's last one, see
     /// `ImageConfig::zero_init_last`).
     pub fn with_scale(pb: &ParamBuilder, channels: usize, gamma: f64) -> Result<Self> {
+        let weight = pb.param("weight", &[channels], Init::Const(gamma))?;
         Ok(Self {
-            weight: pb.param("weight", &[channels], Init::Const(gamma))?,
+            // A trainable parameter is the variable itself; a frozen or locked one is detached.
+            locked: !weight.is_variable(),
+            weight,
             bias: pb.param("bias", &[channels], Init::Const(0.0))?,
             running_mean: pb.buffer("running_mean", &[channels], Init::Const(0.0))?,
             running_var: pb.buffer("running_var", &[channels], Init::Const(1.0))?,
@@ -105,6 +111,7 @@ impl BatchNorm2d {
     }
 
     fn run(&self, x: &Tensor, train: bool, relu: bool) -> candle_core::Result<Tensor> {
+        let train = train && !self.locked;
         let (weight, bias) = (super::param(&self.weight), super::param(&self.bias));
         let (b, c, h, w) = x.dims4()?;
         let n = b * h * w;

@@ -13,6 +13,8 @@ pub mod data;
 pub mod device;
 /// Embedding many images or captions in evaluation mode.
 pub mod embed;
+/// Writing a CLIP back out as an open_clip or Hugging Face folder.
+pub mod export;
 /// Frozen towers' outputs computed once and kept on disk.
 pub mod feature_cache;
 /// Atomic, checksummed writes, manifests, folder syncs and stale-file cleanup: the leaf every

@@ -106,6 +106,12 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             json,
             &device,
         ),
+        Cmd::Export {
+            model,
+            format,
+            out,
+            overwrite,
+        } => export(&model, format, &out, overwrite, json, &device),
         Cmd::Demo { model, data } => demo(&model, data.unwrap_or_else(Dataset::demo_dir).as_path(), &device),
     }
 }
@@ -699,4 +705,39 @@ fn progress(json: bool) -> Box<dyn clip_core::progress::Progress> {
     } else {
         Box::new(clip_cli::progress::Bar::new())
     }
+}
+
+/// Writes the model as an open_clip or Hugging Face folder and says how to load it.
+fn export(
+    choice: &ModelChoice,
+    format: clip_core::export::ExportFormat,
+    out: &Path,
+    overwrite: bool,
+    json: bool,
+    device: &Device,
+) -> Result<ExitCode> {
+    let m = load(choice, device)?;
+    let e = clip_core::export::export(&m.model, &m.tok, format, out, overwrite)
+        .with_context(|| format!("exporting {}", m.flag()))?;
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "layout": e.layout,
+                "out": out.display().to_string(),
+                "tensors": e.tensors,
+                "files": e.files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>(),
+                "python": e.python,
+            })
+        );
+    } else {
+        println!("exported {} as {} ({} tensors) to {}:", m.flag(), e.layout, e.tensors, out.display());
+        for f in &e.files {
+            let size = std::fs::metadata(f).map(|m| m.len()).unwrap_or(0);
+            println!("  {} ({:.1} MB)", f.display(), size as f64 / 1e6);
+        }
+        println!("load it in Python:\n{}", e.python.lines().map(|l| format!("  {l}")).collect::<Vec<_>>().join("\n"));
+        println!("or here: clip-predict image-to-text --model {} …", out.display());
+    }
+    Ok(ExitCode::SUCCESS)
 }

@@ -147,6 +147,24 @@ enum Cmd {
         #[arg(long)]
         skip_bad: bool,
     },
+    /// Write a fine-tuned CLIP (or a pretrained one) as a folder Python loads: open_clip
+    /// (open_clip_config.json + open_clip_model.safetensors) or Hugging Face (CLIPModel, or
+    /// ChineseCLIPModel: config.json, model.safetensors, tokenizer and preprocessor files).
+    #[command(
+        after_help = "Examples:\n  clip-predict export --run runs/mine --format hf exported/mine-hf\n  clip-predict export --run runs/mine --format open_clip exported/mine-oc\n\nthen, in Python:\n  model, _, preprocess = open_clip.create_model_and_transforms(\"local-dir:exported/mine-oc\")\n  model = CLIPModel.from_pretrained(\"exported/mine-hf\")\n\nA ResNet CLIP (RN50 …) exports to open_clip only; a Chinese-CLIP to hf only (ChineseCLIPModel)."
+    )]
+    Export {
+        #[command(flatten)]
+        model: ModelChoice,
+        /// open_clip or hf.
+        #[arg(long)]
+        format: clip_core::export::ExportFormat,
+        /// The folder to write.
+        out: PathBuf,
+        /// Replace the files of an earlier export in OUT.
+        #[arg(long)]
+        overwrite: bool,
+    },
     /// The tutorial's ending on a dataset: each image's best caption, and each caption's best image.
     Demo {
         #[command(flatten)]

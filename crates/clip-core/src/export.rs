@@ -70,7 +70,10 @@ fn check(cfg: &ClipConfig, format: ExportFormat) -> Result<()> {
     }
     let chinese = cfg.text.kind == TextKind::Bert;
     if !matches!(cfg.text.kind, TextKind::Clip | TextKind::Bert) {
-        bail!("a {:?} text tower exports to neither open_clip nor Hugging Face CLIP", cfg.text.kind);
+        bail!(
+            "a {:?} text tower exports to neither open_clip nor Hugging Face CLIP",
+            cfg.text.kind
+        );
     }
     match format {
         ExportFormat::Hf => {
@@ -132,7 +135,10 @@ pub fn export(
         ExportFormat::Hf => {
             let tensors = hf_tensors(&params)?;
             let mut files = vec![
-                ("config.json".to_string(), serde_json::to_vec_pretty(&hf_config(cfg, tokenizer))?),
+                (
+                    "config.json".to_string(),
+                    serde_json::to_vec_pretty(&hf_config(cfg, tokenizer))?,
+                ),
                 (
                     "preprocessor_config.json".into(),
                     serde_json::to_vec_pretty(&preprocessor_config(cfg))?,
@@ -147,7 +153,11 @@ pub fn export(
                 files.push(("vocab.txt".into(), vocab_txt(tokenizer).into_bytes()));
             }
             let class = if chinese { "ChineseCLIPModel" } else { "CLIPModel" };
-            let processor = if chinese { "ChineseCLIPProcessor" } else { "CLIPProcessor" };
+            let processor = if chinese {
+                "ChineseCLIPProcessor"
+            } else {
+                "CLIPProcessor"
+            };
             let python = format!(
                 "from transformers import {class}, {processor}\nmodel = {class}.from_pretrained(\"{0}\")\nprocessor = {processor}.from_pretrained(\"{0}\")",
                 out.display()
@@ -271,7 +281,14 @@ fn open_clip_tensors(cfg: &ClipConfig, params: &HashMap<String, Tensor>) -> Resu
             if let Some(rest) = v.strip_prefix("encoder.layers.") {
                 let (n, inner) = rest.split_once('.').context("internal error: block name")?;
                 let from = format!("{IMG}encoder.layers.{n}.");
-                open_clip_block(inner, &format!("visual.transformer.resblocks.{n}."), t, params, &from, &mut out)?;
+                open_clip_block(
+                    inner,
+                    &format!("visual.transformer.resblocks.{n}."),
+                    t,
+                    params,
+                    &from,
+                    &mut out,
+                )?;
                 continue;
             }
             let to = match v {
@@ -288,7 +305,14 @@ fn open_clip_tensors(cfg: &ClipConfig, params: &HashMap<String, Tensor>) -> Resu
             if let Some(rest) = v.strip_prefix("encoder.layers.") {
                 let (n, inner) = rest.split_once('.').context("internal error: block name")?;
                 let from = format!("{TXT}encoder.layers.{n}.");
-                open_clip_block(inner, &format!("transformer.resblocks.{n}."), t, params, &from, &mut out)?;
+                open_clip_block(
+                    inner,
+                    &format!("transformer.resblocks.{n}."),
+                    t,
+                    params,
+                    &from,
+                    &mut out,
+                )?;
                 continue;
             }
             let to = match v {

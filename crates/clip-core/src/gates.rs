@@ -16,7 +16,7 @@ use anyhow::Result;
 use serde::Serialize;
 
 use crate::data::Dataset;
-use crate::fit::{Trainer, MAX_RECALL_PAIRS};
+use crate::fit::{Trainer, Validation, MAX_RECALL_PAIRS};
 use crate::retrieval::Recall;
 
 /// Datasets up to this many images must be learned perfectly (retrieval on the training pairs).
@@ -199,6 +199,38 @@ pub fn learned(t: &Trainer) -> Result<Gate> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_fine_tune_below_its_start_fails_and_says_what_to_try() {
+        let v = |loss: f64, i2t: f64, t2i: f64| Validation {
+            loss,
+            recall: crate::retrieval::Recall {
+                i2t_r1: i2t,
+                t2i_r1: t2i,
+                ..Default::default()
+            },
+            zero_shot: None,
+        };
+        let start = v(2.0, 0.5, 0.5);
+        let g = not_below_start(&start, &v(1.5, 0.6, 0.5));
+        assert!(g.passed, "{}", g.detail);
+        assert!(g.detail.contains("0.500 (checkpoint) → 0.550"), "{}", g.detail);
+        let g = not_below_start(&start, &v(1.5, 0.5, 0.4));
+        assert!(!g.passed);
+        assert!(
+            g.detail.contains("fell from 0.500") && g.detail.contains("--wise-ft"),
+            "{}",
+            g.detail
+        );
+        // Class folders: zero-shot accuracy decides.
+        let zs = |a| Validation {
+            zero_shot: Some(a),
+            ..start
+        };
+        assert!(!not_below_start(&zs(0.8), &zs(0.7)).passed);
+        assert!(not_below_start(&zs(0.7), &zs(0.7)).passed);
+    }
+
     use super::*;
 
     /// A model whose towers give one output for every input: all similarities tie.
@@ -282,5 +314,36 @@ mod tests {
             "always answering the 70 % class is not learning"
         );
         assert!(!judge_zero_shot(f64::NAN, 0.1, "t").passed);
+    }
+}
+
+/// A fine-tune's gate: the final model against the untouched checkpoint it started from, on the
+/// validation split, by [`Validation::quality`] (zero-shot accuracy, or mean recall@1). It fails
+/// when fine-tuning made the model worse, which is what "forgetting" looks like on the user's
+/// own data.
+pub fn not_below_start(start: &Validation, last: &Validation) -> Gate {
+    let (q0, q1) = (start.quality(), last.quality());
+    let what = if start.zero_shot.is_some() {
+        "zero-shot accuracy"
+    } else {
+        "mean recall@1"
+    };
+    let passed = q1 >= q0;
+    Gate {
+        name: "not below the start",
+        passed,
+        detail: if passed {
+            format!(
+                "{what} {q0:.3} (checkpoint) → {q1:.3} (final), validation loss {:.4} → {:.4}",
+                start.loss, last.loss
+            )
+        } else {
+            format!(
+                "{what} fell from {q0:.3} (checkpoint) to {q1:.3} (final): the fine-tune lost more than it learned — lower the learning rates, train fewer epochs, lock most of a tower (--lock-image --unlocked-layers 2), or blend with the checkpoint (--wise-ft 0:1:0.1)"
+            )
+        },
+        value: q1,
+        chance: q0,
+        threshold: q0,
     }
 }

@@ -731,12 +731,25 @@ fn export(
             })
         );
     } else {
-        println!("exported {} as {} ({} tensors) to {}:", m.flag(), e.layout, e.tensors, out.display());
+        println!(
+            "exported {} as {} ({} tensors) to {}:",
+            m.flag(),
+            e.layout,
+            e.tensors,
+            out.display()
+        );
         for f in &e.files {
             let size = std::fs::metadata(f).map(|m| m.len()).unwrap_or(0);
             println!("  {} ({:.1} MB)", f.display(), size as f64 / 1e6);
         }
-        println!("load it in Python:\n{}", e.python.lines().map(|l| format!("  {l}")).collect::<Vec<_>>().join("\n"));
+        println!(
+            "load it in Python:\n{}",
+            e.python
+                .lines()
+                .map(|l| format!("  {l}"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
         println!("or here: clip-predict image-to-text --model {} …", out.display());
     }
     Ok(ExitCode::SUCCESS)

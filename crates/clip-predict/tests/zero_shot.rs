@@ -226,3 +226,100 @@ fn a_model_that_is_not_a_pretrained_clip_is_named_as_such() {
     assert_eq!(code, Some(2));
     assert!(err.contains("cannot be used with"), "{err}");
 }
+
+/// The scores `image-to-text` prints for the fixture images and captions, in caption order.
+fn scores(model: &str, size: usize) -> Vec<Vec<f64>> {
+    let texts = cases();
+    let imgs = [image(size, 0), image(size, 1)];
+    let mut args = vec!["--json", "image-to-text", "--model", model, "--top", "20"];
+    args.extend(imgs.iter().map(|p| p.to_str().unwrap()));
+    args.push("--texts");
+    args.extend(texts.iter().map(String::as_str));
+    let (code, out, err) = predict(&args);
+    assert_eq!(code, Some(0), "{model}: {err}");
+    let j: serde_json::Value = serde_json::from_str(&out).unwrap();
+    j["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let mut row = vec![0.0; texts.len()];
+            for c in r["captions"].as_array().unwrap() {
+                let k = texts.iter().position(|t| t == c["caption"].as_str().unwrap()).unwrap();
+                row[k] = c["score"].as_f64().unwrap();
+            }
+            row
+        })
+        .collect()
+}
+
+#[test]
+fn export_writes_folders_that_answer_as_the_model_does() {
+    for (name, format, files) in [
+        (
+            "oc-vit",
+            "open_clip",
+            &["open_clip_config.json", "open_clip_model.safetensors"][..],
+        ),
+        (
+            "oc-vit",
+            "hf",
+            &[
+                "config.json",
+                "model.safetensors",
+                "tokenizer.json",
+                "tokenizer_config.json",
+                "preprocessor_config.json",
+            ][..],
+        ),
+        (
+            "oc-rn",
+            "open_clip",
+            &["open_clip_config.json", "open_clip_model.safetensors"][..],
+        ),
+        (
+            "cn-clip",
+            "hf",
+            &[
+                "config.json",
+                "model.safetensors",
+                "vocab.txt",
+                "preprocessor_config.json",
+            ][..],
+        ),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("export");
+        let src = checkpoint(name).display().to_string();
+        let (code, stdout, err) = predict(&["export", "--model", &src, "--format", format, out.to_str().unwrap()]);
+        assert_eq!(code, Some(0), "{name} {format}: {err}");
+        assert!(stdout.contains("load it in Python:"), "{stdout}");
+        for f in files {
+            assert!(out.join(f).is_file(), "{name} {format}: no {f}");
+        }
+        let size = if name == "oc-rn" { 64 } else { 32 };
+        let (want, got) = (scores(&src, size), scores(out.to_str().unwrap(), size));
+        let d = want
+            .iter()
+            .flatten()
+            .zip(got.iter().flatten())
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f64::max);
+        assert!(d <= 1e-6, "{name} {format}: max |Δ| {d}");
+    }
+    // What a format cannot carry is refused, naming the one that can.
+    let dir = tempfile::tempdir().unwrap();
+    let (code, _, err) = predict(&[
+        "export",
+        "--model",
+        checkpoint("oc-rn").to_str().unwrap(),
+        "--format",
+        "hf",
+        dir.path().join("x").to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(2));
+    assert!(
+        err.contains("no ResNet CLIP") && err.contains("--format open_clip"),
+        "{err}"
+    );
+}

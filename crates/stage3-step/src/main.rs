@@ -38,6 +38,15 @@ struct Args {
     /// Keep a tower fixed (image, text or both): it runs in evaluation mode and gets no gradient.
     #[arg(long, value_name = "TOWER", value_parser = ["image", "text", "both"])]
     freeze: Option<String>,
+    /// Lock the image tower but its last --unlocked-layers blocks (as stage 4's --lock-image).
+    #[arg(long)]
+    lock_image: bool,
+    /// Lock the text tower but its last --unlocked-layers blocks.
+    #[arg(long)]
+    lock_text: bool,
+    /// Blocks at the top of a locked tower that still train.
+    #[arg(long, value_name = "N")]
+    unlocked_layers: Option<usize>,
     /// Deliberately detach a tower's output (image or text) to see the gradient check catch it.
     #[arg(long, value_name = "TOWER", value_parser = ["image", "text"])]
     cut_gradient: Option<String>,
@@ -92,6 +101,11 @@ fn config(args: &Args) -> Result<ClipConfig> {
     }
     if let Some(towers) = &args.freeze {
         cfg.train.freeze(towers)?;
+    }
+    cfg.train.lock_image |= args.lock_image;
+    cfg.train.lock_text |= args.lock_text;
+    if let Some(n) = args.unlocked_layers {
+        cfg.train.unlocked_layers = n;
     }
     cfg.validate()?;
     Ok(cfg)
@@ -293,9 +307,18 @@ fn check_updates(
             unchanged.push(name);
         } else if e.is_param() && !e.is_trainable() && moved {
             frozen_moved.push(name);
-        } else if !e.is_param() && name.ends_with("running_mean") {
-            stats_total += 1;
-            stats_moved += moved as usize;
+        } else if let Some(bn) = name.strip_suffix("running_mean") {
+            // A BatchNorm of a locked block (--lock-image) keeps its statistics, like a frozen one.
+            let trainable = model
+                .params
+                .get(&format!("{bn}weight"))
+                .is_some_and(|w| w.is_trainable());
+            if trainable || model.config.train.freeze_image {
+                stats_total += 1;
+                stats_moved += moved as usize;
+            } else if moved {
+                frozen_moved.push(name);
+            }
         }
     }
     report.check(

@@ -73,3 +73,32 @@ fn freeze_both_keeps_the_towers_and_their_batch_norm_statistics_still() {
     let (ok, log) = run(&["--freeze", "all"]);
     assert!(!ok && log.contains("--freeze"), "{log}");
 }
+
+/// A fixture checkpoint folder (tiny random CLIPs made by open_clip and transformers).
+fn fixture(name: &str) -> String {
+    let snaps = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(format!(
+        "../clip-core/tests/fixtures/clip/hub/models--test--{name}/snapshots"
+    ));
+    let dir = std::fs::read_dir(&snaps).unwrap().next().unwrap().unwrap().path();
+    dir.to_str().unwrap().to_string()
+}
+
+#[test]
+fn passes_from_each_pretrained_clip_kind_with_a_gradient_for_both_towers_and_logit_scale() {
+    for name in ["oc-vit", "oc-rn", "hf-clip", "cn-clip"] {
+        let dir = tempfile::tempdir().unwrap();
+        let json = dir.path().join("s3.json");
+        let (ok, log) = run(&["--pretrained", &fixture(name), "--json", json.to_str().unwrap()]);
+        assert!(ok, "{name}: {log}");
+        let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
+        assert_eq!(r["metrics"]["no_gradient"].as_array().unwrap().len(), 0, "{name}");
+        assert!(log.contains("[ok] gradients: all"), "{name}: {log}");
+        // With --lock-image, the locked tensors are reported frozen and unchanged.
+        let (ok, log) = run(&["--pretrained", &fixture(name), "--lock-image", "--unlocked-layers", "1"]);
+        assert!(ok, "{name} --lock-image: {log}");
+        assert!(
+            log.contains("[ok] frozen:") && !log.contains("no frozen tensors"),
+            "{name}: {log}"
+        );
+    }
+}

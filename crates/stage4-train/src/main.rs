@@ -471,23 +471,9 @@ fn judge_fine_tune(t: &Trainer, report: &mut Report) -> Result<()> {
     print!("{}", before_after_table(t, &start, &label, &last));
     report.metric("start", start);
     report.metric("final", last);
-    let (q0, q1) = (start.quality(), last.quality());
-    let what = if start.zero_shot.is_some() {
-        "zero-shot accuracy"
-    } else {
-        "mean recall@1"
-    };
-    report.check(
-        "not below the start",
-        q1 >= q0,
-        if q1 >= q0 {
-            format!("{what} {q0:.3} (checkpoint) → {q1:.3} (final), validation loss {:.4} → {:.4}", start.loss, last.loss)
-        } else {
-            format!(
-                "{what} fell from {q0:.3} (checkpoint) to {q1:.3} (final): the fine-tune lost more than it learned — lower the learning rates, train fewer epochs, lock most of a tower (--lock-image --unlocked-layers 2), or blend with the checkpoint (--wise-ft 0:1:0.1)"
-            )
-        },
-    );
+    let gate = clip_core::gates::not_below_start(&start, &last);
+    report.check(gate.name, gate.passed, gate.detail.clone());
+    report.metric("gate", &gate);
     Ok(())
 }
 

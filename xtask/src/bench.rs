@@ -180,7 +180,11 @@ pub fn run(args: Args) -> Result<bool> {
             Some((arch, _)) => (
                 "clip_bench.py",
                 [
-                    "bench-infer",
+                    if args.first().map(String::as_str) == Some("bench") {
+                        "bench-train"
+                    } else {
+                        "bench-infer"
+                    },
                     "--model",
                     arch,
                     "--batch-size",

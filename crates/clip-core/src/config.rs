@@ -661,6 +661,16 @@ impl ClipConfig {
         Self::builtin("simple-clip-pretrained-zh")
     }
 
+    /// The number of residual blocks of the image and the text tower (what `--unlocked-layers`
+    /// and layer-wise decay count).
+    pub fn block_counts(&self) -> (usize, usize) {
+        let image = match self.image.arch {
+            ImageArch::Vit => self.image.layers,
+            ImageArch::Resnet | ImageArch::ClipResnet => self.image.depths.iter().sum(),
+        };
+        (image, self.text.n_layers)
+    }
+
     /// This config with [`TrainConfig::pretrained_start`]'s training defaults.
     pub fn with_pretrained_start(mut self) -> Self {
         self.train = TrainConfig::pretrained_start();
@@ -875,7 +885,7 @@ impl ClipConfig {
                 ));
             }
         }
-        let blocks = crate::model::blocks::counts(self);
+        let blocks = self.block_counts();
         for (lock, n, tower) in [(tr.lock_image, blocks.0, "image"), (tr.lock_text, blocks.1, "text")] {
             if lock && tr.unlocked_layers > n {
                 errs.push(format!(

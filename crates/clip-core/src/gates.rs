@@ -197,6 +197,37 @@ pub fn learned(t: &Trainer) -> Result<Gate> {
     Ok(judge_retrieval(&r, &recall_text_image(ds, train), &on))
 }
 
+/// A fine-tune's gate: the final model against the untouched checkpoint it started from, on the
+/// validation split, by [`Validation::quality`] (zero-shot accuracy, or mean recall@1). It fails
+/// when fine-tuning made the model worse, which is what "forgetting" looks like on the user's
+/// own data.
+pub fn not_below_start(start: &Validation, last: &Validation) -> Gate {
+    let (q0, q1) = (start.quality(), last.quality());
+    let what = if start.zero_shot.is_some() {
+        "zero-shot accuracy"
+    } else {
+        "mean recall@1"
+    };
+    let passed = q1 >= q0;
+    Gate {
+        name: "not below the start",
+        passed,
+        detail: if passed {
+            format!(
+                "{what} {q0:.3} (checkpoint) → {q1:.3} (final), validation loss {:.4} → {:.4}",
+                start.loss, last.loss
+            )
+        } else {
+            format!(
+                "{what} fell from {q0:.3} (checkpoint) to {q1:.3} (final): the fine-tune lost more than it learned — lower the learning rates, train fewer epochs, lock most of a tower (--lock-image --unlocked-layers 2), or blend with the checkpoint (--wise-ft 0:1:0.1)"
+            )
+        },
+        value: q1,
+        chance: q0,
+        threshold: q0,
+    }
+}
+
 #[cfg(test)]
 mod tests {
 
@@ -314,36 +345,5 @@ mod tests {
             "always answering the 70 % class is not learning"
         );
         assert!(!judge_zero_shot(f64::NAN, 0.1, "t").passed);
-    }
-}
-
-/// A fine-tune's gate: the final model against the untouched checkpoint it started from, on the
-/// validation split, by [`Validation::quality`] (zero-shot accuracy, or mean recall@1). It fails
-/// when fine-tuning made the model worse, which is what "forgetting" looks like on the user's
-/// own data.
-pub fn not_below_start(start: &Validation, last: &Validation) -> Gate {
-    let (q0, q1) = (start.quality(), last.quality());
-    let what = if start.zero_shot.is_some() {
-        "zero-shot accuracy"
-    } else {
-        "mean recall@1"
-    };
-    let passed = q1 >= q0;
-    Gate {
-        name: "not below the start",
-        passed,
-        detail: if passed {
-            format!(
-                "{what} {q0:.3} (checkpoint) → {q1:.3} (final), validation loss {:.4} → {:.4}",
-                start.loss, last.loss
-            )
-        } else {
-            format!(
-                "{what} fell from {q0:.3} (checkpoint) to {q1:.3} (final): the fine-tune lost more than it learned — lower the learning rates, train fewer epochs, lock most of a tower (--lock-image --unlocked-layers 2), or blend with the checkpoint (--wise-ft 0:1:0.1)"
-            )
-        },
-        value: q1,
-        chance: q0,
-        threshold: q0,
     }
 }

@@ -22,7 +22,7 @@ pub fn parse_alphas(spec: &str) -> Result<Vec<f64>> {
         [a] => vec![num(a)?],
         [from, to, step] => {
             let (from, to, step) = (num(from)?, num(to)?, num(step)?);
-            if !(step > 0.0) || to < from {
+            if step.is_nan() || step <= 0.0 || to < from {
                 bail!("--wise-ft {spec:?}: a sweep is FROM:TO:STEP with FROM ≤ TO and STEP > 0, e.g. 0:1:0.1");
             }
             let n = ((to - from) / step + 1e-9).floor() as usize;

@@ -365,7 +365,7 @@ fn tokenizer(
         .collect::<Result<Vec<_>>>()?;
     let (min, mean, max) = stats(&lengths);
     println!(
-        "  caption length in tokens, with [CLS] and [SEP]: min {min}, mean {mean:.1}, max {max} (limit {})",
+        "  caption length in tokens, with the start and end tokens: min {min}, mean {mean:.1}, max {max} (limit {})",
         cfg.max_tokens()
     );
     report.metric(
@@ -494,10 +494,23 @@ fn check_tokens(batch: &Batch, tok: &TextTokenizer, cfg: &ClipConfig, report: &m
     );
     report.metric("batch", serde_json::json!({ "size": b, "tokens": l }));
     let cls_first = ids.iter().all(|row| row.first() == Some(&tok.cls_id()));
+    let name = |id: u32| tok.token(id).unwrap_or_else(|| format!("id {id}"));
+    let (start, end) = (name(tok.cls_id()), name(tok.sep_id()));
     report.check(
         "[CLS] first",
         cls_first,
-        "the text tower reads the caption from the [CLS] position, so every row must start with it",
+        match cfg.text.pooling {
+            // A CLIP text transformer reads the caption at its end-of-text token (causal mask).
+            clip_core::config::Pooling::Eot => {
+                format!("every row starts with {start}; the text tower reads the caption at its first {end}")
+            }
+            clip_core::config::Pooling::Cls => {
+                format!("the text tower reads the caption from the {start} position, so every row must start with it")
+            }
+            clip_core::config::Pooling::Mean => {
+                format!("every row starts with {start}, as the text tower was trained to read it")
+            }
+        },
     );
     // Mask 1 up to and including [SEP], then 0 exactly where the ids are [PAD].
     let bad_rows: Vec<usize> = (0..b)
@@ -513,11 +526,13 @@ fn check_tokens(batch: &Batch, tok: &TextTokenizer, cfg: &ClipConfig, report: &m
         bad_rows.is_empty(),
         if bad_rows.is_empty() {
             format!(
-                "1 on every token up to [SEP], 0 on the [PAD]s after it ({} padded positions)",
+                "1 on every token up to {end}, 0 on the padding after it ({} padded positions)",
                 mask.iter().flatten().filter(|&&m| m == 0).count()
             )
         } else {
-            format!("rows {bad_rows:?} have padding the mask does not hide (or no [SEP]): attention would read [PAD]s")
+            format!(
+                "rows {bad_rows:?} have padding the mask does not hide (or no {end}): attention would read the padding"
+            )
         },
     );
     Ok(())

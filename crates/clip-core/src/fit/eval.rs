@@ -167,15 +167,18 @@ impl Trainer {
         if ds.labels.is_empty() {
             return Ok(None);
         }
-        // One caption per class: its first pair's.
-        let mut caption_of: Vec<Option<usize>> = vec![None; ds.labels.len()];
+        // Each class's distinct captions (one per template): their normalised embeddings are
+        // averaged, CLIP's prompt ensemble; with one template, its one caption.
+        let mut captions_of: Vec<Vec<usize>> = vec![vec![]; ds.labels.len()];
+        let mut seen = std::collections::HashSet::new();
         for (i, p) in ds.pairs.iter().enumerate() {
             if let Some(l) = p.label {
-                caption_of[l].get_or_insert(i);
+                if seen.insert((l, p.caption.as_str())) {
+                    captions_of[l].push(i);
+                }
             }
         }
-        let classes: Vec<usize> = (0..ds.labels.len()).filter(|&l| caption_of[l].is_some()).collect();
-        let class_pairs: Vec<usize> = classes.iter().filter_map(|&l| caption_of[l]).collect();
+        let classes: Vec<usize> = (0..ds.labels.len()).filter(|&l| !captions_of[l].is_empty()).collect();
         let step = pairs.len().div_ceil(MAX_RECALL_PAIRS).max(1);
         let sample: Vec<usize> = pairs
             .iter()
@@ -188,7 +191,17 @@ impl Trainer {
         }
         let images: Vec<usize> = sample.iter().map(|&p| ds.pairs[p].image).collect();
         let ie = self.embed_images(&images)?;
-        let te = self.embed_captions(&class_pairs)?;
+        let flat: Vec<usize> = classes.iter().flat_map(|&l| captions_of[l].iter().copied()).collect();
+        let te = self.embed_captions(&flat)?;
+        let te = l2_normalize(&te)?;
+        let mut means = vec![];
+        let mut at = 0;
+        for &l in &classes {
+            let n = captions_of[l].len();
+            means.push(te.narrow(0, at, n)?.mean(0)?);
+            at += n;
+        }
+        let te = Tensor::stack(&means, 0)?;
         let sim = to_rows(&cosine_similarity(&ie, &te)?)?;
         let right = sample
             .iter()

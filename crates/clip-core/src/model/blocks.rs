@@ -7,7 +7,7 @@
 //! depth, read here from its name (the towers' names are fixed by the checkpoints they load) and
 //! the block counts of the config.
 
-use crate::config::{ClipConfig, ImageArch, TrainConfig};
+use crate::config::{ClipConfig, TrainConfig};
 
 /// Which tower a tensor belongs to, for locking and layer-wise decay.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,11 +29,7 @@ pub enum Depth {
 
 /// The number of blocks of the image and the text tower.
 pub fn counts(cfg: &ClipConfig) -> (usize, usize) {
-    let image = match cfg.image.arch {
-        ImageArch::Vit => cfg.image.layers,
-        ImageArch::Resnet | ImageArch::ClipResnet => cfg.image.depths.iter().sum(),
-    };
-    (image, cfg.text.n_layers)
+    cfg.block_counts()
 }
 
 /// The tower and depth of the parameter `name`; `None` for `logit_scale`, which belongs to neither.
@@ -130,6 +126,7 @@ pub fn lr_scale(cfg: &ClipConfig, decay: f64, name: &str) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::ImageArch;
 
     fn vit() -> ClipConfig {
         let mut c = ClipConfig::tiny();

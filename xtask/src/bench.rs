@@ -83,7 +83,9 @@ pub fn run(args: Args) -> Result<bool> {
     let steps = steps.unwrap_or(if preset == "tiny" { 100 } else { 10 });
     let (batch, steps, reference) = (batch_size.to_string(), steps.to_string(), !no_reference);
     let seq_len = seq_len.map(|l| l.to_string());
-    if what.is_empty() {
+    if what.is_empty() && clip_architecture(&preset).is_some() {
+        what = vec![What::Train, What::Infer];
+    } else if what.is_empty() {
         what = vec![
             What::Train,
             What::Infer,
@@ -98,8 +100,8 @@ pub fn run(args: Args) -> Result<bool> {
     // machine here reaches the real ones; the speed does not depend on them), against open_clip.
     let clip_arch = clip_architecture(&preset);
     if let Some((arch, _)) = clip_arch {
-        if what.iter().any(|w| *w != What::Infer) {
-            bail!("--preset {preset} (a pretrained CLIP, open_clip's {arch}) is benchmarked with `infer` only");
+        if what.iter().any(|w| !matches!(w, What::Infer | What::Train)) {
+            bail!("--preset {preset} (a pretrained CLIP, open_clip's {arch}) is benchmarked with `train` and `infer` only");
         }
     }
     // open_clip always runs the whole 77-token context: so does clipmine here, for a fair ratio.

@@ -521,6 +521,70 @@ impl Default for DataConfig {
     }
 }
 
+/// Knowledge distillation: a teacher (a pretrained CLIP or a clipmine run) teaches this model.
+/// Each loss term has a weight; 0 turns it off.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct DistillConfig {
+    /// The teacher: a run folder written by stage 4, or a pretrained CLIP (a preset such as
+    /// `clip-vit-b-32`, a Hugging Face repo, or a folder). None: no distillation.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub teacher: Option<String>,
+    /// Weight of the usual contrastive loss on the pairs.
+    pub contrastive: f64,
+    /// Weight of the soft cross-entropy between the teacher's and the student's image–text
+    /// similarity matrices, both ways (open_clip's `DistillClipLoss`, TinyCLIP's affinity
+    /// mimicking).
+    pub affinity: f64,
+    /// Weight of feature distillation: the MSE between the student's normalised embedding (through
+    /// a learned linear map when the widths differ) and the teacher's, for images and captions
+    /// (CLIP-KD's FD, its best single loss, at its weight 2000).
+    pub feature: f64,
+    /// The teacher's embedding width, recorded when training starts (it sizes the linear maps).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub teacher_dim: Option<usize>,
+}
+
+impl Default for DistillConfig {
+    fn default() -> Self {
+        Self {
+            teacher: None,
+            contrastive: 1.0,
+            affinity: 0.0,
+            feature: 2000.0,
+            teacher_dim: None,
+        }
+    }
+}
+
+impl DistillConfig {
+    /// Whether the student needs linear maps into the teacher's embedding space.
+    pub fn maps(&self, projection_dim: usize) -> Option<usize> {
+        match (self.teacher.is_some() && self.feature > 0.0, self.teacher_dim) {
+            (true, Some(d)) if d != projection_dim => Some(d),
+            _ => None,
+        }
+    }
+
+    /// The loss, in words (stage 4 prints it).
+    pub fn describe(&self) -> String {
+        let mut terms = vec![];
+        if self.contrastive > 0.0 {
+            terms.push(format!("{} × contrastive", self.contrastive));
+        }
+        if self.affinity > 0.0 {
+            terms.push(format!(
+                "{} × affinity (soft cross-entropy of the similarity matrices)",
+                self.affinity
+            ));
+        }
+        if self.feature > 0.0 {
+            terms.push(format!("{} × feature MSE (normalised embeddings)", self.feature));
+        }
+        terms.join(" + ")
+    }
+}
+
 /// What turns a tower's pooled features into the shared embedding.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -563,6 +627,15 @@ pub struct ClipConfig {
     pub seed: u64,
     pub train: TrainConfig,
     pub data: DataConfig,
+    /// Distillation from a teacher (`stage4-train --teacher`).
+    #[serde(skip_serializing_if = "DistillConfig::is_off")]
+    pub distill: DistillConfig,
+}
+
+impl DistillConfig {
+    fn is_off(&self) -> bool {
+        *self == Self::default()
+    }
 }
 
 /// What a config file's missing keys take: the `tiny` preset's values, which `tiny.toml` spells
@@ -597,6 +670,7 @@ impl Default for ClipConfig {
                 max_length: 64,
                 ..DataConfig::default()
             },
+            distill: DistillConfig::default(),
         }
     }
 }
@@ -893,6 +967,21 @@ impl ClipConfig {
                     tr.unlocked_layers
                 ));
             }
+        }
+        let d = &self.distill;
+        for (name, w) in [
+            ("contrastive", d.contrastive),
+            ("affinity", d.affinity),
+            ("feature", d.feature),
+        ] {
+            if !(w >= 0.0 && w.is_finite()) {
+                errs.push(format!("distill.{name} must be a finite weight ≥ 0 (got {w})"));
+            }
+        }
+        if d.teacher.is_some() && d.contrastive + d.affinity + d.feature <= 0.0 {
+            errs.push(
+                "distillation with every loss weight 0 (distill.contrastive, affinity, feature) learns nothing".into(),
+            );
         }
         if !(0.0..1.0).contains(&self.data.val_fraction) {
             errs.push(format!(

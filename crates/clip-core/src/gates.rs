@@ -228,6 +228,26 @@ pub fn not_below_start(start: &Validation, last: &Validation) -> Gate {
     }
 }
 
+/// A distillation's gate: the student's top-1 agreement with the teacher on validation must end
+/// above where it started (the student learned to answer as the teacher does).
+pub fn agreement_rose(start: f64, end: f64) -> Gate {
+    let passed = end > start;
+    Gate {
+        name: "agreement with the teacher",
+        passed,
+        detail: if passed {
+            format!("top-1 agreement with the teacher on validation {start:.3} (start) → {end:.3} (best model)")
+        } else {
+            format!(
+                "top-1 agreement with the teacher on validation did not rise: {start:.3} (start) → {end:.3} (best model) — train longer, raise the learning rates, or weigh the teacher's terms more (distill.feature, distill.affinity)"
+            )
+        },
+        value: end,
+        chance: start,
+        threshold: start,
+    }
+}
+
 #[cfg(test)]
 mod tests {
 

@@ -71,7 +71,20 @@ pub fn train_step_with(
     clip_grad_norm: f64,
     forward: impl Fn(&ClipModel, &Batch) -> Result<Embeddings> + Sync,
 ) -> Result<StepOutcome> {
-    crate::nn::on_compute_pool(|| step_on_pool(model, opt, micro_batches, clip_grad_norm, &forward))
+    train_step_loss(model, opt, micro_batches, clip_grad_norm, |m, b| {
+        m.loss(&forward(m, b)?, Some(&b.positives))
+    })
+}
+
+/// [`train_step`] with another loss of a batch (distillation adds the teacher's terms).
+pub fn train_step_loss(
+    model: &ClipModel,
+    opt: &mut AdamW,
+    micro_batches: &[Batch],
+    clip_grad_norm: f64,
+    loss: impl Fn(&ClipModel, &Batch) -> Result<candle_core::Tensor> + Sync,
+) -> Result<StepOutcome> {
+    crate::nn::on_compute_pool(|| step_on_pool(model, opt, micro_batches, clip_grad_norm, &loss))
 }
 
 fn step_on_pool(
@@ -79,7 +92,7 @@ fn step_on_pool(
     opt: &mut AdamW,
     micro_batches: &[Batch],
     clip_grad_norm: f64,
-    forward: impl Fn(&ClipModel, &Batch) -> Result<Embeddings>,
+    batch_loss: impl Fn(&ClipModel, &Batch) -> Result<candle_core::Tensor>,
 ) -> Result<StepOutcome> {
     if micro_batches.is_empty() {
         bail!("train_step needs at least one batch");
@@ -89,8 +102,7 @@ fn step_on_pool(
     let mut total_loss = 0.0;
     let mut acc: Grads = HashMap::new();
     for b in micro_batches {
-        let e = forward(model, b)?;
-        let loss = model.loss(&e, Some(&b.positives))?;
+        let loss = batch_loss(model, b)?;
         let value = loss.to_scalar::<f32>()? as f64;
         if !value.is_finite() {
             bail!(

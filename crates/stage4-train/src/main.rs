@@ -62,6 +62,12 @@ struct Args {
     /// knew while keeping most of what the fine-tune learned.
     #[arg(long, value_name = "ALPHA|FROM:TO:STEP")]
     wise_ft: Option<String>,
+    /// Distil from a teacher: a run folder of stage 4, or a pretrained CLIP (clip-vit-b-32, a
+    /// Hugging Face repo, a folder). Its embeddings of every image and caption are computed once
+    /// (each input as the teacher reads it) and cached; the loss adds the config's [distill] terms
+    /// (default: feature distillation, weight 2000, beside the contrastive loss).
+    #[arg(long, value_name = "RUN|MODEL")]
+    teacher: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -80,7 +86,22 @@ fn run(args: Args) -> Result<ExitCode> {
         Some(spec) => Some(clip_core::wise_ft::parse_alphas(spec)?),
         None => None,
     };
+    let teacher = open_teacher(&cfg, &dev)?;
+    let cfg = match &teacher {
+        // The teacher's width sizes the student's linear maps into its space.
+        Some(tc) => ClipConfig {
+            distill: clip_core::config::DistillConfig {
+                teacher_dim: Some(tc.model.config.projection_dim),
+                ..cfg.distill.clone()
+            },
+            ..cfg
+        },
+        None => cfg,
+    };
     let mut t = open_run(&args, &cfg, &dev, &out)?;
+    if let Some(tc) = teacher {
+        teach(&args, &mut t, tc)?;
+    }
     let mut fixed = before_training(&args, &mut t)?;
     let mut thumbs = Thumbnails::default();
 
@@ -135,6 +156,12 @@ fn setup(args: &Args) -> Result<(ClipConfig, Device, PathBuf)> {
         None => args.model.load_config()?,
     };
     args.train.apply(&mut cfg)?;
+    if let Some(teacher) = &args.teacher {
+        cfg.distill.teacher = Some(teacher.clone());
+    }
+    if cfg.distill.teacher.is_some() && cfg.data.augment {
+        bail!("distillation with --augment: the teacher's embeddings are cached for the images as they are, not for each random crop — train without --augment");
+    }
     cfg.validate()?;
     let dev = args.model.device()?;
     let out = match (&args.resume, &args.out) {
@@ -150,6 +177,46 @@ fn setup(args: &Args) -> Result<(ClipConfig, Device, PathBuf)> {
         out.display()
     );
     Ok((cfg, dev, out))
+}
+
+/// The teacher the config names, loaded (it is dropped once its embeddings are computed).
+fn open_teacher(cfg: &ClipConfig, dev: &Device) -> Result<Option<clip_core::distill::Teacher>> {
+    let Some(spec) = &cfg.distill.teacher else {
+        return Ok(None);
+    };
+    let t = clip_core::distill::Teacher::open(spec, dev)?;
+    println!(
+        "teacher: {} ({:.1} M parameters, {}-dimensional embeddings, logit scale {:.1})",
+        t.describe,
+        t.params() as f64 / 1e6,
+        t.model.config.projection_dim,
+        t.logit_scale()?
+    );
+    Ok(Some(t))
+}
+
+/// The teacher's embeddings of the whole dataset (computed once, or read from the feature cache),
+/// handed to the trainer; the teacher itself is dropped here.
+fn teach(args: &Args, t: &mut Trainer, teacher: clip_core::distill::Teacher) -> Result<()> {
+    let cache = args
+        .feature_cache
+        .clone()
+        .unwrap_or_else(|| t.out().join(clip_core::feature_cache::CACHE_DIR));
+    let started = Instant::now();
+    let targets = clip_core::distill::targets(&teacher, &data_source(args)?, &t.data().dataset, &cache)?;
+    drop(teacher);
+    println!(
+        "teacher embeddings: {} images, {} distinct captions in {} ({} teacher forward passes, {} rows reused, {:.1}s); the teacher is not held in memory while the student trains",
+        targets.image.distinct(),
+        targets.text.distinct(),
+        cache.display(),
+        targets.forwards,
+        targets.image.reused + targets.text.reused,
+        started.elapsed().as_secs_f64()
+    );
+    println!("distillation loss: {}", t.cfg().distill.describe());
+    t.set_teacher(targets);
+    Ok(())
 }
 
 /// The trainer of a new or resumed run. One writer per folder: an existing folder is locked
@@ -277,6 +344,9 @@ fn before_training(args: &Args, t: &mut Trainer) -> Result<Fixed> {
         ),
         None if t.state().epoch > 0 => println!("resuming after epoch {} of {epochs}", t.state().epoch),
         None => {
+            if let Some(a) = t.measure_agreement_start()? {
+                println!("start: top-1 agreement with the teacher on validation {a:.3}");
+            }
             if t.cfg().pretrained.is_some() {
                 // What fine-tuning must not lose: the checkpoint, untouched, on the validation split.
                 let v = t.measure_start()?;
@@ -388,6 +458,9 @@ fn judge(
     if fine_tune {
         judge_fine_tune(t, report)?;
     }
+    if t.teacher().is_some() {
+        judge_distillation(t, report)?;
+    }
     let after = t.fixed_similarity()?;
     fixed.heat_map(
         &t.out().join("similarity_after.png"),
@@ -474,6 +547,47 @@ fn judge_fine_tune(t: &Trainer, report: &mut Report) -> Result<()> {
     let gate = clip_core::gates::not_below_start(&start, &last);
     report.check(gate.name, gate.passed, gate.detail.clone());
     report.metric("gate", &gate);
+    Ok(())
+}
+
+/// A distillation's gate and the teacher beside the student: parameters, validation recall@1,
+/// and the student's top-1 agreement with the teacher.
+fn judge_distillation(t: &Trainer, report: &mut Report) -> Result<()> {
+    let Some(teacher) = t.teacher() else { return Ok(()) };
+    let val = &t.data().split.val;
+    let (tr, sr) = (t.teacher_recall(val)?.unwrap_or_default(), t.recall(val)?);
+    let end = t.teacher_agreement()?.unwrap_or(0.0);
+    let sp = t.model().params.total_params();
+    println!("\nteacher and student, on the validation split:");
+    println!(
+        "  {:<10} {:>12} {:>9} {:>9} {:>10}",
+        "", "parameters", "R@1 i→t", "R@1 t→i", "agreement"
+    );
+    println!(
+        "  {:<10} {:>10.2} M {:>9.3} {:>9.3} {:>10}",
+        "teacher",
+        teacher.teacher_params as f64 / 1e6,
+        tr.i2t_r1,
+        tr.t2i_r1,
+        "–"
+    );
+    println!(
+        "  {:<10} {:>10.2} M {:>9.3} {:>9.3} {:>10.3}",
+        "student",
+        sp as f64 / 1e6,
+        sr.i2t_r1,
+        sr.t2i_r1,
+        end
+    );
+    report.metric(
+        "distillation",
+        serde_json::json!({
+            "teacher": teacher.teacher, "teacher_params": teacher.teacher_params, "student_params": sp,
+            "teacher_recall": tr, "student_recall": sr, "agreement_start": t.state().agreement_start, "agreement": end,
+        }),
+    );
+    let gate = clip_core::gates::agreement_rose(t.state().agreement_start.unwrap_or(0.0), end);
+    report.check(gate.name, gate.passed, gate.detail);
     Ok(())
 }
 

@@ -214,6 +214,27 @@ impl Trainer {
     /// Recall@K over the given pairs — an evenly spaced sample of at most [`MAX_RECALL_PAIRS`] —
     /// their distinct images against their captions.
     pub fn recall(&self, pairs: &[usize]) -> Result<Recall> {
+        self.recall_of(pairs, |images, pairs| {
+            Ok((self.embed_images(images)?, self.embed_captions(pairs)?))
+        })
+    }
+
+    /// [`Trainer::recall`] of the distillation teacher, from its cached embeddings (`None`
+    /// without a teacher).
+    pub fn teacher_recall(&self, pairs: &[usize]) -> Result<Option<Recall>> {
+        let Some(t) = self.teacher() else { return Ok(None) };
+        let dev = &self.data.device;
+        Ok(Some(self.recall_of(pairs, |images, pairs| {
+            Ok((t.image.tensor(images, dev)?, t.text.tensor(pairs, dev)?))
+        })?))
+    }
+
+    /// Recall over a sample of `pairs` with embeddings from `embed(images, pairs)`.
+    fn recall_of(
+        &self,
+        pairs: &[usize],
+        embed: impl Fn(&[usize], &[usize]) -> Result<(Tensor, Tensor)>,
+    ) -> Result<Recall> {
         let step = pairs.len().div_ceil(MAX_RECALL_PAIRS).max(1);
         let sample: Vec<usize> = pairs.iter().copied().step_by(step).collect();
         let pairs = &sample[..];
@@ -226,8 +247,7 @@ impl Trainer {
             .collect();
         let pos = |img: usize| images.iter().position(|&i| i == img).unwrap();
         let text_image: Vec<usize> = pairs.iter().map(|&p| pos(ds.pairs[p].image)).collect();
-        let ie = self.embed_images(&images)?;
-        let te = self.embed_captions(pairs)?;
+        let (ie, te) = embed(&images, pairs)?;
         Recall::from_embeddings(&l2_normalize(&ie)?, &l2_normalize(&te)?, &text_image, 512)
     }
 

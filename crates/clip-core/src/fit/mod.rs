@@ -68,6 +68,8 @@ pub struct Trainer {
     frozen: Mutex<Option<Arc<FrozenFeatures>>>,
     /// Raised (by a signal handler) to stop at the end of the current step.
     stop: Option<Arc<AtomicBool>>,
+    /// A distillation teacher's embeddings of the dataset (`--teacher`).
+    teacher: Option<Arc<crate::distill::Targets>>,
     /// What a resumed run's config changed (recorded in `config.toml`), and `data` when it was
     /// resumed on other data ([`ResumeOptions::other_data`]).
     changes: Vec<Change>,
@@ -146,6 +148,7 @@ impl Trainer {
             plateau: Plateau::new(cfg.train.patience, cfg.train.factor),
             history: vec![],
             start: None,
+            agreement_start: None,
             wise_ft: None,
             partial: None,
         };
@@ -162,12 +165,53 @@ impl Trainer {
             stop: None,
             changes: vec![],
             restarted: false,
+            teacher: None,
             lock,
         })
     }
 
     /// Stops training at the end of the step during which `flag` is raised: [`Trainer::train_epoch`]
     /// then returns [`Stopped`] and [`Trainer::save_checkpoint`] saves where it got to.
+    /// Distils from a teacher whose embeddings of this dataset are `targets`
+    /// ([`crate::distill::targets`]): each step's loss adds its terms ([`crate::distill::loss`]).
+    pub fn set_teacher(&mut self, targets: crate::distill::Targets) {
+        self.teacher = Some(Arc::new(targets));
+    }
+
+    pub fn teacher(&self) -> Option<&crate::distill::Targets> {
+        self.teacher.as_deref()
+    }
+
+    /// Measures the agreement with the teacher before the first step and keeps it in the run's
+    /// state and metrics.json: stage 4's distillation gate compares the end with it.
+    pub fn measure_agreement_start(&mut self) -> Result<Option<f64>> {
+        let a = self.teacher_agreement()?;
+        self.state.agreement_start = a;
+        self.write_metrics()?;
+        Ok(a)
+    }
+
+    /// Top-1 agreement with the teacher on the validation split (see [`crate::distill::agreement`]).
+    pub fn teacher_agreement(&self) -> Result<Option<f64>> {
+        let Some(t) = &self.teacher else { return Ok(None) };
+        let ds = &self.data.dataset;
+        let val = &self.data.split.val;
+        let mut images: Vec<usize> = val.iter().map(|&p| ds.pairs[p].image).collect();
+        images.sort_unstable();
+        images.dedup();
+        // One pair per distinct caption.
+        let mut seen = std::collections::HashSet::new();
+        let captions: Vec<usize> = val
+            .iter()
+            .copied()
+            .filter(|&p| seen.insert(ds.pairs[p].caption.as_str()))
+            .collect();
+        let dev = &self.data.device;
+        let (si, st) = (self.embed_images(&images)?, self.embed_captions(&captions)?);
+        let (ti, tt) = (t.image.tensor(&images, dev)?, t.text.tensor(&captions, dev)?);
+        Ok(Some(crate::distill::agreement(&si, &st, &ti, &tt)?))
+    }
+
     pub fn set_stop(&mut self, flag: Arc<AtomicBool>) {
         self.stop = Some(flag);
     }
@@ -256,8 +300,24 @@ impl Trainer {
                     .scale_lr(cosine(self.opt.step, self.cfg.train.warmup(total_steps), total_steps));
             }
             let n: usize = pending.iter().map(|b| b.pairs.len()).sum();
-            let out = train_step(&self.model, &mut self.opt, &pending, self.cfg.train.clip_grad_norm)
-                .with_context(|| format!("epoch {}, step {}", epoch + 1, step + 1))?;
+            let out = match &self.teacher {
+                None => train_step(&self.model, &mut self.opt, &pending, self.cfg.train.clip_grad_norm),
+                Some(t) => {
+                    let (ds, cfg, dev) = (&self.data.dataset, &self.cfg.distill, &self.data.device);
+                    crate::train::train_step_loss(
+                        &self.model,
+                        &mut self.opt,
+                        &pending,
+                        self.cfg.train.clip_grad_norm,
+                        |m, b| {
+                            let e = m.forward_batch(b, true)?;
+                            let (ti, tt) = t.batch(ds, &b.pairs, dev)?;
+                            Ok(crate::distill::loss(m, &e, Some(&b.positives), (&ti, &tt), t.logit_scale, cfg)?.total)
+                        },
+                    )
+                }
+            }
+            .with_context(|| format!("epoch {}, step {}", epoch + 1, step + 1))?;
             pending.clear();
             pairs += n;
             losses.push(out.loss);

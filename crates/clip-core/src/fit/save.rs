@@ -57,6 +57,7 @@ impl Trainer {
             "best_by": if self.validates() { "validation loss" } else { "training loss" },
             "start": self.state.start,
             "wise_ft": self.state.wise_ft,
+            "agreement_start": self.state.agreement_start,
             "history": h,
         });
         let metrics = serde_json::to_string_pretty(&metrics)?;

@@ -48,6 +48,9 @@ pub struct TrainState {
     /// Validation of the model before its first step (a pretrained start's checkpoint).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub start: Option<super::Validation>,
+    /// Top-1 agreement with the distillation teacher on validation, before the first step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agreement_start: Option<f64>,
     /// The WiSE-FT sweep at the end of a fine-tune (`--wise-ft`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wise_ft: Option<super::WiseFt>,

@@ -11,6 +11,7 @@ use crate::nn::DropoutRng;
 use crate::params::{Group, Init, ParamStore};
 
 /// Embeddings of a batch of pairs, each (B, projection_dim).
+#[derive(Clone)]
 pub struct Embeddings {
     pub image: Tensor,
     pub text: Tensor,
@@ -46,6 +47,9 @@ pub struct ClipModel {
     image_projection: Head,
     text_projection: Head,
     logit_scale: Option<Tensor>,
+    /// Linear maps (image, text) from this model's embedding width to a distillation teacher's,
+    /// when they differ (`distill.feature`); trained with the rest, unused at prediction.
+    teacher_maps: Option<(crate::nn::Linear, crate::nn::Linear)>,
     dropout_rng: DropoutRng,
     /// Batches each tower has run on (image, text): evidence that cached features replace it.
     tower_calls: [AtomicUsize; 2],
@@ -107,6 +111,18 @@ impl ClipModel {
             LossKind::Clip => Some(heads.param("logit_scale", &[], Init::Const(loss::CLIP_INIT_LOGIT_SCALE))?),
             LossKind::Soft => None,
         };
+        let teacher_maps = match config.distill.maps(p) {
+            Some(d) => {
+                let maps = heads.pp("distill");
+                let std = 1.0 / (p as f64).sqrt();
+                let map = |name: &str| -> Result<crate::nn::Linear> {
+                    let w = maps.pp(name).param("weight", &[d, p], Init::Normal { std })?;
+                    Ok(crate::nn::Linear::bias_free(w)?)
+                };
+                Some((map("image_map")?, map("text_map")?))
+            }
+            None => None,
+        };
         Ok(Self {
             config: config.clone(),
             params,
@@ -115,6 +131,7 @@ impl ClipModel {
             image_projection,
             text_projection,
             logit_scale,
+            teacher_maps,
             dropout_rng,
             tower_calls: Default::default(),
         })
@@ -272,6 +289,24 @@ impl ClipModel {
         }
         e.var.set(&Tensor::new(c, self.device())?)?;
         Ok(true)
+    }
+
+    /// The learnable `logit_scale` (its log) of the `clip` loss, if any, in the graph.
+    pub fn logit_scale_param(&self) -> Option<&Tensor> {
+        self.logit_scale.as_ref()
+    }
+
+    /// Embeddings mapped into a distillation teacher's space: through the learned linear maps
+    /// when the widths differ, else as they are.
+    pub fn to_teacher_space(&self, e: &Embeddings) -> Result<Embeddings> {
+        use candle_core::Module;
+        Ok(match &self.teacher_maps {
+            Some((i, t)) => Embeddings {
+                image: i.forward(&e.image)?,
+                text: t.forward(&e.text)?,
+            },
+            None => e.clone(),
+        })
     }
 
     /// The current logit scale exp(s) of the `clip` loss, if any.

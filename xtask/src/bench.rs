@@ -355,7 +355,7 @@ fn json_line(cmd: &mut Command) -> Result<Value> {
 
 /// The processor's model name (Linux), for the ratio lines: the same two programs compare
 /// differently on different processors (PyTorch's MKL, for one, is tuned for Intel's).
-fn cpu_model() -> String {
+pub fn cpu_model() -> String {
     std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|s| {

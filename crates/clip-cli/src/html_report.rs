@@ -301,6 +301,75 @@ fn start_table(w: &mut String, t: &Trainer, start: &clip_core::fit::Validation) 
     Ok(())
 }
 
+/// A distillation's table: the teacher beside the student.
+fn distill_table(w: &mut String, d: &clip_core::distill::Summary) -> Result<()> {
+    let zs = d.student_zero_shot.is_some();
+    writeln!(
+        w,
+        "<h3>Teacher and student, on the validation {}</h3><table class=\"c2i\"><tr><th></th><th>parameters</th><th>weights</th><th>images/s</th><th>captions/s</th>{}{}<th>top-1 agreement</th></tr>",
+        if d.images_only { "images" } else { "split" },
+        if d.images_only { "" } else { "<th>R@1 image→text</th><th>R@1 text→image</th>" },
+        if zs { "<th>zero-shot accuracy</th>" } else { "" }
+    )?;
+    let mut row = |name: &str,
+                   f: Option<clip_core::distill::Footprint>,
+                   r: Option<clip_core::retrieval::Recall>,
+                   z: Option<f64>,
+                   a: Option<f64>| {
+        let dash = || "<td>–</td>".to_string();
+        let fp = f.map_or(format!("{}{}{}{}", dash(), dash(), dash(), dash()), |f| {
+            format!(
+                "<td>{:.2} M</td><td>{:.1} MB</td><td>{:.0}</td><td>{:.0}</td>",
+                f.parameters as f64 / 1e6,
+                f.weight_bytes as f64 / 1e6,
+                f.images_per_second,
+                f.captions_per_second
+            )
+        });
+        let recall = match r {
+            Some(r) => format!("<td>{:.3}</td><td>{:.3}</td>", r.i2t_r1, r.t2i_r1),
+            None if d.images_only => String::new(),
+            None => format!("{}{}", dash(), dash()),
+        };
+        let zero_shot = if zs {
+            z.map_or(dash(), |z| format!("<td>{z:.3}</td>"))
+        } else {
+            String::new()
+        };
+        let agreement = a.map_or(dash(), |a| format!("<td>{a:.3}</td>"));
+        writeln!(
+            w,
+            "<tr><td>{}</td>{fp}{recall}{zero_shot}{agreement}</tr>",
+            escape(name)
+        )
+    };
+    row(
+        &format!("teacher ({})", d.teacher),
+        d.teacher_footprint,
+        d.teacher_recall,
+        d.teacher_zero_shot,
+        None,
+    )?;
+    row("student, at the start", None, None, None, d.agreement_start)?;
+    row(
+        "student",
+        d.student_footprint,
+        d.student_recall,
+        d.student_zero_shot,
+        Some(d.agreement),
+    )?;
+    writeln!(
+        w,
+        "</table><p class=\"note\">Speed on random inputs of each model's own shapes, batches of 16, measured one after the other at the start of the run on this machine. {}</p>",
+        if d.images_only {
+            "Images without captions: agreement is each validation image's nearest other image, the student's against the teacher's."
+        } else {
+            "Agreement: the share of validation images whose best caption is the same for the student as for the teacher."
+        }
+    )?;
+    Ok(())
+}
+
 fn render(t: &Trainer, fixed: &Fixed, ranking: Option<&Ranking>, thumbs: &mut Thumbnails) -> Result<String> {
     let ds = &t.data().dataset;
     let h = &t.state().history;
@@ -365,6 +434,9 @@ fn render(t: &Trainer, fixed: &Fixed, ranking: Option<&Ranking>, thumbs: &mut Th
         writeln!(w, "</div>")?;
         if let Some(start) = &t.state().start {
             start_table(w, t, start)?;
+        }
+        if let Some(d) = &t.state().distillation {
+            distill_table(w, d)?;
         }
         let last = h.last().expect("not empty");
         writeln!(

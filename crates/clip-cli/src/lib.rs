@@ -5,6 +5,8 @@
 
 /// Arguments every stage shares, so `cargo xtask verify` can pass the same flags to each.
 pub mod args;
+/// What stages 1 and 4 print about a distillation teacher and inherited weights.
+pub mod distill;
 /// `report.html`: a self-contained page per run folder (curves, similarity, rankings).
 pub mod html_report;
 /// Labelled plots: curves per epoch and heat maps, as PNG or SVG.

@@ -543,6 +543,10 @@ pub struct DistillConfig {
     /// The teacher's embedding width, recorded when training starts (it sizes the linear maps).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub teacher_dim: Option<usize>,
+    /// Start the student from the teacher's weights where a tower is of the teacher's family
+    /// (TinyCLIP's manual inheritance: every k-th block, leading slices; see
+    /// `clip_core::distill::inherit`).
+    pub inherit: bool,
 }
 
 impl Default for DistillConfig {
@@ -553,6 +557,7 @@ impl Default for DistillConfig {
             affinity: 0.0,
             feature: 2000.0,
             teacher_dim: None,
+            inherit: true,
         }
     }
 }
@@ -675,7 +680,7 @@ impl Default for ClipConfig {
     }
 }
 
-pub const PRESETS: [&str; 7] = [
+pub const PRESETS: [&str; 10] = [
     "tiny",
     "simple-clip",
     "simple-clip-pretrained",
@@ -683,11 +688,14 @@ pub const PRESETS: [&str; 7] = [
     "clip-vit-b-32",
     "clip-rn50",
     "chinese-clip-vit-b-16",
+    "student-vit-s",
+    "student-resnet-s",
+    "student-minilm",
 ];
 
 /// The presets' TOML files, built into every program: one source for each preset, the same file
 /// a user can copy and edit (`--config assets/configs/NAME.toml`).
-const PRESET_FILES: [(&str, &str); 7] = [
+const PRESET_FILES: [(&str, &str); 10] = [
     ("tiny", include_str!("../../../assets/configs/tiny.toml")),
     ("simple-clip", include_str!("../../../assets/configs/simple-clip.toml")),
     (
@@ -706,6 +714,18 @@ const PRESET_FILES: [(&str, &str); 7] = [
     (
         "chinese-clip-vit-b-16",
         include_str!("../../../assets/configs/chinese-clip-vit-b-16.toml"),
+    ),
+    (
+        "student-vit-s",
+        include_str!("../../../assets/configs/student-vit-s.toml"),
+    ),
+    (
+        "student-resnet-s",
+        include_str!("../../../assets/configs/student-resnet-s.toml"),
+    ),
+    (
+        "student-minilm",
+        include_str!("../../../assets/configs/student-minilm.toml"),
     ),
 ];
 

@@ -252,6 +252,60 @@ pub fn loss(
     })
 }
 
+/// Why images without captions cannot train with these weights (`None`: they can). Only the
+/// feature term has an image side of its own: the contrastive and affinity terms compare images
+/// with captions.
+pub fn images_only_refusal(cfg: &DistillConfig) -> Option<String> {
+    let mut text_side = vec![];
+    if cfg.contrastive > 0.0 {
+        text_side.push(format!("contrastive = {}", cfg.contrastive));
+    }
+    if cfg.affinity > 0.0 {
+        text_side.push(format!("affinity = {}", cfg.affinity));
+    }
+    if !text_side.is_empty() {
+        return Some(format!(
+            "images without captions distil only the image tower (the feature term, image side): {} compare images with captions there are none of — set them to 0 under [distill] (contrastive = 0.0, affinity = 0.0) and keep feature above 0",
+            text_side.join(" and ")
+        ));
+    }
+    if cfg.feature <= 0.0 {
+        return Some(
+            "images without captions distil the image tower through the feature term alone, and distill.feature is 0: set it above 0 (2000 is CLIP-KD's)".into(),
+        );
+    }
+    None
+}
+
+/// The loss of a batch of images without captions: `feature` × MSE(norm(P f), f_t) over the
+/// image side alone (the student's image embeddings `image`, the teacher's `t_image`).
+pub fn image_loss(model: &ClipModel, image: &Tensor, t_image: &Tensor, cfg: &DistillConfig) -> Result<DistillLoss> {
+    let mapped = model.image_to_teacher_space(image)?;
+    let feature = ((l2_normalize(&mapped)? - t_image.detach())?.sqr()?.mean_all()? * cfg.feature)?;
+    Ok(DistillLoss {
+        total: feature.clone(),
+        contrastive: None,
+        affinity: None,
+        feature: Some(feature),
+    })
+}
+
+/// Top-1 neighbour agreement, for images without captions: over the images, the share whose
+/// nearest other image is the same for the student's embeddings as for the teacher's.
+pub fn neighbour_agreement(s_img: &Tensor, t_img: &Tensor) -> Result<f64> {
+    let n = s_img.dim(0)?;
+    if n < 2 {
+        return Ok(0.0);
+    }
+    let mask = (Tensor::eye(n, candle_core::DType::F32, s_img.device())? * -1e4)?;
+    let best = |e: &Tensor| -> Result<Vec<u32>> {
+        let e = l2_normalize(&e.to_dtype(candle_core::DType::F32)?)?;
+        Ok(e.matmul(&e.t()?)?.add(&mask)?.argmax(D::Minus1)?.to_vec1::<u32>()?)
+    };
+    let (a, b) = (best(s_img)?, best(t_img)?);
+    Ok(a.iter().zip(&b).filter(|(x, y)| x == y).count() as f64 / n as f64)
+}
+
 /// Top-1 agreement with the teacher: over the distinct images of `pairs`, the share whose best
 /// caption (among the distinct captions of `pairs`) is the same for the student embeddings
 /// (`s_img`, `s_txt`, rows by image / by caption) as for the teacher's.
@@ -265,4 +319,226 @@ pub fn agreement(s_img: &Tensor, s_txt: &Tensor, t_img: &Tensor, t_txt: &Tensor)
     let (a, b) = (best(s_img, s_txt)?, best(t_img, t_txt)?);
     let same = a.iter().zip(&b).filter(|(x, y)| x == y).count();
     Ok(same as f64 / a.len().max(1) as f64)
+}
+
+/// How fast a model embeds, and how big its weights are: what a student is for.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Footprint {
+    pub parameters: usize,
+    /// The weights as stored (every tensor at its dtype), in bytes.
+    pub weight_bytes: usize,
+    pub images_per_second: f64,
+    pub captions_per_second: f64,
+}
+
+/// The teacher beside the student at the end of a distillation (metrics.json, report.html).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Summary {
+    pub teacher: String,
+    /// Measured one after the other at the start of the run (`None` when not measured).
+    pub teacher_footprint: Option<Footprint>,
+    pub student_footprint: Option<Footprint>,
+    /// Validation recall@1 (`None` for images without captions).
+    pub teacher_recall: Option<crate::retrieval::Recall>,
+    pub student_recall: Option<crate::retrieval::Recall>,
+    /// Validation zero-shot accuracy (class folders).
+    pub teacher_zero_shot: Option<f64>,
+    pub student_zero_shot: Option<f64>,
+    pub agreement_start: Option<f64>,
+    pub agreement: f64,
+    pub images_only: bool,
+}
+
+/// Measures `model` on random inputs of its own shapes (speed does not depend on the pixels):
+/// batches of `batch` images at its image size and of `batch` captions of `tokens` tokens, one
+/// untimed batch first, then batches until about `seconds` have passed (at least 2).
+pub fn footprint(model: &ClipModel, batch: usize, tokens: usize, seconds: f64) -> Result<Footprint> {
+    let dev = model.device();
+    let s = model.config.image.image_size;
+    let images = Tensor::randn(0f32, 1.0, (batch, 3, s, s), dev)?;
+    let l = tokens.clamp(2, model.config.max_tokens());
+    let vocab = model.config.text.vocab_size as u32;
+    let ids: Vec<u32> = (0..batch * l)
+        .map(|i| 1 + (i as u32 * 7919) % (vocab - 1).max(1))
+        .collect();
+    let ids = Tensor::from_vec(ids, (batch, l), dev)?;
+    let mask = Tensor::ones((batch, l), candle_core::DType::U32, dev)?;
+    let rate = |f: &dyn Fn() -> Result<()>| -> Result<f64> {
+        f()?;
+        let started = std::time::Instant::now();
+        let mut n = 0;
+        while n < 2 || started.elapsed().as_secs_f64() < seconds {
+            f()?;
+            n += 1;
+        }
+        Ok((n * batch) as f64 / started.elapsed().as_secs_f64())
+    };
+    let images_per_second = rate(&|| {
+        model.embed_images(&images)?.to_device(&Device::Cpu)?;
+        Ok(())
+    })?;
+    let captions_per_second = rate(&|| {
+        model.embed_texts(&ids, &mask)?.to_device(&Device::Cpu)?;
+        Ok(())
+    })?;
+    // The maps into a teacher's space serve training only: not part of what is shipped.
+    let tensors = model.params.tensors();
+    let shipped = tensors.iter().filter(|(n, _)| !n.starts_with("distill."));
+    let (parameters, weight_bytes) = shipped.fold((0, 0), |(p, b), (_, t)| {
+        (p + t.elem_count(), b + t.elem_count() * t.dtype().size_in_bytes())
+    });
+    Ok(Footprint {
+        parameters,
+        weight_bytes,
+        images_per_second,
+        captions_per_second,
+    })
+}
+
+/// What [`inherit`] copied from the teacher into the student.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Inherited {
+    /// One line per tower: which teacher blocks, which widths.
+    pub towers: Vec<String>,
+    /// Tensors copied (whole or as leading slices).
+    pub tensors: usize,
+    /// Student tensors left as initialised, and why.
+    pub skipped: Vec<String>,
+}
+
+/// The teacher tensor's leading slice of the student's shape, or why not.
+fn leading_slice(t: &Tensor, shape: &[usize]) -> std::result::Result<Tensor, String> {
+    if t.rank() != shape.len() {
+        return Err(format!("rank {} vs {}", t.rank(), shape.len()));
+    }
+    let mut out = t.clone();
+    for (d, (&have, &want)) in t.dims().iter().zip(shape).enumerate() {
+        if have < want {
+            return Err(format!("the teacher's is narrower ({:?} < {shape:?})", t.dims()));
+        }
+        if have > want {
+            out = out.narrow(d, 0, want).map_err(|e| e.to_string())?;
+        }
+    }
+    Ok(out)
+}
+
+/// The teacher's name for a student tensor when student block `i` comes from teacher block `i·k`.
+fn teacher_name(name: &str, k: usize) -> String {
+    let parts: Vec<&str> = name.split('.').collect();
+    let mut out = Vec::with_capacity(parts.len());
+    let mut i = 0;
+    while i < parts.len() {
+        out.push(parts[i].to_string());
+        if matches!(parts[i], "layers" | "layer") {
+            if let Some(n) = parts.get(i + 1).and_then(|n| n.parse::<usize>().ok()) {
+                out.push((n * k).to_string());
+                i += 2;
+                continue;
+            }
+        }
+        i += 1;
+    }
+    out.join(".")
+}
+
+/// TinyCLIP's manual weight inheritance: where a student tower is of the teacher's family (a ViT
+/// from a ViT, a CLIP text transformer from one, a BERT from a BERT), student block i starts from
+/// teacher block i·⌊L_teacher / L_student⌋ and every tensor from the leading slice of the
+/// teacher's (the first heads, the first channels), embeddings, norms and projections alike.
+/// A ViT's patch convolution and position table are inherited only when the patch size and the
+/// image size agree (a slice of either would be another filter or another place in the image).
+/// ResNet towers are left as initialised.
+///
+/// The token table is inherited only with `same_tokenizer` (the student reads the teacher's ids:
+/// a run teacher trained on the same captions, or a student using the teacher's tokenizer).
+pub fn inherit(student: &ClipModel, teacher: &ClipModel, same_tokenizer: bool) -> Result<Inherited> {
+    use crate::config::{ImageArch, TextKind};
+    let (s, t) = (&student.config, &teacher.config);
+    let mut report = Inherited::default();
+    // A tower with weights of its own (a timm or Hugging Face tower, a whole pretrained CLIP)
+    // keeps them: inheritance is for towers that would otherwise start from random numbers.
+    let image_family = s.image.arch == t.image.arch
+        && s.image.arch == ImageArch::Vit
+        && s.image.pretrained.is_none()
+        && s.pretrained.is_none();
+    let text_family = s.text.kind == t.text.kind
+        && matches!(s.text.kind, TextKind::Clip | TextKind::Bert | TextKind::Distilbert)
+        && s.text.pretrained.is_none()
+        && s.pretrained.is_none();
+    let (si, st) = s.block_counts();
+    let (ti, tt) = t.block_counts();
+    let k_image = (ti / si.max(1)).max(1);
+    let k_text = (tt / st.max(1)).max(1);
+    let same_grid = s.image.patch_size == t.image.patch_size && s.image.image_size == t.image.image_size;
+    let teacher_tensors = teacher.params.tensors();
+    let mut copied = [0usize; 2];
+    for (name, entry) in student.params.entries() {
+        let (tower, k, family) = if name.starts_with("image_encoder.") || name.starts_with("image_projection.") {
+            (0, k_image, image_family)
+        } else if name.starts_with("text_encoder.") || name.starts_with("text_projection.") {
+            (1, k_text, text_family)
+        } else {
+            continue;
+        };
+        if !family {
+            continue;
+        }
+        if tower == 0 && !same_grid && name.contains("embeddings.p") {
+            report.skipped.push(format!(
+                "{name}: the patch grid differs (patch {} at {} px, teacher's {} at {} px)",
+                s.image.patch_size, s.image.image_size, t.image.patch_size, t.image.image_size
+            ));
+            continue;
+        }
+        if tower == 1 && !same_tokenizer && (name.contains("token_embedding") || name.contains("word_embeddings")) {
+            // The student reads its own tokenizer's ids: row i of the teacher's table is
+            // another word.
+            report.skipped.push(format!(
+                "{name}: the student's tokenizer is its own (its ids are not the teacher's)"
+            ));
+            continue;
+        }
+        let from = teacher_name(&name, k);
+        let Some(src) = teacher_tensors.get(&from) else {
+            report.skipped.push(format!("{name}: the teacher has no {from}"));
+            continue;
+        };
+        match leading_slice(src, entry.var.dims()) {
+            Ok(v) => {
+                entry.var.set(&v.contiguous()?.to_device(student.device())?)?;
+                copied[tower] += 1;
+                report.tensors += 1;
+            }
+            Err(why) => report.skipped.push(format!("{name}: {why}")),
+        }
+    }
+    // The teacher's temperature suits inherited towers; a student from scratch keeps its own.
+    if copied.iter().any(|&c| c > 0) {
+        if let (Some(entry), Some(v)) = (student.params.get("logit_scale"), teacher_tensors.get("logit_scale")) {
+            entry.var.set(&v.to_device(student.device())?)?;
+            report.tensors += 1;
+        }
+    }
+    if image_family && copied[0] > 0 {
+        let picked: Vec<String> = (0..si).map(|i| (i * k_image).to_string()).collect();
+        report.towers.push(format!(
+            "image tower (ViT): blocks {} of the teacher's {ti} → the student's {si}, width {} → {}: {} tensors",
+            picked.join(", "),
+            t.image.width,
+            s.image.width,
+            copied[0]
+        ));
+    }
+    if text_family && copied[1] > 0 {
+        let picked: Vec<String> = (0..st).map(|i| (i * k_text).to_string()).collect();
+        report.towers.push(format!(
+            "text tower: blocks {} of the teacher's {tt} → the student's {st}, width {} → {}: {} tensors",
+            picked.join(", "),
+            t.text.dim,
+            s.text.dim,
+            copied[1]
+        ));
+    }
+    Ok(report)
 }

@@ -37,6 +37,7 @@ fn student(teacher_dim: usize, term: &str) -> ClipConfig {
         affinity: f64::from(term == "affinity"),
         feature: if term == "feature" { 2000.0 } else { 0.0 },
         teacher_dim: Some(teacher_dim),
+        inherit: false,
     };
     cfg
 }
@@ -171,7 +172,7 @@ fn a_student_learns_to_agree_with_a_trained_teacher() {
     )
     .unwrap();
     drop(teacher);
-    s.set_teacher(targets);
+    s.set_teacher(targets).unwrap();
     let start = s.measure_agreement_start().unwrap().unwrap();
     train(&mut s, 8);
     s.load_best().unwrap();
@@ -181,4 +182,252 @@ fn a_student_learns_to_agree_with_a_trained_teacher() {
         serde_json::from_slice(&std::fs::read(out.path().join("metrics.json")).unwrap()).unwrap();
     assert_eq!(m["agreement_start"].as_f64().unwrap(), start);
     assert!(s.teacher_recall(&s.data().split.val.clone()).unwrap().is_some());
+}
+
+/// A small ViT CLIP from scratch: `layers` blocks `width` wide in both towers.
+fn vit_clip(layers: usize, width: usize, patch: usize, seed: u64) -> ClipConfig {
+    let mut cfg = ClipConfig::preset("student-vit-s").unwrap();
+    cfg.seed = seed;
+    cfg.projection_dim = width / 2;
+    cfg.image.image_size = 32;
+    cfg.image.patch_size = patch;
+    cfg.image.width = width;
+    cfg.image.layers = layers;
+    cfg.image.heads = 2;
+    cfg.image.mlp_dim = 2 * width;
+    cfg.text.vocab_size = 300;
+    cfg.text.dim = width;
+    cfg.text.n_layers = layers;
+    cfg.text.n_heads = 2;
+    cfg.text.hidden_dim = 2 * width;
+    cfg.text.max_position_embeddings = 16;
+    cfg.data.max_length = 16;
+    cfg
+}
+
+fn values(t: &Tensor) -> Vec<f32> {
+    t.flatten_all()
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+}
+
+#[test]
+fn weight_inheritance_copies_every_kth_block_as_leading_slices() {
+    // Teacher: 4 blocks, 64 wide; student: 2 blocks, 32 wide (k = 2: blocks 0 and 2).
+    let teacher = ClipModel::new(&vit_clip(4, 64, 8, 1), &Device::Cpu).unwrap();
+    let student = ClipModel::new(&vit_clip(2, 32, 8, 2), &Device::Cpu).unwrap();
+    // A trained teacher's temperature (both start at ln(1/0.07)).
+    let scale = teacher.params.get("logit_scale").unwrap().var;
+    scale
+        .set(&Tensor::full(4.2f32, scale.dims(), &Device::Cpu).unwrap())
+        .unwrap();
+    // Copies: `tensors()` shares the variables' storage, which inheritance overwrites.
+    let before: std::collections::BTreeMap<String, Tensor> = student
+        .params
+        .tensors()
+        .into_iter()
+        .map(|(n, t)| (n, t.copy().unwrap()))
+        .collect();
+    let inh = distill::inherit(&student, &teacher, false).unwrap();
+    assert_eq!(inh.towers.len(), 2, "{inh:?}");
+    assert!(
+        inh.towers[0].contains("blocks 0, 2 of the teacher's 4"),
+        "{}",
+        inh.towers[0]
+    );
+    let t = teacher.params.tensors();
+    let after = student.params.tensors();
+    // Tensor by tensor, with the names written out: student block 1 is teacher block 2, cut to
+    // the student's width in every dimension.
+    let cases = [
+        (
+            "image_encoder.model.encoder.layers.1.self_attn.q_proj.weight",
+            "image_encoder.model.encoder.layers.2.self_attn.q_proj.weight",
+        ),
+        (
+            "image_encoder.model.encoder.layers.0.mlp.fc1.weight",
+            "image_encoder.model.encoder.layers.0.mlp.fc1.weight",
+        ),
+        (
+            "text_encoder.model.encoder.layers.1.mlp.fc2.weight",
+            "text_encoder.model.encoder.layers.2.mlp.fc2.weight",
+        ),
+        (
+            "image_encoder.model.embeddings.patch_embedding.weight",
+            "image_encoder.model.embeddings.patch_embedding.weight",
+        ),
+        (
+            "text_encoder.model.embeddings.position_embedding.weight",
+            "text_encoder.model.embeddings.position_embedding.weight",
+        ),
+        ("logit_scale", "logit_scale"),
+    ];
+    for (s_name, t_name) in cases {
+        let s = after
+            .get(s_name)
+            .unwrap_or_else(|| panic!("no {s_name} in {:?}", after.keys()));
+        let mut want = t[t_name].clone();
+        for (d, &n) in s.dims().iter().enumerate() {
+            want = want.narrow(d, 0, n).unwrap();
+        }
+        assert!(
+            values(s) == values(&want),
+            "{s_name} is not the leading slice of {t_name}"
+        );
+        assert!(values(s) != values(&before[s_name]), "{s_name} was not changed");
+    }
+    // Every tensor of both towers is the leading slice of its teacher tensor, but for the ones
+    // the report names as kept (the token table: the student's ids are not the teacher's).
+    let mut copied = 0;
+    for (name, s) in &after {
+        if !(name.starts_with("image_") || name.starts_with("text_")) {
+            continue;
+        }
+        if name.contains("token_embedding") {
+            assert!(values(s) == values(&before[name]), "{name} should be kept");
+            assert!(inh.skipped.iter().any(|k| k.starts_with(name.as_str())), "{inh:?}");
+            continue;
+        }
+        // Two student blocks of four: 0 ← 0, 1 ← 2.
+        let from = name.replace("layers.1.", "layers.2.");
+        let mut want = t[&from].clone();
+        for (d, &n) in s.dims().iter().enumerate() {
+            want = want.narrow(d, 0, n).unwrap();
+        }
+        assert!(values(s) == values(&want), "{name} is not the leading slice of {from}");
+        copied += 1;
+    }
+    // …and logit_scale.
+    assert_eq!(copied + 1, inh.tensors, "{inh:?}");
+}
+
+#[test]
+fn inheritance_skips_what_would_not_mean_the_same() {
+    // Another patch size: the patch filters and the position table are other things.
+    let teacher = ClipModel::new(&vit_clip(2, 64, 16, 1), &Device::Cpu).unwrap();
+    let student = ClipModel::new(&vit_clip(2, 32, 8, 2), &Device::Cpu).unwrap();
+    // Copies: `tensors()` shares the variables' storage, which inheritance overwrites.
+    let before: std::collections::BTreeMap<String, Tensor> = student
+        .params
+        .tensors()
+        .into_iter()
+        .map(|(n, t)| (n, t.copy().unwrap()))
+        .collect();
+    let inh = distill::inherit(&student, &teacher, false).unwrap();
+    let after = student.params.tensors();
+    for name in [
+        "image_encoder.model.embeddings.patch_embedding.weight",
+        "image_encoder.model.embeddings.position_embedding.weight",
+    ] {
+        assert!(values(&after[name]) == values(&before[name]), "{name} was changed");
+        assert!(
+            inh.skipped
+                .iter()
+                .any(|k| k.starts_with(name) && k.contains("patch grid")),
+            "{inh:?}"
+        );
+    }
+    // A ResNet student of a ViT teacher: nothing of the image tower, and a teacher narrower
+    // than the student gives nothing at all (a slice cannot widen).
+    let resnet = ClipModel::new(&ClipConfig::tiny(), &Device::Cpu).unwrap();
+    let inh = distill::inherit(&resnet, &teacher, false).unwrap();
+    assert!(inh.towers.iter().all(|t| !t.starts_with("image")), "{inh:?}");
+    let wide = ClipModel::new(&vit_clip(2, 128, 16, 3), &Device::Cpu).unwrap();
+    let inh = distill::inherit(&wide, &teacher, false).unwrap();
+    assert!(inh.towers.is_empty() && inh.tensors == 0, "{inh:?}");
+    assert!(inh.skipped.iter().any(|k| k.contains("narrower")), "{inh:?}");
+}
+
+/// The demo set's photos alone, in a folder of their own: no captions file, no class folders.
+fn photos_alone() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for e in std::fs::read_dir(clip_core::data::Dataset::demo_dir().join("images")).unwrap() {
+        let p = e.unwrap().path();
+        std::fs::copy(&p, dir.path().join(p.file_name().unwrap())).unwrap();
+    }
+    dir
+}
+
+#[test]
+fn images_without_captions_distil_the_image_tower_and_refuse_a_text_side_loss() {
+    let photos = photos_alone();
+    let source = DataSource {
+        path: Some(photos.path().to_path_buf()),
+        ..DataSource::default()
+    };
+    let mut cfg = ClipConfig::tiny();
+    cfg.distill.teacher = Some("oc-vit".into());
+    cfg.distill.teacher_dim = Some(16);
+    let data = prepare(&cfg, &source, &Device::Cpu, &clip_core::progress::Silent).unwrap();
+    assert!(data.dataset.captionless());
+    assert_eq!(data.dataset.images.len(), 10);
+    let teacher = Teacher::open(oc_vit().to_str().unwrap(), &Device::Cpu).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let targets = distill::targets(&teacher, &source, &data.dataset, &out.path().join("cache")).unwrap();
+
+    // The defaults weigh the contrastive term: refused, naming it and the fix.
+    let mut t = Trainer::new(&cfg, data, out.path()).unwrap();
+    let err = t.set_teacher(targets.clone()).unwrap_err().to_string();
+    assert!(
+        err.contains("images without captions") && err.contains("contrastive = 1") && err.contains("contrastive = 0.0"),
+        "{err}"
+    );
+    // The affinity term alone is refused too; so is no feature term.
+    let mut only = cfg.distill.clone();
+    only.contrastive = 0.0;
+    only.affinity = 1.0;
+    assert!(distill::images_only_refusal(&only).unwrap().contains("affinity = 1"));
+    only.affinity = 0.0;
+    only.feature = 0.0;
+    assert!(distill::images_only_refusal(&only).unwrap().contains("feature"));
+
+    // The feature term alone: the image tower learns, the text tower is left as it is.
+    cfg.distill.contrastive = 0.0;
+    drop(t);
+    let out = tempfile::tempdir().unwrap();
+    let data = prepare(&cfg, &source, &Device::Cpu, &clip_core::progress::Silent).unwrap();
+    let mut t = Trainer::new(&cfg, data, out.path()).unwrap();
+    t.set_teacher(targets).unwrap();
+    let before: std::collections::BTreeMap<String, Tensor> = t
+        .model()
+        .params
+        .tensors()
+        .into_iter()
+        .map(|(n, t)| (n, t.copy().unwrap()))
+        .collect();
+    let mut losses = vec![];
+    while t.state().epoch < 6 {
+        let (loss, pps) = t.train_epoch(|_, _, _| {}).unwrap();
+        losses.push(loss);
+        let v = t.validate().unwrap();
+        assert!(v.loss.is_finite() && v.zero_shot.is_none(), "{v:?}");
+        t.end_epoch(loss, &v, 0.0, pps).unwrap();
+    }
+    assert!(losses[5] < losses[0], "the feature loss did not fall: {losses:?}");
+    let after = t.model().params.tensors();
+    let changed = |prefix: &str| {
+        after
+            .iter()
+            .filter(|(n, _)| n.starts_with(prefix))
+            .filter(|(n, v)| values(v) != values(&before[n.as_str()]))
+            .count()
+    };
+    assert!(changed("image_encoder.") > 10, "the image tower did not learn");
+    assert!(changed("image_projection.") > 0, "the image head did not learn");
+    assert_eq!(changed("text_encoder."), 0, "the text tower moved without captions");
+    assert_eq!(changed("text_projection."), 0, "the text head moved without captions");
+    assert!(t.teacher_agreement().unwrap().is_some());
+}
+
+#[test]
+fn neighbour_agreement_counts_images_whose_nearest_image_is_the_teachers() {
+    let dev = Device::Cpu;
+    // Teacher: 0↔1 close, 2↔3 close. Student A agrees; student B pairs 0 with 2 and 1 with 3.
+    let t = Tensor::new(&[[1f32, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]], &dev).unwrap();
+    let b = Tensor::new(&[[1f32, 0.0], [0.0, 1.0], [0.9, 0.1], [0.1, 0.9]], &dev).unwrap();
+    assert_eq!(distill::neighbour_agreement(&t, &t).unwrap(), 1.0);
+    assert_eq!(distill::neighbour_agreement(&b, &t).unwrap(), 0.0);
 }

@@ -20,6 +20,10 @@ use clip_core::{ClipConfig, ClipModel};
 struct Args {
     #[command(flatten)]
     model: clip_cli::ModelArgs,
+    /// A distillation teacher (a run folder or a pretrained CLIP, as `stage4-train --teacher`):
+    /// prints its size beside the student's and what the student inherits from it.
+    #[arg(long, value_name = "RUN|MODEL")]
+    teacher: Option<String>,
     /// Batch size of the random forward pass.
     #[arg(long, default_value_t = 2)]
     batch_size: usize,
@@ -40,10 +44,28 @@ fn run(args: Args) -> Result<ExitCode> {
     let Some(dev) = device(&args.model, &mut report) else {
         return report.finish(json);
     };
+    let mut cfg = cfg;
+    if let Some(spec) = &args.teacher {
+        cfg.distill.teacher = Some(spec.clone());
+    }
+    let teacher = match clip_cli::distill::open_teacher(&cfg, &dev) {
+        Ok(t) => t,
+        Err(e) => {
+            report.check("teacher", false, format!("{e:#}"));
+            return report.finish(json);
+        }
+    };
+    if let Some(t) = &teacher {
+        // The teacher's width sizes the student's maps into its space, counted below.
+        cfg.distill.teacher_dim = Some(t.model.config.projection_dim);
+    }
     let Some(model) = build(&cfg, &dev, &mut report) else {
         return report.finish(json);
     };
     count_parameters(&model, &mut report);
+    if let Some(t) = &teacher {
+        inherit(&model, t, &mut report)?;
+    }
     // A forward pass on random inputs, in evaluation mode, then in training mode.
     let inputs = RandomInputs::new(&cfg, &dev, args.batch_size.max(2))?;
     for train in [false, true] {
@@ -135,6 +157,32 @@ fn build(cfg: &ClipConfig, dev: &Device, report: &mut Report) -> Option<ClipMode
     };
     report.metric("build_seconds", t.elapsed().as_secs_f64());
     Some(model)
+}
+
+/// The student beside its teacher, and what it would start from (stage 4 does the same on a
+/// new run).
+fn inherit(model: &ClipModel, teacher: &clip_core::distill::Teacher, report: &mut Report) -> Result<()> {
+    let (s, t) = (model.params.total_params(), teacher.params());
+    let ratio = if s <= t {
+        format!("{:.1}× fewer", t as f64 / s.max(1) as f64)
+    } else {
+        format!("the student is {:.1}× larger", s as f64 / t.max(1) as f64)
+    };
+    println!(
+        "student vs teacher: {} against {} parameters ({ratio})",
+        fmt_count(s),
+        fmt_count(t)
+    );
+    report.metric("teacher_parameters", t);
+    if model.config.distill.inherit {
+        // Stage 1 has no data, so no tokenizer of the student's own: the token table is
+        // taken to differ (stage 4 compares the two tokenizers).
+        let inh = clip_core::distill::inherit(model, &teacher.model, false)?;
+        clip_cli::distill::print_inherited(&inh);
+        report.metric("inherited", serde_json::to_value(&inh)?);
+    }
+    println!();
+    Ok(())
 }
 
 /// The parameters of each part, trainable and frozen.

@@ -285,6 +285,24 @@ fn summarise(ds: &Dataset, report: &mut Report) {
     if !ds.labels.is_empty() {
         println!("  {} classes: {}", ds.labels.len(), preview(&ds.labels, 8));
     }
+    let (mode, allows) = if ds.captionless() {
+        (
+            "images only",
+            "no captions: these images can only distil an image tower from a teacher (stage4-train --teacher RUN|MODEL, with contrastive = 0.0 and affinity = 0.0 under [distill]); training a CLIP needs captions (a captions file, or class folders)",
+        )
+    } else if !ds.labels.is_empty() {
+        (
+            "class folders",
+            "captions from the templates: CLIP training with zero-shot accuracy per class, fine-tuning, distillation of both towers",
+        )
+    } else {
+        (
+            "image-caption pairs",
+            "CLIP training, fine-tuning, distillation of both towers",
+        )
+    };
+    println!("  mode: {mode} — {allows}");
+    report.metric("mode", mode);
     report.metric("pairs", ds.pairs.len());
     report.metric("images", per_image.len());
     report.metric(

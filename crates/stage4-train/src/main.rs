@@ -19,6 +19,7 @@ use clip_cli::plot;
 use clip_cli::DataArgs;
 use clip_cli::Report;
 use clip_core::config::Schedule;
+use clip_core::distill::Footprint;
 use clip_core::fit::{ResumeOptions, Stopped, Trainer, Validation};
 use clip_core::params::Group;
 use clip_core::prepare::{prepare, DataSource};
@@ -86,7 +87,7 @@ fn run(args: Args) -> Result<ExitCode> {
         Some(spec) => Some(clip_core::wise_ft::parse_alphas(spec)?),
         None => None,
     };
-    let teacher = open_teacher(&cfg, &dev)?;
+    let teacher = clip_cli::distill::open_teacher(&cfg, &dev)?;
     let cfg = match &teacher {
         // The teacher's width sizes the student's linear maps into its space.
         Some(tc) => ClipConfig {
@@ -99,9 +100,16 @@ fn run(args: Args) -> Result<ExitCode> {
         None => cfg,
     };
     let mut t = open_run(&args, &cfg, &dev, &out)?;
-    if let Some(tc) = teacher {
-        teach(&args, &mut t, tc)?;
+    if t.images_only() && teacher.is_none() {
+        bail!(
+            "{}: images without captions — a CLIP learns from images *with* captions. With a teacher they can distil the image tower: stage4-train --teacher RUN|MODEL, with contrastive = 0.0 and affinity = 0.0 under [distill]",
+            t.data().dataset.root.display()
+        );
     }
+    let footprints = match teacher {
+        Some(tc) => Some(teach(&args, &mut t, tc)?),
+        None => None,
+    };
     let mut fixed = before_training(&args, &mut t)?;
     let mut thumbs = Thumbnails::default();
 
@@ -125,7 +133,14 @@ fn run(args: Args) -> Result<ExitCode> {
         html_report::write(&t, &fixed, None, &mut thumbs)?;
         print_epoch(&t, train_loss, &v, lr, pps, secs, best);
     }
-    judge(&mut t, &mut fixed, &mut thumbs, &mut report, alphas.as_deref())?;
+    judge(
+        &mut t,
+        &mut fixed,
+        &mut thumbs,
+        &mut report,
+        alphas.as_deref(),
+        footprints.as_ref(),
+    )?;
     report.finish(json)
 }
 
@@ -179,31 +194,25 @@ fn setup(args: &Args) -> Result<(ClipConfig, Device, PathBuf)> {
     Ok((cfg, dev, out))
 }
 
-/// The teacher the config names, loaded (it is dropped once its embeddings are computed).
-fn open_teacher(cfg: &ClipConfig, dev: &Device) -> Result<Option<clip_core::distill::Teacher>> {
-    let Some(spec) = &cfg.distill.teacher else {
-        return Ok(None);
-    };
-    let t = clip_core::distill::Teacher::open(spec, dev)?;
-    println!(
-        "teacher: {} ({:.1} M parameters, {}-dimensional embeddings, logit scale {:.1})",
-        t.describe,
-        t.params() as f64 / 1e6,
-        t.model.config.projection_dim,
-        t.logit_scale()?
-    );
-    Ok(Some(t))
-}
-
 /// The teacher's embeddings of the whole dataset (computed once, or read from the feature cache),
 /// handed to the trainer; the teacher itself is dropped here.
-fn teach(args: &Args, t: &mut Trainer, teacher: clip_core::distill::Teacher) -> Result<()> {
+/// Returns the teacher's and the student's footprints (parameters, weights, embeddings per
+/// second), measured one after the other here, on the same device.
+fn teach(args: &Args, t: &mut Trainer, teacher: clip_core::distill::Teacher) -> Result<[Footprint; 2]> {
     let cache = args
         .feature_cache
         .clone()
         .unwrap_or_else(|| t.out().join(clip_core::feature_cache::CACHE_DIR));
     let started = Instant::now();
     let targets = clip_core::distill::targets(&teacher, &data_source(args)?, &t.data().dataset, &cache)?;
+    if t.cfg().distill.inherit && args.resume.is_none() {
+        clip_cli::distill::print_inherited(&t.inherit_from(&teacher.model, &teacher.tokenizer)?);
+    }
+    // Speed on random inputs of each model's own shapes, one right after the other.
+    let footprints = [
+        clip_core::distill::footprint(&teacher.model, 16, 16, 1.0)?,
+        clip_core::distill::footprint(t.model(), 16, 16, 1.0)?,
+    ];
     drop(teacher);
     println!(
         "teacher embeddings: {} images, {} distinct captions in {} ({} teacher forward passes, {} rows reused, {:.1}s); the teacher is not held in memory while the student trains",
@@ -214,9 +223,16 @@ fn teach(args: &Args, t: &mut Trainer, teacher: clip_core::distill::Teacher) -> 
         targets.image.reused + targets.text.reused,
         started.elapsed().as_secs_f64()
     );
-    println!("distillation loss: {}", t.cfg().distill.describe());
-    t.set_teacher(targets);
-    Ok(())
+    t.set_teacher(targets)?;
+    if t.images_only() {
+        println!(
+            "images without captions: the image tower learns the teacher's image embeddings (feature term, weight {}); the text tower is left as it is — search these images by image, or distil a text tower on captions",
+            t.cfg().distill.feature
+        );
+    } else {
+        println!("distillation loss: {}", t.cfg().distill.describe());
+    }
+    Ok(footprints)
 }
 
 /// The trainer of a new or resumed run. One writer per folder: an existing folder is locked
@@ -418,6 +434,8 @@ fn print_epoch(t: &Trainer, train_loss: f64, v: &Validation, lr: f64, pps: f64, 
     let epoch = t.state().epoch;
     let quality = match v.zero_shot {
         Some(acc) => format!("zero-shot acc {acc:.3}"),
+        // Images without captions: the losses are the distillation's, nothing to retrieve.
+        None if t.images_only() => "feature loss".to_string(),
         None => format!("R@1 i→t {:.2} t→i {:.2}", v.recall.i2t_r1, v.recall.t2i_r1),
     };
     let flag = if best {
@@ -445,6 +463,7 @@ fn judge(
     thumbs: &mut Thumbnails,
     report: &mut Report,
     alphas: Option<&[f64]>,
+    footprints: Option<&[Footprint; 2]>,
 ) -> Result<()> {
     if t.state().best_epoch == 0 {
         println!("no epoch had a finite loss: model.safetensors holds the untrained model");
@@ -459,7 +478,7 @@ fn judge(
         judge_fine_tune(t, report)?;
     }
     if t.teacher().is_some() {
-        judge_distillation(t, report)?;
+        judge_distillation(t, report, footprints)?;
     }
     let after = t.fixed_similarity()?;
     fixed.heat_map(
@@ -474,7 +493,9 @@ fn judge(
     report.metric("best_epoch", t.state().best_epoch);
     report.metric("best_val_loss", t.state().best_val_loss);
     report.metric("run", t.out().display().to_string());
-    if fine_tune {
+    if fine_tune || t.images_only() {
+        // A fine-tune is judged against its start; images without captions by the agreement
+        // with the teacher (nothing to retrieve).
         println!("\nrun folder: {} (model.safetensors, config.toml, tokenizer.json, metrics.json with the start and every epoch, loss.csv, plots)", t.out().display());
         println!("report: {}", page.display());
         report.metric("report", page.display().to_string());
@@ -550,43 +571,115 @@ fn judge_fine_tune(t: &Trainer, report: &mut Report) -> Result<()> {
     Ok(())
 }
 
-/// A distillation's gate and the teacher beside the student: parameters, validation recall@1,
-/// and the student's top-1 agreement with the teacher.
-fn judge_distillation(t: &Trainer, report: &mut Report) -> Result<()> {
+/// A distillation's gate and the teacher beside the student: parameters, weights, embeddings
+/// per second (measured at the start, one after the other), validation recall@1 and zero-shot
+/// accuracy, and the student's top-1 agreement with the teacher.
+fn judge_distillation(t: &mut Trainer, report: &mut Report, footprints: Option<&[Footprint; 2]>) -> Result<()> {
     let Some(teacher) = t.teacher() else { return Ok(()) };
-    let val = &t.data().split.val;
-    let (tr, sr) = (t.teacher_recall(val)?.unwrap_or_default(), t.recall(val)?);
+    let start = t.state().agreement_start.unwrap_or(0.0);
     let end = t.teacher_agreement()?.unwrap_or(0.0);
+    let val = &t.data().split.val;
+    let images_only = t.images_only();
+    let (tr, sr) = if images_only {
+        (None, None)
+    } else {
+        (t.teacher_recall(val)?, Some(t.recall(val)?))
+    };
+    let (tz, sz) = (t.teacher_zero_shot(val)?, t.zero_shot(val)?);
     let sp = t.model().params.total_params();
-    println!("\nteacher and student, on the validation split:");
+    let fp = |i: usize| footprints.map(|f| f[i]);
     println!(
-        "  {:<10} {:>12} {:>9} {:>9} {:>10}",
-        "", "parameters", "R@1 i→t", "R@1 t→i", "agreement"
+        "\nteacher and student, on the validation {} (speed: random inputs of each model's shapes, batches of 16, measured one after the other at the start):",
+        if images_only { "images" } else { "split" }
     );
-    println!(
-        "  {:<10} {:>10.2} M {:>9.3} {:>9.3} {:>10}",
-        "teacher",
-        teacher.teacher_params as f64 / 1e6,
-        tr.i2t_r1,
-        tr.t2i_r1,
-        "–"
+    let mut head = format!(
+        "  {:<8} {:>11} {:>10} {:>10} {:>11}",
+        "", "parameters", "weights", "images/s", "captions/s"
     );
-    println!(
-        "  {:<10} {:>10.2} M {:>9.3} {:>9.3} {:>10.3}",
+    if !images_only {
+        head.push_str(&format!(" {:>8} {:>8}", "R@1 i→t", "R@1 t→i"));
+    }
+    if sz.is_some() {
+        head.push_str(&format!(" {:>10}", "zero-shot"));
+    }
+    head.push_str(&format!(" {:>10}", "agreement"));
+    println!("{head}");
+    let row = |name: &str,
+               params: usize,
+               f: Option<Footprint>,
+               r: Option<&clip_core::retrieval::Recall>,
+               z: Option<f64>,
+               a: Option<f64>| {
+        let mut line = format!("  {name:<8} {:>9.2} M", params as f64 / 1e6);
+        match f {
+            Some(f) => line.push_str(&format!(
+                " {:>7.1} MB {:>10.1} {:>11.1}",
+                f.weight_bytes as f64 / 1e6,
+                f.images_per_second,
+                f.captions_per_second
+            )),
+            None => line.push_str(&format!(" {:>10} {:>10} {:>11}", "–", "–", "–")),
+        }
+        if let Some(r) = r {
+            line.push_str(&format!(" {:>8.3} {:>8.3}", r.i2t_r1, r.t2i_r1));
+        }
+        if sz.is_some() {
+            line.push_str(&format!(" {:>10}", z.map_or("–".into(), |z| format!("{z:.3}"))));
+        }
+        line.push_str(&format!(" {:>10}", a.map_or("–".into(), |a| format!("{a:.3}"))));
+        println!("{line}");
+    };
+    row("teacher", teacher.teacher_params, fp(0), tr.as_ref(), tz, None);
+    row(
         "student",
-        sp as f64 / 1e6,
-        sr.i2t_r1,
-        sr.t2i_r1,
-        end
+        fp(1).map_or(sp, |f| f.parameters),
+        fp(1),
+        sr.as_ref(),
+        sz,
+        Some(end),
     );
+    if let (Some(f), Some(g)) = (fp(0), fp(1)) {
+        let fewer = f.parameters as f64 / g.parameters.max(1) as f64;
+        println!(
+            "  the student: {}, {:.1}× the teacher's image speed and {:.1}× its caption speed on this {}; agreement {start:.3} at the start{}",
+            if fewer >= 1.0 {
+                format!("{fewer:.1}× fewer parameters")
+            } else {
+                format!("{:.1}× more parameters", 1.0 / fewer)
+            },
+            g.images_per_second / f.images_per_second.max(1e-9),
+            g.captions_per_second / f.captions_per_second.max(1e-9),
+            if t.data().device.is_cpu() { "CPU" } else { "device" },
+            if images_only {
+                " (images only: each image's nearest other image, the student's against the teacher's)"
+            } else {
+                ""
+            }
+        );
+    }
     report.metric(
         "distillation",
         serde_json::json!({
             "teacher": teacher.teacher, "teacher_params": teacher.teacher_params, "student_params": sp,
-            "teacher_recall": tr, "student_recall": sr, "agreement_start": t.state().agreement_start, "agreement": end,
+            "teacher_recall": tr, "student_recall": sr, "teacher_zero_shot": tz, "student_zero_shot": sz,
+            "teacher_footprint": fp(0), "student_footprint": fp(1), "images_only": images_only,
+            "agreement_start": t.state().agreement_start, "agreement": end,
         }),
     );
-    let gate = clip_core::gates::agreement_rose(t.state().agreement_start.unwrap_or(0.0), end);
+    let summary = clip_core::distill::Summary {
+        teacher: teacher.teacher.clone(),
+        teacher_footprint: fp(0),
+        student_footprint: fp(1),
+        teacher_recall: tr,
+        student_recall: sr,
+        teacher_zero_shot: tz,
+        student_zero_shot: sz,
+        agreement_start: t.state().agreement_start,
+        agreement: end,
+        images_only,
+    };
+    t.set_distillation(summary)?;
+    let gate = clip_core::gates::agreement_rose(start, end);
     report.check(gate.name, gate.passed, gate.detail);
     Ok(())
 }

@@ -57,7 +57,27 @@ fn a_trained_run_teaches_a_student_and_its_embeddings_are_computed_once() {
         log.contains("distillation loss: 1 × contrastive + 2000 × feature MSE"),
         "{log}"
     );
-    assert!(log.contains("teacher and student, on the validation split:"), "{log}");
+    assert!(log.contains("teacher and student, on the validation split"), "{log}");
+    // A run of the same family on the same captions: the text tower starts from the teacher's,
+    // its token table included (the same tokenizer).
+    assert!(
+        log.contains("weights inherited from the teacher") && log.contains("text tower: blocks 0, 1"),
+        "{log}"
+    );
+    assert!(!log.contains("kept as initialised"), "{log}");
+    let d = &r["metrics"]["distillation"];
+    let page = std::fs::read_to_string(dir.path().join("a/report.html")).unwrap();
+    assert!(
+        page.contains("Teacher and student, on the validation split"),
+        "no teacher table in report.html"
+    );
+    let metrics: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("a/metrics.json")).unwrap()).unwrap();
+    assert_eq!(metrics["distillation"]["agreement"], d["agreement"]);
+    for who in ["teacher_footprint", "student_footprint"] {
+        assert!(d[who]["images_per_second"].as_f64().unwrap() > 0.0, "{d}");
+        assert!(d[who]["weight_bytes"].as_u64().unwrap() > 0, "{d}");
+    }
     assert!(
         !log.contains("(0 teacher forward passes"),
         "the first run must run the teacher:\n{log}"
@@ -83,4 +103,70 @@ fn distillation_refuses_augmentation_with_the_reason() {
     ]);
     assert_eq!(code, Some(2), "{log}");
     assert!(log.contains("distillation with --augment"), "{log}");
+}
+
+/// The tiny open_clip checkpoint the pretrained-CLIP tests load (a folder in the Hub cache's
+/// layout).
+fn oc_vit() -> std::path::PathBuf {
+    let snaps = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../clip-core/tests/fixtures/clip/hub/models--test--oc-vit/snapshots");
+    std::fs::read_dir(&snaps).unwrap().next().unwrap().unwrap().path()
+}
+
+#[test]
+fn images_without_captions_distil_the_image_tower_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let photos = dir.path().join("photos");
+    std::fs::create_dir(&photos).unwrap();
+    let demo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../assets/demo/images");
+    for e in std::fs::read_dir(demo).unwrap() {
+        let f = e.unwrap().path();
+        std::fs::copy(&f, photos.join(f.file_name().unwrap())).unwrap();
+    }
+    // No teacher: nothing to learn from, and the message says what would be.
+    let (code, log) = run(&["--data", p(&photos), "--out", p(&dir.path().join("a"))]);
+    assert_eq!(code, Some(2), "{log}");
+    assert!(
+        log.contains("images without captions") && log.contains("--teacher"),
+        "{log}"
+    );
+    // A teacher with the default terms: the contrastive one needs captions.
+    let teacher = oc_vit();
+    let (code, log) = run(&[
+        "--data",
+        p(&photos),
+        "--teacher",
+        p(&teacher),
+        "--out",
+        p(&dir.path().join("b")),
+    ]);
+    assert_eq!(code, Some(2), "{log}");
+    assert!(
+        log.contains("contrastive = 1") && log.contains("contrastive = 0.0"),
+        "{log}"
+    );
+    // The feature term alone trains the image tower.
+    let config = dir.path().join("images-only.toml");
+    std::fs::write(&config, "preset = \"tiny\"\n[distill]\ncontrastive = 0.0\n").unwrap();
+    let json = dir.path().join("c.json");
+    let (code, log) = run(&[
+        "--config",
+        p(&config),
+        "--data",
+        p(&photos),
+        "--teacher",
+        p(&teacher),
+        "--epochs",
+        "4",
+        "--out",
+        p(&dir.path().join("c")),
+        "--json",
+        p(&json),
+    ]);
+    assert!(matches!(code, Some(0 | 1)), "{log}");
+    assert!(log.contains("images without captions: the image tower learns"), "{log}");
+    assert!(dir.path().join("c/model.safetensors").is_file(), "{log}");
+    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(r["metrics"]["distillation"]["images_only"], true, "{r}");
+    assert_eq!(check(&r, "loss fell")["passed"], true, "{log}");
 }

@@ -40,14 +40,59 @@ impl Dataset {
             return Self::from_captions_file(&file, opts);
         }
         let root = absolute(path)?;
-        match folders::scan(&root)? {
-            Some(found) => Self::from_class_folders(root, found, opts),
-            None => bail!(
-                "{}: no captions file ({}) and no class folders with images (label/*.jpg): nothing to train on",
+        if let Some(found) = folders::scan(&root)? {
+            return Self::from_class_folders(root, found, opts);
+        }
+        let (images, bad) = folders::scan_flat(&root, &root)?;
+        if images.is_empty() && bad.is_empty() {
+            bail!(
+                "{}: no captions file ({}), no class folders with images (label/*.jpg) and no images: nothing to train on",
                 path.display(),
                 CAPTION_FILES.join(", ")
-            ),
+            );
         }
+        Self::from_images(root, images, bad, opts)
+    }
+
+    /// Images without captions: one pair per image with an empty caption, so batches, splits
+    /// and caches work as for any dataset, while [`Dataset::captionless`] tells training that
+    /// only the image side means anything.
+    fn from_images(
+        root: PathBuf,
+        found: Vec<folders::FolderImage>,
+        bad: Vec<super::BadRow>,
+        opts: &LoadOptions,
+    ) -> Result<Dataset> {
+        let mut images = vec![];
+        let mut pairs = vec![];
+        for img in found {
+            pairs.push(Pair {
+                image: images.len(),
+                caption: String::new(),
+                label: None,
+                line: 0,
+            });
+            images.push(ImageEntry {
+                path: img.path,
+                name: img.name,
+            });
+        }
+        Dataset {
+            image_root: root.clone(),
+            root,
+            source: Source::Images,
+            images,
+            pairs,
+            labels: vec![],
+            bad,
+        }
+        .check_rows(opts)
+    }
+
+    /// Images without captions (a folder of photos alone): they can distil an image tower from a
+    /// teacher's image embeddings, and nothing else — no caption to align an image with.
+    pub fn captionless(&self) -> bool {
+        matches!(self.source, Source::Images)
     }
 
     /// The repository's demo set (`assets/demo`): 10 images, 30 captions in Chinese and English.
@@ -102,7 +147,7 @@ impl Dataset {
     pub fn source_path(&self) -> &Path {
         match &self.source {
             Source::Captions { file, .. } => file,
-            Source::ClassFolders { .. } => &self.root,
+            Source::ClassFolders { .. } | Source::Images => &self.root,
             Source::WebDataset { shards, .. } => shards.first().map_or(&self.root, |s| s.as_path()),
         }
     }

@@ -192,3 +192,33 @@ pub(crate) fn scan(root: &Path) -> Result<Option<ClassFolders>> {
     }
     Ok(Some(out))
 }
+
+/// Images directly in `dir` (hidden entries ignored, symlinks followed while they stay inside
+/// `root`), sorted by name: a folder of photos without captions, which can only distil an image
+/// tower from a teacher. Names are relative to `root`.
+pub(crate) fn scan_flat(root: &Path, dir: &Path) -> Result<(Vec<FolderImage>, Vec<BadRow>)> {
+    let mut bad = vec![];
+    let mut files = vec![];
+    for f in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let f = f?;
+        let file = f.file_name().to_string_lossy().into_owned();
+        if file.starts_with('.') || !is_image_file(Path::new(&file)) {
+            continue;
+        }
+        if let Some(real) = resolve(root, &dir.join(&file), &f, |_| true, &mut bad)? {
+            if real.is_file() {
+                let name = dir
+                    .join(&file)
+                    .strip_prefix(root)
+                    .map_or(file.clone(), |p| p.to_string_lossy().into_owned());
+                files.push((name, real));
+            }
+        }
+    }
+    files.sort();
+    let images = files
+        .into_iter()
+        .map(|(name, path)| FolderImage { label: 0, name, path })
+        .collect();
+    Ok((images, bad))
+}

@@ -472,7 +472,9 @@ fn bad_rows(ds: &Dataset, origins: &[Origin], errors: &[Option<String>]) -> Vec<
                     };
                     BadRow::new(file, line, format!("cannot decode image {}{more}: {e}", img.name))
                 }
-                Source::ClassFolders { .. } => BadRow::new(&img.path, 0, format!("cannot decode image: {e}")),
+                Source::ClassFolders { .. } | Source::Images => {
+                    BadRow::new(&img.path, 0, format!("cannot decode image: {e}"))
+                }
                 Source::WebDataset { .. } => BadRow::new(
                     Path::new(&origins[i].describe()),
                     0,

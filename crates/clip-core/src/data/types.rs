@@ -89,6 +89,10 @@ pub enum Source {
     ClassFolders {
         templates: Vec<String>,
     },
+    /// A folder of images and no captions: each image is a pair with an empty caption. Such
+    /// data teaches only an image tower, from a teacher's image embeddings (see
+    /// [`Dataset::captionless`]).
+    Images,
     /// WebDataset tar shards; image i is the member at `members[i]` of its shard.
     WebDataset {
         shards: Vec<PathBuf>,
@@ -105,6 +109,7 @@ impl fmt::Display for Source {
             Source::ClassFolders { templates } => {
                 write!(f, "class folders, captions from {templates:?}")
             }
+            Source::Images => write!(f, "images without captions"),
             Source::WebDataset { shards, .. } => match shards.as_slice() {
                 [one] => write!(f, "WebDataset shard {}", one.display()),
                 [first, .., last] => write!(

@@ -142,16 +142,40 @@ impl Trainer {
         // class folders in order would put one class per batch and make the loss trivial.
         let order = Some(crate::data::epoch_seed(self.cfg.seed ^ 0x7a1, 0));
         let frozen = self.frozen_features()?;
+        let images_only = self.images_only();
         for b in self
             .data
             .loader
             .batches_with(val, self.cfg.train.batch_size, order, false, frozen)
         {
             let b = b?;
-            total += eval_loss(&self.model, &b)? * b.pairs.len() as f64;
+            let loss = match self.teacher() {
+                // No caption to compare with: the validation loss is the distillation's own.
+                Some(t) if images_only => crate::nn::no_grad(|| {
+                    let (ti, _) = t.batch(&self.data.dataset, &b.pairs, &self.data.device)?;
+                    let image = match &b.image_features {
+                        Some(f) => self.model.project_image(f, false)?,
+                        None => self.model.encode_image(&b.images, false)?,
+                    };
+                    Ok::<f64, anyhow::Error>(
+                        crate::distill::image_loss(&self.model, &image, &ti, &self.cfg.distill)?
+                            .total
+                            .to_scalar::<f32>()? as f64,
+                    )
+                })?,
+                _ => eval_loss(&self.model, &b)?,
+            };
+            total += loss * b.pairs.len() as f64;
             count += b.pairs.len();
         }
         let loss = if count > 0 { total / count as f64 } else { f64::NAN };
+        if images_only {
+            return Ok(Validation {
+                loss,
+                recall: Recall::default(),
+                zero_shot: None,
+            });
+        }
         Ok(Validation {
             loss,
             recall: self.recall(val)?,
@@ -163,6 +187,33 @@ impl Trainer {
     /// own class's caption among one caption per class. Retrieval recall means little there —
     /// thousands of identical captions — while this is the accuracy `clip-predict eval` reports.
     pub fn zero_shot(&self, pairs: &[usize]) -> Result<Option<f64>> {
+        self.zero_shot_of(
+            pairs,
+            |images| self.embed_images(images),
+            |pairs| self.embed_captions(pairs),
+        )
+    }
+
+    /// [`Trainer::zero_shot`] of the distillation teacher, from its cached embeddings (`None`
+    /// without a teacher or without classes).
+    pub fn teacher_zero_shot(&self, pairs: &[usize]) -> Result<Option<f64>> {
+        let Some(t) = self.teacher() else { return Ok(None) };
+        let dev = &self.data.device;
+        self.zero_shot_of(
+            pairs,
+            |images| t.image.tensor(images, dev),
+            |pairs| t.text.tensor(pairs, dev),
+        )
+    }
+
+    /// Zero-shot accuracy with image embeddings from `images(indices)` and caption embeddings
+    /// from `captions(pair indices)`.
+    fn zero_shot_of(
+        &self,
+        pairs: &[usize],
+        images: impl Fn(&[usize]) -> Result<Tensor>,
+        captions: impl Fn(&[usize]) -> Result<Tensor>,
+    ) -> Result<Option<f64>> {
         let ds = &self.data.dataset;
         if ds.labels.is_empty() {
             return Ok(None);
@@ -189,10 +240,10 @@ impl Trainer {
         if sample.is_empty() {
             return Ok(None);
         }
-        let images: Vec<usize> = sample.iter().map(|&p| ds.pairs[p].image).collect();
-        let ie = self.embed_images(&images)?;
+        let image_rows: Vec<usize> = sample.iter().map(|&p| ds.pairs[p].image).collect();
+        let ie = images(&image_rows)?;
         let flat: Vec<usize> = classes.iter().flat_map(|&l| captions_of[l].iter().copied()).collect();
-        let te = self.embed_captions(&flat)?;
+        let te = captions(&flat)?;
         let te = l2_normalize(&te)?;
         let mut means = vec![];
         let mut at = 0;

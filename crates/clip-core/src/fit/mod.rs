@@ -150,6 +150,7 @@ impl Trainer {
             start: None,
             agreement_start: None,
             wise_ft: None,
+            distillation: None,
             partial: None,
         };
         let out = lock.dir.clone();
@@ -174,8 +175,43 @@ impl Trainer {
     /// then returns [`Stopped`] and [`Trainer::save_checkpoint`] saves where it got to.
     /// Distils from a teacher whose embeddings of this dataset are `targets`
     /// ([`crate::distill::targets`]): each step's loss adds its terms ([`crate::distill::loss`]).
-    pub fn set_teacher(&mut self, targets: crate::distill::Targets) {
+    pub fn set_teacher(&mut self, targets: crate::distill::Targets) -> Result<()> {
+        if self.images_only() {
+            if let Some(why) = crate::distill::images_only_refusal(&self.cfg.distill) {
+                bail!("{}: {why}", self.data.dataset.root.display());
+            }
+        }
         self.teacher = Some(Arc::new(targets));
+        Ok(())
+    }
+
+    /// Keeps the end-of-run comparison of teacher and student in the state and metrics.json.
+    pub fn set_distillation(&mut self, summary: crate::distill::Summary) -> Result<()> {
+        self.state.distillation = Some(summary);
+        self.write_metrics()
+    }
+
+    /// Whether the data is images without captions ([`crate::data::Dataset::captionless`]): then
+    /// only a teacher can train, and only the image tower (see [`crate::distill::image_loss`]).
+    pub fn images_only(&self) -> bool {
+        self.data.dataset.captionless()
+    }
+
+    /// Starts a new run's student from the teacher's weights ([`crate::distill::inherit`]) and
+    /// rewrites the run's starting weights with them. Refused once training has begun.
+    /// The token table too when `tokenizer` (the teacher's) is the student's.
+    pub fn inherit_from(
+        &mut self,
+        teacher: &ClipModel,
+        tokenizer: &crate::data::TextTokenizer,
+    ) -> Result<crate::distill::Inherited> {
+        if self.state.epoch > 0 || self.state.partial.is_some() || self.opt.step > 0 {
+            bail!("weights are inherited only before the first step of a new run");
+        }
+        let same = tokenizer.to_json()? == self.data.tokenizer.to_json()?;
+        let report = crate::distill::inherit(&self.model, teacher, same)?;
+        self.start_files()?;
+        Ok(report)
     }
 
     pub fn teacher(&self) -> Option<&crate::distill::Targets> {
@@ -192,6 +228,8 @@ impl Trainer {
     }
 
     /// Top-1 agreement with the teacher on the validation split (see [`crate::distill::agreement`]).
+    /// For images without captions, the top-1 neighbour agreement instead
+    /// ([`crate::distill::neighbour_agreement`]).
     pub fn teacher_agreement(&self) -> Result<Option<f64>> {
         let Some(t) = &self.teacher else { return Ok(None) };
         let ds = &self.data.dataset;
@@ -199,6 +237,12 @@ impl Trainer {
         let mut images: Vec<usize> = val.iter().map(|&p| ds.pairs[p].image).collect();
         images.sort_unstable();
         images.dedup();
+        if ds.captionless() {
+            let dev = &self.data.device;
+            let (si, ti) = (self.embed_images(&images)?, t.image.tensor(&images, dev)?);
+            // The student's own space: the neighbours its users will get from image search.
+            return Ok(Some(crate::distill::neighbour_agreement(&si, &ti)?));
+        }
         // One pair per distinct caption.
         let mut seen = std::collections::HashSet::new();
         let captions: Vec<usize> = val
@@ -310,8 +354,15 @@ impl Trainer {
                         &pending,
                         self.cfg.train.clip_grad_norm,
                         |m, b| {
-                            let e = m.forward_batch(b, true)?;
                             let (ti, tt) = t.batch(ds, &b.pairs, dev)?;
+                            if ds.captionless() {
+                                let image = match &b.image_features {
+                                    Some(f) => m.project_image(f, true)?,
+                                    None => m.encode_image(&b.images, true)?,
+                                };
+                                return Ok(crate::distill::image_loss(m, &image, &ti, cfg)?.total);
+                            }
+                            let e = m.forward_batch(b, true)?;
                             Ok(crate::distill::loss(m, &e, Some(&b.positives), (&ti, &tt), t.logit_scale, cfg)?.total)
                         },
                     )

@@ -50,7 +50,7 @@ impl Trainer {
     /// checkpoint is resumed by starting again from these (see [`Trainer::restarted`]), which is
     /// what an epoch-0 checkpoint would hold, without writing the weights twice and the zero
     /// optimiser moments (over 1 GB for simple-clip) at every start.
-    fn start_files(&self) -> Result<()> {
+    pub(super) fn start_files(&self) -> Result<()> {
         let identity = DataIdentity::of(&self.data);
         write_checked(
             &self.out,

@@ -58,6 +58,7 @@ impl Trainer {
             "start": self.state.start,
             "wise_ft": self.state.wise_ft,
             "agreement_start": self.state.agreement_start,
+            "distillation": self.state.distillation,
             "history": h,
         });
         let metrics = serde_json::to_string_pretty(&metrics)?;

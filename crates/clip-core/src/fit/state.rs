@@ -51,6 +51,9 @@ pub struct TrainState {
     /// Top-1 agreement with the distillation teacher on validation, before the first step.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agreement_start: Option<f64>,
+    /// The teacher beside the student at the end of a distillation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub distillation: Option<crate::distill::Summary>,
     /// The WiSE-FT sweep at the end of a fine-tune (`--wise-ft`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wise_ft: Option<super::WiseFt>,

@@ -309,6 +309,15 @@ impl ClipModel {
         })
     }
 
+    /// An image embedding in the teacher's space: through the image map where the widths differ.
+    pub fn image_to_teacher_space(&self, image: &Tensor) -> Result<Tensor> {
+        use candle_core::Module;
+        Ok(match &self.teacher_maps {
+            Some((i, _)) => i.forward(image)?,
+            None => image.clone(),
+        })
+    }
+
     /// The current logit scale exp(s) of the `clip` loss, if any.
     pub fn logit_scale(&self) -> Result<Option<f32>> {
         Ok(match &self.logit_scale {

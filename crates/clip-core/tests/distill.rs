@@ -431,3 +431,26 @@ fn neighbour_agreement_counts_images_whose_nearest_image_is_the_teachers() {
     assert_eq!(distill::neighbour_agreement(&t, &t).unwrap(), 1.0);
     assert_eq!(distill::neighbour_agreement(&b, &t).unwrap(), 0.0);
 }
+
+#[test]
+fn every_preset_parses_and_the_student_presets_are_small() {
+    for name in clip_core::config::PRESETS {
+        let cfg = ClipConfig::preset(name).unwrap_or_else(|e| panic!("{name}: {e:#}"));
+        assert_eq!(cfg.name, name, "the preset file names itself");
+    }
+    // ViT-B/32 CLIP has 151 M parameters; the students a tenth of that or less.
+    for name in ["student-vit-s", "student-resnet-s"] {
+        let model = ClipModel::new(&ClipConfig::preset(name).unwrap(), &Device::Cpu).unwrap();
+        let n = model.params.total_params();
+        assert!((5_000_000..12_000_000).contains(&n), "{name}: {n} parameters");
+    }
+    let minilm = ClipConfig::preset("student-minilm").unwrap();
+    assert_eq!(
+        minilm.text.pretrained.as_deref(),
+        Some("sentence-transformers/all-MiniLM-L6-v2")
+    );
+    assert_eq!(
+        minilm.image.widths,
+        ClipConfig::preset("student-resnet-s").unwrap().image.widths
+    );
+}

@@ -220,7 +220,12 @@ impl Trainer {
 
     /// Measures the agreement with the teacher before the first step and keeps it in the run's
     /// state and metrics.json: stage 4's distillation gate compares the end with it.
+    /// Without a teacher, nothing is measured or written (metrics.json and loss.csv appear with
+    /// the first epoch, as they always have).
     pub fn measure_agreement_start(&mut self) -> Result<Option<f64>> {
+        if self.teacher.is_none() {
+            return Ok(None);
+        }
         let a = self.teacher_agreement()?;
         self.state.agreement_start = a;
         self.write_metrics()?;

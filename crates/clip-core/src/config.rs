@@ -538,7 +538,10 @@ pub struct DistillConfig {
     pub affinity: f64,
     /// Weight of feature distillation: the MSE between the student's normalised embedding (through
     /// a learned linear map when the widths differ) and the teacher's, for images and captions
-    /// (CLIP-KD's FD, its best single loss, at its weight 2000).
+    /// (CLIP-KD's FD, its best single loss, at its weight 2000). CLIP-KD's MSE is a mean over
+    /// B × 512 (its teacher's width); here it is scaled to 512 dimensions
+    /// ([`crate::distill::FEATURE_WIDTH`]), so 2000 weighs a 64-wide teacher as it weighs a
+    /// 512-wide one (a plain mean over 64 would weigh each unit vector's distance 8× more).
     pub feature: f64,
     /// The teacher's embedding width, recorded when training starts (it sizes the linear maps).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -584,7 +587,10 @@ impl DistillConfig {
             ));
         }
         if self.feature > 0.0 {
-            terms.push(format!("{} × feature MSE (normalised embeddings)", self.feature));
+            terms.push(format!(
+                "{} × feature MSE (normalised embeddings, at 512 dimensions)",
+                self.feature
+            ));
         }
         terms.join(" + ")
     }

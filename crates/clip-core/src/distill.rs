@@ -187,6 +187,17 @@ fn soft_ce(teacher: &Tensor, student: &Tensor) -> Result<Tensor> {
     Ok((p * log_softmax(student)?)?.sum(D::Minus1)?.mean_all()?.neg()?)
 }
 
+/// The width CLIP-KD's feature weight (2000 × an MSE averaged over B × D) was set at: its
+/// teacher's 512-dimensional embeddings. The feature MSE here is scaled by D / 512, the same
+/// distance weighed the same at any width.
+pub const FEATURE_WIDTH: f64 = 512.0;
+
+/// `mean((norm(s) - t)²)` over B × D, scaled to [`FEATURE_WIDTH`] dimensions.
+fn feature_mse(s: &Tensor, t: &Tensor) -> Result<Tensor> {
+    let d = t.dim(D::Minus1)? as f64;
+    Ok(((l2_normalize(s)? - t)?.sqr()?.mean_all()? * (d / FEATURE_WIDTH))?)
+}
+
 /// The terms of one batch's distillation loss (each already weighted), and their sum.
 pub struct DistillLoss {
     pub total: Tensor,
@@ -198,7 +209,8 @@ pub struct DistillLoss {
 /// The student's loss on a batch with the teacher's embeddings `(t_image, t_text)` of the same
 /// pairs: `contrastive` × the model's own loss, `affinity` × ½[H(t, s) + H(tᵀ, sᵀ)] over the
 /// scaled similarity matrices, `feature` × [MSE(norm(P f), f_t) + MSE(norm(P g), g_t)], each
-/// MSE a mean over B × D (CLIP-KD's scale, hence its weight 2000).
+/// MSE a mean over B × D times D / 512 (CLIP-KD's scale at its teacher's width, hence its
+/// weight 2000).
 pub fn loss(
     model: &ClipModel,
     e: &Embeddings,
@@ -229,8 +241,7 @@ pub fn loss(
     };
     let feature = if cfg.feature > 0.0 {
         let mapped = model.to_teacher_space(e)?;
-        let mse = |s: &Tensor, t: &Tensor| -> Result<Tensor> { Ok((l2_normalize(s)? - t)?.sqr()?.mean_all()?) };
-        Some(((mse(&mapped.image, &t_img)? + mse(&mapped.text, &t_txt)?)? * cfg.feature)?)
+        Some(((feature_mse(&mapped.image, &t_img)? + feature_mse(&mapped.text, &t_txt)?)? * cfg.feature)?)
     } else {
         None
     };
@@ -281,7 +292,7 @@ pub fn images_only_refusal(cfg: &DistillConfig) -> Option<String> {
 /// image side alone (the student's image embeddings `image`, the teacher's `t_image`).
 pub fn image_loss(model: &ClipModel, image: &Tensor, t_image: &Tensor, cfg: &DistillConfig) -> Result<DistillLoss> {
     let mapped = model.image_to_teacher_space(image)?;
-    let feature = ((l2_normalize(&mapped)? - t_image.detach())?.sqr()?.mean_all()? * cfg.feature)?;
+    let feature = (feature_mse(&mapped, &t_image.detach())? * cfg.feature)?;
     Ok(DistillLoss {
         total: feature.clone(),
         contrastive: None,

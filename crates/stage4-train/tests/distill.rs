@@ -89,6 +89,34 @@ fn a_trained_run_teaches_a_student_and_its_embeddings_are_computed_once() {
     // The same teacher and data again: every embedding comes from the cache.
     let (log, _) = student("b");
     assert!(log.contains("(0 teacher forward passes, 40 rows reused"), "{log}");
+    // The affinity term has a floor (the teacher's own entropy): its gate asks for a fall, not a
+    // halving.
+    let config = dir.path().join("affinity.toml");
+    std::fs::write(&config, "preset = \"tiny\"\n[distill]\naffinity = 1.0\nfeature = 0.0\n").unwrap();
+    let json = dir.path().join("c.json");
+    let (_, log) = run(&[
+        "--config",
+        p(&config),
+        "--teacher",
+        p(&teacher),
+        "--epochs",
+        "6",
+        "--feature-cache",
+        p(&cache),
+        "--out",
+        p(&dir.path().join("c")),
+        "--json",
+        p(&json),
+    ]);
+    assert!(log.contains("1 × contrastive + 1 × affinity"), "{log}");
+    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let fell = check(&r, "loss fell");
+    assert!(fell["detail"].as_str().unwrap().contains("below the first"), "{fell}");
+    assert_eq!(
+        fell["passed"],
+        r["metrics"]["last_epoch_loss"].as_f64() < r["metrics"]["first_epoch_loss"].as_f64(),
+        "{fell}"
+    );
 }
 
 #[test]

@@ -111,10 +111,12 @@ pub fn export(
 ) -> Result<Exported> {
     let cfg = &model.config;
     check(cfg, format)?;
+    // A distilled student's maps into its teacher's space served training only.
     let params: HashMap<String, Tensor> = model
         .params
         .tensors()
         .into_iter()
+        .filter(|(k, _)| !k.starts_with("distill."))
         .map(|(k, t)| Ok((k, t.to_device(&Device::Cpu)?.to_dtype(DType::F32)?)))
         .collect::<Result<_>>()?;
     let chinese = cfg.text.kind == TextKind::Bert;

@@ -454,3 +454,25 @@ fn every_preset_parses_and_the_student_presets_are_small() {
         ClipConfig::preset("student-resnet-s").unwrap().image.widths
     );
 }
+
+#[test]
+fn a_distilled_student_exports_without_its_maps() {
+    // A ViT student (16-dimensional embeddings) with maps into a 24-wide teacher's space.
+    let mut cfg = vit_clip(2, 32, 8, 2);
+    cfg.distill.teacher = Some("test".into());
+    cfg.distill.teacher_dim = Some(24);
+    let model = ClipModel::new(&cfg, &Device::Cpu).unwrap();
+    assert!(model.params.get("distill.image_map.weight").is_some());
+    let tok = clip_core::data::TextTokenizer::train(&["a photo of a cat".to_string()], 300, 16).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    clip_core::export::export(&model, &tok, clip_core::export::ExportFormat::Hf, out.path(), false).unwrap();
+    let bytes = std::fs::read(out.path().join("model.safetensors")).unwrap();
+    let names: Vec<String> = safetensors::SafeTensors::deserialize(&bytes)
+        .unwrap()
+        .names()
+        .into_iter()
+        .map(str::to_string)
+        .collect();
+    assert!(names.iter().any(|n| n.starts_with("vision_model.")), "{names:?}");
+    assert!(!names.iter().any(|n| n.contains("distill")), "{names:?}");
+}

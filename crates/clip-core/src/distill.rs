@@ -276,8 +276,10 @@ pub fn images_only_refusal(cfg: &DistillConfig) -> Option<String> {
     }
     if !text_side.is_empty() {
         return Some(format!(
-            "images without captions distil only the image tower (the feature term, image side): {} compare images with captions there are none of — set them to 0 under [distill] (contrastive = 0.0, affinity = 0.0) and keep feature above 0",
-            text_side.join(" and ")
+            "images without captions distil only the image tower, through the feature term: {} {} images with captions, and these have none — set {} under [distill] (contrastive = 0.0, affinity = 0.0) and keep feature above 0",
+            text_side.join(" and "),
+            if text_side.len() == 1 { "compares" } else { "compare" },
+            if text_side.len() == 1 { "it to 0" } else { "them to 0" }
         ));
     }
     if cfg.feature <= 0.0 {
@@ -286,6 +288,25 @@ pub fn images_only_refusal(cfg: &DistillConfig) -> Option<String> {
         );
     }
     None
+}
+
+/// Whether `ds` can train with this distillation config: images without captions need a teacher
+/// and the feature term alone (see [`images_only_refusal`]). Checked as soon as the data is
+/// known, before a run folder is made.
+pub fn check_data(ds: &Dataset, cfg: &DistillConfig) -> Result<()> {
+    if !ds.captionless() {
+        return Ok(());
+    }
+    if cfg.teacher.is_none() {
+        bail!(
+            "{}: images without captions — a CLIP learns from images *with* captions. With a teacher they can distil the image tower: stage4-train --teacher RUN|MODEL, with contrastive = 0.0 and affinity = 0.0 under [distill]",
+            ds.root.display()
+        );
+    }
+    if let Some(why) = images_only_refusal(cfg) {
+        bail!("{}: {why}", ds.root.display());
+    }
+    Ok(())
 }
 
 /// The loss of a batch of images without captions: `feature` × MSE(norm(P f), f_t) over the

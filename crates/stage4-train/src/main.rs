@@ -100,12 +100,6 @@ fn run(args: Args) -> Result<ExitCode> {
         None => cfg,
     };
     let mut t = open_run(&args, &cfg, &dev, &out)?;
-    if t.images_only() && teacher.is_none() {
-        bail!(
-            "{}: images without captions — a CLIP learns from images *with* captions. With a teacher they can distil the image tower: stage4-train --teacher RUN|MODEL, with contrastive = 0.0 and affinity = 0.0 under [distill]",
-            t.data().dataset.root.display()
-        );
-    }
     let footprints = match teacher {
         Some(tc) => Some(teach(&args, &mut t, tc)?),
         None => None,
@@ -255,6 +249,8 @@ fn open_run(args: &Args, cfg: &ClipConfig, dev: &Device, out: &Path) -> Result<T
         (None, false) => None,
     };
     let data = prepare(cfg, &data_source(args)?, dev, &clip_cli::progress::Bar::new())?;
+    // Refused before a new folder is made: the corrected command can use the same --out.
+    clip_core::distill::check_data(&data.dataset, &cfg.distill)?;
     println!(
         "data: {} pairs of {} images; training on {}, validating on {}{}",
         data.dataset.pairs.len(),

@@ -158,6 +158,8 @@ fn images_without_captions_distil_the_image_tower_only() {
         log.contains("images without captions") && log.contains("--teacher"),
         "{log}"
     );
+    // Refused before a run folder is made: the corrected command can use the same --out.
+    assert!(!dir.path().join("a").exists(), "a refused run left a folder");
     // A teacher with the default terms: the contrastive one needs captions.
     let teacher = oc_vit();
     let (code, log) = run(&[
@@ -173,6 +175,7 @@ fn images_without_captions_distil_the_image_tower_only() {
         log.contains("contrastive = 1") && log.contains("contrastive = 0.0"),
         "{log}"
     );
+    assert!(!dir.path().join("b").exists(), "a refused run left a folder");
     // The feature term alone trains the image tower.
     let config = dir.path().join("images-only.toml");
     std::fs::write(&config, "preset = \"tiny\"\n[distill]\ncontrastive = 0.0\n").unwrap();

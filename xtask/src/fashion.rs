@@ -90,12 +90,13 @@ pub fn run(args: Args) -> Result<bool> {
     export(&source, "t10k", &test_dir, None)?;
     let prepared = started.elapsed().as_secs_f64();
 
-    let run = match &args.teacher {
-        Some(run) => run.clone(),
+    // The teacher's run, and whether its stage 4 passed (not known for an existing run).
+    let (run, passed) = match &args.teacher {
+        Some(run) => (run.clone(), None),
         None => {
             let run = out.join("run");
-            train(&bins, &config, &train_dir, &run, epochs, None)?;
-            run
+            let passed = train(&bins, &config, &train_dir, &run, epochs, None)?;
+            (run, Some(passed))
         }
     };
     let (eval, eval_secs) = evaluate(&bins, &run, &test_dir, &out.join("confusion.png"))?;
@@ -106,6 +107,7 @@ pub fn run(args: Args) -> Result<bool> {
         eval_secs,
         started.elapsed().as_secs_f64(),
         prepared,
+        passed,
     )?;
     println!("{line}");
     if !args.distill {
@@ -124,9 +126,17 @@ pub fn run(args: Args) -> Result<bool> {
             "student-alone"
         });
         let t = Instant::now();
-        train(&bins, &student, &train_dir, &dir, epochs, teacher)?;
+        let passed = train(&bins, &student, &train_dir, &dir, epochs, teacher)?;
         let (eval, eval_secs) = evaluate(&bins, &dir, &test_dir, &dir.join("confusion.png"))?;
-        let line = summary(&dir, &train_dir, &eval, eval_secs, t.elapsed().as_secs_f64(), 0.0)?;
+        let line = summary(
+            &dir,
+            &train_dir,
+            &eval,
+            eval_secs,
+            t.elapsed().as_secs_f64(),
+            0.0,
+            Some(passed),
+        )?;
         println!("{line}");
         rows.push((name.to_string(), dir, line));
     }
@@ -158,6 +168,7 @@ pub fn run(args: Args) -> Result<bool> {
 }
 
 /// Stage 4 on the class folders (a fresh run folder), distilling from `teacher` when given.
+/// Whether its gates passed; an error when it saved no model.
 fn train(
     bins: &Path,
     config: &Path,
@@ -165,7 +176,7 @@ fn train(
     run: &Path,
     epochs: Option<usize>,
     teacher: Option<&Path>,
-) -> Result<()> {
+) -> Result<bool> {
     if run.exists() {
         std::fs::remove_dir_all(run)?;
     }
@@ -197,7 +208,7 @@ fn train(
             run.display()
         );
     }
-    Ok(())
+    Ok(status.success())
 }
 
 /// `clip-predict eval` zero-shot on the test folders: its JSON and the seconds it took.
@@ -220,16 +231,31 @@ fn evaluate(bins: &Path, run: &Path, test: &Path, confusion: &Path) -> Result<(V
 }
 
 /// One JSON line for a trained run: its config, epochs, times, training speed, test accuracy,
-/// size.
-fn summary(run: &Path, train_dir: &Path, eval: &Value, eval_secs: f64, wall: f64, prepared: f64) -> Result<Value> {
+/// size, and whether stage 4 passed (`None`: an existing run, not trained here).
+fn summary(
+    run: &Path,
+    train_dir: &Path,
+    eval: &Value,
+    eval_secs: f64,
+    wall: f64,
+    prepared: f64,
+    stage4_passed: Option<bool>,
+) -> Result<Value> {
     let metrics: Value = serde_json::from_str(&std::fs::read_to_string(run.join("metrics.json"))?)?;
     let history = metrics["history"].as_array().cloned().unwrap_or_default();
     let pps: Vec<f64> = history.iter().filter_map(|h| h["pairs_per_second"].as_f64()).collect();
     let train_secs: f64 = history.iter().filter_map(|h| h["seconds"].as_f64()).sum();
     let cfg = clip_core::ClipConfig::from_toml_file(&run.join(clip_core::run_dir::CONFIG))?;
-    let params = clip_core::ClipModel::new(&cfg, &candle_core::Device::Cpu)?
-        .params
-        .total_params();
+    // Counted in the saved weights (BatchNorm statistics included; no model to build, nor a
+    // pretrained tower to fetch for it),
+    // leaving out a distilled student's maps into its teacher's space: they serve training only.
+    let weights = run.join("model.safetensors");
+    let params: usize = candle_core::safetensors::load(&weights, &candle_core::Device::Cpu)
+        .with_context(|| format!("reading {}", weights.display()))?
+        .iter()
+        .filter(|(name, _)| !name.starts_with("distill."))
+        .map(|(_, t)| t.elem_count())
+        .sum();
     Ok(json!({
         "preset": metrics["config"],
         "epochs": history.len(),
@@ -243,7 +269,8 @@ fn summary(run: &Path, train_dir: &Path, eval: &Value, eval_secs: f64, wall: f64
         "best_epoch": metrics["best_epoch"],
         "parameters": params,
         "image_macs": image_macs(&cfg.image),
-        "model_bytes": std::fs::metadata(run.join("model.safetensors")).map(|m| m.len()).ok(),
+        "model_bytes": std::fs::metadata(&weights).map(|m| m.len()).ok(),
+        "stage4_passed": stage4_passed,
     }))
 }
 

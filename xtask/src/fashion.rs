@@ -54,6 +54,7 @@ pub struct Args {
     /// Then distil the run into a small student (assets/configs/fashion-mnist-student.toml, or
     /// --student), and train the same student alone for the same epochs: the table of teacher,
     /// distilled and undistilled student (test accuracy, multiply-adds, parameters, speed).
+    /// Example: cargo xtask fashion-mnist --distill --teacher target/fashion-mnist/run --images-only
     #[arg(long)]
     distill: bool,
     /// The student's config for --distill.
@@ -62,6 +63,11 @@ pub struct Args {
     /// With --distill: the teacher is this existing run folder (else the default run is trained).
     #[arg(long, value_name = "RUN", requires = "distill")]
     teacher: Option<PathBuf>,
+    /// With --distill: also distil the student from the teacher on the training images alone —
+    /// a folder of them without labels or captions, the feature term only — its captions then
+    /// answered by the teacher's text tower (a fourth row).
+    #[arg(long = "images-only", requires = "distill")]
+    images_only: bool,
 }
 
 pub fn run(args: Args) -> Result<bool> {
@@ -119,18 +125,43 @@ pub fn run(args: Args) -> Result<bool> {
         .student
         .unwrap_or_else(|| root.join("assets/configs/fashion-mnist-student.toml"));
     let mut rows = vec![("teacher".to_string(), run.clone(), line)];
-    for (name, teacher) in [("student, distilled", Some(run.as_path())), ("student, alone", None)] {
-        let dir = out.join(if teacher.is_some() {
-            "student-distilled"
-        } else {
-            "student-alone"
-        });
+    // (name, run folder, config, training data, teacher)
+    let mut students = vec![
+        (
+            "student, distilled",
+            "student-distilled",
+            student.clone(),
+            train_dir.clone(),
+            Some(run.as_path()),
+        ),
+        (
+            "student, alone",
+            "student-alone",
+            student.clone(),
+            train_dir.clone(),
+            None,
+        ),
+    ];
+    if args.images_only {
+        let flat = out.join(format!("{}-images", train_dir.file_name().unwrap().to_string_lossy()));
+        flatten(&train_dir, &flat)?;
+        let config = images_only_config(&student, &out)?;
+        students.push((
+            "student, images only",
+            "student-images-only",
+            config,
+            flat,
+            Some(run.as_path()),
+        ));
+    }
+    for (name, folder, config, data, teacher) in students {
+        let dir = out.join(folder);
         let t = Instant::now();
-        let passed = train(&bins, &student, &train_dir, &dir, epochs, teacher)?;
+        let passed = train(&bins, &config, &data, &dir, epochs, teacher)?;
         let (eval, eval_secs) = evaluate(&bins, &dir, &test_dir, &dir.join("confusion.png"))?;
         let line = summary(
             &dir,
-            &train_dir,
+            &data,
             &eval,
             eval_secs,
             t.elapsed().as_secs_f64(),
@@ -209,6 +240,46 @@ fn train(
         );
     }
     Ok(status.success())
+}
+
+/// The training images in one folder, without their class folders (so without labels or
+/// captions): hard links to the class folders' files (a copy where links fail), named by their
+/// index as there.
+fn flatten(classes: &Path, flat: &Path) -> Result<()> {
+    let done = flat.join(".complete");
+    if done.is_file() {
+        return Ok(());
+    }
+    std::fs::create_dir_all(flat)?;
+    let mut n = 0;
+    for class in std::fs::read_dir(classes)? {
+        let class = class?.path();
+        if !class.is_dir() {
+            continue;
+        }
+        for f in std::fs::read_dir(&class)? {
+            let f = f?.path();
+            let to = flat.join(f.file_name().unwrap());
+            if !to.exists() && std::fs::hard_link(&f, &to).is_err() {
+                std::fs::copy(&f, &to).with_context(|| format!("copying {} to {}", f.display(), to.display()))?;
+            }
+            n += 1;
+        }
+    }
+    std::fs::write(&done, format!("{n}\n"))?;
+    Ok(())
+}
+
+/// The student's config with the feature term alone (the contrastive and affinity terms
+/// compare images with captions, which images alone do not have), written beside the runs.
+fn images_only_config(student: &Path, out: &Path) -> Result<PathBuf> {
+    let mut cfg = clip_core::ClipConfig::from_toml_file(student)?;
+    cfg.name = format!("{}-images-only", cfg.name);
+    cfg.distill.contrastive = 0.0;
+    cfg.distill.affinity = 0.0;
+    let path = out.join(format!("{}.toml", cfg.name));
+    std::fs::write(&path, cfg.to_toml()?)?;
+    Ok(path)
 }
 
 /// `clip-predict eval` zero-shot on the test folders: its JSON and the seconds it took.

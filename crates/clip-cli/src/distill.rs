@@ -15,7 +15,7 @@ pub fn open_teacher(cfg: &ClipConfig, dev: &Device) -> Result<Option<Teacher>> {
         "teacher: {} ({:.1} M parameters, {}-dimensional embeddings, logit scale {:.1})",
         t.describe,
         t.params() as f64 / 1e6,
-        t.model.config.projection_dim,
+        t.model.embed_dim(),
         t.logit_scale()?
     );
     Ok(Some(t))

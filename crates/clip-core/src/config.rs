@@ -546,10 +546,20 @@ pub struct DistillConfig {
     /// The teacher's embedding width, recorded when training starts (it sizes the linear maps).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub teacher_dim: Option<usize>,
+    /// The teacher's fingerprint (its weights, config and tokenizer), recorded when training
+    /// starts: a student that answers captions with its teacher's text tower refuses a teacher
+    /// that has changed since.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub teacher_fingerprint: Option<String>,
     /// Start the student from the teacher's weights where a tower is of the teacher's family
     /// (TinyCLIP's manual inheritance: every k-th block, leading slices; see
     /// `clip_core::distill::inherit`).
     pub inherit: bool,
+    /// Recorded when training starts on images without captions: the student's text tower
+    /// learned nothing, so its captions are answered by the teacher's text tower (see
+    /// `clip_core::distill::caption_teacher`).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub images_only: bool,
 }
 
 impl Default for DistillConfig {
@@ -560,12 +570,23 @@ impl Default for DistillConfig {
             affinity: 0.0,
             feature: 2000.0,
             teacher_dim: None,
+            teacher_fingerprint: None,
             inherit: true,
+            images_only: false,
         }
     }
 }
 
 impl DistillConfig {
+    /// Whether the student's embeddings mean something only in the teacher's space: no term
+    /// compares its own images with its own captions (contrastive and affinity are off), so each
+    /// side learned the teacher's embeddings through its own map, and the two sides of the
+    /// student's own space were never aligned. Its embeddings are then given through the maps
+    /// ([`crate::ClipModel::embed_images`]).
+    pub fn in_teacher_space(&self) -> bool {
+        self.teacher.is_some() && self.contrastive <= 0.0 && self.affinity <= 0.0
+    }
+
     /// Whether the student needs linear maps into the teacher's embedding space.
     pub fn maps(&self, projection_dim: usize) -> Option<usize> {
         match (self.teacher.is_some() && self.feature > 0.0, self.teacher_dim) {

@@ -33,6 +33,7 @@ pub struct Teacher {
     pub describe: String,
     /// The tokenizer file a run teacher's captions are tokenised with (`None`: the checkpoint's).
     tokenizer_file: Option<PathBuf>,
+    fingerprint: std::sync::OnceLock<String>,
 }
 
 impl Teacher {
@@ -50,6 +51,7 @@ impl Teacher {
                 tokenizer,
                 describe: format!("run {spec}"),
                 tokenizer_file: Some(path.join(crate::run_dir::TOKENIZER)),
+                fingerprint: Default::default(),
             });
         }
         let o = crate::pretrained_clip::open(spec, &Hub::from_env(), device)
@@ -59,7 +61,14 @@ impl Teacher {
             tokenizer: o.tokenizer,
             describe: format!("pretrained CLIP {spec} ({})", o.load.format.describe()),
             tokenizer_file: None,
+            fingerprint: Default::default(),
         })
+    }
+
+    /// Whether the teacher is a pretrained CLIP (not a clipmine run): its captions read best
+    /// through a prompt ensemble.
+    pub fn pretrained(&self) -> bool {
+        self.tokenizer_file.is_none()
     }
 
     /// Parameters of the teacher.
@@ -73,8 +82,17 @@ impl Teacher {
     }
 
     /// A fingerprint of everything that decides the teacher's embeddings: every tensor (name,
-    /// shape, values), its config (architecture and preprocessing) and its tokenizer.
-    fn fingerprint(&self) -> Result<String> {
+    /// shape, values), its config (architecture and preprocessing) and its tokenizer. Computed
+    /// once.
+    pub fn fingerprint(&self) -> Result<String> {
+        if let Some(f) = self.fingerprint.get() {
+            return Ok(f.clone());
+        }
+        let f = self.compute_fingerprint()?;
+        Ok(self.fingerprint.get_or_init(|| f).clone())
+    }
+
+    fn compute_fingerprint(&self) -> Result<String> {
         let mut h = Xxh3::new();
         h.update(b"clipmine-teacher/1");
         let cfg = &self.model.config;
@@ -87,6 +105,40 @@ impl Teacher {
         }
         Ok(format!("{:032x}", h.digest128()))
     }
+}
+
+/// The teacher whose text tower answers a model's captions: for a student distilled on images
+/// alone (its own text tower learned nothing; [`crate::config::DistillConfig::images_only`]),
+/// the teacher it learned from — the student's image embeddings are in that teacher's space.
+/// `None` for every other model. Refused when the teacher cannot be opened or has changed since.
+pub fn caption_teacher(cfg: &crate::ClipConfig, device: &Device) -> Result<Option<Teacher>> {
+    if !cfg.distill.images_only {
+        return Ok(None);
+    }
+    let why = "this student was distilled on images without captions, so its own text tower learned nothing and its captions are answered by its teacher's text tower";
+    let Some(spec) = cfg.distill.teacher.as_deref() else {
+        bail!("{why}, but its config names no teacher ([distill] teacher)");
+    };
+    let teacher = Teacher::open(spec, device).with_context(|| {
+        format!("{why}: the teacher {spec} could not be opened — put it back there (a symbolic link to where it is now will do)")
+    })?;
+    if let Some(want) = &cfg.distill.teacher_fingerprint {
+        let got = teacher.fingerprint()?;
+        if &got != want {
+            bail!(
+                "{why}, and the teacher {spec} has changed since the student learned from it (fingerprint {got}, recorded {want}): its captions would not match the student's images — distil the student again from this teacher"
+            );
+        }
+    }
+    if let Some(d) = cfg.distill.teacher_dim {
+        if teacher.model.embed_dim() != d {
+            bail!(
+                "{why}, and the teacher {spec} gives {}-dimensional embeddings where the student learned {d}-dimensional ones",
+                teacher.model.embed_dim()
+            );
+        }
+    }
+    Ok(Some(teacher))
 }
 
 /// The teacher's normalised embeddings of a dataset: image rows by image index, caption rows by
@@ -135,7 +187,7 @@ pub fn targets(teacher: &Teacher, source: &DataSource, student: &Dataset, cache:
         );
     }
     let fp = teacher.fingerprint()?;
-    let dim = teacher.model.config.projection_dim;
+    let dim = teacher.model.embed_dim();
     let cache = FeatureCache::new(cache);
     let forwards = AtomicUsize::new(0);
     let chunk = 32;

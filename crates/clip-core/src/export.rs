@@ -60,6 +60,19 @@ const TXT: &str = "text_encoder.model.";
 
 /// Which architectures a format can carry; the error says why not and what can.
 fn check(cfg: &ClipConfig, format: ExportFormat) -> Result<()> {
+    // The exported model is the student's towers alone: neither its teacher's text tower nor
+    // its maps into the teacher's space travel with it.
+    if cfg.distill.images_only {
+        bail!(
+            "this student was distilled on images without captions: its own text tower learned nothing, and clipmine answers its captions with the teacher's ({}) — an exported model would carry the untrained one. Distil on images with captions to export a student that stands alone",
+            cfg.distill.teacher.as_deref().unwrap_or("?")
+        );
+    }
+    if cfg.distill.in_teacher_space() && cfg.distill.maps(cfg.projection_dim).is_some() {
+        bail!(
+            "this student was distilled by the feature term alone (contrastive = 0, affinity = 0): its embeddings meet only through its maps into the teacher's space, which open_clip and Hugging Face models have no place for — distil with the contrastive term on (the default) to export"
+        );
+    }
     let i = &cfg.image;
     if cfg.head != HeadKind::Linear || !matches!(i.arch, ImageArch::Vit | ImageArch::ClipResnet) {
         bail!(

@@ -37,7 +37,9 @@ fn student(teacher_dim: usize, term: &str) -> ClipConfig {
         affinity: f64::from(term == "affinity"),
         feature: if term == "feature" { 2000.0 } else { 0.0 },
         teacher_dim: Some(teacher_dim),
+        teacher_fingerprint: None,
         inherit: false,
+        images_only: false,
     };
     cfg
 }
@@ -116,6 +118,38 @@ fn a_teacher_as_wide_as_the_student_needs_no_maps() {
         .params
         .get("distill.text_map.weight")
         .is_none());
+}
+
+#[test]
+fn a_student_taught_by_the_feature_term_alone_answers_in_the_teachers_space() {
+    // Feature alone: its two sides met only through their maps, so it answers through them.
+    let model = ClipModel::new(&student(24, "feature"), &Device::Cpu).unwrap();
+    assert!(model.config.distill.in_teacher_space());
+    assert_eq!(model.embed_dim(), 24);
+    let images = Tensor::randn(0f32, 1.0, (2, 3, 64, 64), &Device::Cpu).unwrap();
+    let ids = Tensor::new(&[[1u32, 5, 9, 2], [1, 7, 2, 0]], &Device::Cpu).unwrap();
+    let mask = Tensor::new(&[[1u32, 1, 1, 1], [1, 1, 1, 0]], &Device::Cpu).unwrap();
+    let img = model.embed_images(&images).unwrap();
+    let txt = model.embed_texts(&ids, &mask).unwrap();
+    assert_eq!((img.dims(), txt.dims()), (&[2, 24][..], &[2, 24][..]));
+    let mapped = model
+        .image_to_teacher_space(&model.encode_image(&images, false).unwrap())
+        .unwrap();
+    // (The no-grad path reads weights prepared for inference: equal to float rounding.)
+    let gap = values(&img)
+        .iter()
+        .zip(values(&mapped))
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(gap < 1e-4, "the image embedding is not the mapped one: {gap}");
+    // With the contrastive term its own space is aligned: it answers there, maps or not.
+    let mut cfg = student(24, "feature");
+    cfg.distill.contrastive = 1.0;
+    let model = ClipModel::new(&cfg, &Device::Cpu).unwrap();
+    assert!(model.params.get("distill.image_map.weight").is_some());
+    assert!(!model.config.distill.in_teacher_space());
+    assert_eq!(model.embed_dim(), 128);
+    assert_eq!(model.embed_images(&images).unwrap().dims(), &[2, 128]);
 }
 
 #[test]

@@ -6,6 +6,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use clip_core::config::LossKind;
 use clip_core::data::{Dataset, ImageStore, LoadOptions, TextTokenizer};
+use clip_core::distill::Teacher;
 use clip_core::embed::embed_texts;
 use clip_core::hub::Hub;
 use clip_core::index::{
@@ -128,11 +129,29 @@ pub(crate) struct Loaded {
     pub origin: Origin,
     pub model: ClipModel,
     pub tok: TextTokenizer,
+    /// For a student distilled on images alone: the teacher whose text tower answers its
+    /// captions ([`clip_core::distill::caption_teacher`]).
+    pub captions_by: Option<Teacher>,
     /// exp(logit scale) for the clip loss; 1/T for the soft loss (whose logits are raw dot products).
     pub scale: f32,
 }
 
 impl Loaded {
+    /// The model and tokenizer that embed captions: the teacher's for a student distilled on
+    /// images alone, else the model's own.
+    pub fn text_side(&self) -> (&ClipModel, &TextTokenizer) {
+        match &self.captions_by {
+            Some(t) => (&t.model, &t.tokenizer),
+            None => (&self.model, &self.tok),
+        }
+    }
+
+    /// Caption embeddings (N, P), as the model answers them ([`Loaded::text_side`]).
+    pub fn embed_texts(&self, texts: &[&str], chunk: usize, device: &Device) -> Result<Tensor> {
+        let (model, tok) = self.text_side();
+        embed_texts(model, tok, texts, chunk, device)
+    }
+
     /// The id an index records of the model that embedded it.
     pub fn fingerprint(&self) -> Result<String> {
         match &self.origin {
@@ -192,14 +211,24 @@ pub(crate) fn load(choice: &ModelChoice, device: &Device) -> Result<Loaded> {
         }
         (None, None) => bail!("name a model: --run DIR (trained by stage 4) or --model NAME|DIR (a pretrained CLIP)"),
     };
-    let scale = match model.config.loss {
-        LossKind::Clip => model.logit_scale()?.unwrap_or(1.0),
-        LossKind::Soft => (1.0 / model.config.temperature) as f32,
+    let captions_by = clip_core::distill::caption_teacher(&model.config, device)?;
+    if let Some(t) = &captions_by {
+        eprintln!(
+            "note: captions are answered by the teacher's text tower ({}): this student was distilled on images alone",
+            t.describe
+        );
+    }
+    // The logits are those of whichever model's space the embeddings meet in.
+    let scaled = captions_by.as_ref().map_or(&model, |t| &t.model);
+    let scale = match scaled.config.loss {
+        LossKind::Clip => scaled.logit_scale()?.unwrap_or(1.0),
+        LossKind::Soft => (1.0 / scaled.config.temperature) as f32,
     };
     Ok(Loaded {
         origin,
         model,
         tok,
+        captions_by,
         scale,
     })
 }
@@ -253,7 +282,7 @@ fn image_to_text(
     let m = load(choice, device)?;
     let texts = candidate_texts(texts, captions)?;
     let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-    let text_emb = embed_texts(&m.model, &m.tok, &refs, 64, device)?;
+    let text_emb = m.embed_texts(&refs, 64, device)?;
     let (img_emb, ok, failed) = embed_image_files(&m.model, &m.model.config, images, 32, |_| {})?;
     for (i, reason) in &failed {
         eprintln!("error: {}: {reason}", images[*i].display());
@@ -343,7 +372,7 @@ fn text_to_image(
             bail!("search an --index (see `clip-predict index`) or a folder of --images")
         }
     };
-    let q = l2_normalize(&embed_texts(&m.model, &m.tok, &[text], 1, device)?)?
+    let q = l2_normalize(&m.embed_texts(&[text], 1, device)?)?
         .to_device(&Device::Cpu)?
         .flatten_all()?
         .to_vec1::<f32>()?;
@@ -485,10 +514,16 @@ fn eval(
     if !ds.labels.is_empty() {
         // Zero-shot: one text embedding per class, the mean of its templates' (normalised) embeddings.
         // Given templates; else a pretrained CLIP's built-in ensemble; else the training default.
-        let templates = match (&m.origin, templates.is_empty()) {
+        // (A student distilled on images alone reads captions with its teacher's text tower.)
+        let pretrained_text = match (&m.origin, &m.captions_by) {
+            (_, Some(t)) => t.pretrained(),
+            (Origin::Checkpoint { .. }, None) => true,
+            (Origin::Run(_), None) => false,
+        };
+        let templates = match (pretrained_text, templates.is_empty()) {
             (_, false) => templates,
-            (Origin::Checkpoint { .. }, true) => clip_core::data::default_ensemble(&ds.labels),
-            (Origin::Run(_), true) => vec![clip_core::data::DEFAULT_TEMPLATE.to_string()],
+            (true, true) => clip_core::data::default_ensemble(&ds.labels),
+            (false, true) => vec![clip_core::data::DEFAULT_TEMPLATE.to_string()],
         };
         let mut class_emb = vec![];
         for label in &ds.labels {
@@ -497,7 +532,7 @@ fn eval(
                 .map(|t| clip_core::data::render_template(t, label))
                 .collect();
             let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-            let e = l2_normalize(&embed_texts(&m.model, &m.tok, &refs, batch_size, device)?)?;
+            let e = l2_normalize(&m.embed_texts(&refs, batch_size, device)?)?;
             class_emb.push(e.mean(0)?);
         }
         let classes = l2_normalize(&Tensor::stack(&class_emb, 0)?)?;
@@ -602,7 +637,7 @@ fn eval(
     let pos: std::collections::HashMap<usize, usize> = all.iter().enumerate().map(|(r, &i)| (i, r)).collect();
     let pairs: Vec<_> = ds.pairs.iter().filter(|p| pos.contains_key(&p.image)).collect();
     let texts: Vec<&str> = pairs.iter().map(|p| p.caption.as_str()).collect();
-    let txt = l2_normalize(&embed_texts(&m.model, &m.tok, &texts, batch_size, device)?)?;
+    let txt = l2_normalize(&m.embed_texts(&texts, batch_size, device)?)?;
     let text_image: Vec<usize> = pairs.iter().map(|p| pos[&p.image]).collect();
     let r = Recall::from_embeddings(&img, &txt, &text_image, 1024)?;
     if json {
@@ -636,7 +671,7 @@ fn demo(choice: &ModelChoice, data: &Path, device: &Device) -> Result<ExitCode> 
         &m.model, &store, &all, 32, device,
     )?)?;
     let texts: Vec<&str> = ds.pairs.iter().map(|p| p.caption.as_str()).collect();
-    let txt = l2_normalize(&embed_texts(&m.model, &m.tok, &texts, 64, device)?)?;
+    let txt = l2_normalize(&m.embed_texts(&texts, 64, device)?)?;
     let sim = to_rows(&img.matmul(&txt.t()?)?)?;
     println!("image → text: the best of all {} captions for each image", texts.len());
     let mut right = 0;

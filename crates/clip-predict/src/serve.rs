@@ -15,13 +15,10 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
-use clip_core::config::LossKind;
-use clip_core::data::{ImageStore, TextTokenizer};
-use clip_core::embed::embed_texts;
+use clip_core::data::ImageStore;
 use clip_core::index::{ImageIndex, SearchMode};
 use clip_core::loss::l2_normalize;
 use clip_core::retrieval::softmax;
-use clip_core::ClipModel;
 use serde_json::{json, Value};
 use tiny_http::{Header, Method, Request, Response, Server, StatusCode};
 
@@ -43,8 +40,8 @@ pub struct ServeOptions {
 }
 
 struct State {
-    model: ClipModel,
-    tok: TextTokenizer,
+    /// The model, and for a student distilled on images alone the teacher answering its captions.
+    model: crate::commands::Loaded,
     device: Device,
     index: ImageIndex,
     /// The canonical indexed folder: served files must resolve inside it.
@@ -151,7 +148,6 @@ fn load_state(opts: &ServeOptions, device: &Device) -> Result<State> {
     let loaded = crate::commands::load(&opts.model, device)?;
     let index = ImageIndex::load(&opts.index)?;
     loaded.check_index(&index, &opts.index)?;
-    let crate::commands::Loaded { model, tok, .. } = loaded;
     let root = index
         .root
         .canonicalize()
@@ -166,17 +162,13 @@ fn load_state(opts: &ServeOptions, device: &Device) -> Result<State> {
         vec![]
     } else {
         let refs: Vec<&str> = opts.texts.iter().map(String::as_str).collect();
-        l2_normalize(&embed_texts(&model, &tok, &refs, 64, device)?)?
+        l2_normalize(&loaded.embed_texts(&refs, 64, device)?)?
             .to_device(&Device::Cpu)?
             .to_vec2::<f32>()?
     };
-    let scale = match model.config.loss {
-        LossKind::Clip => model.logit_scale()?.unwrap_or(1.0),
-        LossKind::Soft => (1.0 / model.config.temperature) as f32,
-    };
+    let scale = loaded.scale;
     Ok(State {
-        model,
-        tok,
+        model: loaded,
         device: device.clone(),
         index,
         root,
@@ -311,7 +303,7 @@ fn search_text(state: &State, params: &HashMap<String, String>) -> Reply {
     };
     let started = std::time::Instant::now();
     let run = || -> Result<Value> {
-        let e = l2_normalize(&embed_texts(&state.model, &state.tok, &[q], 1, &state.device)?)?;
+        let e = l2_normalize(&state.model.embed_texts(&[q], 1, &state.device)?)?;
         let v = e.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
         let results = photo_rows(state, &v, top, mode)?;
         Ok(
@@ -370,14 +362,14 @@ fn embed_upload(state: &State, body: &[u8]) -> Result<Vec<f32>> {
     image::guess_format(body).context("the upload is not an image this server reads (JPEG, PNG, WebP)")?;
     let mut file = tempfile::NamedTempFile::new().context("a temporary file for the upload")?;
     std::io::Write::write_all(&mut file, body)?;
-    let x = ImageStore::load_one(file.path(), &state.model.config).map_err(|e| {
+    let x = ImageStore::load_one(file.path(), &state.model.model.config).map_err(|e| {
         anyhow::anyhow!(
             "{}",
             format!("{e:#}").replace(&file.path().display().to_string(), "upload")
         )
     })?;
     let x = x.unsqueeze(0)?.to_device(&state.device)?;
-    let e = l2_normalize(&state.model.embed_images(&x)?)?;
+    let e = l2_normalize(&state.model.model.embed_images(&x)?)?;
     Ok(e.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?)
 }
 

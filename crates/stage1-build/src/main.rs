@@ -57,7 +57,7 @@ fn run(args: Args) -> Result<ExitCode> {
     };
     if let Some(t) = &teacher {
         // The teacher's width sizes the student's maps into its space, counted below.
-        cfg.distill.teacher_dim = Some(t.model.config.projection_dim);
+        cfg.distill.teacher_dim = Some(t.model.embed_dim());
     }
     let Some(model) = build(&cfg, &dev, &mut report) else {
         return report.finish(json);

@@ -92,7 +92,8 @@ fn run(args: Args) -> Result<ExitCode> {
         // The teacher's width sizes the student's linear maps into its space.
         Some(tc) => ClipConfig {
             distill: clip_core::config::DistillConfig {
-                teacher_dim: Some(tc.model.config.projection_dim),
+                teacher_dim: Some(tc.model.embed_dim()),
+                teacher_fingerprint: Some(tc.fingerprint()?),
                 ..cfg.distill.clone()
             },
             ..cfg
@@ -168,6 +169,13 @@ fn setup(args: &Args) -> Result<(ClipConfig, Device, PathBuf)> {
     if let Some(teacher) = &args.teacher {
         cfg.distill.teacher = Some(teacher.clone());
     }
+    // A teacher folder is recorded by its absolute path: the run may be used from elsewhere (a
+    // student distilled on images alone answers captions with its teacher's text tower).
+    if let Some(t) = &cfg.distill.teacher {
+        if let Ok(abs) = Path::new(t).canonicalize() {
+            cfg.distill.teacher = Some(abs.display().to_string());
+        }
+    }
     if cfg.distill.teacher.is_some() && cfg.data.augment {
         bail!("distillation with --augment: the teacher's embeddings are cached for the images as they are, not for each random crop — train without --augment");
     }
@@ -220,8 +228,9 @@ fn teach(args: &Args, t: &mut Trainer, teacher: clip_core::distill::Teacher) -> 
     t.set_teacher(targets)?;
     if t.images_only() {
         println!(
-            "images without captions: the image tower learns the teacher's image embeddings (feature term, weight {}); the text tower is left as it is — search these images by image, or distil a text tower on captions",
-            t.cfg().distill.feature
+            "images without captions: the image tower learns the teacher's image embeddings (feature term, weight {}); the text tower is left as it is, and clip-predict answers this student's captions with the teacher's text tower ({})",
+            t.cfg().distill.feature,
+            t.cfg().distill.teacher.as_deref().unwrap_or("?")
         );
     } else {
         println!("distillation loss: {}", t.cfg().distill.describe());

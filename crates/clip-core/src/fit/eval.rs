@@ -86,7 +86,9 @@ impl Trainer {
         let bs = self.cfg.train.batch_size.max(16);
         let frozen = self.frozen_features()?;
         match frozen.as_deref().and_then(|f| f.image.as_ref()) {
-            Some(rows) => self.project_rows(rows, images, |x| self.model.project_image(x, false)),
+            Some(rows) => self.project_rows(rows, images, |x| {
+                self.model.answer_image(&self.model.project_image(x, false)?)
+            }),
             None => embed_store_images(&self.model, &self.data.store, images, bs, &self.data.device),
         }
     }
@@ -97,7 +99,9 @@ impl Trainer {
         let bs = self.cfg.train.batch_size.max(16);
         let frozen = self.frozen_features()?;
         match frozen.as_deref().and_then(|f| f.text.as_ref()) {
-            Some(rows) => self.project_rows(rows, pairs, |x| self.model.project_text(x, false)),
+            Some(rows) => self.project_rows(rows, pairs, |x| {
+                self.model.answer_text(&self.model.project_text(x, false)?)
+            }),
             None => {
                 let texts: Vec<&str> = pairs
                     .iter()

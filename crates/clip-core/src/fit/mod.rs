@@ -137,6 +137,11 @@ impl Trainer {
 impl Trainer {
     /// The model, optimiser and state of epoch 0, touching no file.
     fn build(cfg: &ClipConfig, data: Prepared, lock: RunLock) -> Result<Self> {
+        // Recorded in config.toml: prediction then answers captions with the teacher's text
+        // tower, the student's having learned nothing.
+        let mut cfg = cfg.clone();
+        cfg.distill.images_only = cfg.distill.teacher.is_some() && data.dataset.captionless();
+        let cfg = &cfg;
         let model = ClipModel::new(cfg, &data.device)?;
         let decay = cfg.train.layer_decay;
         let opt = AdamW::new(&model.params, &cfg.train)?

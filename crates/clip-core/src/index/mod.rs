@@ -397,14 +397,9 @@ impl ImageIndex {
         opts: &IndexOptions,
         on_progress: impl FnMut(usize),
     ) -> Result<(Self, UpdateStats)> {
-        Self::update_with(
-            previous,
-            fingerprint,
-            model.config.projection_dim,
-            root,
-            opts,
-            |paths| embed_image_files(model, &model.config, paths, chunk, on_progress),
-        )
+        Self::update_with(previous, fingerprint, model.embed_dim(), root, opts, |paths| {
+            embed_image_files(model, &model.config, paths, chunk, on_progress)
+        })
     }
 
     /// [`ImageIndex::update`] with any embedder of `dim`-wide rows: `embed` gets the files to

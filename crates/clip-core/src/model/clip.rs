@@ -220,13 +220,47 @@ impl ClipModel {
     /// Image embeddings for search and evaluation: evaluation mode, and no graph for a backward
     /// pass ([`crate::nn::no_grad`]), so each activation is freed once read; the output is
     /// detached.
+    ///
+    /// A student distilled with the feature term alone answers in its teacher's space (see
+    /// [`crate::config::DistillConfig::in_teacher_space`]): its embeddings go through the maps.
     pub fn embed_images(&self, images: &Tensor) -> Result<Tensor> {
-        crate::nn::no_grad(|| Ok(self.encode_image(images, false)?.detach()))
+        crate::nn::no_grad(|| Ok(self.answer_image(&self.encode_image(images, false)?)?.detach()))
     }
 
     /// Caption embeddings for search and evaluation (see [`ClipModel::embed_images`]).
     pub fn embed_texts(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
-        crate::nn::no_grad(|| Ok(self.encode_text(input_ids, attention_mask, false)?.detach()))
+        crate::nn::no_grad(|| {
+            let e = self.encode_text(input_ids, attention_mask, false)?;
+            Ok(self.answer_text(&e)?.detach())
+        })
+    }
+
+    /// An image embedding (B, P) as the model answers with it: in the teacher's space when it
+    /// only means something there (a student distilled by the feature term alone), else as is.
+    pub fn answer_image(&self, e: &Tensor) -> Result<Tensor> {
+        use candle_core::Module;
+        match &self.teacher_maps {
+            Some((i, _)) if self.config.distill.in_teacher_space() => Ok(i.forward(e)?),
+            _ => Ok(e.clone()),
+        }
+    }
+
+    /// A caption embedding as the model answers with it (see [`ClipModel::answer_image`]).
+    pub fn answer_text(&self, e: &Tensor) -> Result<Tensor> {
+        use candle_core::Module;
+        match &self.teacher_maps {
+            Some((_, t)) if self.config.distill.in_teacher_space() => Ok(t.forward(e)?),
+            _ => Ok(e.clone()),
+        }
+    }
+
+    /// The width of the embeddings [`ClipModel::embed_images`] gives: the teacher's for a
+    /// student that answers in its space, else `projection_dim`.
+    pub fn embed_dim(&self) -> usize {
+        match (&self.teacher_maps, self.config.distill.teacher_dim) {
+            (Some(_), Some(d)) if self.config.distill.in_teacher_space() => d,
+            _ => self.config.projection_dim,
+        }
     }
 
     pub fn forward(

@@ -551,6 +551,10 @@ pub struct DistillConfig {
     /// that has changed since.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub teacher_fingerprint: Option<String>,
+    /// With augmentation: how many augmented views of each image the teacher embeds, once, at
+    /// the start (MobileCLIP's reinforced data). Epoch e trains on view e mod `views` of every
+    /// image — a fixed random crop per view — with the teacher's embedding of that very crop.
+    pub views: usize,
     /// Start the student from the teacher's weights where a tower is of the teacher's family
     /// (TinyCLIP's manual inheritance: every k-th block, leading slices; see
     /// `clip_core::distill::inherit`).
@@ -571,6 +575,7 @@ impl Default for DistillConfig {
             feature: 2000.0,
             teacher_dim: None,
             teacher_fingerprint: None,
+            views: 4,
             inherit: true,
             images_only: false,
         }
@@ -1029,6 +1034,12 @@ impl ClipConfig {
             errs.push(
                 "distillation with every loss weight 0 (distill.contrastive, affinity, feature) learns nothing".into(),
             );
+        }
+        if d.teacher.is_some() && self.data.augment && !(1..=64).contains(&d.views) {
+            errs.push(format!(
+                "distill.views must be from 1 to 64 with augmentation (got {}): the teacher embeds that many crops of every image",
+                d.views
+            ));
         }
         if !(0.0..1.0).contains(&self.data.val_fraction) {
             errs.push(format!(

@@ -146,6 +146,9 @@ pub fn caption_teacher(cfg: &crate::ClipConfig, device: &Device) -> Result<Optio
 #[derive(Debug, Clone)]
 pub struct Targets {
     pub image: FeatureRows,
+    /// With augmentation: the teacher's embeddings of view v of every image
+    /// ([`crate::data::CropSeed::View`]), by image index.
+    pub views: Vec<FeatureRows>,
     pub text: FeatureRows,
     pub logit_scale: f64,
     pub dim: usize,
@@ -156,17 +159,45 @@ pub struct Targets {
 }
 
 impl Targets {
-    /// The teacher's embeddings for a batch's pairs: (B, D) image rows and (B, D) caption rows.
-    pub fn batch(&self, ds: &Dataset, pairs: &[usize], device: &Device) -> Result<(Tensor, Tensor)> {
+    /// The teacher's embeddings for a batch's pairs: (B, D) image rows — of the images as they
+    /// are, or of their augmented `view` — and (B, D) caption rows.
+    pub fn batch(
+        &self,
+        ds: &Dataset,
+        pairs: &[usize],
+        view: Option<usize>,
+        device: &Device,
+    ) -> Result<(Tensor, Tensor)> {
         let images: Vec<usize> = pairs.iter().map(|&p| ds.pairs[p].image).collect();
-        Ok((self.image.tensor(&images, device)?, self.text.tensor(pairs, device)?))
+        let rows = match view {
+            None => &self.image,
+            Some(v) => self.views.get(v).with_context(|| {
+                format!(
+                    "the teacher embedded {} augmented views, not view {v}",
+                    self.views.len()
+                )
+            })?,
+        };
+        Ok((rows.tensor(&images, device)?, self.text.tensor(pairs, device)?))
+    }
+
+    /// The view epoch `epoch` trains on: `None` without augmented views.
+    pub fn view_of_epoch(&self, epoch: usize) -> Option<usize> {
+        (!self.views.is_empty()).then(|| epoch % self.views.len())
     }
 }
 
 /// Computes (or reads from `cache`) the teacher's embeddings of every image and caption of the
-/// dataset `source` names, each input prepared as the teacher reads it. `student` is the
-/// student's prepared data, for the check that both see the same pairs.
-pub fn targets(teacher: &Teacher, source: &DataSource, student: &Dataset, cache: &Path) -> Result<Targets> {
+/// dataset `source` names, each input prepared as the teacher reads it, and of `views`
+/// augmented views of every image (0 without augmentation). `student` is the student's
+/// prepared data, for the check that both see the same pairs.
+pub fn targets(
+    teacher: &Teacher,
+    source: &DataSource,
+    student: &Dataset,
+    cache: &Path,
+    views: usize,
+) -> Result<Targets> {
     let device = teacher.model.device().clone();
     let mut tsource = source.clone();
     tsource.stream = false;
@@ -206,6 +237,39 @@ pub fn targets(teacher: &Teacher, source: &DataSource, student: &Dataset, cache:
             l2_normalize(&teacher.model.embed_images(&x)?)
         },
     )?;
+    // View v of image i: its crop depends on (v, i) alone, so the key holds both (and the
+    // crop's version), beside the image's own.
+    let views = (0..views as u64)
+        .map(|v| {
+            let keys: Vec<Option<Key>> = image_keys
+                .iter()
+                .enumerate()
+                .map(|(i, k)| {
+                    k.map(|k| {
+                        let mut b = k.to_vec();
+                        b.extend_from_slice(b"augmented-view/1");
+                        b.extend_from_slice(&v.to_le_bytes());
+                        b.extend_from_slice(&(i as u64).to_le_bytes());
+                        key_of(&b)
+                    })
+                })
+                .collect();
+            cache.features(
+                CachedTower::Image,
+                &format!("teacher-{fp}"),
+                dim,
+                &keys,
+                chunk,
+                |items| {
+                    forwards.fetch_add(1, Ordering::Relaxed);
+                    let x = tdata
+                        .store
+                        .crop_tensor(items, Some(crate::data::CropSeed::View(v)), &device)?;
+                    l2_normalize(&teacher.model.embed_images(&x)?)
+                },
+            )
+        })
+        .collect::<Result<Vec<_>>>()?;
     let text_keys: Vec<Option<Key>> = (0..ds.pairs.len())
         .map(|p| Some(key_of_tokens(tdata.loader.tokens(p))))
         .collect();
@@ -223,6 +287,7 @@ pub fn targets(teacher: &Teacher, source: &DataSource, student: &Dataset, cache:
     )?;
     Ok(Targets {
         image,
+        views,
         text,
         logit_scale: teacher.logit_scale()?,
         dim,

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use clip_core::config::DistillConfig;
+use clip_core::data::{Augment, CropSeed};
 use clip_core::distill::{self, Teacher};
 use clip_core::fit::Trainer;
 use clip_core::prepare::{prepare, DataSource, Prepared};
@@ -38,6 +39,7 @@ fn student(teacher_dim: usize, term: &str) -> ClipConfig {
         feature: if term == "feature" { 2000.0 } else { 0.0 },
         teacher_dim: Some(teacher_dim),
         teacher_fingerprint: None,
+        views: 4,
         inherit: false,
         images_only: false,
     };
@@ -159,12 +161,12 @@ fn the_teacher_runs_once_and_a_second_start_reads_its_cache() {
     let cache = tempfile::tempdir().unwrap();
     // A pretrained CLIP of another image size, tokenizer and width than the student.
     let teacher = Teacher::open(oc_vit().to_str().unwrap(), &Device::Cpu).unwrap();
-    let first = distill::targets(&teacher, &DataSource::default(), &data.dataset, cache.path()).unwrap();
+    let first = distill::targets(&teacher, &DataSource::default(), &data.dataset, cache.path(), 0).unwrap();
     assert!(first.forwards > 0);
     assert_eq!(first.dim, 16);
     assert_eq!(first.image.len(), data.dataset.images.len());
     assert_eq!(first.text.len(), data.dataset.pairs.len());
-    let again = distill::targets(&teacher, &DataSource::default(), &data.dataset, cache.path()).unwrap();
+    let again = distill::targets(&teacher, &DataSource::default(), &data.dataset, cache.path(), 0).unwrap();
     assert_eq!(again.forwards, 0, "the second start ran the teacher");
     assert_eq!(
         again.image.reused + again.text.reused,
@@ -172,8 +174,8 @@ fn the_teacher_runs_once_and_a_second_start_reads_its_cache() {
     );
     let all: Vec<usize> = (0..data.dataset.pairs.len()).collect();
     let (a, b) = (
-        first.batch(&data.dataset, &all, &Device::Cpu).unwrap(),
-        again.batch(&data.dataset, &all, &Device::Cpu).unwrap(),
+        first.batch(&data.dataset, &all, None, &Device::Cpu).unwrap(),
+        again.batch(&data.dataset, &all, None, &Device::Cpu).unwrap(),
     );
     assert_eq!(a.0.to_vec2::<f32>().unwrap(), b.0.to_vec2::<f32>().unwrap());
     // Unit rows: the teacher's normalised embeddings.
@@ -203,6 +205,7 @@ fn a_student_learns_to_agree_with_a_trained_teacher() {
         &DataSource::default(),
         &s.data().dataset,
         &out.path().join("cache"),
+        0,
     )
     .unwrap();
     drop(teacher);
@@ -400,7 +403,7 @@ fn images_without_captions_distil_the_image_tower_and_refuse_a_text_side_loss() 
     assert_eq!(data.dataset.images.len(), 10);
     let teacher = Teacher::open(oc_vit().to_str().unwrap(), &Device::Cpu).unwrap();
     let out = tempfile::tempdir().unwrap();
-    let targets = distill::targets(&teacher, &source, &data.dataset, &out.path().join("cache")).unwrap();
+    let targets = distill::targets(&teacher, &source, &data.dataset, &out.path().join("cache"), 0).unwrap();
 
     // The defaults weigh the contrastive term: refused, naming it and the fix.
     let mut t = Trainer::new(&cfg, data, out.path()).unwrap();
@@ -509,4 +512,86 @@ fn a_distilled_student_exports_without_its_maps() {
         .collect();
     assert!(names.iter().any(|n| n.starts_with("vision_model.")), "{names:?}");
     assert!(!names.iter().any(|n| n.contains("distill")), "{names:?}");
+}
+
+#[test]
+fn an_augmented_view_is_the_same_crop_wherever_it_is_asked_for() {
+    let cfg = ClipConfig::tiny();
+    let data = demo(&cfg);
+    let store = &data.store;
+    let per = 3 * 64 * 64;
+    let view = |v: u64, images: &[usize]| store.crop_pixels(images, Some(CropSeed::View(v))).unwrap();
+    // Image 3, view 1: the same pixels first in a batch or second, alone or not.
+    let (a, b) = (view(1, &[3, 5]), view(1, &[5, 3]));
+    assert_eq!(a[..per], b[per..]);
+    assert_eq!(view(1, &[3])[..], a[..per]);
+    // Another view, another crop; and unlike a plain augmented batch, whose crops follow the
+    // position in the batch.
+    assert_ne!(view(2, &[3])[..], a[..per]);
+    let batch = |images: &[usize]| store.crop_pixels(images, Some(CropSeed::Batch(9))).unwrap();
+    assert_ne!(batch(&[3, 5])[..per], batch(&[5, 3])[per..]);
+    // The loader's View batches are those crops.
+    let pairs: Vec<usize> = (0..data.dataset.pairs.len()).collect();
+    let b = data
+        .loader
+        .batches(&pairs[..4], 4, None, Augment::View(1))
+        .next()
+        .unwrap()
+        .unwrap();
+    let images: Vec<usize> = b.pairs.iter().map(|&p| data.dataset.pairs[p].image).collect();
+    assert_eq!(
+        b.images.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        view(1, &images)
+    );
+}
+
+#[test]
+fn with_augmentation_the_teacher_embeds_each_view_once_and_the_student_trains_on_them() {
+    let mut cfg = ClipConfig::tiny();
+    cfg.data.augment = true;
+    cfg.distill.teacher = Some("oc-vit".into());
+    cfg.distill.teacher_dim = Some(16);
+    let teacher = Teacher::open(oc_vit().to_str().unwrap(), &Device::Cpu).unwrap();
+    let data = demo(&cfg);
+    let n = data.dataset.images.len();
+    let cache = tempfile::tempdir().unwrap();
+    let source = DataSource::default();
+    let targets = distill::targets(&teacher, &source, &data.dataset, cache.path(), 2).unwrap();
+    assert_eq!(targets.views.len(), 2);
+    let all: Vec<usize> = (0..n).collect();
+    let rows = |r: &clip_core::data::FeatureRows| r.tensor(&all, &Device::Cpu).unwrap().to_vec2::<f32>().unwrap();
+    let (plain, v0, v1) = (rows(&targets.image), rows(&targets.views[0]), rows(&targets.views[1]));
+    assert_ne!(plain, v0);
+    assert_ne!(v0, v1);
+    // Each view's row is the teacher's embedding of exactly that crop, as the teacher reads it.
+    let tcfg = teacher.model.config.clone();
+    let tdata = prepare(&tcfg, &source, &Device::Cpu, &clip_core::progress::Silent).unwrap();
+    let x = tdata
+        .store
+        .crop_tensor(&all, Some(CropSeed::View(1)), &Device::Cpu)
+        .unwrap();
+    let direct = clip_core::loss::l2_normalize(&teacher.model.embed_images(&x).unwrap())
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    for (a, b) in direct.iter().zip(&v1) {
+        for (x, y) in a.iter().zip(b) {
+            assert!((x - y).abs() < 1e-5, "{x} against {y}");
+        }
+    }
+    // A third view later: only it is computed.
+    let more = distill::targets(&teacher, &source, &data.dataset, cache.path(), 3).unwrap();
+    assert_eq!(more.forwards, 1, "only the new view should run the teacher");
+    assert_eq!(rows(&more.views[1]), v1);
+    assert_eq!(more.view_of_epoch(4), Some(1));
+
+    // The student: refused without views, trains with them.
+    let out = tempfile::tempdir().unwrap();
+    let mut t = Trainer::new(&cfg, demo(&cfg), out.path()).unwrap();
+    let none = distill::targets(&teacher, &source, &t.data().dataset, cache.path(), 0).unwrap();
+    let err = t.set_teacher(none).unwrap_err().to_string();
+    assert!(err.contains("no augmented views"), "{err}");
+    t.set_teacher(targets).unwrap();
+    train(&mut t, 2);
+    assert!(t.state().history.iter().all(|h| h.train_loss.is_finite()));
 }

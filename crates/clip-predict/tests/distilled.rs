@@ -61,7 +61,7 @@ fn distil(teacher_dir: &Path, photos: &Path, out: &Path) {
         ..DataSource::default()
     };
     let data = prepare(&cfg, &source, &Device::Cpu, &clip_core::progress::Silent).unwrap();
-    let targets = distill::targets(&teacher, &source, &data.dataset, &out.join("cache")).unwrap();
+    let targets = distill::targets(&teacher, &source, &data.dataset, &out.join("cache"), 0).unwrap();
     let mut t = Trainer::new(&cfg, data, out).unwrap();
     t.set_teacher(targets).unwrap();
     while t.state().epoch < 3 {

@@ -176,9 +176,6 @@ fn setup(args: &Args) -> Result<(ClipConfig, Device, PathBuf)> {
             cfg.distill.teacher = Some(abs.display().to_string());
         }
     }
-    if cfg.distill.teacher.is_some() && cfg.data.augment {
-        bail!("distillation with --augment: the teacher's embeddings are cached for the images as they are, not for each random crop — train without --augment");
-    }
     cfg.validate()?;
     let dev = args.model.device()?;
     let out = match (&args.resume, &args.out) {
@@ -206,7 +203,8 @@ fn teach(args: &Args, t: &mut Trainer, teacher: clip_core::distill::Teacher) -> 
         .clone()
         .unwrap_or_else(|| t.out().join(clip_core::feature_cache::CACHE_DIR));
     let started = Instant::now();
-    let targets = clip_core::distill::targets(&teacher, &data_source(args)?, &t.data().dataset, &cache)?;
+    let views = if t.cfg().data.augment { t.cfg().distill.views } else { 0 };
+    let targets = clip_core::distill::targets(&teacher, &data_source(args)?, &t.data().dataset, &cache, views)?;
     if t.cfg().distill.inherit && args.resume.is_none() {
         clip_cli::distill::print_inherited(&t.inherit_from(&teacher.model, &teacher.tokenizer)?);
     }
@@ -216,15 +214,25 @@ fn teach(args: &Args, t: &mut Trainer, teacher: clip_core::distill::Teacher) -> 
         clip_core::distill::footprint(t.model(), 16, 16, 1.0)?,
     ];
     drop(teacher);
+    let reused = targets.image.reused + targets.text.reused + targets.views.iter().map(|v| v.reused).sum::<usize>();
     println!(
-        "teacher embeddings: {} images, {} distinct captions in {} ({} teacher forward passes, {} rows reused, {:.1}s); the teacher is not held in memory while the student trains",
+        "teacher embeddings: {} images{}, {} distinct captions in {} ({} teacher forward passes, {reused} rows reused, {:.1}s); the teacher is not held in memory while the student trains",
         targets.image.distinct(),
+        if views > 0 {
+            format!(" and {views} augmented views of each")
+        } else {
+            String::new()
+        },
         targets.text.distinct(),
         cache.display(),
         targets.forwards,
-        targets.image.reused + targets.text.reused,
         started.elapsed().as_secs_f64()
     );
+    if views > 0 {
+        println!(
+            "--augment with a teacher: epoch e trains on view e mod {views} of every image (a fixed random crop and flip), against the teacher's embedding of that very crop (distill.views = {views})"
+        );
+    }
     t.set_teacher(targets)?;
     if t.images_only() {
         println!(

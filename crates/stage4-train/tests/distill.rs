@@ -120,17 +120,42 @@ fn a_trained_run_teaches_a_student_and_its_embeddings_are_computed_once() {
 }
 
 #[test]
-fn distillation_refuses_augmentation_with_the_reason() {
+fn with_augmentation_the_teacher_embeds_fixed_views_once_and_the_student_trains_on_them() {
     let dir = tempfile::tempdir().unwrap();
-    let (code, log) = run(&[
-        "--teacher",
-        "clip-vit-b-32",
-        "--augment",
-        "--out",
-        p(&dir.path().join("x")),
-    ]);
+    let cache = dir.path().join("cache");
+    let teacher = oc_vit();
+    let student = |name: &str, views: &str| {
+        let config = dir.path().join(format!("{name}.toml"));
+        std::fs::write(&config, format!("preset = \"tiny\"\n[distill]\nviews = {views}\n")).unwrap();
+        run(&[
+            "--config",
+            p(&config),
+            "--teacher",
+            p(&teacher),
+            "--augment",
+            "--epochs",
+            "2",
+            "--feature-cache",
+            p(&cache),
+            "--out",
+            p(&dir.path().join(name)),
+        ])
+    };
+    let (code, log) = student("a", "2");
+    assert!(matches!(code, Some(0 | 1)), "{log}");
+    assert!(log.contains("and 2 augmented views of each"), "{log}");
+    assert!(log.contains("epoch e trains on view e mod 2 of every image"), "{log}");
+    assert!(log.contains("epoch   2:"), "{log}");
+    // The 10 demo images as they are, each of their 2 views, their 30 captions: a batch each.
+    assert!(log.contains("(4 teacher forward passes, 0 rows reused"), "{log}");
+    // One view more: only that one is computed; the rest comes from the cache.
+    let (_, log) = student("b", "3");
+    // (10 images + 2 × 10 views + 30 captions reused.)
+    assert!(log.contains("(1 teacher forward passes, 60 rows reused"), "{log}");
+    // Refused up front, with the range.
+    let (code, log) = student("c", "0");
     assert_eq!(code, Some(2), "{log}");
-    assert!(log.contains("distillation with --augment"), "{log}");
+    assert!(log.contains("distill.views must be from 1 to 64"), "{log}");
 }
 
 /// The tiny open_clip checkpoint the pretrained-CLIP tests load (a folder in the Hub cache's

@@ -23,7 +23,7 @@ use rayon::prelude::*;
 
 use super::features::FrozenFeatures;
 use super::tokenizer::pad;
-use super::{mix, Dataset, ImageStore, TextTokenizer};
+use super::{mix, CropSeed, Dataset, ImageStore, TextTokenizer};
 use crate::config::ClipConfig;
 
 /// Batches prepared ahead of the one being used.
@@ -72,6 +72,26 @@ struct RawBatch {
 }
 
 /// What the worker thread needs, shared with it.
+/// How the images of a loader's batches are augmented.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Augment {
+    Off,
+    /// New random crops every epoch (`--augment`).
+    Random,
+    /// View `v` of every image ([`CropSeed::View`]): the crops a distillation teacher embedded.
+    View(u64),
+}
+
+impl From<bool> for Augment {
+    fn from(on: bool) -> Self {
+        if on {
+            Augment::Random
+        } else {
+            Augment::Off
+        }
+    }
+}
+
 struct Shared {
     store: Arc<ImageStore>,
     /// Token ids of each pair of the dataset, `[CLS] … [SEP]`.
@@ -85,7 +105,7 @@ impl Shared {
     fn raw_batch(
         &self,
         pairs: &[usize],
-        augment_seed: Option<u64>,
+        crop: Option<CropSeed>,
         features: Option<&FrozenFeatures>,
     ) -> Result<RawBatch> {
         if let Some(&p) = pairs.iter().find(|&&p| p >= self.tokens.len()) {
@@ -99,7 +119,7 @@ impl Shared {
         let cached_text = features.and_then(|f| f.text.as_ref());
         let (images, image_features) = match cached_image {
             Some(rows) => (vec![], Some((rows.gather(&image_indices)?, rows.dim()))),
-            None => (self.store.batch_pixels(&image_indices, augment_seed)?, None),
+            None => (self.store.crop_pixels(&image_indices, crop)?, None),
         };
         let text_features = match cached_text {
             Some(rows) => Some((rows.gather(pairs)?, rows.dim())),
@@ -197,7 +217,13 @@ impl Loader {
     /// Batches of `batch_size` pairs, shuffled with `shuffle_seed` (in the given order with
     /// `None`), augmented when `augment`. The last partial batch is kept when it has at least 2
     /// pairs (a contrastive loss and BatchNorm need 2) and dropped otherwise.
-    pub fn batches(&self, pairs: &[usize], batch_size: usize, shuffle_seed: Option<u64>, augment: bool) -> Batches {
+    pub fn batches(
+        &self,
+        pairs: &[usize],
+        batch_size: usize,
+        shuffle_seed: Option<u64>,
+        augment: impl Into<Augment>,
+    ) -> Batches {
         self.batches_with(pairs, batch_size, shuffle_seed, augment, None)
     }
 
@@ -208,9 +234,10 @@ impl Loader {
         pairs: &[usize],
         batch_size: usize,
         shuffle_seed: Option<u64>,
-        augment: bool,
+        augment: impl Into<Augment>,
         features: Option<Arc<FrozenFeatures>>,
     ) -> Batches {
+        let augment = augment.into();
         let mut batches = Batches {
             rx: None,
             worker: None,
@@ -235,7 +262,7 @@ impl Loader {
             .map(<[usize]>::to_vec)
             .collect();
         batches.remaining = chunks.len();
-        let decoding = augment || self.shared.store.is_streaming();
+        let decoding = augment != Augment::Off || self.shared.store.is_streaming();
         let (tx, rx) = sync_channel(if decoding { DECODING_PREFETCH } else { PREFETCH });
         let shared = Arc::clone(&self.shared);
         // Each batch's augmentation seed depends only on the epoch's seed and the batch's position.
@@ -244,7 +271,12 @@ impl Loader {
             .name("clipmine-loader".into())
             .spawn(move || {
                 for (k, chunk) in chunks.iter().enumerate() {
-                    let raw = shared.raw_batch(chunk, augment.then(|| mix(aug_base, k as u64)), features.as_deref());
+                    let crop = match augment {
+                        Augment::Off => None,
+                        Augment::Random => Some(CropSeed::Batch(mix(aug_base, k as u64))),
+                        Augment::View(v) => Some(CropSeed::View(v)),
+                    };
+                    let raw = shared.raw_batch(chunk, crop, features.as_deref());
                     let failed = raw.is_err();
                     if tx.send(raw).is_err() || failed {
                         break;

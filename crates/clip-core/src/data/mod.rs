@@ -38,10 +38,10 @@ pub use folders::{default_ensemble, read_templates, render_template, ENSEMBLE_EN
 pub use image::{
     normalised_range, Preprocess, IMAGENET_MEAN, IMAGENET_STD, IMAGE_EXTENSIONS, MAX_DECODE_BYTES, MAX_IMAGE_SIDE,
 };
-pub use loader::{epoch_seed, Batch, Batches, Loader};
+pub use loader::{epoch_seed, Augment, Batch, Batches, Loader};
 pub use paths::{absolute, contained, image_files, relative_image_path, Listing};
 pub use split::{Split, MIN_IMAGES_TO_SPLIT};
-pub use store::{ImageStore, StoreMode};
+pub use store::{CropSeed, ImageStore, StoreMode};
 pub use tokenizer::{TextTokenizer, UnkReport, SPECIAL_TOKENS};
 pub use types::{BadRow, CaptionFormat, Dataset, ImageEntry, LoadOptions, MemberSpan, Pair, Source, DEFAULT_TEMPLATE};
 pub use webdataset::expand_braces;

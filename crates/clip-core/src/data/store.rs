@@ -36,6 +36,28 @@ use super::types::{list_bad, BadRow, Dataset, LoadOptions, Source};
 use crate::config::ClipConfig;
 use crate::progress::Progress;
 
+/// Which random crop (and flip) each image of an augmented batch gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CropSeed {
+    /// Drawn from this batch seed and the image's position in the batch: new crops every
+    /// epoch (plain `--augment`).
+    Batch(u64),
+    /// View `v` of each image: the crop depends only on `v` and the image's index, so it is the
+    /// same whenever, and by whichever model, it is asked for. A distillation teacher embeds
+    /// each view once; the student trains on the same crops (MobileCLIP's reinforced data).
+    View(u64),
+}
+
+impl CropSeed {
+    /// The seed of the `k`-th image of a batch, image `image` of the store.
+    pub fn seed(self, k: usize, image: usize) -> u64 {
+        match self {
+            CropSeed::Batch(seed) => mix(seed, k as u64),
+            CropSeed::View(v) => mix(mix(0x7669_6577, v), image as u64),
+        }
+    }
+}
+
 /// Where a store keeps its pixels.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub enum StoreMode {
@@ -325,6 +347,12 @@ impl ImageStore {
     /// half the time, derived from the seed and its position in the batch (decoded now, on the
     /// store's own threads).
     pub fn batch_pixels(&self, image_indices: &[usize], augment_seed: Option<u64>) -> Result<Vec<f32>> {
+        self.crop_pixels(image_indices, augment_seed.map(CropSeed::Batch))
+    }
+
+    /// [`ImageStore::batch_pixels`] with each image's random crop chosen by `crop` (`None`: no
+    /// augmentation).
+    pub fn crop_pixels(&self, image_indices: &[usize], crop: Option<CropSeed>) -> Result<Vec<f32>> {
         let per = 3 * self.size * self.size;
         if let Some(&i) = image_indices.iter().find(|&&i| !self.contains(i)) {
             if i < self.len() {
@@ -333,19 +361,19 @@ impl ImageStore {
             bail!("image index {i} is out of range: the store holds {} images", self.len())
         }
         let mut out = vec![0f32; image_indices.len() * per];
-        if augment_seed.is_some() || self.is_streaming() {
+        if crop.is_some() || self.is_streaming() {
             self.pool()?.install(|| {
                 out.par_chunks_mut(per.max(1))
                     .zip(image_indices.par_iter())
                     .enumerate()
                     .try_for_each(|(k, (dst, &i))| -> Result<()> {
-                        match augment_seed {
-                            Some(seed) => {
+                        match crop {
+                            Some(crop) => {
                                 let o = &self.origins[i];
                                 let img = o
                                     .decode()
                                     .map_err(|e| anyhow::anyhow!("{}: cannot decode image: {e:#}", o.describe()))?;
-                                augment_original(&to_rgb(img), &self.prep, mix(seed, k as u64), dst);
+                                augment_original(&to_rgb(img), &self.prep, crop.seed(k, i), dst);
                             }
                             None => normalise_into(&self.decode_fitted(i)?, &self.prep, dst),
                         }
@@ -381,8 +409,13 @@ impl ImageStore {
 
     /// A batch of images as a (B, 3, S, S) f32 tensor.
     pub fn batch_tensor(&self, image_indices: &[usize], augment_seed: Option<u64>, device: &Device) -> Result<Tensor> {
+        self.crop_tensor(image_indices, augment_seed.map(CropSeed::Batch), device)
+    }
+
+    /// [`ImageStore::batch_tensor`] with each image's crop chosen by `crop`.
+    pub fn crop_tensor(&self, image_indices: &[usize], crop: Option<CropSeed>, device: &Device) -> Result<Tensor> {
         let s = self.size;
-        let data = self.batch_pixels(image_indices, augment_seed)?;
+        let data = self.crop_pixels(image_indices, crop)?;
         Ok(Tensor::from_vec(data, (image_indices.len(), 3, s, s), device)?)
     }
 

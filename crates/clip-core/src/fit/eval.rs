@@ -156,7 +156,7 @@ impl Trainer {
             let loss = match self.teacher() {
                 // No caption to compare with: the validation loss is the distillation's own.
                 Some(t) if images_only => crate::nn::no_grad(|| {
-                    let (ti, _) = t.batch(&self.data.dataset, &b.pairs, &self.data.device)?;
+                    let (ti, _) = t.batch(&self.data.dataset, &b.pairs, None, &self.data.device)?;
                     let image = match &b.image_features {
                         Some(f) => self.model.project_image(f, false)?,
                         None => self.model.encode_image(&b.images, false)?,

@@ -186,6 +186,11 @@ impl Trainer {
                 bail!("{}: {why}", self.data.dataset.root.display());
             }
         }
+        if self.cfg.data.augment && targets.views.is_empty() {
+            bail!(
+                "training with augmentation, and the teacher embedded no augmented views: the student would learn the teacher's embedding of each image as it is from a random crop of it (compute the targets with views = distill.views)"
+            );
+        }
         self.teacher = Some(Arc::new(targets));
         Ok(())
     }
@@ -329,11 +334,21 @@ impl Trainer {
         } = done;
         let mut pairs = 0usize;
         let mut pending: Vec<Batch> = vec![];
+        // Distilling with augmentation: this epoch's view of every image, the crops the teacher
+        // embedded at the start.
+        let view = match &self.teacher {
+            Some(t) if self.cfg.data.augment => t.view_of_epoch(epoch),
+            _ => None,
+        };
+        let augment = match view {
+            Some(v) => crate::data::Augment::View(v as u64),
+            None => self.cfg.data.augment.into(),
+        };
         let batches = self.data.loader.batches_with(
             &self.data.split.train,
             self.cfg.train.batch_size,
             Some(crate::data::epoch_seed(self.cfg.seed, epoch)),
-            self.cfg.data.augment,
+            augment,
             self.frozen_features()?,
         );
         let mut step = 0usize;
@@ -364,7 +379,7 @@ impl Trainer {
                         &pending,
                         self.cfg.train.clip_grad_norm,
                         |m, b| {
-                            let (ti, tt) = t.batch(ds, &b.pairs, dev)?;
+                            let (ti, tt) = t.batch(ds, &b.pairs, view, dev)?;
                             if ds.captionless() {
                                 let image = match &b.image_features {
                                     Some(f) => m.project_image(f, true)?,

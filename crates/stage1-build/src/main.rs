@@ -179,6 +179,11 @@ fn inherit(model: &ClipModel, teacher: &clip_core::distill::Teacher, report: &mu
         // taken to differ (stage 4 compares the two tokenizers).
         let inh = clip_core::distill::inherit(model, &teacher.model, false)?;
         clip_cli::distill::print_inherited(&inh);
+        if inh.skipped.iter().any(|l| l.contains("tokenizer")) {
+            println!(
+                "  (stage 1 reads no data, so it has no tokenizer of the student's to compare: stage 4 inherits the token table too when the student reads the teacher's ids)"
+            );
+        }
         report.metric("inherited", serde_json::to_value(&inh)?);
     }
     println!();

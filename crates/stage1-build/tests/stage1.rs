@@ -80,3 +80,53 @@ fn an_uncached_model_offline_fails_naming_the_cache_and_the_fix() {
         "{text}"
     );
 }
+
+#[test]
+fn a_teacher_is_sized_beside_the_student_and_what_it_passes_on_is_listed() {
+    let tmp = tempfile::tempdir().unwrap();
+    // A ViT student of the tiny open_clip fixture's family, at half its image width and one of
+    // its two blocks.
+    let config = tmp.path().join("student.toml");
+    std::fs::write(
+        &config,
+        "preset = \"student-vit-s\"\nprojection_dim = 8\n[image]\nimage_size = 32\npatch_size = 16\nwidth = 8\nlayers = 1\nheads = 2\nmlp_dim = 16\n[text]\ndim = 4\nn_layers = 1\nn_heads = 2\nhidden_dim = 8\n",
+    )
+    .unwrap();
+    let teacher = std::fs::read_dir(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../clip-core/tests/fixtures/clip/hub/models--test--oc-vit/snapshots"),
+    )
+    .unwrap()
+    .next()
+    .unwrap()
+    .unwrap()
+    .path();
+    let json = tmp.path().join("s1.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_stage1-build"))
+        .args(["--device", "cpu", "--config"])
+        .arg(&config)
+        .arg("--teacher")
+        .arg(&teacher)
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .unwrap();
+    let log = clipmine_tests::log(&out);
+    assert_eq!(out.status.code(), Some(0), "{log}");
+    assert!(
+        log.contains("student vs teacher: 40,433 against 217,765 parameters (5.4× fewer)"),
+        "{log}"
+    );
+    assert!(
+        log.contains("image tower (ViT): blocks 0 of the teacher's 2 → the student's 1, width 16 → 8"),
+        "{log}"
+    );
+    assert!(
+        log.contains("kept as initialised: text_encoder.model.embeddings.token_embedding.weight"),
+        "{log}"
+    );
+    assert!(log.contains("stage 4 inherits the token table too"), "{log}");
+    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(r["metrics"]["teacher_parameters"], 217_765, "{r}");
+    assert_eq!(r["metrics"]["inherited"]["tensors"], 45, "{r}");
+}

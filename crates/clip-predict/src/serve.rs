@@ -41,7 +41,7 @@ pub struct ServeOptions {
 
 struct State {
     /// The model, and for a student distilled on images alone the teacher answering its captions.
-    model: crate::commands::Loaded,
+    loaded: crate::commands::Loaded,
     device: Device,
     index: ImageIndex,
     /// The canonical indexed folder: served files must resolve inside it.
@@ -168,7 +168,7 @@ fn load_state(opts: &ServeOptions, device: &Device) -> Result<State> {
     };
     let scale = loaded.scale;
     Ok(State {
-        model: loaded,
+        loaded,
         device: device.clone(),
         index,
         root,
@@ -303,7 +303,7 @@ fn search_text(state: &State, params: &HashMap<String, String>) -> Reply {
     };
     let started = std::time::Instant::now();
     let run = || -> Result<Value> {
-        let e = l2_normalize(&state.model.embed_texts(&[q], 1, &state.device)?)?;
+        let e = l2_normalize(&state.loaded.embed_texts(&[q], 1, &state.device)?)?;
         let v = e.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
         let results = photo_rows(state, &v, top, mode)?;
         Ok(
@@ -362,14 +362,14 @@ fn embed_upload(state: &State, body: &[u8]) -> Result<Vec<f32>> {
     image::guess_format(body).context("the upload is not an image this server reads (JPEG, PNG, WebP)")?;
     let mut file = tempfile::NamedTempFile::new().context("a temporary file for the upload")?;
     std::io::Write::write_all(&mut file, body)?;
-    let x = ImageStore::load_one(file.path(), &state.model.model.config).map_err(|e| {
+    let x = ImageStore::load_one(file.path(), &state.loaded.model.config).map_err(|e| {
         anyhow::anyhow!(
             "{}",
             format!("{e:#}").replace(&file.path().display().to_string(), "upload")
         )
     })?;
     let x = x.unsqueeze(0)?.to_device(&state.device)?;
-    let e = l2_normalize(&state.model.model.embed_images(&x)?)?;
+    let e = l2_normalize(&state.loaded.model.embed_images(&x)?)?;
     Ok(e.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?)
 }
 

@@ -595,3 +595,55 @@ fn with_augmentation_the_teacher_embeds_each_view_once_and_the_student_trains_on
     train(&mut t, 2);
     assert!(t.state().history.iter().all(|h| h.train_loss.is_finite()));
 }
+
+#[test]
+fn a_feature_only_student_is_validated_by_its_own_objective() {
+    // Contrastive and affinity off: the student's own contrastive loss means nothing, so the
+    // validation loss (which picks the best model) is the distillation loss.
+    let mut cfg = student(16, "feature");
+    cfg.distill.teacher = Some("oc-vit".into());
+    let teacher = Teacher::open(oc_vit().to_str().unwrap(), &Device::Cpu).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let mut t = Trainer::new(&cfg, demo(&cfg), out.path()).unwrap();
+    let targets = distill::targets(
+        &teacher,
+        &DataSource::default(),
+        &t.data().dataset,
+        &out.path().join("c"),
+        0,
+    )
+    .unwrap();
+    t.set_teacher(targets).unwrap();
+    let start = t.validate().unwrap().loss;
+    // The distillation loss of the validation pairs, computed by hand, in evaluation mode.
+    let val = t.data().split.val.clone();
+    let b = t.data().loader.batch(&val).unwrap();
+    let by_hand = clip_core::nn::no_grad(|| {
+        let (ti, tt) = t
+            .teacher()
+            .unwrap()
+            .batch(&t.data().dataset, &b.pairs, None, &Device::Cpu)?;
+        let e = t.model().forward_batch(&b, false)?;
+        let l = distill::loss(
+            t.model(),
+            &e,
+            Some(&b.positives),
+            (&ti, &tt),
+            t.teacher().unwrap().logit_scale,
+            &cfg.distill,
+        )?;
+        Ok::<f32, anyhow::Error>(l.total.to_scalar::<f32>()?)
+    })
+    .unwrap();
+    // (A mean over rows: the same in one batch as in the validation's batches.)
+    assert!(
+        (start - by_hand as f64).abs() < 1e-4 * start.abs().max(1.0),
+        "validation loss {start}, distillation loss {by_hand}"
+    );
+    train(&mut t, 6);
+    let end = t.validate().unwrap().loss;
+    assert!(
+        end < start,
+        "the distillation loss did not fall on validation: {start} → {end}"
+    );
+}

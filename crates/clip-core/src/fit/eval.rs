@@ -167,6 +167,22 @@ impl Trainer {
                             .to_scalar::<f32>()? as f64,
                     )
                 })?,
+                // Taught by the feature term alone: the student's own contrastive loss means
+                // nothing (its sides meet only in the teacher's space), so its objective is the
+                // validation loss, and picks the best model.
+                Some(t) if self.cfg.distill.in_teacher_space() => crate::nn::no_grad(|| {
+                    let (ti, tt) = t.batch(&self.data.dataset, &b.pairs, None, &self.data.device)?;
+                    let e = self.model.forward_batch(&b, false)?;
+                    let l = crate::distill::loss(
+                        &self.model,
+                        &e,
+                        Some(&b.positives),
+                        (&ti, &tt),
+                        t.logit_scale,
+                        &self.cfg.distill,
+                    )?;
+                    Ok::<f64, anyhow::Error>(l.total.to_scalar::<f32>()? as f64)
+                })?,
                 _ => eval_loss(&self.model, &b)?,
             };
             total += loss * b.pairs.len() as f64;

@@ -412,14 +412,27 @@ fn image_macs(cfg: &clip_core::config::ImageConfig) -> Option<u64> {
     Some(macs)
 }
 
+/// The PNG images of a folder: in its class folders, or in itself (images alone). Caches kept
+/// beside them are not counted.
 fn count_files(dir: &Path) -> usize {
-    std::fs::read_dir(dir)
+    let pngs = |d: &Path| {
+        std::fs::read_dir(d)
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .filter(|e| e.path().extension().is_some_and(|x| x == "png"))
+                    .count()
+            })
+            .unwrap_or(0)
+    };
+    let classes: usize = std::fs::read_dir(dir)
         .map(|d| {
             d.filter_map(|e| e.ok())
-                .map(|e| std::fs::read_dir(e.path()).map(|x| x.count()).unwrap_or(0))
+                .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+                .map(|e| pngs(&e.path()))
                 .sum()
         })
-        .unwrap_or(0)
+        .unwrap_or(0);
+    classes + pngs(dir)
 }
 
 fn read_idx(source: &Path, name: &str) -> Result<Vec<u8>> {

@@ -93,7 +93,11 @@ fn run(args: Args) -> Result<ExitCode> {
         Some(tc) => ClipConfig {
             distill: clip_core::config::DistillConfig {
                 teacher_dim: Some(tc.model.embed_dim()),
-                teacher_fingerprint: Some(tc.fingerprint()?),
+                // (A run resumed from before fingerprints were recorded keeps none.)
+                teacher_fingerprint: match (&args.resume, &cfg.distill.teacher_fingerprint) {
+                    (Some(_), None) => None,
+                    _ => Some(tc.fingerprint()?),
+                },
                 ..cfg.distill.clone()
             },
             ..cfg

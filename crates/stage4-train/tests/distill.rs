@@ -89,6 +89,18 @@ fn a_trained_run_teaches_a_student_and_its_embeddings_are_computed_once() {
     // The same teacher and data again: every embedding comes from the cache.
     let (log, _) = student("b");
     assert!(log.contains("(0 teacher forward passes, 40 rows reused"), "{log}");
+    // A distillation resumes with its recorded teacher (and its cache) for more epochs.
+    let (_, log) = run(&[
+        "--resume",
+        p(&dir.path().join("a")),
+        "--epochs",
+        "9",
+        "--feature-cache",
+        p(&cache),
+    ]);
+    assert!(log.contains("resume: train.epochs: 8 → 9"), "{log}");
+    assert!(log.contains("(0 teacher forward passes"), "{log}");
+    assert!(log.contains("epoch   9:"), "{log}");
     // The affinity term has a floor (the teacher's own entropy): its gate asks for a fall, not a
     // halving.
     let config = dir.path().join("affinity.toml");

@@ -254,11 +254,15 @@ fn flatten(classes: &Path, flat: &Path) -> Result<()> {
     let mut n = 0;
     for class in std::fs::read_dir(classes)? {
         let class = class?.path();
-        if !class.is_dir() {
+        // Class folders only: not the image cache kept beside them (`.clipmine-cache`).
+        if !class.is_dir() || class.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')) {
             continue;
         }
         for f in std::fs::read_dir(&class)? {
             let f = f?.path();
+            if f.extension().is_none_or(|x| x != "png") {
+                continue;
+            }
             let to = flat.join(f.file_name().unwrap());
             if !to.exists() && std::fs::hard_link(&f, &to).is_err() {
                 std::fs::copy(&f, &to).with_context(|| format!("copying {} to {}", f.display(), to.display()))?;

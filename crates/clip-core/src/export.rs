@@ -58,8 +58,9 @@ pub struct Exported {
 const IMG: &str = "image_encoder.model.";
 const TXT: &str = "text_encoder.model.";
 
-/// Which architectures a format can carry; the error says why not and what can.
-fn check(cfg: &ClipConfig, format: ExportFormat) -> Result<()> {
+/// Which architectures a format can carry; the error says why not and what can. Needs only the
+/// config, so a caller can refuse before loading anything.
+pub fn exportable(cfg: &ClipConfig, format: ExportFormat) -> Result<()> {
     // The exported model is the student's towers alone: neither its teacher's text tower nor
     // its maps into the teacher's space travel with it.
     if cfg.distill.images_only {
@@ -123,7 +124,7 @@ pub fn export(
     overwrite: bool,
 ) -> Result<Exported> {
     let cfg = &model.config;
-    check(cfg, format)?;
+    exportable(cfg, format)?;
     // A distilled student's maps into its teacher's space served training only.
     let params: HashMap<String, Tensor> = model
         .params

@@ -751,6 +751,12 @@ fn export(
     json: bool,
     device: &Device,
 ) -> Result<ExitCode> {
+    // Refused from the config alone before anything is loaded (a student distilled on images
+    // alone would otherwise open its teacher first).
+    if let Some(run) = &choice.run {
+        let cfg = RunDir::open(run)?.config()?;
+        clip_core::export::exportable(&cfg, format).with_context(|| format!("exporting --run {}", run.display()))?;
+    }
     let m = load(choice, device)?;
     let e = clip_core::export::export(&m.model, &m.tok, format, out, overwrite)
         .with_context(|| format!("exporting {}", m.flag()))?;

@@ -174,7 +174,7 @@ fn a_student_distilled_on_images_alone_answers_captions_with_its_teachers_text_t
         p(&dir.path().join("x")),
     ]);
     assert_ne!(code, Some(0), "{out}{err}");
-    assert!(err.contains("distilled on images without captions"), "{err}");
+    assert!(err.contains("an exported model would carry the untrained one"), "{err}");
 
     // Another checkpoint where the teacher was: refused as changed.
     let moved = dir.path().join("teacher-moved");
@@ -185,6 +185,17 @@ fn a_student_distilled_on_images_alone_answers_captions_with_its_teachers_text_t
     assert!(err.contains("has changed since the student learned from it"), "{err}");
     // No teacher there at all: refused, naming it.
     std::fs::remove_dir_all(&teacher_dir).unwrap();
+    // Export says why it cannot be, with or without the teacher there.
+    let (code, out, err) = predict(&[
+        "export",
+        "--run",
+        p(&student),
+        "--format",
+        "hf",
+        p(&dir.path().join("y")),
+    ]);
+    assert_ne!(code, Some(0), "{out}{err}");
+    assert!(err.contains("an exported model would carry the untrained one"), "{err}");
     let (code, out, err) = predict(&["image-to-text", "--run", p(&student), p(&image), "--texts", "a cat"]);
     assert_ne!(code, Some(0), "{out}{err}");
     assert!(

@@ -71,7 +71,6 @@ struct RawBatch {
     text_features: Option<(Vec<f32>, usize)>,
 }
 
-/// What the worker thread needs, shared with it.
 /// How the images of a loader's batches are augmented.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Augment {
@@ -92,6 +91,7 @@ impl From<bool> for Augment {
     }
 }
 
+/// What the worker thread needs, shared with it.
 struct Shared {
     store: Arc<ImageStore>,
     /// Token ids of each pair of the dataset, `[CLS] … [SEP]`.

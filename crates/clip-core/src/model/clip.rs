@@ -238,18 +238,23 @@ impl ClipModel {
     /// An image embedding (B, P) as the model answers with it: in the teacher's space when it
     /// only means something there (a student distilled by the feature term alone), else as is.
     pub fn answer_image(&self, e: &Tensor) -> Result<Tensor> {
-        use candle_core::Module;
-        match &self.teacher_maps {
-            Some((i, _)) if self.config.distill.in_teacher_space() => Ok(i.forward(e)?),
-            _ => Ok(e.clone()),
-        }
+        self.answer(e, |(image, _)| image)
     }
 
     /// A caption embedding as the model answers with it (see [`ClipModel::answer_image`]).
     pub fn answer_text(&self, e: &Tensor) -> Result<Tensor> {
+        self.answer(e, |(_, text)| text)
+    }
+
+    /// `e` through the map `pick` chooses, for a student that answers in its teacher's space.
+    fn answer(
+        &self,
+        e: &Tensor,
+        pick: impl Fn(&(crate::nn::Linear, crate::nn::Linear)) -> &crate::nn::Linear,
+    ) -> Result<Tensor> {
         use candle_core::Module;
         match &self.teacher_maps {
-            Some((_, t)) if self.config.distill.in_teacher_space() => Ok(t.forward(e)?),
+            Some(maps) if self.config.distill.in_teacher_space() => Ok(pick(maps).forward(e)?),
             _ => Ok(e.clone()),
         }
     }

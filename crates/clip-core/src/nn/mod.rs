@@ -22,6 +22,7 @@ mod max_pool_cpu;
 mod pool;
 mod relu_cpu;
 mod softmax_cpu;
+pub mod vmath;
 
 pub use batch_norm::{
     batch_norm_eval_cpu, batch_norm_eval_reference, batch_norm_reference, batch_norm_train_cpu, BatchNorm2d,

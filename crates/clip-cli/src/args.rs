@@ -229,6 +229,7 @@ fn set<T>(slot: &mut T, value: Option<T>) {
 
 /// Runs a stage's body: an error becomes a message and exit code 2 (a gate failure is 1).
 pub fn run_stage(f: impl FnOnce() -> Result<std::process::ExitCode>) -> std::process::ExitCode {
+    crate::memory::keep_freed_memory();
     match f() {
         Ok(code) => code,
         Err(e) => {

@@ -9,6 +9,8 @@ pub mod args;
 pub mod distill;
 /// `report.html`: a self-contained page per run folder (curves, similarity, rankings).
 pub mod html_report;
+/// The C allocator's settings for the programs: freed memory is reused, not returned.
+pub mod memory;
 /// Labelled plots: curves per epoch and heat maps, as PNG or SVG.
 pub mod plot;
 /// Terminal progress bars for clip-core's progress reports.

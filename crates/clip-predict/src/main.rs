@@ -176,6 +176,7 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
+    clip_cli::memory::keep_freed_memory();
     let cli = Cli::parse();
     match commands::run(cli) {
         Ok(code) => code,

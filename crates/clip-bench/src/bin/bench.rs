@@ -182,6 +182,8 @@ impl Setup {
 }
 
 fn main() -> Result<()> {
+    // As the programs run: freed memory reused (clip_cli::memory).
+    clip_cli::memory::keep_freed_memory();
     match Cli::parse().cmd {
         Cmd::Train(a) => {
             let x = Setup::new(&a)?;

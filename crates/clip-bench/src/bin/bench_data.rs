@@ -85,6 +85,8 @@ fn timed<T>(f: impl FnOnce() -> Result<T>) -> Result<(T, f64, f64)> {
 }
 
 fn main() -> Result<()> {
+    // As the programs run: freed memory reused (clip_cli::memory).
+    clip_cli::memory::keep_freed_memory();
     let args = Args::parse();
     let cfg = ClipConfig::preset("simple-clip")?;
     let dir = args

@@ -80,6 +80,8 @@ fn time_epochs(t: &mut Trainer, epochs: usize) -> Result<(f64, Option<f64>, f64)
 }
 
 fn main() -> Result<()> {
+    // As the programs run: freed memory reused (clip_cli::memory).
+    clip_cli::memory::keep_freed_memory();
     let args = Args::parse();
     let mut cfg = ClipConfig::preset(&args.preset)?;
     cfg.train.freeze_image = true;

@@ -64,6 +64,8 @@ fn synthetic(n: usize) -> Result<TempDir> {
 }
 
 fn main() -> Result<()> {
+    // As the programs run: freed memory reused (clip_cli::memory).
+    clip_cli::memory::keep_freed_memory();
     let args = Args::parse();
     let cfg = ClipConfig::preset(&args.preset)?;
     let batch_size = args.batch_size.unwrap_or(cfg.train.batch_size);

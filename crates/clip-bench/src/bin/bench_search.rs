@@ -170,6 +170,8 @@ fn time_lists(
 }
 
 fn main() -> Result<()> {
+    // As the programs run: freed memory reused (clip_cli::memory).
+    clip_cli::memory::keep_freed_memory();
     let cli = Cli::parse();
     let (dim, k) = (cli.dim, cli.top);
     let lib = Library::new(dim, cli.clusters, 7);

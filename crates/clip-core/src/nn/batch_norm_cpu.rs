@@ -17,6 +17,8 @@ use std::sync::{Arc, Mutex};
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::vmath;
+
 fn dims(l: &Layout) -> Result<(usize, usize, usize)> {
     let &[b, c, h, w] = l.dims() else {
         candle_core::bail!("batch norm expects (B, C, H, W), got {:?}", l.dims())
@@ -61,21 +63,30 @@ fn passed(g: f32, v: f32, scale: f32, shift: f32) -> f32 {
     }
 }
 
-/// Per-channel mean and biased variance (block sums accumulated in f64).
-fn stats(x: &[f32], b: usize, c: usize, hw: usize) -> (Vec<f32>, Vec<f32>) {
+/// Mean and biased variance of channel `ch` (block sums accumulated in f64).
+#[inline(always)]
+fn channel_stats(x: &[f32], b: usize, c: usize, hw: usize, ch: usize) -> (f32, f32) {
     let n = (b * hw) as f64;
+    let plane = |bi: usize| &x[(bi * c + ch) * hw..][..hw];
+    let sum: f64 = (0..b)
+        .map(|bi| lane_sums(plane(bi), plane(bi), |v, _| (v, 0.0)).0)
+        .sum();
+    let mean = (sum / n) as f32;
+    let sq: f64 = (0..b)
+        .map(|bi| lane_sums(plane(bi), plane(bi), |v, _| ((v - mean) * (v - mean), 0.0)).0)
+        .sum();
+    (mean, (sq / n) as f32)
+}
+
+/// Per-channel mean and biased variance, one channel per work item.
+fn stats(x: &[f32], b: usize, c: usize, hw: usize) -> (Vec<f32>, Vec<f32>) {
     (0..c)
         .into_par_iter()
         .map(|ch| {
-            let plane = |bi: usize| &x[(bi * c + ch) * hw..][..hw];
-            let sum: f64 = (0..b)
-                .map(|bi| lane_sums(plane(bi), plane(bi), |v, _| (v, 0.0)).0)
-                .sum();
-            let mean = (sum / n) as f32;
-            let sq: f64 = (0..b)
-                .map(|bi| lane_sums(plane(bi), plane(bi), |v, _| ((v - mean) * (v - mean), 0.0)).0)
-                .sum();
-            (mean, (sq / n) as f32)
+            vmath::vectorized(
+                #[inline(always)]
+                || channel_stats(x, b, c, hw, ch),
+            )
         })
         .unzip()
 }
@@ -93,6 +104,15 @@ fn affine(gamma: &[f32], beta: &[f32], mean: &[f32], var: &[f32], eps: f32) -> (
         .unzip()
 }
 
+/// One plane of y = x·a + b (clamped at 0 with `relu`).
+#[inline(always)]
+fn affine_plane(yc: &mut [std::mem::MaybeUninit<f32>], xc: &[f32], a: f32, b: f32, relu: bool) {
+    for (o, &v) in yc.iter_mut().zip(xc) {
+        let t = v * a + b;
+        o.write(if relu { t.max(0.0) } else { t });
+    }
+}
+
 /// y = x·scale + shift per channel (clamped at 0 with `relu`), one (B, C) plane per work item.
 fn apply_affine(x: &[f32], c: usize, hw: usize, scale: &[f32], shift: &[f32], relu: bool) -> Vec<f32> {
     let mut y = Vec::with_capacity(x.len());
@@ -103,10 +123,10 @@ fn apply_affine(x: &[f32], c: usize, hw: usize, scale: &[f32], shift: &[f32], re
         .enumerate()
         .for_each(|(i, (yc, xc))| {
             let (a, b) = (scale[i % c], shift[i % c]);
-            for (o, &v) in yc.iter_mut().zip(xc) {
-                let t = v * a + b;
-                o.write(if relu { t.max(0.0) } else { t });
-            }
+            vmath::vectorized(
+                #[inline(always)]
+                || affine_plane(yc, xc, a, b, relu),
+            )
         });
     // SAFETY: the loop above wrote all x.len() elements.
     unsafe { y.set_len(x.len()) };
@@ -171,6 +191,53 @@ impl CustomOp3 for BatchNormTrain {
     }
 }
 
+/// What the backward pass reads, per (B, C) plane.
+struct Planes<'a> {
+    gy: &'a [f32],
+    x: &'a [f32],
+    b: usize,
+    c: usize,
+    hw: usize,
+    mean: &'a [f32],
+    rstd: &'a [f32],
+    /// With a fused ReLU, the forward's affine map (to recompute its mask); else 0 and 1.
+    scale: &'a [f32],
+    shift: &'a [f32],
+}
+
+impl Planes<'_> {
+    /// (Σ dy, Σ dy·x̂) over channel `ch`, dy masked by the fused ReLU.
+    #[inline(always)]
+    fn sums(&self, ch: usize) -> (f32, f32) {
+        let (mut s, mut sx) = (0f64, 0f64);
+        let (a, sh, m, r) = (self.scale[ch], self.shift[ch], self.mean[ch], self.rstd[ch]);
+        for bi in 0..self.b {
+            let off = (bi * self.c + ch) * self.hw;
+            let (ds, dsx) = lane_sums(&self.gy[off..off + self.hw], &self.x[off..off + self.hw], |g, v| {
+                let g = passed(g, v, a, sh);
+                (g, g * ((v - m) * r))
+            });
+            s += ds;
+            sx += dsx;
+        }
+        (s as f32, sx as f32)
+    }
+
+    /// dx of plane `i` (channel i mod C): k·(N·dy − Σdy − x̂·Σ(dy·x̂)).
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    fn dx(&self, dxc: &mut [f32], i: usize, k: f32, n: f32, sum_dy: f32, sum_dy_xhat: f32) {
+        let ch = i % self.c;
+        let off = i * self.hw;
+        let (a, sh, m, r) = (self.scale[ch], self.shift[ch], self.mean[ch], self.rstd[ch]);
+        let (gy, x) = (&self.gy[off..off + self.hw], &self.x[off..off + self.hw]);
+        for ((d, &g), &v) in dxc.iter_mut().zip(gy).zip(x) {
+            let xhat = (v - m) * r;
+            *d = k * (n * passed(g, v, a, sh) - sum_dy - xhat * sum_dy_xhat);
+        }
+    }
+}
+
 /// The three gradients of [`BatchNormTrain`], packed as [dx, dweight, dbias] in one vector.
 struct BatchNormGrad {
     eps: f32,
@@ -214,21 +281,24 @@ impl CustomOp3 for BatchNormGrad {
             None => (vec![0.0; c], vec![1.0; c]),
         };
         // Per channel: Σ dy and Σ dy·x̂.
+        let planes = Planes {
+            gy,
+            x,
+            b,
+            c,
+            hw,
+            mean: &mean,
+            rstd: &rstd,
+            scale: &scale,
+            shift: &shift,
+        };
         let (sum_dy, sum_dy_xhat): (Vec<f32>, Vec<f32>) = (0..c)
             .into_par_iter()
             .map(|ch| {
-                let (mut s, mut sx) = (0f64, 0f64);
-                for bi in 0..b {
-                    let off = (bi * c + ch) * hw;
-                    let (a, sh) = (scale[ch], shift[ch]);
-                    let (ds, dsx) = lane_sums(&gy[off..off + hw], &x[off..off + hw], |g, v| {
-                        let g = passed(g, v, a, sh);
-                        (g, g * ((v - mean[ch]) * rstd[ch]))
-                    });
-                    s += ds;
-                    sx += dsx;
-                }
-                (s as f32, sx as f32)
+                vmath::vectorized(
+                    #[inline(always)]
+                    || planes.sums(ch),
+                )
             })
             .unzip();
         let n = (b * hw) as f32;
@@ -237,13 +307,12 @@ impl CustomOp3 for BatchNormGrad {
         // dx = γ·rstd/N · (N·dy − Σdy − x̂·Σ(dy·x̂))
         dx.par_chunks_mut(hw).enumerate().for_each(|(i, dxc)| {
             let ch = i % c;
-            let off = i * hw;
             let k = gamma[ch] * rstd[ch] / n;
-            let (a, sh) = (scale[ch], shift[ch]);
-            for ((d, &g), &v) in dxc.iter_mut().zip(&gy[off..off + hw]).zip(&x[off..off + hw]) {
-                let xhat = (v - mean[ch]) * rstd[ch];
-                *d = k * (n * passed(g, v, a, sh) - sum_dy[ch] - xhat * sum_dy_xhat[ch]);
-            }
+            let (sd, sdx) = (sum_dy[ch], sum_dy_xhat[ch]);
+            vmath::vectorized(
+                #[inline(always)]
+                || planes.dx(dxc, i, k, n, sd, sdx),
+            )
         });
         rest[..c].copy_from_slice(&sum_dy_xhat);
         rest[c..].copy_from_slice(&sum_dy);

@@ -16,6 +16,14 @@ use super::dispatch::host_f32;
 /// Elements per work item: enough to outweigh handing the work to another thread.
 const CHUNK: usize = 1 << 15;
 
+/// One chunk of [`zip_map`] (inlined into `vmath::vectorized`).
+#[inline(always)]
+fn zip_chunk(o: &mut [std::mem::MaybeUninit<f32>], a: &[f32], b: &[f32], f: &impl Fn(f32, f32) -> f32) {
+    for ((o, &x), &y) in o.iter_mut().zip(a).zip(b) {
+        o.write(f(x, y));
+    }
+}
+
 /// out[i] = f(a[i], b[i]) in parallel chunks, written once (never zero-filled first).
 fn zip_map(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) -> Vec<f32> {
     let mut out = Vec::with_capacity(a.len());
@@ -23,9 +31,10 @@ fn zip_map(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) -> Vec<f32>
         .par_chunks_mut(CHUNK)
         .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
         .for_each(|(o, (a, b))| {
-            for ((o, &x), &y) in o.iter_mut().zip(a).zip(b) {
-                o.write(f(x, y));
-            }
+            super::vmath::vectorized(
+                #[inline(always)]
+                || zip_chunk(o, a, b, &f),
+            )
         });
     // SAFETY: the chunks above cover and write all a.len() elements.
     unsafe { out.set_len(a.len()) };

@@ -546,3 +546,77 @@ fn average_pool_of_the_modified_resnet() {
         3e-3,
     );
 }
+
+/// Values and gradients of `fused` against `composed` only (no finite differences: for inputs too
+/// large to perturb one element at a time).
+fn check_against_composed(what: &str, inputs: &[Tensor], fused: Op, composed: Op) {
+    let vars: Vec<Var> = inputs.iter().map(|t| Var::from_tensor(t).unwrap()).collect();
+    let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let (a, b) = (fused(&ts).unwrap(), composed(&ts).unwrap());
+    let d = max_abs(&(&a - &b).unwrap());
+    assert!(d <= 1e-5 * max_abs(&b).max(1.0), "{what}: forward differs by {d}");
+    let w = Tensor::from_vec(pseudo(a.elem_count(), 3.0), a.dims(), &Device::Cpu).unwrap();
+    let ga = (&a * &w).unwrap().sum_all().unwrap().backward().unwrap();
+    let gb = (&b * &w).unwrap().sum_all().unwrap().backward().unwrap();
+    for (i, v) in vars.iter().enumerate() {
+        let (ga, gb) = (ga.get(v.as_tensor()).unwrap(), gb.get(v.as_tensor()).unwrap());
+        let d = max_abs(&(ga - gb).unwrap());
+        assert!(
+            d <= 1e-5 * max_abs(gb).max(1.0),
+            "{what}: gradient of input {i} differs by {d}"
+        );
+    }
+}
+
+#[test]
+fn attention_at_model_sizes() {
+    // Heads of 64 over 50 and 77 tokens, as ViT-B/32 and the CLIP text tower run them: the sizes
+    // where the per-head GEMMs and the vectorised softmax take their wide paths (the tests above
+    // use heads of 3).
+    let (b, d, heads) = (2, 128, 2);
+    for (l, causal) in [(50, false), (77, true)] {
+        let mut mask = vec![0f32; b * l];
+        mask[2 * l - 3..].fill(-1e9);
+        let mask = Tensor::from_vec(mask, (b, l), &Device::Cpu).unwrap();
+        let qkv = [
+            input(&[b, l, d], 1.0, 2.0),
+            input(&[b, l, d], 4.0, 2.0),
+            input(&[b, l, d], 6.0, 2.0),
+        ];
+        let m = &mask;
+        if causal {
+            check_against_composed(
+                "causal attention, 77 tokens",
+                &qkv,
+                &|t| nn::attention_causal_cpu(&t[0], &t[1], &t[2], m, heads),
+                &|t| nn::attention_causal_reference(&t[0], &t[1], &t[2], m, heads),
+            );
+        } else {
+            check_against_composed(
+                "attention, 50 tokens",
+                &qkv,
+                &|t| nn::attention_cpu(&t[0], &t[1], &t[2], m, heads),
+                &|t| nn::attention_reference(&t[0], &t[1], &t[2], m, heads, |w| Ok(w.clone())),
+            );
+        }
+    }
+}
+
+#[test]
+fn layer_norm_and_quick_gelu_at_model_sizes() {
+    // Rows of 768 and a tensor longer than one vector chunk: the vectorised paths.
+    let x = input(&[3, 50, 768], 2.0, 3.0);
+    let (w, bias) = (input(&[768], 5.0, 1.0), input(&[768], 7.0, 1.0));
+    check_against_composed(
+        "layer norm, 768 features",
+        &[x.clone(), w, bias],
+        &|t| nn::layer_norm_cpu(&t[0], &t[1], &t[2], 1e-5),
+        &|t| nn::layer_norm_reference(&t[0], &t[1], &t[2], 1e-5),
+    );
+    check_against_composed(
+        "quick_gelu, 115,200 values",
+        &[x],
+        &|t| nn::quick_gelu_cpu(&t[0]),
+        &|t| &t[0] * candle_nn::ops::sigmoid(&(&t[0] * 1.702)?)?,
+    );
+}

@@ -209,9 +209,10 @@ impl CustomOp3 for Attention {
             host_f32("attention", s2, l2)?,
             host_f32("attention", s3, l3)?,
         );
-        let mut ctx = vec![0f32; g.b * g.lq * g.d];
-        let mut probs = vec![0f32; g.b * g.h * g.lq * g.l];
-        let out = Shared(ctx.as_mut_ptr());
+        // Both written in full below (the GEMMs write their whole blocks), never zero-filled.
+        let mut ctx = super::conv_cpu::uninit(g.b * g.lq * g.d);
+        let mut probs = super::conv_cpu::uninit(g.b * g.h * g.lq * g.l);
+        let out = Shared(ctx.as_mut_ptr().cast());
         // One (batch item, head) per work item: its probabilities, a block of their own, and its
         // columns of the context rows.
         probs.par_chunks_mut(g.lq * g.l).enumerate().for_each(|(bh, p)| {
@@ -225,13 +226,15 @@ impl CustomOp3 for Attention {
                     g.lq,
                     g.l,
                     g.dh,
-                    p.as_mut_ptr(),
+                    p.as_mut_ptr().cast(),
                     g.l,
                     Mat::head(q, bi * g.lq, g.d, col),
                     Mat::head(k, bi * g.l, g.d, col).t(),
                     self.scale,
                 );
             }
+            // SAFETY: the GEMM wrote the whole block.
+            let p: &mut [f32] = unsafe { &mut *(p as *mut [std::mem::MaybeUninit<f32>] as *mut [f32]) };
             let mask = &self.mask[bi * g.l..][..g.l];
             super::vmath::vectorized(
                 #[inline(always)]
@@ -252,6 +255,8 @@ impl CustomOp3 for Attention {
                 );
             }
         });
+        // SAFETY: every (batch, head) block of probs and every head's columns of ctx were written.
+        let (ctx, probs) = unsafe { (super::conv_cpu::assume_init(ctx), super::conv_cpu::assume_init(probs)) };
         if let Some(slot) = &self.probs {
             *slot.lock().unwrap_or_else(|e| e.into_inner()) = probs;
         }

@@ -11,6 +11,9 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use std::mem::MaybeUninit;
+
+use super::conv_cpu::{assume_init, uninit};
 use super::dispatch::host_f32;
 
 /// Elements per parallel work item: small tensors stay on one thread.
@@ -70,17 +73,17 @@ impl Pointwise for QuickGelu {
 
 /// y = A(x), element by element (inlined into `vmath::vectorized`).
 #[inline(always)]
-fn values<A: Pointwise>(ys: &mut [f32], xs: &[f32]) {
+fn values<A: Pointwise>(ys: &mut [MaybeUninit<f32>], xs: &[f32]) {
     for (o, &v) in ys.iter_mut().zip(xs) {
-        *o = A::value(v);
+        o.write(A::value(v));
     }
 }
 
 /// dx = dy · A'(x), element by element.
 #[inline(always)]
-fn derivatives<A: Pointwise>(gxs: &mut [f32], xs: &[f32], gys: &[f32]) {
+fn derivatives<A: Pointwise>(gxs: &mut [MaybeUninit<f32>], xs: &[f32], gys: &[f32]) {
     for ((o, &v), &g) in gxs.iter_mut().zip(xs).zip(gys) {
-        *o = g * A::derivative(v);
+        o.write(g * A::derivative(v));
     }
 }
 
@@ -94,13 +97,16 @@ impl<A: Pointwise> CustomOp1 for Activate<A> {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = host_f32(A::NAME, s, l)?;
-        let mut y = vec![0f32; x.len()];
+        // Written once, never zero-filled first.
+        let mut y = uninit(x.len());
         y.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(ys, xs)| {
             super::vmath::vectorized(
                 #[inline(always)]
                 || values::<A>(ys, xs),
             )
         });
+        // SAFETY: the chunks cover y, and `values` wrote every element.
+        let y = unsafe { assume_init(y) };
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
@@ -127,7 +133,7 @@ impl<A: Pointwise> CustomOp2 for ActivateGrad<A> {
                 l1.dims()
             )
         }
-        let mut gx = vec![0f32; x.len()];
+        let mut gx = uninit(x.len());
         gx.par_chunks_mut(CHUNK)
             .zip(x.par_chunks(CHUNK).zip(gy.par_chunks(CHUNK)))
             .for_each(|(gxs, (xs, gys))| {
@@ -136,6 +142,8 @@ impl<A: Pointwise> CustomOp2 for ActivateGrad<A> {
                     || derivatives::<A>(gxs, xs, gys),
                 )
             });
+        // SAFETY: the chunks cover gx, and `derivatives` wrote every element.
+        let gx = unsafe { assume_init(gx) };
         Ok((CpuStorage::F32(gx), l1.shape().clone()))
     }
 }

@@ -9,6 +9,9 @@
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use std::mem::MaybeUninit;
+
+use super::conv_cpu::{assume_init, uninit};
 use super::vmath;
 
 /// Rows per parallel work item: small tensors stay on one thread.
@@ -27,12 +30,12 @@ fn row_stats(x: &[f32], eps: f32) -> (f32, f32) {
 
 /// y = (x − mean)·rstd·γ + β, row by row (inlined into `vmath::vectorized`).
 #[inline(always)]
-fn normalize_rows(ys: &mut [f32], xs: &[f32], gamma: &[f32], beta: &[f32], eps: f32) {
+fn normalize_rows(ys: &mut [MaybeUninit<f32>], xs: &[f32], gamma: &[f32], beta: &[f32], eps: f32) {
     let d = gamma.len();
     for (yr, xr) in ys.chunks_mut(d).zip(xs.chunks(d)) {
         let (mean, rstd) = row_stats(xr, eps);
         for ((o, &v), (&g, &b)) in yr.iter_mut().zip(xr).zip(gamma.iter().zip(beta)) {
-            *o = (v - mean) * rstd * g + b;
+            o.write((v - mean) * rstd * g + b);
         }
     }
 }
@@ -100,7 +103,8 @@ impl CustomOp3 for LayerNormOp {
         if d == 0 || x.len() % d != 0 || beta.len() != d {
             candle_core::bail!("layer norm: input {:?} does not fit weight ({d})", l1.dims())
         }
-        let mut y = vec![0f32; x.len()];
+        // Written once, never zero-filled first.
+        let mut y = uninit(x.len());
         y.par_chunks_mut(d * ROWS_PER_TASK)
             .zip(x.par_chunks(d * ROWS_PER_TASK))
             .for_each(|(ys, xs)| {
@@ -109,6 +113,8 @@ impl CustomOp3 for LayerNormOp {
                     || normalize_rows(ys, xs, gamma, beta, self.eps),
                 )
             });
+        // SAFETY: the chunks cover y (its length is a multiple of d), and every row was written.
+        let y = unsafe { assume_init(y) };
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 

@@ -164,6 +164,16 @@ impl Tensor {
 
     pub fn backward(&self) -> Result<GradStore> {
         let sorted_nodes = self.sorted_nodes();
+        // clipmine: how many handles to each node the graph's own ops hold, to free a node's
+        // values once its backward step is done and nothing else holds it (below).
+        let mut graph_handles: HashMap<TensorId, usize> = HashMap::new();
+        for node in sorted_nodes.iter() {
+            if let Some(op) = node.op() {
+                for arg in op_args(op) {
+                    *graph_handles.entry(arg.id()).or_default() += 1;
+                }
+            }
+        }
         let mut grads = GradStore::new();
         grads.insert(self, self.ones_like()?.contiguous()?);
         for node in sorted_nodes.iter() {
@@ -684,8 +694,62 @@ impl Tensor {
                     }
                 };
             }
+            // clipmine: the node's consumers (earlier in `sorted_nodes`) and the node itself are
+            // done, so this pass reads its values no more. When the only handles to it are the
+            // graph's own and no other tensor shares its storage (no view, no caller's handle),
+            // free them now rather than when the caller drops the graph, as PyTorch frees saved
+            // activations during its backward pass: the peak of a training step is then not
+            // every activation plus every gradient at once.
+            if graph_handles.get(&node.id()).copied() == Some(node.handle_count())
+                && node.storage_share_count() == 1
+            {
+                node.release_storage()?;
+            }
         }
         Ok(grads)
+    }
+}
+
+/// The tensors an op holds (the handles the graph keeps to them). Listing fewer than it holds
+/// only makes `backward` free less.
+fn op_args(op: &Op) -> Vec<&Tensor> {
+    match op {
+        Op::Binary(a, b, _)
+        | Op::Matmul(a, b)
+        | Op::Gather(a, b, _)
+        | Op::IndexSelect(a, b, _)
+        | Op::SliceScatter0(a, b, _)
+        | Op::CustomOp2(a, b, _)
+        | Op::Conv1D { arg: a, kernel: b, .. }
+        | Op::ConvTranspose1D { arg: a, kernel: b, .. }
+        | Op::Conv2D { arg: a, kernel: b, .. }
+        | Op::ConvTranspose2D { arg: a, kernel: b, .. } => vec![a, b],
+        Op::Scatter(a, b, c, _)
+        | Op::ScatterAdd(a, b, c, _)
+        | Op::IndexAdd(a, b, c, _)
+        | Op::WhereCond(a, b, c)
+        | Op::CustomOp3(a, b, c, _) => vec![a, b, c],
+        Op::Cat(args, _) => args.iter().collect(),
+        Op::Unary(a, _)
+        | Op::Cmp(a, _)
+        | Op::Reduce(a, _, _)
+        | Op::AvgPool2D { arg: a, .. }
+        | Op::MaxPool2D { arg: a, .. }
+        | Op::UpsampleNearest1D { arg: a, .. }
+        | Op::UpsampleNearest2D { arg: a, .. }
+        | Op::UpsampleBilinear2D { arg: a, .. }
+        | Op::Affine { arg: a, .. }
+        | Op::ToDType(a)
+        | Op::Copy(a)
+        | Op::Broadcast(a)
+        | Op::Narrow(a, _, _, _)
+        | Op::Reshape(a)
+        | Op::ToDevice(a)
+        | Op::Transpose(a, _, _)
+        | Op::Permute(a, _)
+        | Op::Elu(a, _)
+        | Op::Powf(a, _)
+        | Op::CustomOp1(a, _) => vec![a],
     }
 }
 

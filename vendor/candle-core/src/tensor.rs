@@ -2763,6 +2763,25 @@ impl Tensor {
         self.storage.read_recursive()
     }
 
+    /// How many handles share this tensor (clones of it, including those held by the ops of the
+    /// tensors computed from it).
+    pub(crate) fn handle_count(&self) -> usize {
+        Arc::strong_count(&self.0)
+    }
+
+    /// How many tensors share this tensor's storage (views made by reshape, narrow, detach …).
+    pub(crate) fn storage_share_count(&self) -> usize {
+        Arc::strong_count(&self.storage)
+    }
+
+    /// Replaces the storage with an empty one, freeing the values. Only for a tensor nothing will
+    /// read again (see `Tensor::backward`).
+    pub(crate) fn release_storage(&self) -> Result<()> {
+        let empty = self.device().zeros(&Shape::from(0usize), self.dtype())?;
+        *self.storage_mut() = empty;
+        Ok(())
+    }
+
     /// Acquire write lock on storage and returns guard.
     pub(crate) fn storage_mut(&self) -> StorageMutRef<'_> {
         self.storage.write()

@@ -82,3 +82,24 @@ fn a_model_step_gives_the_same_gradients_whether_or_not_activations_are_freed() 
     assert!(!a.is_empty());
     assert_eq!(a, b);
 }
+
+#[test]
+fn a_second_backward_through_a_freed_graph_is_an_error_not_a_panic() {
+    // PyTorch refuses a second backward through one graph; here the first one freed the
+    // activations the fused kernels' backward reads, and the second says so.
+    let w = Var::from_tensor(&Tensor::ones((4, 4), candle_core::DType::F32, &Device::Cpu).unwrap()).unwrap();
+    let x = Tensor::arange(0f32, 8., &Device::Cpu).unwrap().reshape((2, 4)).unwrap();
+    let b = Tensor::zeros(4, candle_core::DType::F32, &Device::Cpu).unwrap();
+    // The linear layer's output is held by the graph alone: GELU's backward reads it.
+    let loss = clip_core::nn::gelu_cpu(&clip_core::nn::linear_cpu(&x, w.as_tensor(), &b).unwrap())
+        .unwrap()
+        .sum_all()
+        .unwrap();
+    let first = loss.backward().unwrap();
+    assert!(first.get(w.as_tensor()).is_some());
+    let err = loss
+        .backward()
+        .expect_err("the graph's activations were freed")
+        .to_string();
+    assert!(err.contains("freed by a backward pass"), "{err}");
+}

@@ -54,7 +54,15 @@ pub(crate) fn host_f32<'a>(op: &str, s: &'a CpuStorage, l: &Layout) -> candle_co
     let Some((start, end)) = l.contiguous_offsets() else {
         candle_core::bail!("{op}: operands must be contiguous")
     };
-    Ok(&s.as_slice::<f32>()?[start..end])
+    let data = s.as_slice::<f32>()?;
+    match data.get(start..end) {
+        Some(d) => Ok(d),
+        // The one way a tensor's storage is shorter than its layout: the vendored backward pass
+        // freed it (vendor/README.md).
+        None => candle_core::bail!(
+            "{op}: an operand's values were freed by a backward pass through its graph; a graph can be backpropagated once (compute the forward pass again)"
+        ),
+    }
 }
 
 /// The mutable f32 data of an in-place op's destination (contiguous only).
@@ -63,7 +71,10 @@ pub(crate) fn host_f32_mut<'a>(op: &str, s: &'a mut CpuStorage, l: &Layout) -> c
         candle_core::bail!("{op}: operands must be contiguous")
     };
     match s {
-        CpuStorage::F32(v) => Ok(&mut v[start..end]),
+        CpuStorage::F32(v) => match v.get_mut(start..end) {
+            Some(d) => Ok(d),
+            None => candle_core::bail!("{op}: the destination's values were freed by a backward pass"),
+        },
         _ => candle_core::bail!("{op}: expected f32 data"),
     }
 }
@@ -76,7 +87,7 @@ pub(crate) fn with_host_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Optio
     }
     let (storage, layout) = t.storage_and_layout();
     match (&*storage, layout.contiguous_offsets()) {
-        (Storage::Cpu(CpuStorage::F32(v)), Some((start, end))) => Some(f(&v[start..end])),
+        (Storage::Cpu(CpuStorage::F32(v)), Some((start, end))) => v.get(start..end).map(f),
         _ => None,
     }
 }

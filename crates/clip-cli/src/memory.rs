@@ -8,9 +8,11 @@
 //! KiB of it again. `perf` on RN50 inference: page faults, page clearing and their locks were ~8 %
 //! of the time. With the mmap threshold fixed at its maximum, a trim threshold of 1 GiB and a
 //! 256 MiB top pad, freed blocks are reused: RN50 images 16.4 → 19.2/s, training 3.66 → 3.88
-//! pairs/s, peak memory unchanged (the peak is what the steps hold at once; reuse adds nothing to
-//! it). The cost: a long-running program (`serve`) keeps its high-water mark instead of returning
-//! it between requests.
+//! pairs/s (one run each). The cost is memory: blocks kept for reuse do not always fit the next
+//! request, so the peak can rise — RN50 inference 967 MB before, 1,075–1,219 MB over later runs
+//! (still 0.72–0.82× open_clip's); RN50 training 5.34 → 5.39 GB; `simple-clip` unchanged — and a
+//! long-running program (`serve`) keeps its high-water mark instead of returning it between
+//! requests.
 //!
 //! PyTorch keeps memory the same way on the GPU (its caching allocator); these settings do it for
 //! the CPU. The programs call [`keep_freed_memory`] first thing; it overrides glibc's `MALLOC_*_`

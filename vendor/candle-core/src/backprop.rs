@@ -699,8 +699,10 @@ impl Tensor {
             // graph's own and no other tensor shares its storage (no view, no caller's handle),
             // free them now rather than when the caller drops the graph, as PyTorch frees saved
             // activations during its backward pass: the peak of a training step is then not
-            // every activation plus every gradient at once.
-            if graph_handles.get(&node.id()).copied() == Some(node.handle_count())
+            // every activation plus every gradient at once. CPU only: that is where it was
+            // measured and tested (an empty CUDA or Metal allocation is untried here).
+            if node.device().is_cpu()
+                && graph_handles.get(&node.id()).copied() == Some(node.handle_count())
                 && node.storage_share_count() == 1
             {
                 node.release_storage()?;

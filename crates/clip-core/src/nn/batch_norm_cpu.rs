@@ -225,7 +225,6 @@ impl Planes<'_> {
 
     /// dx of plane `i` (channel i mod C): k·(N·dy − Σdy − x̂·Σ(dy·x̂)).
     #[inline(always)]
-    #[allow(clippy::too_many_arguments)]
     fn dx(&self, dxc: &mut [f32], i: usize, k: f32, n: f32, sum_dy: f32, sum_dy_xhat: f32) {
         let ch = i % self.c;
         let off = i * self.hw;

@@ -83,6 +83,12 @@ pub struct ImageConfig {
     /// With `data.center_crop`, the share of the shorter side kept (timm's `crop_pct`: resize
     /// the shorter side to size / crop_pct, then crop the centre).
     pub crop_pct: f64,
+    /// With `data.center_crop`: resize the shorter side to this many pixels first, then crop the
+    /// centre `image_size` square, as transformers' `CLIPImageProcessor` does with
+    /// `size.shortest_edge` (read from a checkpoint's `preprocessor_config.json`). Unset: the
+    /// centre `crop_pct` of the shorter side is cropped, then resized.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resize: Option<usize>,
     pub interpolation: Interpolation,
     /// Start every residual block's last BatchNorm scale γ at 0 (timm's and torchvision's
     /// `zero_init_last`), so each block starts as the identity and a deep ResNet trains like a
@@ -136,6 +142,7 @@ impl Default for ImageConfig {
             mean: [0.485, 0.456, 0.406],
             std: [0.229, 0.224, 0.225],
             crop_pct: 1.0,
+            resize: None,
             interpolation: Interpolation::Bilinear,
             zero_init_last: false,
         }

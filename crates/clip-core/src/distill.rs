@@ -40,6 +40,24 @@ impl Teacher {
     /// A run folder written by stage 4 (it holds `config.toml`), else a pretrained CLIP (preset,
     /// Hugging Face repo or folder).
     pub fn open(spec: &str, device: &Device) -> Result<Self> {
+        Self::open_with(spec, &Hub::from_env(), device)
+    }
+
+    /// The teacher a run folder records (a student distilled on images alone answers captions
+    /// with it). A run folder may come from anyone, so what it names is opened only as a local
+    /// folder, with the Hub offline: nothing is ever downloaded because a run says so, only
+    /// because the user named a model on the command line.
+    pub fn open_recorded(spec: &str, device: &Device) -> Result<Self> {
+        let path = Path::new(spec);
+        if !path.is_absolute() || !path.is_dir() {
+            bail!("{}", not_local_teacher(spec));
+        }
+        let offline = Hub::new(Hub::from_env().cache_dir(), true).with_progress(false);
+        Self::open_with(spec, &offline, device)
+    }
+
+    /// [`Teacher::open`] through a given Hub.
+    pub fn open_with(spec: &str, hub: &Hub, device: &Device) -> Result<Self> {
         let path = Path::new(spec);
         if path.join(crate::run_dir::CONFIG).is_file() {
             let run = RunDir::open(path)?;
@@ -54,7 +72,7 @@ impl Teacher {
                 fingerprint: Default::default(),
             });
         }
-        let o = crate::pretrained_clip::open(spec, &Hub::from_env(), device)
+        let o = crate::pretrained_clip::open(spec, hub, device)
             .with_context(|| format!("opening the teacher {spec}"))?;
         Ok(Self {
             model: o.model,
@@ -107,6 +125,13 @@ impl Teacher {
     }
 }
 
+/// Why a teacher named by a run (not by the user) is refused: it is not a local folder.
+pub fn not_local_teacher(spec: &str) -> String {
+    format!(
+        "the teacher {spec:?} is not a local folder (an absolute path): a student distilled on images alone answers captions with the teacher its run records, and clipmine opens what a run folder names only from this machine — it never downloads a model because a run folder says so. Train the student with --teacher set to the teacher's folder (a clipmine run, or a pretrained CLIP's files downloaded beforehand)"
+    )
+}
+
 /// The teacher whose text tower answers a model's captions: for a student distilled on images
 /// alone (its own text tower learned nothing; [`crate::config::DistillConfig::images_only`]),
 /// the teacher it learned from — the student's image embeddings are in that teacher's space.
@@ -119,7 +144,7 @@ pub fn caption_teacher(cfg: &crate::ClipConfig, device: &Device) -> Result<Optio
     let Some(spec) = cfg.distill.teacher.as_deref() else {
         bail!("{why}, but its config names no teacher ([distill] teacher)");
     };
-    let teacher = Teacher::open(spec, device).with_context(|| {
+    let teacher = Teacher::open_recorded(spec, device).with_context(|| {
         format!("{why}: the teacher {spec} could not be opened — put it back there (a symbolic link to where it is now will do)")
     })?;
     if let Some(want) = &cfg.distill.teacher_fingerprint {
@@ -237,17 +262,27 @@ pub fn targets(
             l2_normalize(&teacher.model.embed_images(&x)?)
         },
     )?;
-    // View v of image i: its crop depends on (v, i) alone, so the key holds both (and the
-    // crop's version), beside the image's own.
+    // View v of image i is a random crop of the original file, fixed by (v, i): its key holds
+    // the original's bytes (an edit anywhere in the photo, even outside the centre crop the
+    // image key sees, is a new key), v, i and the crop's version.
+    let original_keys: Vec<Option<Key>> = if views == 0 {
+        vec![]
+    } else {
+        image_keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| k.map(|_| tdata.store.original_key(i)).transpose())
+            .collect::<Result<_>>()?
+    };
     let views = (0..views as u64)
         .map(|v| {
-            let keys: Vec<Option<Key>> = image_keys
+            let keys: Vec<Option<Key>> = original_keys
                 .iter()
                 .enumerate()
                 .map(|(i, k)| {
                     k.map(|k| {
                         let mut b = k.to_vec();
-                        b.extend_from_slice(b"augmented-view/1");
+                        b.extend_from_slice(b"augmented-view/2");
                         b.extend_from_slice(&v.to_le_bytes());
                         b.extend_from_slice(&(i as u64).to_le_bytes());
                         key_of(&b)

@@ -351,10 +351,17 @@ fn apply_preprocessor(cfg: &mut ClipConfig, p: &Value) -> Result<()> {
     }
     // `size: {height, width}` (Chinese-CLIP's processor) resizes to the square itself, aspect
     // ratio not kept; `shortest_edge` (CLIP's) resizes the shorter side, then crops the centre.
-    if let Some(Value::Object(size)) = p.get("size") {
-        if size.contains_key("height") && !size.contains_key("shortest_edge") {
-            cfg.data.center_crop = false;
+    let mut shortest_edge = None;
+    match p.get("size") {
+        Some(Value::Object(size)) => {
+            if size.contains_key("height") && !size.contains_key("shortest_edge") {
+                cfg.data.center_crop = false;
+            }
+            shortest_edge = size.get("shortest_edge").and_then(Value::as_u64);
         }
+        // Older processors: `size: 224`, the shortest edge.
+        Some(v) => shortest_edge = v.as_u64(),
+        None => {}
     }
     let crop = p.get("crop_size").and_then(|c| match c {
         Value::Object(o) => o.get("height").and_then(Value::as_u64),
@@ -367,6 +374,29 @@ fn apply_preprocessor(cfg: &mut ClipConfig, p: &Value) -> Result<()> {
                 cfg.image.image_size
             );
         }
+    }
+    // The shorter side resized to E, then the centre C×C cropped, in that order (cropping first
+    // samples other positions: a tenth of the normalised range off on a detailed photo).
+    if let (Some(e), true) = (shortest_edge, cfg.data.center_crop) {
+        let c = cfg.image.image_size as u64;
+        if e < c {
+            bail!("size.shortest_edge {e} is smaller than the crop ({c}): the processor would pad the crop, which clipmine does not");
+        }
+        if e > 1 << 16 {
+            bail!("size.shortest_edge {e} is larger than any image clipmine resizes to");
+        }
+        cfg.image.resize = Some(e as usize);
+    }
+    // PIL's filter codes, as transformers' processors record them.
+    if let Some(r) = p.get("resample") {
+        cfg.image.interpolation = match r.as_u64() {
+            Some(0) => Interpolation::Nearest,
+            Some(2) => Interpolation::Bilinear,
+            Some(3) => Interpolation::Bicubic,
+            _ => bail!(
+                "resample {r}: clipmine resizes with nearest (0), bilinear (2) or bicubic (3), not PIL's filter {r} (1 Lanczos, 4 box, 5 Hamming)"
+            ),
+        };
     }
     Ok(())
 }

@@ -25,6 +25,10 @@ pub const STATE: &str = "state.json";
 /// Which data a run trains on ([`DataIdentity`]). Its presence also marks a run written with
 /// every file checksummed: such a run's folders must hold a manifest ([`require_manifests`]).
 pub const DATASET: &str = "dataset.json";
+/// Written by [`clear_run`] before it deletes anything, removed once the new run's first files
+/// are complete: while it is there the folder holds no usable model (an `--overwrite` was
+/// interrupted), whatever other files it still has.
+pub const OVERWRITING: &str = "overwrite.incomplete";
 
 /// Which data a run trains on, recorded in its `dataset.json`, so that `--resume` on other data
 /// (another path, or the same path with other contents) is caught instead of silently skipping
@@ -124,7 +128,8 @@ pub fn run_files(dir: &Path) -> Vec<&'static str> {
 /// Refuses to start a run in `dir` when it already holds one (any of [`RUN_FILES`]): the one copy
 /// of this rule, for the library ([`crate::fit::Trainer::new`]) and the programs alike.
 pub fn refuse_existing_run(dir: &Path) -> Result<()> {
-    let existing = run_files(dir);
+    // A folder an `--overwrite` emptied (its marker alone) takes a new run.
+    let existing: Vec<&str> = run_files(dir).into_iter().filter(|f| *f != OVERWRITING).collect();
     if !existing.is_empty() {
         anyhow::bail!(
             "{} already holds a run ({}): continue it with --resume {0}, or pass --overwrite to start over (its model and checkpoints are deleted)",
@@ -151,7 +156,18 @@ pub fn open_new(dir: &Path, overwrite: bool) -> Result<(RunLock, Vec<&'static st
 /// Removes a previous run's files from `dir` (only those in [`RUN_FILES`], and `last.tmp/`: the
 /// folder may hold other things). Call it while holding the folder's [`RunLock`].
 pub fn clear_run(dir: &Path) -> Result<()> {
-    for f in RUN_FILES.iter().copied().chain(["last.tmp"]) {
+    // First the marker (see [`OVERWRITING`]): a crash from here until the new run's first files
+    // are written leaves a folder that says so, never an old model beside a new config. Then
+    // the weights, so nothing loadable is left while the rest goes.
+    crate::files::write_atomic(
+        &dir.join(OVERWRITING),
+        b"stage 4 --overwrite was replacing the run in this folder and did not finish: its model is gone. Run stage 4 again with --overwrite.\n",
+    )?;
+    for f in [WEIGHTS]
+        .into_iter()
+        .chain(RUN_FILES.iter().copied().filter(|f| *f != OVERWRITING && *f != WEIGHTS))
+        .chain(["last.tmp"])
+    {
         let p = dir.join(f);
         let r = if p.is_dir() {
             std::fs::remove_dir_all(&p)
@@ -169,6 +185,7 @@ pub fn clear_run(dir: &Path) -> Result<()> {
 /// every file (it has [`DATASET`]): its files could then not be verified. A run written before
 /// that is read with warnings instead (see [`crate::files::read_checked`]).
 pub fn require_manifests(run: &Path) -> Result<()> {
+    refuse_interrupted(run)?;
     if !run.join(DATASET).is_file() {
         return Ok(());
     }
@@ -181,6 +198,26 @@ pub fn require_manifests(run: &Path) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Refuses a folder whose `--overwrite` was interrupted ([`OVERWRITING`]).
+pub fn refuse_interrupted(dir: &Path) -> Result<()> {
+    if dir.join(OVERWRITING).exists() {
+        anyhow::bail!(
+            "{} holds no usable run: stage 4 --overwrite was replacing its run and was interrupted before the new run's first files were written ({OVERWRITING} is there), so its old model is gone — run stage 4 again with --overwrite",
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
+/// Marks an `--overwrite` complete: the new run's first files are written.
+pub fn overwrite_done(dir: &Path) -> Result<()> {
+    match std::fs::remove_file(dir.join(OVERWRITING)) {
+        Ok(()) => crate::files::sync_dir(dir),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("removing {}", dir.join(OVERWRITING).display())),
+    }
 }
 
 /// Whether `dir` holds a complete checkpoint (training state and weights).
@@ -206,6 +243,7 @@ impl RunDir {
                 dir.display()
             );
         }
+        refuse_interrupted(dir)?;
         let missing: Vec<&str> = [WEIGHTS, CONFIG, TOKENIZER]
             .into_iter()
             .filter(|f| !dir.join(f).is_file())

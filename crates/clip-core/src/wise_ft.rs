@@ -10,6 +10,10 @@ use std::collections::{BTreeMap, HashMap};
 use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
 
+/// The most α values one sweep may hold: each is a whole evaluation of the blended model, so a
+/// sweep of thousands is a mistake (a step typed as `1e-12`), not a request.
+pub const MAX_ALPHAS: usize = 201;
+
 /// The α values of `--wise-ft`: one value (`0.5`) or a sweep `FROM:TO:STEP` (`0:1:0.1`, both ends
 /// included), each in [0, 1].
 pub fn parse_alphas(spec: &str) -> Result<Vec<f64>> {
@@ -25,7 +29,19 @@ pub fn parse_alphas(spec: &str) -> Result<Vec<f64>> {
             if step.is_nan() || step <= 0.0 || to < from {
                 bail!("--wise-ft {spec:?}: a sweep is FROM:TO:STEP with FROM ≤ TO and STEP > 0, e.g. 0:1:0.1");
             }
-            let n = ((to - from) / step + 1e-9).floor() as usize;
+            // Counted in f64 before anything is allocated: `0:1:1e-12` would be 10^12 values.
+            let steps = ((to - from) / step + 1e-9).floor();
+            if !steps.is_finite() || steps + 1.0 > MAX_ALPHAS as f64 {
+                bail!(
+                    "--wise-ft {spec:?}: that sweep has {} values; at most {MAX_ALPHAS} (each is a full evaluation) — use a larger STEP, e.g. 0:1:0.05",
+                    match steps {
+                        s if s < 1e15 => format!("{}", s as u64 + 1),
+                        s if s.is_finite() => format!("{s:.1e}"),
+                        _ => "infinitely many".into(),
+                    }
+                );
+            }
+            let n = steps as usize;
             // Rounded to the step's decimals, so 0:1:0.1 gives 0.3, not 0.30000000000000004.
             let round = |x: f64| (x * 1e9).round() / 1e9;
             (0..=n).map(|i| round(from + i as f64 * step)).collect()
@@ -85,6 +101,17 @@ mod tests {
         for bad in ["1.5", "x", "0:1", "1:0:0.1", "0:1:0", "0:2:1"] {
             assert!(parse_alphas(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_sweep_of_more_than_a_few_hundred_points_is_refused_with_its_count() {
+        // Before the bound, 0:1:1e-12 tried to allocate 10^12 values (8 TB) and aborted.
+        let e = parse_alphas("0:1:1e-12").unwrap_err().to_string();
+        assert!(e.contains("1000000000001 values") && e.contains("at most 201"), "{e}");
+        let e = parse_alphas("0:1:1e-300").unwrap_err().to_string();
+        assert!(e.contains("values; at most"), "{e}");
+        assert_eq!(parse_alphas("0:1:0.005").unwrap().len(), 201);
+        assert!(parse_alphas("0:1:0.004").is_err());
     }
 
     #[test]

@@ -101,5 +101,46 @@ fn a_second_backward_through_a_freed_graph_is_an_error_not_a_panic() {
         .backward()
         .expect_err("the graph's activations were freed")
         .to_string();
-    assert!(err.contains("freed by a backward pass"), "{err}");
+    assert!(err.contains("whose backward already ran"), "{err}");
+}
+
+#[test]
+fn a_second_backward_through_candles_own_composed_ops_is_an_error_before_any_kernel_runs() {
+    // Only candle's ops: its CPU matmul's backward reads the freed `exp` output. Before the graph
+    // was checked, the second pass handed that empty buffer to the GEMM (out-of-bounds reads).
+    let d = &Device::Cpu;
+    let w = Var::from_tensor(&Tensor::arange(0f32, 12., d).unwrap().reshape((3, 4)).unwrap()).unwrap();
+    let v = Var::from_tensor(&(Tensor::ones((4, 5), candle_core::DType::F32, d).unwrap() * 0.1).unwrap()).unwrap();
+    let x = (Tensor::arange(0f32, 6., d).unwrap().reshape((2, 3)).unwrap() * 0.05).unwrap();
+    let h = x.matmul(w.as_tensor()).unwrap().exp().unwrap();
+    let loss = h.matmul(v.as_tensor()).unwrap().tanh().unwrap().sum_all().unwrap();
+    drop(h);
+    let first = loss.backward().unwrap();
+    let gw = flat(first.get(w.as_tensor()).unwrap());
+    assert!(gw.iter().all(|g| g.is_finite()) && gw.iter().any(|g| *g != 0.0));
+    for _ in 0..2 {
+        let err = loss
+            .backward()
+            .expect_err("the graph's activations were freed")
+            .to_string();
+        assert!(
+            err.contains("whose backward already ran") && err.contains("run the forward pass again"),
+            "{err}"
+        );
+    }
+    // The caller's tensors are untouched: a new forward pass trains as before.
+    let again = x
+        .matmul(w.as_tensor())
+        .unwrap()
+        .exp()
+        .unwrap()
+        .matmul(v.as_tensor())
+        .unwrap()
+        .tanh()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    assert_eq!(flat(again.get(w.as_tensor()).unwrap()), gw);
 }

@@ -647,3 +647,50 @@ fn a_feature_only_student_is_validated_by_its_own_objective() {
         "the distillation loss did not fall on validation: {start} → {end}"
     );
 }
+
+/// Wide photos (3:1) in a folder of their own, without captions: the centre crop the image key
+/// sees is the middle third of each.
+fn wide_photos(dir: &Path) -> PathBuf {
+    let photos = dir.join("wide");
+    std::fs::create_dir(&photos).unwrap();
+    for k in 0..4u32 {
+        let img = image::RgbImage::from_fn(96, 32, |x, y| image::Rgb([(x * 2 + k * 40) as u8, (y * 7) as u8, (k * 60) as u8]));
+        img.save(photos.join(format!("wide-{k}.png"))).unwrap();
+    }
+    photos
+}
+
+#[test]
+fn an_edit_outside_the_centre_crop_is_a_new_augmented_view_for_the_teacher_cache() {
+    let mut cfg = ClipConfig::tiny();
+    cfg.data.augment = true;
+    let teacher = Teacher::open(oc_vit().to_str().unwrap(), &Device::Cpu).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let photos = wide_photos(dir.path());
+    let source = DataSource {
+        path: Some(photos.clone()),
+        ..DataSource::default()
+    };
+    let cache = dir.path().join("cache");
+    let targets_of = |cfg: &ClipConfig| {
+        let data = prepare(cfg, &source, &Device::Cpu, &clip_core::progress::Silent).unwrap();
+        distill::targets(&teacher, &source, &data.dataset, &cache, 1).unwrap()
+    };
+    let first = targets_of(&cfg);
+    assert!(first.forwards > 0);
+    assert_eq!(targets_of(&cfg).forwards, 0, "a second start reads every row from the cache");
+    // Paint over the left third of one photo: its centre crop (what the image key hashes) is
+    // unchanged, but a random crop of the original can see the edit.
+    let file = photos.join("wide-2.png");
+    let mut img = image::open(&file).unwrap().to_rgb8();
+    for x in 0..20 {
+        for y in 0..32 {
+            img.put_pixel(x, y, image::Rgb([255, 0, 255]));
+        }
+    }
+    img.save(&file).unwrap();
+    let again = targets_of(&cfg);
+    // The centre-crop key still matches, so the plain image row comes from the cache; the view
+    // of the edited photo must be embedded anew (before, its key was the centre crop's: stale).
+    assert_eq!(again.forwards, 1, "the edited photo's view was served from a stale cache entry");
+}

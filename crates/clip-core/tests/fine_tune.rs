@@ -362,3 +362,44 @@ fn exports_a_format_cannot_carry_are_refused_with_the_reason() {
         Some("pt")
     );
 }
+
+#[test]
+fn wise_ft_refuses_a_pretrained_checkpoint_that_changed_since_the_run_started() {
+    // The checkpoint in a folder of its own, replaced in place during training (as a Hub branch
+    // that moved, or a folder overwritten, would be).
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = dir.path().join("ckpt");
+    std::fs::create_dir(&ckpt).unwrap();
+    for e in std::fs::read_dir(snapshot("oc-vit")).unwrap() {
+        let f = e.unwrap().path();
+        std::fs::copy(&f, ckpt.join(f.file_name().unwrap())).unwrap();
+    }
+    let toml = format!("pretrained = {:?}\n[train]\nepochs = 1\nbatch_size = 16\n", ckpt.display().to_string());
+    let mut cfg = ClipConfig::from_toml_str(&toml).unwrap();
+    pretrained::apply_configs(&mut cfg, &Hub::from_env()).unwrap();
+    let out = dir.path().join("run");
+    let mut t = Trainer::new(&cfg, demo(&cfg), &out).unwrap();
+    let pin = t.state().pretrained.clone().expect("the start is pinned");
+    assert_eq!(pin.source, ckpt.display().to_string());
+    train(&mut t);
+    t.load_best().unwrap();
+    // Unchanged: the sweep runs.
+    t.wise_ft(&[0.5], |_| {}).unwrap();
+
+    let weights = std::fs::read_dir(&ckpt)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .unwrap();
+    let mut tensors = candle_core::safetensors::load(&weights, &Device::Cpu).unwrap();
+    let (name, first) = tensors.iter().find(|(_, t)| t.dtype() == candle_core::DType::F32).unwrap();
+    let (name, changed) = (name.clone(), (first * 1.5).unwrap());
+    tensors.insert(name, changed);
+    candle_core::safetensors::save(&tensors, &weights).unwrap();
+    t.load_best().unwrap();
+    let err = format!("{:#}", t.wise_ft(&[0.5], |_| {}).unwrap_err());
+    assert!(
+        err.contains("is not the one this run started from") && err.contains(&pin.fingerprint),
+        "{err}"
+    );
+}

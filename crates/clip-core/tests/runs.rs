@@ -467,3 +467,88 @@ fn every_file_of_a_run_is_checksummed_and_a_missing_manifest_is_an_error() {
     std::fs::remove_file(old.path().join("manifest.json")).unwrap();
     RunDir::open(old.path()).unwrap().load(&Device::Cpu).unwrap();
 }
+
+#[test]
+fn an_interrupted_overwrite_never_leaves_an_old_model_beside_a_new_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let cfg = ClipConfig::tiny();
+    let mut t = Trainer::new(&cfg, demo(&cfg), &run).unwrap();
+    train(&mut t, 1);
+    drop(t);
+    let old_weights = std::fs::read(run.join(WEIGHTS)).unwrap();
+    let tokenizer = std::fs::read(run.join("tokenizer.json")).unwrap();
+    RunDir::open(&run).unwrap().load(&Device::Cpu).unwrap();
+
+    // `stage4-train --overwrite` clears the folder, then writes the new run's first files. A
+    // crash in between, at its worst, leaves the new config beside the old weights: what a crash
+    // mid-clear or mid-write looks like, with checksums that verify.
+    let (lock, removed) = clip_core::run_dir::open_new(&run, true).unwrap();
+    assert!(removed.contains(&WEIGHTS), "{removed:?}");
+    drop(lock);
+    let mut other = ClipConfig::tiny();
+    other.seed += 1;
+    clip_core::files::write_checked(
+        &run,
+        &[
+            ("config.toml".into(), other.to_toml().unwrap().into_bytes()),
+            (WEIGHTS.into(), old_weights),
+            ("tokenizer.json".into(), tokenizer),
+        ],
+    )
+    .unwrap();
+    let refused = |what: &str, e: anyhow::Error| {
+        let e = format!("{e:#}");
+        assert!(e.contains("--overwrite") && e.contains("interrupted"), "{what}: {e}");
+    };
+    refused("open", RunDir::open(&run).and_then(|r| r.load(&Device::Cpu).map(|_| ())).unwrap_err());
+    refused("resume", Trainer::resume(&cfg, demo(&cfg), &run).err().unwrap());
+    // Starting over again finishes the job: the marker goes once the new run's files are there.
+    let (lock, _) = clip_core::run_dir::open_new(&run, true).unwrap();
+    let t = Trainer::new_locked(&other, demo(&other), lock).unwrap();
+    drop(t);
+    assert!(!run.join(clip_core::run_dir::OVERWRITING).exists());
+    RunDir::open(&run).unwrap().load(&Device::Cpu).unwrap();
+}
+
+/// Issue #32 (11): a dataset.json whose fingerprint holds multi-byte characters panicked when
+/// its first 12 bytes were cut for a message (`--resume R --data other`).
+#[test]
+fn a_dataset_fingerprint_with_multibyte_characters_is_described() {
+    let recorded = clip_core::run_dir::DataIdentity {
+        path: "/data/a".into(),
+        images: 2,
+        pairs: 3,
+        // 'é' is two bytes: byte 12 falls inside one.
+        fingerprint: format!("a{}", "é".repeat(15)),
+    };
+    let text = recorded.describe();
+    assert!(text.ends_with(&format!("listing a{})", "é".repeat(11))), "{text}");
+    let other = clip_core::run_dir::DataIdentity {
+        fingerprint: "日本語のリスト".into(),
+        ..recorded.clone()
+    };
+    assert!(other.describe().contains("日本語のリスト"));
+    assert!(recorded.differs(&other).unwrap().contains("listing changed"));
+}
+
+/// Issue #32 (5): a run's config.toml is read like a checkpoint's config: sizes whose model
+/// would not fit the machine's memory are refused in GB when the run is loaded, before
+/// anything is allocated (they used to abort the process).
+#[test]
+fn a_run_whose_config_exceeds_memory_is_refused_in_gb() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = ClipConfig::tiny();
+    cfg.text.vocab_size = 1 << 24;
+    cfg.text.dim = 1 << 16;
+    cfg.text.n_heads = 1;
+    std::fs::write(tmp.path().join("config.toml"), cfg.to_toml().unwrap()).unwrap();
+    std::fs::write(tmp.path().join(WEIGHTS), b"").unwrap();
+    std::fs::write(tmp.path().join("tokenizer.json"), b"{}").unwrap();
+    let run = RunDir::open(tmp.path()).unwrap();
+    let err = format!("{:#}", run.load(&Device::Cpu).err().unwrap());
+    assert!(
+        err.contains("the model's parameters take") && err.contains(" GB") && err.contains("memory"),
+        "{err}"
+    );
+}

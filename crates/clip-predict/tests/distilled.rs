@@ -202,4 +202,48 @@ fn a_student_distilled_on_images_alone_answers_captions_with_its_teachers_text_t
         err.contains("its captions are answered by its teacher's text tower") && err.contains(p(&teacher_dir)),
         "{err}"
     );
+
+    // An untrusted run folder naming a Hub repo (or a relative path) as its teacher: nothing is
+    // downloaded because a run says so. (Its manifest is rewritten too, as anyone could.)
+    let config = std::fs::read_to_string(student.join("config.toml")).unwrap();
+    let recorded = toml_string(p(&teacher_dir));
+    assert!(config.contains(&recorded), "{config}");
+    for named in ["attacker-org/some-huge-model", "teacher", "clip-vit-b-32"] {
+        let forged = config.replace(&recorded, &toml_string(named));
+        clip_core::files::write_checked(&student, &[("config.toml".into(), forged.into_bytes())]).unwrap();
+        let o = Command::new(env!("CARGO_BIN_EXE_clip-predict"))
+            .current_dir(dir.path())
+            // Were anything fetched, it would be from here (nothing listens), not from the Hub.
+            .env("HF_ENDPOINT", "http://127.0.0.1:9")
+            .env("HF_HOME", dir.path().join("hf-home"))
+            .args([
+                "--device",
+                "cpu",
+                "image-to-text",
+                "--run",
+                p(&student),
+                p(&image),
+                "--texts",
+                "a cat",
+            ])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_ne!(o.status.code(), Some(0), "{err}");
+        assert!(
+            err.contains("is not a local folder")
+                && err.contains("never downloads a model because a run folder says so"),
+            "{named}: {err}"
+        );
+        assert!(
+            !dir.path().join("hf-home").exists(),
+            "{named}: the Hub cache was touched"
+        );
+    }
+}
+
+/// `s` as a TOML basic string, as `config.toml` writes it (these paths need no escapes).
+fn toml_string(s: &str) -> String {
+    assert!(!s.contains(['"', '\\']), "{s}");
+    format!("\"{s}\"")
 }

@@ -164,6 +164,16 @@ impl Tensor {
 
     pub fn backward(&self) -> Result<GradStore> {
         let sorted_nodes = self.sorted_nodes();
+        // clipmine: a graph whose backward already ran had its activations freed (below): a second
+        // pass would read empty storage in candle's own kernels (out-of-bounds reads in its CPU
+        // matmul). Refuse it before any op runs, as PyTorch refuses a second backward.
+        if let Some(n) = sorted_nodes.iter().find(|n| n.is_released()) {
+            crate::bail!(
+                "backward through a graph whose backward already ran: its activations were freed (tensor {:?} of shape {:?}); run the forward pass again for another backward",
+                n.id(),
+                n.shape()
+            )
+        }
         // clipmine: how many handles to each node the graph's own ops hold, to free a node's
         // values once its backward step is done and nothing else holds it (below).
         let mut graph_handles: HashMap<TensorId, usize> = HashMap::new();

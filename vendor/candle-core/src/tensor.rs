@@ -2774,6 +2774,33 @@ impl Tensor {
         Arc::strong_count(&self.storage)
     }
 
+    /// Whether `backward` freed this tensor's values ([`Tensor::release_storage`]): it has
+    /// elements but its storage holds none. Only CPU tensors are ever freed.
+    pub(crate) fn is_released(&self) -> bool {
+        if self.elem_count() == 0 {
+            return false;
+        }
+        match &*self.storage() {
+            Storage::Cpu(s) => {
+                use crate::cpu_backend::CpuStorage as S;
+                let len = match s {
+                    S::U8(v) | S::F6E2M3(v) | S::F6E3M2(v) | S::F4(v) | S::F8E8M0(v) => v.len(),
+                    S::U32(v) => v.len(),
+                    S::I16(v) => v.len(),
+                    S::I32(v) => v.len(),
+                    S::I64(v) => v.len(),
+                    S::BF16(v) => v.len(),
+                    S::F16(v) => v.len(),
+                    S::F32(v) => v.len(),
+                    S::F64(v) => v.len(),
+                    S::F8E4M3(v) => v.len(),
+                };
+                len == 0
+            }
+            _ => false,
+        }
+    }
+
     /// Replaces the storage with an empty one, freeing the values. Only for a tensor nothing will
     /// read again (see `Tensor::backward`).
     pub(crate) fn release_storage(&self) -> Result<()> {

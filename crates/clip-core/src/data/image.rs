@@ -55,6 +55,8 @@ pub struct Preprocess {
     pub center_crop: bool,
     /// Share of the shorter side the centre crop keeps (timm's `crop_pct`).
     pub crop_pct: f32,
+    /// Resize the shorter side to this first, then crop the centre (see `ImageConfig::resize`).
+    pub resize: Option<u32>,
     pub filter: FilterType,
     pub mean: [f32; 3],
     pub std: [f32; 3],
@@ -73,6 +75,7 @@ impl Preprocess {
             size: i.image_size,
             center_crop: cfg.data.center_crop,
             crop_pct: i.crop_pct as f32,
+            resize: i.resize.and_then(|r| u32::try_from(r).ok()),
             filter: match i.interpolation {
                 Interpolation::Nearest => FilterType::Nearest,
                 Interpolation::Bilinear => FilterType::Triangle,
@@ -85,7 +88,9 @@ impl Preprocess {
 
     /// What the stored (not yet normalised) pixels depend on besides the size, for naming caches.
     pub fn cache_variant(&self) -> String {
-        let crop = if self.center_crop {
+        let crop = if let (true, Some(edge)) = (self.center_crop, self.resize) {
+            format!("edge{edge}-crop")
+        } else if self.center_crop {
             format!("crop{:.3}", self.crop_pct)
         } else {
             "resize".to_string()
@@ -174,11 +179,26 @@ pub(crate) fn to_rgb(img: DynamicImage) -> RgbImage {
 }
 
 /// To `size`×`size`: a plain resize as the tutorial (aspect ratio not kept), or with `center_crop`
-/// the centred square of `crop_pct` of the shorter side, resized (the same as timm's evaluation
-/// transform: shorter side to size / crop_pct, then a centre crop).
+/// the centred square of `crop_pct` of the shorter side, resized (close to timm's evaluation
+/// transform: shorter side to size / crop_pct, then a centre crop), or with `resize` exactly
+/// that order: the shorter side resized, then the centre cropped (transformers' processor).
 pub(crate) fn fit(rgb: &RgbImage, p: &Preprocess) -> RgbImage {
     let (w, h) = rgb.dimensions();
     let size = p.size as u32;
+    if let (true, Some(edge)) = (p.center_crop, p.resize) {
+        // transformers' CLIPImageProcessor: the shorter side to `edge`, the longer to
+        // int(edge · long / short), then the centre `size` square (offsets rounded down).
+        let scale = |long: u32, short: u32| (edge as u64 * long as u64 / short.max(1) as u64) as u32;
+        let (rw, rh) = if w <= h { (edge, scale(h, w)) } else { (scale(w, h), edge) };
+        if rw >= size && rh >= size {
+            let resized = if (rw, rh) == (w, h) {
+                rgb.clone()
+            } else {
+                image::imageops::resize(rgb, rw, rh, p.filter)
+            };
+            return image::imageops::crop_imm(&resized, (rw - size) / 2, (rh - size) / 2, size, size).to_image();
+        }
+    }
     if p.center_crop && (w != h || p.crop_pct < 1.0) {
         let side = ((w.min(h) as f32 * p.crop_pct).round() as u32).clamp(1, w.min(h));
         let square = image::imageops::crop_imm(rgb, (w - side) / 2, (h - side) / 2, side, side).to_image();

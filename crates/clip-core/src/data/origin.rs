@@ -76,6 +76,34 @@ impl Origin {
         })
     }
 
+    /// xxh3-128 of the image's original bytes (the file, or the member's span of its shard), read
+    /// in 1 MiB pieces: what an augmented view — a random crop of the original — depends on. A
+    /// hash of the decoded, resized centre crop would miss an edit outside the centre.
+    pub fn content_hash(&self) -> Result<[u8; 16]> {
+        let mut h = xxhash_rust::xxh3::Xxh3::new();
+        let mut f = File::open(self.file()).with_context(|| format!("opening {}", self.file().display()))?;
+        let mut left = match self {
+            Origin::File(_) => u64::MAX,
+            Origin::Member { offset, len, .. } => {
+                f.seek(SeekFrom::Start(*offset))?;
+                *len
+            }
+        };
+        let mut buf = vec![0u8; 1 << 20];
+        while left > 0 {
+            let want = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+            let n = f
+                .read(&mut buf[..want])
+                .with_context(|| format!("reading {}", self.describe()))?;
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
+            left -= n as u64;
+        }
+        Ok(h.digest128().to_le_bytes())
+    }
+
     /// The image at full resolution, upright (EXIF orientation applied), under the limits of
     /// [`super::image::decode`]. A member's length comes from its tar header, which anyone can
     /// write: it is checked against the shard's real length and against [`MAX_DECODE_BYTES`]

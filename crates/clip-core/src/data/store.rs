@@ -412,6 +412,16 @@ impl ImageStore {
         self.crop_tensor(image_indices, augment_seed.map(CropSeed::Batch), device)
     }
 
+    /// A key of image `i`'s original bytes (an xxh3-128 of the file or tar member): what its
+    /// augmented views are cached under.
+    pub fn original_key(&self, i: usize) -> Result<[u8; 16]> {
+        let o = self
+            .origins
+            .get(i)
+            .with_context(|| format!("image index {i} is out of range: the store holds {} images", self.len()))?;
+        o.content_hash()
+    }
+
     /// [`ImageStore::batch_tensor`] with each image's crop chosen by `crop`.
     pub fn crop_tensor(&self, image_indices: &[usize], crop: Option<CropSeed>, device: &Device) -> Result<Tensor> {
         let s = self.size;

@@ -29,7 +29,7 @@ mod save;
 mod state;
 mod wise;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -141,6 +141,13 @@ impl Trainer {
         // tower, the student's having learned nothing.
         let mut cfg = cfg.clone();
         cfg.distill.images_only = cfg.distill.teacher.is_some() && data.dataset.captionless();
+        // Such a run is used later through the teacher it records, opened only as a local folder
+        // (see `Teacher::open_recorded`): refuse a Hub teacher now, not after training.
+        if let Some(t) = cfg.distill.teacher.as_deref().filter(|_| cfg.distill.images_only) {
+            if !Path::new(t).is_absolute() || !Path::new(t).is_dir() {
+                bail!("{}", crate::distill::not_local_teacher(t));
+            }
+        }
         let cfg = &cfg;
         let model = ClipModel::new(cfg, &data.device)?;
         let decay = cfg.train.layer_decay;
@@ -157,6 +164,7 @@ impl Trainer {
             wise_ft: None,
             distillation: None,
             partial: None,
+            pretrained: None,
         };
         let out = lock.dir.clone();
         Ok(Self {

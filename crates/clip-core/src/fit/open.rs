@@ -39,9 +39,12 @@ impl Trainer {
         let out = lock.dir.clone();
         refuse_existing_run(&out)?;
         clean_stale(&out)?;
-        let t = Self::build(cfg, data, lock)?;
-        crate::pretrained::load_pretrained(&t.model, &crate::hub::Hub::from_env())?;
+        let mut t = Self::build(cfg, data, lock)?;
+        let loaded = crate::pretrained::load_pretrained(&t.model, &crate::hub::Hub::from_env())?;
+        t.state.pretrained = super::wise::PretrainedPin::of(&loaded)?;
         t.start_files()?;
+        // The folder holds a complete new run: an `--overwrite` that emptied it is done.
+        crate::run_dir::overwrite_done(&t.out)?;
         Ok(t)
     }
 
@@ -113,7 +116,8 @@ impl Trainer {
             if out.join(WEIGHTS).is_file() {
                 load_weights(&t.model.params, &out.join(WEIGHTS))?;
             } else {
-                crate::pretrained::load_pretrained(&t.model, &crate::hub::Hub::from_env())?;
+                let loaded = crate::pretrained::load_pretrained(&t.model, &crate::hub::Hub::from_env())?;
+                t.state.pretrained = super::wise::PretrainedPin::of(&loaded)?;
             }
             t.start_files()?;
             t.restarted = true;

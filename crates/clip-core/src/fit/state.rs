@@ -60,6 +60,10 @@ pub struct TrainState {
     /// The epoch in progress when training was stopped in its middle.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub partial: Option<PartialEpoch>,
+    /// The pretrained checkpoint the run started from, pinned (its Hub commits and a fingerprint
+    /// of its files): WiSE-FT re-reads exactly it at the end, or refuses.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pretrained: Option<super::wise::PretrainedPin>,
 }
 
 /// How far into an epoch a stopped run got: its steps and their losses (so the epoch's mean loss

@@ -5,10 +5,74 @@ use serde::{Deserialize, Serialize};
 
 use super::{Trainer, Validation};
 use crate::checkpoint::weights_bytes;
+use crate::config::ClipConfig;
 use crate::files::write_checked;
+use crate::index::files_fingerprint;
 use crate::model::ClipModel;
 use crate::run_dir::WEIGHTS;
 use crate::wise_ft::interpolate;
+
+/// The pretrained checkpoint a run started from, as loaded: where from, the Hub commit of each
+/// piece (whole CLIP, or image and text towers) and a fingerprint of the files read. WiSE-FT
+/// blends with the checkpoint at the end of training, when a Hub branch may have moved or the
+/// folder been replaced: it loads the pinned commits and refuses files whose fingerprint differs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PretrainedPin {
+    pub source: String,
+    /// Hub commits: the whole CLIP's, else `image` / `text` towers' (absent for a local folder).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_commit: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text_commit: Option<String>,
+    /// xxh3-128 over the files read (config and weights), in load order.
+    pub fingerprint: String,
+}
+
+impl PretrainedPin {
+    /// The pin of what [`crate::pretrained::load_pretrained`] loaded (`None`: nothing pretrained).
+    pub fn of(report: &crate::pretrained::LoadReport) -> Result<Option<Self>> {
+        use crate::pretrained::TowerKind;
+        if let Some(c) = &report.clip {
+            let fingerprint = files_fingerprint(&[c.config_file.as_path(), c.weights_file.as_path()])?;
+            return Ok(Some(Self {
+                source: c.source.clone(),
+                commit: c.commit.clone(),
+                image_commit: None,
+                text_commit: None,
+                fingerprint,
+            }));
+        }
+        if report.towers.is_empty() {
+            return Ok(None);
+        }
+        let files: Vec<&std::path::Path> = report.towers.iter().map(|t| t.file.as_path()).collect();
+        let commit = |k: TowerKind| report.towers.iter().find(|t| t.tower == k).and_then(|t| t.commit.clone());
+        Ok(Some(Self {
+            source: report.towers.iter().map(|t| t.source.as_str()).collect::<Vec<_>>().join(" + "),
+            commit: None,
+            image_commit: commit(TowerKind::Image),
+            text_commit: commit(TowerKind::Text),
+            fingerprint: files_fingerprint(&files)?,
+        }))
+    }
+
+    /// `cfg` with each Hub revision replaced by the pinned commit.
+    pub fn pinned_config(&self, cfg: &ClipConfig) -> ClipConfig {
+        let mut cfg = cfg.clone();
+        if let Some(c) = &self.commit {
+            cfg.revision = Some(c.clone());
+        }
+        if let Some(c) = &self.image_commit {
+            cfg.image.revision = Some(c.clone());
+        }
+        if let Some(c) = &self.text_commit {
+            cfg.text.revision = Some(c.clone());
+        }
+        cfg
+    }
+}
 
 /// One α of the sweep and what validation measured for its weights.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
@@ -45,8 +109,22 @@ impl Trainer {
             .map(|(k, t)| Ok((k, t.copy()?)))
             .collect::<Result<std::collections::BTreeMap<_, _>>>()?;
         let start = {
-            let m = ClipModel::new(&self.cfg, &self.data.device)?;
-            crate::pretrained::load_pretrained(&m, &crate::hub::Hub::from_env())?;
+            // The checkpoint the run started from: its pinned commits, and the same files.
+            let pin = self.state.pretrained.clone();
+            let cfg = pin.as_ref().map_or_else(|| self.cfg.clone(), |p| p.pinned_config(&self.cfg));
+            let m = ClipModel::new(&cfg, &self.data.device)?;
+            let loaded = crate::pretrained::load_pretrained(&m, &crate::hub::Hub::from_env())?;
+            if let (Some(want), Some(got)) = (&pin, PretrainedPin::of(&loaded)?) {
+                if got.fingerprint != want.fingerprint {
+                    bail!(
+                        "--wise-ft: the pretrained checkpoint {} is not the one this run started from (its files' fingerprint is {}, recorded {}{}): WiSE-FT would blend the fine-tuned weights with another model — put the original files back, or leave out --wise-ft",
+                        got.source,
+                        got.fingerprint,
+                        want.fingerprint,
+                        want.commit.as_ref().map(|c| format!(", commit {c}")).unwrap_or_default()
+                    );
+                }
+            }
             m.params.tensors()
         };
         let mut points = vec![];

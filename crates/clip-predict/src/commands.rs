@@ -68,6 +68,8 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             texts,
             texts_file,
             workers,
+            allow_host,
+            images,
         } => {
             let texts = if texts.is_empty() && texts_file.is_none() {
                 vec![]
@@ -85,6 +87,8 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                     addr,
                     texts,
                     workers,
+                    allow_hosts: allow_host,
+                    images,
                 },
                 &device,
             )?;

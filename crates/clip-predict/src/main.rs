@@ -123,9 +123,17 @@ enum Cmd {
         /// A file of candidate captions, one per line (or a dataset's captions file).
         #[arg(long, alias = "captions")]
         texts_file: Option<PathBuf>,
-        /// Threads answering requests.
+        /// Requests running the model at once (each on its own thread).
         #[arg(long, default_value_t = 4)]
         workers: usize,
+        /// Also answer requests for this host name (the listening address, and localhost on a
+        /// loopback address, are answered; others get 421). Repeatable.
+        #[arg(long = "allow-host", value_name = "NAME")]
+        allow_host: Vec<String>,
+        /// The indexed folder, named to serve an index of `/`, your home folder (or one above
+        /// it) or a system folder, which is otherwise refused; must be the index's folder.
+        #[arg(long, value_name = "DIR")]
+        images: Option<PathBuf>,
     },
     /// Recall@1/5/10 on a caption dataset; zero-shot accuracy on class folders.
     Eval {

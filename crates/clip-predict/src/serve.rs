@@ -3,15 +3,32 @@
 //! Routes: `/` the page (serve.html, self-contained); `GET /api/search?q=…&top=…` images for a
 //! caption; `POST /api/image?top=…` with an image as the body: the best captions from the list
 //! given at start (`--texts`, `--captions`) and the most similar indexed photos; `GET
-//! /images/PATH` an indexed image. Only files listed in the index are served: any other path,
-//! `..`, absolute paths, and links leading out of the indexed folder are refused. Queries, result
-//! counts and uploads are bounded. A few worker threads share one `tiny_http` server, so requests
-//! are answered concurrently.
+//! /images/PATH` an indexed image.
+//!
+//! What it serves: only files listed in the index, inside its folder, that are images by their
+//! bytes (any other path, `..`, absolute paths, links leading out of the indexed folder and
+//! non-image files are refused); an index whose folder is `/`, the home folder or one above it,
+//! or a system folder is refused at start unless that folder is named with `--images`.
+//!
+//! Whom it answers: only requests whose `Host` is the address it listens on (`localhost` too on a
+//! loopback address, or a name given with `--allow-host`), and whose `Origin`, when sent, is one
+//! of those hosts over http (a page of another site cannot drive it, even through DNS
+//! rebinding).
+//!
+//! What a client can hold: HTTP/1 on a tokio runtime of [`RUNTIME_THREADS`] threads; at most
+//! [`MAX_CONNECTIONS`] connections (more are closed at once); a request head must arrive within
+//! [`HEAD_TIMEOUT`] and fit in [`MAX_HEAD_BYTES`]; an upload is read whole (at most
+//! [`MAX_UPLOAD`], within [`BODY_TIMEOUT`]) before it waits for one of the `--workers` permits
+//! under which the model runs (on tokio's blocking threads), so stalled or idle clients never
+//! take a worker.
 
 use std::collections::HashMap;
+use std::convert::Infallible;
 use std::io::Read;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
@@ -19,8 +36,13 @@ use clip_core::data::ImageStore;
 use clip_core::index::{ImageIndex, SearchMode};
 use clip_core::loss::l2_normalize;
 use clip_core::retrieval::softmax;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Bytes, Incoming};
+use hyper::header::{HeaderMap, CONTENT_LENGTH, CONTENT_TYPE, HOST, ORIGIN};
+use hyper::{Method, Request, Response};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::{json, Value};
-use tiny_http::{Header, Method, Request, Response, Server, StatusCode};
+use tokio::sync::Semaphore;
 
 /// The longest caption query, in characters.
 pub const MAX_QUERY_CHARS: usize = 500;
@@ -28,6 +50,20 @@ pub const MAX_QUERY_CHARS: usize = 500;
 pub const MAX_TOP: usize = 100;
 /// The largest image upload, in bytes.
 pub const MAX_UPLOAD: usize = 16 << 20;
+/// The most connections open at once; one more is closed as soon as it is accepted.
+pub const MAX_CONNECTIONS: usize = 256;
+/// The largest request head (request line and headers), in bytes: hyper's read buffer, so a
+/// longer head is answered 431 and closed.
+pub const MAX_HEAD_BYTES: usize = 16 << 10;
+/// How long a request head may take to arrive, counted from when the server waits for it (so an
+/// idle connection, new or kept alive, is closed after this long).
+pub const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a whole upload may take to arrive.
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(30);
+/// The largest indexed file served, in bytes.
+pub const MAX_IMAGE_BYTES: u64 = 256 << 20;
+/// The runtime's threads (accepting, parsing, reading bodies); the model runs on others.
+pub const RUNTIME_THREADS: usize = 2;
 
 const PAGE: &str = include_str!("serve.html");
 
@@ -37,6 +73,11 @@ pub struct ServeOptions {
     pub addr: String,
     pub texts: Vec<String>,
     pub workers: usize,
+    /// Host names answered beside the listening address's (`--allow-host`).
+    pub allow_hosts: Vec<String>,
+    /// The indexed folder, named by the user (`--images`): allows serving a folder that is
+    /// otherwise refused (`/`, home, system folders). Must be the index's folder.
+    pub images: Option<PathBuf>,
 }
 
 struct State {
@@ -68,56 +109,80 @@ fn error(status: u16, msg: impl Into<String>) -> Reply {
 
 pub fn serve(opts: ServeOptions, device: &Device) -> Result<()> {
     let state = Arc::new(load_state(&opts, device)?);
-    let server = Server::http(&opts.addr).map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", opts.addr))?;
-    let server = Arc::new(server);
+    let listener =
+        std::net::TcpListener::bind(&opts.addr).map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", opts.addr))?;
+    let local = listener.local_addr()?;
+    listener.set_nonblocking(true)?;
+    let hosts = Hosts::new(local, &opts.allow_hosts);
     // The first line says where to go (tests read the port from it).
     println!(
-        "serving {} images ({} captions) at http://{}/",
+        "serving {} images ({} captions) at http://{local}/",
         state.index.len(),
         state.texts.len(),
-        server.server_addr()
     );
     use std::io::Write;
     std::io::stdout().flush()?;
     let workers = opts.workers.max(1);
-    supervise(workers, move |_| {
-        for req in server.incoming_requests() {
-            handle(&state, req);
-        }
-    })
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(RUNTIME_THREADS)
+        // The model's permits, and a few threads for reading image files beside them.
+        .max_blocking_threads(workers + 2)
+        .thread_name("serve")
+        .enable_io()
+        .enable_time()
+        .build()
+        .context("starting the server's runtime")?;
+    let app = Arc::new(App {
+        state,
+        hosts,
+        workers: Arc::new(Semaphore::new(workers)),
+    });
+    runtime.block_on(accept_loop(listener, app))
 }
 
-/// Runs `work` on `n` threads and waits for them. A request's panic is caught inside
-/// [`handle`], so a worker only ends when the server stops or something outside a request
-/// panics: each such end is logged, and once every worker is gone the server is reported as
-/// failed (the process exits non-zero) instead of exiting as if it had been stopped.
-fn supervise(n: usize, work: impl Fn(usize) + Send + Sync + 'static) -> Result<()> {
-    let work = Arc::new(work);
-    let workers: Vec<_> = (0..n)
-        .map(|i| {
-            let work = work.clone();
-            std::thread::Builder::new()
-                .name(format!("serve-{i}"))
-                .spawn(move || work(i))
-                .context("starting a server thread")
-        })
-        .collect::<Result<_>>()?;
-    let mut died = vec![];
-    for (i, w) in workers.into_iter().enumerate() {
-        if let Err(panic) = w.join() {
-            let msg = panic_message(&*panic);
-            eprintln!("serve: worker {i} died: {msg}");
-            died.push(format!("worker {i}: {msg}"));
-        }
+/// What every request shares.
+struct App {
+    state: Arc<State>,
+    hosts: Hosts,
+    /// One permit per request running the model (`--workers`).
+    workers: Arc<Semaphore>,
+}
+
+/// Accepts connections for ever: each is served on its own task while it holds one of
+/// [`MAX_CONNECTIONS`] permits; one beyond them is closed at once.
+async fn accept_loop(listener: std::net::TcpListener, app: Arc<App>) -> Result<()> {
+    let listener = tokio::net::TcpListener::from_std(listener).context("listening")?;
+    let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(HEAD_TIMEOUT)
+        .max_buf_size(MAX_HEAD_BYTES);
+    let http = Arc::new(http);
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of file descriptors and the like: pass, and try again shortly.
+                eprintln!("serve: accepting a connection failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = connections.clone().try_acquire_owned() else {
+            drop(stream);
+            continue;
+        };
+        let (app, http) = (app.clone(), http.clone());
+        tokio::spawn(async move {
+            let _permit = permit;
+            let service = hyper::service::service_fn(move |req| {
+                let app = app.clone();
+                async move { Ok::<_, Infallible>(app.answer(req).await) }
+            });
+            // A client that went away, sent garbage or timed out is not the server's problem.
+            let _ = http.serve_connection(TokioIo::new(stream), service).await;
+        });
     }
-    if !died.is_empty() {
-        bail!(
-            "the server stopped: {} of {n} workers died ({})",
-            died.len(),
-            died.join("; ")
-        );
-    }
-    Ok(())
 }
 
 /// What a panic said, when it said it with a string.
@@ -130,18 +195,22 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
 }
 
 /// Runs one request's `answer`; a panic in it becomes a 500 (logged with the request) and the
-/// worker goes on serving.
+/// server goes on serving.
 fn guarded(what: &str, answer: impl FnOnce() -> Reply) -> Reply {
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(answer)) {
         Ok(reply) => reply,
         Err(panic) => {
             eprintln!("serve: {what} failed: {}", panic_message(&*panic));
-            error(
-                500,
-                "internal error: the server failed to answer this request (see its log)",
-            )
+            internal_error()
         }
     }
+}
+
+fn internal_error() -> Reply {
+    error(
+        500,
+        "internal error: the server failed to answer this request (see its log)",
+    )
 }
 
 fn load_state(opts: &ServeOptions, device: &Device) -> Result<State> {
@@ -152,6 +221,7 @@ fn load_state(opts: &ServeOptions, device: &Device) -> Result<State> {
         .root
         .canonicalize()
         .with_context(|| format!("the indexed folder {} is not there", index.root.display()))?;
+    check_root(&root, opts.images.as_deref(), &opts.index)?;
     let by_path = index
         .entries
         .iter()
@@ -179,60 +249,230 @@ fn load_state(opts: &ServeOptions, device: &Device) -> Result<State> {
     })
 }
 
-fn handle(state: &State, mut req: Request) {
-    let url = req.url().to_string();
-    let (path, query) = url.split_once('?').unwrap_or((url.as_str(), ""));
-    let params: HashMap<String, String> = form_urlencoded::parse(query.as_bytes()).into_owned().collect();
-    let what = format!("{} {path}", req.method());
-    let reply = guarded(&what, || route(state, &mut req, path, &params));
-    let (status, ctype, body) = reply;
-    let header = Header::from_bytes("Content-Type", ctype).expect("a valid header");
-    let nosniff = Header::from_bytes("X-Content-Type-Options", "nosniff").expect("a valid header");
-    let resp = Response::from_data(body)
-        .with_status_code(StatusCode(status))
-        .with_header(header)
-        .with_header(nosniff);
-    // A client that went away is not the server's problem.
-    let _ = req.respond(resp);
-}
-
-/// The answer to one request.
-fn route(state: &State, req: &mut Request, path: &str, params: &HashMap<String, String>) -> Reply {
-    match (req.method(), path) {
-        (Method::Get, "/") | (Method::Get, "/index.html") => {
-            (200, "text/html; charset=utf-8", PAGE.as_bytes().to_vec())
+/// Refuses to serve a canonical indexed folder that would publish far more than photos (see
+/// [`too_broad`]), unless the user named that same folder (`--images`). A named folder must be
+/// the index's.
+fn check_root(root: &Path, named: Option<&Path>, index: &Path) -> Result<()> {
+    if let Some(dir) = named {
+        let dir = dir
+            .canonicalize()
+            .with_context(|| format!("--images {}: no such folder", dir.display()))?;
+        if dir != root {
+            bail!(
+                "--images {} is not the folder the index {} was made from ({})",
+                dir.display(),
+                index.display(),
+                root.display()
+            );
         }
-        (Method::Get, "/api/search") => search_text(state, params),
-        (Method::Post, "/api/image") => match read_body(req) {
-            Ok(body) => search_image(state, params, &body),
-            Err(r) => r,
-        },
-        (Method::Get, "/api/info") => json_reply(
-            200,
-            &json!({"images": state.index.len(), "captions": state.texts.len(), "max_top": MAX_TOP,
-                    "max_query_chars": MAX_QUERY_CHARS, "max_upload_bytes": MAX_UPLOAD}),
-        ),
-        (Method::Get, p) if p.starts_with("/images/") => serve_image(state, &p["/images/".len()..]),
-        (_, "/api/search" | "/api/image" | "/") => error(405, "method not allowed"),
-        _ => error(404, "not found"),
+        return Ok(());
+    }
+    let home = std::env::var_os("HOME")
+        .filter(|h| !h.is_empty())
+        .and_then(|h| PathBuf::from(h).canonicalize().ok());
+    if let Some(why) = too_broad(root, home.as_deref()) {
+        bail!(
+            "the index {} is of {} ({why}): serving it could publish any file there. If you mean it, name the folder: --images {}",
+            index.display(),
+            root.display(),
+            root.display()
+        );
+    }
+    Ok(())
+}
+
+/// Why a canonical folder is too broad to serve without being named: the file system's root,
+/// the home folder or one above it, a system folder (or inside one of /etc, /proc, /sys, /dev,
+/// /boot).
+fn too_broad(root: &Path, home: Option<&Path>) -> Option<&'static str> {
+    if root.parent().is_none() {
+        return Some("the root of the file system");
+    }
+    if let Some(home) = home {
+        if home == root {
+            return Some("your home folder");
+        }
+        if home.starts_with(root) {
+            return Some("a folder holding your home folder");
+        }
+    }
+    let canon = |p: &str| Path::new(p).canonicalize().unwrap_or_else(|_| PathBuf::from(p));
+    const INSIDE: [&str; 5] = ["/etc", "/proc", "/sys", "/dev", "/boot"];
+    if INSIDE.iter().any(|p| root.starts_with(canon(p))) {
+        return Some("a system folder");
+    }
+    const EXACT: [&str; 17] = [
+        "/root", "/home", "/Users", "/usr", "/var", "/opt", "/srv", "/tmp", "/mnt", "/media", "/run", "/bin", "/sbin",
+        "/lib", "/lib64", "/System", "/Library",
+    ];
+    if EXACT.iter().any(|p| root == canon(p)) {
+        return Some("a system folder");
+    }
+    None
+}
+
+/// The Host names answered: the listening address (an IP literal; any IP literal when it
+/// listens on all addresses), `localhost` on a loopback or unspecified address, and those given
+/// with `--allow-host`. Ports are not compared (a forwarded port keeps working): DNS rebinding
+/// needs a name, and names are what is checked.
+struct Hosts {
+    names: Vec<String>,
+    any_ip: bool,
+}
+
+impl Hosts {
+    fn new(local: SocketAddr, extra: &[String]) -> Self {
+        let ip = local.ip();
+        let mut names = vec![ip.to_string()];
+        if ip.is_loopback() || ip.is_unspecified() {
+            names.push("localhost".into());
+        }
+        names.extend(extra.iter().map(|h| host_name(h)));
+        Hosts {
+            names,
+            any_ip: ip.is_unspecified(),
+        }
+    }
+
+    fn allows(&self, host: &str) -> bool {
+        let name = host_name(host);
+        self.names.contains(&name) || (self.any_ip && name.parse::<IpAddr>().is_ok())
+    }
+
+    /// The refusal of a request from a host or a page not allowed.
+    fn check(&self, headers: &HeaderMap) -> std::result::Result<(), Reply> {
+        let host = headers.get(HOST).and_then(|h| h.to_str().ok());
+        match host {
+            Some(h) if self.allows(h) => {}
+            Some(h) => {
+                return Err(error(
+                    421,
+                    format!("this server does not answer for the host {h:?} (see --allow-host)"),
+                ))
+            }
+            None => return Err(error(400, "the request has no Host header")),
+        }
+        for origin in headers.get_all(ORIGIN) {
+            let ok = origin
+                .to_str()
+                .ok()
+                .and_then(|o| o.strip_prefix("http://"))
+                .is_some_and(|h| !h.contains('/') && self.allows(h));
+            if !ok {
+                return Err(error(
+                    403,
+                    format!("requests from pages of other sites are refused (Origin {origin:?})"),
+                ));
+            }
+        }
+        Ok(())
     }
 }
 
-/// The request body, refused (413) beyond [`MAX_UPLOAD`].
-fn read_body(req: &mut Request) -> std::result::Result<Vec<u8>, Reply> {
+/// A Host (or `--allow-host`) value's name: lower case, without the port, the brackets of an
+/// IPv6 literal or a final dot.
+fn host_name(host: &str) -> String {
+    let host = host.trim();
+    let name = if let Some(rest) = host.strip_prefix('[') {
+        rest.split(']').next().unwrap_or("")
+    } else {
+        match host.rsplit_once(':') {
+            Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+            _ => host,
+        }
+    };
+    name.trim_end_matches('.').to_ascii_lowercase()
+}
+
+impl App {
+    async fn answer(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        let (status, ctype, body) = self.reply(req).await;
+        Response::builder()
+            .status(status)
+            .header(CONTENT_TYPE, ctype)
+            .header("X-Content-Type-Options", "nosniff")
+            .body(Full::new(Bytes::from(body)))
+            .unwrap_or_else(|_| Response::new(Full::new(Bytes::new())))
+    }
+
+    /// The answer to one request.
+    async fn reply(&self, req: Request<Incoming>) -> Reply {
+        if let Err(refused) = self.hosts.check(req.headers()) {
+            return refused;
+        }
+        let path = req.uri().path().to_string();
+        let params: HashMap<String, String> = form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes())
+            .into_owned()
+            .collect();
+        let what = format!("{} {path}", req.method());
+        match (req.method().clone(), path.as_str()) {
+            (Method::GET, "/") | (Method::GET, "/index.html") => {
+                (200, "text/html; charset=utf-8", PAGE.as_bytes().to_vec())
+            }
+            (Method::GET, "/api/search") => self.compute(what, move |s| search_text(s, &params)).await,
+            (Method::POST, "/api/image") => match read_body(req).await {
+                Ok(body) => self.compute(what, move |s| search_image(s, &params, &body)).await,
+                Err(r) => r,
+            },
+            (Method::GET, "/api/info") => json_reply(
+                200,
+                &json!({"images": self.state.index.len(), "captions": self.state.texts.len(), "max_top": MAX_TOP,
+                        "max_query_chars": MAX_QUERY_CHARS, "max_upload_bytes": MAX_UPLOAD}),
+            ),
+            (Method::GET, p) if p.starts_with("/images/") => {
+                let rel = p["/images/".len()..].to_string();
+                self.blocking(what, move |s| serve_image(s, &rel)).await
+            }
+            (_, "/api/search" | "/api/image" | "/") => error(405, "method not allowed"),
+            _ => error(404, "not found"),
+        }
+    }
+
+    /// Runs `f` on a blocking thread once one of the `--workers` permits is free (held until
+    /// `f` returns, even if the client went away).
+    async fn compute(&self, what: String, f: impl FnOnce(&State) -> Reply + Send + 'static) -> Reply {
+        let Ok(permit) = self.workers.clone().acquire_owned().await else {
+            return internal_error();
+        };
+        self.blocking(what, move |s| {
+            let reply = f(s);
+            drop(permit);
+            reply
+        })
+        .await
+    }
+
+    /// Runs `f` on a blocking thread, a panic in it answered 500.
+    async fn blocking(&self, what: String, f: impl FnOnce(&State) -> Reply + Send + 'static) -> Reply {
+        let state = self.state.clone();
+        tokio::task::spawn_blocking(move || guarded(&what, || f(&state)))
+            .await
+            .unwrap_or_else(|_| internal_error())
+    }
+}
+
+/// The request body, refused (413) beyond [`MAX_UPLOAD`] (at once when its declared length is),
+/// and (408) when it has not all arrived within [`BODY_TIMEOUT`].
+async fn read_body(req: Request<Incoming>) -> std::result::Result<Vec<u8>, Reply> {
     let too_big = || error(413, format!("the image is larger than {} MiB", MAX_UPLOAD >> 20));
-    if req.body_length().is_some_and(|n| n > MAX_UPLOAD) {
+    let declared = req
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_UPLOAD as u64) {
         return Err(too_big());
     }
-    let mut body = vec![];
-    req.as_reader()
-        .take(MAX_UPLOAD as u64 + 1)
-        .read_to_end(&mut body)
-        .map_err(|e| error(400, format!("reading the upload: {e}")))?;
-    if body.len() > MAX_UPLOAD {
-        return Err(too_big());
+    let body = Limited::new(req.into_body(), MAX_UPLOAD);
+    match tokio::time::timeout(BODY_TIMEOUT, body.collect()).await {
+        Ok(Ok(collected)) => Ok(collected.to_bytes().to_vec()),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(too_big()),
+        Ok(Err(e)) => Err(error(400, format!("reading the upload: {e}"))),
+        Err(_) => Err(error(
+            408,
+            format!("the upload did not arrive within {} s", BODY_TIMEOUT.as_secs()),
+        )),
     }
-    Ok(body)
 }
 
 /// `top` from the query string: 1 ..= [`MAX_TOP`] (default 12).
@@ -374,8 +614,9 @@ fn embed_upload(state: &State, body: &[u8]) -> Result<Vec<f32>> {
 }
 
 /// An indexed image. The URL path is decoded, then must be exactly an indexed relative path (so
-/// `..`, absolute paths and unindexed files never reach the file system) and must resolve inside
-/// the indexed folder (so a link in it cannot lead elsewhere).
+/// `..`, absolute paths and unindexed files never reach the file system), must resolve inside
+/// the indexed folder (so a link in it cannot lead elsewhere), must be a regular file and must
+/// be an image by its first bytes (its content type is the format found there, not its name's).
 fn serve_image(state: &State, raw: &str) -> Reply {
     let Ok(rel) = percent_encoding::percent_decode_str(raw).decode_utf8() else {
         return error(400, "the path is not UTF-8");
@@ -385,38 +626,54 @@ fn serve_image(state: &State, raw: &str) -> Reply {
     if rel.contains('\\') || rel.contains('\0') || p.components().any(|c| !matches!(c, Component::Normal(_))) {
         return error(403, "only indexed images are served");
     }
-    let Some(&i) = state.by_path.get(&rel) else {
+    if !state.by_path.contains_key(&rel) {
         return error(404, "not an indexed image");
+    }
+    let real = match state.root.join(p).canonicalize() {
+        Ok(real) if real.starts_with(&state.root) => real,
+        Ok(_) => return error(403, "the indexed path leads outside the indexed folder"),
+        Err(_) => return error(404, "the indexed image is gone"),
     };
-    let file = state.index.path_of(i);
-    match file.canonicalize() {
-        Ok(real) if real.starts_with(&state.root) => match std::fs::read(&real) {
-            Ok(bytes) => (200, content_type(&rel), bytes),
-            Err(_) => error(404, "the indexed image cannot be read"),
-        },
-        Ok(_) => error(403, "the indexed path leads outside the indexed folder"),
-        Err(_) => error(404, "the indexed image is gone"),
+    // Not a device, a FIFO or a folder: those are never opened.
+    match std::fs::metadata(&real) {
+        Ok(m) if m.is_file() && m.len() <= MAX_IMAGE_BYTES => {}
+        Ok(m) if m.is_file() => return error(403, "the indexed file is too large to serve"),
+        Ok(_) => return error(403, "the indexed path is not an image file"),
+        Err(_) => return error(404, "the indexed image is gone"),
+    }
+    let read = || -> std::io::Result<Option<(&'static str, Vec<u8>)>> {
+        let mut file = std::fs::File::open(&real)?.take(MAX_IMAGE_BYTES);
+        let mut bytes = vec![];
+        (&mut file).take(64).read_to_end(&mut bytes)?;
+        let Some(ctype) = image_type(&bytes) else {
+            return Ok(None);
+        };
+        file.read_to_end(&mut bytes)?;
+        Ok(Some((ctype, bytes)))
+    };
+    match read() {
+        Ok(Some((ctype, bytes))) => (200, ctype, bytes),
+        Ok(None) => error(403, "the indexed file is not an image"),
+        Err(_) => error(404, "the indexed image cannot be read"),
     }
 }
 
-fn content_type(path: &str) -> &'static str {
-    match path.rsplit('.').next().map(|e| e.to_ascii_lowercase()).as_deref() {
-        Some("jpg" | "jpeg") => "image/jpeg",
-        Some("png") => "image/png",
-        Some("webp") => "image/webp",
-        Some("gif") => "image/gif",
-        Some("bmp") => "image/bmp",
-        _ => "application/octet-stream",
+/// The content type of an image a browser shows, from the file's first bytes; `None` for
+/// anything else.
+fn image_type(head: &[u8]) -> Option<&'static str> {
+    use image::ImageFormat as F;
+    match image::guess_format(head).ok()? {
+        f @ (F::Jpeg | F::Png | F::WebP | F::Gif | F::Bmp) => Some(f.to_mime_type()),
+        _ => None,
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicUsize, Ordering};
 
     #[test]
-    fn a_panicking_request_is_answered_500_and_the_worker_goes_on() {
+    fn a_panicking_request_is_answered_500_and_the_server_goes_on() {
         let (status, _, body) = guarded("GET /boom", || panic!("boom"));
         assert_eq!(status, 500);
         assert!(String::from_utf8(body).unwrap().contains("internal error"));
@@ -424,28 +681,113 @@ mod tests {
         assert_eq!(guarded("GET /", || (200, "text/plain", b"ok".to_vec())).0, 200);
     }
 
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(*k, v.parse().unwrap());
+        }
+        h
+    }
+
     #[test]
-    fn a_pool_whose_workers_all_die_is_an_error_naming_them() {
-        let err = format!("{:#}", supervise(3, |i| panic!("worker {i} hit a bug")).unwrap_err());
+    fn only_the_listening_address_and_allowed_names_are_answered() {
+        let local: SocketAddr = "127.0.0.1:8080".parse().unwrap();
+        let hosts = Hosts::new(local, &["photos.lan:9000".into(), "Box.Local".into()]);
+        for ok in [
+            "127.0.0.1",
+            "127.0.0.1:8080",
+            "127.0.0.1:9999",
+            "localhost",
+            "LOCALHOST:8080",
+            "photos.lan",
+            "box.local.",
+            "box.local:1",
+        ] {
+            assert!(hosts.check(&headers(&[("host", ok)])).is_ok(), "{ok}");
+        }
+        for bad in [
+            "evil.attacker.example",
+            "evil.attacker.example:8080",
+            "127.0.0.2",
+            "localhost.evil.example",
+            "[::1]",
+            "",
+        ] {
+            assert_eq!(hosts.check(&headers(&[("host", bad)])).unwrap_err().0, 421, "{bad}");
+        }
+        assert_eq!(hosts.check(&HeaderMap::new()).unwrap_err().0, 400);
+        // The page's own origin (http, an allowed host) is answered; any other is refused.
+        assert!(hosts
+            .check(&headers(&[
+                ("host", "127.0.0.1:8080"),
+                ("origin", "http://127.0.0.1:8080")
+            ]))
+            .is_ok());
+        assert!(hosts
+            .check(&headers(&[
+                ("host", "localhost:8080"),
+                ("origin", "http://localhost:8080")
+            ]))
+            .is_ok());
+        for origin in [
+            "http://evil.attacker.example",
+            "https://127.0.0.1:8080",
+            "null",
+            "http://127.0.0.1:8080/x",
+            "file://",
+        ] {
+            let h = headers(&[("host", "127.0.0.1:8080"), ("origin", origin)]);
+            assert_eq!(hosts.check(&h).unwrap_err().0, 403, "{origin}");
+        }
+        // IPv6, and all addresses: any IP literal and localhost, never a name.
+        let v6 = Hosts::new("[::1]:80".parse().unwrap(), &[]);
+        assert!(v6.allows("[::1]:80") && v6.allows("[::1]") && v6.allows("localhost") && !v6.allows("127.0.0.1"));
+        let all = Hosts::new("0.0.0.0:80".parse().unwrap(), &[]);
+        assert!(all.allows("192.0.2.7:80") && all.allows("localhost") && !all.allows("evil.attacker.example"));
+        let lan = Hosts::new("192.0.2.7:80".parse().unwrap(), &[]);
+        assert!(lan.allows("192.0.2.7") && !lan.allows("localhost"));
+    }
+
+    #[test]
+    fn broad_folders_are_refused_unless_named() {
+        let home = Path::new("/home/ann");
+        for (p, broad) in [
+            ("/", true),
+            ("/home", true),
+            ("/home/ann", true),
+            ("/etc", true),
+            ("/etc/ssl", true),
+            ("/proc/self", true),
+            ("/usr", true),
+            ("/home/ann/photos", false),
+            ("/usr/share/backgrounds", false),
+        ] {
+            assert_eq!(too_broad(Path::new(p), Some(home)).is_some(), broad, "{p}");
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().canonicalize().unwrap();
+        let other = tempfile::tempdir().unwrap();
+        assert!(check_root(&root, None, Path::new("idx")).is_ok());
+        assert!(check_root(&root, Some(tmp.path()), Path::new("idx")).is_ok());
+        let err = check_root(&root, Some(other.path()), Path::new("idx"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("is not the folder the index"), "{err}");
+        let err = check_root(Path::new("/"), None, Path::new("idx"))
+            .unwrap_err()
+            .to_string();
         assert!(
-            err.contains("3 of 3 workers died") && err.contains("hit a bug"),
+            err.contains("--images /") && err.contains("root of the file system"),
             "{err}"
         );
-        let err = format!(
-            "{:#}",
-            supervise(2, |i| if i == 1 {
-                panic!("only one")
-            })
-            .unwrap_err()
-        );
-        assert!(err.contains("1 of 2 workers died") && err.contains("only one"), "{err}");
-        // Workers that return (the server stopped) are not a failure.
-        let done = Arc::new(AtomicUsize::new(0));
-        let d = done.clone();
-        supervise(4, move |_| {
-            d.fetch_add(1, Ordering::SeqCst);
-        })
-        .unwrap();
-        assert_eq!(done.load(Ordering::SeqCst), 4);
+        assert!(check_root(Path::new("/"), Some(Path::new("/")), Path::new("idx")).is_ok());
+    }
+
+    #[test]
+    fn served_files_are_images_by_their_bytes() {
+        assert_eq!(image_type(b"\xff\xd8\xff\xe0\0\x10JFIF"), Some("image/jpeg"));
+        assert_eq!(image_type(b"\x89PNG\r\n\x1a\n\0\0"), Some("image/png"));
+        assert_eq!(image_type(b"root:x:0:0:root:/root:/bin/bash\n"), None);
+        assert_eq!(image_type(b""), None);
     }
 }

@@ -1,13 +1,15 @@
 //! `clip-predict serve` on a trained demo run: the page, text and image queries through the JSON
-//! API, serving indexed images only (traversal, absolute paths and links out are refused), the
-//! bounds on queries and uploads, and concurrent requests. Requests are written by hand over a
-//! TCP socket so that paths reach the server exactly as sent (an HTTP client would normalise
-//! `..` away).
+//! API, serving indexed images only (traversal, absolute paths, links out, non-image files and
+//! indexes of `/` are refused), the bounds on queries and uploads, concurrent requests, Host and
+//! Origin checks (DNS rebinding, other sites), and a load of stalled, idle and oversized
+//! connections. Requests are written by hand over a TCP socket so that paths and headers reach
+//! the server exactly as sent (an HTTP client would normalise `..` away).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 use candle_core::Device;
 use clip_core::fit::Trainer;
@@ -47,6 +49,15 @@ impl Drop for Server {
 }
 
 fn start(args: &[&str]) -> Server {
+    match try_start(args) {
+        Ok(server) => server,
+        Err((line, err)) => panic!("the server did not start: {line:?} {err}"),
+    }
+}
+
+/// Starts the server, or returns what it printed (its first line, its errors) if it stopped
+/// instead of serving.
+fn try_start(args: &[&str]) -> Result<Server, (String, String)> {
     let mut child = Command::new(env!("CARGO_BIN_EXE_clip-predict"))
         .args(["--device", "cpu", "serve", "--addr", "127.0.0.1:0"])
         .args(args)
@@ -67,20 +78,27 @@ fn start(args: &[&str]) -> Server {
         let mut err = String::new();
         let _ = child.kill();
         child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
-        panic!("the server did not start: {line:?} {err}");
+        let _ = child.wait();
+        return Err((line, err));
     };
-    Server { child, port }
+    Ok(Server { child, port })
 }
 
 /// One HTTP/1.1 request; returns (status, headers, body).
 fn http(port: u16, method: &str, target: &str, body: &[u8]) -> (u16, String, Vec<u8>) {
+    http_with(port, method, target, &[("Host", "127.0.0.1")], body)
+}
+
+/// One HTTP/1.1 request with these headers (Host among them, or none).
+fn http_with(port: u16, method: &str, target: &str, headers: &[(&str, &str)], body: &[u8]) -> (u16, String, Vec<u8>) {
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    write!(
-        s,
-        "{method} {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
-        body.len()
-    )
-    .unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut head = format!("{method} {target} HTTP/1.1\r\n");
+    for (k, v) in headers {
+        head += &format!("{k}: {v}\r\n");
+    }
+    head += &format!("Connection: close\r\nContent-Length: {}\r\n\r\n", body.len());
+    s.write_all(head.as_bytes()).unwrap();
     // A server may answer (413) before reading a large body: a failed write is not a failure.
     let _ = s.write_all(body);
     let mut raw = vec![];
@@ -345,4 +363,318 @@ fn serve_searches_with_a_pretrained_clip() {
         .unwrap();
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("was made by another model"));
+}
+
+/// A copy of a folder and what it holds.
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let p = e.path();
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&p, &to.join(e.file_name()));
+        } else {
+            std::fs::copy(&p, to.join(e.file_name())).unwrap();
+        }
+    }
+}
+
+/// Two demo photos indexed by the tiny pretrained CLIP: (model folder, photos, index folder).
+fn pretrained_index(dir: &Path) -> (String, PathBuf, PathBuf) {
+    let photos = dir.join("photos");
+    std::fs::create_dir_all(&photos).unwrap();
+    for f in ["coffee.jpg", "rocket.jpg"] {
+        std::fs::copy(demo().join("images").join(f), photos.join(f)).unwrap();
+    }
+    let model = checkpoint().to_str().unwrap().to_string();
+    let index = dir.join("index");
+    let o = Command::new(env!("CARGO_BIN_EXE_clip-predict"))
+        .args(["--device", "cpu", "index", "--model", &model, "--images"])
+        .arg(&photos)
+        .arg("--out")
+        .arg(&index)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
+    (model, photos, index)
+}
+
+#[test]
+fn an_index_of_the_whole_file_system_is_refused_and_only_images_are_served() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, photos, index) = pretrained_index(tmp.path());
+    let idx = index.to_str().unwrap();
+
+    // A crafted index whose folder is `/` is refused at start, with how to mean it.
+    let crafted = tmp.path().join("crafted");
+    copy_dir(&index, &crafted);
+    let manifest = crafted.join("manifest.json");
+    let mut m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&manifest).unwrap()).unwrap();
+    m["root"] = "/".into();
+    std::fs::write(&manifest, m.to_string()).unwrap();
+    let c = crafted.to_str().unwrap();
+    let (_, err) = try_start(&["--model", &model, "--index", c])
+        .err()
+        .expect("an index of / is refused");
+    assert!(
+        err.contains("root of the file system") && err.contains("--images /"),
+        "{err}"
+    );
+
+    // Its first entry renamed etc/passwd: refused at start (here, or by the index loader); named
+    // with --images /, the file is still never served (it is not an image).
+    m["entries"][0]["path"] = "etc/passwd".into();
+    std::fs::write(&manifest, m.to_string()).unwrap();
+    assert!(try_start(&["--model", &model, "--index", c]).is_err());
+    if let Ok(server) = try_start(&["--model", &model, "--index", c, "--images", "/"]) {
+        for target in ["/images/etc/passwd", "/images/etc%2Fpasswd"] {
+            let (status, _, body) = http(server.port, "GET", target, b"");
+            let body = String::from_utf8_lossy(&body);
+            assert!(status == 403 || status == 404, "{target}: {status} {body}");
+            assert!(!body.contains("root:"), "{target}: {body}");
+        }
+    }
+
+    // --images must be the index's folder.
+    let (_, err) = try_start(&[
+        "--model",
+        &model,
+        "--index",
+        idx,
+        "--images",
+        tmp.path().to_str().unwrap(),
+    ])
+    .err()
+    .expect("--images naming another folder is refused");
+    assert!(err.contains("is not the folder the index"), "{err}");
+
+    // In the indexed folder: a file listed by the index that is not an image is not served; one
+    // that is a PNG under a .jpg name is served as the PNG it is.
+    std::fs::write(photos.join("rocket.jpg"), "user:secret-password\n").unwrap();
+    let mut png = std::io::Cursor::new(vec![]);
+    image::RgbImage::from_pixel(4, 4, image::Rgb([200, 10, 10]))
+        .write_to(&mut png, image::ImageFormat::Png)
+        .unwrap();
+    let png = png.into_inner();
+    std::fs::write(photos.join("coffee.jpg"), &png).unwrap();
+    let server = start(&["--model", &model, "--index", idx]);
+    let (status, _, body) = http(server.port, "GET", "/images/rocket.jpg", b"");
+    let text = String::from_utf8_lossy(&body);
+    assert_eq!(status, 403, "{text}");
+    assert!(
+        !text.contains("secret-password") && text.contains("not an image"),
+        "{text}"
+    );
+    let (status, head, body) = http(server.port, "GET", "/images/coffee.jpg", b"");
+    assert_eq!(status, 200, "{head}");
+    let head = head.to_ascii_lowercase();
+    assert!(head.contains("content-type: image/png"), "{head}");
+    assert!(head.contains("x-content-type-options: nosniff"), "{head}");
+    assert_eq!(body, png);
+}
+
+#[test]
+fn requests_for_other_hosts_or_from_other_sites_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, _, index) = pretrained_index(tmp.path());
+    let server = start(&[
+        "--model",
+        &model,
+        "--index",
+        index.to_str().unwrap(),
+        "--allow-host",
+        "photos.example",
+    ]);
+    let port = server.port;
+    let info = |headers: &[(&str, &str)]| http_with(port, "GET", "/api/info", headers, b"").0;
+    let addr = format!("127.0.0.1:{port}");
+    let local = format!("localhost:{port}");
+    // DNS rebinding: a name of the attacker's that resolves here.
+    for bad in [
+        "evil.attacker.example",
+        &format!("evil.attacker.example:{port}"),
+        "127.0.0.1.evil.example",
+    ] {
+        assert_eq!(info(&[("Host", bad)]), 421, "{bad}");
+        let (status, _, body) = http_with(port, "GET", "/images/coffee.jpg", &[("Host", bad)], b"");
+        assert_eq!(status, 421, "{bad}");
+        assert!(!body.starts_with(b"\xff\xd8"), "{bad}");
+    }
+    assert_eq!(info(&[]), 400, "no Host");
+    for ok in [
+        addr.as_str(),
+        "127.0.0.1",
+        &local,
+        "localhost",
+        "photos.example",
+        "photos.example:8080",
+    ] {
+        assert_eq!(info(&[("Host", ok)]), 200, "{ok}");
+    }
+    // A page of another site can neither read nor post, even to the right host.
+    for origin in [
+        "http://evil.attacker.example",
+        "https://evil.attacker.example",
+        "null",
+        &format!("https://{addr}"),
+    ] {
+        assert_eq!(info(&[("Host", &addr), ("Origin", origin)]), 403, "{origin}");
+    }
+    let photo = std::fs::read(demo().join("images/rocket.jpg")).unwrap();
+    let (status, _, body) = http_with(
+        port,
+        "POST",
+        "/api/image",
+        &[("Host", &addr), ("Origin", "http://evil.attacker.example")],
+        &photo,
+    );
+    assert_eq!(status, 403, "{}", String::from_utf8_lossy(&body));
+    // The page's own origin is answered.
+    assert_eq!(info(&[("Host", &addr), ("Origin", &format!("http://{addr}"))]), 200);
+    let (status, _, body) = http_with(
+        port,
+        "POST",
+        "/api/image",
+        &[("Host", &local), ("Origin", &format!("http://{local}"))],
+        &photo,
+    );
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+}
+
+/// `GET target` answered within `limit`, or why not.
+fn timed_get(port: u16, target: &str, limit: Duration) -> Result<(u16, Duration), String> {
+    let started = Instant::now();
+    let mut s = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(limit)).unwrap();
+    write!(
+        s,
+        "GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(|e| e.to_string())?;
+    let mut raw = vec![];
+    s.read_to_end(&mut raw)
+        .map_err(|e| format!("no answer after {:?}: {e}", started.elapsed()))?;
+    let status = String::from_utf8_lossy(&raw)
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("not an HTTP answer: {:?}", String::from_utf8_lossy(&raw)))?;
+    Ok((status, started.elapsed()))
+}
+
+/// A line of /proc/PID/status (Linux), as a number: `Threads`, `VmRSS` (kB).
+fn proc_status(pid: u32, key: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = text.lines().find(|l| l.starts_with(&format!("{key}:")))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Whether the server closed this connection (read end of file or a reset, not "no data yet").
+fn closed_by_server(s: &mut TcpStream) -> bool {
+    s.set_nonblocking(true).unwrap();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return false,
+            Err(_) => return true,
+        }
+    }
+}
+
+#[test]
+fn stalled_uploads_idle_connections_and_a_huge_head_leave_the_server_answering() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, _, index) = pretrained_index(tmp.path());
+    let server = start(&["--model", &model, "--index", index.to_str().unwrap(), "--workers", "4"]);
+    let (port, pid) = (server.port, server.child.id());
+    let connect = || {
+        let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        s.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
+        s
+    };
+    assert_eq!(timed_get(port, "/api/info", Duration::from_secs(5)).unwrap().0, 200);
+    let rss_before = proc_status(pid, "VmRSS");
+
+    // As many stalled uploads as workers, each declaring a megabyte and sending three bytes.
+    let mut held = vec![];
+    for _ in 0..4 {
+        let mut s = connect();
+        s.write_all(b"POST /api/image HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1000000\r\n\r\n\xff\xd8\xff")
+            .unwrap();
+        held.push(s);
+    }
+    // 200 idle connections, a quarter of them stopped in the middle of a request head.
+    let opened = Instant::now();
+    for i in 0..200 {
+        let mut s = connect();
+        if i % 4 == 0 {
+            s.write_all(b"GET /api/info HTTP/1.1\r\nHo").unwrap();
+        }
+        held.push(s);
+    }
+    // A 4 MiB request line without CRLF: answered 431 (or closed) once the head limit is passed.
+    let huge = std::thread::spawn(move || {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut line = b"GET /".to_vec();
+        line.resize(4 << 20, b'a');
+        let _ = s.write_all(&line);
+        let mut answer = vec![];
+        let _ = s.read_to_end(&mut answer);
+        answer
+    });
+    std::thread::sleep(Duration::from_millis(500));
+
+    // The server still answers at once, and its workers are free for the model.
+    let (status, took) = timed_get(port, "/api/info", Duration::from_secs(1)).expect("/api/info under load");
+    assert_eq!(status, 200);
+    assert!(took < Duration::from_secs(1), "{took:?}");
+    let (status, search_took) =
+        timed_get(port, "/api/search?q=a%20cup", Duration::from_secs(10)).expect("/api/search under load");
+    assert_eq!(status, 200);
+    let threads = proc_status(pid, "Threads");
+    let rss_after = proc_status(pid, "VmRSS");
+    eprintln!(
+        "under load (4 stalled uploads, 200 idle, a 4 MiB head): /api/info in {took:?}, /api/search in {search_took:?}; threads {threads:?}; VmRSS {rss_before:?} -> {rss_after:?} kB"
+    );
+    if let Some(threads) = threads {
+        assert!(threads < 32, "{threads} threads for 205 connections");
+    }
+    if let (Some(a), Some(b)) = (rss_before, rss_after) {
+        assert!(b < a + (64 << 10), "VmRSS {a} -> {b} kB");
+    }
+    let answer = huge.join().unwrap();
+    assert!(
+        answer.is_empty() || answer.starts_with(b"HTTP/1.1 431"),
+        "{:?}",
+        String::from_utf8_lossy(&answer[..answer.len().min(200)])
+    );
+
+    // An idle connection is closed by the server within its head timeout (10 s).
+    let mut idle = held.pop().unwrap();
+    let mut rest = vec![];
+    let read = idle.read_to_end(&mut rest);
+    assert!(
+        !matches!(&read, Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut)),
+        "an idle connection still open after {:?}",
+        opened.elapsed()
+    );
+    assert!(opened.elapsed() < Duration::from_secs(15), "{:?}", opened.elapsed());
+    drop(held);
+    std::thread::sleep(Duration::from_millis(500));
+
+    // Connections beyond the bound (256) are closed as soon as they are accepted; once they are
+    // gone the server answers again.
+    let mut many: Vec<TcpStream> = (0..264).map(|_| connect()).collect();
+    std::thread::sleep(Duration::from_secs(1));
+    let closed = many.iter_mut().map(closed_by_server).filter(|&c| c).count();
+    assert!((8..=16).contains(&closed), "{closed} of 264 connections closed at once");
+    drop(many);
+    std::thread::sleep(Duration::from_millis(500));
+    let (status, took) = timed_get(port, "/api/info", Duration::from_secs(1)).expect("/api/info after the load");
+    assert_eq!(status, 200, "{took:?}");
 }

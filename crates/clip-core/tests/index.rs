@@ -379,3 +379,292 @@ fn a_damaged_graph_is_dropped_with_a_warning_and_the_segment_still_answers() {
     assert!(idx.warnings().is_empty());
     assert_eq!(idx.segment_counts().1, 1);
 }
+
+/// A folder of `names` (each file holding its name) and a fresh index of it in `index/`.
+fn indexed(tmp: &Path, names: &[&str]) -> (PathBuf, PathBuf) {
+    let (photos, dir) = (tmp.join("photos"), tmp.join("index"));
+    std::fs::create_dir_all(&photos).unwrap();
+    for n in names {
+        std::fs::write(photos.join(n), n).unwrap();
+    }
+    update(&dir, &photos, &IndexOptions::default());
+    (photos, dir)
+}
+
+fn manifest(dir: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(dir.join(MANIFEST)).unwrap()).unwrap()
+}
+
+fn write_manifest(dir: &Path, m: &serde_json::Value) {
+    std::fs::write(dir.join(MANIFEST), serde_json::to_string(m).unwrap()).unwrap();
+}
+
+/// Issue #32: an entry is a path inside the indexed folder; one that could name another file
+/// (`..`, an absolute path, a non-image) or that no folder listing yields is refused when the
+/// index is opened, naming it — in a version 2 manifest and in a version 1 one.
+#[test]
+fn entries_that_could_leave_the_indexed_folder_are_refused_by_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_, dir) = indexed(tmp.path(), &["a.jpg", "b.jpg"]);
+    let good = manifest(&dir);
+    assert!(ImageIndex::load(&dir).is_ok());
+    for bad in [
+        "../x.jpg",
+        "/etc/passwd",
+        "/etc/x.jpg",
+        "a/../../b.jpg",
+        "sub/../../../x.png",
+        "etc/passwd",
+        "a\\..\\b.jpg",
+        "a\u{0}.jpg",
+        "",
+        "./a.jpg",
+        "sub//a.jpg",
+    ] {
+        let mut m = good.clone();
+        m["entries"][0]["path"] = bad.into();
+        write_manifest(&dir, &m);
+        let err = format!(
+            "{:#}",
+            ImageIndex::load(&dir)
+                .err()
+                .unwrap_or_else(|| panic!("{bad:?} was accepted"))
+        );
+        assert!(err.contains(&format!("{bad:?}")), "{bad:?}: {err}");
+    }
+    // The same path twice is refused too.
+    let mut m = good.clone();
+    m["entries"][1]["path"] = "a.jpg".into();
+    write_manifest(&dir, &m);
+    let err = format!("{:#}", ImageIndex::load(&dir).err().unwrap());
+    assert!(err.contains("\"a.jpg\"") && err.contains("twice"), "{err}");
+
+    // Version 1, with the issue's root "/".
+    let v1 = tmp.path().join("v1");
+    std::fs::create_dir_all(&v1).unwrap();
+    let t = Tensor::zeros((1, 4), candle_core::DType::F32, &Device::Cpu).unwrap();
+    candle_core::safetensors::save(
+        &std::collections::HashMap::from([("embeddings".to_string(), t)]),
+        v1.join("embeddings.safetensors"),
+    )
+    .unwrap();
+    for (bad, ok) in [
+        ("etc/passwd", false),
+        ("../../etc/x.png", false),
+        ("photos/a.png", true),
+    ] {
+        std::fs::write(
+            v1.join(MANIFEST),
+            format!(r#"{{"fingerprint": "x", "root": "/", "dim": 4, "entries": [{{"path": {bad:?}, "size": 1, "modified": 2}}]}}"#),
+        )
+        .unwrap();
+        match ImageIndex::load(&v1) {
+            Ok(_) => assert!(ok, "{bad:?} was accepted"),
+            Err(e) => assert!(!ok && format!("{e:#}").contains(&format!("{bad:?}")), "{bad:?}: {e:#}"),
+        }
+    }
+}
+
+/// Issue #32: a relative `root` in a manifest is the indexed folder relative to the index
+/// folder, never to the current directory; and a save records the root as an absolute path.
+#[test]
+fn a_relative_root_is_resolved_against_the_index_folder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_, dir) = indexed(tmp.path(), &["a.jpg"]);
+    let mut m = manifest(&dir);
+    assert!(Path::new(m["root"].as_str().unwrap()).is_absolute(), "{m}");
+    m["root"] = "../photos".into();
+    write_manifest(&dir, &m);
+    let idx = ImageIndex::load(&dir).unwrap();
+    assert_eq!(idx.root, dir.join("../photos"));
+    assert_eq!(idx.path_of(0), dir.join("../photos/a.jpg"));
+    assert!(idx.path_of(0).is_file());
+
+    let mut idx = ImageIndex::empty("x", Path::new("some/relative/photos"), 4);
+    let out = tmp.path().join("empty-index");
+    idx.save(&out).unwrap();
+    assert_eq!(
+        manifest(&out)["root"].as_str().unwrap(),
+        std::path::absolute("some/relative/photos").unwrap().to_str().unwrap()
+    );
+}
+
+fn set_mtime(path: &Path, t: std::time::SystemTime) {
+    std::fs::File::options()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .set_modified(t)
+        .unwrap();
+}
+
+/// Issue #32: a file replaced by one of the same size within the same second (in place, or by a
+/// rename with the very same modification time) is embedded again, not reused.
+#[test]
+fn a_same_size_replacement_within_the_second_is_embedded_again() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (photos, dir) = (tmp.path().join("photos"), tmp.path().join("index"));
+    std::fs::create_dir_all(&photos).unwrap();
+    let a = photos.join("a.jpg");
+    let second = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000);
+    std::fs::write(&a, "AAAA").unwrap();
+    set_mtime(&a, second + std::time::Duration::from_millis(100));
+    let opts = IndexOptions::default();
+    let (_, s) = update(&dir, &photos, &opts);
+    assert_eq!((s.embedded, s.reused), (1, 0));
+
+    // Rewritten in place: same size, same whole second, other nanoseconds.
+    std::fs::write(&a, "BBBB").unwrap();
+    set_mtime(&a, second + std::time::Duration::from_millis(600));
+    let (_, s) = update(&dir, &photos, &opts);
+    assert_eq!(
+        (s.embedded, s.reused),
+        (1, 0),
+        "the replacement was taken for the old file"
+    );
+    let (_, s) = update(&dir, &photos, &opts);
+    assert_eq!((s.embedded, s.reused), (0, 1), "an unchanged file is reused");
+
+    // Replaced by a rename, with the very same modification time: only the inode differs.
+    #[cfg(unix)]
+    {
+        let b = photos.join("b.tmp");
+        std::fs::write(&b, "CCCC").unwrap();
+        set_mtime(&b, std::fs::metadata(&a).unwrap().modified().unwrap());
+        std::fs::rename(&b, &a).unwrap();
+        let (_, s) = update(&dir, &photos, &opts);
+        assert_eq!(
+            (s.embedded, s.reused),
+            (1, 0),
+            "the renamed replacement was taken for the old file"
+        );
+    }
+}
+
+/// Entries of manifests written before nanoseconds and inodes were recorded are compared on size
+/// and whole seconds (not all embedded again on the first update), and then get both recorded.
+#[test]
+fn older_entries_are_reused_once_and_then_compared_to_the_nanosecond() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (photos, dir) = indexed(tmp.path(), &["a.jpg", "b.jpg"]);
+    let mut m = manifest(&dir);
+    assert!(m["entries"][0]["modified_ns"].is_u64(), "{m}");
+    for e in m["entries"].as_array_mut().unwrap() {
+        let e = e.as_object_mut().unwrap();
+        e.remove("modified_ns");
+        e.remove("inode");
+    }
+    write_manifest(&dir, &m);
+    let (_, s) = update(&dir, &photos, &IndexOptions::default());
+    assert_eq!((s.embedded, s.reused), (0, 2));
+    let m = manifest(&dir);
+    assert!(m["entries"][1]["modified_ns"].is_u64(), "{m}");
+    assert_eq!(m["version"], FORMAT_VERSION);
+}
+
+fn touch_all(dir: &Path, names: &[&str]) {
+    for n in names {
+        std::fs::write(dir.join(n), "the user's").unwrap();
+    }
+}
+
+/// Issue #32: an index is written only into a folder of its own (new, empty, or holding an
+/// index), and its cleanup removes only the files its manifests recorded: the user's files named
+/// `seg-*` survive, in a refused folder and beside an index.
+#[test]
+fn an_index_writes_only_into_its_own_folder_and_removes_only_what_it_recorded() {
+    let tmp = tempfile::tempdir().unwrap();
+    let photos = tmp.path().join("photos");
+    std::fs::create_dir_all(&photos).unwrap();
+    for n in ["a.jpg", "b.jpg", "c.jpg", "d.jpg"] {
+        std::fs::write(photos.join(n), n).unwrap();
+    }
+    let opts = IndexOptions::default();
+    let (mut idx, _) = ImageIndex::update_with(None, "model-a", 32, &photos, &opts, fake_embed(32)).unwrap();
+
+    // A folder of other files, one holding another tool's manifest.json (a run's checksums),
+    // and a file: refused, and nothing in them touched.
+    let victim = tmp.path().join("victim");
+    std::fs::create_dir_all(&victim).unwrap();
+    touch_all(
+        &victim,
+        &["seg-beach-2019.png", "seg-notes.txt", "seg-000001.safetensors"],
+    );
+    let err = format!("{:#}", idx.save(&victim).err().unwrap());
+    assert!(err.contains("not empty") && err.contains("folder of its own"), "{err}");
+    assert_eq!(
+        files(&victim),
+        ["seg-000001.safetensors", "seg-beach-2019.png", "seg-notes.txt"]
+    );
+    assert!(std::fs::read_to_string(victim.join("seg-000001.safetensors")).unwrap() == "the user's");
+    let run = tmp.path().join("run");
+    std::fs::create_dir_all(&run).unwrap();
+    std::fs::write(run.join(MANIFEST), r#"{"version": 2, "hash": "xxh3-128", "files": {}}"#).unwrap();
+    touch_all(&run, &["seg-notes.txt"]);
+    let err = format!("{:#}", idx.save(&run).err().unwrap());
+    assert!(err.contains("not a readable image index"), "{err}");
+    assert_eq!(files(&run), ["manifest.json", "seg-notes.txt"]);
+    let file = tmp.path().join("a-file");
+    std::fs::write(&file, "x").unwrap();
+    assert!(idx.save(&file).is_err());
+    assert!(ImageIndex::check_folder(&photos).is_err(), "the photos' own folder");
+
+    // An empty folder is fine; the user's files put beside the index later survive every
+    // update, while the segments its manifests recorded go once merged away.
+    let dir = tmp.path().join("index");
+    std::fs::create_dir_all(&dir).unwrap();
+    idx.save(&dir).unwrap();
+    touch_all(
+        &dir,
+        &["seg-notes.txt", "seg-000099.safetensors", "embeddings.safetensors"],
+    );
+    std::fs::write(photos.join("e.jpg"), "e").unwrap();
+    let (_, s) = update(&dir, &photos, &opts);
+    assert_eq!(s.segments, 2);
+    for n in ["a.jpg", "b.jpg", "c.jpg"] {
+        std::fs::remove_file(photos.join(n)).unwrap();
+    }
+    let (_, s) = update(&dir, &photos, &opts);
+    assert_eq!((s.segments, s.removed), (1, 3));
+    assert_eq!(
+        files(&dir),
+        [
+            "embeddings.safetensors",
+            "manifest.json",
+            "seg-000003.safetensors",
+            "seg-000099.safetensors",
+            "seg-notes.txt"
+        ]
+    );
+}
+
+/// A manifest whose next segment number is the last one: the next update is an error, not an
+/// overflow.
+#[test]
+fn an_index_out_of_segment_numbers_is_an_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (photos, dir) = (tmp.path().join("photos"), tmp.path().join("index"));
+    std::fs::create_dir_all(&photos).unwrap();
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(photos.join("a.jpg"), "a").unwrap();
+    std::fs::write(
+        dir.join(MANIFEST),
+        format!(
+            r#"{{"version": 2, "fingerprint": "model-a", "root": "/", "dim": 32, "next_segment": {}, "segments": [], "entries": []}}"#,
+            u32::MAX
+        ),
+    )
+    .unwrap();
+    let idx = ImageIndex::load(&dir).unwrap();
+    let err = ImageIndex::update_with(
+        Some(idx),
+        "model-a",
+        32,
+        &photos,
+        &IndexOptions::default(),
+        fake_embed(32),
+    )
+    .err()
+    .unwrap();
+    assert!(err.to_string().contains("segment number"), "{err}");
+}

@@ -429,6 +429,9 @@ fn index(
         Some(o) => o,
         None => default_index(choice)?,
     };
+    // Before anything is embedded: the index goes into a folder of its own (new, empty, or
+    // holding an index), never among other files, which its cleanup could otherwise remove.
+    ImageIndex::check_folder(&out)?;
     let m = load(choice, device)?;
     let previous = if out.join(clip_core::index::MANIFEST).is_file() {
         Some(ImageIndex::load(&out)?)

@@ -248,3 +248,78 @@ fn clear_errors_for_a_missing_or_incomplete_run_and_unreadable_images() {
         .sum();
     assert!((probs - 1.0).abs() < 1e-4);
 }
+
+fn names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+/// Issue #32: `index --images victim --out victim` deleted the user's `seg-*` files (a photo it
+/// had just indexed among them). An index is written only into a new or empty folder or one
+/// holding an index, and its cleanup removes only the segments its manifests recorded.
+#[test]
+fn index_writes_only_into_a_folder_of_its_own_and_deletes_none_of_the_users_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = run_folder(dir.path(), 42);
+    let r = run.to_str().unwrap();
+    let victim = dir.path().join("victim");
+    std::fs::create_dir_all(&victim).unwrap();
+    std::fs::copy(demo_images().join("coffee.jpg"), victim.join("coffee.jpg")).unwrap();
+    std::fs::copy(demo_images().join("horse.png"), victim.join("seg-beach-2019.png")).unwrap();
+    std::fs::write(victim.join("seg-notes.txt"), "my notes").unwrap();
+    let v = victim.to_str().unwrap();
+    let (code, out, err) = predict(&["index", "--run", r, "--images", v, "--out", v]);
+    assert_eq!(code, Some(2), "{out}{err}");
+    assert!(err.contains("not empty") && err.contains("folder of its own"), "{err}");
+    assert_eq!(names(&victim), ["coffee.jpg", "seg-beach-2019.png", "seg-notes.txt"]);
+    assert_eq!(
+        std::fs::read_to_string(victim.join("seg-notes.txt")).unwrap(),
+        "my notes"
+    );
+
+    // A run folder holds a manifest.json too (its checksums): not an index's, so refused.
+    let before = names(&run);
+    let (code, _, err) = predict(&["index", "--run", r, "--images", v, "--out", r]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("not a readable image index"), "{err}");
+    assert_eq!(names(&run), before);
+
+    // A new folder works, and so does re-indexing into it: the user's files put beside the
+    // index survive; the segments merged away go.
+    let index = dir.path().join("index");
+    let i = index.to_str().unwrap();
+    let (code, out, err) = predict(&["--json", "index", "--run", r, "--images", v, "--out", i]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    std::fs::write(index.join("seg-notes.txt"), "mine").unwrap();
+    std::fs::copy(demo_images().join("rocket.jpg"), victim.join("rocket.jpg")).unwrap();
+    let (code, out, err) = predict(&["--json", "index", "--run", r, "--images", v, "--out", i]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert_eq!(
+        names(&index),
+        [
+            "manifest.json",
+            "seg-000001.safetensors",
+            "seg-000002.safetensors",
+            "seg-notes.txt"
+        ]
+    );
+    std::fs::remove_file(victim.join("coffee.jpg")).unwrap();
+    std::fs::remove_file(victim.join("seg-beach-2019.png")).unwrap();
+    let (code, out, err) = predict(&["--json", "index", "--run", r, "--images", v, "--out", i]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let j: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        (j["images"].as_u64(), j["segments"].as_u64()),
+        (Some(1), Some(1)),
+        "{j}"
+    );
+    assert_eq!(
+        names(&index),
+        ["manifest.json", "seg-000003.safetensors", "seg-notes.txt"]
+    );
+    assert_eq!(names(&victim), ["rocket.jpg", "seg-notes.txt"]);
+}

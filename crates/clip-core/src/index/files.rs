@@ -52,15 +52,26 @@ pub fn list_images(root: &Path) -> Result<Vec<String>> {
     Ok(crate::data::image_files(root)?.files)
 }
 
-pub(super) fn stat(path: &Path) -> Result<(u64, u64)> {
-    let m = std::fs::metadata(path)?;
-    let modified = m
+/// The entry for the file at `path` (shown as `rel`): its size, modification time to the
+/// nanosecond and, on Unix, its inode, which tell a same-size replacement within one second apart.
+pub(super) fn stat(path: &Path, rel: &str) -> Result<super::IndexEntry> {
+    let m = std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
+    let since = m
         .modified()
         .ok()
         .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    Ok((m.len(), modified))
+        .unwrap_or_default();
+    #[cfg(unix)]
+    let inode = Some(std::os::unix::fs::MetadataExt::ino(&m));
+    #[cfg(not(unix))]
+    let inode = None;
+    Ok(super::IndexEntry {
+        path: rel.to_string(),
+        size: m.len(),
+        modified: since.as_secs(),
+        modified_ns: Some(since.subsec_nanos()),
+        inode,
+    })
 }
 
 /// What [`embed_image_files`] returns: the embeddings (N_ok, P) of the readable images, their

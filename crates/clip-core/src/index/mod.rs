@@ -57,12 +57,74 @@ pub const MAX_DEAD_SHARE: f64 = 0.25;
 const DEAD: u32 = u32::MAX;
 
 /// One indexed file: where it is and what it was when embedded.
+///
+/// A file is reused by an update when its size, modification time (to the nanosecond) and, on
+/// Unix, inode are what they were. Entries written before the nanoseconds and the inode were
+/// recorded (they are absent) are compared on size and whole seconds once; reusing them records
+/// both, so from the next update on they are compared fully.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct IndexEntry {
-    /// Path relative to the indexed folder.
+    /// Path relative to the indexed folder: `/`-separated names, none empty, `.` or `..`, no
+    /// backslash or NUL, ending in an image extension (see [`check_entry_path`]).
     pub path: String,
     pub size: u64,
+    /// Whole seconds since 1970.
     pub modified: u64,
+    /// Nanoseconds past `modified`'s second.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub modified_ns: Option<u32>,
+    /// The file's inode number (Unix only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inode: Option<u64>,
+}
+
+impl IndexEntry {
+    /// Whether `now` (a fresh look at the same path) is the file this entry was embedded from.
+    /// What this entry did not record (an older manifest) is not compared.
+    pub fn unchanged(&self, now: &IndexEntry) -> bool {
+        self.path == now.path
+            && self.size == now.size
+            && self.modified == now.modified
+            && self.modified_ns.is_none_or(|ns| now.modified_ns == Some(ns))
+            && self.inode.is_none_or(|i| now.inode == Some(i))
+    }
+}
+
+/// Refuses an index entry's path that could name a file outside the indexed folder (an absolute
+/// path, `..`), that no listing of a folder yields (empty parts, `.`, a backslash, NUL), or that is
+/// not an image file: the reason names the path.
+pub fn check_entry_path(path: &str) -> std::result::Result<(), String> {
+    let bad = |why: &str| Err(format!("index entry {path:?} {why}"));
+    if path.is_empty() {
+        return bad("is empty");
+    }
+    if path.contains('\\') || path.contains('\0') {
+        return bad("holds a backslash or a NUL character");
+    }
+    if path.starts_with('/') {
+        return bad("is an absolute path: entries are relative to the indexed folder");
+    }
+    for part in path.split('/') {
+        match part {
+            "" | "." => return bad("has an empty or `.` part"),
+            ".." => return bad("leads out of the indexed folder (`..`)"),
+            _ => {}
+        }
+    }
+    if Path::new(path)
+        .components()
+        .any(|c| !matches!(c, std::path::Component::Normal(_)))
+    {
+        return bad("is not a plain relative path");
+    }
+    let image = Path::new(path)
+        .extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| crate::data::IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()));
+    if !image {
+        return bad("is not an image file name");
+    }
+    Ok(())
 }
 
 /// Which segments an update gives an HNSW graph.
@@ -265,7 +327,8 @@ impl ImageIndex {
     }
 
     fn load_v2(dir: &Path, m: Manifest) -> Result<Self> {
-        let mut idx = Self::empty(&m.fingerprint, &m.root, m.dim);
+        check_entries(m.entries.iter().map(|l| &l.entry))?;
+        let mut idx = Self::empty(&m.fingerprint, &resolve_root(dir, &m.root), m.dim);
         idx.next_segment = m.next_segment;
         let mut pos = HashMap::new();
         for s in &m.segments {
@@ -276,7 +339,9 @@ impl ImageIndex {
                     m.next_segment
                 );
             }
-            pos.insert(s.id, idx.segments.len());
+            if pos.insert(s.id, idx.segments.len()).is_some() {
+                bail!("segment {} is listed twice — the manifest is damaged", s.id);
+            }
             idx.segments.push(Segment::read(dir, s.id, m.dim, s.rows, s.graph)?);
         }
         for l in m.entries {
@@ -306,6 +371,7 @@ impl ImageIndex {
 
     /// Reads a version 1 index into one (unsaved) segment; saving writes it as version 2.
     fn load_v1(dir: &Path, m: ManifestV1) -> Result<Self> {
+        check_entries(m.entries.iter()).with_context(|| format!("loading index {}", dir.display()))?;
         let epath = dir.join(EMBEDDINGS_V1);
         let mut t = candle_core::safetensors::load(&epath, &Device::Cpu)
             .with_context(|| format!("reading {}", epath.display()))?;
@@ -324,11 +390,11 @@ impl ImageIndex {
             );
         }
         let rows = embeddings.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        let mut idx = Self::empty(&m.fingerprint, &m.root, m.dim);
+        let mut idx = Self::empty(&m.fingerprint, &resolve_root(dir, &m.root), m.dim);
         let n = m.entries.len();
         idx.entries = m.entries;
         if n > 0 {
-            idx.add_segment(rows, None);
+            idx.add_segment(rows, None)?;
             idx.loc = (0..n).map(|r| (0, r)).collect();
         }
         idx.rebuild_owner()?;
@@ -336,8 +402,12 @@ impl ImageIndex {
     }
 
     /// Writes what changed: new segments, then the manifest (each atomically), then removes the
-    /// files of merged segments and of a version 1 index.
+    /// files that the folder's previous manifest recorded and this one does not (merged segments,
+    /// a version 1 index's embeddings). Nothing else in the folder is touched, and a folder that
+    /// is neither new, empty nor an index is refused (see [`ImageIndex::check_folder`]). The root
+    /// is recorded as an absolute path.
     pub fn save(&mut self, dir: &Path) -> Result<()> {
+        let recorded = Self::check_folder(dir)?;
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let same = self.loaded_from.as_deref().is_some_and(|d| same_dir(d, dir));
         for s in &self.segments {
@@ -348,7 +418,7 @@ impl ImageIndex {
         let m = Manifest {
             version: FORMAT_VERSION,
             fingerprint: self.fingerprint.clone(),
-            root: self.root.clone(),
+            root: std::path::absolute(&self.root).with_context(|| format!("resolving {}", self.root.display()))?,
             dim: self.dim,
             next_segment: self.next_segment,
             segments: self
@@ -375,18 +445,57 @@ impl ImageIndex {
         self.unsaved.clear();
         self.loaded_from = Some(dir.to_path_buf());
         let live: HashSet<String> = self.segments.iter().flat_map(|s| s.file_names()).collect();
-        for e in std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
-            let name = e?.file_name().to_string_lossy().into_owned();
-            if (name.starts_with("seg-") && !live.contains(&name)) || name == EMBEDDINGS_V1 {
-                let p = dir.join(&name);
-                std::fs::remove_file(&p).with_context(|| format!("removing the stale {}", p.display()))?;
+        for name in recorded.difference(&live) {
+            let p = dir.join(name);
+            match std::fs::remove_file(&p) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(e).with_context(|| format!("removing the stale {}", p.display()))
+                }
+                _ => {}
             }
         }
         Ok(())
     }
 
+    /// Whether an index may be written into `dir`: a folder that does not exist yet, an empty
+    /// one, or one that holds an index (its `manifest.json` reads as an index manifest of a
+    /// version this build reads). Returns the files that manifest records (segment files, or a
+    /// version 1 index's embeddings), the only ones a save may remove.
+    pub fn check_folder(dir: &Path) -> Result<HashSet<String>> {
+        let mpath = dir.join(MANIFEST);
+        match std::fs::metadata(dir) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(HashSet::new()),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", dir.display())),
+            Ok(m) if !m.is_dir() => bail!(
+                "{} is not a folder: an index is written into a folder of its own",
+                dir.display()
+            ),
+            Ok(_) if mpath.is_file() => {}
+            Ok(_) => {
+                let mut listing = std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))?;
+                if listing.next().is_none() {
+                    return Ok(HashSet::new());
+                }
+                bail!(
+                    "{} is not empty and holds no image index (no {MANIFEST}): an index is written into a folder of its own — name a new or empty folder (--out)",
+                    dir.display()
+                );
+            }
+        }
+        let not_ours = |e: anyhow::Error| {
+            e.context(format!(
+                "{} holds a {MANIFEST} that is not a readable image index: an index is written into a folder of its own — name a new or empty folder (--out)",
+                dir.display()
+            ))
+        };
+        let text = std::fs::read_to_string(&mpath)
+            .with_context(|| format!("reading {}", mpath.display()))
+            .map_err(not_ours)?;
+        recorded_files(&text).map_err(not_ours)
+    }
+
     /// Builds or refreshes an index of `root`: files unchanged since `previous` (same model, path,
-    /// size and modification time) keep their embedding; new or changed ones are embedded into a
+    /// size, modification time to the nanosecond and inode: see [`IndexEntry`]) keep their embedding; new or changed ones are embedded into a
     /// new segment; deleted ones are dropped. An index made by another model is refused.
     pub fn update(
         previous: Option<ImageIndex>,
@@ -424,14 +533,22 @@ impl ImageIndex {
         };
         idx.root = root.to_path_buf();
         let listing = crate::data::image_files(root)?;
-        let files = listing.files;
+        let mut stats = UpdateStats::default();
+        // A name the index could not be reopened with (a backslash, say) is left out and said so.
+        let mut files = listing.files;
+        files.retain(|f| match check_entry_path(f) {
+            Ok(()) => true,
+            Err(why) => {
+                stats.failed.push((f.clone(), format!("{why}: left out of the index")));
+                false
+            }
+        });
         let old: HashMap<&str, usize> = idx
             .entries
             .iter()
             .enumerate()
             .map(|(i, e)| (e.path.as_str(), i))
             .collect();
-        let mut stats = UpdateStats::default();
         // Links leading outside the folder, or to folders, are left out and said so.
         stats.failed.extend(listing.skipped);
         let present: HashSet<&str> = files.iter().map(String::as_str).collect();
@@ -440,14 +557,9 @@ impl ImageIndex {
         let mut plan = vec![]; // (entry, Some(old entry index) | None)
         let mut todo = vec![];
         for f in &files {
-            let (size, modified) = files::stat(&root.join(f))?;
-            let entry = IndexEntry {
-                path: f.clone(),
-                size,
-                modified,
-            };
+            let entry = files::stat(&root.join(f), f)?;
             match old.get(f.as_str()) {
-                Some(&i) if idx.entries[i] == entry => plan.push((entry, Some(i))),
+                Some(&i) if idx.entries[i].unchanged(&entry) => plan.push((entry, Some(i))),
                 _ => {
                     todo.push(plan.len());
                     plan.push((entry, None));
@@ -471,7 +583,7 @@ impl ImageIndex {
                 }
                 let graph = opts.graph.wants(n).then_some(opts.params);
                 stats.graphs_built += graph.is_some() as usize;
-                Some(idx.add_segment(rows, graph))
+                Some(idx.add_segment(rows, graph)?)
             }
             None => None,
         };
@@ -511,12 +623,14 @@ impl ImageIndex {
     }
 
     /// Adds a segment of `rows` (row-major f32); returns its position.
-    fn add_segment(&mut self, rows: Vec<f32>, graph: Option<GraphParams>) -> usize {
+    fn add_segment(&mut self, rows: Vec<f32>, graph: Option<GraphParams>) -> Result<usize> {
         let id = self.next_segment;
-        self.next_segment += 1;
+        self.next_segment = id
+            .checked_add(1)
+            .context("the index has used every segment number: rebuild it into a new folder")?;
         self.segments.push(Segment::new(id, self.dim, rows, graph));
         self.unsaved.insert(id);
-        self.segments.len() - 1
+        Ok(self.segments.len() - 1)
     }
 
     /// Recomputes which entry owns each stored row, and checks no row has two owners.
@@ -589,7 +703,7 @@ impl ImageIndex {
         if !moved.is_empty() {
             let n = moved.len();
             let graph = opts.graph.wants(n).then_some(opts.params);
-            let p = self.add_segment(rows, graph);
+            let p = self.add_segment(rows, graph)?;
             for (row, &i) in moved.iter().enumerate() {
                 self.loc[i] = (p, row);
             }
@@ -630,5 +744,59 @@ fn same_dir(a: &Path, b: &Path) -> bool {
     match (a.canonicalize(), b.canonicalize()) {
         (Ok(x), Ok(y)) => x == y,
         _ => a == b,
+    }
+}
+
+/// A manifest's `root` as a folder: a relative one is relative to the index folder (never to the
+/// current directory).
+fn resolve_root(dir: &Path, root: &Path) -> PathBuf {
+    if root.is_absolute() {
+        root.to_path_buf()
+    } else {
+        dir.join(root)
+    }
+}
+
+/// Refuses entries whose paths [`check_entry_path`] refuses, or that are listed twice.
+fn check_entries<'a>(entries: impl Iterator<Item = &'a IndexEntry>) -> Result<()> {
+    let mut seen = HashSet::new();
+    for e in entries {
+        check_entry_path(&e.path)
+            .map_err(|why| anyhow::anyhow!("{why} — the manifest is damaged or not an index's"))?;
+        if !seen.insert(e.path.as_str()) {
+            bail!("index entry {:?} is listed twice — the manifest is damaged", e.path);
+        }
+    }
+    Ok(())
+}
+
+/// What an index manifest records for [`ImageIndex::check_folder`]: only what it needs, so a
+/// large index's entries are skipped over.
+#[derive(Deserialize)]
+struct Recorded {
+    version: Option<u32>,
+    #[allow(dead_code)]
+    fingerprint: String,
+    #[serde(default)]
+    segments: Vec<RecordedSegment>,
+    #[allow(dead_code)]
+    entries: serde::de::IgnoredAny,
+}
+
+#[derive(Deserialize)]
+struct RecordedSegment {
+    id: u32,
+}
+
+/// The files an index manifest (`text`) records: each segment's (`seg-NNNNNN.safetensors` and
+/// its graph's name, the names being made from the segment's number), or version 1's embeddings.
+fn recorded_files(text: &str) -> Result<HashSet<String>> {
+    let r: Recorded = serde_json::from_str(text).context("parsing it as an index manifest")?;
+    match r.version {
+        None => Ok(HashSet::from([EMBEDDINGS_V1.to_string()])),
+        Some(FORMAT_VERSION) => Ok(r.segments.iter().flat_map(|s| Segment::file_names_of(s.id)).collect()),
+        Some(v) => {
+            bail!("it has index format version {v}, which this build does not write (it writes {FORMAT_VERSION})")
+        }
     }
 }

@@ -149,11 +149,17 @@ impl Segment {
 
     /// The file names this segment occupies in its index folder.
     pub fn file_names(&self) -> Vec<String> {
-        let mut v = vec![format!("seg-{:06}.safetensors", self.id)];
-        if self.graph.is_some() {
-            v.push(format!("seg-{:06}.hnsw", self.id));
+        let mut v = Self::file_names_of(self.id);
+        if self.graph.is_none() {
+            v.pop();
         }
         v
+    }
+
+    /// Every file name segment `id` may occupy: its embeddings, then its graph. They are made
+    /// from the number alone, so a manifest cannot name a file outside its folder.
+    pub fn file_names_of(id: u32) -> Vec<String> {
+        vec![format!("seg-{id:06}.safetensors"), format!("seg-{id:06}.hnsw")]
     }
 
     /// Writes the segment's files (each atomically: a temporary file, then a rename).

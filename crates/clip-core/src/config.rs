@@ -49,6 +49,12 @@ pub enum ImagePool {
     Avg,
 }
 
+/// The largest size one dimension of a model may have (a width, a vocabulary, an image side):
+/// far above any real model's, low enough that products of a few never overflow.
+pub const MAX_SIZE: usize = 1 << 24;
+/// The most blocks (layers, one ResNet stage's depth) a tower may have.
+pub const MAX_BLOCKS: usize = 1024;
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ImageConfig {
@@ -871,10 +877,60 @@ impl ClipConfig {
         Ok(toml::to_string_pretty(self)?)
     }
 
+    /// Sizes beyond any model's: each refused by name, before any arithmetic on them (the sizes
+    /// come from files, and products of such sizes overflow).
+    fn size_errors(&self) -> Vec<String> {
+        let (i, t) = (&self.image, &self.text);
+        let mut errs = vec![];
+        let mut sizes = vec![
+            ("image.image_size", i.image_size),
+            ("image.stem_width", i.stem_width),
+            ("image.stem_stride", i.stem_stride),
+            ("image.stem_kernel", i.stem_kernel),
+            ("image.patch_size", i.patch_size),
+            ("image.width", i.width),
+            ("image.heads", i.heads),
+            ("image.mlp_dim", i.mlp_dim),
+            ("image.output_dim", i.output_dim),
+            ("text.vocab_size", t.vocab_size),
+            ("text.dim", t.dim),
+            ("text.n_heads", t.n_heads),
+            ("text.hidden_dim", t.hidden_dim),
+            ("text.max_position_embeddings", t.max_position_embeddings),
+            ("text.type_vocab_size", t.type_vocab_size),
+            ("projection_dim", self.projection_dim),
+        ];
+        if let Some(d) = self.distill.teacher_dim {
+            sizes.push(("distill.teacher_dim", d));
+        }
+        for &w in &i.widths {
+            sizes.push(("image.widths", w));
+        }
+        for (name, v) in sizes {
+            if v > MAX_SIZE {
+                errs.push(format!("{name} {v} is larger than any model's (at most {MAX_SIZE})"));
+            }
+        }
+        let mut blocks = vec![("image.layers", i.layers), ("text.n_layers", t.n_layers)];
+        blocks.extend(i.depths.iter().map(|&d| ("image.depths", d)));
+        for (name, v) in blocks {
+            if v > MAX_BLOCKS {
+                errs.push(format!(
+                    "{name} {v} is more blocks than any model has (at most {MAX_BLOCKS})"
+                ));
+            }
+        }
+        errs
+    }
+
     /// Checks the shapes fit together before anything is allocated, with a hint for each problem.
     pub fn validate(&self) -> Result<()> {
         let i = &self.image;
         let t = &self.text;
+        let errs = self.size_errors();
+        if !errs.is_empty() {
+            bail!("invalid config:\n  - {}", errs.join("\n  - "));
+        }
         let mut errs = vec![];
         match i.arch {
             ImageArch::Resnet => self.validate_resnet(&mut errs),

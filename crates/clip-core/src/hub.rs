@@ -335,11 +335,14 @@ impl ModelSource {
     }
 }
 
-/// The commit a cached file belongs to (`…/snapshots/<commit>/file`), if it is in a Hub cache.
+/// The commit a cached file belongs to (`…/snapshots/<commit>/file`), if it is in a Hub cache. A
+/// path that only spells one (`snap/snapshots/../model.safetensors`, whose folder is `..`) is in
+/// none.
 pub fn snapshot_commit(path: &Path) -> Option<String> {
     let parent = path.parent()?;
     let grand = parent.parent()?;
-    (grand.file_name()? == "snapshots").then(|| parent.file_name().unwrap().to_string_lossy().into_owned())
+    let commit = parent.file_name()?.to_string_lossy();
+    (grand.file_name()? == "snapshots").then(|| commit.into_owned())
 }
 
 fn expand_home(spec: &str) -> PathBuf {

@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use rand::{Rng, SeedableRng};
 
@@ -80,6 +80,87 @@ pub struct ParamStore {
 struct Inner {
     entries: BTreeMap<String, Entry>,
     rng: rand::rngs::StdRng,
+    /// Scalars created so far, per [`Group`] (in [`Group::ALL`]'s order), buffers included.
+    created: [u64; 3],
+    /// A sizing store ([`ParamStore::sizing`]) counts what it is asked to create and allocates
+    /// nothing.
+    sizing: bool,
+}
+
+/// The number of scalars of a tensor of `shape`, or an error when it overflows (the sizes come
+/// from files).
+pub fn elem_count(shape: &[usize]) -> Result<usize> {
+    shape
+        .iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d))
+        .with_context(|| format!("a tensor of shape {shape:?} has more elements than can be counted"))
+}
+
+/// A byte count in GB (10^9 bytes), as reports give it.
+pub fn gb(bytes: u64) -> String {
+    format!("{:.1} GB", bytes as f64 / 1e9)
+}
+
+/// 0: no limit set by [`limit_memory`].
+static MEMORY_LIMIT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Caps the memory a model's parameters may take, below what the machine has ([`memory_available`]);
+/// `None` lifts the cap. For tests and shared machines; it holds for the whole process.
+pub fn limit_memory(bytes: Option<u64>) {
+    MEMORY_LIMIT.store(bytes.unwrap_or(0), std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The memory this process may fill, in bytes, and what says so: the cap of [`limit_memory`] when
+/// one is set and lower, else the kernel's `MemAvailable` (Linux), else the physical memory
+/// (other Unix systems); `None` when nothing tells.
+pub fn memory_available() -> Option<(u64, &'static str)> {
+    let machine = machine_memory();
+    let cap = MEMORY_LIMIT.load(std::sync::atomic::Ordering::Relaxed);
+    match machine {
+        _ if cap == 0 => machine,
+        Some((m, _)) if m <= cap => machine,
+        _ => Some((cap, "the limit set for this process")),
+    }
+}
+
+fn machine_memory() -> Option<(u64, &'static str)> {
+    if let Ok(text) = std::fs::read_to_string("/proc/meminfo") {
+        let kb = text.lines().find_map(|l| {
+            let rest = l.strip_prefix("MemAvailable:")?;
+            rest.trim().strip_suffix("kB")?.trim().parse::<u64>().ok()
+        });
+        if let Some(kb) = kb {
+            return Some((kb.saturating_mul(1024), "available (MemAvailable in /proc/meminfo)"));
+        }
+    }
+    #[cfg(unix)]
+    {
+        // SAFETY: sysconf only reads system settings.
+        let (pages, size) = unsafe { (libc::sysconf(libc::_SC_PHYS_PAGES), libc::sysconf(libc::_SC_PAGESIZE)) };
+        if pages > 0 && size > 0 {
+            return Some(((pages as u64).saturating_mul(size as u64), "in the machine"));
+        }
+    }
+    None
+}
+
+/// Refuses `scalars` f32 values (`what`: "the model's parameters") when they would not fit the
+/// memory the machine has ([`memory_available`]): an error naming both sizes in GB, before
+/// anything is allocated, instead of an allocation failure that aborts the process.
+pub fn check_memory(scalars: u64, what: &str) -> Result<()> {
+    let Some(bytes) = scalars.checked_mul(4) else {
+        bail!("{what} ({scalars} values) take more bytes than can be counted");
+    };
+    if let Some((available, source)) = memory_available() {
+        if bytes > available {
+            bail!(
+                "{what} take {} ({scalars} values in f32), more than the {} of memory {source}: the sizes in the config are too large for this machine (or not a real model's)",
+                gb(bytes),
+                gb(available)
+            );
+        }
+    }
+    Ok(())
 }
 
 impl ParamStore {
@@ -88,10 +169,34 @@ impl ParamStore {
             inner: Arc::new(Mutex::new(Inner {
                 entries: BTreeMap::new(),
                 rng: rand::rngs::StdRng::seed_from_u64(seed),
+                created: [0; 3],
+                sizing: false,
             })),
             device: device.clone(),
             lock: None,
         }
+    }
+
+    /// A store that only counts: building a model on it gives tensors that hold no memory (one
+    /// value seen through every index), so a model's size is known before it is allocated
+    /// ([`ParamStore::created`]). Its tensors are for nothing else.
+    pub fn sizing() -> Self {
+        let s = Self::new(&Device::Cpu, 0);
+        s.inner.lock().unwrap().sizing = true;
+        s
+    }
+
+    /// Scalars created so far in `group` (parameters and buffers), exact even for a
+    /// [`ParamStore::sizing`] store.
+    pub fn created(&self, group: Group) -> u64 {
+        let i = Group::ALL.iter().position(|g| *g == group).unwrap_or(0);
+        self.inner.lock().unwrap().created[i]
+    }
+
+    /// Scalars created so far in every group.
+    pub fn created_total(&self) -> u64 {
+        let c = self.inner.lock().unwrap().created;
+        c.iter().fold(0u64, |a, b| a.saturating_add(*b))
     }
 
     /// Parameters created from now on whose name `rule` accepts are locked: held out of the
@@ -166,11 +271,19 @@ impl ParamStore {
             (Kind::Param { trainable: true }, Some(rule)) if rule(&name) => Kind::Param { trainable: false },
             (k, _) => k,
         };
+        let n = elem_count(shape).with_context(|| format!("creating {name}"))?;
         let mut inner = self.inner.lock().unwrap();
+        let g = Group::ALL.iter().position(|x| *x == group).unwrap_or(0);
+        inner.created[g] = inner.created[g]
+            .checked_add(n as u64)
+            .with_context(|| format!("the model has more values than can be counted (at {name})"))?;
+        if inner.sizing {
+            // A view of one value: the shape without the memory.
+            return Ok(Tensor::zeros((), DType::F32, &Device::Cpu)?.broadcast_as(shape)?);
+        }
         if inner.entries.contains_key(&name) {
             bail!("internal error: parameter {name} created twice");
         }
-        let n: usize = shape.iter().product();
         let data: Vec<f32> = match init {
             Init::Const(c) => vec![c as f32; n],
             Init::Uniform { bound } => (0..n).map(|_| inner.rng.random_range(-bound..=bound) as f32).collect(),
@@ -285,7 +398,11 @@ impl ParamBuilder {
     pub fn buffer(&self, name: &str, shape: &[usize], init: Init) -> Result<Var> {
         let full = self.full_name(name);
         self.store.create(full.clone(), shape, init, self.group, Kind::Buffer)?;
-        Ok(self.store.get(&full).expect("just created").var)
+        match self.store.get(&full) {
+            Some(e) => Ok(e.var),
+            // A sizing store keeps no entries: a stand-in of one value.
+            None => Ok(Var::zeros((), DType::F32, &Device::Cpu)?),
+        }
     }
 
     pub fn device(&self) -> &Device {

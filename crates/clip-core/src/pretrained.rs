@@ -109,7 +109,29 @@ pub fn apply_configs(cfg: &mut ClipConfig, hub: &Hub) -> Result<()> {
             )
         })?;
     }
-    cfg.validate()
+    cfg.validate()?;
+    // Every tensor of a pretrained tower comes from its weights: a tower the config makes larger
+    // than the file is refused before it is allocated (a file already here; nothing is downloaded
+    // for this).
+    for tower in [TowerKind::Image, TowerKind::Text] {
+        let Some(src) = source(cfg, tower)? else { continue };
+        let weights = match &src {
+            ModelSource::Local { weights: Some(w), .. } => Some(w.clone()),
+            ModelSource::Local { dir, .. } => Some(dir.join("model.safetensors")).filter(|p| p.is_file()),
+            ModelSource::Hub { repo, revision } => hub.cached(repo, revision, "model.safetensors"),
+        };
+        if let Some(w) = weights {
+            let size = ClipModel::size(cfg)?;
+            let need = if tower == TowerKind::Image {
+                size.image
+            } else {
+                size.text
+            };
+            let what = format!("the {} tower's config ({})", tower_name(tower), src.describe());
+            crate::pretrained_clip::check_weights_hold(need, &what, &w)?;
+        }
+    }
+    Ok(())
 }
 
 /// What was loaded into one tower.

@@ -76,7 +76,8 @@ impl DataIdentity {
             self.path.display(),
             self.pairs,
             self.images,
-            &self.fingerprint[..self.fingerprint.len().min(12)]
+            // By characters: the file may hold any text, and a byte cut can split one.
+            self.fingerprint.chars().take(12).collect::<String>()
         )
     }
 

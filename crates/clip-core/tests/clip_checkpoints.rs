@@ -353,3 +353,199 @@ fn old_configs_with_text_and_vision_config_dicts_load() {
     assert_eq!((model.config.text.dim, model.config.image.width), (16, 16));
     assert_parity("hf-clip", &model);
 }
+
+/// A Hugging Face CLIP's `preprocessor_config.json` is followed, shortest edge and resample filter
+/// included: a non-square photo prepared as transformers' `CLIPImageProcessor` prepares it
+/// (goldens by `xtask/reference/make_processor_goldens.py`). Before, `shortest_edge` was ignored
+/// (the crop took the whole shorter side) and the filter was always bicubic.
+#[test]
+fn preprocessing_follows_the_processors_shortest_edge_and_resample_filter() {
+    #[derive(serde::Deserialize)]
+    struct Case {
+        shortest_edge: u64,
+        resample: u64,
+        pixels: Vec<f32>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Goldens {
+        photo: String,
+        cases: Vec<Case>,
+    }
+    let g: Goldens =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("goldens/processor.json")).unwrap()).unwrap();
+    let photo = fixtures().join("goldens").join(&g.photo);
+    for case in &g.cases {
+        let dir = tempfile::tempdir().unwrap();
+        for e in std::fs::read_dir(snapshot("hf-clip")).unwrap() {
+            let f = e.unwrap().path();
+            std::fs::copy(&f, dir.path().join(f.file_name().unwrap())).unwrap();
+        }
+        let pre = dir.path().join("preprocessor_config.json");
+        let mut p: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&pre).unwrap()).unwrap();
+        p["size"] = serde_json::json!({"shortest_edge": case.shortest_edge});
+        p["resample"] = serde_json::json!(case.resample);
+        std::fs::write(&pre, p.to_string()).unwrap();
+        let mut cfg = ClipConfig {
+            pretrained: Some(dir.path().display().to_string()),
+            ..ClipConfig::tiny()
+        };
+        pretrained_clip::apply_config(&mut cfg, &hub()).unwrap();
+        let got = clip_core::data::ImageStore::load_one(&photo, &cfg)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert_eq!(got.len(), case.pixels.len());
+        let diffs: Vec<f32> = got.iter().zip(&case.pixels).map(|(a, b)| (a - b).abs()).collect();
+        let mean = diffs.iter().sum::<f32>() / diffs.len() as f32;
+        let max = diffs.iter().cloned().fold(0f32, f32::max);
+        // PIL and the image crate resample with the same kernels but round differently: a level
+        // or two of 255 here and there (1/255/0.27 ≈ 0.015 after normalising; measured: mean
+        // 0.0022–0.0024, max 0.028). Cropping before resizing, as before, was 0.12 off on average.
+        assert!(
+            mean < 0.005 && max < 0.05,
+            "shortest edge {}, resample {}: mean |Δ| {mean}, max {max}",
+            case.shortest_edge,
+            case.resample
+        );
+    }
+}
+
+/// The error of the model a checkpoint's config describes: applying the config, then building the
+/// model (where a config's sizes used to be allocated before any weights were read).
+fn build_refusal(dir: &Path) -> String {
+    let mut cfg = ClipConfig::tiny();
+    cfg.pretrained = Some(dir.to_str().unwrap().to_string());
+    let result = pretrained::apply_configs(&mut cfg, &hub()).and_then(|_| ClipModel::new(&cfg, &Device::Cpu));
+    format!("{:#}", result.err().expect("the model should be refused"))
+}
+
+/// Issue #32 (5): a 305-byte config.json with `hidden_size: 65536` and no weights aborted the
+/// process allocating 16 GiB for one tensor. Its ~850 GB of parameters are now refused in GB
+/// before anything is allocated, and opening it names the missing weights first.
+#[test]
+fn a_config_larger_than_memory_without_weights_is_refused_in_gb() {
+    let dir = edited("hf-clip", |d| {
+        std::fs::remove_file(d.join("model.safetensors")).unwrap();
+        rewrite_json(&d.join("config.json"), |j| {
+            j["vision_config"]["hidden_size"] = 65536.into();
+            j["vision_config"]["num_attention_heads"] = 1.into();
+            j["vision_config"]["num_hidden_layers"] = 12.into();
+        })
+    });
+    let err = build_refusal(dir.path());
+    assert!(
+        err.contains("the model's parameters take") && err.contains(" GB") && err.contains("memory"),
+        "{err}"
+    );
+    let err = format!(
+        "{:#}",
+        pretrained_clip::open(dir.path().to_str().unwrap(), &hub(), &Device::Cpu)
+            .err()
+            .unwrap()
+    );
+    assert!(err.contains("has no model.safetensors"), "{err}");
+}
+
+/// Issue #32 (5): the config's sizes are checked against the weights' headers (a safetensors
+/// header, a PyTorch pickle's index) before a model is allocated from them.
+#[test]
+fn a_config_that_outgrows_its_weights_is_refused_before_allocating() {
+    for (name, file, edit) in [
+        ("hf-clip", "config.json", ("vision_config", "hidden_size", 65536)),
+        ("hf-clip-bin", "config.json", ("text_config", "vocab_size", 1 << 20)),
+        ("oc-rn", "open_clip_config.json", ("vision_cfg", "width", 4096)),
+    ] {
+        let dir = edited(name, |d| {
+            rewrite_json(&d.join(file), |j| {
+                let j = if name == "oc-rn" { &mut j["model_cfg"] } else { j };
+                j[edit.0][edit.1] = edit.2.into();
+            })
+        });
+        let err = build_refusal(dir.path());
+        assert!(
+            err.contains("describes a model of") && err.contains("the config and the weights are not of one model"),
+            "{name}: {err}"
+        );
+    }
+}
+
+/// Issue #32 (5): `vocab_size: 2^62` overflowed the element count (a panic in debug builds, a
+/// wrapped size in release); sizes beyond any model's are refused by name.
+#[test]
+fn sizes_that_overflow_are_errors_not_panics() {
+    for (part, key, value) in [
+        ("text_config", "vocab_size", 1u64 << 62),
+        ("vision_config", "image_size", 1 << 40),
+        ("vision_config", "intermediate_size", u64::MAX),
+        ("vision_config", "num_hidden_layers", 1 << 33),
+    ] {
+        let dir = edited("hf-clip", |d| {
+            std::fs::remove_file(d.join("model.safetensors")).unwrap();
+            // Its crop_size would refuse another image_size first.
+            std::fs::remove_file(d.join("preprocessor_config.json")).unwrap();
+            rewrite_json(&d.join("config.json"), |j| j[part][key] = value.into())
+        });
+        let err = build_refusal(dir.path());
+        assert!(
+            err.contains("larger than any model's") || err.contains("more blocks than any model"),
+            "{key}: {err}"
+        );
+    }
+    // open_clip's ModifiedResNet derives its heads from width × 32.
+    let dir = edited("oc-rn", |d| {
+        std::fs::remove_file(d.join("open_clip_pytorch_model.bin")).unwrap();
+        rewrite_json(&d.join("open_clip_config.json"), |j| {
+            j["model_cfg"]["vision_cfg"]["width"] = (u64::MAX / 2).into()
+        })
+    });
+    let err = build_refusal(dir.path());
+    assert!(err.contains("larger than any model's"), "{err}");
+}
+
+/// Issue #32 (10): a weights path that goes through `snapshots/..` panicked looking for the
+/// commit in its folder's name (`..` has none).
+#[test]
+fn a_weights_path_through_snapshots_dotdot_opens_without_a_commit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let snap = tmp.path().join("snap");
+    std::fs::create_dir_all(snap.join("snapshots")).unwrap();
+    for f in std::fs::read_dir(snapshot("hf-clip")).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, snap.join(f.file_name().unwrap())).unwrap();
+    }
+    let weights = snap.join("snapshots/../model.safetensors");
+    assert_eq!(clip_core::hub::snapshot_commit(&weights), None);
+    let opened = pretrained_clip::open(weights.to_str().unwrap(), &hub(), &Device::Cpu).unwrap();
+    assert_eq!(opened.load.commit, None);
+    assert_parity("hf-clip", &opened.model);
+}
+
+/// The size a model is refused by (issue #32, 5) is the size it has: counting without
+/// allocating gives every group's values, buffers included, as the built model holds them.
+#[test]
+fn a_models_counted_size_is_its_real_size() {
+    let mut configs = vec![ClipConfig::tiny(), ClipConfig::preset("simple-clip").unwrap()];
+    configs.extend(["test/hf-clip", "test/cn-clip", "test/oc-vit", "test/oc-rn"].map(config));
+    for cfg in configs {
+        let size = ClipModel::size(&cfg).unwrap();
+        let model = ClipModel::new(&cfg, &Device::Cpu).unwrap();
+        let held = |g: clip_core::params::Group| -> u64 {
+            model
+                .params
+                .entries()
+                .iter()
+                .filter(|(_, e)| e.group == g)
+                .map(|(_, e)| e.var.elem_count() as u64)
+                .sum()
+        };
+        use clip_core::params::Group;
+        assert_eq!(
+            (size.image, size.text, size.heads),
+            (held(Group::ImageTower), held(Group::TextTower), held(Group::Heads)),
+            "{}",
+            cfg.name
+        );
+    }
+}

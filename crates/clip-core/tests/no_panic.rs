@@ -1,12 +1,64 @@
 //! No input makes the loaders panic: arbitrary bytes (and arbitrary near-valid input, which
-//! reaches deeper) into the captions parsers, the config loader and the tokenizer give a value or
-//! an error, never a panic. Case counts are kept modest so the suite stays fast on 2 cores.
+//! reaches deeper) into the captions parsers, the config loader, the tokenizer, a checkpoint's
+//! configs (config.json, open_clip_config.json, preprocessor_config.json) and weights headers,
+//! and a run's config.toml and dataset.json give a value or an error, never a panic, and never an
+//! allocation above 1 GB: this test binary's allocator refuses one (the process then aborts,
+//! naming its size). Case counts are kept modest so the suite stays fast on 2 cores.
 
-use std::path::Path;
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::path::{Path, PathBuf};
 
+use candle_core::Device;
 use clip_core::data::{Dataset, LoadOptions, TextTokenizer};
-use clip_core::ClipConfig;
+use clip_core::hub::Hub;
+use clip_core::run_dir::{DataIdentity, RunDir};
+use clip_core::{pretrained, pretrained_clip, ClipConfig, ClipModel};
 use proptest::prelude::*;
+use serde_json::{json, Value};
+
+/// The largest single allocation any input may cause.
+const ONE_GB: usize = 1 << 30;
+
+/// The system allocator, refusing any allocation above [`ONE_GB`].
+struct AtMostOneGb;
+
+fn refuse(size: usize) -> *mut u8 {
+    use std::io::Write;
+    let _ = writeln!(
+        std::io::stderr(),
+        "no_panic: an allocation of {size} bytes (above 1 GB) was refused"
+    );
+    std::ptr::null_mut()
+}
+
+// SAFETY: every call is passed on to `System` unchanged, or refused with a null pointer, which
+// the `GlobalAlloc` contract allows.
+unsafe impl GlobalAlloc for AtMostOneGb {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        if layout.size() > ONE_GB {
+            return refuse(layout.size());
+        }
+        System.alloc(layout)
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        if layout.size() > ONE_GB {
+            return refuse(layout.size());
+        }
+        System.alloc_zeroed(layout)
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        if new_size > ONE_GB {
+            return refuse(new_size);
+        }
+        System.realloc(ptr, layout, new_size)
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        System.dealloc(ptr, layout)
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: AtMostOneGb = AtMostOneGb;
 
 const CASES: u32 = 256;
 
@@ -246,6 +298,318 @@ fn configs_whose_sizes_overflow_are_errors() {
         format!("image.stem_stride = {}\nimage.stem_pool = true\nimage.depths = [1, 1, 1, 1]\nimage.widths = [8, 8, 8, 8]\n", i64::MAX),
     ] {
         let err = ClipConfig::from_toml_str(&text).unwrap_err().to_string();
-        assert!(err.contains("smaller than the ResNet's total stride"), "{text}: {err}");
+        // A stride beyond any model's is refused by name before the total is computed.
+        assert!(
+            err.contains("smaller than the ResNet's total stride") || err.contains("image.stem_stride 9223372036854775807 is larger than any model's"),
+            "{text}: {err}"
+        );
+    }
+}
+
+/// Models built from the inputs below may take at most this much (the machine's memory is the
+/// limit outside tests): a model whose config the inputs blow up is refused before it is
+/// allocated, and the cases stay fast.
+fn limit_models() {
+    clip_core::params::limit_memory(Some(64 << 20));
+}
+
+const REV: &str = "89abcdef0123456789abcdef0123456789abcdef";
+
+fn snapshot(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/fixtures/clip/hub/models--test--{name}/snapshots/{REV}"))
+}
+
+/// The tiny checkpoints of tests/fixtures/clip, one per layout, and their config files.
+const CHECKPOINTS: [(&str, &[&str]); 4] = [
+    ("hf-clip", &["config.json", "preprocessor_config.json"]),
+    ("cn-clip", &["config.json", "preprocessor_config.json"]),
+    ("oc-vit", &["open_clip_config.json"]),
+    ("oc-rn", &["open_clip_config.json"]),
+];
+
+/// A copy of a fixture checkpoint in a temporary folder.
+fn checkpoint_copy(name: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for f in std::fs::read_dir(snapshot(name)).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, dir.path().join(f.file_name().unwrap())).unwrap();
+    }
+    dir
+}
+
+/// The checkpoint in `dir` through the real path: its configs, the model they describe, its
+/// weights and its tokenizer. Any result but a panic is fine; an error says something.
+fn open_checkpoint(dir: &Path) {
+    limit_models();
+    let hub = Hub::new(dir.join("no-cache"), true);
+    let mut cfg = ClipConfig::tiny();
+    cfg.pretrained = Some(dir.display().to_string());
+    let result = (|| -> anyhow::Result<()> {
+        pretrained::apply_configs(&mut cfg, &hub)?;
+        let model = ClipModel::new(&cfg, &Device::Cpu)?;
+        pretrained::load_pretrained(&model, &hub)?;
+        pretrained::tokenizer(&cfg, &hub)?;
+        Ok(())
+    })();
+    if let Err(e) = result {
+        assert!(!format!("{e:#}").is_empty());
+    }
+}
+
+/// Values a size, a ratio or a flag in a checkpoint's config might be given instead of its own.
+fn json_value() -> impl Strategy<Value = Value> {
+    prop_oneof![
+        (0u64..70).prop_map(|v| json!(v)),
+        Just(json!(0)),
+        Just(json!(-1)),
+        Just(json!(65536)),
+        Just(json!(1u64 << 31)),
+        Just(json!(1u64 << 40)),
+        Just(json!(1u64 << 62)),
+        Just(json!(u64::MAX)),
+        Just(json!(i64::MIN)),
+        Just(json!(0.5)),
+        Just(json!(1e300)),
+        Just(json!(-1e300)),
+        Just(json!("x")),
+        Just(json!(null)),
+        Just(json!([])),
+        Just(json!([1, 1, 1, 1])),
+        Just(json!({})),
+        any::<i64>().prop_map(|v| json!(v)),
+    ]
+}
+
+/// JSON pointers to every value inside `v` that is not an object (numbers, strings, lists and
+/// their items).
+fn leaves(v: &Value, at: String, out: &mut Vec<String>) {
+    match v {
+        Value::Object(o) => {
+            for (k, x) in o {
+                leaves(x, format!("{at}/{}", k.replace('~', "~0").replace('/', "~1")), out)
+            }
+        }
+        Value::Array(a) => {
+            out.push(at.clone());
+            for (i, x) in a.iter().enumerate() {
+                leaves(x, format!("{at}/{i}"), out)
+            }
+        }
+        _ => out.push(at),
+    }
+}
+
+/// `(checkpoint, file, edits)`: edits replace the values at leaf indices (taken modulo the count).
+fn near_checkpoint() -> impl Strategy<Value = (usize, usize, Vec<(usize, Value)>)> {
+    (
+        0..CHECKPOINTS.len(),
+        0usize..2,
+        proptest::collection::vec((any::<usize>(), json_value()), 1..5),
+    )
+}
+
+/// A run folder holding `config` as its config.toml, with weights and a tokenizer to be opened.
+fn run_folder(config: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("config.toml"), config).unwrap();
+    std::fs::write(dir.path().join("model.safetensors"), b"").unwrap();
+    std::fs::write(dir.path().join("tokenizer.json"), b"{}").unwrap();
+    dir
+}
+
+/// TOML pointers (`a.b`) to every integer of a table, and the table with one of them set.
+fn toml_ints(t: &toml::Table, at: &str, out: &mut Vec<String>) {
+    for (k, v) in t {
+        let here = if at.is_empty() { k.clone() } else { format!("{at}.{k}") };
+        match v {
+            toml::Value::Integer(_) => out.push(here),
+            toml::Value::Array(a) if a.iter().all(|x| x.is_integer()) => out.push(here),
+            toml::Value::Table(sub) => toml_ints(sub, &here, out),
+            _ => {}
+        }
+    }
+}
+
+fn set_toml(t: &mut toml::Table, path: &str, v: toml::Value) {
+    let mut parts: Vec<&str> = path.split('.').collect();
+    let last = parts.pop().unwrap();
+    let mut here = t;
+    for p in parts {
+        here = here.get_mut(p).and_then(toml::Value::as_table_mut).unwrap();
+    }
+    here.insert(last.to_string(), v);
+}
+
+fn toml_int() -> impl Strategy<Value = toml::Value> {
+    prop_oneof![
+        (0i64..70).prop_map(toml::Value::Integer),
+        Just(toml::Value::Integer(-1)),
+        Just(toml::Value::Integer(65536)),
+        Just(toml::Value::Integer(1 << 24)),
+        Just(toml::Value::Integer(1 << 31)),
+        Just(toml::Value::Integer(1 << 40)),
+        Just(toml::Value::Integer(1 << 62)),
+        Just(toml::Value::Integer(i64::MAX)),
+        Just(toml::Value::Array(vec![toml::Value::Integer(1 << 20); 4])),
+        Just(toml::Value::Array(vec![])),
+    ]
+}
+
+/// A safetensors file: the 8-byte header length, `header`, then `data`.
+fn safetensors_file(len: u64, header: &[u8], data: &[u8]) -> Vec<u8> {
+    let mut b = len.to_le_bytes().to_vec();
+    b.extend_from_slice(header);
+    b.extend_from_slice(data);
+    b
+}
+
+/// The header of the hf-clip fixture's weights, and their data.
+fn fixture_weights() -> (Value, Vec<u8>) {
+    let bytes = std::fs::read(snapshot("hf-clip").join("model.safetensors")).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    (header, bytes[8 + n..].to_vec())
+}
+
+/// `bytes` as the hf-clip checkpoint's weights: read alone (header and tensors), then loaded
+/// through the whole checkpoint.
+fn open_weights(bytes: &[u8]) {
+    let dir = checkpoint_copy("hf-clip");
+    let file = dir.path().join("model.safetensors");
+    std::fs::write(&file, bytes).unwrap();
+    let _ = pretrained_clip::weights_shapes(&file);
+    let _ = pretrained_clip::read_tensors(&file);
+    let _ = pretrained_clip::check_weights_hold(1, "a config", &file);
+    open_checkpoint(dir.path());
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    #[test]
+    fn checkpoint_configs_near_the_fixtures((which, file, edits) in near_checkpoint()) {
+        let (name, files) = CHECKPOINTS[which];
+        let file = files[file % files.len()];
+        let dir = checkpoint_copy(name);
+        let path = dir.path().join(file);
+        let mut json: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        for (at, value) in edits {
+            let mut all = vec![];
+            leaves(&json, String::new(), &mut all);
+            let ptr = all[at % all.len()].clone();
+            *json.pointer_mut(&ptr).unwrap() = value;
+        }
+        std::fs::write(&path, json.to_string()).unwrap();
+        open_checkpoint(dir.path());
+    }
+
+    #[test]
+    fn checkpoint_configs_of_arbitrary_bytes(which in 0..CHECKPOINTS.len(), file in 0usize..2,
+                                             bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+        let (name, files) = CHECKPOINTS[which];
+        let dir = checkpoint_copy(name);
+        std::fs::write(dir.path().join(files[file % files.len()]), bytes).unwrap();
+        open_checkpoint(dir.path());
+    }
+
+    #[test]
+    fn safetensors_headers_near_the_format(edits in proptest::collection::vec((any::<usize>(), 0usize..3, json_value()), 1..4),
+                                           length in prop_oneof![Just(None), any::<u64>().prop_map(Some)]) {
+        let (mut header, data) = fixture_weights();
+        let names: Vec<String> = header.as_object().unwrap().keys().cloned().collect();
+        for (at, field, value) in edits {
+            let entry = &mut header[&names[at % names.len()]];
+            match field {
+                0 => entry["shape"] = value,
+                1 => entry["data_offsets"] = value,
+                _ => entry["dtype"] = if value.is_string() { json!("F64") } else { value },
+            }
+        }
+        let h = header.to_string().into_bytes();
+        open_weights(&safetensors_file(length.unwrap_or(h.len() as u64), &h, &data));
+    }
+
+    #[test]
+    fn safetensors_headers_of_arbitrary_bytes(length in any::<u64>(), header in proptest::collection::vec(any::<u8>(), 0..200),
+                                              data in proptest::collection::vec(any::<u8>(), 0..64)) {
+        let fitting = header.len() as u64;
+        open_weights(&safetensors_file(length, &header, &data));
+        open_weights(&safetensors_file(fitting, &header, &data));
+    }
+
+    #[test]
+    fn run_configs_near_a_real_one(edits in proptest::collection::vec((any::<usize>(), toml_int()), 1..4)) {
+        limit_models();
+        let mut table: toml::Table = toml::from_str(&ClipConfig::tiny().to_toml().unwrap()).unwrap();
+        for (at, v) in edits {
+            let mut ints = vec![];
+            toml_ints(&table, "", &mut ints);
+            set_toml(&mut table, &ints[at % ints.len()], v);
+        }
+        let dir = run_folder(&toml::to_string(&table).unwrap());
+        let run = RunDir::open(dir.path()).unwrap();
+        // The weights file is empty: a config that passes is refused there, after the model fit.
+        prop_assert!(run.load(&Device::Cpu).is_err());
+    }
+
+    #[test]
+    fn run_datasets_near_the_format(path in any::<String>(), images in json_value(), pairs in json_value(),
+                                    fingerprint in prop_oneof![any::<String>().prop_map(|s| json!(s)), json_value()],
+                                    raw in proptest::option::of(proptest::collection::vec(any::<u8>(), 0..200))) {
+        let dir = tempfile::tempdir().unwrap();
+        let bytes = raw.unwrap_or_else(|| {
+            json!({"path": path, "images": images, "pairs": pairs, "fingerprint": fingerprint}).to_string().into_bytes()
+        });
+        std::fs::write(dir.path().join("dataset.json"), bytes).unwrap();
+        if let Ok(Some(id)) = DataIdentity::read(dir.path()) {
+            prop_assert!(!id.describe().is_empty());
+            let other = DataIdentity { fingerprint: "ä".repeat(13), ..id.clone() };
+            let _ = id.differs(&other);
+            let _ = other.describe();
+        }
+    }
+}
+
+/// The near-valid inputs above rarely reach these exactly: the issue's own cases.
+#[test]
+fn checkpoint_configs_from_the_issue_are_errors() {
+    limit_models();
+    for (name, file, ptr, value) in [
+        ("hf-clip", "config.json", "/vision_config/hidden_size", json!(65536)),
+        ("hf-clip", "config.json", "/text_config/vocab_size", json!(1u64 << 62)),
+        (
+            "oc-vit",
+            "open_clip_config.json",
+            "/model_cfg/text_cfg/vocab_size",
+            json!(1u64 << 62),
+        ),
+        (
+            "oc-rn",
+            "open_clip_config.json",
+            "/model_cfg/vision_cfg/width",
+            json!(u64::MAX),
+        ),
+    ] {
+        for keep_weights in [true, false] {
+            let dir = checkpoint_copy(name);
+            let path = dir.path().join(file);
+            let mut json: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+            *json.pointer_mut(ptr).unwrap() = value.clone();
+            std::fs::write(&path, json.to_string()).unwrap();
+            if !keep_weights {
+                for w in [
+                    "model.safetensors",
+                    "open_clip_model.safetensors",
+                    "open_clip_pytorch_model.bin",
+                ] {
+                    let _ = std::fs::remove_file(dir.path().join(w));
+                }
+            }
+            let mut cfg = ClipConfig::tiny();
+            cfg.pretrained = Some(dir.path().display().to_string());
+            let hub = Hub::new(dir.path().join("no-cache"), true);
+            let r = pretrained::apply_configs(&mut cfg, &hub).and_then(|_| ClipModel::new(&cfg, &Device::Cpu));
+            assert!(r.is_err(), "{name} {ptr} = {value}");
+        }
     }
 }

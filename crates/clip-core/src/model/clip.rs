@@ -1,6 +1,6 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use candle_core::{Device, ModuleT, Tensor};
 
 use super::{Head, ImageTower, TextTower};
@@ -15,6 +15,20 @@ use crate::params::{Group, Init, ParamStore};
 pub struct Embeddings {
     pub image: Tensor,
     pub text: Tensor,
+}
+
+/// How many values (parameters and buffers) a model has, per group ([`ClipModel::size`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ModelSize {
+    pub image: u64,
+    pub text: u64,
+    pub heads: u64,
+}
+
+impl ModelSize {
+    pub fn total(&self) -> u64 {
+        self.image.saturating_add(self.text).saturating_add(self.heads)
+    }
 }
 
 /// The whole model. Parameter names follow the tutorial's PyTorch `CLIPModel`:
@@ -57,8 +71,14 @@ pub struct ClipModel {
 
 impl ClipModel {
     /// Builds a randomly initialised model; the same config and seed give the same weights.
+    ///
+    /// The sizes come from files (a checkpoint's config.json, a run's config.toml): the model is
+    /// first sized without allocating ([`ClipModel::size`]), and one whose parameters would not
+    /// fit the machine's memory is refused with its size in GB ([`crate::params::check_memory`]).
     pub fn new(config: &ClipConfig, device: &Device) -> Result<Self> {
-        config.validate()?;
+        let size = Self::size(config)?;
+        crate::params::check_memory(size.total(), "the model's parameters")
+            .with_context(|| format!("building the model of config {:?}", config.name))?;
         let mut params = ParamStore::new(device, config.seed);
         let tr = &config.train;
         if tr.lock_image || tr.lock_text {
@@ -67,6 +87,24 @@ impl ClipModel {
                 super::blocks::is_locked(&cfg, &cfg.train, name)
             }));
         }
+        Self::build(config, params)
+    }
+
+    /// The number of values (parameters and buffers) of the model `config` describes, per group,
+    /// counted without allocating them: the config is validated, every count is checked for
+    /// overflow.
+    pub fn size(config: &ClipConfig) -> Result<ModelSize> {
+        config.validate()?;
+        let store = ParamStore::sizing();
+        Self::build(config, store.clone())?;
+        Ok(ModelSize {
+            image: store.created(Group::ImageTower),
+            text: store.created(Group::TextTower),
+            heads: store.created(Group::Heads),
+        })
+    }
+
+    fn build(config: &ClipConfig, params: ParamStore) -> Result<Self> {
         let dropout_rng = DropoutRng::new(config.seed ^ 0x5eed);
         let tr = &config.train;
         let image_encoder = ImageTower::new(

@@ -12,7 +12,7 @@ mod towers;
 mod transformer;
 mod vit;
 
-pub use clip::{ClipModel, Embeddings};
+pub use clip::{ClipModel, Embeddings, ModelSize};
 pub use clip_resnet::ModifiedResNet;
 pub use clip_text::{eot_positions, ClipTextTransformer};
 pub use head::ProjectionHead;

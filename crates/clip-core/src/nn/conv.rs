@@ -41,7 +41,8 @@ pub struct Conv2d {
 impl Conv2d {
     /// Kaiming-normal (fan_out, ReLU) initialisation, as torchvision and timm do.
     pub fn new(pb: &ParamBuilder, c_in: usize, c_out: usize, k: usize, stride: usize, padding: usize) -> Result<Self> {
-        let std = (2.0 / (c_out * k * k) as f64).sqrt();
+        // In floats: the sizes come from files, and a product of them may overflow an integer.
+        let std = (2.0 / (c_out as f64 * k as f64 * k as f64)).sqrt();
         Ok(Self {
             weight: pb.param("weight", &[c_out, c_in, k, k], Init::Normal { std })?,
             stride,

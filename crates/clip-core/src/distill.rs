@@ -72,8 +72,8 @@ impl Teacher {
                 fingerprint: Default::default(),
             });
         }
-        let o = crate::pretrained_clip::open(spec, hub, device)
-            .with_context(|| format!("opening the teacher {spec}"))?;
+        let o =
+            crate::pretrained_clip::open(spec, hub, device).with_context(|| format!("opening the teacher {spec}"))?;
         Ok(Self {
             model: o.model,
             tokenizer: o.tokenizer,

@@ -100,7 +100,8 @@ impl DataIdentity {
 /// What a run writes into its folder (besides `run.lock` and the shared feature cache): a folder
 /// holding any of these already holds a run, and `--overwrite` removes all of them. A test runs
 /// stage 4 and fails on any file it leaves that is not listed here.
-pub const RUN_FILES: [&str; 18] = [
+pub const RUN_FILES: [&str; 19] = [
+    OVERWRITING,
     CONFIG,
     TOKENIZER,
     WEIGHTS,

@@ -654,7 +654,9 @@ fn wide_photos(dir: &Path) -> PathBuf {
     let photos = dir.join("wide");
     std::fs::create_dir(&photos).unwrap();
     for k in 0..4u32 {
-        let img = image::RgbImage::from_fn(96, 32, |x, y| image::Rgb([(x * 2 + k * 40) as u8, (y * 7) as u8, (k * 60) as u8]));
+        let img = image::RgbImage::from_fn(96, 32, |x, y| {
+            image::Rgb([(x * 2 + k * 40) as u8, (y * 7) as u8, (k * 60) as u8])
+        });
         img.save(photos.join(format!("wide-{k}.png"))).unwrap();
     }
     photos
@@ -678,7 +680,11 @@ fn an_edit_outside_the_centre_crop_is_a_new_augmented_view_for_the_teacher_cache
     };
     let first = targets_of(&cfg);
     assert!(first.forwards > 0);
-    assert_eq!(targets_of(&cfg).forwards, 0, "a second start reads every row from the cache");
+    assert_eq!(
+        targets_of(&cfg).forwards,
+        0,
+        "a second start reads every row from the cache"
+    );
     // Paint over the left third of one photo: its centre crop (what the image key hashes) is
     // unchanged, but a random crop of the original can see the edit.
     let file = photos.join("wide-2.png");
@@ -692,5 +698,8 @@ fn an_edit_outside_the_centre_crop_is_a_new_augmented_view_for_the_teacher_cache
     let again = targets_of(&cfg);
     // The centre-crop key still matches, so the plain image row comes from the cache; the view
     // of the edited photo must be embedded anew (before, its key was the centre crop's: stale).
-    assert_eq!(again.forwards, 1, "the edited photo's view was served from a stale cache entry");
+    assert_eq!(
+        again.forwards, 1,
+        "the edited photo's view was served from a stale cache entry"
+    );
 }

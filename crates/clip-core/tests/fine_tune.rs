@@ -374,7 +374,10 @@ fn wise_ft_refuses_a_pretrained_checkpoint_that_changed_since_the_run_started() 
         let f = e.unwrap().path();
         std::fs::copy(&f, ckpt.join(f.file_name().unwrap())).unwrap();
     }
-    let toml = format!("pretrained = {:?}\n[train]\nepochs = 1\nbatch_size = 16\n", ckpt.display().to_string());
+    let toml = format!(
+        "pretrained = {:?}\n[train]\nepochs = 1\nbatch_size = 16\n",
+        ckpt.display().to_string()
+    );
     let mut cfg = ClipConfig::from_toml_str(&toml).unwrap();
     pretrained::apply_configs(&mut cfg, &Hub::from_env()).unwrap();
     let out = dir.path().join("run");
@@ -392,7 +395,10 @@ fn wise_ft_refuses_a_pretrained_checkpoint_that_changed_since_the_run_started() 
         .find(|p| p.extension().is_some_and(|e| e == "safetensors"))
         .unwrap();
     let mut tensors = candle_core::safetensors::load(&weights, &Device::Cpu).unwrap();
-    let (name, first) = tensors.iter().find(|(_, t)| t.dtype() == candle_core::DType::F32).unwrap();
+    let (name, first) = tensors
+        .iter()
+        .find(|(_, t)| t.dtype() == candle_core::DType::F32)
+        .unwrap();
     let (name, changed) = (name.clone(), (first * 1.5).unwrap());
     tensors.insert(name, changed);
     candle_core::safetensors::save(&tensors, &weights).unwrap();

@@ -501,7 +501,12 @@ fn an_interrupted_overwrite_never_leaves_an_old_model_beside_a_new_config() {
         let e = format!("{e:#}");
         assert!(e.contains("--overwrite") && e.contains("interrupted"), "{what}: {e}");
     };
-    refused("open", RunDir::open(&run).and_then(|r| r.load(&Device::Cpu).map(|_| ())).unwrap_err());
+    refused(
+        "open",
+        RunDir::open(&run)
+            .and_then(|r| r.load(&Device::Cpu).map(|_| ()))
+            .unwrap_err(),
+    );
     refused("resume", Trainer::resume(&cfg, demo(&cfg), &run).err().unwrap());
     // Starting over again finishes the job: the marker goes once the new run's files are there.
     let (lock, _) = clip_core::run_dir::open_new(&run, true).unwrap();

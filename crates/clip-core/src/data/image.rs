@@ -189,7 +189,11 @@ pub(crate) fn fit(rgb: &RgbImage, p: &Preprocess) -> RgbImage {
         // transformers' CLIPImageProcessor: the shorter side to `edge`, the longer to
         // int(edge · long / short), then the centre `size` square (offsets rounded down).
         let scale = |long: u32, short: u32| (edge as u64 * long as u64 / short.max(1) as u64) as u32;
-        let (rw, rh) = if w <= h { (edge, scale(h, w)) } else { (scale(w, h), edge) };
+        let (rw, rh) = if w <= h {
+            (edge, scale(h, w))
+        } else {
+            (scale(w, h), edge)
+        };
         if rw >= size && rh >= size {
             let resized = if (rw, rh) == (w, h) {
                 rgb.clone()

@@ -48,9 +48,20 @@ impl PretrainedPin {
             return Ok(None);
         }
         let files: Vec<&std::path::Path> = report.towers.iter().map(|t| t.file.as_path()).collect();
-        let commit = |k: TowerKind| report.towers.iter().find(|t| t.tower == k).and_then(|t| t.commit.clone());
+        let commit = |k: TowerKind| {
+            report
+                .towers
+                .iter()
+                .find(|t| t.tower == k)
+                .and_then(|t| t.commit.clone())
+        };
         Ok(Some(Self {
-            source: report.towers.iter().map(|t| t.source.as_str()).collect::<Vec<_>>().join(" + "),
+            source: report
+                .towers
+                .iter()
+                .map(|t| t.source.as_str())
+                .collect::<Vec<_>>()
+                .join(" + "),
             commit: None,
             image_commit: commit(TowerKind::Image),
             text_commit: commit(TowerKind::Text),
@@ -111,7 +122,9 @@ impl Trainer {
         let start = {
             // The checkpoint the run started from: its pinned commits, and the same files.
             let pin = self.state.pretrained.clone();
-            let cfg = pin.as_ref().map_or_else(|| self.cfg.clone(), |p| p.pinned_config(&self.cfg));
+            let cfg = pin
+                .as_ref()
+                .map_or_else(|| self.cfg.clone(), |p| p.pinned_config(&self.cfg));
             let m = ClipModel::new(&cfg, &self.data.device)?;
             let loaded = crate::pretrained::load_pretrained(&m, &crate::hub::Hub::from_env())?;
             if let (Some(want), Some(got)) = (&pin, PretrainedPin::of(&loaded)?) {

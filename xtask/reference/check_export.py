@@ -1,6 +1,7 @@
 """Loads clipmine's exports in Python and compares them with clipmine's own answers.
 
-For each run folder given (a fine-tune started from a pretrained CLIP), this script
+For each run folder given (a fine-tune started from a pretrained CLIP, or a student trained from
+scratch with a WordPiece tokenizer of its own), this script
   1. asks clipmine (`clip-predict image-to-text --run RUN --json`) for the cosine of every
      fixture image with every caption,
   2. exports the run with `clip-predict export --format open_clip` and `--format hf`
@@ -14,6 +15,15 @@ The images are the fixture PNGs at the model's own size (32 or 64 px): no resize
 side, so the figures measure the weights, names and tokenizers, not two resize implementations.
 
     python xtask/reference/check_export.py RUN [RUN …] [--bin target/debug/clip-predict]
+
+Runs of every text-tower kind an export meets — a fine-tune of the tiny open_clip ViT, and
+students trained from scratch with a CLIP text transformer (read at [SEP]: open_clip's
+`pool_type "eos"` and `HFTokenizer`, `CLIPModel` with `PreTrainedTokenizerFast`), a BERT read at
+[CLS] (`ChineseCLIPModel`) and a BERT read at the mean (refused by both formats, which this
+script prints) — are made and kept by the clip-predict export tests:
+
+    CLIPMINE_KEEP_RUNS=/tmp/runs cargo test -p clip-predict --test export
+    python xtask/reference/check_export.py /tmp/runs/*
 
 Needs: pip install torch open_clip_torch transformers safetensors pillow numpy
 """

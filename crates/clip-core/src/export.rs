@@ -10,8 +10,9 @@
 //!   `preprocessor_config.json`; loads with `CLIPModel.from_pretrained(DIR)` (or
 //!   `ChineseCLIPModel`).
 //!
-//! Every file is written atomically; an export never leaves half a folder that looks complete:
-//! the weights are written last.
+//! An export is written to a temporary folder beside its destination and renamed into place:
+//! the destination holds the old export or the new one, never a mix, and a failed export leaves
+//! nothing behind.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -20,9 +21,9 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use serde_json::{json, Value};
 
-use crate::config::{Activation, ClipConfig, HeadKind, ImageArch, ImagePool, TextKind};
+use crate::config::{Activation, ClipConfig, HeadKind, ImageArch, ImagePool, Pooling, TextKind};
 use crate::data::TextTokenizer;
-use crate::files::write_atomic;
+use crate::files::{sync_dir, write_atomic};
 use crate::model::ClipModel;
 
 /// The layouts an export can take.
@@ -89,6 +90,11 @@ pub fn exportable(cfg: &ClipConfig, format: ExportFormat) -> Result<()> {
             cfg.text.kind
         );
     }
+    if chinese && cfg.text.pooling != Pooling::Cls {
+        bail!(
+            "this BERT text tower averages its tokens (text.pooling = \"mean\"); Hugging Face's ChineseCLIPModel reads the [CLS] token only and open_clip has no BERT text tower, so neither can express it: train with text.pooling = \"cls\" to export"
+        );
+    }
     match format {
         ExportFormat::Hf => {
             if i.arch == ImageArch::ClipResnet {
@@ -102,6 +108,11 @@ pub fn exportable(cfg: &ClipConfig, format: ExportFormat) -> Result<()> {
             if chinese {
                 bail!("open_clip has no Chinese-CLIP text tower (a BERT): export this model with --format hf (ChineseCLIPModel)");
             }
+            for (tower, act) in [("image", i.activation), ("text", cfg.text.activation)] {
+                if act == Activation::Relu && (tower == "text" || i.arch == ImageArch::Vit) {
+                    bail!("open_clip's transformers have no ReLU (GELU or QuickGELU only); this model's {tower} tower uses it: export with --format hf");
+                }
+            }
             if i.arch == ImageArch::Vit && i.activation != cfg.text.activation {
                 bail!(
                     "open_clip has one activation for both towers (quick_gelu true or false); this model's image tower uses {} and its text tower {}: export with --format hf",
@@ -114,8 +125,134 @@ pub fn exportable(cfg: &ClipConfig, format: ExportFormat) -> Result<()> {
     Ok(())
 }
 
-/// Writes `model` (and its tokenizer) to the folder `out` in `format`. Files already there under
-/// the names it writes are refused unless `overwrite`.
+/// Every name an export writes, in either format: a folder holding these alone is an export.
+const EXPORT_FILES: &[&str] = &[
+    "open_clip_config.json",
+    "open_clip_model.safetensors",
+    "config.json",
+    "model.safetensors",
+    "preprocessor_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.txt",
+];
+
+/// What the folder an export is asked to write holds now.
+enum Existing {
+    Nothing,
+    Empty,
+    /// Files an export writes, and nothing else.
+    Export(Vec<String>),
+    /// Anything else: what an export would never write.
+    Other(Vec<String>),
+}
+
+fn existing(out: &Path) -> Result<Existing> {
+    let meta = match std::fs::metadata(out) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Existing::Nothing),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", out.display())),
+    };
+    if !meta.is_dir() {
+        bail!(
+            "{} is not a folder: an export writes a folder; choose another name",
+            out.display()
+        );
+    }
+    let mut names = vec![];
+    let mut others = vec![];
+    for e in std::fs::read_dir(out).with_context(|| format!("reading {}", out.display()))? {
+        let e = e.with_context(|| format!("reading {}", out.display()))?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        let file = e.file_type().map(|t| t.is_file()).unwrap_or(false);
+        if file && EXPORT_FILES.contains(&name.as_str()) {
+            names.push(name);
+        } else {
+            others.push(if file { name } else { format!("{name}/") });
+        }
+    }
+    names.sort();
+    others.sort();
+    Ok(if !others.is_empty() {
+        Existing::Other(others)
+    } else if names.is_empty() {
+        Existing::Empty
+    } else {
+        Existing::Export(names)
+    })
+}
+
+/// `path` with its nearest existing ancestor resolved (links, `..`) and the rest joined lexically:
+/// where the folder would be once created.
+fn resolved(path: &Path) -> Result<PathBuf> {
+    let abs = if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        std::env::current_dir()?.join(path)
+    };
+    let mut rest = vec![];
+    let mut base = abs.as_path();
+    let canonical = loop {
+        if let Ok(c) = base.canonicalize() {
+            break c;
+        }
+        match (base.parent(), base.file_name()) {
+            (Some(p), Some(n)) => {
+                rest.push(n.to_os_string());
+                base = p;
+            }
+            // `..` or the root: resolve what is left lexically.
+            _ => match base.parent() {
+                Some(p) => {
+                    rest.push("..".into());
+                    base = p;
+                }
+                None => break base.to_path_buf(),
+            },
+        }
+    };
+    let mut out = canonical;
+    for c in rest.iter().rev() {
+        if c == ".." {
+            out.pop();
+        } else if c != "." {
+            out.push(c);
+        }
+    }
+    Ok(out)
+}
+
+/// Refuses an `out` that is one of `sources` — the folders the model is read from (a run folder,
+/// a checkpoint's folder) — or lies inside one: replacing it would destroy the model exported,
+/// and an export beside a run's files would be mistaken for them.
+pub fn check_out(out: &Path, sources: &[(&str, &Path)]) -> Result<()> {
+    let at = resolved(out)?;
+    for (what, src) in sources {
+        let Ok(src_at) = src.canonicalize() else {
+            continue;
+        };
+        if at.starts_with(&src_at) {
+            bail!(
+                "{} {} {what} {}: an export there would replace or mix with the model's own files; choose a folder outside it",
+                out.display(),
+                if at == src_at { "is" } else { "lies inside" },
+                src.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// A Python string literal for `s` (a JSON string is one: `\"`, `\\` and `\uXXXX` escapes).
+fn py_str(s: &str) -> String {
+    serde_json::to_string(s).expect("a string serialises")
+}
+
+/// Writes `model` (and its tokenizer) as the folder `out` in `format`. The export is written to a
+/// temporary folder beside `out` and renamed into place, so `out` holds the old export or the new
+/// one, never a mix. An `out` that exists must be empty, or hold an earlier export and
+/// `overwrite` be set (the whole folder is then replaced); a folder holding anything else is
+/// refused, naming it.
 pub fn export(
     model: &ClipModel,
     tokenizer: &TextTokenizer,
@@ -125,6 +262,30 @@ pub fn export(
 ) -> Result<Exported> {
     let cfg = &model.config;
     exportable(cfg, format)?;
+    // Where the folder is (or will be), links and `..` resolved: its parent holds the
+    // temporary folder, so that the final rename stays on one file system.
+    let at = resolved(out)?;
+    let (Some(parent), Some(base)) = (at.parent(), at.file_name()) else {
+        bail!(
+            "{} names no folder an export can be renamed to: choose another",
+            out.display()
+        );
+    };
+    let (parent, base) = (parent.to_path_buf(), base.to_string_lossy().into_owned());
+    let before = existing(&at)?;
+    match &before {
+        Existing::Other(names) => bail!(
+            "{} holds files an export does not write ({}): an export replaces only an empty folder or an earlier export; choose another folder",
+            out.display(),
+            names.join(", ")
+        ),
+        Existing::Export(names) if !overwrite => bail!(
+            "{} already holds an export ({}): pass --overwrite to replace it, or choose another folder",
+            out.display(),
+            names.join(", ")
+        ),
+        _ => {}
+    }
     // A distilled student's maps into its teacher's space served training only.
     let params: HashMap<String, Tensor> = model
         .params
@@ -134,17 +295,30 @@ pub fn export(
         .map(|(k, t)| Ok((k, t.to_device(&Device::Cpu)?.to_dtype(DType::F32)?)))
         .collect::<Result<_>>()?;
     let chinese = cfg.text.kind == TextKind::Bert;
+    let eos = cfg.text.eos_token_id.unwrap_or(tokenizer.sep_id());
+    if format == ExportFormat::Hf && !chinese && eos == 2 && eos as usize + 1 != tokenizer.vocab_size() {
+        // transformers' CLIPTextTransformer takes eos_token_id 2 for an old config and pools
+        // at the largest id instead.
+        bail!("this text tower pools at its end-of-text id 2, which Hugging Face's CLIPModel reads as an old config and replaces by the largest id: export with --format open_clip (pool_type \"eos\")");
+    }
     let (layout, tensors, mut files, weights, python) = match format {
         ExportFormat::OpenClip => {
             let tensors = open_clip_tensors(cfg, &params)?;
-            let config = serde_json::to_vec_pretty(&open_clip_config(cfg))?;
-            let files = vec![
+            let config = serde_json::to_vec_pretty(&open_clip_config(cfg, tokenizer))?;
+            let mut files = vec![
                 ("open_clip_config.json".to_string(), config),
                 ("tokenizer.json".into(), tokenizer.to_json()?.into_bytes()),
             ];
+            if !clip_bpe(tokenizer) {
+                // open_clip's HFTokenizer reads it with transformers' AutoTokenizer.
+                files.push((
+                    "tokenizer_config.json".into(),
+                    serde_json::to_vec_pretty(&tokenizer_config(cfg, tokenizer))?,
+                ));
+            }
             let python = format!(
-                "import open_clip\nmodel, _, preprocess = open_clip.create_model_and_transforms(\"local-dir:{0}\")\ntokenizer = open_clip.get_tokenizer(\"local-dir:{0}\")",
-                out.display()
+                "import open_clip\nmodel, _, preprocess = open_clip.create_model_and_transforms({0})\ntokenizer = open_clip.get_tokenizer({0})",
+                py_str(&format!("local-dir:{}", out.display()))
             );
             ("open_clip", tensors, files, "open_clip_model.safetensors", python)
         }
@@ -162,7 +336,7 @@ pub fn export(
                 ("tokenizer.json".into(), tokenizer.to_json()?.into_bytes()),
                 (
                     "tokenizer_config.json".into(),
-                    serde_json::to_vec_pretty(&tokenizer_config(cfg))?,
+                    serde_json::to_vec_pretty(&tokenizer_config(cfg, tokenizer))?,
                 ),
             ];
             if chinese {
@@ -175,39 +349,78 @@ pub fn export(
                 "CLIPProcessor"
             };
             let python = format!(
-                "from transformers import {class}, {processor}\nmodel = {class}.from_pretrained(\"{0}\")\nprocessor = {processor}.from_pretrained(\"{0}\")",
-                out.display()
+                "from transformers import {class}, {processor}\nmodel = {class}.from_pretrained({0})\nprocessor = {processor}.from_pretrained({0})",
+                py_str(&out.display().to_string())
             );
             (class, tensors, files, "model.safetensors", python)
         }
     };
-    let mut names: Vec<String> = files.iter().map(|(n, _)| n.clone()).collect();
-    names.push(weights.to_string());
-    if !overwrite {
-        let existing: Vec<&String> = names.iter().filter(|n| out.join(n).exists()).collect();
-        if !existing.is_empty() {
-            bail!(
-                "{} already holds {}: pass --overwrite to replace them, or choose another folder",
-                out.display(),
-                existing.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
-            );
-        }
-    }
     let n = tensors.len();
-    // The weights last: a folder whose weights file exists is complete.
     files.push((weights.to_string(), safetensors_pt(&tensors)?));
-    let mut written = vec![];
-    for (name, bytes) in &files {
-        let path = out.join(name);
-        write_atomic(&path, bytes).with_context(|| format!("exporting to {}", out.display()))?;
-        written.push(path);
+    std::fs::create_dir_all(&parent).with_context(|| format!("creating folder {}", parent.display()))?;
+    let prefix = format!(".{base}-export-");
+    let mut builder = tempfile::Builder::new();
+    builder.prefix(&prefix);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        // The umask applies, as to any folder made: not tempfile's private 0700.
+        builder.permissions(std::fs::Permissions::from_mode(0o777));
     }
+    // Removed on any error below: a failed export leaves nothing beside `out`.
+    let tmp = builder
+        .tempdir_in(&parent)
+        .with_context(|| format!("creating a temporary folder in {}", parent.display()))?;
+    for (name, bytes) in &files {
+        write_atomic(&tmp.path().join(name), bytes).with_context(|| format!("exporting to {}", out.display()))?;
+    }
+    install(tmp, &at, &parent, &base, &before)?;
     Ok(Exported {
         layout,
-        files: written,
+        files: files.iter().map(|(name, _)| out.join(name)).collect(),
         tensors: n,
         python,
     })
+}
+
+/// Renames the written folder `tmp` to `out`, replacing what `before` found there.
+fn install(tmp: tempfile::TempDir, out: &Path, parent: &Path, base: &str, before: &Existing) -> Result<()> {
+    let renamed = |from: &Path, to: &Path| {
+        std::fs::rename(from, to).with_context(|| format!("renaming {} to {}", from.display(), to.display()))
+    };
+    match before {
+        Existing::Nothing => renamed(tmp.path(), out)?,
+        Existing::Empty => {
+            std::fs::remove_dir(out).with_context(|| format!("replacing the empty folder {}", out.display()))?;
+            renamed(tmp.path(), out)?;
+        }
+        Existing::Export(_) => {
+            // The old export steps aside under a name of its own, the new one takes its place,
+            // and only then is the old one removed.
+            let old = tempfile::Builder::new()
+                .prefix(&format!(".{base}-replaced-"))
+                .tempdir_in(parent)
+                .with_context(|| format!("creating a temporary folder in {}", parent.display()))?
+                .keep();
+            std::fs::remove_dir(&old).with_context(|| format!("removing {}", old.display()))?;
+            renamed(out, &old)?;
+            if let Err(e) = renamed(tmp.path(), out) {
+                let _ = std::fs::rename(&old, out);
+                return Err(e);
+            }
+            std::fs::remove_dir_all(&old).with_context(|| {
+                format!(
+                    "the new export is in {}, but the one it replaced could not be removed from {}",
+                    out.display(),
+                    old.display()
+                )
+            })?;
+        }
+        Existing::Other(_) => bail!("internal error: {} holds other files", out.display()),
+    }
+    // The folder is `out` now: nothing left to clean up.
+    let _ = tmp.keep();
+    sync_dir(parent)
 }
 
 /// safetensors bytes with PyTorch's `{"format": "pt"}` metadata, names sorted.
@@ -362,8 +575,20 @@ fn act_name(a: Activation) -> &'static str {
     }
 }
 
+/// A tower's LayerNorm epsilon and GELU variant where they are not open_clip's defaults
+/// (`nn.LayerNorm`'s 1e-5, exact GELU or `quick_gelu`): a student trained from scratch has
+/// BERT's 1e-12.
+fn tower_kwargs(tower: &mut Value, eps: f64, act: Activation) {
+    if eps != 1e-5 {
+        tower["norm_kwargs"] = json!({ "eps": eps });
+    }
+    if act == Activation::GeluNew {
+        tower["act_kwargs"] = json!({ "approximate": "tanh" });
+    }
+}
+
 /// `open_clip_config.json`: `model_cfg` as open_clip's model JSONs spell it, and `preprocess_cfg`.
-fn open_clip_config(cfg: &ClipConfig) -> Value {
+fn open_clip_config(cfg: &ClipConfig, tok: &TextTokenizer) -> Value {
     let i = &cfg.image;
     let t = &cfg.text;
     let vision = match i.arch {
@@ -384,6 +609,10 @@ fn open_clip_config(cfg: &ClipConfig) -> Value {
             "pool_type": if i.pool == ImagePool::Avg { "avg" } else { "tok" },
         }),
     };
+    let mut vision = vision;
+    if i.arch == ImageArch::Vit {
+        tower_kwargs(&mut vision, i.layer_norm_eps, i.activation);
+    }
     let mut text = json!({
         "context_length": t.max_position_embeddings,
         "vocab_size": t.vocab_size,
@@ -392,7 +621,19 @@ fn open_clip_config(cfg: &ClipConfig) -> Value {
         "layers": t.n_layers,
         "mlp_ratio": t.hidden_dim as f64 / t.dim.max(1) as f64,
     });
-    if let Some(eos) = t.eos_token_id.filter(|&e| e != 49407) {
+    tower_kwargs(&mut text, t.layer_norm_eps, t.activation);
+    if !clip_bpe(tok) {
+        // Not OpenAI's BPE: open_clip's own tokenizer would give other ids. Any
+        // `hf_tokenizer_name` makes `get_tokenizer("local-dir:…")` read this folder's
+        // tokenizer files with transformers (from the Hub, name the repository here).
+        text["hf_tokenizer_name"] = json!(".");
+        text["pad_id"] = json!(tok.pad_id());
+    }
+    // clipmine pools at the first end-of-text id; open_clip's default (`argmax`) pools at the
+    // largest id, which is the same place only for OpenAI's vocabulary (49407).
+    let eos = t.eos_token_id.unwrap_or(tok.sep_id());
+    if eos != 49407 || !clip_bpe(tok) {
+        text["pool_type"] = json!("eos");
         text["eos_id"] = json!(eos);
     }
     json!({
@@ -497,7 +738,33 @@ fn preprocessor_config(cfg: &ClipConfig) -> Value {
     })
 }
 
-fn tokenizer_config(cfg: &ClipConfig) -> Value {
+/// Whether `tok` is a CLIP byte-level BPE (OpenAI's vocabulary, or a checkpoint's own with its
+/// `<|startoftext|>` … `<|endoftext|>`), which Hugging Face's `CLIPTokenizer` and open_clip's
+/// `SimpleTokenizer` reproduce; a WordPiece trained on the captions is not.
+fn clip_bpe(tok: &TextTokenizer) -> bool {
+    tok.token(tok.cls_id()).as_deref() == Some("<|startoftext|>")
+        && tok.token(tok.sep_id()).as_deref() == Some("<|endoftext|>")
+}
+
+fn tokenizer_config(cfg: &ClipConfig, tok: &TextTokenizer) -> Value {
+    if cfg.text.kind == TextKind::Clip && !clip_bpe(tok) {
+        // A CLIP text transformer over a tokenizer of its own (a student's WordPiece):
+        // `tokenizer.json` as it is, with its own special tokens.
+        let name = |id: u32| tok.token(id).map(Value::String).unwrap_or(Value::Null);
+        let mut c = json!({
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "model_max_length": cfg.data.max_length.min(cfg.text.max_position_embeddings),
+            "bos_token": name(tok.cls_id()),
+            "cls_token": name(tok.cls_id()),
+            "eos_token": name(tok.sep_id()),
+            "sep_token": name(tok.sep_id()),
+            "pad_token": name(tok.pad_id()),
+        });
+        if let Some(unk) = tok.unk_id() {
+            c["unk_token"] = name(unk);
+        }
+        return c;
+    }
     if cfg.text.kind == TextKind::Bert {
         json!({
             "tokenizer_class": "BertTokenizer",

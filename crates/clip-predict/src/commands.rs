@@ -760,11 +760,22 @@ fn export(
 ) -> Result<ExitCode> {
     // Refused from the config alone before anything is loaded (a student distilled on images
     // alone would otherwise open its teacher first).
+    // Nor may OUT be, or lie inside, the folder the model is read from (--overwrite would
+    // replace the model itself).
     if let Some(run) = &choice.run {
+        clip_core::export::check_out(out, &[("the run folder", run)])?;
         let cfg = RunDir::open(run)?.config()?;
         clip_core::export::exportable(&cfg, format).with_context(|| format!("exporting --run {}", run.display()))?;
     }
     let m = load(choice, device)?;
+    if let Origin::Checkpoint { load, .. } = &m.origin {
+        let folders: Vec<(&str, &Path)> = [&load.config_file, &load.weights_file]
+            .into_iter()
+            .filter_map(|f| f.parent())
+            .map(|d| ("the folder the model is read from,", d))
+            .collect();
+        clip_core::export::check_out(out, &folders)?;
+    }
     let e = clip_core::export::export(&m.model, &m.tok, format, out, overwrite)
         .with_context(|| format!("exporting {}", m.flag()))?;
     if json {

@@ -167,9 +167,10 @@ enum Cmd {
         /// open_clip or hf.
         #[arg(long)]
         format: clip_core::export::ExportFormat,
-        /// The folder to write.
+        /// The folder to write (written beside it under a temporary name, then renamed): not the
+        /// run or --model folder, nor inside either.
         out: PathBuf,
-        /// Replace the files of an earlier export in OUT.
+        /// Replace an earlier export in OUT: the whole folder, which must hold an export's files only.
         #[arg(long)]
         overwrite: bool,
     },

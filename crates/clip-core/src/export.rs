@@ -796,3 +796,72 @@ fn vocab_txt(tok: &TextTokenizer) -> String {
     }
     s
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A small ViT student with a CLIP text transformer, from scratch.
+    fn student() -> ClipConfig {
+        let mut cfg = ClipConfig::preset("student-vit-s").unwrap();
+        cfg.projection_dim = 16;
+        cfg.image.image_size = 32;
+        cfg.image.patch_size = 8;
+        cfg.image.width = 16;
+        cfg.image.layers = 1;
+        cfg.image.heads = 2;
+        cfg.image.mlp_dim = 32;
+        cfg.text.vocab_size = 64;
+        cfg.text.dim = 16;
+        cfg.text.n_layers = 1;
+        cfg.text.n_heads = 2;
+        cfg.text.hidden_dim = 32;
+        cfg.text.max_position_embeddings = 16;
+        cfg.data.max_length = 16;
+        cfg
+    }
+
+    #[test]
+    fn hf_refuses_an_end_of_text_id_of_2_that_clipmodel_would_read_as_the_largest_id() {
+        // A vocabulary whose [SEP] is id 2: transformers' CLIPTextTransformer takes
+        // eos_token_id 2 for an old config and pools at the largest id instead.
+        let dir = tempfile::tempdir().unwrap();
+        let vocab = dir.path().join("vocab.txt");
+        std::fs::write(&vocab, "[PAD]\n[UNK]\n[SEP]\n[CLS]\n[MASK]\na\nphoto\nof\ncat\n").unwrap();
+        let tok = TextTokenizer::from_vocab(&vocab, true, 16).unwrap();
+        assert_eq!(tok.sep_id(), 2);
+        let model = ClipModel::new(&student(), &Device::Cpu).unwrap();
+        let out = dir.path().join("hf");
+        let e = format!("{:#}", export(&model, &tok, ExportFormat::Hf, &out, false).unwrap_err());
+        assert!(
+            e.contains("end-of-text id 2") && e.contains("--format open_clip"),
+            "{e}"
+        );
+        assert!(!out.exists());
+        // open_clip pools at it by name (pool_type "eos").
+        let out = dir.path().join("oc");
+        export(&model, &tok, ExportFormat::OpenClip, &out, false).unwrap();
+        let c: Value = serde_json::from_slice(&std::fs::read(out.join("open_clip_config.json")).unwrap()).unwrap();
+        assert_eq!(c["model_cfg"]["text_cfg"]["pool_type"], "eos");
+        assert_eq!(c["model_cfg"]["text_cfg"]["eos_id"], 2);
+    }
+
+    #[test]
+    fn an_out_not_yet_made_is_resolved_through_its_existing_parent() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = dir.path().join("run");
+        std::fs::create_dir(&run).unwrap();
+        let src = [("the run folder", run.as_path())];
+        for inside in [run.join("a/b"), run.join("x/../y"), dir.path().join("z/../run")] {
+            let e = check_out(&inside, &src).unwrap_err().to_string();
+            assert!(e.contains("the run folder"), "{}: {e}", inside.display());
+        }
+        for outside in [
+            dir.path().join("run2"),
+            dir.path().join("run/../other"),
+            dir.path().to_path_buf(),
+        ] {
+            check_out(&outside, &src).unwrap();
+        }
+    }
+}

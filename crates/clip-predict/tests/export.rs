@@ -269,12 +269,13 @@ fn the_python_snippet_quotes_the_export_folder() {
 }
 
 /// A student trained from scratch: a small ViT at 32 px and a text tower of `kind` (`clip`, or
-/// `bert` read at `pooling`) over a WordPiece tokenizer trained on the demo captions; one epoch.
+/// `bert` read at `pooling`), both with the activation `act`, over a WordPiece tokenizer trained on the demo captions; one epoch.
 /// With CLIPMINE_KEEP_RUNS=DIR the run is made in DIR and kept, for
 /// `xtask/reference/check_export.py DIR/*`.
-fn scratch_run(dir: &Path, kind: &str, pooling: &str) -> PathBuf {
+fn scratch_run(dir: &Path, kind: &str, pooling: &str, act: &str) -> PathBuf {
+    let name = format!("scratch-{kind}-{pooling}-{act}");
     let toml = format!(
-        r#"name = "scratch-{kind}-{pooling}"
+        r#"name = "{name}"
 projection_dim = 32
 head = "linear"
 loss = "clip"
@@ -287,7 +288,7 @@ layers = 2
 heads = 2
 mlp_dim = 64
 pool = "tok"
-activation = "gelu"
+activation = "{act}"
 [text]
 kind = "{kind}"
 pooling = "{pooling}"
@@ -299,7 +300,7 @@ hidden_dim = 64
 max_position_embeddings = 64
 dropout = 0.0
 attention_dropout = 0.0
-activation = "gelu"
+activation = "{act}"
 [train]
 epochs = 1
 batch_size = 16
@@ -308,7 +309,7 @@ batch_size = 16
     let cfg = ClipConfig::from_toml_str(&toml).unwrap();
     let data = prepare(&cfg, &DataSource::default(), &Device::Cpu, &clip_core::progress::Silent).unwrap();
     let root = std::env::var_os("CLIPMINE_KEEP_RUNS").map_or(dir.to_path_buf(), PathBuf::from);
-    let out = root.join(format!("scratch-{kind}-{pooling}"));
+    let out = root.join(name);
     let _ = std::fs::remove_dir_all(&out);
     let mut t = Trainer::new(&cfg, data, &out).unwrap();
     let (loss, pps) = t.train_epoch(|_, _, _| {}).unwrap();
@@ -325,7 +326,7 @@ fn json_file(path: &Path) -> serde_json::Value {
 fn from_scratch_students_export_with_their_own_tokenizer_and_pooling_or_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     // A CLIP text transformer over its own WordPiece: read at [SEP], not at the largest id.
-    let run = scratch_run(dir.path(), "clip", "eot");
+    let run = scratch_run(dir.path(), "clip", "eot", "gelu");
     let (code, want) = answers("--run", &run);
     assert_eq!(code, Some(0), "{want}");
     let score = |json: &str| -> Vec<f64> {
@@ -370,7 +371,7 @@ fn from_scratch_students_export_with_their_own_tokenizer_and_pooling_or_are_refu
         assert!(d <= 1e-6, "{format}: max |Δ| {d}");
     }
     // A BERT read at [CLS]: ChineseCLIPModel; open_clip has no BERT text tower.
-    let run = scratch_run(dir.path(), "bert", "cls");
+    let run = scratch_run(dir.path(), "bert", "cls", "gelu");
     let (code, _, err) = predict(&[
         "export",
         "--run",
@@ -386,7 +387,7 @@ fn from_scratch_students_export_with_their_own_tokenizer_and_pooling_or_are_refu
     assert!(err.contains("open_clip has no Chinese-CLIP text tower"), "{err}");
     assert!(!out.exists());
     // A BERT read at the mean of its tokens: neither library pools so.
-    let run = scratch_run(dir.path(), "bert", "mean");
+    let run = scratch_run(dir.path(), "bert", "mean", "gelu");
     for format in ["hf", "open_clip"] {
         let out = dir.path().join(format!("mean-{format}"));
         let (code, _, err) = predict(&["export", "--run", s(&run), "--format", format, s(&out)]);
@@ -397,4 +398,24 @@ fn from_scratch_students_export_with_their_own_tokenizer_and_pooling_or_are_refu
         );
         assert!(!out.exists());
     }
+    // GELU's tanh form: open_clip's act_kwargs. ReLU: no open_clip transformer has it.
+    let run = scratch_run(dir.path(), "clip", "eot", "gelu_new");
+    let out = dir.path().join("tanh");
+    let (code, _, err) = predict(&["export", "--run", s(&run), "--format", "open_clip", s(&out)]);
+    assert_eq!(code, Some(0), "{err}");
+    let m = &json_file(&out.join("open_clip_config.json"))["model_cfg"];
+    for tower in ["vision_cfg", "text_cfg"] {
+        assert_eq!(m[tower]["act_kwargs"]["approximate"], "tanh", "{m}");
+    }
+    let run = scratch_run(dir.path(), "clip", "eot", "relu");
+    let out = dir.path().join("relu");
+    let (code, _, err) = predict(&["export", "--run", s(&run), "--format", "open_clip", s(&out)]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("open_clip's transformers have no ReLU") && err.contains("--format hf"),
+        "{err}"
+    );
+    assert!(!out.exists());
+    let (code, _, err) = predict(&["export", "--run", s(&run), "--format", "hf", s(&out)]);
+    assert_eq!(code, Some(0), "{err}");
 }

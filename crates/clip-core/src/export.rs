@@ -721,14 +721,24 @@ fn preprocessor_config(cfg: &ClipConfig) -> Value {
     let i = &cfg.image;
     let chinese = cfg.text.kind == TextKind::Bert;
     let s = i.image_size;
+    // The shorter side before the centre crop: as read from a processor, else the crop over
+    // `crop_pct`; and the filter the model was prepared with (PIL's codes).
+    let edge = i
+        .resize
+        .unwrap_or_else(|| (s as f64 / i.crop_pct.clamp(1e-3, 1.0)).round() as usize);
+    let resample = match i.interpolation {
+        crate::config::Interpolation::Nearest => 0,
+        crate::config::Interpolation::Bilinear => 2,
+        crate::config::Interpolation::Bicubic => 3,
+    };
     json!({
         "image_processor_type": if chinese { "ChineseCLIPImageProcessor" } else { "CLIPImageProcessor" },
         "processor_class": if chinese { "ChineseCLIPProcessor" } else { "CLIPProcessor" },
         "do_resize": true,
-        "size": if cfg.data.center_crop { json!({"shortest_edge": s}) } else { json!({"height": s, "width": s}) },
+        "size": if cfg.data.center_crop { json!({"shortest_edge": edge}) } else { json!({"height": s, "width": s}) },
         "do_center_crop": cfg.data.center_crop,
         "crop_size": {"height": s, "width": s},
-        "resample": 3,
+        "resample": resample,
         "do_rescale": true,
         "rescale_factor": 1.0 / 255.0,
         "do_normalize": true,

@@ -418,8 +418,8 @@ fn apply_open_clip(cfg: &mut ClipConfig, json: &Value, name: &str) -> Result<()>
             i.patch_size = num(v, "patch_size", 16)?;
             i.heads = i.width / head_width.max(1);
             i.mlp_dim = (i.width as f64 * float(v, "mlp_ratio", 4.0)) as usize;
-            i.activation = act;
-            i.layer_norm_eps = 1e-5;
+            i.activation = tower_act(v, act);
+            i.layer_norm_eps = norm_eps(v);
             let pool = v.get("pool_type").and_then(Value::as_str);
             i.pool = match (pool, v.get("global_average_pool").and_then(Value::as_bool)) {
                 (Some("avg"), _) | (None, Some(true)) => ImagePool::Avg,
@@ -441,8 +441,8 @@ fn apply_open_clip(cfg: &mut ClipConfig, json: &Value, name: &str) -> Result<()>
     tx.n_layers = num(t, "layers", 12)?;
     tx.hidden_dim = (tx.dim as f64 * float(t, "mlp_ratio", 4.0)) as usize;
     tx.max_position_embeddings = num(t, "context_length", 77)?;
-    tx.layer_norm_eps = 1e-5;
-    tx.activation = act;
+    tx.layer_norm_eps = norm_eps(t);
+    tx.activation = tower_act(t, act);
     tx.dropout = 0.0;
     tx.attention_dropout = 0.0;
     tx.eos_token_id = Some(num(t, "eos_id", 49407)? as u32);
@@ -458,6 +458,31 @@ fn apply_open_clip(cfg: &mut ClipConfig, json: &Value, name: &str) -> Result<()>
         (cfg.image.mean, cfg.image.std) = (OPENAI_MEAN, OPENAI_STD);
     }
     Ok(())
+}
+
+/// A tower's LayerNorm epsilon: `norm_kwargs.eps` (clipmine writes it for students trained from
+/// scratch, with BERT's 1e-12), else `nn.LayerNorm`'s 1e-5.
+fn norm_eps(tower: &Value) -> f64 {
+    tower
+        .get("norm_kwargs")
+        .and_then(|k| k.get("eps"))
+        .and_then(Value::as_f64)
+        .filter(|e| e.is_finite() && *e > 0.0)
+        .unwrap_or(1e-5)
+}
+
+/// A tower's activation: `act_kwargs.approximate = "tanh"` makes open_clip's GELU the tanh form.
+fn tower_act(tower: &Value, act: Activation) -> Activation {
+    let tanh = tower
+        .get("act_kwargs")
+        .and_then(|k| k.get("approximate"))
+        .and_then(Value::as_str)
+        == Some("tanh");
+    if tanh && act == Activation::Gelu {
+        Activation::GeluNew
+    } else {
+        act
+    }
 }
 
 /// Hugging Face's `preprocessor_config.json`: mean, std, and the crop size.

@@ -356,11 +356,10 @@ fn from_scratch_students_export_with_their_own_tokenizer_and_pooling_or_are_refu
             assert!(t["hf_tokenizer_name"].is_string(), "{t}");
             // BERT's LayerNorm epsilon, which a from-scratch tower keeps (open_clip's is 1e-5).
             assert_eq!(t["norm_kwargs"]["eps"], 1e-12);
-            // clipmine's own reader of open_clip folders takes 1e-5: only Python is compared
-            // (xtask/reference/check_export.py).
-            continue;
+        } else {
+            assert_eq!(json_file(&out.join("config.json"))["text_config"]["eos_token_id"], 3);
         }
-        assert_eq!(json_file(&out.join("config.json"))["text_config"]["eos_token_id"], 3);
+        // clipmine reads its export back as it was (the open_clip reader takes `norm_kwargs`).
         let (code, got) = answers("--model", &out);
         assert_eq!(code, Some(0), "{got}");
         let d = score(&want)
@@ -407,6 +406,15 @@ fn from_scratch_students_export_with_their_own_tokenizer_and_pooling_or_are_refu
     for tower in ["vision_cfg", "text_cfg"] {
         assert_eq!(m[tower]["act_kwargs"]["approximate"], "tanh", "{m}");
     }
+    let want = answers("--run", &run).1;
+    let (code, got) = answers("--model", &out);
+    assert_eq!(code, Some(0), "{got}");
+    let d = score(&want)
+        .iter()
+        .zip(score(&got))
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f64::max);
+    assert!(d <= 1e-6, "tanh GELU read back from open_clip: max |Δ| {d}");
     let run = scratch_run(dir.path(), "clip", "eot", "relu");
     let out = dir.path().join("relu");
     let (code, _, err) = predict(&["export", "--run", s(&run), "--format", "open_clip", s(&out)]);
@@ -418,4 +426,25 @@ fn from_scratch_students_export_with_their_own_tokenizer_and_pooling_or_are_refu
     assert!(!out.exists());
     let (code, _, err) = predict(&["export", "--run", s(&run), "--format", "hf", s(&out)]);
     assert_eq!(code, Some(0), "{err}");
+}
+
+#[test]
+fn an_export_keeps_the_processors_shortest_edge_and_resample_filter() {
+    // A Hugging Face CLIP whose processor resizes the shorter side to 40 (bilinear) before the
+    // 32-pixel crop: its export must prepare images the same way (it wrote 32 and bicubic).
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    clipmine_tests::copy_dir(&checkpoint("hf-clip"), &model);
+    let pre = model.join("preprocessor_config.json");
+    let mut p = json_file(&pre);
+    p["size"] = serde_json::json!({"shortest_edge": 40});
+    p["resample"] = serde_json::json!(2);
+    std::fs::write(&pre, p.to_string()).unwrap();
+    let out = dir.path().join("out");
+    let (code, _, err) = predict(&["export", "--model", s(&model), "--format", "hf", s(&out)]);
+    assert_eq!(code, Some(0), "{err}");
+    let e = json_file(&out.join("preprocessor_config.json"));
+    assert_eq!(e["size"]["shortest_edge"], 40, "{e}");
+    assert_eq!(e["crop_size"]["height"], 32, "{e}");
+    assert_eq!(e["resample"], 2, "{e}");
 }

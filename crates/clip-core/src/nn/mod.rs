@@ -8,6 +8,7 @@
 mod attention_cpu;
 mod batch_norm;
 mod batch_norm_cpu;
+pub mod bf16;
 mod conv;
 mod conv_cpu;
 pub mod dispatch;

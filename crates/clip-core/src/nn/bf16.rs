@@ -95,17 +95,20 @@ fn amx_cpuid() -> bool {
 /// inputs as zero anyway, so flushing here makes the AMX and fallback paths see the same operands.
 #[inline(always)]
 pub fn f32_to_bf16_bits(x: f32) -> u16 {
+    // Branch-free (selects), so that packing loops vectorise.
     let bits = x.to_bits();
-    if x.is_nan() {
-        return ((bits >> 16) as u16) | 0x0040;
-    }
-    if bits & 0x7f80_0000 == 0 {
-        // ±0 or subnormal: signed zero.
-        return ((bits >> 16) as u16) & 0x8000;
-    }
-    let lsb = (bits >> 16) & 1;
-    // No overflow: the largest non-NaN pattern is 0xff80_0000 (−∞), and 0xff80_0000 + 0x8000 fits.
-    (bits.wrapping_add(0x7fff + lsb) >> 16) as u16
+    let abs = bits & 0x7fff_ffff;
+    let high = bits >> 16;
+    // No overflow: the largest non-NaN pattern is 0xff80_0000 (−∞), and + 0x8000 fits.
+    let rounded = bits.wrapping_add(0x7fff + (high & 1)) >> 16;
+    let out = if abs > 0x7f80_0000 {
+        high | 0x0040 // NaN: keep sign and top payload, set the quiet bit
+    } else if abs < 0x0080_0000 {
+        high & 0x8000 // ±0 or subnormal: signed zero
+    } else {
+        rounded
+    };
+    out as u16
 }
 
 /// bf16 bits → f32 (exact).
@@ -205,7 +208,41 @@ fn gemm_fallback(a: &[f32], b: &[f32], m: usize, k: usize, n: usize) -> Vec<f32>
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
 mod amx {
     use super::f32_to_bf16_bits;
+    use crate::nn::vmath::vectorized;
     use rayon::prelude::*;
+
+    /// `dst[i] = bf16(src[i])` (the rest of `dst` is left as is).
+    #[inline(always)]
+    fn convert(dst: &mut [u16], src: &[f32]) {
+        for (d, &s) in dst.iter_mut().zip(src) {
+            *d = f32_to_bf16_bits(s);
+        }
+    }
+
+    /// Panel `jb` of B (columns 32jb..32jb+32, zero past n and k) in the VNNI-2 layout.
+    #[inline(always)]
+    fn pack_b_panel(dst: &mut [u16], b: &[f32], k: usize, n: usize, jb: usize) {
+        let j0 = jb * 32;
+        let w = (n - j0).min(32);
+        for (pr, out) in dst.chunks_exact_mut(64).enumerate() {
+            let r = 2 * pr;
+            if r >= k {
+                break;
+            }
+            let even = &b[r * n + j0..r * n + j0 + w];
+            if r + 1 < k {
+                let odd = &b[(r + 1) * n + j0..(r + 1) * n + j0 + w];
+                for ((o, &x), &y) in out.chunks_exact_mut(2).zip(even).zip(odd) {
+                    o[0] = f32_to_bf16_bits(x);
+                    o[1] = f32_to_bf16_bits(y);
+                }
+            } else {
+                for (o, &x) in out.chunks_exact_mut(2).zip(even) {
+                    o[0] = f32_to_bf16_bits(x);
+                }
+            }
+        }
+    }
 
     const ARCH_GET_XCOMP_PERM: libc::c_long = 0x1022;
     const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
@@ -339,36 +376,30 @@ mod amx {
         // A: mp × kp bf16, row-major, zero padding.
         let mut ap = vec![0u16; mp * kp];
         ap.par_chunks_mut(kp).zip(a.par_chunks(k)).for_each(|(dst, src)| {
-            for (d, &s) in dst.iter_mut().zip(src) {
-                *d = f32_to_bf16_bits(s);
-            }
+            vectorized(
+                #[inline(always)]
+                || convert(dst, src),
+            )
         });
-        // B: VNNI-2, kp/2 pair-rows of np pairs: bp[(r/2)·2np + 2j + (r&1)] = B[r][j].
-        let ldb = 2 * np;
-        let mut bp = vec![0u16; kp / 2 * ldb];
-        bp.par_chunks_mut(ldb).enumerate().for_each(|(pr, dst)| {
-            for half in 0..2 {
-                let r = 2 * pr + half;
-                if r >= k {
-                    break;
-                }
-                for (j, &s) in b[r * n..(r + 1) * n].iter().enumerate() {
-                    dst[2 * j + half] = f32_to_bf16_bits(s);
-                }
-            }
+        // B: VNNI-2, one contiguous panel per 32 columns (kp/2 pair-rows of 32 pairs = 64 u16):
+        // panel jb, pair-row r/2, column j: bp[jb·(kp/2)·64 + (r/2)·64 + 2(j − 32jb) + (r&1)] = B[r][j].
+        let panel = kp / 2 * 64;
+        let mut bp = vec![0u16; np / 32 * panel];
+        bp.par_chunks_mut(panel).enumerate().for_each(|(jb, dst)| {
+            vectorized(
+                #[inline(always)]
+                || pack_b_panel(dst, b, k, n, jb),
+            )
         });
         let mut c = vec![0.0f32; m * n];
         c.par_chunks_mut(32 * n).enumerate().for_each(|(ib, rows)| {
             let mut block = Block([0.0; 32 * 32]);
             let a_panel = &ap[ib * 32 * kp..(ib + 1) * 32 * kp];
             let m_here = rows.len() / n;
-            for jb in 0..np / 32 {
-                let b_cols = &bp[jb * 64..];
+            for (jb, b_panel) in bp.chunks_exact(panel).enumerate() {
                 // SAFETY: permission checked by the caller; kp is a non-zero multiple of 32;
-                // `a_panel` holds 32 rows of kp at stride kp; from `b_cols`, kp/2 rows of ldb u16
-                // with this block's 64 u16 (32 pairs) at the start of each row: the last row ends
-                // at (kp/2 − 1)·ldb + 64 ≤ bp.len() − jb·64 because jb·64 + 64 ≤ ldb.
-                unsafe { kernel_32x32(a_panel.as_ptr(), kp, b_cols.as_ptr(), ldb, kp, &mut block) };
+                // `a_panel` holds 32 rows of kp at stride kp, `b_panel` kp/2 rows of 64 u16.
+                unsafe { kernel_32x32(a_panel.as_ptr(), kp, b_panel.as_ptr(), 64, kp, &mut block) };
                 let n_here = (n - jb * 32).min(32);
                 for i in 0..m_here {
                     rows[i * n + jb * 32..i * n + jb * 32 + n_here].copy_from_slice(&block.0[i * 32..i * 32 + n_here]);
@@ -574,6 +605,39 @@ mod tests {
         assert_eq!(f32_to_bf16_bits(-0.0), 0x8000);
         assert_eq!(f32_to_bf16_bits(f32::from_bits(0x0000_0001)), 0x0000);
         assert_eq!(f32_to_bf16_bits(f32::from_bits(0x807f_ffff)), 0x8000);
+    }
+
+    /// The rounding agrees with candle's f32 → bf16 conversion (`half::bf16::from_f32`, RNE) on
+    /// every normal, infinite and NaN input class, over a sweep of bit patterns that includes the
+    /// ties (low 16 bits 0x8000) on both sides.
+    #[test]
+    fn rounding_matches_candle_bf16() {
+        use candle_core::{DType, Device, Tensor};
+        let xs: Vec<f32> = (0u32..1 << 20)
+            .map(|i| {
+                let bits = i.wrapping_mul(4099);
+                // Every other one an exact tie (low 16 bits 0x8000).
+                f32::from_bits(if i & 1 == 0 {
+                    bits
+                } else {
+                    (bits & 0xffff_0000) | 0x8000
+                })
+            })
+            .filter(|x| !x.is_subnormal())
+            .collect();
+        let theirs = Tensor::from_slice(&xs, xs.len(), &Device::Cpu)
+            .and_then(|t| t.to_dtype(DType::BF16))
+            .and_then(|t| t.to_dtype(DType::F32))
+            .and_then(|t| t.to_vec1::<f32>())
+            .unwrap();
+        for (&x, &t) in xs.iter().zip(&theirs) {
+            let ours = round_bf16(x);
+            assert!(
+                ours.to_bits() == t.to_bits() || (ours.is_nan() && t.is_nan()),
+                "{x:e} ({:#x}): {ours:e} vs {t:e}",
+                x.to_bits()
+            );
+        }
     }
 
     #[test]

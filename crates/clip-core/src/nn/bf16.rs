@@ -300,33 +300,29 @@ mod amx {
         x.div_ceil(to) * to
     }
 
-    /// A 32×32 f32 block of output, 64-byte aligned (tile stores need no alignment, but aligned
-    /// rows avoid split cache lines).
-    #[repr(C, align(64))]
-    struct Block([f32; 32 * 32]);
-
-    /// The 32×32 micro-kernel: `c` (32×32 f32, row stride 32) = A (32 rows × kp bf16 at `a`,
-    /// row stride `lda` elements) × B (VNNI-2 packed: kp/2 pair-rows, each `ldb` u16, this block's
-    /// 32 columns starting at `b`). Tiles: tmm0–3 the four 16×16 C quadrants, tmm4/5 A rows 0–15 /
-    /// 16–31, tmm6/7 B columns 0–15 / 16–31; 4 `tdpbf16ps` per 32 of K, the whole K loop inside.
+    /// The 32×32 micro-kernel, C += A·B: C is 32×32 f32 at `c` (row stride `ldc` elements),
+    /// A 32 rows × `kc` bf16 at `a` (row stride `lda` elements), B VNNI-2 packed, `kc`/2 pair-rows
+    /// of 32 pairs (64 u16) at `b`, row stride `ldb` u16. Tiles: tmm0–3 the four 16×16 C
+    /// quadrants (loaded from `c`, stored back), tmm4/5 A rows 0–15 / 16–31, tmm6/7 B columns
+    /// 0–15 / 16–31; 4 `tdpbf16ps` (16×16×32 each) per 32 of K, the whole K loop inside.
     ///
     /// # Safety
-    /// AMX permission granted ([`request_permission`]); `kp` a non-zero multiple of 32; `a` valid
-    /// for 32 rows of `kp` elements at stride `lda`; `b` valid for `kp / 2` rows of 64 u16 at
-    /// stride `ldb`.
-    unsafe fn kernel_32x32(a: *const u16, lda: usize, b: *const u16, ldb: usize, kp: usize, c: &mut Block) {
+    /// AMX permission granted ([`request_permission`]); `kc` a non-zero multiple of 32; `a` valid
+    /// for 32 rows of `kc` elements at stride `lda`; `b` for `kc / 2` rows of 64 u16 at stride
+    /// `ldb`; `c` valid for reads and writes of 32 rows of 32 f32 at stride `ldc`.
+    unsafe fn kernel_32x32(a: *const u16, lda: usize, b: *const u16, ldb: usize, kc: usize, c: *mut f32, ldc: usize) {
         let sb = ldb * 2;
-        // SAFETY: the caller guarantees the permission and the extents of A and B read here;
-        // the stores write 32 rows of 128 bytes at stride 128 into `c`, exactly its 4 KiB. The
-        // whole configure / compute / store / release sequence is in this one block (tile state
-        // is per thread and not preserved across blocks), and every tile is declared clobbered.
+        // SAFETY: the caller guarantees the permission and the extents of A, B and C read and
+        // written here. The whole configure / compute / store / release sequence is in this one
+        // block (tile state is per thread and not preserved across blocks), and every tile is
+        // declared clobbered.
         unsafe {
             core::arch::asm!(
                 "ldtilecfg [{cfg}]",
-                "tilezero tmm0",
-                "tilezero tmm1",
-                "tilezero tmm2",
-                "tilezero tmm3",
+                "tileloadd tmm0, [{c} + {sc}*1]",
+                "tileloadd tmm1, [{c} + {sc}*1 + 64]",
+                "tileloadd tmm2, [{c2} + {sc}*1]",
+                "tileloadd tmm3, [{c2} + {sc}*1 + 64]",
                 "2:",
                 "tileloadd tmm4, [{a} + {sa}*1]",
                 "tileloadd tmm5, [{a2} + {sa}*1]",
@@ -350,13 +346,13 @@ mod amx {
                 a = inout(reg) a => _,
                 a2 = inout(reg) a.add(16 * lda) => _,
                 b = inout(reg) b => _,
-                kb = inout(reg) kp / 32 => _,
+                kb = inout(reg) kc / 32 => _,
                 sa = in(reg) lda * 2,
                 sb = in(reg) sb,
                 bstep = in(reg) 16 * sb,
-                c = in(reg) c.0.as_mut_ptr(),
-                c2 = in(reg) c.0.as_mut_ptr().add(16 * 32),
-                sc = in(reg) 32usize * 4,
+                c = in(reg) c,
+                c2 = in(reg) c.add(16 * ldc),
+                sc = in(reg) ldc * 4,
                 out("tmm0") _,
                 out("tmm1") _,
                 out("tmm2") _,
@@ -370,8 +366,18 @@ mod amx {
         }
     }
 
+    /// K block of the AMX path: a 32×256 bf16 slice of A (16 KiB) stays in L1 while the B panels'
+    /// 256×32 slices (16 KiB each) stream past it.
+    pub(super) const KC: usize = 256;
+
     /// [`super::gemm_bf16`] on AMX. Requires the permission (checked by the caller), m, k, n ≥ 1.
     pub(super) fn gemm(a: &[f32], b: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
+        gemm_kc(a, b, m, k, n, KC)
+    }
+
+    /// [`gemm`] with K blocks of `kc` (a non-zero multiple of 32; larger than K means one block).
+    pub(super) fn gemm_kc(a: &[f32], b: &[f32], m: usize, k: usize, n: usize, kc: usize) -> Vec<f32> {
+        assert!(kc > 0 && kc.is_multiple_of(32), "K block {kc} not a positive multiple of 32");
         let (mp, kp, np) = (round_up(m, 32), round_up(k, 32), round_up(n, 32));
         // A: mp × kp bf16, row-major, zero padding.
         let mut ap = vec![0u16; mp * kp];
@@ -393,17 +399,31 @@ mod amx {
         });
         let mut c = vec![0.0f32; m * n];
         c.par_chunks_mut(32 * n).enumerate().for_each(|(ib, rows)| {
-            let mut block = Block([0.0; 32 * 32]);
+            // This row panel's 32 × np f32 result, accumulated over the K blocks.
+            let mut acc = vec![0.0f32; 32 * np];
             let a_panel = &ap[ib * 32 * kp..(ib + 1) * 32 * kp];
-            let m_here = rows.len() / n;
-            for (jb, b_panel) in bp.chunks_exact(panel).enumerate() {
-                // SAFETY: permission checked by the caller; kp is a non-zero multiple of 32;
-                // `a_panel` holds 32 rows of kp at stride kp, `b_panel` kp/2 rows of 64 u16.
-                unsafe { kernel_32x32(a_panel.as_ptr(), kp, b_panel.as_ptr(), 64, kp, &mut block) };
-                let n_here = (n - jb * 32).min(32);
-                for i in 0..m_here {
-                    rows[i * n + jb * 32..i * n + jb * 32 + n_here].copy_from_slice(&block.0[i * 32..i * 32 + n_here]);
+            for k0 in (0..kp).step_by(kc) {
+                let kh = kc.min(kp - k0);
+                for (jb, b_panel) in bp.chunks_exact(panel).enumerate() {
+                    // SAFETY: permission checked by the caller; kh is a non-zero multiple of 32;
+                    // from a_panel[k0..], 32 rows of kh at stride kp (k0 + kh ≤ kp); from
+                    // b_panel[k0/2·64..], kh/2 rows of 64 u16 (the panel has kp/2 rows); from
+                    // acc[32·jb..], 32 rows of 32 f32 at stride np (32·jb + 32 ≤ np).
+                    unsafe {
+                        kernel_32x32(
+                            a_panel.as_ptr().add(k0),
+                            kp,
+                            b_panel.as_ptr().add(k0 / 2 * 64),
+                            64,
+                            kh,
+                            acc.as_mut_ptr().add(32 * jb),
+                            np,
+                        )
+                    };
                 }
+            }
+            for (dst, src) in rows.chunks_exact_mut(n).zip(acc.chunks_exact(np)) {
+                dst.copy_from_slice(&src[..n]);
             }
         });
         c
@@ -513,6 +533,26 @@ mod tests {
             return;
         }
         check_path(true);
+    }
+
+    /// The AMX path with K split in blocks of every size (C accumulated across blocks in tiles).
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    #[test]
+    fn amx_k_blocks_accumulate() {
+        if !amx_usable() {
+            eprintln!("skipped: no usable AMX here ({:?})", bf16_hardware());
+            return;
+        }
+        for (s, &(m, k, n)) in SHAPES.iter().enumerate() {
+            let a = data(m * k, 500 + s as u64);
+            let b = data(k * n, 600 + s as u64);
+            let (want, abs) = reference(&rounded(&a), &rounded(&b), m, k, n);
+            for kc in [32, 64, 96, amx::KC, 1 << 20] {
+                let got = amx::gemm_kc(&a, &b, m, k, n, kc);
+                let err = worst_relative(&got, &want, &abs);
+                assert!(err <= TOL, "{m}×{k}×{n}, K blocks of {kc}: error {err:e}·Σ|ab|");
+            }
+        }
     }
 
     #[test]
@@ -711,15 +751,19 @@ mod tests {
             std::hint::black_box(gemm_bf16_on(&a, &b, m, k, n, false).unwrap());
         });
         println!("gemm_bf16 fallback   {:8.1} GFLOP/s", flop / fb / 1e9);
-        if bf16_hardware() == Bf16Support::Amx {
-            let amx = time(&mut || {
-                std::hint::black_box(gemm_bf16_on(&a, &b, m, k, n, true).unwrap());
-            });
-            println!(
-                "gemm_bf16 AMX        {:8.1} GFLOP/s ({:.2}× fp32)",
-                flop / amx / 1e9,
-                fp32 / amx
-            );
+        #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+        if amx_usable() {
+            for kc in [amx::KC, 1 << 20] {
+                let t = time(&mut || {
+                    std::hint::black_box(amx::gemm_kc(&a, &b, m, k, n, kc));
+                });
+                println!(
+                    "gemm_bf16 AMX, K blocks of {:4}  {:8.1} GFLOP/s ({:.2}× fp32)",
+                    kc.min(k),
+                    flop / t / 1e9,
+                    fp32 / t
+                );
+            }
         }
     }
 }

@@ -377,12 +377,8 @@ mod amx {
         gemm_kc(a, b, m, k, n, KC)
     }
 
-    /// [`gemm`] with K blocks of `kc` (a non-zero multiple of 32; larger than K means one block).
-    pub(super) fn gemm_kc(a: &[f32], b: &[f32], m: usize, k: usize, n: usize, kc: usize) -> Vec<f32> {
-        assert!(
-            kc > 0 && kc.is_multiple_of(32),
-            "K block {kc} not a positive multiple of 32"
-        );
+    /// A as mp × kp bf16 (row-major, zero padding) and B as VNNI-2 panels (see below).
+    pub(super) fn pack(a: &[f32], b: &[f32], m: usize, k: usize, n: usize) -> (Vec<u16>, Vec<u16>) {
         let (mp, kp, np) = (round_up(m, 32), round_up(k, 32), round_up(n, 32));
         // A: mp × kp bf16, row-major, zero padding.
         let mut ap = vec![0u16; mp * kp];
@@ -402,6 +398,18 @@ mod amx {
                 || pack_b_panel(dst, b, k, n, jb),
             )
         });
+        (ap, bp)
+    }
+
+    /// [`gemm`] with K blocks of `kc` (a non-zero multiple of 32; larger than K means one block).
+    pub(super) fn gemm_kc(a: &[f32], b: &[f32], m: usize, k: usize, n: usize, kc: usize) -> Vec<f32> {
+        assert!(
+            kc > 0 && kc.is_multiple_of(32),
+            "K block {kc} not a positive multiple of 32"
+        );
+        let (kp, np) = (round_up(k, 32), round_up(n, 32));
+        let panel = kp / 2 * 64;
+        let (ap, bp) = pack(a, b, m, k, n);
         let mut c = vec![0.0f32; m * n];
         c.par_chunks_mut(32 * n).enumerate().for_each(|(ib, rows)| {
             // This row panel's 32 × np f32 result, accumulated over the K blocks.
@@ -758,6 +766,10 @@ mod tests {
         println!("gemm_bf16 fallback   {:8.1} GFLOP/s", flop / fb / 1e9);
         #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
         if amx_usable() {
+            let t = time(&mut || {
+                std::hint::black_box(amx::pack(&a, &b, m, k, n));
+            });
+            println!("  of which packing A and B to bf16: {:.3} ms", t * 1e3);
             for kc in [amx::KC, 1 << 20] {
                 let t = time(&mut || {
                     std::hint::black_box(amx::gemm_kc(&a, &b, m, k, n, kc));

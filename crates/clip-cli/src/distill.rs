@@ -5,12 +5,23 @@ use candle_core::Device;
 use clip_core::distill::{Inherited, Teacher};
 use clip_core::ClipConfig;
 
-/// The teacher the config names, loaded and described (`None`: no `[distill] teacher`).
-pub fn open_teacher(cfg: &ClipConfig, dev: &Device) -> Result<Option<Teacher>> {
+/// The teacher the config names, loaded and described (`None`: no `[distill] teacher`). A
+/// teacher `recorded` in a run folder (a resume without `--teacher`) is read from this machine
+/// only — a local folder, or the Hub cache — never downloaded because a run folder names it.
+pub fn open_teacher(cfg: &ClipConfig, dev: &Device, recorded: bool) -> Result<Option<Teacher>> {
     let Some(spec) = &cfg.distill.teacher else {
         return Ok(None);
     };
-    let t = Teacher::open(spec, dev)?;
+    let t = if recorded {
+        let offline = clip_core::hub::Hub::new(clip_core::hub::Hub::from_env().cache_dir(), true).with_progress(false);
+        Teacher::open_with(spec, &offline, dev).map_err(|e| {
+            e.context(format!(
+                "the teacher {spec} this run records is read from this machine only (a run folder never makes clipmine download a model): pass --teacher to name it yourself"
+            ))
+        })?
+    } else {
+        Teacher::open(spec, dev)?
+    };
     println!(
         "teacher: {} ({:.1} M parameters, {}-dimensional embeddings, logit scale {:.1})",
         t.describe,

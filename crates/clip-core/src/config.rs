@@ -54,6 +54,9 @@ pub enum ImagePool {
 pub const MAX_SIZE: usize = 1 << 24;
 /// The most blocks (layers, one ResNet stage's depth) a tower may have.
 pub const MAX_BLOCKS: usize = 1024;
+/// The largest image side a model is prepared at (`image.image_size`, `image.resize`): every
+/// photo is resized to it, so it bounds the memory one image takes (CLIPs use 224–448).
+pub const MAX_PREPARED_SIDE: usize = 4096;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -909,6 +912,20 @@ impl ClipConfig {
         for (name, v) in sizes {
             if v > MAX_SIZE {
                 errs.push(format!("{name} {v} is larger than any model's (at most {MAX_SIZE})"));
+            }
+        }
+        if i.image_size > MAX_PREPARED_SIDE {
+            errs.push(format!(
+                "image.image_size {} is larger than any image clipmine prepares (at most {MAX_PREPARED_SIDE})",
+                i.image_size
+            ));
+        }
+        if let Some(r) = i.resize {
+            if r > MAX_PREPARED_SIDE || r < i.image_size {
+                errs.push(format!(
+                    "image.resize {r} must lie between image.image_size ({}) and {MAX_PREPARED_SIDE}: the shorter side is resized to it before the centre crop",
+                    i.image_size
+                ));
             }
         }
         let mut blocks = vec![("image.layers", i.layers), ("text.n_layers", t.n_layers)];

@@ -394,9 +394,21 @@ fn install(tmp: tempfile::TempDir, out: &Path, parent: &Path, base: &str, before
             std::fs::remove_dir(out).with_context(|| format!("replacing the empty folder {}", out.display()))?;
             renamed(tmp.path(), out)?;
         }
+        Existing::Export(_) if exchange(tmp.path(), out)? => {
+            // One atomic swap: `out` is the new export, `tmp` holds the old one (dropping `tmp`
+            // removes it). There is no moment without an `out`.
+            sync_dir(parent)?;
+            return tmp.close().with_context(|| {
+                format!(
+                    "the new export is in {}, but the one it replaced could not be removed",
+                    out.display()
+                )
+            });
+        }
         Existing::Export(_) => {
-            // The old export steps aside under a name of its own, the new one takes its place,
-            // and only then is the old one removed.
+            // Where the file system cannot swap two names at once: the old export steps aside
+            // under a name of its own, the new one takes its place, and only then is the old one
+            // removed (a crash between the two renames leaves the old one beside, named).
             let old = tempfile::Builder::new()
                 .prefix(&format!(".{base}-replaced-"))
                 .tempdir_in(parent)
@@ -421,6 +433,40 @@ fn install(tmp: tempfile::TempDir, out: &Path, parent: &Path, base: &str, before
     // The folder is `out` now: nothing left to clean up.
     let _ = tmp.keep();
     sync_dir(parent)
+}
+
+/// Swaps the names `a` and `b` in one step (Linux `renameat2(RENAME_EXCHANGE)`): `Ok(false)`
+/// where the system or file system cannot, and the caller falls back to two renames.
+fn exchange(a: &Path, b: &Path) -> Result<bool> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes()).context("a path with a NUL byte");
+        let (ca, cb) = (c(a)?, c(b)?);
+        // SAFETY: both are valid NUL-terminated paths that outlive the call; renameat2 only reads them.
+        let r = unsafe {
+            libc::renameat2(
+                libc::AT_FDCWD,
+                ca.as_ptr(),
+                libc::AT_FDCWD,
+                cb.as_ptr(),
+                libc::RENAME_EXCHANGE,
+            )
+        };
+        if r == 0 {
+            return Ok(true);
+        }
+        let e = std::io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EINVAL) | Some(libc::ENOSYS) | Some(libc::EOPNOTSUPP) => Ok(false),
+            _ => Err(e).with_context(|| format!("swapping {} and {}", a.display(), b.display())),
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = (a, b);
+        Ok(false)
+    }
 }
 
 /// safetensors bytes with PyTorch's `{"format": "pt"}` metadata, names sorted.

@@ -526,8 +526,11 @@ fn apply_preprocessor(cfg: &mut ClipConfig, p: &Value) -> Result<()> {
         if e < c {
             bail!("size.shortest_edge {e} is smaller than the crop ({c}): the processor would pad the crop, which clipmine does not");
         }
-        if e > 1 << 16 {
-            bail!("size.shortest_edge {e} is larger than any image clipmine resizes to");
+        if e > crate::config::MAX_PREPARED_SIDE as u64 {
+            bail!(
+                "size.shortest_edge {e} is larger than any image clipmine resizes to (at most {})",
+                crate::config::MAX_PREPARED_SIDE
+            );
         }
         cfg.image.resize = Some(e as usize);
     }
@@ -906,9 +909,14 @@ pub fn open(spec: &str, hub: &Hub, device: &Device) -> Result<Opened> {
         },
     };
     let format = apply_config(&mut cfg, hub)?.context("the config names no pretrained CLIP")?;
-    // The weights must be there before the model is allocated.
+    // The weights must be there before the model is allocated, and hold what the config
+    // describes (checked here too: a Hub repo not yet cached was downloaded just now, after
+    // `apply_config` could look at its header).
     let src = source(&cfg)?.context("the config names no pretrained CLIP")?;
-    weights_file(&src, format, hub)?;
+    let weights = weights_file(&src, format, hub)?;
+    let mut plain = cfg.clone();
+    plain.distill.teacher = None;
+    check_weights_hold(ClipModel::size(&plain)?.total(), &src.describe(), &weights)?;
     let model = ClipModel::new(&cfg, device)?;
     let load = load(&model, hub)?.context("the config names no pretrained CLIP")?;
     let (tokenizer, _) = tokenizer(&cfg, hub)?.context("the checkpoint has no tokenizer")?;

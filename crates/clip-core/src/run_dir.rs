@@ -280,6 +280,16 @@ impl RunDir {
     /// The best model with its tokenizer, ready for prediction.
     pub fn load(&self, device: &Device) -> Result<(ClipModel, TextTokenizer)> {
         let cfg = self.config()?;
+        // The config is checked against the weights' header before a tensor is allocated: a
+        // config.toml describing a model far larger than model.safetensors holds is refused.
+        let need = ClipModel::size(&cfg)?.total();
+        crate::params::check_memory(need, "the model's parameters")
+            .with_context(|| format!("in {}", self.dir.join(CONFIG).display()))?;
+        crate::pretrained_clip::check_weights_hold(
+            need,
+            &self.dir.join(CONFIG).display().to_string(),
+            &self.dir.join(WEIGHTS),
+        )?;
         let model = ClipModel::new(&cfg, device)?;
         require_manifests(&self.dir)?;
         crate::checkpoint::load_weights(&model.params, &self.dir.join(WEIGHTS))?;

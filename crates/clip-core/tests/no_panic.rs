@@ -613,3 +613,29 @@ fn checkpoint_configs_from_the_issue_are_errors() {
         }
     }
 }
+
+/// A photo of extreme aspect ratio under a processor that resizes the shorter side first: a
+/// 16384×1 strip resized whole to a shorter side of 224 is 3.7 million × 224 pixels (2.5 GB),
+/// for a crop of 224×224. This binary's allocator refuses anything above 1 GB, so before the
+/// strip was cut to its centre first, this test aborted. Sizes beyond any image are refused.
+#[test]
+fn a_thin_strip_is_prepared_without_a_huge_resize() {
+    let dir = tempfile::tempdir().unwrap();
+    let strip = dir.path().join("strip.png");
+    image::RgbImage::from_fn(16384, 1, |x, _| image::Rgb([(x % 251) as u8, 7, 9]))
+        .save(&strip)
+        .unwrap();
+    let mut cfg = ClipConfig::tiny();
+    cfg.image.image_size = 224;
+    cfg.image.resize = Some(224);
+    cfg.data.center_crop = true;
+    let x = clip_core::data::ImageStore::load_one(&strip, &cfg).unwrap();
+    assert_eq!(x.dims(), &[3, 224, 224]);
+    for (image_size, resize) in [(1 << 20, None), (224, Some(1 << 20)), (224, Some(100))] {
+        let mut c = ClipConfig::tiny();
+        c.image.image_size = image_size;
+        c.image.resize = resize;
+        let e = format!("{:#}", c.validate().unwrap_err());
+        assert!(e.contains("image.image_size") || e.contains("image.resize"), "{e}");
+    }
+}

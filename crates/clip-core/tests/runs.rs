@@ -557,3 +557,25 @@ fn a_run_whose_config_exceeds_memory_is_refused_in_gb() {
         "{err}"
     );
 }
+
+#[test]
+fn a_run_config_larger_than_its_weights_is_refused_before_allocating() {
+    // A config.toml describing a model far beyond what model.safetensors holds (yet within this
+    // machine's memory): before, the model was allocated and initialised, then the weights
+    // failed to load. Now the header is read first.
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let cfg = ClipConfig::tiny();
+    let t = Trainer::new(&cfg, demo(&cfg), &run).unwrap();
+    drop(t);
+    let mut big = cfg.clone();
+    big.text.vocab_size = 1 << 20;
+    big.text.dim = 256;
+    big.text.n_heads = 4;
+    clip_core::files::write_checked(&run, &[("config.toml".into(), big.to_toml().unwrap().into_bytes())]).unwrap();
+    let err = format!("{:#}", RunDir::open(&run).unwrap().load(&Device::Cpu).err().unwrap());
+    assert!(
+        err.contains("are not of one model") && err.contains("model.safetensors"),
+        "{err}"
+    );
+}

@@ -160,7 +160,23 @@ impl Loaded {
     pub fn fingerprint(&self) -> Result<String> {
         match &self.origin {
             Origin::Run(run) => model_fingerprint(&run.dir),
-            Origin::Checkpoint { load, .. } => files_fingerprint(&[&load.config_file, &load.weights_file]),
+            // The files, and how its images are prepared (read from its preprocessor_config.json
+            // or open_clip config, not among the files hashed): an index embedded with other
+            // preprocessing is another model's.
+            Origin::Checkpoint { load, .. } => {
+                let files = files_fingerprint(&[&load.config_file, &load.weights_file])?;
+                let prep = clip_core::data::Preprocess::from_config(&self.model.config);
+                let c = &self.model.config;
+                let how = format!(
+                    "{}|{}|{:?}|{:?}|{}",
+                    prep.cache_variant(),
+                    c.image.image_size,
+                    c.image.mean,
+                    c.image.std,
+                    c.image.resize.unwrap_or(0)
+                );
+                Ok(format!("{files}-{:08x}", crc_of(how.as_bytes())))
+            }
         }
     }
 
@@ -815,6 +831,13 @@ fn export(
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A short stable id of some bytes (FNV-1a, 32 bits): enough to tell two preprocessings apart.
+fn crc_of(bytes: &[u8]) -> u32 {
+    bytes
+        .iter()
+        .fold(0x811c_9dc5u32, |h, &b| (h ^ b as u32).wrapping_mul(0x0100_0193))
 }
 
 /// `s` as one POSIX shell word: as it is when it has only safe characters, else in single quotes

@@ -156,6 +156,25 @@ fn text_to_image_and_an_index_work_from_a_checkpoint() {
     assert_eq!(code, Some(2));
     assert!(err.contains("was made by another model"), "{err}");
     assert!(err.contains(&format!("--model {}", other.display())), "{err}");
+
+    // The same weights whose processor now prepares images otherwise (shortest edge 40 before
+    // the 32-pixel crop): the index holds embeddings of other pixels, so it is another model's.
+    let copy = dir.path().join("hf-clip-40");
+    clipmine_tests::copy_dir(&model, &copy);
+    let pre = copy.join("preprocessor_config.json");
+    let mut p: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&pre).unwrap()).unwrap();
+    p["size"] = serde_json::json!({"shortest_edge": 40});
+    std::fs::write(&pre, p.to_string()).unwrap();
+    let (code, _, err) = predict(&[
+        "text-to-image",
+        "--model",
+        copy.to_str().unwrap(),
+        caption,
+        "--index",
+        index.to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("was made by another model"), "{err}");
 }
 
 #[test]

@@ -48,7 +48,7 @@ fn run(args: Args) -> Result<ExitCode> {
     if let Some(spec) = &args.teacher {
         cfg.distill.teacher = Some(spec.clone());
     }
-    let teacher = match clip_cli::distill::open_teacher(&cfg, &dev) {
+    let teacher = match clip_cli::distill::open_teacher(&cfg, &dev, false) {
         Ok(t) => t,
         Err(e) => {
             report.check("teacher", false, format!("{e:#}"));

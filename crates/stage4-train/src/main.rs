@@ -87,7 +87,7 @@ fn run(args: Args) -> Result<ExitCode> {
         Some(spec) => Some(clip_core::wise_ft::parse_alphas(spec)?),
         None => None,
     };
-    let teacher = clip_cli::distill::open_teacher(&cfg, &dev)?;
+    let teacher = clip_cli::distill::open_teacher(&cfg, &dev, args.resume.is_some() && args.teacher.is_none())?;
     let cfg = match &teacher {
         // The teacher's width sizes the student's linear maps into its space.
         Some(tc) => ClipConfig {

@@ -238,3 +238,36 @@ fn images_without_captions_distil_the_image_tower_only() {
     assert_eq!(r["metrics"]["distillation"]["images_only"], true, "{r}");
     assert_eq!(check(&r, "loss fell")["passed"], true, "{log}");
 }
+
+/// A resumed run's teacher comes from its folder, which may come from anyone: nothing it names
+/// is downloaded (issue #32, item 9). Were it fetched, it would be from a closed port.
+#[test]
+fn a_resumed_run_never_downloads_the_teacher_its_folder_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let (_, log) = run(&["--epochs", "1", "--out", p(&out)]);
+    assert!(out.join("model.safetensors").is_file(), "{log}");
+    // Forge the run's config to name a Hub teacher (its manifest rewritten too, as anyone could).
+    let config = std::fs::read_to_string(out.join("config.toml")).unwrap();
+    let line = "teacher = \"attacker-org/some-huge-model\"\n";
+    let forged = if config.contains("[distill]\n") {
+        config.replacen("[distill]\n", &format!("[distill]\n{line}"), 1)
+    } else {
+        format!("{config}\n[distill]\n{line}")
+    };
+    clip_core::files::write_checked(&out, &[("config.toml".into(), forged.into_bytes())]).unwrap();
+    let hf_home = dir.path().join("hf-home");
+    let o = Command::new(env!("CARGO_BIN_EXE_stage4-train"))
+        .env("HF_HOME", &hf_home)
+        .env("HF_ENDPOINT", "http://127.0.0.1:9")
+        .args(["--device", "cpu", "--resume", p(&out), "--epochs", "2"])
+        .output()
+        .unwrap();
+    let log = clipmine_tests::log(&o);
+    assert_ne!(o.status.code(), Some(0), "{log}");
+    assert!(
+        log.contains("read from this machine only") && log.contains("pass --teacher"),
+        "{log}"
+    );
+    assert!(!hf_home.exists(), "the Hub cache was touched:\n{log}");
+}

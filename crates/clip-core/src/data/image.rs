@@ -178,6 +178,9 @@ pub(crate) fn to_rgb(img: DynamicImage) -> RgbImage {
     rgb
 }
 
+/// The longest photo, in multiples of its shorter side, resized whole before its centre crop.
+const MAX_ASPECT: u32 = 4;
+
 /// To `size`×`size`: a plain resize as the tutorial (aspect ratio not kept), or with `center_crop`
 /// the centred square of `crop_pct` of the shorter side, resized (close to timm's evaluation
 /// transform: shorter side to size / crop_pct, then a centre crop), or with `resize` exactly
@@ -186,6 +189,16 @@ pub(crate) fn fit(rgb: &RgbImage, p: &Preprocess) -> RgbImage {
     let (w, h) = rgb.dimensions();
     let size = p.size as u32;
     if let (true, Some(edge)) = (p.center_crop, p.resize) {
+        // A photo longer than MAX_ASPECT × its shorter side keeps only its centre that long
+        // first: resizing a 16384×1 strip whole would take gigabytes for a crop of a few pixels
+        // (any real photo is unchanged, and the crop below would drop the rest anyway).
+        if w.max(h) / w.min(h).max(1) > MAX_ASPECT {
+            let short = w.min(h).max(1);
+            let long = short.saturating_mul(MAX_ASPECT);
+            let (cw, ch) = if w > h { (long, h) } else { (w, long) };
+            let centre = image::imageops::crop_imm(rgb, (w - cw) / 2, (h - ch) / 2, cw, ch).to_image();
+            return fit(&centre, p);
+        }
         // transformers' CLIPImageProcessor: the shorter side to `edge`, the longer to
         // int(edge · long / short), then the centre `size` square (offsets rounded down).
         let scale = |long: u32, short: u32| (edge as u64 * long as u64 / short.max(1) as u64) as u32;

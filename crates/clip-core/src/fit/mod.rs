@@ -76,6 +76,9 @@ pub struct Trainer {
     /// Set when `--resume` found no checkpoint (the run was killed before its first one) and so
     /// started again from epoch 1, with the run's config and data.
     restarted: bool,
+    /// Set for a resumed run: its config comes from its folder, which may come from anyone, so
+    /// the pretrained checkpoint it names is read from the Hub cache only (never downloaded).
+    resumed: bool,
     /// The folder's lock, held as long as the trainer lives.
     #[allow(dead_code)]
     lock: RunLock,
@@ -135,6 +138,17 @@ impl Trainer {
 }
 
 impl Trainer {
+    /// Where pretrained weights come from: the Hub as the environment says for a new run (the
+    /// user named them), its cache alone for a resumed one (its folder named them).
+    pub(crate) fn hub(&self) -> crate::hub::Hub {
+        let hub = crate::hub::Hub::from_env();
+        if self.resumed {
+            crate::hub::Hub::new(hub.cache_dir(), true).with_progress(false)
+        } else {
+            hub
+        }
+    }
+
     /// The model, optimiser and state of epoch 0, touching no file.
     fn build(cfg: &ClipConfig, data: Prepared, lock: RunLock) -> Result<Self> {
         // Recorded in config.toml: prediction then answers captions with the teacher's text
@@ -179,6 +193,7 @@ impl Trainer {
             stop: None,
             changes: vec![],
             restarted: false,
+            resumed: false,
             teacher: None,
             lock,
         })

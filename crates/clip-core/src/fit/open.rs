@@ -110,13 +110,14 @@ impl Trainer {
         }
         let data_change = check_data(&out, &data, opts)?;
         let mut t = Self::build(cfg, data, lock)?;
+        t.resumed = true;
         let Some(last) = last else {
             // Killed before the first checkpoint: start again from epoch 1, from the untrained
             // weights it saved when they verify (else from the same seeded initialisation).
             if out.join(WEIGHTS).is_file() {
                 load_weights(&t.model.params, &out.join(WEIGHTS))?;
             } else {
-                let loaded = crate::pretrained::load_pretrained(&t.model, &crate::hub::Hub::from_env())?;
+                let loaded = crate::pretrained::load_pretrained(&t.model, &t.hub())?;
                 t.state.pretrained = super::wise::PretrainedPin::of(&loaded)?;
             }
             t.start_files()?;

@@ -126,7 +126,7 @@ impl Trainer {
                 .as_ref()
                 .map_or_else(|| self.cfg.clone(), |p| p.pinned_config(&self.cfg));
             let m = ClipModel::new(&cfg, &self.data.device)?;
-            let loaded = crate::pretrained::load_pretrained(&m, &crate::hub::Hub::from_env())?;
+            let loaded = crate::pretrained::load_pretrained(&m, &self.hub())?;
             if let (Some(want), Some(got)) = (&pin, PretrainedPin::of(&loaded)?) {
                 if got.fingerprint != want.fingerprint {
                     bail!(

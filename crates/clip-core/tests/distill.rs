@@ -396,7 +396,9 @@ fn images_without_captions_distil_the_image_tower_and_refuse_a_text_side_loss() 
         ..DataSource::default()
     };
     let mut cfg = ClipConfig::tiny();
-    cfg.distill.teacher = Some("oc-vit".into());
+    // A student on images alone records its teacher by absolute path (a run folder never
+    // names a Hub model it would fetch).
+    cfg.distill.teacher = Some(oc_vit().display().to_string());
     cfg.distill.teacher_dim = Some(16);
     let data = prepare(&cfg, &source, &Device::Cpu, &clip_core::progress::Silent).unwrap();
     assert!(data.dataset.captionless());

@@ -1,8 +1,9 @@
 //! `clip-predict serve` on a trained demo run: the page, text and image queries through the JSON
 //! API, serving indexed images only (traversal, absolute paths, links out, non-image files and
 //! indexes of `/` are refused), the bounds on queries and uploads, concurrent requests, Host and
-//! Origin checks (DNS rebinding, other sites), and a load of stalled, idle and oversized
-//! connections. Requests are written by hand over a TCP socket so that paths and headers reach
+//! Origin checks (DNS rebinding, other sites), a load of stalled, idle and oversized
+//! connections, idle connections beyond the bound (the idle longest make room) and uploads
+//! beyond the upload budget (503). Requests are written by hand over a TCP socket so that paths and headers reach
 //! the server exactly as sent (an HTTP client would normalise `..` away).
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -58,7 +59,20 @@ fn start(args: &[&str]) -> Server {
 /// Starts the server, or returns what it printed (its first line, its errors) if it stopped
 /// instead of serving.
 fn try_start(args: &[&str]) -> Result<Server, (String, String)> {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_clip-predict"))
+    spawn(Command::new(env!("CARGO_BIN_EXE_clip-predict")), args)
+}
+
+/// Starts the server under an open-file limit of `files` (a shell's `ulimit -n`, then exec).
+fn start_with_open_files(files: u32, args: &[&str]) -> Server {
+    let mut sh = Command::new("sh");
+    sh.arg("-c")
+        .arg(format!("ulimit -n {files} && exec \"$0\" \"$@\""))
+        .arg(env!("CARGO_BIN_EXE_clip-predict"));
+    spawn(sh, args).unwrap_or_else(|(line, err)| panic!("the server did not start: {line:?} {err}"))
+}
+
+fn spawn(mut command: Command, args: &[&str]) -> Result<Server, (String, String)> {
+    let mut child = command
         .args(["--device", "cpu", "serve", "--addr", "127.0.0.1:0"])
         .args(args)
         .stdout(Stdio::piped())
@@ -606,9 +620,9 @@ fn stalled_uploads_idle_connections_and_a_huge_head_leave_the_server_answering()
             .unwrap();
         held.push(s);
     }
-    // 200 idle connections, a quarter of them stopped in the middle of a request head.
+    // 400 idle connections, a quarter of them stopped in the middle of a request head.
     let opened = Instant::now();
-    for i in 0..200 {
+    for i in 0..400 {
         let mut s = connect();
         if i % 4 == 0 {
             s.write_all(b"GET /api/info HTTP/1.1\r\nHo").unwrap();
@@ -639,10 +653,10 @@ fn stalled_uploads_idle_connections_and_a_huge_head_leave_the_server_answering()
     let threads = proc_status(pid, "Threads");
     let rss_after = proc_status(pid, "VmRSS");
     eprintln!(
-        "under load (4 stalled uploads, 200 idle, a 4 MiB head): /api/info in {took:?}, /api/search in {search_took:?}; threads {threads:?}; VmRSS {rss_before:?} -> {rss_after:?} kB"
+        "under load (4 stalled uploads, 400 idle, a 4 MiB head): /api/info in {took:?}, /api/search in {search_took:?}; threads {threads:?}; VmRSS {rss_before:?} -> {rss_after:?} kB"
     );
     if let Some(threads) = threads {
-        assert!(threads < 32, "{threads} threads for 205 connections");
+        assert!(threads < 32, "{threads} threads for 405 connections");
     }
     if let (Some(a), Some(b)) = (rss_before, rss_after) {
         assert!(b < a + (64 << 10), "VmRSS {a} -> {b} kB");
@@ -666,22 +680,152 @@ fn stalled_uploads_idle_connections_and_a_huge_head_leave_the_server_answering()
     assert!(opened.elapsed() < Duration::from_secs(15), "{:?}", opened.elapsed());
     drop(held);
     std::thread::sleep(Duration::from_millis(500));
-
-    // Connections beyond the bound (256) are closed as soon as they are accepted; once they are
-    // gone the server answers again.
-    let mut many: Vec<TcpStream> = (0..264).map(|_| connect()).collect();
-    let mut closed = vec![false; many.len()];
-    let waited = Instant::now();
-    while closed.iter().filter(|&&c| c).count() < 8 && waited.elapsed() < Duration::from_secs(5) {
-        std::thread::sleep(Duration::from_millis(100));
-        for (s, c) in many.iter_mut().zip(&mut closed) {
-            *c = *c || closed_by_server(s);
-        }
-    }
-    let closed = closed.iter().filter(|&&c| c).count();
-    assert!((8..=16).contains(&closed), "{closed} of 264 connections closed at once");
-    drop(many);
-    std::thread::sleep(Duration::from_millis(500));
     let (status, took) = timed_get(port, "/api/info", Duration::from_secs(1)).expect("/api/info after the load");
     assert_eq!(status, 200, "{took:?}");
+}
+
+/// The server's stderr line saying how many connections it holds at once (the rest of its
+/// stderr is read on, so the server can go on writing there).
+fn connection_bound_line(server: &mut Server) -> String {
+    let mut err = BufReader::new(server.child.stderr.take().unwrap());
+    let mut found = None;
+    for _ in 0..50 {
+        let mut line = String::new();
+        if err.read_line(&mut line).unwrap() == 0 {
+            break;
+        }
+        if line.contains("connections at once") {
+            found = Some(line);
+            break;
+        }
+    }
+    std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
+    found.expect("the server did not say how many connections it holds")
+}
+
+#[test]
+fn idle_connections_beyond_the_bound_close_the_idle_longest_never_a_request_in_flight() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, _, index) = pretrained_index(tmp.path());
+    // An open-file limit of 256: at most 192 connections (a quarter of the files kept free).
+    let mut server = start_with_open_files(
+        256,
+        &["--model", &model, "--index", index.to_str().unwrap(), "--workers", "4"],
+    );
+    let port = server.port;
+    let bound = connection_bound_line(&mut server);
+    assert!(bound.contains("at most 192 connections"), "{bound}");
+    let connect = || {
+        let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
+        s
+    };
+    // 4 stalled uploads (their head received: a request in flight), then 300 idle connections,
+    // a quarter of them stopped in the middle of a request head.
+    let mut uploads: Vec<TcpStream> = (0..4)
+        .map(|_| {
+            let mut s = connect();
+            s.write_all(b"POST /api/image HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1000000\r\n\r\n\xff\xd8\xff")
+                .unwrap();
+            s
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let mut idle: Vec<TcpStream> = (0..300)
+        .map(|i| {
+            let mut s = connect();
+            if i % 4 == 0 {
+                s.write_all(b"GET /api/info HTTP/1.1\r\nHo").unwrap();
+            }
+            s
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+
+    // A newcomer is answered at once: the idle connection idle longest made room for it.
+    let (status, took) = timed_get(port, "/api/info", Duration::from_secs(1)).expect("/api/info at the bound");
+    assert_eq!(status, 200);
+    assert!(took < Duration::from_secs(1), "{took:?}");
+    std::thread::sleep(Duration::from_millis(300));
+    let closed: Vec<bool> = idle.iter_mut().map(closed_by_server).collect();
+    let n = closed.iter().filter(|&&c| c).count();
+    eprintln!("at the bound (192; 4 stalled uploads, 300 idle): /api/info in {took:?}; {n} idle connections closed");
+    // 4 + 300 + 1 connections for 192 places: the oldest idle ones closed, the newest kept.
+    assert!((113..=130).contains(&n), "{n} of 300 idle connections closed");
+    assert!(closed[..100].iter().all(|&c| c), "{closed:?}");
+    assert!(closed[200..].iter().all(|&c| !c), "{closed:?}");
+    // The uploads in flight were never closed to make room.
+    for (i, s) in uploads.iter_mut().enumerate() {
+        assert!(!closed_by_server(s), "upload {i} closed");
+    }
+    // Nor is a slow request answered: a search still runs.
+    let (status, _) = timed_get(port, "/api/search?q=a%20cup", Duration::from_secs(10)).expect("/api/search");
+    assert_eq!(status, 200);
+}
+
+#[test]
+fn uploads_beyond_the_upload_budget_are_answered_503_and_memory_stays_bounded() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, _, index) = pretrained_index(tmp.path());
+    let server = start(&["--model", &model, "--index", index.to_str().unwrap()]);
+    let (port, pid) = (server.port, server.child.id());
+    assert_eq!(timed_get(port, "/api/info", Duration::from_secs(5)).unwrap().0, 200);
+    let rss_before = proc_status(pid, "VmRSS");
+
+    // 10 uploads each declaring 16 MiB: those told 503 at once stop; the others send all but the
+    // last byte and stall.
+    const LEN: usize = 16 << 20;
+    let uploads: Vec<_> = (0..10)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+                s.set_write_timeout(Some(Duration::from_secs(20))).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+                write!(
+                    s,
+                    "POST /api/image HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {LEN}\r\n\r\n"
+                )
+                .unwrap();
+                let mut answer = vec![0u8; 4096];
+                match s.read(&mut answer) {
+                    Ok(n) if n > 0 => (Some(String::from_utf8_lossy(&answer[..n]).into_owned()), s),
+                    _ => {
+                        s.write_all(&vec![7u8; LEN - 1]).unwrap();
+                        (None, s)
+                    }
+                }
+            })
+        })
+        .collect();
+    let uploads: Vec<(Option<String>, TcpStream)> = uploads.into_iter().map(|t| t.join().unwrap()).collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let rss_after = proc_status(pid, "VmRSS");
+    let (status, took) = timed_get(port, "/api/info", Duration::from_secs(1)).expect("/api/info under uploads");
+    assert_eq!(status, 200);
+    let refused: Vec<&String> = uploads.iter().filter_map(|(a, _)| a.as_ref()).collect();
+    eprintln!(
+        "10 uploads of 16 MiB: {} refused; /api/info in {took:?}; VmRSS {rss_before:?} -> {rss_after:?} kB",
+        refused.len()
+    );
+    // 64 MiB of uploads at once: 4 read, 6 told to come back.
+    assert_eq!(refused.len(), 6, "{refused:?}");
+    for a in &refused {
+        let a = a.to_ascii_lowercase();
+        assert!(a.starts_with("http/1.1 503") && a.contains("retry-after: 1"), "{a}");
+    }
+    if let (Some(a), Some(b)) = (rss_before, rss_after) {
+        assert!(b < a + (100 << 10), "VmRSS {a} -> {b} kB for 10 uploads of 16 MiB");
+    }
+    // The stalled ones, completed, are read whole and answered (not an image); then the budget is
+    // free again.
+    for (_, mut s) in uploads.into_iter().filter(|(a, _)| a.is_none()) {
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        s.write_all(&[7]).unwrap();
+        let mut answer = [0u8; 12];
+        s.read_exact(&mut answer).unwrap();
+        assert_eq!(&answer, b"HTTP/1.1 400", "{}", String::from_utf8_lossy(&answer));
+    }
+    let photo = std::fs::read(demo().join("images/rocket.jpg")).unwrap();
+    let (status, _, body) = http(port, "POST", "/api/image", &photo);
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
 }

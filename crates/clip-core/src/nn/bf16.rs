@@ -223,10 +223,10 @@ mod amx {
 
     /// Panel `jb` of B (columns 32jb..32jb+32, zero past n and k) in the VNNI-2 layout.
     #[inline(always)]
-    fn pack_b_panel(dst: &mut [u16], b: &[f32], k: usize, n: usize, jb: usize) {
+    fn pack_b_panel(dst: &mut [u32], b: &[f32], k: usize, n: usize, jb: usize) {
         let j0 = jb * 32;
         let w = (n - j0).min(32);
-        for (pr, out) in dst.chunks_exact_mut(64).enumerate() {
+        for (pr, out) in dst.chunks_exact_mut(32).enumerate() {
             let r = 2 * pr;
             if r >= k {
                 break;
@@ -234,13 +234,12 @@ mod amx {
             let even = &b[r * n + j0..r * n + j0 + w];
             if r + 1 < k {
                 let odd = &b[(r + 1) * n + j0..(r + 1) * n + j0 + w];
-                for ((o, &x), &y) in out.chunks_exact_mut(2).zip(even).zip(odd) {
-                    o[0] = f32_to_bf16_bits(x);
-                    o[1] = f32_to_bf16_bits(y);
+                for ((o, &x), &y) in out.iter_mut().zip(even).zip(odd) {
+                    *o = u32::from(f32_to_bf16_bits(x)) | u32::from(f32_to_bf16_bits(y)) << 16;
                 }
             } else {
-                for (o, &x) in out.chunks_exact_mut(2).zip(even) {
-                    o[0] = f32_to_bf16_bits(x);
+                for (o, &x) in out.iter_mut().zip(even) {
+                    *o = u32::from(f32_to_bf16_bits(x));
                 }
             }
         }
@@ -378,7 +377,7 @@ mod amx {
     }
 
     /// A as mp × kp bf16 (row-major, zero padding) and B as VNNI-2 panels (see below).
-    pub(super) fn pack(a: &[f32], b: &[f32], m: usize, k: usize, n: usize) -> (Vec<u16>, Vec<u16>) {
+    pub(super) fn pack(a: &[f32], b: &[f32], m: usize, k: usize, n: usize) -> (Vec<u16>, Vec<u32>) {
         let (mp, kp, np) = (round_up(m, 32), round_up(k, 32), round_up(n, 32));
         // A: mp × kp bf16, row-major, zero padding.
         let mut ap = vec![0u16; mp * kp];
@@ -388,10 +387,11 @@ mod amx {
                 || convert(dst, src),
             )
         });
-        // B: VNNI-2, one contiguous panel per 32 columns (kp/2 pair-rows of 32 pairs = 64 u16):
-        // panel jb, pair-row r/2, column j: bp[jb·(kp/2)·64 + (r/2)·64 + 2(j − 32jb) + (r&1)] = B[r][j].
-        let panel = kp / 2 * 64;
-        let mut bp = vec![0u16; np / 32 * panel];
+        // B: VNNI-2, one contiguous panel per 32 columns (kp/2 pair-rows of 32 pairs), a pair
+        // as one u32 with the even row in the low half (the first bf16 in memory): panel jb,
+        // pair-row r/2, column j: bp[jb·(kp/2)·32 + (r/2)·32 + (j − 32jb)] = B[r][j] | B[r+1][j] << 16.
+        let panel = kp / 2 * 32;
+        let mut bp = vec![0u32; np / 32 * panel];
         bp.par_chunks_mut(panel).enumerate().for_each(|(jb, dst)| {
             vectorized(
                 #[inline(always)]
@@ -408,7 +408,7 @@ mod amx {
             "K block {kc} not a positive multiple of 32"
         );
         let (kp, np) = (round_up(k, 32), round_up(n, 32));
-        let panel = kp / 2 * 64;
+        let panel = kp / 2 * 32;
         let (ap, bp) = pack(a, b, m, k, n);
         let mut c = vec![0.0f32; m * n];
         c.par_chunks_mut(32 * n).enumerate().for_each(|(ib, rows)| {
@@ -420,13 +420,13 @@ mod amx {
                 for (jb, b_panel) in bp.chunks_exact(panel).enumerate() {
                     // SAFETY: permission checked by the caller; kh is a non-zero multiple of 32;
                     // from a_panel[k0..], 32 rows of kh at stride kp (k0 + kh ≤ kp); from
-                    // b_panel[k0/2·64..], kh/2 rows of 64 u16 (the panel has kp/2 rows); from
+                    // b_panel[k0/2·32..], kh/2 rows of 32 u32 = 64 u16 (the panel has kp/2); from
                     // acc[32·jb..], 32 rows of 32 f32 at stride np (32·jb + 32 ≤ np).
                     unsafe {
                         kernel_32x32(
                             a_panel.as_ptr().add(k0),
                             kp,
-                            b_panel.as_ptr().add(k0 / 2 * 64),
+                            b_panel.as_ptr().add(k0 / 2 * 32).cast::<u16>(),
                             64,
                             kh,
                             acc.as_mut_ptr().add(32 * jb),

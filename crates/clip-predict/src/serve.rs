@@ -935,14 +935,27 @@ fn serve_image(state: &State, raw: &str, budget: &Arc<Semaphore>, held: &mut Opt
     if rel.contains('\\') || rel.contains('\0') || p.components().any(|c| !matches!(c, Component::Normal(_))) {
         return error(403, "only indexed images are served");
     }
-    if !state.by_path.contains_key(&rel) {
+    let Some(&i) = state.by_path.get(&rel) else {
         return error(404, "not an indexed image");
-    }
+    };
     let real = match state.root.join(p).canonicalize() {
         Ok(real) if real.starts_with(&state.root) => real,
         Ok(_) => return error(403, "the indexed path leads outside the indexed folder"),
         Err(_) => return error(404, "the indexed image is gone"),
     };
+    // Only the very file that was indexed: its size, modification time (to the nanosecond) and
+    // inode as the index recorded them. A manifest written by someone else cannot know those of
+    // this machine's files, so an index pointed at another folder serves nothing from it.
+    match clip_core::index::stat_entry(&real, &rel) {
+        Ok(now) if state.index.entries[i].unchanged(&now) => {}
+        Ok(_) => {
+            return error(
+                404,
+                "this file is not the one the index holds (changed since it was indexed, or the index was not made of this folder): run `clip-predict index` again",
+            )
+        }
+        Err(_) => return error(404, "the indexed image is gone"),
+    }
     // Not a device, a FIFO or a folder: those are never opened.
     let len = match std::fs::metadata(&real) {
         Ok(m) if m.is_file() && m.len() <= MAX_IMAGE_BYTES => m.len(),

@@ -394,6 +394,47 @@ fn copy_dir(from: &Path, to: &Path) {
 }
 
 /// Two demo photos indexed by the tiny pretrained CLIP: (model folder, photos, index folder).
+/// Rewrites an index's entries with the current size, times and inode of its files.
+fn restamp(index: &Path, photos: &Path) {
+    let manifest = index.join("manifest.json");
+    let mut m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&manifest).unwrap()).unwrap();
+    for e in m["entries"].as_array_mut().unwrap() {
+        let meta = std::fs::metadata(photos.join(e["path"].as_str().unwrap())).unwrap();
+        let t = meta.modified().unwrap().duration_since(std::time::UNIX_EPOCH).unwrap();
+        e["size"] = meta.len().into();
+        e["modified"] = t.as_secs().into();
+        e["modified_ns"] = t.subsec_nanos().into();
+        e["inode"] = std::os::unix::fs::MetadataExt::ino(&meta).into();
+    }
+    std::fs::write(&manifest, m.to_string()).unwrap();
+}
+
+#[test]
+fn an_index_pointed_at_another_folder_serves_nothing_from_it() {
+    // A manifest whose root names a folder of the same photos (names and bytes alike, as a
+    // forger could guess), not the one it was made of: none of its files is the indexed one.
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, photos, index) = pretrained_index(tmp.path());
+    let other = tmp.path().join("private");
+    copy_dir(&photos, &other);
+    let manifest = index.join("manifest.json");
+    let mut m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&manifest).unwrap()).unwrap();
+    m["root"] = other.to_str().unwrap().into();
+    std::fs::write(&manifest, m.to_string()).unwrap();
+    let server = start(&["--model", &model, "--index", index.to_str().unwrap()]);
+    for f in ["coffee.jpg", "rocket.jpg"] {
+        let (status, _, body) = http(server.port, "GET", &format!("/images/{f}"), b"");
+        assert_eq!(status, 404, "{f}: {}", String::from_utf8_lossy(&body));
+    }
+    drop(server);
+    // The folder it was made of serves them.
+    m["root"] = photos.to_str().unwrap().into();
+    std::fs::write(&manifest, m.to_string()).unwrap();
+    let server = start(&["--model", &model, "--index", index.to_str().unwrap()]);
+    let (status, head, _) = http(server.port, "GET", "/images/coffee.jpg", b"");
+    assert_eq!(status, 200, "{head}");
+}
+
 fn pretrained_index(dir: &Path) -> (String, PathBuf, PathBuf) {
     let photos = dir.join("photos");
     std::fs::create_dir_all(&photos).unwrap();
@@ -471,6 +512,21 @@ fn an_index_of_the_whole_file_system_is_refused_and_only_images_are_served() {
         .unwrap();
     let png = png.into_inner();
     std::fs::write(photos.join("coffee.jpg"), &png).unwrap();
+    // Changed files are not the indexed ones: nothing is served until they are indexed again.
+    let server = start(&["--model", &model, "--index", idx]);
+    for target in ["/images/rocket.jpg", "/images/coffee.jpg"] {
+        let (status, _, body) = http(server.port, "GET", target, b"");
+        let text = String::from_utf8_lossy(&body);
+        assert_eq!(status, 404, "{target}: {text}");
+        assert!(
+            text.contains("not the one the index holds") && !text.contains("secret"),
+            "{text}"
+        );
+    }
+    drop(server);
+    // Were their stamps in the index (as a manifest forged by someone who could see them would
+    // have), the bytes still decide: text is refused, a PNG is served as one.
+    restamp(&index, &photos);
     let server = start(&["--model", &model, "--index", idx]);
     let (status, _, body) = http(server.port, "GET", "/images/rocket.jpg", b"");
     let text = String::from_utf8_lossy(&body);

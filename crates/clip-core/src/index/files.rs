@@ -54,7 +54,7 @@ pub fn list_images(root: &Path) -> Result<Vec<String>> {
 
 /// The entry for the file at `path` (shown as `rel`): its size, modification time to the
 /// nanosecond and, on Unix, its inode, which tell a same-size replacement within one second apart.
-pub(super) fn stat(path: &Path, rel: &str) -> Result<super::IndexEntry> {
+pub fn stat(path: &Path, rel: &str) -> Result<super::IndexEntry> {
     let m = std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
     let since = m
         .modified()

@@ -30,7 +30,7 @@ use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 pub use approx::{Graph, GraphParams};
-pub use files::{embed_image_files, files_fingerprint, list_images, model_fingerprint, Embedded};
+pub use files::{embed_image_files, files_fingerprint, list_images, model_fingerprint, stat as stat_entry, Embedded};
 pub use lists::{assign, default_probes, list_count, train_centroids, Lists, LISTS_MIN_ROWS};
 pub use quant::{dot_f32, dot_i8, quantize, rerank, Int8Rows};
 pub use scan::{scan_top_k, select, top_k, TopK};

@@ -29,11 +29,7 @@ fn predict(args: &[&str]) -> (Option<i32>, String, String) {
         .args(args)
         .output()
         .unwrap();
-    (
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout).into_owned(),
-        String::from_utf8_lossy(&o.stderr).into_owned(),
-    )
+    clipmine_tests::outcome(&o)
 }
 
 fn s(p: &Path) -> &str {
@@ -338,6 +334,14 @@ fn from_scratch_students_export_with_their_own_tokenizer_and_pooling_or_are_refu
             .map(|c| c["score"].as_f64().unwrap())
             .collect()
     };
+    // The largest difference between two answers' caption scores.
+    let max_diff = |a: &str, b: &str| -> f64 {
+        score(a)
+            .iter()
+            .zip(score(b))
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f64::max)
+    };
     for format in ["open_clip", "hf"] {
         let out = dir.path().join(format);
         let (code, _, err) = predict(&["export", "--run", s(&run), "--format", format, s(&out)]);
@@ -362,11 +366,7 @@ fn from_scratch_students_export_with_their_own_tokenizer_and_pooling_or_are_refu
         // clipmine reads its export back as it was (the open_clip reader takes `norm_kwargs`).
         let (code, got) = answers("--model", &out);
         assert_eq!(code, Some(0), "{got}");
-        let d = score(&want)
-            .iter()
-            .zip(score(&got))
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0, f64::max);
+        let d = max_diff(&want, &got);
         assert!(d <= 1e-6, "{format}: max |Δ| {d}");
     }
     // A BERT read at [CLS]: ChineseCLIPModel; open_clip has no BERT text tower.
@@ -409,11 +409,7 @@ fn from_scratch_students_export_with_their_own_tokenizer_and_pooling_or_are_refu
     let want = answers("--run", &run).1;
     let (code, got) = answers("--model", &out);
     assert_eq!(code, Some(0), "{got}");
-    let d = score(&want)
-        .iter()
-        .zip(score(&got))
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0, f64::max);
+    let d = max_diff(&want, &got);
     assert!(d <= 1e-6, "tanh GELU read back from open_clip: max |Δ| {d}");
     let run = scratch_run(dir.path(), "clip", "eot", "relu");
     let out = dir.path().join("relu");

@@ -32,11 +32,7 @@ fn predict(args: &[&str]) -> (Option<i32>, String, String) {
         .args(args)
         .output()
         .unwrap();
-    (
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout).into_owned(),
-        String::from_utf8_lossy(&o.stderr).into_owned(),
-    )
+    clipmine_tests::outcome(&o)
 }
 
 /// Python's cosine between fixture image `i` and caption case `j`.

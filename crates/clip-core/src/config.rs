@@ -408,6 +408,9 @@ pub struct TrainConfig {
     /// Warm-up as a share of all steps, for the cosine schedule: the longer of this and
     /// `warmup_steps` is used (a pretrained start: 0.1).
     pub warmup_share: f64,
+    /// The precision of the GEMMs (`--precision`): fp32, or bf16 mixed precision on AMX
+    /// (`nn::precision`). Recorded with the run; a resumed run keeps it.
+    pub precision: crate::nn::Precision,
 }
 
 impl TrainConfig {
@@ -446,6 +449,7 @@ impl Default for TrainConfig {
             layer_decay: 1.0,
             decay_towers: false,
             warmup_share: 0.0,
+            precision: crate::nn::Precision::Fp32,
         }
     }
 }

@@ -116,6 +116,26 @@ impl Mat {
 /// may touch dst's elements meanwhile.
 #[allow(clippy::too_many_arguments)]
 unsafe fn gemm_head(m: usize, n: usize, k: usize, dst: *mut f32, dst_rs: usize, lhs: Mat, rhs: Mat, alpha: f32) {
+    if super::precision::bf16_gemms() {
+        // Mixed precision (`--precision bf16`): the scores and the context in bf16 on AMX.
+        // SAFETY: the caller's contract; `set_precision` allows bf16 only where AMX is usable.
+        unsafe {
+            super::bf16::gemm_bf16_into(
+                m,
+                n,
+                k,
+                dst,
+                dst_rs,
+                false,
+                alpha,
+                super::bf16::MatRef::new(lhs.ptr, lhs.rs, lhs.cs),
+                super::bf16::MatRef::new(rhs.ptr, rhs.rs, rhs.cs),
+                false,
+                true,
+            )
+        };
+        return;
+    }
     // SAFETY: the caller's contract.
     unsafe {
         gemm::gemm(

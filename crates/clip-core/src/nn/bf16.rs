@@ -18,7 +18,6 @@
 //! `/work/shared/reference/amx-bf16.md` has the checked facts this module relies on.
 
 use candle_core::{bail, Result};
-use rayon::prelude::*;
 
 /// What this processor (and OS) offers for bf16 GEMMs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,7 +49,7 @@ pub fn bf16_hardware() -> Bf16Support {
     }
 }
 
-fn amx_disabled_by_env() -> bool {
+pub(crate) fn amx_disabled_by_env() -> bool {
     std::env::var(NO_AMX_ENV).is_ok_and(|v| !v.is_empty() && v != "0")
 }
 
@@ -130,11 +129,12 @@ pub fn round_bf16(x: f32) -> f32 {
 /// On AMX ([`Bf16Support::Amx`]) the operands are packed to bf16 (B in the VNNI-2 pair layout)
 /// and multiplied by a 32×32-output tile micro-kernel (four 16×16 f32 C tiles, two A tiles of
 /// 16×32 bf16, two B tiles of 16 pair-rows × 16 pairs), C accumulated in the tiles over K
-/// blocks of 256, row panels of 32 in parallel on rayon. Elsewhere the rounded operands go
-/// through the fp32 `gemm` crate: the same numbers, slower than AMX. The two differ only in the
-/// order of the fp32 sums (measured ≤ 5e-7·Σ|aᵢbᵢ| per element against an f64 product of the
-/// rounded inputs, far below the ~2⁻⁸ relative error of rounding the inputs to bf16) and in
-/// subnormal products, which AMX flushes to zero (the fp32 path follows MXCSR: no flushing).
+/// blocks of 256, (row panel of 32, column group) tasks in parallel on rayon. Elsewhere the
+/// rounded operands go through the fp32 `gemm` crate: the same numbers, slower than AMX. The two
+/// differ only in the order of the fp32 sums (measured ≤ 5e-7·Σ|aᵢbᵢ| per element against an
+/// f64 product of the rounded inputs, far below the ~2⁻⁸ relative error of rounding the inputs
+/// to bf16) and in subnormal products, which AMX flushes to zero (the fp32 path follows MXCSR:
+/// no flushing).
 pub fn gemm_bf16(a: &[f32], b: &[f32], m: usize, k: usize, n: usize) -> Result<Vec<f32>> {
     gemm_bf16_on(a, b, m, k, n, bf16_hardware() == Bf16Support::Amx)
 }
@@ -152,64 +152,211 @@ pub(crate) fn gemm_bf16_on(a: &[f32], b: &[f32], m: usize, k: usize, n: usize, a
             b.len()
         )
     }
-    if mn == 0 {
-        return Ok(Vec::new());
+    if amx && !amx_usable() {
+        bail!("gemm_bf16: AMX requested on a CPU or OS without AMX bf16 tiles")
     }
-    if k == 0 {
-        return Ok(vec![0.0; mn]);
+    let mut c = vec![0.0f32; mn];
+    // SAFETY: A is m×k and B k×n row-major (lengths checked above), C m×n, owned here.
+    unsafe {
+        gemm_bf16_into(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            n,
+            false,
+            1.0,
+            MatRef::new(a.as_ptr(), k, 1),
+            MatRef::new(b.as_ptr(), n, 1),
+            true,
+            amx,
+        )
+    };
+    Ok(c)
+}
+
+/// A matrix operand read in place: element (i, j) at `ptr[i·rs + j·cs]` — row-major, column-major
+/// (a transpose read in place) or any other strides.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct MatRef {
+    ptr: *const f32,
+    rs: usize,
+    cs: usize,
+}
+
+// SAFETY: a read-only view; the callers of `gemm_bf16_into` keep the data alive and unchanged
+// for the call, across whichever threads it uses.
+unsafe impl Send for MatRef {}
+unsafe impl Sync for MatRef {}
+
+impl MatRef {
+    pub(crate) fn new(ptr: *const f32, rs: usize, cs: usize) -> Self {
+        Self { ptr, rs, cs }
     }
-    if amx {
-        if !amx_usable() {
-            bail!("gemm_bf16: AMX requested on a CPU or OS without AMX bf16 tiles")
-        }
-        Ok(amx::gemm(a, b, m, k, n))
-    } else {
-        Ok(gemm_fallback(a, b, m, k, n))
+
+    /// Element (i, j).
+    ///
+    /// # Safety
+    /// (i, j) lies within the operand.
+    #[inline(always)]
+    unsafe fn at(self, i: usize, j: usize) -> f32 {
+        // SAFETY: the caller's contract.
+        unsafe { *self.ptr.add(i * self.rs + j * self.cs) }
     }
 }
 
-/// The fallback: round both operands to bf16 values (kept in f32) and multiply in fp32.
-fn gemm_fallback(a: &[f32], b: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
-    let ra: Vec<f32> = a.par_iter().map(|&x| round_bf16(x)).collect();
-    let rb: Vec<f32> = b.par_iter().map(|&x| round_bf16(x)).collect();
-    let mut c = vec![0.0f32; m * n];
-    let par = if m * n * k >= 1 << 18 {
+/// The destination of `gemm_bf16_into`, shared by its tasks, each writing its own rectangle.
+#[derive(Clone, Copy)]
+struct Dst(*mut f32);
+// SAFETY: the tasks write disjoint rectangles (one row panel × one column group each).
+unsafe impl Send for Dst {}
+unsafe impl Sync for Dst {}
+
+impl Dst {
+    /// The element `offset` values in (a method, so a closure captures the whole `Dst`).
+    ///
+    /// # Safety
+    /// `offset` lies within the destination.
+    #[inline(always)]
+    unsafe fn at(self, offset: usize) -> *mut f32 {
+        // SAFETY: the caller's contract.
+        unsafe { self.0.add(offset) }
+    }
+}
+
+/// dst (m×n at `dst`, row stride `dst_rs`, column stride 1) = alpha · bf16(A) · bf16(B)
+/// [+ dst when `accumulate`], A m×k and B k×n read in place through their strides: the one bf16
+/// GEMM every layer calls under `--precision bf16` (through `conv_cpu::matmul` and the attention
+/// kernel). `parallel` spreads (row panel, column group) tasks over rayon; without it the call
+/// runs on the calling thread (the callers that already split work over threads). Without
+/// `accumulate`, dst is only written (it may be uninitialised); k = 0 gives alpha · 0 [+ dst].
+///
+/// # Safety
+/// `a` must be readable at every (i < m, p < k), `b` at every (p < k, j < n), `dst` readable (when
+/// accumulating) and writable at every (i < m, j < n) through `dst_rs`, no other thread touching
+/// it meanwhile; `amx` only where AMX is usable (`amx_usable`).
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm_bf16_into(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: usize,
+    accumulate: bool,
+    alpha: f32,
+    a: MatRef,
+    b: MatRef,
+    parallel: bool,
+    amx: bool,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        for i in 0..m {
+            for j in 0..n {
+                // SAFETY: (i, j) is within dst (the caller's contract).
+                unsafe {
+                    let d = dst.add(i * dst_rs + j);
+                    *d = if accumulate { *d } else { 0.0 };
+                }
+            }
+        }
+        return;
+    }
+    if amx {
+        // SAFETY: the caller's contract, passed on.
+        unsafe { amx::gemm_into(m, n, k, Dst(dst), dst_rs, accumulate, alpha, a, b, parallel, amx::KC) }
+    } else {
+        // SAFETY: as above.
+        unsafe { gemm_fallback(m, n, k, dst, dst_rs, accumulate, alpha, a, b, parallel) }
+    }
+}
+
+/// The fallback: round both operands to bf16 values (kept in f32, gathered row-major) and
+/// multiply in fp32 with the `gemm` crate.
+///
+/// # Safety
+/// As [`gemm_bf16_into`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_fallback(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: usize,
+    accumulate: bool,
+    alpha: f32,
+    a: MatRef,
+    b: MatRef,
+    parallel: bool,
+) {
+    // SAFETY: (i, p) < (m, k) and (p, j) < (k, n): the caller's contract.
+    let ra: Vec<f32> = (0..m * k).map(|x| round_bf16(unsafe { a.at(x / k, x % k) })).collect();
+    let rb: Vec<f32> = (0..k * n).map(|x| round_bf16(unsafe { b.at(x / n, x % n) })).collect();
+    let par = if parallel && m * n * k >= 1 << 18 {
         gemm::Parallelism::Rayon(rayon::current_num_threads().max(1))
     } else {
         gemm::Parallelism::None
     };
-    // SAFETY: `c` is m×n, `ra` m×k and `rb` k×n, all row-major and contiguous (column stride 1,
-    // row stride n, k, n), so every index gemm forms is in bounds; read_dst is false, so the
-    // destination's initial contents are not read.
+    // SAFETY: `ra` is m×k and `rb` k×n, row-major and contiguous; dst is the caller's m×n at
+    // row stride dst_rs, read only when accumulating.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            c.as_mut_ptr(),
+            dst,
             1,
-            n as isize,
-            false,
+            dst_rs as isize,
+            accumulate,
             ra.as_ptr(),
             1,
             k as isize,
             rb.as_ptr(),
             1,
             n as isize,
-            0.0,
-            1.0,
+            if accumulate { 1.0 } else { 0.0 },
+            alpha,
             false,
             false,
             false,
             par,
         )
     };
-    c
+}
+
+/// A buffer kept per thread between calls (packing buffers: allocating and first-touching them
+/// on every GEMM cost as much as packing). Taken out while used, so a nested call on the same
+/// thread (rayon may run another task while this one waits) just allocates its own.
+struct Scratch<T: Copy + Default + 'static> {
+    cell: &'static std::thread::LocalKey<std::cell::Cell<Vec<T>>>,
+    buf: Vec<T>,
+}
+
+impl<T: Copy + Default + 'static> Scratch<T> {
+    fn take(cell: &'static std::thread::LocalKey<std::cell::Cell<Vec<T>>>, len: usize) -> Self {
+        let mut buf = cell.with(|c| c.take());
+        if buf.len() < len {
+            buf.resize(len, T::default());
+        }
+        Self { cell, buf }
+    }
+}
+
+impl<T: Copy + Default + 'static> Drop for Scratch<T> {
+    fn drop(&mut self) {
+        let buf = std::mem::take(&mut self.buf);
+        // Keep at most 64 MiB per thread and buffer kind.
+        if buf.len() * std::mem::size_of::<T>() <= 64 << 20 {
+            self.cell.with(|c| c.set(buf));
+        }
+    }
 }
 
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
 mod amx {
-    use super::f32_to_bf16_bits;
+    use super::{f32_to_bf16_bits, MatRef, Scratch};
     use crate::nn::vmath::vectorized;
     use rayon::prelude::*;
 
@@ -221,26 +368,88 @@ mod amx {
         }
     }
 
-    /// Panel `jb` of B (columns 32jb..32jb+32, zero past n and k) in the VNNI-2 layout.
+    /// Rows i0..i0+32 of A (zero past m and k) as 32 × kp bf16, row-major.
+    ///
+    /// # Safety
+    /// A readable at (i < m, p < k).
     #[inline(always)]
-    fn pack_b_panel(dst: &mut [u32], b: &[f32], k: usize, n: usize, jb: usize) {
+    unsafe fn pack_a_panel(dst: &mut [u16], a: MatRef, i0: usize, m: usize, k: usize, kp: usize) {
+        let rows = (m - i0).min(32);
+        if a.cs == 1 {
+            for (r, out) in dst.chunks_exact_mut(kp).take(rows).enumerate() {
+                // SAFETY: row i0 + r < m has k elements at unit stride.
+                let src = unsafe { std::slice::from_raw_parts(a.ptr.add((i0 + r) * a.rs), k) };
+                convert(&mut out[..k], src);
+                out[k..].fill(0);
+            }
+        } else {
+            // Column by column: a transposed operand (rs = 1) reads each column contiguously.
+            for p in 0..k {
+                for r in 0..rows {
+                    // SAFETY: (i0 + r, p) < (m, k).
+                    dst[r * kp + p] = f32_to_bf16_bits(unsafe { a.at(i0 + r, p) });
+                }
+            }
+            for out in dst.chunks_exact_mut(kp).take(rows) {
+                out[k..].fill(0);
+            }
+        }
+        dst[rows * kp..32 * kp].fill(0);
+    }
+
+    /// Panel `jb` of B (columns 32jb..32jb+32, zero past n and k) in the VNNI-2 layout: kp/2
+    /// pair-rows of 32 pairs, a pair one u32 with the even row in the low half (the first bf16
+    /// in memory): dst[(r/2)·32 + (j − 32jb)] = B[r][j] | B[r+1][j] << 16.
+    ///
+    /// # Safety
+    /// B readable at (p < k, j < n).
+    #[inline(always)]
+    unsafe fn pack_b_panel(dst: &mut [u32], b: MatRef, k: usize, n: usize, jb: usize) {
         let j0 = jb * 32;
         let w = (n - j0).min(32);
-        for (pr, out) in dst.chunks_exact_mut(32).enumerate() {
-            let r = 2 * pr;
-            if r >= k {
-                break;
+        if b.cs == 1 {
+            for (pr, out) in dst.chunks_exact_mut(32).enumerate() {
+                let r = 2 * pr;
+                if r >= k {
+                    out.fill(0);
+                    continue;
+                }
+                // SAFETY: rows r (and r + 1 when < k) have columns j0..j0 + w at unit stride.
+                let even = unsafe { std::slice::from_raw_parts(b.ptr.add(r * b.rs + j0), w) };
+                if r + 1 < k {
+                    let odd = unsafe { std::slice::from_raw_parts(b.ptr.add((r + 1) * b.rs + j0), w) };
+                    for ((o, &x), &y) in out.iter_mut().zip(even).zip(odd) {
+                        *o = u32::from(f32_to_bf16_bits(x)) | u32::from(f32_to_bf16_bits(y)) << 16;
+                    }
+                } else {
+                    for (o, &x) in out.iter_mut().zip(even) {
+                        *o = u32::from(f32_to_bf16_bits(x));
+                    }
+                }
+                out[w..].fill(0);
             }
-            let even = &b[r * n + j0..r * n + j0 + w];
-            if r + 1 < k {
-                let odd = &b[(r + 1) * n + j0..(r + 1) * n + j0 + w];
-                for ((o, &x), &y) in out.iter_mut().zip(even).zip(odd) {
-                    *o = u32::from(f32_to_bf16_bits(x)) | u32::from(f32_to_bf16_bits(y)) << 16;
+        } else {
+            // Column by column: a transposed operand (rs = 1) reads each column contiguously.
+            let pairs = dst.len() / 32;
+            for jj in 0..w {
+                for pr in 0..pairs {
+                    let r = 2 * pr;
+                    // SAFETY: (r, j0 + jj) and (r + 1, j0 + jj) read only when within B.
+                    let lo = if r < k {
+                        f32_to_bf16_bits(unsafe { b.at(r, j0 + jj) })
+                    } else {
+                        0
+                    };
+                    let hi = if r + 1 < k {
+                        f32_to_bf16_bits(unsafe { b.at(r + 1, j0 + jj) })
+                    } else {
+                        0
+                    };
+                    dst[pr * 32 + jj] = u32::from(lo) | u32::from(hi) << 16;
                 }
-            } else {
-                for (o, &x) in out.iter_mut().zip(even) {
-                    *o = u32::from(f32_to_bf16_bits(x));
-                }
+            }
+            for out in dst.chunks_exact_mut(32) {
+                out[w..].fill(0);
             }
         }
     }
@@ -371,85 +580,168 @@ mod amx {
     /// 256×32 slices (16 KiB each) stream past it.
     pub(super) const KC: usize = 256;
 
-    /// [`super::gemm_bf16`] on AMX. Requires the permission (checked by the caller), m, k, n ≥ 1.
-    pub(super) fn gemm(a: &[f32], b: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
-        gemm_kc(a, b, m, k, n, KC)
+    thread_local! {
+        static A_PANEL: std::cell::Cell<Vec<u16>> = const { std::cell::Cell::new(Vec::new()) };
+        static B_PACK: std::cell::Cell<Vec<u32>> = const { std::cell::Cell::new(Vec::new()) };
+        static ACC: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
     }
 
-    /// A as mp × kp bf16 (row-major, zero padding) and B as VNNI-2 panels (see below).
-    pub(super) fn pack(a: &[f32], b: &[f32], m: usize, k: usize, n: usize) -> (Vec<u16>, Vec<u32>) {
-        let (mp, kp, np) = (round_up(m, 32), round_up(k, 32), round_up(n, 32));
-        // A: mp × kp bf16, row-major, zero padding.
-        let mut ap = vec![0u16; mp * kp];
-        ap.par_chunks_mut(kp).zip(a.par_chunks(k)).for_each(|(dst, src)| {
+    /// Columns per task at most: 8 panels of 32 (a 32×256 f32 accumulator, 32 KiB).
+    const GROUP: usize = 8;
+
+    /// B packed whole (as [`pack_b_panel`], panel after panel), in parallel over panels.
+    ///
+    /// # Safety
+    /// B readable at (p < k, j < n).
+    pub(super) unsafe fn pack_b(dst: &mut [u32], b: MatRef, k: usize, n: usize, parallel: bool) {
+        let panel = round_up(k, 32) / 2 * 32;
+        let one = |(jb, d): (usize, &mut [u32])| {
             vectorized(
                 #[inline(always)]
-                || convert(dst, src),
+                // SAFETY: the caller's contract.
+                || unsafe { pack_b_panel(d, b, k, n, jb) },
             )
-        });
-        // B: VNNI-2, one contiguous panel per 32 columns (kp/2 pair-rows of 32 pairs), a pair
-        // as one u32 with the even row in the low half (the first bf16 in memory): panel jb,
-        // pair-row r/2, column j: bp[jb·(kp/2)·32 + (r/2)·32 + (j − 32jb)] = B[r][j] | B[r+1][j] << 16.
-        let panel = kp / 2 * 32;
-        let mut bp = vec![0u32; np / 32 * panel];
-        bp.par_chunks_mut(panel).enumerate().for_each(|(jb, dst)| {
-            vectorized(
-                #[inline(always)]
-                || pack_b_panel(dst, b, k, n, jb),
-            )
-        });
-        (ap, bp)
+        };
+        if parallel && n > 32 {
+            dst.par_chunks_mut(panel).enumerate().for_each(one);
+        } else {
+            dst.chunks_mut(panel).enumerate().for_each(one);
+        }
     }
 
-    /// [`gemm`] with K blocks of `kc` (a non-zero multiple of 32; larger than K means one block).
-    pub(super) fn gemm_kc(a: &[f32], b: &[f32], m: usize, k: usize, n: usize, kc: usize) -> Vec<f32> {
+    /// [`super::gemm_bf16_into`] on AMX with K blocks of `kc` (a non-zero multiple of 32; more
+    /// than K means one block). B is packed once (VNNI-2 panels of 32 columns); then each task —
+    /// a row panel of 32 and a group of up to [`GROUP`] column panels, group-major so that a
+    /// thread's consecutive tasks share their B columns in L2 — packs its A rows to bf16,
+    /// accumulates 32 × 32·g in tiles over the K blocks, and writes alpha · acc [+ dst].
+    ///
+    /// # Safety
+    /// As [`super::gemm_bf16_into`], with AMX usable; m, n, k ≥ 1.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn gemm_into(
+        m: usize,
+        n: usize,
+        k: usize,
+        dst: super::Dst,
+        dst_rs: usize,
+        accumulate: bool,
+        alpha: f32,
+        a: MatRef,
+        b: MatRef,
+        parallel: bool,
+        kc: usize,
+    ) {
         assert!(
             kc > 0 && kc.is_multiple_of(32),
             "K block {kc} not a positive multiple of 32"
         );
-        let (kp, np) = (round_up(k, 32), round_up(n, 32));
+        let kp = round_up(k, 32);
+        let panels = n.div_ceil(32);
         let panel = kp / 2 * 32;
-        let (ap, bp) = pack(a, b, m, k, n);
-        let mut c = vec![0.0f32; m * n];
-        c.par_chunks_mut(32 * n).enumerate().for_each(|(ib, rows)| {
-            // This row panel's 32 × np f32 result, accumulated over the K blocks.
-            let mut acc = vec![0.0f32; 32 * np];
-            let a_panel = &ap[ib * 32 * kp..(ib + 1) * 32 * kp];
+        let mut bp = Scratch::take(&B_PACK, panels * panel);
+        let bp = &mut bp.buf[..panels * panel];
+        // SAFETY: the caller's contract.
+        unsafe { pack_b(bp, b, k, n, parallel) };
+        let bp: &[u32] = bp;
+        let row_panels = m.div_ceil(32);
+        let threads = if parallel {
+            rayon::current_num_threads().max(1)
+        } else {
+            1
+        };
+        // Narrower groups until there are a few tasks per thread (or one panel per group).
+        let mut group = GROUP.min(panels);
+        while group > 1 && row_panels * panels.div_ceil(group) < 4 * threads {
+            group = group.div_ceil(2);
+        }
+        let groups = panels.div_ceil(group);
+        let task = |t: usize| {
+            let (gi, ib) = (t / row_panels, t % row_panels);
+            let (i0, jb0) = (ib * 32, gi * group);
+            let jbs = group.min(panels - jb0);
+            let w = jbs * 32;
+            let mut ap = Scratch::take(&A_PANEL, 32 * kp);
+            let ap = &mut ap.buf[..32 * kp];
+            vectorized(
+                #[inline(always)]
+                // SAFETY: the caller's contract (rows i0.. of A).
+                || unsafe { pack_a_panel(ap, a, i0, m, k, kp) },
+            );
+            let mut acc = Scratch::take(&ACC, 32 * w);
+            let acc = &mut acc.buf[..32 * w];
+            acc.fill(0.0);
             for k0 in (0..kp).step_by(kc) {
                 let kh = kc.min(kp - k0);
-                for (jb, b_panel) in bp.chunks_exact(panel).enumerate() {
+                for jj in 0..jbs {
+                    let b_panel = &bp[(jb0 + jj) * panel..][..panel];
                     // SAFETY: permission checked by the caller; kh is a non-zero multiple of 32;
-                    // from a_panel[k0..], 32 rows of kh at stride kp (k0 + kh ≤ kp); from
+                    // from ap[k0..], 32 rows of kh at stride kp (k0 + kh ≤ kp); from
                     // b_panel[k0/2·32..], kh/2 rows of 32 u32 = 64 u16 (the panel has kp/2); from
-                    // acc[32·jb..], 32 rows of 32 f32 at stride np (32·jb + 32 ≤ np).
+                    // acc[32·jj..], 32 rows of 32 f32 at stride w (32·jj + 32 ≤ w).
                     unsafe {
                         kernel_32x32(
-                            a_panel.as_ptr().add(k0),
+                            ap.as_ptr().add(k0),
                             kp,
                             b_panel.as_ptr().add(k0 / 2 * 32).cast::<u16>(),
                             64,
                             kh,
-                            acc.as_mut_ptr().add(32 * jb),
-                            np,
+                            acc.as_mut_ptr().add(32 * jj),
+                            w,
                         )
                     };
                 }
             }
-            for (dst, src) in rows.chunks_exact_mut(n).zip(acc.chunks_exact(np)) {
-                dst.copy_from_slice(&src[..n]);
+            let rows = (m - i0).min(32);
+            let j0 = jb0 * 32;
+            let cols = (n - j0).min(w);
+            for (r, src) in acc.chunks_exact(w).take(rows).enumerate() {
+                // SAFETY: row i0 + r < m, columns j0..j0 + cols < n of dst: this task's own
+                // rectangle (the caller's contract covers dst; tasks do not overlap).
+                let out = unsafe { std::slice::from_raw_parts_mut(dst.at((i0 + r) * dst_rs + j0), cols) };
+                if accumulate {
+                    for (o, &v) in out.iter_mut().zip(src) {
+                        *o += alpha * v;
+                    }
+                } else if alpha == 1.0 {
+                    out.copy_from_slice(&src[..cols]);
+                } else {
+                    for (o, &v) in out.iter_mut().zip(src) {
+                        *o = alpha * v;
+                    }
+                }
             }
-        });
-        c
+        };
+        let tasks = row_panels * groups;
+        if parallel && tasks > 1 {
+            (0..tasks).into_par_iter().for_each(task);
+        } else {
+            (0..tasks).for_each(task);
+        }
     }
 }
 
 #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
 mod amx {
+    pub(super) const KC: usize = 256;
+
     pub(super) fn request_permission() -> bool {
         false
     }
 
-    pub(super) fn gemm(_: &[f32], _: &[f32], _: usize, _: usize, _: usize) -> Vec<f32> {
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn gemm_into(
+        _: usize,
+        _: usize,
+        _: usize,
+        _: super::Dst,
+        _: usize,
+        _: bool,
+        _: f32,
+        _: super::MatRef,
+        _: super::MatRef,
+        _: bool,
+        _: usize,
+    ) {
         unreachable!("AMX is only used on x86-64 Linux")
     }
 }
@@ -519,6 +811,29 @@ mod tests {
     /// Per-element bound relative to Σ|aᵢbᵢ| for the fp32 accumulation of exact bf16 products.
     const TOL: f64 = 1e-5;
 
+    /// The AMX path on row-major A and B with K blocks of `kc`.
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    fn amx_kc(a: &[f32], b: &[f32], m: usize, k: usize, n: usize, kc: usize) -> Vec<f32> {
+        let mut c = vec![0.0f32; m * n];
+        // SAFETY: AMX usable (the callers check); A m×k, B k×n, C m×n row-major.
+        unsafe {
+            amx::gemm_into(
+                m,
+                n,
+                k,
+                Dst(c.as_mut_ptr()),
+                n,
+                false,
+                1.0,
+                MatRef::new(a.as_ptr(), k, 1),
+                MatRef::new(b.as_ptr(), n, 1),
+                true,
+                kc,
+            )
+        };
+        c
+    }
+
     fn rounded(x: &[f32]) -> Vec<f32> {
         x.iter().map(|&v| round_bf16(v)).collect()
     }
@@ -561,7 +876,7 @@ mod tests {
             let b = data(k * n, 600 + s as u64);
             let (want, abs) = reference(&rounded(&a), &rounded(&b), m, k, n);
             for kc in [32, 64, 96, amx::KC, 1 << 20] {
-                let got = amx::gemm_kc(&a, &b, m, k, n, kc);
+                let got = amx_kc(&a, &b, m, k, n, kc);
                 let err = worst_relative(&got, &want, &abs);
                 assert!(err <= TOL, "{m}×{k}×{n}, K blocks of {kc}: error {err:e}·Σ|ab|");
             }
@@ -626,6 +941,69 @@ mod tests {
         let (want, abs) = reference(&rounded(&a), &rounded(&b), m, k, n);
         let wrong = gemm_bf16_on(&a, &bt, m, k, n, bf16_hardware() == Bf16Support::Amx).unwrap();
         assert!(worst_relative(&wrong, &want, &abs) > TOL);
+    }
+
+    /// Every combination of row- and column-major A and B read in place, a destination wider than
+    /// the product (row stride > n), accumulation into values already there and alpha ≠ 1, on
+    /// one thread and on many: each within the bound of the f64 product of the rounded inputs.
+    #[test]
+    fn strided_operands_accumulate_and_alpha() {
+        let paths: Vec<bool> = if bf16_hardware() == Bf16Support::Amx {
+            vec![false, true]
+        } else {
+            eprintln!("AMX path skipped: no usable AMX here ({:?})", bf16_hardware());
+            vec![false]
+        };
+        for amx in paths {
+            for (s, &(m, k, n)) in SHAPES.iter().enumerate() {
+                let a = data(m * k, 700 + s as u64);
+                let b = data(k * n, 800 + s as u64);
+                let (want, abs) = reference(&rounded(&a), &rounded(&b), m, k, n);
+                // Column-major copies: element (i, j) at i + j·rows.
+                let at: Vec<f32> = (0..m * k).map(|x| a[(x % m) * k + x / m]).collect();
+                let bt: Vec<f32> = (0..k * n).map(|x| b[(x % k) * n + x / k]).collect();
+                for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+                    let ar = if ta {
+                        MatRef::new(at.as_ptr(), 1, m)
+                    } else {
+                        MatRef::new(a.as_ptr(), k, 1)
+                    };
+                    let br = if tb {
+                        MatRef::new(bt.as_ptr(), 1, k)
+                    } else {
+                        MatRef::new(b.as_ptr(), n, 1)
+                    };
+                    for (accumulate, alpha, parallel) in [(false, 1.0f32, true), (true, 0.5, false), (true, -2.0, true)]
+                    {
+                        let ld = n + 3;
+                        let before: Vec<f32> = data(m * ld, 900 + s as u64);
+                        let mut c = before.clone();
+                        // SAFETY: A m×k and B k×n through their strides, C m×n at row stride ld.
+                        unsafe {
+                            gemm_bf16_into(m, n, k, c.as_mut_ptr(), ld, accumulate, alpha, ar, br, parallel, amx)
+                        };
+                        for i in 0..m {
+                            for j in 0..ld {
+                                let got = f64::from(c[i * ld + j]);
+                                let old = f64::from(before[i * ld + j]);
+                                if j >= n {
+                                    assert_eq!(got, old, "wrote past the {n} columns");
+                                    continue;
+                                }
+                                let x = i * n + j;
+                                let exp = f64::from(alpha) * want[x] + if accumulate { old } else { 0.0 };
+                                let bound = TOL * f64::from(alpha.abs()) * abs[x] + 1e-6 * old.abs() + 1e-30;
+                                assert!(
+                                    (got - exp).abs() <= bound,
+                                    "amx={amx} {m}×{k}×{n} ta={ta} tb={tb} acc={accumulate} alpha={alpha}: \
+                                     ({i},{j}) {got} vs {exp}"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
     }
 
     #[test]
@@ -766,13 +1144,16 @@ mod tests {
         println!("gemm_bf16 fallback   {:8.1} GFLOP/s", flop / fb / 1e9);
         #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
         if amx_usable() {
+            let mut bp = vec![0u32; k.div_ceil(32) * 16 * n.div_ceil(32) * 32];
             let t = time(&mut || {
-                std::hint::black_box(amx::pack(&a, &b, m, k, n));
+                // SAFETY: B is k×n row-major.
+                unsafe { amx::pack_b(&mut bp, MatRef::new(b.as_ptr(), n, 1), k, n, true) };
+                std::hint::black_box(&bp);
             });
-            println!("  of which packing A and B to bf16: {:.3} ms", t * 1e3);
+            println!("  of which packing B to bf16: {:.3} ms", t * 1e3);
             for kc in [amx::KC, 1 << 20] {
                 let t = time(&mut || {
-                    std::hint::black_box(amx::gemm_kc(&a, &b, m, k, n, kc));
+                    std::hint::black_box(amx_kc(&a, &b, m, k, n, kc));
                 });
                 println!(
                     "gemm_bf16 AMX, K blocks of {:4}  {:8.1} GFLOP/s ({:.2}× fp32)",

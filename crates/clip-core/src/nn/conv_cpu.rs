@@ -249,6 +249,26 @@ pub(super) fn matmul(
     par: gemm::Parallelism,
 ) {
     debug_assert!(dst.len() >= m * n);
+    if super::precision::bf16_gemms() {
+        // Mixed precision (`--precision bf16`): bf16 operands, fp32 accumulation, on AMX.
+        // SAFETY: as below; `set_precision` allows bf16 only where AMX is usable.
+        unsafe {
+            super::bf16::gemm_bf16_into(
+                m,
+                n,
+                k,
+                dst.as_mut_ptr().cast::<f32>(),
+                n,
+                accumulate,
+                1.0,
+                super::bf16::MatRef::new(lhs.as_ptr(), lhs_rs, lhs_cs),
+                super::bf16::MatRef::new(rhs.as_ptr(), rhs_rs, rhs_cs),
+                !matches!(par, gemm::Parallelism::None),
+                true,
+            )
+        };
+        return;
+    }
     // SAFETY: the slices cover every index the strides reach (checked by the callers' shapes).
     unsafe {
         gemm::gemm(

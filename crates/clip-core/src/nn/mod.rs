@@ -21,6 +21,7 @@ mod linear_cpu;
 mod max_pool;
 mod max_pool_cpu;
 mod pool;
+pub mod precision;
 mod relu_cpu;
 mod softmax_cpu;
 pub mod vmath;
@@ -36,6 +37,7 @@ pub use layer_norm::{layer_norm_cpu, layer_norm_reference, LayerNorm};
 pub use linear::{linear_cpu, linear_reference, Embedding, Linear};
 pub use max_pool::{max_pool_3x3_s2, max_pool_3x3_s2_cpu, max_pool_3x3_s2_reference};
 pub use pool::{grad_enabled, no_grad, on_compute_pool, param};
+pub use precision::{precision, set_precision, Precision};
 
 use candle_core::{Result, Tensor, D};
 

@@ -23,6 +23,14 @@ import open_clip
 import torch
 
 
+def amp(a):
+    """autocast's context for --precision autocast, else none."""
+    import contextlib
+    if a.precision == "autocast":
+        return lambda: torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
 def peak_rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
@@ -35,7 +43,17 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--precision", default="fp32", choices=["fp32", "autocast", "matmul-bf16"],
+                   help="fp32; autocast (torch.autocast('cpu', bfloat16) around forward and loss); "
+                        "matmul-bf16 (fp32 tensors, fp32 GEMMs run as bf16 on oneDNN/AMX)")
     a = p.parse_args()
+    if a.precision == "matmul-bf16":
+        torch.set_float32_matmul_precision("medium")
+        try:  # torch ≥ 2.9: oneDNN's own switch for fp32 GEMMs and convolutions on the CPU
+            torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+            torch.backends.mkldnn.conv.fp32_precision = "bf16"
+        except AttributeError:
+            pass
     if a.threads:
         torch.set_num_threads(a.threads)
     torch.manual_seed(0)
@@ -50,7 +68,7 @@ def main() -> None:
     if a.cmd == "bench-train":
         return train(a, model, batches, size)
     t_image = t_text = 0.0
-    with torch.inference_mode():
+    with torch.inference_mode(), amp(a)():
         for step in range(a.warmup + a.steps):
             images, ids = batches[step % 2]
             t0 = time.perf_counter()
@@ -64,7 +82,7 @@ def main() -> None:
     n = max(a.steps, 1)
     print(json.dumps({
         "impl": "pytorch", "bench": "infer", "torch": torch.__version__, "open_clip": open_clip.__version__,
-        "config": a.model, "batch_size": a.batch_size, "image_size": size, "seq_len": 77, "steps": a.steps,
+        "config": a.model, "precision": a.precision, "batch_size": a.batch_size, "image_size": size, "seq_len": 77, "steps": a.steps,
         "warmup": a.warmup, "images_per_s": round(a.batch_size * n / t_image, 3),
         "captions_per_s": round(a.batch_size * n / t_text, 3),
         "ms_per_image_batch": round(1000 * t_image / n, 2), "ms_per_text_batch": round(1000 * t_text / n, 2),
@@ -86,8 +104,9 @@ def train(a, model, batches, size) -> None:
     for step in range(a.warmup + a.steps):
         images, ids = batches[step % 2]
         t0 = time.perf_counter()
-        img, txt, scale = model(images, ids)
-        loss = loss_fn(img, txt, scale)
+        with amp(a)():
+            img, txt, scale = model(images, ids)
+            loss = loss_fn(img, txt, scale)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -98,7 +117,7 @@ def train(a, model, batches, size) -> None:
     ms = 1000 * sum(times) / max(len(times), 1)
     print(json.dumps({
         "impl": "pytorch", "bench": "train", "torch": torch.__version__, "open_clip": open_clip.__version__,
-        "config": a.model, "batch_size": a.batch_size, "image_size": size, "seq_len": 77, "steps": a.steps,
+        "config": a.model, "precision": a.precision, "batch_size": a.batch_size, "image_size": size, "seq_len": 77, "steps": a.steps,
         "warmup": a.warmup, "ms_per_step": round(ms, 2), "pairs_per_s": round(1000 * a.batch_size / ms, 3),
         "threads": torch.get_num_threads(), "peak_rss_mb": peak_rss_mb(),
     }))

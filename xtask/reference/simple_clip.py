@@ -313,6 +313,28 @@ def add_bench_args(p: argparse.ArgumentParser):
     p.add_argument("--seq-len", type=int, default=32, help="caption tokens (all unpadded)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's own)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "autocast", "matmul-bf16"],
+                   help="fp32; autocast (torch.autocast('cpu', bfloat16) around the forward pass and the loss); "
+                        "matmul-bf16 (fp32 tensors, fp32 GEMMs run as bf16 on oneDNN/AMX)")
+
+
+def precision_context(a):
+    """The bf16 mode a PyTorch user would type: autocast, or bf16 precision for fp32 matmuls."""
+    import contextlib
+    if a.precision == "matmul-bf16":
+        set_matmul_bf16()
+    if a.precision == "autocast":
+        return lambda: torch.autocast(a.device, dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+def set_matmul_bf16():
+    torch.set_float32_matmul_precision("medium")
+    try:  # torch ≥ 2.9: oneDNN's own switch for fp32 GEMMs and convolutions on the CPU
+        torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+        torch.backends.mkldnn.conv.fp32_precision = "bf16"
+    except AttributeError:
+        pass
 
 
 def cfg_from_args(a) -> Cfg:
@@ -401,13 +423,15 @@ def cmd_bench(a):
     cfg, device, model, seq_len, batches = bench_setup(a)
     model.train()
     optimizer, _ = make_optimizer(model, cfg.train)
+    amp = precision_context(a)
     t_fwd = t_bwd = t_opt = 0.0
     losses = []
     for step in range(a.warmup + a.steps):
         batch = batches[step % 2]
         sync(device)
         t0 = time.perf_counter()
-        loss = model(batch)
+        with amp():
+            loss = model(batch)
         sync(device)
         t1 = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
@@ -427,7 +451,7 @@ def cmd_bench(a):
         "impl": "pytorch", "torch": torch.__version__, "preset": cfg.name, "image_model": cfg.image.model,
         "device": a.device, "threads": torch.get_num_threads(), "loss": cfg.loss,
         "batch_size": a.batch_size, "image_size": cfg.image.image_size, "seq_len": seq_len,
-        "steps": a.steps, "warmup": a.warmup, "params": count(model),
+        "steps": a.steps, "warmup": a.warmup, "params": count(model), "precision": a.precision,
         "pairs_per_s": round(a.batch_size * a.steps / total, 3),
         "ms_per_step": round(1000 * total / a.steps, 2),
         "forward_share": round(t_fwd / total, 3), "backward_share": round(t_bwd / total, 3),
@@ -442,8 +466,9 @@ def cmd_bench_infer(a):
     timed apart: building an index runs the image side, a query the text side."""
     cfg, device, model, seq_len, batches = bench_setup(a)
     model.eval()
+    amp = precision_context(a)
     t_image = t_text = 0.0
-    with torch.inference_mode():
+    with torch.inference_mode(), amp():
         for step in range(a.warmup + a.steps):
             batch = batches[step % 2]
             sync(device)
@@ -461,7 +486,7 @@ def cmd_bench_infer(a):
     n = max(a.steps, 1)
     out = {
         "impl": "pytorch", "bench": "infer", "torch": torch.__version__, "config": cfg.name,
-        "image_model": cfg.image.model, "device": a.device, "batch_size": a.batch_size,
+        "image_model": cfg.image.model, "device": a.device, "batch_size": a.batch_size, "precision": a.precision,
         "image_size": cfg.image.image_size, "seq_len": seq_len, "steps": a.steps, "warmup": a.warmup,
         "images_per_s": round(a.batch_size * n / t_image, 3), "captions_per_s": round(a.batch_size * n / t_text, 3),
         "ms_per_image_batch": round(1000 * t_image / n, 2), "ms_per_text_batch": round(1000 * t_text / n, 2),

@@ -116,7 +116,7 @@ impl Mat {
 /// may touch dst's elements meanwhile.
 #[allow(clippy::too_many_arguments)]
 unsafe fn gemm_head(m: usize, n: usize, k: usize, dst: *mut f32, dst_rs: usize, lhs: Mat, rhs: Mat, alpha: f32) {
-    if super::precision::bf16_gemms() {
+    if super::precision::bf16_gemm(m, n, k) {
         // Mixed precision (`--precision bf16`): the scores and the context in bf16 on AMX.
         // SAFETY: the caller's contract; `set_precision` allows bf16 only where AMX is usable.
         unsafe {

@@ -175,6 +175,17 @@ pub(crate) fn gemm_bf16_on(a: &[f32], b: &[f32], m: usize, k: usize, n: usize, a
     Ok(c)
 }
 
+/// Whether an m×k · k×n GEMM runs faster in bf16 on AMX than in fp32: at least 2²¹
+/// multiply-adds and 32 rows and columns. Below that, packing the operands and configuring the
+/// tiles cost more than the tiles save (measured, 2-core Xeon, `timing_layer_shapes`: attention
+/// scores 50×64×50 0.40× fp32's speed, 77×64×77 0.61×, a 64×128×128 linear 0.50×, an 8-row
+/// projection 8×2048×256 0.69× as it pads to 32 rows; 197×197×64 1.26×, ViT-B/32's linear layers
+/// 2.0–2.4×), so those GEMMs stay fp32 under `--precision bf16` — more accurate, and under 2 %
+/// of a CLIP step's multiply-adds.
+pub(crate) fn bf16_pays(m: usize, n: usize, k: usize) -> bool {
+    m >= 32 && n >= 32 && m.saturating_mul(n).saturating_mul(k) >= 1 << 21
+}
+
 /// A matrix operand read in place: element (i, j) at `ptr[i·rs + j·cs]` — row-major, column-major
 /// (a transpose read in place) or any other strides.
 #[derive(Clone, Copy, Debug)]
@@ -383,11 +394,28 @@ mod amx {
                 out[k..].fill(0);
             }
         } else {
-            // Column by column: a transposed operand (rs = 1) reads each column contiguously.
-            for p in 0..k {
+            // A transposed operand (rs = 1) has each column's 32 rows contiguous: convert a block
+            // of 32 columns into `block` (column-major, vectorised), then write it transposed.
+            let mut block = [[0u16; 32]; 32];
+            for p0 in (0..k).step_by(32) {
+                let pw = (k - p0).min(32);
+                for (pp, col) in block.iter_mut().enumerate().take(pw) {
+                    if a.rs == 1 {
+                        // SAFETY: rows i0..i0 + rows of column p0 + pp are within A.
+                        let src = unsafe { std::slice::from_raw_parts(a.ptr.add(i0 + (p0 + pp) * a.cs), rows) };
+                        convert(&mut col[..rows], src);
+                    } else {
+                        for (r, c) in col.iter_mut().enumerate().take(rows) {
+                            // SAFETY: (i0 + r, p0 + pp) < (m, k).
+                            *c = f32_to_bf16_bits(unsafe { a.at(i0 + r, p0 + pp) });
+                        }
+                    }
+                }
                 for r in 0..rows {
-                    // SAFETY: (i0 + r, p) < (m, k).
-                    dst[r * kp + p] = f32_to_bf16_bits(unsafe { a.at(i0 + r, p) });
+                    let out = &mut dst[r * kp + p0..][..pw];
+                    for (pp, o) in out.iter_mut().enumerate() {
+                        *o = block[pp][r];
+                    }
                 }
             }
             for out in dst.chunks_exact_mut(kp).take(rows) {
@@ -610,10 +638,10 @@ mod amx {
     }
 
     /// [`super::gemm_bf16_into`] on AMX with K blocks of `kc` (a non-zero multiple of 32; more
-    /// than K means one block). B is packed once (VNNI-2 panels of 32 columns); then each task —
-    /// a row panel of 32 and a group of up to [`GROUP`] column panels, group-major so that a
-    /// thread's consecutive tasks share their B columns in L2 — packs its A rows to bf16,
-    /// accumulates 32 × 32·g in tiles over the K blocks, and writes alpha · acc [+ dst].
+    /// than K means one block). B is packed once (VNNI-2 panels of 32 columns), A once (row
+    /// panels of 32 × kp); then each task — a row panel and a group of up to [`GROUP`] column
+    /// panels, group-major so that a thread's consecutive tasks share their B columns in L2 —
+    /// accumulates 32 × 32·g in tiles over the K blocks and writes alpha · acc [+ dst].
     ///
     /// # Safety
     /// As [`super::gemm_bf16_into`], with AMX usable; m, n, k ≥ 1.
@@ -644,6 +672,22 @@ mod amx {
         unsafe { pack_b(bp, b, k, n, parallel) };
         let bp: &[u32] = bp;
         let row_panels = m.div_ceil(32);
+        // A packed whole too (once, not once per column group), 32 × kp per row panel.
+        let mut ap = Scratch::take(&A_PANEL, row_panels * 32 * kp);
+        let ap = &mut ap.buf[..row_panels * 32 * kp];
+        let pack_a = |(ib, d): (usize, &mut [u16])| {
+            vectorized(
+                #[inline(always)]
+                // SAFETY: the caller's contract (rows 32·ib.. of A).
+                || unsafe { pack_a_panel(d, a, ib * 32, m, k, kp) },
+            )
+        };
+        if parallel && row_panels > 1 {
+            ap.par_chunks_mut(32 * kp).enumerate().for_each(pack_a);
+        } else {
+            ap.chunks_mut(32 * kp).enumerate().for_each(pack_a);
+        }
+        let ap: &[u16] = ap;
         let threads = if parallel {
             rayon::current_num_threads().max(1)
         } else {
@@ -660,13 +704,7 @@ mod amx {
             let (i0, jb0) = (ib * 32, gi * group);
             let jbs = group.min(panels - jb0);
             let w = jbs * 32;
-            let mut ap = Scratch::take(&A_PANEL, 32 * kp);
-            let ap = &mut ap.buf[..32 * kp];
-            vectorized(
-                #[inline(always)]
-                // SAFETY: the caller's contract (rows i0.. of A).
-                || unsafe { pack_a_panel(ap, a, i0, m, k, kp) },
-            );
+            let ap = &ap[ib * 32 * kp..][..32 * kp];
             let mut acc = Scratch::take(&ACC, 32 * w);
             let acc = &mut acc.buf[..32 * w];
             acc.fill(0.0);
@@ -1104,6 +1142,78 @@ mod tests {
             .collect();
         for h in handles {
             assert!(h.join().unwrap() <= TOL);
+        }
+    }
+
+    /// GFLOP/s of the GEMMs the layers make (through `conv_cpu::matmul`, both precisions) at
+    /// ViT-B/32 and ResNet-50 shapes, batch 16: not a test (`cargo test --release -p clip-core
+    /// --lib nn::bf16::tests::timing_layer_shapes -- --ignored --nocapture`, idle machine).
+    #[test]
+    #[ignore]
+    fn timing_layer_shapes() {
+        use std::mem::MaybeUninit;
+        // (what, m, k, n, A transposed, B transposed, parallel)
+        let shapes = [
+            ("vit qkv fwd", 800, 768, 2304, false, true, true),
+            ("vit fc1 fwd", 800, 768, 3072, false, true, true),
+            ("vit fc2 fwd", 800, 3072, 768, false, true, true),
+            ("vit fc1 dx", 800, 3072, 768, false, false, true),
+            ("vit fc1 dW", 3072, 800, 768, true, false, true),
+            ("attn scores", 50, 64, 50, false, true, false),
+            ("attn ctx", 50, 50, 64, false, false, false),
+            ("text scores", 77, 64, 77, false, true, false),
+            ("vit16 scores", 197, 64, 197, false, true, false),
+            ("vit16 ctx", 197, 197, 64, false, false, false),
+            ("small linear", 64, 128, 128, false, true, true),
+            ("b8 proj", 8, 2048, 256, false, true, true),
+            ("rn50 3x3 conv", 64, 576, 3136, false, false, false),
+            ("rn50 1x1 conv", 256, 64, 3136, false, false, false),
+        ];
+        println!(
+            "hardware {:?}, {} threads",
+            bf16_hardware(),
+            rayon::current_num_threads()
+        );
+        for (what, m, k, n, ta, tb, par) in shapes {
+            let a = data(m * k, 1);
+            let b = data(k * n, 2);
+            let (a_rs, a_cs) = if ta { (1, m) } else { (k, 1) };
+            let (b_rs, b_cs) = if tb { (1, k) } else { (n, 1) };
+            let mut c = vec![MaybeUninit::<f32>::uninit(); m * n];
+            let parallel = if par {
+                gemm::Parallelism::Rayon(rayon::current_num_threads())
+            } else {
+                gemm::Parallelism::None
+            };
+            let flop = 2.0 * (m * k * n) as f64;
+            let mut rate = [0.0; 2];
+            for (i, bf16) in [false, true].into_iter().enumerate() {
+                if bf16 && bf16_hardware() != Bf16Support::Amx {
+                    continue;
+                }
+                crate::nn::precision::set_precision(if bf16 {
+                    crate::nn::Precision::Bf16
+                } else {
+                    crate::nn::Precision::Fp32
+                })
+                .unwrap();
+                let mut go =
+                    || crate::nn::conv_cpu::matmul(m, n, k, &mut c, false, &a, a_rs, a_cs, &b, b_rs, b_cs, parallel);
+                go();
+                let reps = (2e9 / flop).clamp(3.0, 2000.0) as u32;
+                let t = std::time::Instant::now();
+                for _ in 0..reps {
+                    go();
+                }
+                rate[i] = flop * f64::from(reps) / t.elapsed().as_secs_f64() / 1e9;
+            }
+            crate::nn::precision::set_precision(crate::nn::Precision::Fp32).unwrap();
+            println!(
+                "{what:14} {m:5}×{k:5}×{n:5}: fp32 {:7.1} GFLOP/s, bf16 {:7.1} GFLOP/s ({:.2}×)",
+                rate[0],
+                rate[1],
+                rate[1] / rate[0]
+            );
         }
     }
 

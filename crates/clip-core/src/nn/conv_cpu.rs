@@ -249,7 +249,7 @@ pub(super) fn matmul(
     par: gemm::Parallelism,
 ) {
     debug_assert!(dst.len() >= m * n);
-    if super::precision::bf16_gemms() {
+    if super::precision::bf16_gemm(m, n, k) {
         // Mixed precision (`--precision bf16`): bf16 operands, fp32 accumulation, on AMX.
         // SAFETY: as below; `set_precision` allows bf16 only where AMX is usable.
         unsafe {

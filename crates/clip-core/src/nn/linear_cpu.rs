@@ -92,7 +92,8 @@ impl CustomOp3 for LinearOp {
         let y_out = as_uninit(&mut y);
         if self.transposed {
             matmul(n, d_out, d_in, y_out, true, x, d_in, 1, w, d_out, 1, parallel());
-        } else if d_in >= d_out && d_in * d_out >= TRANSPOSE_FROM {
+        } else if d_in >= d_out && d_in * d_out >= TRANSPOSE_FROM && !super::precision::bf16_gemms() {
+            // (The bf16 GEMM packs W read in place: no transposed copy.)
             let wt = transpose(d_out, d_in, w);
             matmul(n, d_out, d_in, y_out, true, x, d_in, 1, &wt, d_out, 1, parallel());
         } else {

@@ -5,7 +5,8 @@
 //! them and accumulates in fp32 on AMX ([`super::bf16`]). Everything else stays fp32: master
 //! weights, AdamW's state, the loss, norms, softmax, reductions, the logit scale, and every
 //! tensor between the ops (the callers keep fp32 tensors; only the GEMMs' packed operands are
-//! bf16).
+//! bf16). GEMMs too small to gain from AMX (under 2²¹ multiply-adds, or under 32 rows or
+//! columns: `bf16::bf16_pays`) stay fp32, as they measured slower in bf16.
 //!
 //! The choice is process-wide, like autocast's context around a whole training loop and like
 //! [`super::dispatch::force_composed`]: set it once at the start of a program
@@ -92,6 +93,21 @@ pub fn precision() -> Precision {
 #[inline]
 pub fn bf16_gemms() -> bool {
     BF16.load(Ordering::Relaxed)
+}
+
+static SMALL: AtomicBool = AtomicBool::new(false);
+
+/// Also runs the GEMMs too small to gain from AMX in bf16 (process-wide): for tests, whose tiny
+/// models have only small GEMMs, and for measuring what the size rule saves.
+pub fn bf16_small_gemms(on: bool) {
+    SMALL.store(on, Ordering::Relaxed);
+}
+
+/// Whether an m×k · k×n GEMM runs in bf16 now: bf16 precision set, and the GEMM large enough to
+/// gain from it (`bf16::bf16_pays`) unless [`bf16_small_gemms`].
+#[inline]
+pub(crate) fn bf16_gemm(m: usize, n: usize, k: usize) -> bool {
+    bf16_gemms() && (super::bf16::bf16_pays(m, n, k) || SMALL.load(Ordering::Relaxed))
 }
 
 /// Why `--precision bf16` cannot run here, or `None` where it can (AMX).

@@ -4,13 +4,17 @@
 //! in the PyTorch reference of the same recipe (`xtask/reference/simple_clip.py bench`), in the
 //! same run on the same machine, and prints their ratio of speed and of peak memory (RSS); `infer`
 //! does the same for image and caption embeddings in evaluation mode (`simple_clip.py
-//! bench-infer`). The reference runs with clipmine's thread count. The
+//! bench-infer`). The reference runs with clipmine's thread count. With `--precision bf16`
+//! clipmine's GEMMs run in bf16 on AMX and the reference in PyTorch's bf16 as its users run it:
+//! autocast for training, and for inference both autocast and bf16 matmul precision, the faster
+//! taken per metric; every line says which precision it ran in. The
 //! programs are built in the release profile. Run it on an idle machine: a build beside a
 //! benchmark slows it several times.
 
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
+use clip_core::nn::Precision;
 use serde_json::{json, Value};
 
 use crate::verify::workspace_root;
@@ -24,7 +28,7 @@ use crate::verify::workspace_root;
 #[derive(Debug, clap::Args)]
 #[command(
     verbatim_doc_comment,
-    after_help = "Examples:\n  cargo xtask bench                          everything\n  cargo xtask bench train --no-reference     clipmine's training steps alone\n  cargo xtask bench infer --preset simple-clip --batch-size 8\n  cargo xtask bench loader search --batch-size 32"
+    after_help = "Examples:\n  cargo xtask bench                          everything\n  cargo xtask bench train --no-reference     clipmine's training steps alone\n  cargo xtask bench infer --preset simple-clip --batch-size 8\n  cargo xtask bench loader search --batch-size 32\n  cargo xtask bench train infer --precision bf16 --preset clip-vit-b-32   bf16 GEMMs on AMX (run it again without --precision for fp32)"
 )]
 pub struct Args {
     /// What to measure; default: all.
@@ -49,6 +53,13 @@ pub struct Args {
     /// Synthetic images for `data`.
     #[arg(long, value_name = "N", default_value_t = 200_000)]
     images: usize,
+    /// GEMM precision for `train`, `infer`, `index` and `frozen`: fp32 (default) or bf16 — mixed
+    /// precision as PyTorch autocast: bf16 operands with fp32 accumulation on AMX tiles,
+    /// everything else fp32; refused on CPUs without AMX. Every line of a model records it
+    /// (`"precision"`). With bf16 the PyTorch reference runs autocast (training), and autocast
+    /// and bf16 matmul precision (inference: the faster of the two, per metric).
+    #[arg(long, value_name = "fp32|bf16", value_parser = crate::verify::parse_precision)]
+    precision: Option<Precision>,
 }
 
 /// One benchmark.
@@ -79,7 +90,13 @@ pub fn run(args: Args) -> Result<bool> {
         seq_len,
         no_reference,
         images,
+        precision,
     } = args;
+    let bf16 = precision == Some(Precision::Bf16);
+    // Passed to every program that runs a model; each line it prints records what it ran in.
+    let precision: Vec<String> = precision
+        .map(|p| vec!["--precision".to_string(), p.name().to_string()])
+        .unwrap_or_default();
     let steps = steps.unwrap_or(if preset == "tiny" { 100 } else { 10 });
     let (batch, steps, reference) = (batch_size.to_string(), steps.to_string(), !no_reference);
     let seq_len = seq_len.map(|l| l.to_string());
@@ -175,6 +192,12 @@ pub fn run(args: Args) -> Result<bool> {
         }
         args
     };
+    // The same, with the precision: for clipmine's `bench` only (the reference takes none).
+    let ours_args = |sub: &'static str| {
+        let mut args = model_args(sub);
+        args.extend(precision.iter().cloned());
+        args
+    };
     // Runs the reference with clipmine's thread count, prints its line and the ratio line.
     let compare = |ours: &Value, args: &[String], bench: &str, metrics: &[(&str, &str)]| -> Result<()> {
         // open_clip for a pretrained-CLIP preset, else the recipe's PyTorch reference.
@@ -200,32 +223,55 @@ pub fn run(args: Args) -> Result<bool> {
             None => ("simple_clip.py", args.to_vec()),
         };
         let threads = ours["threads"].as_u64().map(|t| t.to_string());
-        let threads = threads.iter().flat_map(|t| ["--threads", t.as_str()]);
-        let Some(theirs) = reference_line(&root, script, args.iter().map(String::as_str).chain(threads))? else {
-            return Ok(());
+        // Beside clipmine's bf16, PyTorch's bf16 as its users run it (the references'
+        // --precision): autocast for training; for inference autocast and bf16 matmul precision
+        // both, the faster of the two taken metric by metric. Beside fp32, its default (fp32).
+        let training = args.first().map(String::as_str) == Some("bench");
+        let modes: &[Option<&str>] = match (bf16, training) {
+            (false, _) => &[None],
+            (true, true) => &[Some("autocast")],
+            (true, false) => &[Some("autocast"), Some("matmul-bf16")],
         };
-        println!("{theirs}");
+        let mut lines = vec![];
+        for mode in modes {
+            let flags = threads
+                .iter()
+                .flat_map(|t| ["--threads", t.as_str()])
+                .chain(mode.iter().flat_map(|m| ["--precision", *m]));
+            let Some(theirs) = reference_line(&root, script, args.iter().map(String::as_str).chain(flags))? else {
+                return Ok(());
+            };
+            println!("{theirs}");
+            lines.push(theirs);
+        }
+        let precision_of = |v: &Value| v.get("precision").cloned().unwrap_or_else(|| json!("fp32"));
         let mut line = json!({
             "bench": bench, "preset": preset, "batch_size": batch, "seq_len": seq_len,
-            "clipmine_threads": ours["threads"], "pytorch_threads": theirs["threads"], "cpu": cpu_model(),
+            "clipmine_threads": ours["threads"], "pytorch_threads": lines[0]["threads"], "cpu": cpu_model(),
+            "clipmine_precision": ours["precision"],
+            "pytorch_precision": lines.iter().map(precision_of).collect::<Vec<_>>(),
         });
         let num = |v: &Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
         for (key, ratio) in metrics {
-            let (a, b) = (num(ours, key), num(&theirs, key));
+            let theirs = best_of(&lines, key);
+            let (a, b) = (num(ours, key), num(theirs, key));
             line[format!("clipmine_{key}")] = json!(a);
             line[format!("pytorch_{key}")] = json!(b);
+            line[format!("pytorch_{key}_precision")] = precision_of(theirs);
             line[*ratio] = json!(a / b);
         }
         println!("{line}");
         Ok(())
     };
     let mut steps_per_s = None;
+    let mut train_precision = Value::Null;
     for w in what {
         match w {
             What::Train => {
-                let ours = json_line(Command::new(examples.join("bench")).args(model_args("train")))?;
+                let ours = json_line(Command::new(examples.join("bench")).args(ours_args("train")))?;
                 println!("{ours}");
                 steps_per_s = ours["ms_per_step"].as_f64().map(|ms| 1e3 / ms);
+                train_precision = ours["precision"].clone();
                 if reference {
                     compare(
                         &ours,
@@ -239,7 +285,7 @@ pub fn run(args: Args) -> Result<bool> {
                 }
             }
             What::Infer => {
-                let ours = json_line(Command::new(examples.join("bench")).args(model_args("infer")))?;
+                let ours = json_line(Command::new(examples.join("bench")).args(ours_args("infer")))?;
                 println!("{ours}");
                 if reference {
                     compare(
@@ -264,12 +310,15 @@ pub fn run(args: Args) -> Result<bool> {
                     println!("{l}");
                     // The loader must outpace training: batches it delivers per training step.
                     if let (Some(bps), Some(sps)) = (l["batches_per_second"].as_f64(), steps_per_s) {
-                        let line = json!({"bench": "loader-vs-train", "augment": !extra.is_empty(), "loader_batches_per_s": bps, "train_steps_per_s": sps, "headroom": bps / sps});
+                        let line = json!({"bench": "loader-vs-train", "augment": !extra.is_empty(), "loader_batches_per_s": bps, "train_steps_per_s": sps, "headroom": bps / sps, "train_precision": train_precision});
                         println!("{line}");
                     }
                 }
             }
-            What::Index => println!("{}", json_line(Command::new(examples.join("bench")).args(["index"]))?),
+            What::Index => println!(
+                "{}",
+                json_line(Command::new(examples.join("bench")).arg("index").args(&precision))?
+            ),
             What::Search => crate::bench_search::run(&examples)?,
             What::Data => crate::bench_data::run(&examples, images)?,
             What::Frozen => {
@@ -277,7 +326,10 @@ pub fn run(args: Args) -> Result<bool> {
                     ["--preset", "tiny", "--images", "256"],
                     ["--preset", "simple-clip", "--images", "32"],
                 ] {
-                    println!("{}", json_line(Command::new(examples.join("bench_frozen")).args(args))?);
+                    println!(
+                        "{}",
+                        json_line(Command::new(examples.join("bench_frozen")).args(args).args(&precision))?
+                    );
                 }
             }
         }
@@ -309,6 +361,26 @@ fn reference_line<'a>(
             Ok(None)
         }
     }
+}
+
+/// Of the reference's lines (one per precision mode), the one with the best `key`: the highest
+/// throughput, or the lowest peak memory (`*rss*`). A missing or non-numeric value is the worst.
+fn best_of<'a>(lines: &'a [Value], key: &str) -> &'a Value {
+    let lower_is_better = key.contains("rss");
+    let score = |v: &Value| match v[key].as_f64() {
+        Some(x) if x.is_finite() => {
+            if lower_is_better {
+                -x
+            } else {
+                x
+            }
+        }
+        _ => f64::NEG_INFINITY,
+    };
+    lines
+        .iter()
+        .max_by(|a, b| score(a).total_cmp(&score(b)))
+        .expect("at least one reference line")
 }
 
 /// The open_clip architecture of a pretrained-CLIP preset, and its `open_clip_config.json`
@@ -399,8 +471,32 @@ mod tests {
             (a.preset.as_str(), a.steps, a.seq_len, a.batch_size),
             ("simple-clip", Some(2), Some(16), 16)
         );
-        for bad in [&["speed"][..], &["--steps", "ten"], &["--batch-size"]] {
+        for bad in [
+            &["speed"][..],
+            &["--steps", "ten"],
+            &["--batch-size"],
+            &["--precision", "fp16"],
+        ] {
             assert!(parse(bad).is_err(), "{bad:?} should be rejected");
         }
+        assert_eq!(a.precision, None);
+        let a = parse(&["train", "--precision", "bf16", "--preset", "clip-vit-b-32"]).unwrap();
+        assert_eq!(
+            (a.what.as_slice(), a.precision),
+            (&[What::Train][..], Some(Precision::Bf16))
+        );
+    }
+
+    #[test]
+    fn the_best_reference_mode_is_taken_metric_by_metric() {
+        let lines = [
+            json!({"precision": "autocast", "images_per_s": 11.7, "captions_per_s": 60.0, "peak_rss_mb": 900.0}),
+            json!({"precision": "matmul-bf16", "images_per_s": 53.5, "captions_per_s": 52.3, "peak_rss_mb": 800.0}),
+            json!({"precision": "broken"}),
+        ];
+        assert_eq!(best_of(&lines, "images_per_s")["precision"], "matmul-bf16");
+        assert_eq!(best_of(&lines, "captions_per_s")["precision"], "autocast");
+        assert_eq!(best_of(&lines, "peak_rss_mb")["precision"], "matmul-bf16");
+        assert_eq!(best_of(&lines[2..], "images_per_s")["precision"], "broken");
     }
 }

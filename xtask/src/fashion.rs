@@ -12,7 +12,9 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
-use crate::verify::{build, workspace_root};
+use clip_core::nn::Precision;
+
+use crate::verify::{build, precision_flag, workspace_root};
 
 const SOURCE: &str = "/usr/share/datasets/fashion-mnist";
 const LABELS: [&str; 10] = [
@@ -68,6 +70,12 @@ pub struct Args {
     /// answered by the teacher's text tower (a fourth row).
     #[arg(long = "images-only", requires = "distill")]
     images_only: bool,
+    /// GEMM precision for training (stage 4) and the test evaluation (clip-predict eval): fp32
+    /// (default) or bf16 — mixed precision as PyTorch autocast: bf16 operands with fp32
+    /// accumulation on AMX tiles, everything else fp32; refused on CPUs without AMX. Each JSON
+    /// line records it.
+    #[arg(long, value_name = "fp32|bf16", value_parser = crate::verify::parse_precision)]
+    precision: Option<Precision>,
 }
 
 pub fn run(args: Args) -> Result<bool> {
@@ -77,6 +85,7 @@ pub fn run(args: Args) -> Result<bool> {
         .unwrap_or_else(|| root.join("assets/configs/fashion-mnist.toml"));
     let epochs = args.epochs;
     let limit = args.train_limit;
+    let precision = args.precision;
     let out = args.out.unwrap_or_else(|| root.join("target/fashion-mnist"));
     let source = args.source;
     if !source.join("train-images-idx3-ubyte.gz").is_file() && !source.join("train-images-idx3-ubyte").is_file() {
@@ -101,11 +110,11 @@ pub fn run(args: Args) -> Result<bool> {
         Some(run) => (run.clone(), None),
         None => {
             let run = out.join("run");
-            let passed = train(&bins, &config, &train_dir, &run, epochs, None)?;
+            let passed = train(&bins, &config, &train_dir, &run, epochs, None, precision)?;
             (run, Some(passed))
         }
     };
-    let (eval, eval_secs) = evaluate(&bins, &run, &test_dir, &out.join("confusion.png"))?;
+    let (eval, eval_secs) = evaluate(&bins, &run, &test_dir, &out.join("confusion.png"), precision)?;
     let line = summary(
         &run,
         &train_dir,
@@ -157,8 +166,8 @@ pub fn run(args: Args) -> Result<bool> {
     for (name, folder, config, data, teacher) in students {
         let dir = out.join(folder);
         let t = Instant::now();
-        let passed = train(&bins, &config, &data, &dir, epochs, teacher)?;
-        let (eval, eval_secs) = evaluate(&bins, &dir, &test_dir, &dir.join("confusion.png"))?;
+        let passed = train(&bins, &config, &data, &dir, epochs, teacher, precision)?;
+        let (eval, eval_secs) = evaluate(&bins, &dir, &test_dir, &dir.join("confusion.png"), precision)?;
         let line = summary(
             &dir,
             &data,
@@ -176,7 +185,7 @@ pub fn run(args: Args) -> Result<bool> {
     eprintln!("\ntimed: the 10,000 test images through each model (clip-predict eval), one after the other");
     let mut speed = vec![];
     for (_, dir, _) in &rows {
-        let (_, secs) = evaluate(&bins, dir, &test_dir, &dir.join("confusion.png"))?;
+        let (_, secs) = evaluate(&bins, dir, &test_dir, &dir.join("confusion.png"), precision)?;
         speed.push(count_files(&test_dir) as f64 / secs);
     }
     let table = distill_table(&rows, &speed)?;
@@ -191,7 +200,9 @@ pub fn run(args: Args) -> Result<bool> {
                 "image_macs": line["image_macs"],
                 "parameters": line["parameters"],
                 "test_images_per_second": s.round(),
+                "precision": line["precision"],
             })).collect::<Vec<_>>(),
+            "eval_precision": precision.unwrap_or_default().name(),
             "cpu": crate::bench::cpu_model(),
         })
     );
@@ -207,6 +218,7 @@ fn train(
     run: &Path,
     epochs: Option<usize>,
     teacher: Option<&Path>,
+    precision: Option<Precision>,
 ) -> Result<bool> {
     if run.exists() {
         std::fs::remove_dir_all(run)?;
@@ -228,6 +240,7 @@ fn train(
     if let Some(t) = teacher {
         cmd.arg("--teacher").arg(t);
     }
+    cmd.args(precision_flag(precision));
     eprintln!("training: {}", crate::verify::display(&cmd));
     let status = cmd.status().context("running stage4-train")?;
     if !run.join("model.safetensors").is_file() {
@@ -286,11 +299,20 @@ fn images_only_config(student: &Path, out: &Path) -> Result<PathBuf> {
     Ok(path)
 }
 
-/// `clip-predict eval` zero-shot on the test folders: its JSON and the seconds it took.
-fn evaluate(bins: &Path, run: &Path, test: &Path, confusion: &Path) -> Result<(Value, f64)> {
+/// `clip-predict eval` zero-shot on the test folders (in `precision`, fp32 unless given): its
+/// JSON and the seconds it took.
+fn evaluate(
+    bins: &Path,
+    run: &Path,
+    test: &Path,
+    confusion: &Path,
+    precision: Option<Precision>,
+) -> Result<(Value, f64)> {
     let t = Instant::now();
     let o = Command::new(bins.join("clip-predict"))
-        .args(["--json", "--device", "cpu", "eval", "--run"])
+        .args(["--json", "--device", "cpu"])
+        .args(precision_flag(precision))
+        .args(["eval", "--run"])
         .arg(run)
         .arg("--data")
         .arg(test)
@@ -346,6 +368,9 @@ fn summary(
         "image_macs": image_macs(&cfg.image),
         "model_bytes": std::fs::metadata(&weights).map(|m| m.len()).ok(),
         "stage4_passed": stage4_passed,
+        // The run's, as its config.toml records it; the evaluation's as clip-predict reports it.
+        "precision": cfg.train.precision.name(),
+        "eval_precision": eval["precision"],
     }))
 }
 

@@ -6,6 +6,7 @@ use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
+use clip_core::nn::Precision;
 
 const STAGES: [(u8, &str, &str, &str); 4] = [
     (
@@ -81,6 +82,23 @@ pub struct Args {
     /// Build the stages with the release profile.
     #[arg(long)]
     release: bool,
+    /// GEMM precision for stages 3 and 4 and the predictions: fp32 (default) or bf16 — mixed
+    /// precision as PyTorch autocast: bf16 operands with fp32 accumulation on AMX tiles,
+    /// everything else fp32; refused on CPUs without AMX (stage 1 says what this CPU offers).
+    #[arg(long, value_name = "fp32|bf16", value_parser = parse_precision)]
+    precision: Option<Precision>,
+}
+
+/// `--precision`'s parser (as the stages'): fp32 or bf16; the error names both.
+pub fn parse_precision(s: &str) -> std::result::Result<Precision, String> {
+    s.parse::<Precision>().map_err(|e| e.to_string())
+}
+
+/// `--precision P` for a program that runs the model, or nothing (its default: fp32, or the
+/// config's `train.precision` for a stage).
+pub fn precision_flag(p: Option<Precision>) -> Vec<OsString> {
+    p.map(|p| vec!["--precision".into(), p.name().into()])
+        .unwrap_or_default()
 }
 
 impl Args {
@@ -125,7 +143,13 @@ pub fn run(o: Args) -> Result<bool> {
     let bin_dir = build(&root, o.release)?;
     let run_dir = out.join("run");
 
-    println!("clipmine verify: reports under {}\n", out.display());
+    println!(
+        "clipmine verify: reports under {}{}\n",
+        out.display(),
+        o.precision
+            .map(|p| format!("; stages 3 and 4 and the predictions in {p}"))
+            .unwrap_or_default()
+    );
     let mut rows = vec![];
     let mut all_ok = true;
     for (n, bin, name, what) in STAGES {
@@ -144,6 +168,9 @@ pub fn run(o: Args) -> Result<bool> {
         }
         if let (true, Some(f)) = (n >= 3, &o.freeze) {
             cmd.args(["--freeze", f]);
+        }
+        if n >= 3 {
+            cmd.args(precision_flag(o.precision));
         }
         if n == 4 {
             if run_dir.exists() {
@@ -217,6 +244,7 @@ fn predict(bin_dir: &Path, run: &Path, o: &Args) -> Result<()> {
     let data = o.data.clone().unwrap_or_else(|| workspace_root().join("assets/demo"));
     println!("\n━━━ the trained model in use ━━━");
     let status = Command::new(bin_dir.join("clip-predict"))
+        .args(precision_flag(o.precision))
         .arg("demo")
         .arg("--run")
         .arg(run)
@@ -324,6 +352,8 @@ mod tests {
         assert_eq!((a.from, a.only, a.epochs), (1, None, None));
         assert_eq!(a.out, PathBuf::from("target/verify"));
         assert!(!a.release);
+        assert_eq!(a.precision, None);
+        assert!(precision_flag(a.precision).is_empty());
     }
 
     #[test]
@@ -356,6 +386,17 @@ mod tests {
     }
 
     #[test]
+    fn precision_is_checked_here_and_passed_on() {
+        let a = parse(&["--precision", "bf16"]).unwrap();
+        assert_eq!(a.precision, Some(Precision::Bf16));
+        assert_eq!(strings(precision_flag(a.precision)), ["--precision", "bf16"]);
+        // Not among the flags of stages 1 and 2 (they do not take it).
+        assert!(!strings(a.shared()).contains(&"--precision".to_string()));
+        let e = parse(&["--precision", "fp16"]).err().unwrap();
+        assert!(e.to_string().contains("fp32 or bf16"), "{e}");
+    }
+
+    #[test]
     fn stage_numbers_and_values_are_checked() {
         for bad in [
             &["--from", "0"][..],
@@ -365,6 +406,8 @@ mod tests {
             &["--epochs"],
             &["--from", "2", "--only", "3"],
             &["--nope"],
+            &["--precision", "fp16"],
+            &["--precision"],
         ] {
             let e = parse(bad).err().unwrap_or_else(|| panic!("{bad:?} should be rejected"));
             assert_eq!(e.exit_code(), 2, "{bad:?}: {e}");

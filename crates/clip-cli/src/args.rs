@@ -2,9 +2,10 @@
 
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use clip_core::config::{ClipConfig, Schedule};
+use clip_core::nn::Precision;
 use clip_core::prepare::{DataSource, ImageCache};
 
 /// Model and device selection, flattened into each stage's `--help`.
@@ -60,6 +61,88 @@ impl ModelArgs {
 
     pub fn device(&self) -> Result<Device> {
         clip_core::device::parse_device(&self.device)
+    }
+}
+
+/// `--precision`'s one-line help, shared by every program that takes it.
+pub const PRECISION_HELP: &str = "GEMM precision: fp32 (default) or bf16 — mixed precision as PyTorch autocast: bf16 operands with fp32 accumulation on AMX tiles, everything else fp32; refused on CPUs without AMX";
+
+/// The precision of the GEMMs, flattened into the programs that train or time the model
+/// (stages 3 and 4, the benchmarks). `clip-predict` has its own flag (it reads no config's
+/// `train.precision`) with the same parser and help.
+#[derive(Debug, Clone, Copy, Default, clap::Args)]
+pub struct PrecisionArg {
+    #[arg(
+        long,
+        value_name = "fp32|bf16",
+        value_parser = parse_precision,
+        help = PRECISION_HELP,
+        long_help = "GEMM precision: fp32 (default) or bf16 — mixed precision as PyTorch autocast: bf16 operands with \
+fp32 accumulation on AMX tiles, everything else fp32; refused on CPUs without AMX.\n\n\
+In bf16 the GEMMs (linear layers, attention, convolutions, forward and backward) round their operands to bf16 \
+and accumulate in fp32, but for those too small to gain from AMX, which stay fp32; weights, AdamW's state, the \
+loss, norms and softmax stay fp32. The CPU only: with \
+--device cuda or metal, bf16 is refused. Given, it wins over the config's train.precision (a resumed run \
+keeps the precision recorded in its config.toml unless this is given) and is recorded in the JSON report \
+and the run's config. `stage1-build` says what this CPU offers."
+    )]
+    pub precision: Option<Precision>,
+}
+
+/// `--precision`'s parser: fp32 or bf16 (also f32, float32, bfloat16), any case; the error names both.
+pub fn parse_precision(s: &str) -> std::result::Result<Precision, String> {
+    s.parse::<Precision>().map_err(|e| e.to_string())
+}
+
+impl PrecisionArg {
+    /// The precision to run in — the flag, else the config's `train.precision` (fp32 unless set)
+    /// — written back into `cfg.train.precision` (so the run's config and report record it), then
+    /// set for the whole process with [`activate_precision`]. Call it once, before the model's
+    /// first forward pass. A bf16 the config asked for, refused here, says so and how to run in
+    /// fp32 instead.
+    pub fn apply(&self, cfg: &mut ClipConfig, dev: &Device) -> Result<Precision> {
+        let p = self.resolve(cfg);
+        match self.precision {
+            Some(_) => activate_precision(p, dev)?,
+            None => activate_precision(p, dev).with_context(|| {
+                format!(
+                    "the config asks for train.precision = \"{p}\" (a resumed run keeps its own): pass --precision fp32 to run in fp32"
+                )
+            })?,
+        }
+        Ok(p)
+    }
+
+    /// The flag, else the config's `train.precision`; written into the config.
+    pub fn resolve(&self, cfg: &mut ClipConfig) -> Precision {
+        if let Some(p) = self.precision {
+            cfg.train.precision = p;
+        }
+        cfg.train.precision
+    }
+}
+
+/// Sets the GEMM precision of this process (`clip_core::nn::set_precision`) for a model on
+/// `dev`: bf16 is the CPU's (AMX tiles) and is refused on any other device, and on a CPU without
+/// AMX with the reason.
+pub fn activate_precision(p: Precision, dev: &Device) -> Result<()> {
+    if p == Precision::Bf16 && !dev.is_cpu() {
+        bail!(
+            "--precision bf16 refused on {}: bf16 is implemented for the CPU's AMX tiles; on cuda/metal use fp32 (--precision fp32), or run on the CPU (--device cpu)",
+            clip_core::device::describe(dev)
+        );
+    }
+    clip_core::nn::set_precision(p)
+}
+
+/// What a program prints about its precision: the name and what it means here.
+pub fn describe_precision(p: Precision) -> String {
+    match p {
+        Precision::Fp32 => "fp32 (every GEMM in fp32)".into(),
+        Precision::Bf16 => {
+            "bf16 (GEMM operands in bf16 on AMX tiles, fp32 accumulation; GEMMs too small to gain and everything else fp32)"
+                .into()
+        }
     }
 }
 
@@ -263,5 +346,75 @@ mod tests {
         assert_eq!(cfg.train.lr_head, before.train.lr_head);
         assert_eq!(cfg.train.batch_size, before.train.batch_size);
         assert!(Cli::try_parse_from(["x", "--schedule", "linear"]).is_err());
+    }
+
+    #[derive(Parser)]
+    struct WithPrecision {
+        #[command(flatten)]
+        precision: PrecisionArg,
+    }
+
+    #[test]
+    fn precision_parses_fp32_and_bf16_and_names_them_when_refusing_others() {
+        let p = |args: &[&str]| WithPrecision::try_parse_from(["x"].iter().chain(args)).map(|c| c.precision.precision);
+        assert_eq!(p(&[]).unwrap(), None);
+        assert_eq!(p(&["--precision", "bf16"]).unwrap(), Some(Precision::Bf16));
+        assert_eq!(p(&["--precision=fp32"]).unwrap(), Some(Precision::Fp32));
+        assert_eq!(p(&["--precision", "BF16"]).unwrap(), Some(Precision::Bf16));
+        for bad in ["fp16", "int8", ""] {
+            let e = p(&["--precision", bad]).unwrap_err();
+            assert_eq!(e.exit_code(), 2, "{e}");
+            let msg = e.to_string();
+            assert!(msg.contains("fp32") && msg.contains("bf16"), "{bad:?}: {msg}");
+        }
+        let help = <WithPrecision as clap::CommandFactory>::command()
+            .render_long_help()
+            .to_string();
+        assert!(
+            help.contains("fp32 (default) or bf16") && help.contains("AMX"),
+            "{help}"
+        );
+    }
+
+    #[test]
+    fn the_flag_wins_over_the_config_and_is_written_back() {
+        let mut cfg = ClipConfig::default();
+        assert_eq!(cfg.train.precision, Precision::Fp32);
+        let none = PrecisionArg { precision: None };
+        assert_eq!(none.resolve(&mut cfg), Precision::Fp32);
+        cfg.train.precision = Precision::Bf16;
+        assert_eq!(none.resolve(&mut cfg), Precision::Bf16, "no flag: the config's");
+        let fp32 = PrecisionArg {
+            precision: Some(Precision::Fp32),
+        };
+        assert_eq!(fp32.resolve(&mut cfg), Precision::Fp32);
+        assert_eq!(cfg.train.precision, Precision::Fp32, "written back into the config");
+        // fp32 is accepted everywhere.
+        fp32.apply(&mut cfg, &Device::Cpu).unwrap();
+        assert_eq!(clip_core::nn::precision(), Precision::Fp32);
+    }
+
+    #[test]
+    fn bf16_on_the_cpu_is_refused_exactly_where_clip_core_refuses_it() {
+        // Whether bf16 may run here is clip-core's to say; this checks that the refusal reaches
+        // the user with its reason. Where bf16 is available it is not switched on here (the
+        // precision is process-wide, and other tests run beside this one): stage 3's tests run it.
+        let Some(why) = clip_core::nn::precision::bf16_refusal() else {
+            eprintln!("skipped: this CPU runs bf16 (AMX), so there is no refusal to check");
+            return;
+        };
+        let e = format!("{:#}", activate_precision(Precision::Bf16, &Device::Cpu).unwrap_err());
+        assert!(e.contains("refused") && e.contains(&why), "{e}");
+        assert_eq!(clip_core::nn::precision(), Precision::Fp32);
+        let mut cfg = ClipConfig::default();
+        cfg.train.precision = Precision::Bf16;
+        let e = format!(
+            "{:#}",
+            PrecisionArg::default().apply(&mut cfg, &Device::Cpu).unwrap_err()
+        );
+        assert!(
+            e.contains("train.precision") && e.contains("--precision fp32") && e.contains(&why),
+            "{e}"
+        );
     }
 }

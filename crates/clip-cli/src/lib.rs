@@ -18,5 +18,5 @@ pub mod progress;
 /// What a stage checked, printed for people and written as JSON for the pipeline.
 pub mod report;
 
-pub use args::{run_stage, DataArgs, ModelArgs, TrainArgs};
+pub use args::{activate_precision, run_stage, DataArgs, ModelArgs, PrecisionArg, TrainArgs};
 pub use report::{fmt_count, Report};

@@ -26,6 +26,9 @@ use crate::{Cli, Cmd, ModelChoice};
 
 pub fn run(cli: Cli) -> Result<ExitCode> {
     let device = clip_core::device::parse_device(&cli.device)?;
+    // Before any model is loaded (a refused bf16 fails at once). fp32 unless --precision says
+    // otherwise: the precision a run was trained in is not carried over to its use.
+    clip_cli::activate_precision(cli.precision.unwrap_or_default(), &device)?;
     let json = cli.json;
     match cli.command {
         Cmd::ImageToText {
@@ -475,7 +478,7 @@ fn index(
         println!(
             "{}",
             serde_json::to_string_pretty(
-                &json!({"index": out.display().to_string(), "images": idx.entries.len(), "segments": segments, "graphs": graphs, "lists": lists, "format_version": clip_core::index::FORMAT_VERSION, "stats": stats})
+                &json!({"index": out.display().to_string(), "images": idx.entries.len(), "segments": segments, "graphs": graphs, "lists": lists, "format_version": clip_core::index::FORMAT_VERSION, "stats": stats, "precision": clip_core::nn::precision().name()})
             )?
         );
     } else {
@@ -618,7 +621,7 @@ fn eval(
             println!(
                 "{}",
                 serde_json::to_string(
-                    &json!({"kind": "zero-shot", "images": all.len(), "classes": ds.labels, "accuracy": accuracy, "per_class": per_class, "confusion": matrix, "templates": templates, "seconds": secs})
+                    &json!({"kind": "zero-shot", "images": all.len(), "classes": ds.labels, "accuracy": accuracy, "per_class": per_class, "confusion": matrix, "templates": templates, "seconds": secs, "precision": clip_core::nn::precision().name()})
                 )?
             );
         } else {
@@ -667,7 +670,7 @@ fn eval(
         println!(
             "{}",
             serde_json::to_string(
-                &json!({"kind": "retrieval", "images": all.len(), "captions": texts.len(), "recall": r})
+                &json!({"kind": "retrieval", "images": all.len(), "captions": texts.len(), "recall": r, "precision": clip_core::nn::precision().name()})
             )?
         );
     } else {

@@ -32,6 +32,19 @@ struct Cli {
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
     json: bool,
+    #[arg(
+        long,
+        global = true,
+        value_name = "fp32|bf16",
+        value_parser = clip_cli::args::parse_precision,
+        help = clip_cli::args::PRECISION_HELP,
+        long_help = "GEMM precision: fp32 (default) or bf16 — mixed precision as PyTorch autocast: bf16 operands with \
+fp32 accumulation on AMX tiles, everything else fp32; refused on CPUs without AMX.\n\n\
+How to compute, not part of the model: a run trained in bf16 embeds in fp32 unless this says bf16, and an \
+index embedded in one precision is searched with queries embedded in the other. The CPU only: with \
+--device cuda or metal, bf16 is refused. `stage1-build` says what this CPU offers."
+    )]
+    precision: Option<clip_core::nn::Precision>,
 }
 
 /// The model to use: one trained by stage 4, or a pretrained CLIP as it is.
@@ -193,5 +206,42 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::from(2)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory, Parser};
+    use clip_core::nn::Precision;
+
+    use super::Cli;
+
+    #[test]
+    fn the_parser_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn precision_is_taken_before_or_after_any_command_and_only_fp32_or_bf16() {
+        let p = |args: &[&str]| Cli::try_parse_from(["clip-predict"].iter().chain(args)).map(|c| c.precision);
+        assert_eq!(p(&["demo", "--run", "r"]).unwrap(), None);
+        assert_eq!(
+            p(&["--precision", "bf16", "demo", "--run", "r"]).unwrap(),
+            Some(Precision::Bf16)
+        );
+        for cmd in [
+            &["eval", "--run", "r", "--data", "d"][..],
+            &["index", "--run", "r", "--images", "i"],
+            &["serve", "--run", "r"],
+            &["image-to-text", "--run", "r", "x.jpg", "--texts", "a"],
+            &["text-to-image", "--run", "r", "a cat"],
+        ] {
+            let mut args = cmd.to_vec();
+            args.extend(["--precision", "fp32"]);
+            assert_eq!(p(&args).unwrap(), Some(Precision::Fp32), "{cmd:?}");
+        }
+        let e = p(&["--precision", "fp16", "demo", "--run", "r"]).err().unwrap();
+        assert_eq!(e.exit_code(), 2);
+        assert!(e.to_string().contains("fp32 or bf16"), "{e}");
     }
 }

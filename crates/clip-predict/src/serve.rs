@@ -156,6 +156,10 @@ pub fn serve(opts: ServeOptions, device: &Device) -> Result<()> {
         .context("starting the server's runtime")?;
     let bound = connection_bound(open_file_limit());
     log(format_args!("at most {bound} connections at once"));
+    log(format_args!(
+        "precision {}",
+        clip_cli::args::describe_precision(clip_core::nn::precision())
+    ));
     let app = Arc::new(App {
         state,
         hosts,

@@ -92,6 +92,25 @@ fn environment(report: &mut Report) {
     );
     report.metric("candle_version", clip_core::CANDLE_VERSION);
     report.metric("features", &features);
+    cpu_bf16(report);
+}
+
+/// What the CPU offers for bf16 and what `--precision bf16` (stages 3 and 4, clip-predict, the
+/// benchmarks) would use here, or why it would be refused.
+fn cpu_bf16(report: &mut Report) {
+    use clip_core::nn::bf16::{bf16_hardware, Bf16Support};
+    let detail = clip_core::nn::precision::describe_hardware();
+    println!("{detail}");
+    let hardware = match bf16_hardware() {
+        Bf16Support::Amx => "amx",
+        Bf16Support::Avx512Bf16 => "avx512_bf16",
+        Bf16Support::None => "none",
+    };
+    let bf16 = clip_core::nn::precision::bf16_refusal().unwrap_or_else(|| "available".into());
+    report.metric(
+        "cpu_bf16",
+        serde_json::json!({ "hardware": hardware, "precision_bf16": bf16, "detail": detail }),
+    );
 }
 
 /// The config the flags name (a file, a preset, or `tiny`); `None` when it cannot be read.
@@ -112,6 +131,17 @@ fn config(args: &clip_cli::ModelArgs, report: &mut Report) -> Option<ClipConfig>
         ),
     );
     report.metric("config", &cfg.name);
+    // Stage 1 builds and runs the model in fp32; what a config's bf16 would meet is said here.
+    report.metric("precision", clip_core::nn::precision().name());
+    if cfg.train.precision == clip_core::nn::Precision::Bf16 {
+        report.info(
+            "precision",
+            match clip_core::nn::precision::bf16_refusal() {
+                None => "the config asks for bf16 (train.precision): stages 3 and 4 run their GEMMs on AMX tiles; this stage's forward pass runs in fp32".to_string(),
+                Some(why) => format!("the config asks for bf16 (train.precision), which stages 3 and 4 will refuse here ({why}): pass them --precision fp32"),
+            },
+        );
+    }
     Some(cfg)
 }
 

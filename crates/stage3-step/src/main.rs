@@ -32,6 +32,8 @@ struct Args {
     model: clip_cli::ModelArgs,
     #[command(flatten)]
     data: DataArgs,
+    #[command(flatten)]
+    precision: clip_cli::PrecisionArg,
     /// Pairs in the batch (default: the config's train.batch_size).
     #[arg(long)]
     batch_size: Option<usize>,
@@ -60,14 +62,18 @@ fn run(args: Args) -> Result<ExitCode> {
     let mut report = Report::new(3, "step");
     let json = args.model.json.as_deref();
     println!("stage 3 — step: does one training step work?\n");
-    let cfg = config(&args)?;
+    let mut cfg = config(&args)?;
     let dev = args.model.device()?;
+    // Before the data and the model: a refused bf16 fails at once, and the step runs in it.
+    let precision = args.precision.apply(&mut cfg, &dev)?;
     println!(
-        "config {} (loss {}), device {}",
+        "config {} (loss {}), device {}, precision {precision}",
         cfg.name,
         cfg.loss,
         device::describe(&dev)
     );
+    report.metric("precision", precision.name());
+    report.info("precision", clip_cli::args::describe_precision(precision));
     let data = prepare(&cfg, &args.data.source(), &dev, &clip_core::progress::Silent)?;
     let (model, _) = clip_core::pretrained::build(&cfg, &dev)?;
     let mut opt = AdamW::new(&model.params, &cfg.train)?;

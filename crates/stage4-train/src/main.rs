@@ -45,6 +45,8 @@ struct Args {
     resume: Option<PathBuf>,
     #[command(flatten)]
     train: clip_cli::TrainArgs,
+    #[command(flatten)]
+    precision: clip_cli::PrecisionArg,
     /// Where frozen towers' features are cached [default: RUN/feature-cache]; share one folder
     /// between runs of the same frozen towers to compute them only once.
     #[arg(long, value_name = "DIR")]
@@ -80,6 +82,7 @@ fn run(args: Args) -> Result<ExitCode> {
     let json = args.model.json.as_deref();
     println!("stage 4 — train: does the loss keep falling over many epochs?\n");
     let (cfg, dev, out) = setup(&args)?;
+    report.metric("precision", cfg.train.precision.name());
     let alphas = match &args.wise_ft {
         Some(spec) if cfg.pretrained.is_none() => bail!(
             "--wise-ft {spec}: WiSE-FT interpolates with the pretrained CLIP a run starts from; start from one (--pretrained, a clip-* preset or `pretrained` in the config)"
@@ -182,16 +185,21 @@ fn setup(args: &Args) -> Result<(ClipConfig, Device, PathBuf)> {
     }
     cfg.validate()?;
     let dev = args.model.device()?;
+    // Before any model exists (a teacher's included): set for the whole run, recorded in its
+    // config.toml; a resumed run keeps its own unless --precision is given (a change then
+    // recorded like the other training flags').
+    let precision = args.precision.apply(&mut cfg, &dev)?;
     let out = match (&args.resume, &args.out) {
         (Some(r), _) => r.clone(),
         (None, Some(o)) => o.clone(),
         (None, None) => new_run_dir()?,
     };
     println!(
-        "config {} (loss {}), device {}, run folder {}",
+        "config {} (loss {}), device {}, precision {}, run folder {}",
         cfg.name,
         cfg.loss,
         device::describe(&dev),
+        clip_cli::args::describe_precision(precision),
         out.display()
     );
     Ok((cfg, dev, out))

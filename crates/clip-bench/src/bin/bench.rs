@@ -1,9 +1,12 @@
 //! Benchmarks printed as JSON lines (run through `cargo xtask bench`):
 //!
-//!     bench train  [--preset tiny | --config FILE] [--batch-size B] [--steps N] [--seq-len L]
+//!     bench train  [--preset tiny | --config FILE] [--batch-size B] [--steps N] [--seq-len L] [--precision fp32|bf16]
 //!     bench infer  [the same flags as train] [--pretrained REPO|DIR]
 //!     bench search [--n 1000000] [--dim 256] [--queries 20] [--top 10]
-//!     bench index  [--images 500] [--preset tiny]
+//!     bench index  [--images 500] [--preset tiny] [--precision fp32|bf16]
+//!
+//! Every line of `train`, `infer` and `index` records the GEMM precision it ran in
+//! (`"precision"`: the flag, else the config's `train.precision`).
 //!
 //! `train` times full training steps (forward, backward, AdamW) on random data, like the PyTorch
 //! reference's `bench`; `infer` times the image and the text tower (each with its projection
@@ -48,6 +51,8 @@ struct ModelBench {
     seq_len: usize,
     #[arg(long, default_value = "cpu")]
     device: String,
+    #[command(flatten)]
+    precision: clip_cli::PrecisionArg,
 }
 
 #[derive(Subcommand)]
@@ -59,6 +64,8 @@ enum Cmd {
         images: usize,
         #[arg(long, default_value = "tiny")]
         preset: String,
+        #[command(flatten)]
+        precision: clip_cli::PrecisionArg,
     },
     Search {
         #[arg(long, default_value_t = 1_000_000)]
@@ -120,6 +127,7 @@ impl Setup {
         }
         clip_core::pretrained::apply_configs(&mut cfg, &clip_core::hub::Hub::from_env())?;
         let dev = clip_core::device::parse_device(&a.device)?;
+        a.precision.apply(&mut cfg, &dev)?;
         let b = a.batch_size.unwrap_or(cfg.train.batch_size);
         let l = a.seq_len.min(cfg.max_tokens());
         let s = cfg.image.image_size;
@@ -141,6 +149,7 @@ impl Setup {
             "batch_size": self.b, "image_size": self.s, "seq_len": self.l, "steps": a.steps, "warmup": a.warmup,
             "threads": rayon::current_num_threads(), "peak_rss_mb": clip_bench::peak_rss_mib(),
             "composed": clip_core::nn::dispatch::composed_forced(),
+            "precision": self.cfg.train.precision.name(),
         });
         if let (Some(line), serde_json::Value::Object(fields)) = (line.as_object_mut(), fields) {
             line.extend(fields);
@@ -264,8 +273,13 @@ fn main() -> Result<()> {
             );
             println!("{line}");
         }
-        Cmd::Index { images, preset } => {
-            let cfg = ClipConfig::preset(&preset)?;
+        Cmd::Index {
+            images,
+            preset,
+            precision,
+        } => {
+            let mut cfg = ClipConfig::preset(&preset)?;
+            precision.apply(&mut cfg, &Device::Cpu)?;
             let model = ClipModel::new(&cfg, &Device::Cpu)?;
             let dir = std::env::temp_dir().join(format!("clipmine-bench-index-{}", std::process::id()));
             std::fs::create_dir_all(&dir)?;
@@ -286,6 +300,7 @@ fn main() -> Result<()> {
                 json!({
                     "impl": "clipmine", "bench": "index", "config": cfg.name, "images": index.entries.len(),
                     "image_size": "320x240 jpeg", "seconds": stats.seconds, "images_per_s": stats.images_per_second,
+                    "precision": cfg.train.precision.name(),
                 })
             );
         }

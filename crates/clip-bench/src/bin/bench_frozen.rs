@@ -36,6 +36,8 @@ struct Args {
     /// Pairs per batch [default: the preset's].
     #[arg(long)]
     batch_size: Option<usize>,
+    #[command(flatten)]
+    precision: clip_cli::PrecisionArg,
 }
 
 /// A temporary folder removed on drop.
@@ -92,6 +94,7 @@ fn main() -> Result<()> {
     if let Some(b) = args.batch_size {
         cfg.train.batch_size = b;
     }
+    args.precision.apply(&mut cfg, &Device::Cpu)?;
     let tmp = synthetic(args.images)?;
     let source = DataSource {
         path: Some(tmp.0.clone()),
@@ -130,6 +133,7 @@ fn main() -> Result<()> {
         "first_epoch_loss_cached": cached_loss,
         "first_epoch_loss_recomputed": direct_loss,
         "threads": rayon::current_num_threads(),
+        "precision": cfg.train.precision.name(),
     });
     println!("{report}");
     Ok(())

@@ -114,16 +114,16 @@ pub(crate) fn bf16_gemm(m: usize, n: usize, k: usize) -> bool {
 pub fn bf16_refusal() -> Option<String> {
     match bf16_hardware() {
         Bf16Support::Amx => None,
+        _ if super::bf16::amx_disabled_by_env() => Some(format!(
+            "AMX is turned off by {}=1, and clipmine runs bf16 GEMMs on AMX tiles only",
+            super::bf16::NO_AMX_ENV
+        )),
         Bf16Support::Avx512Bf16 => Some(
             "this CPU has AVX512-BF16 but no AMX tiles, and clipmine's bf16 GEMM needs AMX: VDPBF16PS issues at half \
              the rate of an fp32 FMA on the parts measured, so an AVX512-BF16 kernel would gain only memory traffic \
              (use fp32, which is what this CPU runs best)"
                 .into(),
         ),
-        Bf16Support::None if super::bf16::amx_disabled_by_env() => Some(format!(
-            "AMX is turned off by {}=1 and nothing else here runs bf16 faster than fp32",
-            super::bf16::NO_AMX_ENV
-        )),
         Bf16Support::None => Some(
             "this CPU has no bf16 arithmetic (neither AMX nor AVX512-BF16; or the OS refused the AMX tile state), so \
              bf16 would be emulated and slower than fp32 (PyTorch's bf16 on AVX2-only CPUs is 44–499× slower than \

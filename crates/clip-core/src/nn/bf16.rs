@@ -457,23 +457,43 @@ mod amx {
                 out[w..].fill(0);
             }
         } else {
-            // Column by column: a transposed operand (rs = 1) reads each column contiguously.
             let pairs = dst.len() / 32;
-            for jj in 0..w {
-                for pr in 0..pairs {
-                    let r = 2 * pr;
-                    // SAFETY: (r, j0 + jj) and (r + 1, j0 + jj) read only when within B.
-                    let lo = if r < k {
-                        f32_to_bf16_bits(unsafe { b.at(r, j0 + jj) })
-                    } else {
-                        0
-                    };
-                    let hi = if r + 1 < k {
-                        f32_to_bf16_bits(unsafe { b.at(r + 1, j0 + jj) })
-                    } else {
-                        0
-                    };
-                    dst[pr * 32 + jj] = u32::from(lo) | u32::from(hi) << 16;
+            if b.rs == 1 {
+                // A transposed operand (a weight W read as Wᵀ): column j is contiguous, and its
+                // bf16 values read as u32 are the VNNI pairs (row 2p low, 2p + 1 high) already:
+                // convert the column (vectorised), then scatter the pairs.
+                let mut col = [0u16; 2 * 256];
+                for jj in 0..w {
+                    for p0 in (0..pairs).step_by(256) {
+                        let pn = (pairs - p0).min(256);
+                        let r0 = 2 * p0;
+                        let rn = if r0 < k { (k - r0).min(2 * pn) } else { 0 };
+                        // SAFETY: rows r0..r0 + rn < k of column j0 + jj are contiguous.
+                        let src = unsafe { std::slice::from_raw_parts(b.ptr.add(r0 + (j0 + jj) * b.cs), rn) };
+                        convert(&mut col[..rn], src);
+                        col[rn..2 * pn].fill(0);
+                        for (q, pair) in col[..2 * pn].chunks_exact(2).enumerate() {
+                            dst[(p0 + q) * 32 + jj] = u32::from(pair[0]) | u32::from(pair[1]) << 16;
+                        }
+                    }
+                }
+            } else {
+                for jj in 0..w {
+                    for pr in 0..pairs {
+                        let r = 2 * pr;
+                        // SAFETY: (r, j0 + jj) and (r + 1, j0 + jj) read only when within B.
+                        let lo = if r < k {
+                            f32_to_bf16_bits(unsafe { b.at(r, j0 + jj) })
+                        } else {
+                            0
+                        };
+                        let hi = if r + 1 < k {
+                            f32_to_bf16_bits(unsafe { b.at(r + 1, j0 + jj) })
+                        } else {
+                            0
+                        };
+                        dst[pr * 32 + jj] = u32::from(lo) | u32::from(hi) << 16;
+                    }
                 }
             }
             for out in dst.chunks_exact_mut(32) {

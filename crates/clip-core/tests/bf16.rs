@@ -115,6 +115,19 @@ fn bf16_models_match_fp32_within_rounding_and_every_tensor_gets_a_gradient() {
         let (img32, txt32, g32) = run(&model);
         set_precision(Precision::Bf16).unwrap();
         let (img16, txt16, g16) = run(&model);
+        // Inference (`no_grad`): the linear layers' weights packed to bf16 once for the scope
+        // give what packing them on every call gives.
+        let (images, ids, mask) = batch(&model);
+        let e = clip_core::nn::no_grad(|| model.forward(&images, &ids, &mask, false)).unwrap();
+        for (tower, got, want) in [("image", rows(&e.image), &img16), ("text", rows(&e.text), &txt16)] {
+            for (x, y) in got.iter().zip(want) {
+                let d = x.iter().zip(y).map(|(p, q)| (p - q).abs()).fold(0.0, f64::max);
+                assert!(
+                    d <= 1e-4,
+                    "{name}: {tower}: no_grad bf16 differs from the graph's bf16 by {d:e}"
+                );
+            }
+        }
         set_precision(Precision::Fp32).unwrap();
         let mut moved = 0.0f64;
         for (tower, a, b) in [("image", &img32, &img16), ("text", &txt32, &txt16)] {

@@ -284,6 +284,72 @@ pub(crate) unsafe fn gemm_bf16_into(
     }
 }
 
+/// A k×n GEMM operand B packed once for many products (an inference scope's weight: see
+/// `nn::pool`): bf16, in the AMX kernel's VNNI-2 panels.
+#[derive(Debug)]
+pub(crate) struct PackedB {
+    k: usize,
+    n: usize,
+    panels: Vec<u32>,
+}
+
+impl PackedB {
+    /// B (k×n through its strides) packed; `None` where AMX is not usable.
+    ///
+    /// # Safety
+    /// `b` readable at every (p < k, j < n).
+    pub(crate) unsafe fn new(b: MatRef, k: usize, n: usize) -> Option<Self> {
+        if !amx_usable() || k == 0 || n == 0 {
+            return None;
+        }
+        let mut panels = vec![0u32; k.div_ceil(32) * 16 * n.div_ceil(32) * 32];
+        // SAFETY: the caller's contract.
+        unsafe { amx::pack_b(&mut panels, b, k, n, true) };
+        Some(Self { k, n, panels })
+    }
+
+    /// (k, n) of the B it packs.
+    pub(crate) fn shape(&self) -> (usize, usize) {
+        (self.k, self.n)
+    }
+}
+
+/// [`gemm_bf16_into`] on AMX with B packed already: dst (m×n) = alpha · bf16(A) · B [+ dst].
+///
+/// # Safety
+/// As [`gemm_bf16_into`] for A and dst; `b` made by [`PackedB::new`] (so AMX is usable).
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm_bf16_packed(
+    m: usize,
+    dst: *mut f32,
+    dst_rs: usize,
+    accumulate: bool,
+    alpha: f32,
+    a: MatRef,
+    b: &PackedB,
+    parallel: bool,
+) {
+    if m == 0 {
+        return;
+    }
+    // SAFETY: the caller's contract; `b.panels` is B packed for (b.k, b.n).
+    unsafe {
+        amx::gemm_packed(
+            m,
+            b.n,
+            b.k,
+            Dst(dst),
+            dst_rs,
+            accumulate,
+            alpha,
+            a,
+            &b.panels,
+            parallel,
+            amx::KC,
+        )
+    }
+}
+
 /// The fallback: round both operands to bf16 values (kept in f32, gathered row-major) and
 /// multiply in fp32 with the `gemm` crate.
 ///
@@ -690,7 +756,32 @@ mod amx {
         let bp = &mut bp.buf[..panels * panel];
         // SAFETY: the caller's contract.
         unsafe { pack_b(bp, b, k, n, parallel) };
-        let bp: &[u32] = bp;
+        // SAFETY: the caller's contract; `bp` is B packed.
+        unsafe { gemm_packed(m, n, k, dst, dst_rs, accumulate, alpha, a, bp, parallel, kc) }
+    }
+
+    /// [`gemm_into`] with B packed already ([`pack_b`] of a k×n operand).
+    ///
+    /// # Safety
+    /// As [`gemm_into`]; `bp` is [`pack_b`]'s output for this k and n.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn gemm_packed(
+        m: usize,
+        n: usize,
+        k: usize,
+        dst: super::Dst,
+        dst_rs: usize,
+        accumulate: bool,
+        alpha: f32,
+        a: MatRef,
+        bp: &[u32],
+        parallel: bool,
+        kc: usize,
+    ) {
+        let kp = round_up(k, 32);
+        let panels = n.div_ceil(32);
+        let panel = kp / 2 * 32;
+        assert_eq!(bp.len(), panels * panel, "packed B of another shape");
         let row_panels = m.div_ceil(32);
         // A packed whole too (once, not once per column group), 32 × kp per row panel.
         let mut ap = Scratch::take(&A_PANEL, row_panels * 32 * kp);
@@ -797,6 +888,27 @@ mod amx {
         _: f32,
         _: super::MatRef,
         _: super::MatRef,
+        _: bool,
+        _: usize,
+    ) {
+        unreachable!("AMX is only used on x86-64 Linux")
+    }
+
+    pub(super) unsafe fn pack_b(_: &mut [u32], _: super::MatRef, _: usize, _: usize, _: bool) {
+        unreachable!("AMX is only used on x86-64 Linux")
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn gemm_packed(
+        _: usize,
+        _: usize,
+        _: usize,
+        _: super::Dst,
+        _: usize,
+        _: bool,
+        _: f32,
+        _: super::MatRef,
+        _: &[u32],
         _: bool,
         _: usize,
     ) {

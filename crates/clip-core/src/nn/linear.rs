@@ -62,8 +62,34 @@ impl Module for Linear {
             // Inside `no_grad` the weight is transposed once for the whole scope: read in place
             // it is a column-major GEMM operand, which the `gemm` crate packs slowly.
             if let Some(scope) = super::pool::prepared() {
+                let (d_out, d_in) = w.dims2()?;
+                let rows = x.elem_count() / d_in.max(1);
+                if super::precision::bf16_gemm(rows, d_out, d_in) {
+                    // bf16: the weight packed for the AMX GEMM once for the scope, read from W
+                    // in place (its rows are Wᵀ's columns): no transposed f32 copy.
+                    let packed = scope.packed_or(self.weight.id(), || {
+                        super::dispatch::with_host_f32(&w, |data| {
+                            // SAFETY: W is (out, in) row-major, so Wᵀ (in, out) is (1, in) strided.
+                            unsafe {
+                                super::bf16::PackedB::new(super::bf16::MatRef::new(data.as_ptr(), 1, d_in), d_in, d_out)
+                            }
+                        })
+                        .flatten()
+                    });
+                    if let Some(packed) = packed {
+                        let op = super::linear_cpu::LinearOp {
+                            transposed: false,
+                            packed: Some(packed),
+                        };
+                        return apply(x, &w, &b, op);
+                    }
+                }
                 let wt = scope.get_or(self.weight.id(), || transposed(&w))?;
-                return apply(x, &wt, &b, super::linear_cpu::LinearOp { transposed: true });
+                let op = super::linear_cpu::LinearOp {
+                    transposed: true,
+                    packed: None,
+                };
+                return apply(x, &wt, &b, op);
             }
             return linear_cpu(x, &w, &b);
         }
@@ -96,7 +122,11 @@ fn transposed(w: &Tensor) -> candle_core::Result<Tensor> {
 
 /// The fused CPU kernel (see `linear_cpu`), for inputs (N, in) or (B, L, in).
 pub fn linear_cpu(x: &Tensor, w: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
-    apply(x, w, b, super::linear_cpu::LinearOp { transposed: false })
+    let op = super::linear_cpu::LinearOp {
+        transposed: false,
+        packed: None,
+    };
+    apply(x, w, b, op)
 }
 
 fn apply(x: &Tensor, w: &Tensor, b: &Tensor, op: super::linear_cpu::LinearOp) -> candle_core::Result<Tensor> {

@@ -54,9 +54,11 @@ pub(super) fn transpose(rows: usize, cols: usize, w: &[f32]) -> Vec<f32> {
 }
 
 /// y = x·Wᵀ + b. With `transposed` the weight operand is Wᵀ (in, out) already, prepared once for
-/// a whole `no_grad` scope (see `nn::pool`); that form has no backward pass.
+/// a whole `no_grad` scope (see `nn::pool`); with `packed` (bf16, inside `no_grad` too) the GEMM
+/// reads that packed copy of W instead of the operand. Neither form has a backward pass.
 pub struct LinearOp {
     pub transposed: bool,
+    pub packed: Option<std::sync::Arc<super::bf16::PackedB>>,
 }
 
 impl CustomOp3 for LinearOp {
@@ -90,7 +92,25 @@ impl CustomOp3 for LinearOp {
         // GEMM packs through its slow generic path (21 % of DistilBERT's inference in `perf`).
         // Where the weight is square or narrowing, transposing it first costs less than that.
         let y_out = as_uninit(&mut y);
-        if self.transposed {
+        if let Some(p) = &self.packed {
+            if p.shape() != (d_in, d_out) {
+                candle_core::bail!("linear: a packed weight of {:?} for {d_in} → {d_out}", p.shape())
+            }
+            // SAFETY: x is (N, in) row-major, y (N, out) holds the bias (accumulated into); the
+            // packed weight is Wᵀ (in, out), checked above, packed where AMX is usable.
+            unsafe {
+                super::bf16::gemm_bf16_packed(
+                    n,
+                    y_out.as_mut_ptr().cast::<f32>(),
+                    d_out,
+                    true,
+                    1.0,
+                    super::bf16::MatRef::new(x.as_ptr(), d_in, 1),
+                    p,
+                    true,
+                )
+            };
+        } else if self.transposed {
             matmul(n, d_out, d_in, y_out, true, x, d_in, 1, w, d_out, 1, parallel());
         } else if d_in >= d_out && d_in * d_out >= TRANSPOSE_FROM && !super::precision::bf16_gemms() {
             // (The bf16 GEMM packs W read in place: no transposed copy.)
@@ -110,7 +130,7 @@ impl CustomOp3 for LinearOp {
         _y: &Tensor,
         gy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        if self.transposed {
+        if self.transposed || self.packed.is_some() {
             candle_core::bail!("linear: no backward through a weight prepared for inference (no_grad)")
         }
         let (n, d_in) = x.dims2()?;

@@ -26,6 +26,9 @@ use candle_core::{Tensor, TensorId};
 #[derive(Default)]
 pub(crate) struct Prepared {
     weights: Mutex<HashMap<TensorId, Tensor>>,
+    /// Under `--precision bf16`: each linear layer's weight packed to bf16 for the AMX GEMM once
+    /// for the scope (half the bytes of the f32 weight), not on every batch.
+    packed: Mutex<HashMap<TensorId, Option<Arc<super::bf16::PackedB>>>>,
 }
 
 impl Prepared {
@@ -43,6 +46,22 @@ impl Prepared {
         // it may pick up another layer's forward that asks for its own prepared weight.
         let t = make()?;
         Ok(lock().entry(id).or_insert(t).clone())
+    }
+
+    /// The bf16-packed weight for `id`, made by `make` the first time (`None` is kept too: a
+    /// weight that cannot be packed is not tried again).
+    pub(crate) fn packed_or(
+        &self,
+        id: TensorId,
+        make: impl FnOnce() -> Option<super::bf16::PackedB>,
+    ) -> Option<Arc<super::bf16::PackedB>> {
+        let lock = || self.packed.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(p) = lock().get(&id) {
+            return p.clone();
+        }
+        // Made without the lock held, as in `get_or`.
+        let p = make().map(Arc::new);
+        lock().entry(id).or_insert(p).clone()
     }
 }
 

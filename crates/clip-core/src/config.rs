@@ -410,7 +410,7 @@ pub struct TrainConfig {
     pub warmup_share: f64,
     /// The precision of the GEMMs (`--precision`): fp32, or bf16 mixed precision on AMX
     /// (`nn::precision`). Recorded with the run; a resumed run keeps it.
-    pub precision: crate::nn::Precision,
+    pub precision: Precision,
 }
 
 impl TrainConfig {
@@ -449,7 +449,7 @@ impl Default for TrainConfig {
             layer_decay: 1.0,
             decay_towers: false,
             warmup_share: 0.0,
-            precision: crate::nn::Precision::Fp32,
+            precision: Precision::Fp32,
         }
     }
 }
@@ -514,6 +514,44 @@ impl TrainConfig {
             }
         }
         parts.join(", ")
+    }
+}
+
+/// The precision of the GEMMs (`--precision`, config `train.precision`); `nn::precision` applies it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// fp32 operands and accumulation (the default).
+    #[default]
+    Fp32,
+    /// bf16 operands, fp32 accumulation, fp32 everywhere else (mixed precision).
+    Bf16,
+}
+
+impl Precision {
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::Fp32 => "fp32",
+            Precision::Bf16 => "bf16",
+        }
+    }
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for Precision {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> anyhow::Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "fp32" | "f32" | "float32" => Ok(Precision::Fp32),
+            "bf16" | "bfloat16" => Ok(Precision::Bf16),
+            other => anyhow::bail!("unknown precision {other:?}: name fp32 or bf16"),
+        }
     }
 }
 

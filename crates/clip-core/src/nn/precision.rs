@@ -14,51 +14,11 @@
 //! without AMX, saying why: emulated bf16 is slower than fp32 (PyTorch's bf16 on AVX2-only CPUs
 //! is 44–499× slower than its fp32, pytorch#146508), so clipmine never falls back silently.
 
-use std::fmt;
-use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
-
-use serde::{Deserialize, Serialize};
 
 use super::bf16::{bf16_hardware, Bf16Support};
 
-/// The precision of the GEMMs (`--precision`, config `train.precision`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Precision {
-    /// fp32 operands and accumulation (the default).
-    #[default]
-    Fp32,
-    /// bf16 operands, fp32 accumulation, fp32 everywhere else (mixed precision).
-    Bf16,
-}
-
-impl Precision {
-    pub fn name(self) -> &'static str {
-        match self {
-            Precision::Fp32 => "fp32",
-            Precision::Bf16 => "bf16",
-        }
-    }
-}
-
-impl fmt::Display for Precision {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-impl FromStr for Precision {
-    type Err = anyhow::Error;
-
-    fn from_str(s: &str) -> anyhow::Result<Self> {
-        match s.to_ascii_lowercase().as_str() {
-            "fp32" | "f32" | "float32" => Ok(Precision::Fp32),
-            "bf16" | "bfloat16" => Ok(Precision::Bf16),
-            other => anyhow::bail!("unknown precision {other:?}: name fp32 or bf16"),
-        }
-    }
-}
+pub use crate::config::Precision;
 
 static BF16: AtomicBool = AtomicBool::new(false);
 

@@ -470,6 +470,13 @@ fn grad_input(g: &Geometry, gy: &[f32], w: &[f32]) -> Vec<f32> {
     let img = g.c * g.h * g.w;
     let mut gx = vec![0f32; g.b * img];
     let per = chunks(g.b);
+    // In bf16 every image's GEMM packs its A operand, Wᵀ: transposed once here, it packs as
+    // contiguous rows (vectorised) rather than through the transposing path, once per image.
+    let wt = super::precision::bf16_gemm(ckk, n, o).then(|| super::linear_cpu::transpose(o, ckk, w));
+    let (w, w_rs, w_cs) = match &wt {
+        Some(t) => (&t[..], o, 1),
+        None => (w, 1, ckk),
+    };
     gx.par_chunks_mut(per * img).enumerate().for_each(|(ci, gxs)| {
         let mut cols = if g.is_pointwise() { vec![] } else { uninit(ckk * n) };
         for (bi, gxb) in gxs.chunks_mut(img).enumerate() {
@@ -477,9 +484,9 @@ fn grad_input(g: &Geometry, gy: &[f32], w: &[f32]) -> Vec<f32> {
             let gyb = &gy[b * o * n..][..o * n];
             if g.is_pointwise() {
                 // gx_b (C, N) = Wᵀ (C, O) · gy_b (O, N)
-                matmul(ckk, n, o, as_uninit(gxb), false, w, 1, ckk, gyb, n, 1, SERIAL);
+                matmul(ckk, n, o, as_uninit(gxb), false, w, w_rs, w_cs, gyb, n, 1, SERIAL);
             } else {
-                matmul(ckk, n, o, &mut cols, false, w, 1, ckk, gyb, n, 1, SERIAL);
+                matmul(ckk, n, o, &mut cols, false, w, w_rs, w_cs, gyb, n, 1, SERIAL);
                 // SAFETY: the GEMM just wrote all of cols (it is rewritten for every image).
                 let written = unsafe { std::slice::from_raw_parts(cols.as_ptr().cast::<f32>(), cols.len()) };
                 col2im(g, written, gxb);

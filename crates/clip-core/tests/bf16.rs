@@ -79,7 +79,12 @@ fn run(model: &ClipModel) -> Outputs {
     // Evaluation mode: no dropout, so the two precisions see the same network.
     let e = model.forward(&images, &ids, &mask, false).unwrap();
     let (img, txt) = (rows(&e.image), rows(&e.text));
-    let grads = model.loss(&e, None).unwrap().backward().unwrap();
+    let loss = model.loss(&e, None).unwrap();
+    let grads = loss.backward().unwrap();
+    // A second backward through the same graph (its activations freed by the first) is an
+    // error in either precision, never a crash or a read of freed buffers by the bf16 kernels.
+    let again = loss.backward().expect_err("a second backward through a freed graph");
+    assert!(again.to_string().contains("whose backward already ran"), "{again}");
     let mut g = vec![];
     for (param, entry) in model.params.entries().into_iter().filter(|(_, e)| e.is_trainable()) {
         let t = grads

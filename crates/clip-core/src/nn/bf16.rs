@@ -910,15 +910,29 @@ mod amx {
             let jbs = group.min(panels - jb0);
             let w = jbs * 32;
             let ap = &ap[ib * 32 * kp..][..32 * kp];
-            let mut acc = Scratch::take(&ACC, 32 * w);
-            let acc = &mut acc.buf[..32 * w];
             let b_group = &bp[jb0 * panel..][..jbs * panel];
+            let (rows, j0) = ((m - i0).min(32), jb0 * 32);
+            let cols = (n - j0).min(w);
+            // A whole 32 × w block with alpha 1 goes straight from the tiles to dst (loaded from
+            // it when accumulating): no scratch accumulator, no copy. Edges and alpha ≠ 1 go
+            // through the accumulator.
+            let direct = rows == 32 && cols == w && alpha == 1.0;
+            let mut acc = Scratch::take(&ACC, if direct { 0 } else { 32 * w });
+            let (c, ldc) = if direct {
+                // SAFETY: row i0, column j0 of dst, within it (i0 < m, j0 < n).
+                (unsafe { dst.at(i0 * dst_rs + j0) }, dst_rs)
+            } else {
+                (acc.buf.as_mut_ptr(), w)
+            };
             for k0 in (0..kp).step_by(kc) {
                 let kh = kc.min(kp - k0);
                 // SAFETY: permission checked by the caller; kh is a non-zero multiple of 32;
                 // from ap[k0..], 32 rows of kh at stride kp (k0 + kh ≤ kp); from each of the jbs
                 // panels of b_group (`panel` u32 apart) at k0/2·32, kh/2 rows of 32 u32 = 64 u16
-                // (a panel has kp/2); acc, 32 rows of 32·jbs = w f32 at stride w.
+                // (a panel has kp/2); C, 32 rows of w f32 at stride ldc: this task's own
+                // rectangle of dst (rows i0..i0 + 32 ≤ m, columns j0..j0 + w ≤ n, the caller's
+                // contract; tasks do not overlap), read only after the first K block or when
+                // accumulating, or the accumulator (32·w).
                 unsafe {
                     kernel_strip(
                         ap.as_ptr().add(k0),
@@ -927,15 +941,16 @@ mod amx {
                         2 * panel,
                         jbs,
                         kh,
-                        acc.as_mut_ptr(),
-                        w,
-                        k0 == 0,
+                        c,
+                        ldc,
+                        k0 == 0 && !(direct && accumulate),
                     )
                 };
             }
-            let rows = (m - i0).min(32);
-            let j0 = jb0 * 32;
-            let cols = (n - j0).min(w);
+            if direct {
+                return;
+            }
+            let acc = &acc.buf[..32 * w];
             for (r, src) in acc.chunks_exact(w).take(rows).enumerate() {
                 // SAFETY: row i0 + r < m, columns j0..j0 + cols < n of dst: this task's own
                 // rectangle (the caller's contract covers dst; tasks do not overlap).
@@ -1334,8 +1349,12 @@ mod tests {
                     } else {
                         MatRef::new(b.as_ptr(), n, 1)
                     };
-                    for (accumulate, alpha, parallel) in [(false, 1.0f32, true), (true, 0.5, false), (true, -2.0, true)]
-                    {
+                    for (accumulate, alpha, parallel) in [
+                        (false, 1.0f32, true),
+                        (true, 1.0, true),
+                        (true, 0.5, false),
+                        (true, -2.0, true),
+                    ] {
                         let ld = n + 3;
                         let before: Vec<f32> = data(m * ld, 900 + s as u64);
                         let mut c = before.clone();

@@ -224,3 +224,67 @@ pub(super) unsafe fn b_panel_transposed(dst: &mut [u32], b: MatRef, k: usize, n:
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Throughput of `VDPBF16PS` (AVX512-BF16: 16 lanes × 2 bf16 products per instruction)
+    /// against `VFMADD231PS` (16 fp32 products), both on 12 independent register accumulators
+    /// (enough to cover either's latency on two ports) —
+    /// the measurement issue #33 asks for before any AVX512-BF16 kernel: if the bf16 instruction
+    /// does not beat fp32's multiply-adds per second, a kernel on it gains only memory traffic.
+    /// Not a test: `cargo test --release -p clip-core --lib vdpbf16ps -- --ignored --nocapture`
+    /// on an idle machine.
+    #[test]
+    #[ignore]
+    fn timing_vdpbf16ps_against_fma() {
+        if !usable() {
+            println!("skipped: no AVX512-BF16 here");
+            return;
+        }
+        #[target_feature(enable = "avx512f,avx512bf16")]
+        fn dp(iters: usize) -> f32 {
+            // SAFETY: 512 bits of plain data either way.
+            let a: __m512bh = unsafe { std::mem::transmute(_mm512_set1_epi16(std::hint::black_box(0x3f80))) };
+            // SAFETY: as above.
+            let b: __m512bh = unsafe { std::mem::transmute(_mm512_set1_epi16(std::hint::black_box(0x3c00))) };
+            let mut acc = [_mm512_setzero_ps(); 12];
+            for _ in 0..iters {
+                for x in acc.iter_mut() {
+                    *x = _mm512_dpbf16_ps(*x, a, b);
+                }
+            }
+            acc.iter().map(|x| _mm512_reduce_add_ps(*x)).sum()
+        }
+        #[target_feature(enable = "avx512f")]
+        fn fma(iters: usize) -> f32 {
+            let (a, b) = (
+                _mm512_set1_ps(std::hint::black_box(1.0)),
+                _mm512_set1_ps(std::hint::black_box(1e-3)),
+            );
+            let mut acc = [_mm512_setzero_ps(); 12];
+            for _ in 0..iters {
+                for x in acc.iter_mut() {
+                    *x = _mm512_fmadd_ps(a, b, *x);
+                }
+            }
+            acc.iter().map(|x| _mm512_reduce_add_ps(*x)).sum()
+        }
+        let iters = 20_000_000;
+        for _ in 0..2 {
+            let t = std::time::Instant::now();
+            // SAFETY: the features were checked by `usable`.
+            std::hint::black_box(unsafe { dp(iters) });
+            let dp_rate = (iters * 12 * 32) as f64 / t.elapsed().as_secs_f64() / 1e9;
+            let t = std::time::Instant::now();
+            // SAFETY: as above.
+            std::hint::black_box(unsafe { fma(iters) });
+            let fma_rate = (iters * 12 * 16) as f64 / t.elapsed().as_secs_f64() / 1e9;
+            println!(
+                "one thread: VDPBF16PS {dp_rate:.1} G multiply-adds/s, VFMADD231PS {fma_rate:.1} G/s ({:.2}×)",
+                dp_rate / fma_rate
+            );
+        }
+    }
+}

@@ -519,6 +519,12 @@ pub struct Footprint {
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Summary {
     pub teacher: String,
+    /// The teacher's parameters, and the student's (its model's); 0 in a run summarised before
+    /// they were recorded.
+    #[serde(default)]
+    pub teacher_params: usize,
+    #[serde(default)]
+    pub student_params: usize,
     /// Measured one after the other at the start of the run (`None` when not measured).
     pub teacher_footprint: Option<Footprint>,
     pub student_footprint: Option<Footprint>,

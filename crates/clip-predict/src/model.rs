@@ -11,19 +11,12 @@ use clip_core::distill::Teacher;
 use clip_core::embed::embed_texts;
 use clip_core::hub::Hub;
 use clip_core::index::{files_fingerprint, model_fingerprint, ImageIndex};
-use clip_core::pretrained_clip::{self, ClipLoad};
-use clip_core::run_dir::RunDir;
+/// Where a loaded model came from: a run folder, or a pretrained CLIP as its files give it.
+pub(crate) use clip_core::model_source::Origin;
+use clip_core::model_source::{open_model, ModelSpec, OpenedModel};
 use clip_core::ClipModel;
 
 use crate::ModelChoice;
-
-/// Where a loaded model came from.
-pub(crate) enum Origin {
-    /// A run folder written by stage 4.
-    Run(RunDir),
-    /// A pretrained CLIP, as its files give it.
-    Checkpoint { spec: String, load: ClipLoad },
-}
 
 pub(crate) struct Loaded {
     pub origin: Origin,
@@ -110,23 +103,18 @@ pub(crate) fn default_index(choice: &ModelChoice) -> Result<PathBuf> {
 }
 
 pub(crate) fn load(choice: &ModelChoice, device: &Device) -> Result<Loaded> {
-    let (origin, model, tok) = match (&choice.run, &choice.model) {
-        (Some(run), _) => {
-            let run = RunDir::open(run)?;
-            let (model, tok) = run.load(device)?;
-            (Origin::Run(run), model, tok)
-        }
-        (None, Some(spec)) => {
-            let o = pretrained_clip::open(spec, &Hub::from_env(), device)
-                .with_context(|| format!("opening the pretrained CLIP {spec}"))?;
-            let origin = Origin::Checkpoint {
-                spec: spec.clone(),
-                load: o.load,
-            };
-            (origin, o.model, o.tokenizer)
-        }
+    let hub = Hub::from_env();
+    let opened = match (&choice.run, &choice.model) {
+        (Some(run), _) => open_model(ModelSpec::Run(run), &hub, device)?,
+        (None, Some(spec)) => open_model(ModelSpec::Pretrained(spec), &hub, device)
+            .with_context(|| format!("opening the pretrained CLIP {spec}"))?,
         (None, None) => bail!("name a model: --run DIR (trained by stage 4) or --model NAME|DIR (a pretrained CLIP)"),
     };
+    let OpenedModel {
+        origin,
+        model,
+        tokenizer: tok,
+    } = opened;
     let captions_by = clip_core::distill::caption_teacher(&model.config, device)?;
     if let Some(t) = &captions_by {
         eprintln!(

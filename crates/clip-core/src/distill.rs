@@ -22,8 +22,8 @@ use crate::feature_cache::{key_of, key_of_tokens, CachedTower, FeatureCache, Fea
 use crate::hub::Hub;
 use crate::loss::{l2_normalize, log_softmax, CLIP_MAX_LOGIT_SCALE};
 use crate::model::{ClipModel, Embeddings};
+use crate::model_source::{open_model, ModelSpec, Origin};
 use crate::prepare::{prepare, DataSource, ImageCache};
-use crate::run_dir::RunDir;
 
 /// A teacher, loaded: its model and tokenizer, and what it is, in words.
 pub struct Teacher {
@@ -58,27 +58,23 @@ impl Teacher {
 
     /// [`Teacher::open`] through a given Hub.
     pub fn open_with(spec: &str, hub: &Hub, device: &Device) -> Result<Self> {
-        let path = Path::new(spec);
-        if path.join(crate::run_dir::CONFIG).is_file() {
-            let run = RunDir::open(path)?;
-            let (model, tokenizer) = run
-                .load(device)
-                .with_context(|| format!("loading the teacher run {spec}"))?;
-            return Ok(Self {
-                model,
-                tokenizer,
-                describe: format!("run {spec}"),
-                tokenizer_file: Some(path.join(crate::run_dir::TOKENIZER)),
-                fingerprint: Default::default(),
-            });
-        }
-        let o =
-            crate::pretrained_clip::open(spec, hub, device).with_context(|| format!("opening the teacher {spec}"))?;
+        let which = ModelSpec::guess(spec);
+        let o = open_model(which, hub, device).with_context(|| match which {
+            ModelSpec::Run(_) => format!("loading the teacher run {spec}"),
+            ModelSpec::Pretrained(_) => format!("opening the teacher {spec}"),
+        })?;
+        let (describe, tokenizer_file) = match &o.origin {
+            Origin::Run(_) => (
+                format!("run {spec}"),
+                Some(Path::new(spec).join(crate::run_dir::TOKENIZER)),
+            ),
+            Origin::Checkpoint { load, .. } => (format!("pretrained CLIP {spec} ({})", load.format.describe()), None),
+        };
         Ok(Self {
             model: o.model,
             tokenizer: o.tokenizer,
-            describe: format!("pretrained CLIP {spec} ({})", o.load.format.describe()),
-            tokenizer_file: None,
+            describe,
+            tokenizer_file,
             fingerprint: Default::default(),
         })
     }
@@ -519,6 +515,12 @@ pub struct Footprint {
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Summary {
     pub teacher: String,
+    /// The teacher's parameters, and the student's (its model's); 0 in a run summarised before
+    /// they were recorded.
+    #[serde(default)]
+    pub teacher_params: usize,
+    #[serde(default)]
+    pub student_params: usize,
     /// Measured one after the other at the start of the run (`None` when not measured).
     pub teacher_footprint: Option<Footprint>,
     pub student_footprint: Option<Footprint>,

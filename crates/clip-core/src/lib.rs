@@ -38,6 +38,8 @@ pub mod listing;
 pub mod loss;
 /// The CLIP model: ResNet image tower, DistilBERT / BERT text tower, projection heads.
 pub mod model;
+/// Opening a model to use: a stage 4 run folder or a pretrained CLIP.
+pub mod model_source;
 /// Layers with working backward passes (convolution, BatchNorm, LayerNorm, attention …).
 pub mod nn;
 /// AdamW with a learning rate per group and saveable state.

@@ -10,6 +10,11 @@
 //! (`--model clip-vit-b-32`, a Hugging Face repo, or a folder): zero-shot on day one.
 
 mod commands;
+mod eval;
+mod export;
+mod model;
+mod predict;
+mod search;
 mod serve;
 mod table;
 

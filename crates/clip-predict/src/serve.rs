@@ -104,7 +104,7 @@ pub struct ServeOptions {
 
 struct State {
     /// The model, and for a student distilled on images alone the teacher answering its captions.
-    loaded: crate::commands::Loaded,
+    loaded: crate::model::Loaded,
     device: Device,
     index: ImageIndex,
     /// The canonical indexed folder: served files must resolve inside it.
@@ -482,7 +482,7 @@ fn internal_error() -> Reply {
 }
 
 fn load_state(opts: &ServeOptions, device: &Device) -> Result<State> {
-    let loaded = crate::commands::load(&opts.model, device)?;
+    let loaded = crate::model::load(&opts.model, device)?;
     let index = ImageIndex::load(&opts.index)?;
     loaded.check_index(&index, &opts.index)?;
     let root = index

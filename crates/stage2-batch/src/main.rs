@@ -514,22 +514,7 @@ fn check_tokens(batch: &Batch, tok: &TextTokenizer, cfg: &ClipConfig, report: &m
     let cls_first = ids.iter().all(|row| row.first() == Some(&tok.cls_id()));
     let name = |id: u32| tok.token(id).unwrap_or_else(|| format!("id {id}"));
     let (start, end) = (name(tok.cls_id()), name(tok.sep_id()));
-    report.check(
-        "[CLS] first",
-        cls_first,
-        match cfg.text.pooling {
-            // A CLIP text transformer reads the caption at its end-of-text token (causal mask).
-            clip_core::config::Pooling::Eot => {
-                format!("every row starts with {start}; the text tower reads the caption at its first {end}")
-            }
-            clip_core::config::Pooling::Cls => {
-                format!("the text tower reads the caption from the {start} position, so every row must start with it")
-            }
-            clip_core::config::Pooling::Mean => {
-                format!("every row starts with {start}, as the text tower was trained to read it")
-            }
-        },
-    );
+    report.check("[CLS] first", cls_first, cls_detail(cfg, &start, &end));
     // Mask 1 up to and including [SEP], then 0 exactly where the ids are [PAD].
     let bad_rows: Vec<usize> = (0..b)
         .filter(|&k| {
@@ -554,6 +539,22 @@ fn check_tokens(batch: &Batch, tok: &TextTokenizer, cfg: &ClipConfig, report: &m
         },
     );
     Ok(())
+}
+
+/// Why every row must start with the `start` token, as the config's text pooling reads it.
+fn cls_detail(cfg: &ClipConfig, start: &str, end: &str) -> String {
+    match cfg.text.pooling {
+        // A CLIP text transformer reads the caption at its end-of-text token (causal mask).
+        clip_core::config::Pooling::Eot => {
+            format!("every row starts with {start}; the text tower reads the caption at its first {end}")
+        }
+        clip_core::config::Pooling::Cls => {
+            format!("the text tower reads the caption from the {start} position, so every row must start with it")
+        }
+        clip_core::config::Pooling::Mean => {
+            format!("every row starts with {start}, as the text tower was trained to read it")
+        }
+    }
 }
 
 /// The B×B matrix: row k is the image of pair k, column k its caption, so training should make

@@ -1,0 +1,102 @@
+//! `export`: the model as an open_clip or Hugging Face folder.
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use candle_core::Device;
+use clip_core::run_dir::RunDir;
+
+use crate::model::{load, Origin};
+use crate::ModelChoice;
+
+/// Writes the model as an open_clip or Hugging Face folder and says how to load it.
+pub(crate) fn export(
+    choice: &ModelChoice,
+    format: clip_core::export::ExportFormat,
+    out: &Path,
+    overwrite: bool,
+    json: bool,
+    device: &Device,
+) -> Result<ExitCode> {
+    // Refused from the config alone before anything is loaded (a student distilled on images
+    // alone would otherwise open its teacher first).
+    // Nor may OUT be, or lie inside, the folder the model is read from (--overwrite would
+    // replace the model itself).
+    if let Some(run) = &choice.run {
+        clip_core::export::check_out(out, &[("the run folder", run)])?;
+        let cfg = RunDir::open(run)?.config()?;
+        clip_core::export::exportable(&cfg, format).with_context(|| format!("exporting --run {}", run.display()))?;
+    }
+    let m = load(choice, device)?;
+    if let Origin::Checkpoint { load, .. } = &m.origin {
+        let folders: Vec<(&str, &Path)> = [&load.config_file, &load.weights_file]
+            .into_iter()
+            .filter_map(|f| f.parent())
+            .map(|d| ("the folder the model is read from,", d))
+            .collect();
+        clip_core::export::check_out(out, &folders)?;
+    }
+    let e = clip_core::export::export(&m.model, &m.tok, format, out, overwrite)
+        .with_context(|| format!("exporting {}", m.flag()))?;
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "layout": e.layout,
+                "out": out.display().to_string(),
+                "tensors": e.tensors,
+                "files": e.files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>(),
+                "python": e.python,
+            })
+        );
+    } else {
+        println!(
+            "exported {} as {} ({} tensors) to {}:",
+            m.flag(),
+            e.layout,
+            e.tensors,
+            out.display()
+        );
+        for f in &e.files {
+            let size = std::fs::metadata(f).map(|m| m.len()).unwrap_or(0);
+            println!("  {} ({:.1} MB)", f.display(), size as f64 / 1e6);
+        }
+        println!(
+            "load it in Python:\n{}",
+            e.python
+                .lines()
+                .map(|l| format!("  {l}"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        println!(
+            "or here: clip-predict image-to-text --model {} …",
+            shell_quoted(&out.display().to_string())
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `s` as one POSIX shell word: as it is when it has only safe characters, else in single quotes
+/// (a `'` inside written `'\''`), so the printed command can be pasted whatever the folder's name.
+fn shell_quoted(s: &str) -> String {
+    let safe = |c: char| c.is_ascii_alphanumeric() || "/._-+=:,@%".contains(c);
+    if !s.is_empty() && s.chars().all(safe) {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_printed_folder_is_one_shell_word() {
+        use super::shell_quoted as q;
+        assert_eq!(q("runs/exp-1"), "runs/exp-1");
+        assert_eq!(q("my exports/it's"), "'my exports/it'\\''s'");
+        assert_eq!(q("$(rm -rf ~)"), "'$(rm -rf ~)'");
+        assert_eq!(q(""), "''");
+    }
+}

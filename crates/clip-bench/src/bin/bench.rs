@@ -57,8 +57,11 @@ struct ModelBench {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Time training steps (forward, backward, AdamW) on random batches: one JSON line.
     Train(ModelBench),
+    /// Time embedding images and captions without a graph: one JSON line.
     Infer(ModelBench),
+    /// Time indexing generated 320×240 photos with a preset model (`clip-predict index`'s work).
     Index {
         #[arg(long, default_value_t = 500)]
         images: usize,
@@ -67,6 +70,7 @@ enum Cmd {
         #[command(flatten)]
         precision: clip_cli::PrecisionArg,
     },
+    /// Time exact top-k search over N random unit embeddings.
     Search {
         #[arg(long, default_value_t = 1_000_000)]
         n: usize,

@@ -322,11 +322,32 @@ pub fn run_stage(f: impl FnOnce() -> Result<std::process::ExitCode>) -> std::pro
     }
 }
 
+/// `s` as one POSIX shell word: as it is when it has only safe characters, else in single quotes
+/// (a `'` inside written `'\''`), so a printed command (a resume line, an export's "or here")
+/// can be pasted whatever the folder's name.
+pub fn shell_quoted(s: &str) -> String {
+    let safe = |c: char| c.is_ascii_alphanumeric() || "/._-+=:,@%".contains(c);
+    if !s.is_empty() && s.chars().all(safe) {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use clap::Parser;
 
     use super::*;
+
+    #[test]
+    fn a_printed_folder_is_one_shell_word() {
+        use super::shell_quoted as q;
+        assert_eq!(q("runs/exp-1"), "runs/exp-1");
+        assert_eq!(q("my exports/it's"), "'my exports/it'\\''s'");
+        assert_eq!(q("$(rm -rf ~)"), "'$(rm -rf ~)'");
+        assert_eq!(q(""), "''");
+    }
 
     #[derive(Parser)]
     struct Cli {

@@ -72,31 +72,8 @@ pub(crate) fn export(
         );
         println!(
             "or here: clip-predict image-to-text --model {} …",
-            shell_quoted(&out.display().to_string())
+            clip_cli::args::shell_quoted(&out.display().to_string())
         );
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// `s` as one POSIX shell word: as it is when it has only safe characters, else in single quotes
-/// (a `'` inside written `'\''`), so the printed command can be pasted whatever the folder's name.
-fn shell_quoted(s: &str) -> String {
-    let safe = |c: char| c.is_ascii_alphanumeric() || "/._-+=:,@%".contains(c);
-    if !s.is_empty() && s.chars().all(safe) {
-        s.to_string()
-    } else {
-        format!("'{}'", s.replace('\'', "'\\''"))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn a_printed_folder_is_one_shell_word() {
-        use super::shell_quoted as q;
-        assert_eq!(q("runs/exp-1"), "runs/exp-1");
-        assert_eq!(q("my exports/it's"), "'my exports/it'\\''s'");
-        assert_eq!(q("$(rm -rf ~)"), "'$(rm -rf ~)'");
-        assert_eq!(q(""), "''");
-    }
 }

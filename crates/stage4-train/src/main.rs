@@ -203,17 +203,11 @@ fn resume_command(args: &Args, out: &Path) -> String {
     if let Some(j) = &args.model.json {
         parts.extend(["--json".into(), j.display().to_string()]);
     }
-    parts.iter().map(|p| shell_quote(p)).collect::<Vec<_>>().join(" ")
-}
-
-/// A word as a POSIX shell reads it back.
-fn shell_quote(s: &str) -> String {
-    let plain = |c: char| c.is_ascii_alphanumeric() || "-_./=:@%+,".contains(c);
-    if !s.is_empty() && s.chars().all(plain) {
-        s.to_string()
-    } else {
-        format!("'{}'", s.replace('\'', "'\\''"))
-    }
+    parts
+        .iter()
+        .map(|p| clip_cli::args::shell_quoted(p))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// loss.png, lr.png and quality.png: the history so far, one point per epoch.

@@ -823,7 +823,9 @@ mod amx {
     /// than K means one block). B is packed once (VNNI-2 panels of 32 columns), A once (row
     /// panels of 32 × kp); then each task — a row panel and a group of up to [`GROUP`] column
     /// panels, group-major so that a thread's consecutive tasks share their B columns in L2 —
-    /// accumulates 32 × 32·g in tiles over the K blocks and writes alpha · acc [+ dst].
+    /// accumulates 32 × 32·g in tiles over the K blocks: a whole block with alpha 1 straight in
+    /// dst (loaded from it when accumulating), an edge block or alpha ≠ 1 in a scratch
+    /// accumulator written back as alpha · acc [+ dst].
     ///
     /// # Safety
     /// As [`super::gemm_bf16_into`], with AMX usable; m, n, k ≥ 1.

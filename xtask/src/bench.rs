@@ -1,4 +1,4 @@
-//! `cargo xtask bench [train|infer|loader|search]…`: speed measurements as JSON lines, never in tests.
+//! `cargo xtask bench [train|infer|loader|search|micro]…`: speed measurements as JSON lines, never in tests.
 //!
 //! `train` times training steps of the `tiny` preset in clipmine and, when PyTorch is installed,
 //! in the PyTorch reference of the same recipe (`xtask/reference/simple_clip.py bench`), in the
@@ -60,6 +60,10 @@ pub struct Args {
     /// and bf16 matmul precision (inference: the faster of the two, per metric).
     #[arg(long, value_name = "fp32|bf16", value_parser = crate::verify::parse_precision)]
     precision: Option<Precision>,
+    /// Micro-batch for `micro`: the batch of --batch-size pairs runs through the towers this many
+    /// pairs at a time (the gradient cache), measured against a plain batch of this size.
+    #[arg(long = "micro-batch", value_name = "M", default_value_t = 16)]
+    micro_batch: usize,
 }
 
 /// One benchmark.
@@ -79,6 +83,9 @@ enum What {
     Frozen,
     /// The image cache's starts, memory and the loader against simple-clip (only when named).
     Data,
+    /// A big batch through the gradient cache (--batch-size B in micro-batches of --micro-batch
+    /// M) against a plain batch of M: peak memory and time per pair, as ratios (only when named).
+    Micro,
 }
 
 pub fn run(args: Args) -> Result<bool> {
@@ -91,6 +98,7 @@ pub fn run(args: Args) -> Result<bool> {
         no_reference,
         images,
         precision,
+        micro_batch,
     } = args;
     let bf16 = precision == Some(Precision::Bf16);
     // Passed to every program that runs a model; each line it prints records what it ran in.
@@ -319,6 +327,45 @@ pub fn run(args: Args) -> Result<bool> {
                 "{}",
                 json_line(Command::new(examples.join("bench")).arg("index").args(&precision))?
             ),
+            What::Micro => {
+                let micro = micro_batch.to_string();
+                // `train`'s arguments with another batch size and step count.
+                let with = |all: Vec<String>, b: &str, steps: usize| {
+                    let mut args = vec![];
+                    let mut it = all.into_iter();
+                    while let Some(a) = it.next() {
+                        if a == "--batch-size" || a == "--steps" {
+                            it.next();
+                        } else {
+                            args.push(a);
+                        }
+                    }
+                    args.extend(["--batch-size", b, "--warmup", "1"].map(String::from));
+                    args.extend(["--steps".to_string(), steps.to_string()]);
+                    args
+                };
+                let n: usize = steps.parse()?;
+                let small = json_line(Command::new(examples.join("bench")).args(with(ours_args("train"), &micro, n)))?;
+                println!("{small}");
+                // As many pairs as the small run's steps, at least one step.
+                let big_steps = (n * micro_batch / batch_size).max(1);
+                let mut big_args = with(ours_args("train"), &batch, big_steps);
+                big_args.extend(["--micro-batch".to_string(), micro.clone()]);
+                let big = json_line(Command::new(examples.join("bench")).args(big_args))?;
+                println!("{big}");
+                let ratio = |a: &Value, b: &Value| match (a.as_f64(), b.as_f64()) {
+                    (Some(a), Some(b)) if b > 0.0 => json!(a / b),
+                    _ => Value::Null,
+                };
+                let line = json!({
+                    "bench": "micro-ratio", "preset": preset, "batch_size": batch_size, "micro_batch": micro_batch,
+                    "precision": big["precision"], "cpu": cpu_model(),
+                    "memory_big_over_small": ratio(&big["peak_rss_mb"], &small["peak_rss_mb"]),
+                    "time_per_pair_big_over_small": ratio(&small["pairs_per_s"], &big["pairs_per_s"]),
+                    "targets": {"memory_big_over_small": 1.3, "time_per_pair_big_over_small": 1.4},
+                });
+                println!("{line}");
+            }
             What::Search => crate::bench_search::run(&examples)?,
             What::Data => crate::bench_data::run(&examples, images)?,
             What::Frozen => {

@@ -232,6 +232,13 @@ pub struct TrainArgs {
     /// Accumulate gradients over this many batches per step.
     #[arg(long)]
     pub accumulate: Option<usize>,
+    /// Run each batch through the towers M pairs at a time (gradient cache): the loss and its
+    /// gradient are still the whole batch's (every pair a negative for every other), in the
+    /// activation memory of M pairs, for a second forward pass. M must divide --batch-size; e.g.
+    /// --batch-size 512 --micro-batch 16. Exact for ViT and transformer towers; a BatchNorm
+    /// tower normalises each micro-batch with its own statistics.
+    #[arg(long, value_name = "M")]
+    pub micro_batch: Option<usize>,
     /// Train-time augmentation (random resized crop + horizontal flip).
     #[arg(long)]
     pub augment: bool,
@@ -290,6 +297,7 @@ impl TrainArgs {
         set(&mut t.warmup_steps, self.warmup_steps);
         set(&mut t.clip_grad_norm, self.clip_grad_norm);
         set(&mut t.accumulate, self.accumulate);
+        set(&mut t.micro_batch, self.micro_batch);
         t.lock_image |= self.lock_image;
         t.lock_text |= self.lock_text;
         set(&mut t.unlocked_layers, self.unlocked_layers);

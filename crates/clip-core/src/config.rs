@@ -384,6 +384,11 @@ pub struct TrainConfig {
     pub clip_grad_norm: f64,
     /// Accumulate gradients over this many micro-batches per optimiser step.
     pub accumulate: usize,
+    /// Run each batch through the towers this many pairs at a time (0 = the whole batch at
+    /// once), with the gradient cache (`train::grad_cache`): the loss and its gradient are still
+    /// the whole batch's, every pair a negative for every other, in the activation memory of
+    /// `micro_batch` pairs, for a second forward pass. Must divide `batch_size`.
+    pub micro_batch: usize,
     /// Keep the image tower fixed: evaluation mode, no gradient, no optimiser state (and its
     /// features cached when augmentation is off).
     pub freeze_image: bool,
@@ -441,6 +446,7 @@ impl Default for TrainConfig {
             warmup_steps: 0,
             clip_grad_norm: 0.0,
             accumulate: 1,
+            micro_batch: 0,
             freeze_image: false,
             freeze_text: false,
             lock_image: false,
@@ -1098,6 +1104,12 @@ impl ClipConfig {
         }
         if tr.epochs == 0 {
             errs.push("train.epochs must be at least 1".into());
+        }
+        if tr.micro_batch > 0 && !tr.batch_size.is_multiple_of(tr.micro_batch) {
+            errs.push(format!(
+                "train.micro_batch ({}) must divide train.batch_size ({}): every micro-batch of a batch is the same size",
+                tr.micro_batch, tr.batch_size
+            ));
         }
         if tr.accumulate == 0 {
             errs.push("train.accumulate must be at least 1".into());

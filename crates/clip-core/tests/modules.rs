@@ -481,7 +481,6 @@ const LONG_FUNCTIONS: &[&str] = &[
     "crates/clip-core/src/distill.rs: inherit",
     "crates/clip-core/src/distill.rs: targets",
     "crates/clip-core/src/export.rs: export",
-    "crates/clip-core/src/fit/mod.rs: train_epoch",
     "crates/clip-core/src/fit/open.rs: resume_with",
     "crates/clip-core/src/index/mod.rs: update_with",
     "crates/clip-core/src/index/segment.rs: read",

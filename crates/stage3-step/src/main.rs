@@ -20,7 +20,7 @@ use clip_core::data::Batch;
 use clip_core::model::Embeddings;
 use clip_core::optim::AdamW;
 use clip_core::prepare::{prepare, Prepared};
-use clip_core::train::{clip_gradients, step_seed, StepOutcome};
+use clip_core::train::{clip_gradients, step_seed, train_step_objective, Contrastive, Objective, StepOutcome};
 use clip_core::{device, ClipConfig, ClipModel};
 
 #[derive(Parser)]
@@ -49,6 +49,10 @@ struct Args {
     /// Blocks at the top of a locked tower that still train.
     #[arg(long, value_name = "N")]
     unlocked_layers: Option<usize>,
+    /// Run the batch through the towers M pairs at a time with the gradient cache, as stage 4's
+    /// --micro-batch does: the check then covers the cached step (M must divide the batch size).
+    #[arg(long, value_name = "M")]
+    micro_batch: Option<usize>,
     /// Deliberately detach a tower's output (image or text) to see the gradient check catch it.
     #[arg(long, value_name = "TOWER", value_parser = ["image", "text"])]
     cut_gradient: Option<String>,
@@ -81,6 +85,15 @@ fn run(args: Args) -> Result<ExitCode> {
         return report.finish(json);
     };
     let chance = chance_loss(&model, &batch)?;
+    if cfg.train.micro_batch > 0 {
+        report.info(
+            "gradient cache",
+            format!(
+                "the batch runs through the towers {} pairs at a time: embedded without a graph, the whole batch's loss, then each micro-batch again with its graph",
+                cfg.train.micro_batch
+            ),
+        );
+    }
 
     // The step, as the tutorial writes it: forward, loss, loss.backward(), optimizer.step().
     let cut = args.cut_gradient.as_deref();
@@ -112,6 +125,9 @@ fn config(args: &Args) -> Result<ClipConfig> {
     cfg.train.lock_text |= args.lock_text;
     if let Some(n) = args.unlocked_layers {
         cfg.train.unlocked_layers = n;
+    }
+    if let Some(m) = args.micro_batch {
+        cfg.train.micro_batch = m;
     }
     cfg.validate()?;
     Ok(cfg)
@@ -180,6 +196,18 @@ fn forward(model: &ClipModel, b: &Batch, cut: Option<&str>) -> Result<Embeddings
 /// `loss.backward()`, gradient clipping when the config asks for it, `optimizer.step()` — on the
 /// compute threads, as stage 4 runs it.
 fn step(model: &ClipModel, opt: &mut AdamW, batch: &Batch, cut: Option<&str>) -> Result<StepOutcome> {
+    let t = &model.config.train;
+    if t.micro_batch > 0 && t.micro_batch < batch.pairs.len() {
+        // The gradient cache: the same loss and gradient, the towers seeing M pairs at a time.
+        return train_step_objective(
+            model,
+            opt,
+            std::slice::from_ref(batch),
+            t.clip_grad_norm,
+            t.micro_batch,
+            &Cut(cut),
+        );
+    }
     clip_core::nn::on_compute_pool(|| {
         model.reseed_dropout(step_seed(model.config.seed, opt.step));
         let e = forward(model, batch, cut)?;
@@ -201,6 +229,21 @@ fn step(model: &ClipModel, opt: &mut AdamW, batch: &Batch, cut: Option<&str>) ->
             grads,
         })
     })
+}
+
+/// The model's contrastive loss over [`forward`]'s embeddings, in the two halves the gradient
+/// cache needs.
+struct Cut<'a>(Option<&'a str>);
+
+impl Objective for Cut<'_> {
+    fn embed(&self, model: &ClipModel, b: &Batch) -> Result<Vec<Tensor>> {
+        let e = forward(model, b, self.0)?;
+        Ok(vec![e.image, e.text])
+    }
+
+    fn loss(&self, model: &ClipModel, e: &[Tensor], b: &Batch) -> Result<Tensor> {
+        Contrastive.loss(model, e, b)
+    }
 }
 
 /// The step's loss against its value at chance, and its time (information, not a check: no

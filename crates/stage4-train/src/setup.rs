@@ -374,8 +374,12 @@ pub fn before_training(args: &Args, t: &mut Trainer) -> Result<Fixed> {
         }
     }
     stop_on_ctrl_c(t)?;
+    let micro = match t.cfg().train.micro_batch {
+        0 => String::new(),
+        m => format!(", through the towers {m} at a time (gradient cache)"),
+    };
     println!(
-        "{epochs} epochs × {} steps of {} pairs\n",
+        "{epochs} epochs × {} steps of {} pairs{micro}\n",
         t.steps_per_epoch(),
         t.cfg().train.batch_size * t.cfg().train.accumulate
     );

@@ -1,6 +1,7 @@
 //! Benchmarks printed as JSON lines (run through `cargo xtask bench`):
 //!
 //!     bench train  [--preset tiny | --config FILE] [--batch-size B] [--steps N] [--seq-len L] [--precision fp32|bf16]
+//!                  [--micro-batch M]
 //!     bench infer  [the same flags as train] [--pretrained REPO|DIR]
 //!     bench search [--n 1000000] [--dim 256] [--queries 20] [--top 10]
 //!     bench index  [--images 500] [--preset tiny] [--precision fp32|bf16]
@@ -53,6 +54,11 @@ struct ModelBench {
     device: String,
     #[command(flatten)]
     precision: clip_cli::PrecisionArg,
+    /// `train`: each batch through the towers M pairs at a time (the gradient cache,
+    /// `clip_core::train::grad_cache`), as `stage4-train --micro-batch` runs it; then the phases
+    /// are not timed apart.
+    #[arg(long, value_name = "M", default_value_t = 0)]
+    micro_batch: usize,
 }
 
 #[derive(Subcommand)]
@@ -208,6 +214,22 @@ fn main() -> Result<()> {
             let (mut t_fwd, mut t_bwd, mut t_opt) = (0.0, 0.0, 0.0);
             for step in 0..a.warmup + a.steps {
                 let batch = &batches[step % 2];
+                if a.micro_batch > 0 {
+                    let t = Instant::now();
+                    let out = clip_core::train::train_step_objective(
+                        model,
+                        &mut opt,
+                        std::slice::from_ref(batch),
+                        0.0,
+                        a.micro_batch,
+                        &clip_core::train::Contrastive,
+                    )?;
+                    if step >= a.warmup {
+                        times.push(t.elapsed().as_secs_f64());
+                        losses.push(out.loss);
+                    }
+                    continue;
+                }
                 // On a worker of the compute pool, as `train_step` runs (see `on_compute_pool`).
                 let (t, t1, t2, t3, value) = clip_core::nn::on_compute_pool(|| -> Result<_> {
                     let t = Instant::now();
@@ -231,12 +253,14 @@ fn main() -> Result<()> {
             }
             let total = t_fwd + t_bwd + t_opt;
             let mean = times.iter().sum::<f64>() / times.len().max(1) as f64;
+            let share = |t: f64| (a.micro_batch == 0).then_some(t / total);
             let line = x.line(
                 &a,
                 json!({
                     "bench": "train", "params": model.params.total_params(), "loss": x.cfg.loss.to_string(),
                     "ms_per_step": mean * 1e3, "pairs_per_s": x.b as f64 / mean, "losses": losses,
-                    "forward_share": t_fwd / total, "backward_share": t_bwd / total, "optimizer_share": t_opt / total,
+                    "forward_share": share(t_fwd), "backward_share": share(t_bwd), "optimizer_share": share(t_opt),
+                    "micro_batch": a.micro_batch,
                 }),
             );
             println!("{line}");

@@ -53,6 +53,35 @@ pub struct Batch {
     pub text_features: Option<Tensor>,
 }
 
+impl Batch {
+    /// The batch cut into consecutive micro-batches of `size` pairs (the last one shorter when
+    /// `size` does not divide it), for a big batch's loss computed in little memory
+    /// ([`crate::train::grad_cache`]). Each keeps its rows of every tensor, the caption padding
+    /// of the whole batch, and its diagonal block of `positives`.
+    pub fn split(&self, size: usize) -> Result<Vec<Batch>> {
+        if size == 0 {
+            bail!("a micro-batch needs at least one pair");
+        }
+        let n = self.pairs.len();
+        let rows = |t: &Tensor, start: usize, len: usize| -> Result<Tensor> { Ok(t.narrow(0, start, len)?) };
+        (0..n)
+            .step_by(size)
+            .map(|start| {
+                let len = size.min(n - start);
+                Ok(Batch {
+                    images: rows(&self.images, start, len)?,
+                    input_ids: rows(&self.input_ids, start, len)?,
+                    attention_mask: rows(&self.attention_mask, start, len)?,
+                    pairs: self.pairs[start..start + len].to_vec(),
+                    positives: self.positives.narrow(0, start, len)?.narrow(1, start, len)?,
+                    image_features: self.image_features.as_ref().map(|f| rows(f, start, len)).transpose()?,
+                    text_features: self.text_features.as_ref().map(|f| rows(f, start, len)).transpose()?,
+                })
+            })
+            .collect()
+    }
+}
+
 /// A distinct, well-mixed shuffle seed for each epoch of a run.
 pub fn epoch_seed(seed: u64, epoch: usize) -> u64 {
     mix(seed, epoch as u64)

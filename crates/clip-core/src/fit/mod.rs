@@ -27,6 +27,7 @@ mod eval;
 mod open;
 mod save;
 mod state;
+mod teach;
 mod wise;
 
 use std::path::{Path, PathBuf};
@@ -50,7 +51,7 @@ use crate::params::Group;
 use crate::prepare::Prepared;
 use crate::run_dir::RunLock;
 use crate::schedule::{cosine, Plateau};
-use crate::train::train_step;
+use crate::train::{train_step_objective, Contrastive};
 
 /// A run in training: its config, model, optimiser, data, folder and what it remembers. Its
 /// fields are private; the programs and the report read it through the accessors below, and
@@ -201,99 +202,6 @@ impl Trainer {
 
     /// Stops training at the end of the step during which `flag` is raised: [`Trainer::train_epoch`]
     /// then returns [`Stopped`] and [`Trainer::save_checkpoint`] saves where it got to.
-    /// Distils from a teacher whose embeddings of this dataset are `targets`
-    /// ([`crate::distill::targets`]): each step's loss adds its terms ([`crate::distill::loss`]).
-    pub fn set_teacher(&mut self, targets: crate::distill::Targets) -> Result<()> {
-        if self.images_only() {
-            if let Some(why) = crate::distill::images_only_refusal(&self.cfg.distill) {
-                bail!("{}: {why}", self.data.dataset.root.display());
-            }
-        }
-        if self.cfg.data.augment && targets.views.is_empty() {
-            bail!(
-                "training with augmentation, and the teacher embedded no augmented views: the student would learn the teacher's embedding of each image as it is from a random crop of it (compute the targets with views = distill.views)"
-            );
-        }
-        self.teacher = Some(Arc::new(targets));
-        Ok(())
-    }
-
-    /// Keeps the end-of-run comparison of teacher and student in the state and metrics.json.
-    pub fn set_distillation(&mut self, summary: crate::distill::Summary) -> Result<()> {
-        self.state.distillation = Some(summary);
-        self.write_metrics()
-    }
-
-    /// Whether the data is images without captions ([`crate::data::Dataset::captionless`]): then
-    /// only a teacher can train, and only the image tower (see [`crate::distill::image_loss`]).
-    pub fn images_only(&self) -> bool {
-        self.data.dataset.captionless()
-    }
-
-    /// Starts a new run's student from the teacher's weights ([`crate::distill::inherit`]) and
-    /// rewrites the run's starting weights with them. Refused once training has begun.
-    /// The token table too when `tokenizer` (the teacher's) is the student's.
-    pub fn inherit_from(
-        &mut self,
-        teacher: &ClipModel,
-        tokenizer: &crate::data::TextTokenizer,
-    ) -> Result<crate::distill::Inherited> {
-        if self.state.epoch > 0 || self.state.partial.is_some() || self.opt.step > 0 {
-            bail!("weights are inherited only before the first step of a new run");
-        }
-        let same = tokenizer.to_json()? == self.data.tokenizer.to_json()?;
-        let report = crate::distill::inherit(&self.model, teacher, same)?;
-        self.start_files()?;
-        Ok(report)
-    }
-
-    pub fn teacher(&self) -> Option<&crate::distill::Targets> {
-        self.teacher.as_deref()
-    }
-
-    /// Measures the agreement with the teacher before the first step and keeps it in the run's
-    /// state and metrics.json: stage 4's distillation gate compares the end with it.
-    /// Without a teacher, nothing is measured or written (metrics.json and loss.csv appear with
-    /// the first epoch, as they always have).
-    pub fn measure_agreement_start(&mut self) -> Result<Option<f64>> {
-        if self.teacher.is_none() {
-            return Ok(None);
-        }
-        let a = self.teacher_agreement()?;
-        self.state.agreement_start = a;
-        self.write_metrics()?;
-        Ok(a)
-    }
-
-    /// Top-1 agreement with the teacher on the validation split (see [`crate::distill::agreement`]).
-    /// For images without captions, the top-1 neighbour agreement instead
-    /// ([`crate::distill::neighbour_agreement`]).
-    pub fn teacher_agreement(&self) -> Result<Option<f64>> {
-        let Some(t) = &self.teacher else { return Ok(None) };
-        let ds = &self.data.dataset;
-        let val = &self.data.split.val;
-        let mut images: Vec<usize> = val.iter().map(|&p| ds.pairs[p].image).collect();
-        images.sort_unstable();
-        images.dedup();
-        if ds.captionless() {
-            let dev = &self.data.device;
-            let (si, ti) = (self.embed_images(&images)?, t.image.tensor(&images, dev)?);
-            // The student's own space: the neighbours its users will get from image search.
-            return Ok(Some(crate::distill::neighbour_agreement(&si, &ti)?));
-        }
-        // One pair per distinct caption.
-        let mut seen = std::collections::HashSet::new();
-        let captions: Vec<usize> = val
-            .iter()
-            .copied()
-            .filter(|&p| seen.insert(ds.pairs[p].caption.as_str()))
-            .collect();
-        let dev = &self.data.device;
-        let (si, st) = (self.embed_images(&images)?, self.embed_captions(&captions)?);
-        let (ti, tt) = (t.image.tensor(&images, dev)?, t.text.tensor(&captions, dev)?);
-        Ok(Some(crate::distill::agreement(&si, &st, &ti, &tt)?))
-    }
-
     pub fn set_stop(&mut self, flag: Arc<AtomicBool>) {
         self.stop = Some(flag);
     }
@@ -345,7 +253,6 @@ impl Trainer {
     pub fn train_epoch(&mut self, mut on_step: impl FnMut(usize, f64, f64)) -> Result<(f64, f64)> {
         let epoch = self.state.epoch;
         let steps_per_epoch = self.steps_per_epoch();
-        let total_steps = (self.cfg.train.epochs * steps_per_epoch) as u64;
         let started = Instant::now();
         let done = self.state.partial.take().unwrap_or_default();
         let skip = done.steps;
@@ -357,23 +264,7 @@ impl Trainer {
         } = done;
         let mut pairs = 0usize;
         let mut pending: Vec<Batch> = vec![];
-        // Distilling with augmentation: this epoch's view of every image, the crops the teacher
-        // embedded at the start.
-        let view = match &self.teacher {
-            Some(t) if self.cfg.data.augment => t.view_of_epoch(epoch),
-            _ => None,
-        };
-        let augment = match view {
-            Some(v) => crate::data::Augment::View(v as u64),
-            None => self.cfg.data.augment.into(),
-        };
-        let batches = self.data.loader.batches_with(
-            &self.data.split.train,
-            self.cfg.train.batch_size,
-            Some(crate::data::epoch_seed(self.cfg.seed, epoch)),
-            augment,
-            self.frozen_features()?,
-        );
+        let (batches, view) = self.epoch_batches(epoch)?;
         let mut step = 0usize;
         let mut iter = batches.into_iter().peekable();
         while let Some(b) = iter.next() {
@@ -381,49 +272,19 @@ impl Trainer {
             if pending.len() < self.cfg.train.accumulate && iter.peek().is_some() {
                 continue;
             }
-            if step < skip {
-                // Done before the run was stopped: the same batches, already trained on.
-                pending.clear();
-                step += 1;
-                continue;
+            if step >= skip {
+                // (Steps before `skip` were done before the run was stopped: the same batches.)
+                let n: usize = pending.iter().map(|b| b.pairs.len()).sum();
+                let loss = self
+                    .step_on(&pending, view)
+                    .with_context(|| format!("epoch {}, step {}", epoch + 1, step + 1))?;
+                pairs += n;
+                losses.push(loss);
+                on_step(step + 1, loss, pairs as f64 / started.elapsed().as_secs_f64().max(1e-9));
             }
-            if self.cfg.train.schedule == Schedule::Cosine {
-                self.opt
-                    .scale_lr(cosine(self.opt.step, self.cfg.train.warmup(total_steps), total_steps));
-            }
-            let n: usize = pending.iter().map(|b| b.pairs.len()).sum();
-            let out = match &self.teacher {
-                None => train_step(&self.model, &mut self.opt, &pending, self.cfg.train.clip_grad_norm),
-                Some(t) => {
-                    let (ds, cfg, dev) = (&self.data.dataset, &self.cfg.distill, &self.data.device);
-                    crate::train::train_step_loss(
-                        &self.model,
-                        &mut self.opt,
-                        &pending,
-                        self.cfg.train.clip_grad_norm,
-                        |m, b| {
-                            let (ti, tt) = t.batch(ds, &b.pairs, view, dev)?;
-                            if ds.captionless() {
-                                let image = match &b.image_features {
-                                    Some(f) => m.project_image(f, true)?,
-                                    None => m.encode_image(&b.images, true)?,
-                                };
-                                return Ok(crate::distill::image_loss(m, &image, &ti, cfg)?.total);
-                            }
-                            let e = m.forward_batch(b, true)?;
-                            Ok(crate::distill::loss(m, &e, Some(&b.positives), (&ti, &tt), t.logit_scale, cfg)?.total)
-                        },
-                    )
-                }
-            }
-            .with_context(|| format!("epoch {}, step {}", epoch + 1, step + 1))?;
             pending.clear();
-            pairs += n;
-            losses.push(out.loss);
             step += 1;
-            let pps = pairs as f64 / started.elapsed().as_secs_f64().max(1e-9);
-            on_step(step, out.loss, pps);
-            if self.stop.as_ref().is_some_and(|f| f.load(Ordering::SeqCst)) {
+            if step > skip && self.stop.as_ref().is_some_and(|f| f.load(Ordering::SeqCst)) {
                 self.state.partial = Some(PartialEpoch {
                     steps: step,
                     losses,
@@ -446,6 +307,53 @@ impl Trainer {
         }
         let mean = losses.iter().sum::<f64>() / losses.len() as f64;
         Ok((mean, pairs as f64 / started.elapsed().as_secs_f64().max(1e-9)))
+    }
+
+    /// The batches of epoch `epoch` in their order, and the teacher's view of the images they use
+    /// (distilling with augmentation: the crops the teacher embedded at the start).
+    fn epoch_batches(&self, epoch: usize) -> Result<(crate::data::Batches, Option<usize>)> {
+        let view = match &self.teacher {
+            Some(t) if self.cfg.data.augment => t.view_of_epoch(epoch),
+            _ => None,
+        };
+        let augment = match view {
+            Some(v) => crate::data::Augment::View(v as u64),
+            None => self.cfg.data.augment.into(),
+        };
+        let batches = self.data.loader.batches_with(
+            &self.data.split.train,
+            self.cfg.train.batch_size,
+            Some(crate::data::epoch_seed(self.cfg.seed, epoch)),
+            augment,
+            self.frozen_features()?,
+        );
+        Ok((batches, view))
+    }
+
+    /// One optimiser step over `pending` (the batches it accumulates): the schedule's rate, then
+    /// the configured loss, through the gradient cache with `train.micro_batch`. Returns the loss.
+    fn step_on(&mut self, pending: &[Batch], view: Option<usize>) -> Result<f64> {
+        let t = &self.cfg.train;
+        if t.schedule == Schedule::Cosine {
+            let total_steps = (t.epochs * self.steps_per_epoch()) as u64;
+            self.opt
+                .scale_lr(cosine(self.opt.step, t.warmup(total_steps), total_steps));
+        }
+        let (clip, micro) = (t.clip_grad_norm, t.micro_batch);
+        let out = match &self.teacher {
+            None => train_step_objective(&self.model, &mut self.opt, pending, clip, micro, &Contrastive)?,
+            Some(t) => {
+                let objective = teach::Distilling {
+                    targets: t,
+                    dataset: &self.data.dataset,
+                    cfg: &self.cfg.distill,
+                    view,
+                    device: &self.data.device,
+                };
+                train_step_objective(&self.model, &mut self.opt, pending, clip, micro, &objective)?
+            }
+        };
+        Ok(out.loss)
     }
 
     /// Records an epoch: schedule, history, checkpoints. Returns whether it is the best so far.

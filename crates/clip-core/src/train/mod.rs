@@ -1,5 +1,7 @@
 //! One training step: forward, backward, one optimiser update.
 
+mod grad_cache;
+
 use std::collections::HashMap;
 
 use anyhow::{bail, Result};
@@ -7,6 +9,8 @@ use anyhow::{bail, Result};
 use crate::data::Batch;
 use crate::model::{ClipModel, Embeddings};
 use crate::optim::{AdamW, Grads};
+
+pub use grad_cache::{grad_cache, train_step_objective, Contrastive, Objective};
 
 /// What one optimiser step did.
 #[derive(Debug, Clone)]
@@ -94,31 +98,35 @@ fn step_on_pool(
     clip_grad_norm: f64,
     batch_loss: impl Fn(&ClipModel, &Batch) -> Result<candle_core::Tensor>,
 ) -> Result<StepOutcome> {
-    if micro_batches.is_empty() {
+    accumulate_and_update(model, opt, micro_batches, clip_grad_norm, |opt, b, _, k| {
+        let loss = batch_loss(model, b)?;
+        let value = loss.to_scalar::<f32>()? as f64;
+        check_loss(value, opt.step)?;
+        let loss = if k > 1.0 { (loss / k)? } else { loss };
+        Ok((value, opt.grads_by_name(&loss.backward()?)))
+    })
+}
+
+/// The frame of every step: reseeds dropout, sums the gradients `batch_grads(opt, batch, index,
+/// batches)` gives for each batch (each already divided by the number of batches), applies them.
+fn accumulate_and_update(
+    model: &ClipModel,
+    opt: &mut AdamW,
+    batches: &[Batch],
+    clip_grad_norm: f64,
+    batch_grads: impl Fn(&AdamW, &Batch, usize, f64) -> Result<(f64, Grads)>,
+) -> Result<StepOutcome> {
+    if batches.is_empty() {
         bail!("train_step needs at least one batch");
     }
     model.reseed_dropout(step_seed(model.config.seed, opt.step));
-    let k = micro_batches.len() as f64;
+    let k = batches.len() as f64;
     let mut total_loss = 0.0;
     let mut acc: Grads = HashMap::new();
-    for b in micro_batches {
-        let loss = batch_loss(model, b)?;
-        let value = loss.to_scalar::<f32>()? as f64;
-        if !value.is_finite() {
-            bail!(
-                "the loss is {value} at step {}: lower the learning rates, or check stage 3",
-                opt.step + 1
-            );
-        }
+    for (i, b) in batches.iter().enumerate() {
+        let (value, grads) = batch_grads(opt, b, i, k)?;
         total_loss += value;
-        let loss = if micro_batches.len() > 1 { (loss / k)? } else { loss };
-        let grads = opt.grads_by_name(&loss.backward()?);
-        for (name, g) in grads {
-            match acc.remove(&name) {
-                Some(prev) => acc.insert(name, (prev + g)?),
-                None => acc.insert(name, g),
-            };
-        }
+        add_grads(&mut acc, grads)?;
     }
     let grad_norm = apply_update(opt, &mut acc, clip_grad_norm)?;
     model.clamp_logit_scale()?;
@@ -127,6 +135,28 @@ fn step_on_pool(
         grad_norm,
         grads: acc,
     })
+}
+
+/// Adds `grads` into `acc`, name by name.
+fn add_grads(acc: &mut Grads, grads: Grads) -> Result<()> {
+    for (name, g) in grads {
+        match acc.remove(&name) {
+            Some(prev) => acc.insert(name, (prev + g)?),
+            None => acc.insert(name, g),
+        };
+    }
+    Ok(())
+}
+
+/// An error when the loss of step `step` (0-based) is NaN or infinite, before any weight moves.
+fn check_loss(value: f64, step: u64) -> Result<()> {
+    if !value.is_finite() {
+        bail!(
+            "the loss is {value} at step {}: lower the learning rates, or check stage 3",
+            step + 1
+        );
+    }
+    Ok(())
 }
 
 /// The optimiser's half of a step: clips the gradients to `clip_grad_norm` (when it is > 0) and

@@ -11,6 +11,8 @@ pub mod config;
 pub mod data;
 /// Picking a device (`auto`, `cpu`, `cuda[:N]`, `metal`) and describing it.
 pub mod device;
+/// Data-parallel training: the ranks of a run and the collectives they exchange.
+pub mod dist;
 /// Knowledge distillation: a teacher's embeddings, cached once, and the student's loss.
 pub mod distill;
 /// Embedding many images or captions in evaluation mode.

@@ -20,7 +20,7 @@ use clip_core::data::Batch;
 use clip_core::model::Embeddings;
 use clip_core::optim::AdamW;
 use clip_core::prepare::{prepare, Prepared};
-use clip_core::train::{clip_gradients, step_seed, train_step_objective, Contrastive, Objective, StepOutcome};
+use clip_core::train::{clip_gradients, step_seed, train_step_objective, Contrastive, Objective, Pairs, StepOutcome};
 use clip_core::{device, ClipConfig, ClipModel};
 
 #[derive(Parser)]
@@ -241,7 +241,7 @@ impl Objective for Cut<'_> {
         Ok(vec![e.image, e.text])
     }
 
-    fn loss(&self, model: &ClipModel, e: &[Tensor], b: &Batch) -> Result<Tensor> {
+    fn loss(&self, model: &ClipModel, e: &[Tensor], b: Pairs<'_>) -> Result<Tensor> {
         Contrastive.loss(model, e, b)
     }
 }

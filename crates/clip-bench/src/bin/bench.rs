@@ -206,7 +206,16 @@ fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::Train(a) => {
             let x = Setup::new(&a)?;
-            let (model, batches) = (&x.model, x.batches()?);
+            // A big batch through the gradient cache takes one batch, twice: the inputs of a
+            // second one would weigh on its peak memory as much as the method does.
+            let batches = match a.micro_batch {
+                0 => x.batches()?,
+                _ => {
+                    let b = x.batch(1)?;
+                    [b.clone(), b]
+                }
+            };
+            let (model, batches) = (&x.model, batches);
             let mut opt = AdamW::new(&model.params, &x.cfg.train)?;
             let mut times = vec![];
             let mut losses = vec![];

@@ -32,7 +32,8 @@ const PREFETCH: usize = 2;
 /// augmenting): decoding time varies with the files, so a deeper queue evens it out.
 const DECODING_PREFETCH: usize = 4;
 
-/// One batch of B pairs: pair k is (image k, caption k).
+/// One batch of B pairs: pair k is (image k, caption k). Cloning shares the tensors.
+#[derive(Clone)]
 pub struct Batch {
     /// (B, 3, S, S) f32, normalised; an empty (B, 0) CPU tensor when `image_features` is set.
     pub images: Tensor,

@@ -11,7 +11,7 @@ use crate::config::DistillConfig;
 use crate::data::{Batch, Dataset};
 use crate::distill::Targets;
 use crate::model::{ClipModel, Embeddings};
-use crate::train::Objective;
+use crate::train::{Objective, Pairs};
 
 impl Trainer {
     /// Distils from a teacher whose embeddings of this dataset are `targets`
@@ -133,8 +133,8 @@ impl Objective for Distilling<'_> {
         Ok(vec![e.image, e.text])
     }
 
-    fn loss(&self, m: &ClipModel, e: &[Tensor], b: &Batch) -> Result<Tensor> {
-        let (ti, tt) = self.targets.batch(self.dataset, &b.pairs, self.view, self.device)?;
+    fn loss(&self, m: &ClipModel, e: &[Tensor], b: Pairs<'_>) -> Result<Tensor> {
+        let (ti, tt) = self.targets.batch(self.dataset, b.pairs, self.view, self.device)?;
         if self.dataset.captionless() {
             return Ok(crate::distill::image_loss(m, &e[0], &ti, self.cfg)?.total);
         }
@@ -143,6 +143,6 @@ impl Objective for Distilling<'_> {
             text: e[1].clone(),
         };
         let scale = self.targets.logit_scale;
-        Ok(crate::distill::loss(m, &e, Some(&b.positives), (&ti, &tt), scale, self.cfg)?.total)
+        Ok(crate::distill::loss(m, &e, Some(b.positives), (&ti, &tt), scale, self.cfg)?.total)
     }
 }

@@ -27,7 +27,7 @@
 use anyhow::{Context, Result};
 use candle_core::{Tensor, Var};
 
-use super::{accumulate_and_update, add_grads, check_loss, StepOutcome};
+use super::{accumulate_and_update, check_loss, StepOutcome};
 use crate::data::Batch;
 use crate::model::{ClipModel, Embeddings};
 use crate::optim::{AdamW, Grads};
@@ -38,7 +38,27 @@ pub trait Objective: Sync {
     /// The batch's embeddings, each (B, ·) with one row per pair, in training mode.
     fn embed(&self, model: &ClipModel, b: &Batch) -> Result<Vec<Tensor>>;
     /// The loss of the whole batch `b` from `embeddings` (what [`Objective::embed`] gave for it).
-    fn loss(&self, model: &ClipModel, embeddings: &[Tensor], b: &Batch) -> Result<Tensor>;
+    fn loss(&self, model: &ClipModel, embeddings: &[Tensor], b: Pairs<'_>) -> Result<Tensor>;
+}
+
+/// What the loss of a batch needs besides its embeddings: which pairs of the dataset they are,
+/// and which pairs are right answers for each other. Apart from the images and tokens, so that a
+/// rank of a data-parallel run, which holds only its share of those, can name the whole batch.
+#[derive(Clone, Copy)]
+pub struct Pairs<'a> {
+    /// Indices into the dataset's pairs, in the order of the embeddings' rows.
+    pub pairs: &'a [usize],
+    /// (B, B): 1 where pairs i and j share their image or caption ([`Batch::positives`]).
+    pub positives: &'a Tensor,
+}
+
+impl<'a> From<&'a Batch> for Pairs<'a> {
+    fn from(b: &'a Batch) -> Self {
+        Pairs {
+            pairs: &b.pairs,
+            positives: &b.positives,
+        }
+    }
 }
 
 /// The model's own contrastive loss ([`ClipModel::loss`]: `clip` or `soft`) of both towers'
@@ -51,12 +71,12 @@ impl Objective for Contrastive {
         Ok(vec![e.image, e.text])
     }
 
-    fn loss(&self, model: &ClipModel, e: &[Tensor], b: &Batch) -> Result<Tensor> {
+    fn loss(&self, model: &ClipModel, e: &[Tensor], b: Pairs<'_>) -> Result<Tensor> {
         let e = Embeddings {
             image: e[0].clone(),
             text: e[1].clone(),
         };
-        model.loss(&e, Some(&b.positives))
+        model.loss(&e, Some(b.positives))
     }
 }
 
@@ -77,7 +97,7 @@ pub fn train_step_objective(
         accumulate_and_update(model, opt, batches, clip_grad_norm, |opt, b, i, k| {
             let step = opt.step;
             if micro_batch == 0 || micro_batch >= b.pairs.len() {
-                let loss = objective.loss(model, &objective.embed(model, b)?, b)?;
+                let loss = objective.loss(model, &objective.embed(model, b)?, b.into())?;
                 let value = loss.to_scalar::<f32>()? as f64;
                 check_loss(value, step)?;
                 let loss = if k > 1.0 { (loss / k)? } else { loss };
@@ -105,60 +125,119 @@ pub fn grad_cache(
     seed: u64,
     scale: f64,
 ) -> Result<(f64, Grads)> {
-    let parts = b.split(size)?;
-    let seeds: Vec<u64> = (0..parts.len() as u64).map(|j| crate::rng::mix(seed, j)).collect();
-    // 1. Embeddings without a graph; the running statistics they moved are put back.
-    let buffers = snapshot_buffers(model)?;
-    let embedded = crate::nn::no_grad(|| -> Result<Vec<Vec<Tensor>>> {
-        parts
-            .iter()
-            .zip(&seeds)
-            .map(|(p, &s)| {
-                model.reseed_dropout(s);
-                objective.embed(model, p)
+    let chunks = Chunks::new(b, size, seed, 0)?;
+    let inputs = chunks.embed_without_graph(model, objective)?;
+    let (value, mut grads, cached) = loss_gradients(model, opt, inputs, b.into(), objective, scale)?;
+    let towers = chunks.backpropagate(model, opt, objective, &cached, 0)?;
+    super::add_grads(&mut grads, towers)?;
+    Ok((value, grads))
+}
+
+/// A batch cut into micro-batches, each with its dropout seed.
+pub(super) struct Chunks {
+    parts: Vec<Batch>,
+    seeds: Vec<u64>,
+}
+
+impl Chunks {
+    /// `b` in micro-batches of `size` (0: one), micro-batch j seeded from (seed, first + j): a
+    /// rank of a data-parallel run numbers its micro-batches from where its share starts in the
+    /// whole batch, so each draws the masks it would in one process.
+    pub(super) fn new(b: &Batch, size: usize, seed: u64, first: u64) -> Result<Self> {
+        let parts = match size {
+            0 => vec![b.clone()],
+            m => b.split(m)?,
+        };
+        let seeds = (0..parts.len() as u64)
+            .map(|j| crate::rng::mix(seed, first + j))
+            .collect();
+        Ok(Self { parts, seeds })
+    }
+
+    /// Pass 1: every micro-batch's embeddings without a graph, concatenated (one tensor per
+    /// output of [`Objective::embed`]). The running statistics they moved are put back.
+    pub(super) fn embed_without_graph(&self, model: &ClipModel, objective: &impl Objective) -> Result<Vec<Tensor>> {
+        let buffers = snapshot_buffers(model)?;
+        let embedded = crate::nn::no_grad(|| -> Result<Vec<Vec<Tensor>>> {
+            self.parts
+                .iter()
+                .zip(&self.seeds)
+                .map(|(p, &s)| {
+                    model.reseed_dropout(s);
+                    objective.embed(model, p)
+                })
+                .collect()
+        })
+        .context("gradient cache: embedding the micro-batches")?;
+        restore_buffers(&buffers)?;
+        (0..embedded[0].len())
+            .map(|i| {
+                let rows: Vec<&Tensor> = embedded.iter().map(|e| &e[i]).collect();
+                Ok(Tensor::cat(&rows, 0)?)
             })
             .collect()
-    })
-    .context("gradient cache: embedding the micro-batches")?;
-    restore_buffers(&buffers)?;
-    // 2. The whole batch's loss, with the embeddings as leaves.
-    let leaves = (0..embedded[0].len())
-        .map(|i| {
-            let rows: Vec<&Tensor> = embedded.iter().map(|e| &e[i]).collect();
-            Ok(Var::from_tensor(&Tensor::cat(&rows, 0)?)?)
-        })
+    }
+
+    /// Pass 3: each micro-batch again, with its graph, backpropagating its rows of `cached` (the
+    /// loss's gradient with respect to each embedding; its rows for this batch start at `row`).
+    /// Returns the towers' gradients, summed over the micro-batches.
+    pub(super) fn backpropagate(
+        &self,
+        model: &ClipModel,
+        opt: &AdamW,
+        objective: &impl Objective,
+        cached: &[Option<Tensor>],
+        mut row: usize,
+    ) -> Result<Grads> {
+        let mut grads = Grads::new();
+        for (p, &s) in self.parts.iter().zip(&self.seeds) {
+            model.reseed_dropout(s);
+            let e = objective.embed(model, p)?;
+            let n = p.pairs.len();
+            let mut surrogate: Option<Tensor> = None;
+            for (e, g) in e.iter().zip(cached) {
+                let Some(g) = g else { continue };
+                let term = (e * g.narrow(0, row, n)?)?.sum_all()?;
+                surrogate = Some(match surrogate {
+                    Some(s) => (s + term)?,
+                    None => term,
+                });
+            }
+            if let Some(s) = surrogate {
+                super::add_grads(&mut grads, opt.grads_by_name(&s.backward()?))?;
+            }
+            row += n;
+        }
+        Ok(grads)
+    }
+}
+
+/// Pass 2: the loss of the whole batch from `inputs` (its embeddings, made leaves of the graph)
+/// and its backward, scaled by `scale`. Returns the loss (unscaled), the gradients of the loss's
+/// own parameters (the logit scale, a student's maps into its teacher's space) and the loss's
+/// gradient with respect to each input (`None` where the loss does not depend on it). Errors
+/// when the loss is NaN or infinite.
+pub(super) fn loss_gradients(
+    model: &ClipModel,
+    opt: &AdamW,
+    inputs: Vec<Tensor>,
+    pairs: Pairs<'_>,
+    objective: &impl Objective,
+    scale: f64,
+) -> Result<(f64, Grads, Vec<Option<Tensor>>)> {
+    let leaves = inputs
+        .iter()
+        .map(|t| Ok(Var::from_tensor(t)?))
         .collect::<Result<Vec<Var>>>()?;
-    drop(embedded);
+    drop(inputs);
     let inputs: Vec<Tensor> = leaves.iter().map(|v| v.as_tensor().clone()).collect();
-    let loss = objective.loss(model, &inputs, b)?;
+    let loss = objective.loss(model, &inputs, pairs)?;
     let value = loss.to_scalar::<f32>()? as f64;
     check_loss(value, opt.step)?;
     let store = (loss * scale)?.backward()?;
-    // The loss's own parameters (logit scale, maps into a teacher's space) have their gradients.
-    let mut grads = opt.grads_by_name(&store);
-    let cached: Vec<Option<Tensor>> = inputs.iter().map(|t| store.get(t).map(|g| g.detach())).collect();
-    drop(store);
-    // 3. Each micro-batch again, with its graph, backpropagating its rows of the cached gradient.
-    let mut row = 0;
-    for (p, &s) in parts.iter().zip(&seeds) {
-        model.reseed_dropout(s);
-        let e = objective.embed(model, p)?;
-        let n = p.pairs.len();
-        let mut surrogate: Option<Tensor> = None;
-        for (e, g) in e.iter().zip(&cached) {
-            let Some(g) = g else { continue };
-            let term = (e * g.narrow(0, row, n)?)?.sum_all()?;
-            surrogate = Some(match surrogate {
-                Some(s) => (s + term)?,
-                None => term,
-            });
-        }
-        if let Some(s) = surrogate {
-            add_grads(&mut grads, opt.grads_by_name(&s.backward()?))?;
-        }
-        row += n;
-    }
-    Ok((value, grads))
+    let grads = opt.grads_by_name(&store);
+    let cached = inputs.iter().map(|t| store.get(t).map(|g| g.detach())).collect();
+    Ok((value, grads, cached))
 }
 
 /// The model's buffers (BatchNorm running statistics) as they are now.

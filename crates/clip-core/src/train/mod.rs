@@ -1,5 +1,6 @@
 //! One training step: forward, backward, one optimiser update.
 
+mod data_parallel;
 mod grad_cache;
 
 use std::collections::HashMap;
@@ -10,7 +11,8 @@ use crate::data::Batch;
 use crate::model::{ClipModel, Embeddings};
 use crate::optim::{AdamW, Grads};
 
-pub use grad_cache::{grad_cache, train_step_objective, Contrastive, Objective};
+pub use data_parallel::train_step_data_parallel;
+pub use grad_cache::{grad_cache, train_step_objective, Contrastive, Objective, Pairs};
 
 /// What one optimiser step did.
 #[derive(Debug, Clone)]

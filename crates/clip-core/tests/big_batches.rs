@@ -9,16 +9,19 @@
 //!   passes draw the same dropout masks; the running statistics move once per micro-batch.
 //! - In a run: distilling from a teacher (contrastive, affinity and feature terms) with the text
 //!   tower frozen and its features cached, `--micro-batch` trains an epoch as the whole batch does.
+//! - Data-parallel (ranks as threads, `dist::LocalWorld`): 2 ranks × 8 pairs train as one process
+//!   with a batch of 16, and the ranks hold the same weights, with BatchNorm and dropout too.
 
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use clip_core::data::Batch;
+use clip_core::dist::{weights_checksum, Collective, LocalWorld};
 use clip_core::distill::{self, Teacher};
 use clip_core::fit::Trainer;
 use clip_core::optim::{AdamW, Grads};
 use clip_core::prepare::{prepare, DataSource};
-use clip_core::train::{grad_cache, train_step_objective, Contrastive, Objective};
+use clip_core::train::{grad_cache, train_step_data_parallel, train_step_objective, Contrastive, Objective};
 use clip_core::{ClipConfig, ClipModel};
 
 /// A small ViT CLIP from scratch (ViT image tower, CLIP text transformer), without dropout.
@@ -119,11 +122,20 @@ fn worst(a: &Grads, b: &Grads) -> (f64, String) {
         .fold((0.0, String::new()), |w, x| if x.0 > w.0 { x } else { w })
 }
 
-/// Asserts two models' weights are the same within `tolerance` relative. Shift-invariant
+/// Asserts two models' weights (parameters, not buffers) are the same within `tolerance`
+/// relative. Shift-invariant
 /// tensors are left out: AdamW divides their noise by its own root mean square, so they take
 /// steps of up to the learning rate in directions that are noise in any framework.
 fn same_weights(a: &ClipModel, b: &ClipModel, tolerance: f64, when: &str) {
-    let (a, b) = (a.params.tensors(), b.params.tensors());
+    let params = |m: &ClipModel| -> std::collections::BTreeMap<String, Tensor> {
+        m.params
+            .entries()
+            .into_iter()
+            .filter(|(_, e)| e.is_param())
+            .map(|(n, e)| (n, e.var.as_tensor().clone()))
+            .collect()
+    };
+    let (a, b) = (params(a), params(b));
     let mut checked = 0;
     for (name, t) in a.iter().filter(|(n, _)| !shift_invariant(n)) {
         let r = relative(t, &b[name]);
@@ -173,7 +185,7 @@ fn micro_batched_forward(model: &ClipModel, opt: &AdamW, b: &Batch, size: usize,
         text.push(e[1].clone());
     }
     let e = [Tensor::cat(&image, 0).unwrap(), Tensor::cat(&text, 0).unwrap()];
-    let loss = Contrastive.loss(model, &e, b).unwrap();
+    let loss = Contrastive.loss(model, &e, b.into()).unwrap();
     let value = loss.to_scalar::<f32>().unwrap() as f64;
     (value, opt.grads_by_name(&loss.backward().unwrap()))
 }
@@ -278,4 +290,95 @@ fn micro_batches_distil_with_a_cached_tower_as_the_whole_batch_does() {
         "mean loss {loss} against {micro_loss}"
     );
     same_weights(whole.model(), micro.model(), 1e-5, "after an epoch");
+}
+
+/// `steps` steps of one process on batches of 16 (micro-batches of 4), and of 2 ranks × 8 as
+/// threads: (the process's losses and model, each rank's losses and model).
+fn one_process_and_two_ranks(cfg: &ClipConfig, steps: u32) -> ((Vec<f64>, ClipModel), Vec<(Vec<f64>, ClipModel)>) {
+    let one = ClipModel::new(cfg, &Device::Cpu).unwrap();
+    let mut opt = AdamW::new(&one.params, &cfg.train).unwrap();
+    let losses = (0..steps)
+        .map(|step| {
+            let b = batch(cfg, 16, step);
+            train_step_objective(&one, &mut opt, std::slice::from_ref(&b), 0.0, 4, &Contrastive)
+                .unwrap()
+                .loss
+        })
+        .collect();
+    let ranks = std::thread::scope(|s| {
+        let handles: Vec<_> = LocalWorld::new(2)
+            .into_iter()
+            .map(|comm| {
+                s.spawn(move || {
+                    // Each rank its own compute pool: a rank waits in the collectives.
+                    let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+                    pool.install(|| {
+                        let model = ClipModel::new(cfg, &Device::Cpu).unwrap();
+                        let mut opt = AdamW::new(&model.params, &cfg.train).unwrap();
+                        let rank = comm.rank();
+                        let losses = (0..steps)
+                            .map(|step| {
+                                let global = batch(cfg, 16, step);
+                                let mine = global.split(8).unwrap().swap_remove(rank);
+                                let out = train_step_data_parallel(
+                                    &model,
+                                    &mut opt,
+                                    &mine,
+                                    (&global).into(),
+                                    0.0,
+                                    4,
+                                    &Contrastive,
+                                    &comm,
+                                )
+                                .unwrap();
+                                out.loss
+                            })
+                            .collect::<Vec<f64>>();
+                        (losses, model)
+                    })
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect::<Vec<_>>()
+    });
+    ((losses, one), ranks)
+}
+
+fn same_losses(a: &[f64], b: &[f64], what: &str) {
+    for (step, (x, y)) in a.iter().zip(b).enumerate() {
+        assert!(
+            (x - y).abs() <= 1e-5 * x.abs(),
+            "{what}, step {step}: loss {x} against {y}"
+        );
+    }
+}
+
+#[test]
+fn two_ranks_of_8_train_as_one_process_with_a_batch_of_16() {
+    let cfg = vit_clip();
+    let ((losses, one), ranks) = one_process_and_two_ranks(&cfg, 3);
+    for (rank, (l, model)) in ranks.iter().enumerate() {
+        same_losses(&losses, l, &format!("rank {rank}"));
+        same_weights(&one, model, 1e-5, &format!("on rank {rank} after 3 steps"));
+    }
+    let sums: Vec<_> = ranks.iter().map(|(_, m)| weights_checksum(m).unwrap()).collect();
+    assert_eq!(sums[0], sums[1], "the ranks hold different weights");
+}
+
+#[test]
+fn ranks_with_batch_norm_and_dropout_hold_the_same_weights_as_one_process() {
+    // The tiny recipe model: BatchNorm (per micro-batch of 4 in both) and dropout (the masks of
+    // the same micro-batches in both). Training mode never reads the running statistics, so the
+    // weights still match the one process's; the statistics are rank 0's on every rank.
+    let cfg = ClipConfig::tiny();
+    let ((losses, one), ranks) = one_process_and_two_ranks(&cfg, 3);
+    for (rank, (l, model)) in ranks.iter().enumerate() {
+        same_losses(&losses, l, &format!("rank {rank}"));
+        same_weights(&one, model, 1e-4, &format!("on rank {rank} after 3 steps"));
+    }
+    let all = |m: &ClipModel| m.params.tensors();
+    let (a, b) = (all(&ranks[0].1), all(&ranks[1].1));
+    for (name, t) in &a {
+        assert_eq!(values(t), values(&b[name]), "{name} differs between the ranks");
+    }
 }

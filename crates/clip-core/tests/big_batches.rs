@@ -294,7 +294,10 @@ fn micro_batches_distil_with_a_cached_tower_as_the_whole_batch_does() {
 
 /// `steps` steps of one process on batches of 16 (micro-batches of 4), and of 2 ranks × 8 as
 /// threads: (the process's losses and model, each rank's losses and model).
-fn one_process_and_two_ranks(cfg: &ClipConfig, steps: u32) -> ((Vec<f64>, ClipModel), Vec<(Vec<f64>, ClipModel)>) {
+/// A run's losses, step by step, and its model at the end.
+type Run = (Vec<f64>, ClipModel);
+
+fn one_process_and_two_ranks(cfg: &ClipConfig, steps: u32) -> (Run, Vec<Run>) {
     let one = ClipModel::new(cfg, &Device::Cpu).unwrap();
     let mut opt = AdamW::new(&one.params, &cfg.train).unwrap();
     let losses = (0..steps)

@@ -93,6 +93,10 @@ fn environment(report: &mut Report) {
     report.metric("candle_version", clip_core::CANDLE_VERSION);
     report.metric("features", &features);
     cpu_bf16(report);
+    // The data-parallel world (mpirun, srun) this process is a rank of, if any.
+    let world = clip_mpi::describe_world();
+    println!("{world}");
+    report.metric("world", world);
 }
 
 /// What the CPU offers for bf16 and what `--precision bf16` (stages 3 and 4, clip-predict, the

@@ -33,6 +33,15 @@ pub struct Setup {
 /// The config, the device and the run folder; the WiSE-FT weights; and the teacher (--teacher, or
 /// the one a resumed run records), whose width and fingerprint go into the config.
 pub fn setup(args: &Args) -> Result<Setup> {
+    if let Some(l) = clip_mpi::launch().filter(|l| l.size > 1) {
+        // N copies of one run would train the same model side by side into one folder.
+        bail!(
+            "{} started stage 4 as rank {} of {}: stage 4 trains in one process for now. The data-parallel step is in the library (clip_core::train::train_step_data_parallel, tested under mpirun) but the trainer does not use it yet; run one process, with --micro-batch for big batches",
+            l.launcher,
+            l.rank,
+            l.size
+        );
+    }
     let (cfg, dev, out) = config(args)?;
     let alphas = match &args.wise_ft {
         Some(spec) if cfg.pretrained.is_none() => bail!(

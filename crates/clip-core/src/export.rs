@@ -25,6 +25,7 @@ use crate::config::{Activation, ClipConfig, HeadKind, ImageArch, ImagePool, Pool
 use crate::data::TextTokenizer;
 use crate::files::{sync_dir, write_atomic};
 use crate::model::ClipModel;
+use crate::open_clip_names;
 
 /// The layouts an export can take.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -522,16 +523,8 @@ fn open_clip_block(
             return Ok(());
         }
     }
-    let renamed = [
-        ("layer_norm1.", "ln_1."),
-        ("layer_norm2.", "ln_2."),
-        ("self_attn.out_proj.", "attn.out_proj."),
-        ("mlp.fc1.", "mlp.c_fc."),
-        ("mlp.fc2.", "mlp.c_proj."),
-    ]
-    .iter()
-    .find_map(|(a, b)| inner.strip_prefix(a).map(|r| format!("{b}{r}")))
-    .with_context(|| format!("internal error: no open_clip name for {from}{inner}"))?;
+    let renamed = open_clip_names::to_open_clip(open_clip_names::BLOCK, inner)
+        .with_context(|| format!("internal error: no open_clip name for {from}{inner}"))?;
     out.insert(format!("{to}{renamed}"), t.clone());
     Ok(())
 }
@@ -566,15 +559,8 @@ fn open_clip_tensors(cfg: &ClipConfig, params: &HashMap<String, Tensor>) -> Resu
                 )?;
                 continue;
             }
-            let to = match v {
-                "embeddings.patch_embedding.weight" => "conv1.weight".to_string(),
-                "embeddings.class_embedding" => "class_embedding".into(),
-                "embeddings.position_embedding.weight" => "positional_embedding".into(),
-                _ => [("pre_layrnorm.", "ln_pre."), ("post_layernorm.", "ln_post.")]
-                    .iter()
-                    .find_map(|(a, b)| v.strip_prefix(a).map(|r| format!("{b}{r}")))
-                    .with_context(|| format!("internal error: no open_clip name for {name}"))?,
-            };
+            let to = open_clip_names::to_open_clip(open_clip_names::VISION, v)
+                .with_context(|| format!("internal error: no open_clip name for {name}"))?;
             out.insert(format!("visual.{to}"), t.clone());
         } else if let Some(v) = name.strip_prefix(TXT) {
             if let Some(rest) = v.strip_prefix("encoder.layers.") {
@@ -590,14 +576,8 @@ fn open_clip_tensors(cfg: &ClipConfig, params: &HashMap<String, Tensor>) -> Resu
                 )?;
                 continue;
             }
-            let to = match v {
-                "embeddings.token_embedding.weight" => "token_embedding.weight".to_string(),
-                "embeddings.position_embedding.weight" => "positional_embedding".into(),
-                _ => v
-                    .strip_prefix("final_layer_norm.")
-                    .map(|r| format!("ln_final.{r}"))
-                    .with_context(|| format!("internal error: no open_clip name for {name}"))?,
-            };
+            let to = open_clip_names::to_open_clip(open_clip_names::TEXT, v)
+                .with_context(|| format!("internal error: no open_clip name for {name}"))?;
             out.insert(to, t.clone());
         } else if name == "image_projection.weight" {
             out.insert("visual.proj".into(), t.t()?.contiguous()?);

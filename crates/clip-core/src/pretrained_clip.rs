@@ -22,7 +22,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use serde_json::Value;
 
 use crate::config::{
@@ -31,6 +31,8 @@ use crate::config::{
 use crate::data::TextTokenizer;
 use crate::hub::{snapshot_commit, Hub, ModelSource};
 use crate::model::ClipModel;
+use crate::open_clip_names;
+use crate::params::Misfit;
 
 /// OpenAI's image normalisation, which every CLIP checkpoint named here was trained with.
 pub const OPENAI_MEAN: [f64; 3] = [0.48145466, 0.4578275, 0.40821073];
@@ -621,15 +623,7 @@ fn open_clip_block(file: &str, rest: &str, to: &str, t: &Tensor, out: &mut Mappe
     let renamed = match inner {
         "attn.in_proj_weight" => return split_qkv(file, &p, "weight", t, out).map(|_| true),
         "attn.in_proj_bias" => return split_qkv(file, &p, "bias", t, out).map(|_| true),
-        _ => [
-            ("ln_1.", "layer_norm1."),
-            ("ln_2.", "layer_norm2."),
-            ("attn.out_proj.", "self_attn.out_proj."),
-            ("mlp.c_fc.", "mlp.fc1."),
-            ("mlp.c_proj.", "mlp.fc2."),
-        ]
-        .iter()
-        .find_map(|(a, b)| inner.strip_prefix(a).map(|r| format!("{b}{r}"))),
+        _ => open_clip_names::from_open_clip(open_clip_names::BLOCK, inner),
     };
     match renamed {
         Some(r) => {
@@ -663,39 +657,28 @@ fn map_open_clip(name: &str, t: &Tensor, resnet: bool, out: &mut Mapped) -> Resu
         if resnet {
             return simple(format!("{IMG}{v}"), t.clone(), out);
         }
-        let to = match v {
-            "conv1.weight" => "embeddings.patch_embedding.weight".to_string(),
-            "class_embedding" => "embeddings.class_embedding".to_string(),
-            "positional_embedding" => "embeddings.position_embedding.weight".to_string(),
-            "proj" => return simple("image_projection.weight".into(), t.t()?.contiguous()?, out),
-            _ => {
-                if let Some(rest) = v.strip_prefix("transformer.resblocks.") {
-                    return open_clip_block(name, rest, IMG, t, out);
-                }
-                match [("ln_pre.", "pre_layrnorm."), ("ln_post.", "post_layernorm.")]
-                    .iter()
-                    .find_map(|(a, b)| v.strip_prefix(a).map(|r| format!("{b}{r}")))
-                {
-                    Some(r) => r,
-                    None => return Ok(false),
-                }
-            }
+        if v == "proj" {
+            return simple("image_projection.weight".into(), t.t()?.contiguous()?, out);
+        }
+        if let Some(rest) = v.strip_prefix("transformer.resblocks.") {
+            return open_clip_block(name, rest, IMG, t, out);
+        }
+        return match open_clip_names::from_open_clip(open_clip_names::VISION, v) {
+            Some(to) => simple(format!("{IMG}{to}"), t.clone(), out),
+            None => Ok(false),
         };
-        return simple(format!("{IMG}{to}"), t.clone(), out);
     }
     match n {
-        "token_embedding.weight" => simple(format!("{TXT}embeddings.token_embedding.weight"), t.clone(), out),
-        "positional_embedding" => simple(format!("{TXT}embeddings.position_embedding.weight"), t.clone(), out),
         "text_projection" => simple("text_projection.weight".into(), t.t()?.contiguous()?, out),
         "logit_scale" => simple("logit_scale".into(), t.reshape(())?, out),
         _ => {
             if let Some(rest) = n.strip_prefix("transformer.resblocks.") {
                 return open_clip_block(name, rest, TXT, t, out);
             }
-            if let Some(r) = n.strip_prefix("ln_final.") {
-                return simple(format!("{TXT}final_layer_norm.{r}"), t.clone(), out);
+            match open_clip_names::from_open_clip(open_clip_names::TEXT, n) {
+                Some(to) => simple(format!("{TXT}{to}"), t.clone(), out),
+                None => Ok(false),
             }
-            Ok(false)
         }
     }
 }
@@ -766,64 +749,42 @@ pub fn fill(model: &ClipModel, format: Format, tensors: &HashMap<String, Tensor>
         }
     }
     let store = &model.params;
-    let mut mismatched = vec![];
+    let mut misfit = Misfit {
+        unexpected,
+        ..Misfit::default()
+    };
     let mut plan = vec![];
     let mut reported = std::collections::HashSet::new();
     for (file_name, to, t) in &mapped {
         // Shapes as the file stores them (before a split or a transpose), once per file tensor.
         let stored = tensors[file_name].dims();
         match store.get(to) {
-            None => unexpected.push(format!("{file_name} {stored:?}")),
+            None => misfit.unexpected.push(format!("{file_name} {stored:?}")),
             Some(e) if e.var.dims() != t.dims() => {
                 if reported.insert(file_name.as_str()) {
-                    mismatched.push(format!("{file_name}: file {stored:?}, model {:?} ({to})", e.var.dims()));
+                    misfit
+                        .mismatched
+                        .push(format!("{file_name}: file {stored:?}, model {:?} ({to})", e.var.dims()));
                 }
             }
             Some(e) => plan.push((to.as_str(), e, t)),
         }
     }
     let filled: std::collections::HashSet<&str> = mapped.iter().map(|(_, to, _)| to.as_str()).collect();
-    let missing: Vec<String> = store
+    misfit.missing = store
         .entries()
         .into_iter()
         .filter(|(n, _)| !filled.contains(n.as_str()))
         .map(|(n, e)| format!("{n} {:?}", e.var.dims()))
         .collect();
-    if !missing.is_empty() || !mismatched.is_empty() || !unexpected.is_empty() {
-        let show = |v: &[String]| crate::listing::first_n(v, 6, ", ");
-        let mut parts = vec![];
-        if !mismatched.is_empty() {
-            parts.push(format!(
-                "{} with another shape: {}",
-                mismatched.len(),
-                show(&mismatched)
-            ));
-        }
-        if !missing.is_empty() {
-            parts.push(format!(
-                "{} model tensors missing from the file: {}",
-                missing.len(),
-                show(&missing)
-            ));
-        }
-        if !unexpected.is_empty() {
-            parts.push(format!(
-                "{} file tensors with no place in the model: {}",
-                unexpected.len(),
-                show(&unexpected)
-            ));
-        }
+    if !misfit.is_empty() {
         bail!(
             "the weights do not fit the {} architecture its config describes: {}",
             format.describe(),
-            parts.join("; ")
+            misfit.describe("model")
         );
     }
-    let device = store.device().clone();
-    for (name, e, t) in &plan {
-        let t = t.to_dtype(DType::F32)?.to_device(&device)?;
-        e.var.set(&t).with_context(|| format!("setting {name}"))?;
-    }
+    store.set_loaded(&plan)?;
     Ok((plan.len(), skipped))
 }
 

@@ -486,9 +486,7 @@ const LONG_FUNCTIONS: &[&str] = &[
     "crates/clip-core/src/nn/attention_cpu.rs: cpu_fwd",
     "crates/clip-core/src/nn/bf16.rs: gemm_packed",
     "crates/clip-core/src/nn/bf16.rs: kernel_strip",
-    "crates/clip-core/src/pretrained.rs: load_tower",
     "crates/clip-core/src/pretrained_clip.rs: apply_open_clip",
-    "crates/clip-core/src/pretrained_clip.rs: fill",
     "crates/clip-predict/src/eval.rs: eval",
 ];
 

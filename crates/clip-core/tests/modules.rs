@@ -459,7 +459,6 @@ const STAGE_FN_LINES: usize = 60;
 const LONG_FILES: &[&str] = &[
     "crates/clip-core/src/index/mod.rs",
     "crates/clip-core/src/nn/bf16.rs",
-    "crates/clip-core/src/pretrained_clip.rs",
     "crates/clip-predict/src/serve.rs",
 ];
 
@@ -484,7 +483,6 @@ const LONG_FUNCTIONS: &[&str] = &[
     "crates/clip-core/src/nn/attention_cpu.rs: cpu_fwd",
     "crates/clip-core/src/nn/bf16.rs: gemm_packed",
     "crates/clip-core/src/nn/bf16.rs: kernel_strip",
-    "crates/clip-core/src/pretrained_clip.rs: apply_open_clip",
     "crates/clip-predict/src/eval.rs: eval",
 ];
 

@@ -478,7 +478,6 @@ const LONG_FUNCTIONS: &[&str] = &[
     "crates/clip-core/src/nn/attention_cpu.rs: cpu_fwd",
     "crates/clip-core/src/nn/bf16.rs: gemm_packed",
     "crates/clip-core/src/nn/bf16.rs: kernel_strip",
-    "crates/clip-predict/src/eval.rs: eval",
 ];
 
 /// The functions of `text` (rustfmt's layout: the closing brace at the `fn` line's indent) with

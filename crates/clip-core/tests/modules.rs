@@ -458,7 +458,6 @@ const STAGE_FN_LINES: usize = 60;
 /// does one listed here that has been split (take it off the list).
 const LONG_FILES: &[&str] = &[
     "crates/clip-core/src/nn/bf16.rs",
-    "crates/clip-predict/src/serve.rs",
 ];
 
 /// Issue #34: to be split. The functions past their limit today, as `file: name`; as above, a new

@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use base64::Engine as _;
+use clip_core::data::Dataset;
 use clip_core::fit::Trainer;
 use clip_core::loss::cosine_similarity;
 use clip_core::retrieval::{argsort_desc, to_rows};
@@ -372,7 +373,6 @@ fn distill_table(w: &mut String, d: &clip_core::distill::Summary) -> Result<()> 
 
 fn render(t: &Trainer, fixed: &Fixed, ranking: Option<&Ranking>, thumbs: &mut Thumbnails) -> Result<String> {
     let ds = &t.data().dataset;
-    let h = &t.state().history;
     let run_name = t
         .out()
         .file_name()
@@ -380,26 +380,44 @@ fn render(t: &Trainer, fixed: &Fixed, ranking: Option<&Ranking>, thumbs: &mut Th
         .unwrap_or_else(|| t.out().display().to_string());
     let mut body = String::new();
     let w = &mut body;
-    // Which images appear: their thumbnails become CSS classes below.
+    header(w, t, ranking.is_some(), &run_name)?;
+    curves(w, t)?;
+    similarity(w, ds, fixed)?;
+    image_rankings(w, t, ranking)?;
+    caption_rankings(w, ds, ranking)?;
+    data_and_config(w, t)?;
+
+    // The page: thumbnails as CSS classes (of the images that appear), then the body.
     let mut shown: BTreeSet<usize> = fixed.pairs.iter().map(|&p| ds.pairs[p].image).collect();
     if let Some(r) = ranking {
         shown.extend(r.images.iter().copied());
     }
-    let thumb = |i: usize, big: bool| -> String {
-        let name = escape(&ds.images[i].name);
-        format!(
-            "<span class=\"th{} t{i}\" role=\"img\" aria-label=\"{name}\" title=\"{name}\"></span>",
-            if big { " big" } else { "" }
-        )
-    };
-    let held_out: BTreeSet<usize> = if t.data().split.is_fallback() {
-        BTreeSet::new()
-    } else {
-        t.data().split.val.iter().map(|&p| ds.pairs[p].image).collect()
-    };
+    let mut css = String::from(STYLE);
+    for &i in &shown {
+        if let Some(uri) = thumbs.get(t, i) {
+            writeln!(css, ".t{i}{{background-image:url({uri})}}")?;
+        }
+    }
+    Ok(format!(
+        "<!doctype html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n<title>clipmine run {}</title>\n<style>{css}</style>\n</head>\n<body>\n{body}</body>\n</html>\n",
+        escape(&run_name)
+    ))
+}
 
-    writeln!(w, "<h1>clipmine run <code>{}</code></h1>", escape(&run_name))?;
-    let status = match (ranking.is_some(), h.last()) {
+/// Image `i`'s thumbnail: an element of its CSS class (declared once in the page's style).
+fn thumb(ds: &Dataset, i: usize, big: bool) -> String {
+    let name = escape(&ds.images[i].name);
+    format!(
+        "<span class=\"th{} t{i}\" role=\"img\" aria-label=\"{name}\" title=\"{name}\"></span>",
+        if big { " big" } else { "" }
+    )
+}
+
+/// The title, where training stands, and the page's links to its sections.
+fn header(w: &mut String, t: &Trainer, finished: bool, run_name: &str) -> Result<()> {
+    let h = &t.state().history;
+    writeln!(w, "<h1>clipmine run <code>{}</code></h1>", escape(run_name))?;
+    let status = match (finished, h.last()) {
         (true, _) => format!(
             "Finished: {} epochs; best model from epoch {} (validation loss {:.4}).",
             t.state().epoch,
@@ -416,42 +434,48 @@ fn render(t: &Trainer, fixed: &Fixed, ranking: Option<&Ranking>, thumbs: &mut Th
     };
     writeln!(w, "<p>{}</p>", escape(&status))?;
     writeln!(w, "<nav><a href=\"#curves\">Curves</a><a href=\"#similarity\">Similarity</a><a href=\"#images\">Image → captions</a><a href=\"#captions\">Caption → images</a><a href=\"#data\">Data</a><a href=\"#config\">Config</a></nav>")?;
+    Ok(())
+}
 
-    // Curves.
+/// The training curves, a fine-tune's and a distillation's tables, and the last epoch in words.
+fn curves(w: &mut String, t: &Trainer) -> Result<()> {
+    let h = &t.state().history;
     writeln!(w, "<h2 id=\"curves\">Training curves</h2>")?;
     if h.is_empty() {
         writeln!(w, "<p class=\"note\">No epoch finished yet.</p>")?;
-    } else {
-        let c =
-            Curves::new(h, t.cfg().train.freeze_image, t.cfg().train.freeze_text).with_start(t.state().start.as_ref());
-        writeln!(w, "<div class=\"plots\">")?;
-        for p in [c.loss(), c.lr(), c.quality()] {
-            writeln!(w, "{}", inline_svg(&plot::line_plot_svg(&p)?))?;
-        }
-        if let Some(wise) = &t.state().wise_ft {
-            writeln!(w, "{}", inline_svg(&plot::line_plot_svg(&plot::wise_ft(wise).plot())?))?;
-        }
-        writeln!(w, "</div>")?;
-        if let Some(start) = &t.state().start {
-            start_table(w, t, start)?;
-        }
-        if let Some(d) = &t.state().distillation {
-            distill_table(w, d)?;
-        }
-        let last = h.last().expect("not empty");
-        writeln!(
-            w,
-            "<p class=\"note\">Last epoch: train loss {:.4}, validation loss {:.4}, recall@1 image→text {:.3}, text→image {:.3}{}; {:.0} pairs/s.</p>",
-            last.train_loss,
-            last.val_loss,
-            last.recall.i2t_r1,
-            last.recall.t2i_r1,
-            last.zero_shot.map(|a| format!(", zero-shot accuracy {a:.3}")).unwrap_or_default(),
-            last.pairs_per_second
-        )?;
+        return Ok(());
     }
+    let c = Curves::new(h, t.cfg().train.freeze_image, t.cfg().train.freeze_text).with_start(t.state().start.as_ref());
+    writeln!(w, "<div class=\"plots\">")?;
+    for p in [c.loss(), c.lr(), c.quality()] {
+        writeln!(w, "{}", inline_svg(&plot::line_plot_svg(&p)?))?;
+    }
+    if let Some(wise) = &t.state().wise_ft {
+        writeln!(w, "{}", inline_svg(&plot::line_plot_svg(&plot::wise_ft(wise).plot())?))?;
+    }
+    writeln!(w, "</div>")?;
+    if let Some(start) = &t.state().start {
+        start_table(w, t, start)?;
+    }
+    if let Some(d) = &t.state().distillation {
+        distill_table(w, d)?;
+    }
+    let last = h.last().expect("not empty");
+    writeln!(
+        w,
+        "<p class=\"note\">Last epoch: train loss {:.4}, validation loss {:.4}, recall@1 image→text {:.3}, text→image {:.3}{}; {:.0} pairs/s.</p>",
+        last.train_loss,
+        last.val_loss,
+        last.recall.i2t_r1,
+        last.recall.t2i_r1,
+        last.zero_shot.map(|a| format!(", zero-shot accuracy {a:.3}")).unwrap_or_default(),
+        last.pairs_per_second
+    )?;
+    Ok(())
+}
 
-    // Similarity before and after.
+/// The fixed batch's similarity matrix before and after training.
+fn similarity(w: &mut String, ds: &Dataset, fixed: &Fixed) -> Result<()> {
     writeln!(
         w,
         "<h2 id=\"similarity\">Similarity of a fixed batch, before and after training</h2>"
@@ -472,7 +496,7 @@ fn render(t: &Trainer, fixed: &Fixed, ranking: Option<&Ranking>, thumbs: &mut Th
             write!(
                 w,
                 "<tr><td class=\"name\">{} {i} {}</td>",
-                thumb(img, false),
+                thumb(ds, img, false),
                 escape(&fixed.images[i])
             )?;
             for (j, v) in row.iter().enumerate() {
@@ -490,75 +514,91 @@ fn render(t: &Trainer, fixed: &Fixed, ranking: Option<&Ranking>, thumbs: &mut Th
         writeln!(w, "</table></div>")?;
     }
     writeln!(w, "</div>")?;
+    Ok(())
+}
 
-    // Rankings.
+/// Each ranked image's best captions, its own marked (at the end of a run).
+fn image_rankings(w: &mut String, t: &Trainer, ranking: Option<&Ranking>) -> Result<()> {
+    let ds = &t.data().dataset;
     writeln!(w, "<h2 id=\"images\">Best captions for each image</h2>")?;
-    match ranking {
-        None => writeln!(w, "<p class=\"note\">Written when training ends.</p>")?,
-        Some(r) => {
-            writeln!(
+    let Some(r) = ranking else {
+        writeln!(w, "<p class=\"note\">Written when training ends.</p>")?;
+        return Ok(());
+    };
+    let held_out: BTreeSet<usize> = if t.data().split.is_fallback() {
+        BTreeSet::new()
+    } else {
+        t.data().split.val.iter().map(|&p| ds.pairs[p].image).collect()
+    };
+    writeln!(
+        w,
+        "<p class=\"note\">{} images (of {}) against their {} distinct captions; <span class=\"own\">✓</span> marks the image's own caption.</p><div class=\"cards\">",
+        r.images.len(),
+        ds.images.len(),
+        r.captions.len()
+    )?;
+    for (row, &img) in r.images.iter().enumerate() {
+        write!(
+            w,
+            "<div class=\"card\">{} <span class=\"name\">{}</span>{}<ol class=\"best\">",
+            thumb(ds, img, true),
+            escape(&ds.images[img].name),
+            if held_out.contains(&img) {
+                " <span class=\"held\">(validation)</span>"
+            } else {
+                ""
+            }
+        )?;
+        for &c in argsort_desc(&r.sim[row]).iter().take(TOP) {
+            let own = r.owners[c].contains(&row);
+            write!(
                 w,
-                "<p class=\"note\">{} images (of {}) against their {} distinct captions; <span class=\"own\">✓</span> marks the image's own caption.</p><div class=\"cards\">",
-                r.images.len(),
-                ds.images.len(),
-                r.captions.len()
+                "<li{}>{}{} <span class=\"score\">{:.3}</span></li>",
+                if own { " class=\"own\"" } else { "" },
+                if own { "✓ " } else { "" },
+                escape(&r.captions[c]),
+                r.sim[row][c]
             )?;
-            for (row, &img) in r.images.iter().enumerate() {
-                write!(
-                    w,
-                    "<div class=\"card\">{} <span class=\"name\">{}</span>{}<ol class=\"best\">",
-                    thumb(img, true),
-                    escape(&ds.images[img].name),
-                    if held_out.contains(&img) {
-                        " <span class=\"held\">(validation)</span>"
-                    } else {
-                        ""
-                    }
-                )?;
-                for &c in argsort_desc(&r.sim[row]).iter().take(TOP) {
-                    let own = r.owners[c].contains(&row);
-                    write!(
-                        w,
-                        "<li{}>{}{} <span class=\"score\">{:.3}</span></li>",
-                        if own { " class=\"own\"" } else { "" },
-                        if own { "✓ " } else { "" },
-                        escape(&r.captions[c]),
-                        r.sim[row][c]
-                    )?;
-                }
-                writeln!(w, "</ol></div>")?;
-            }
-            writeln!(w, "</div>")?;
         }
+        writeln!(w, "</ol></div>")?;
     }
-    writeln!(w, "<h2 id=\"captions\">Best images for each caption</h2>")?;
-    match ranking {
-        None => writeln!(w, "<p class=\"note\">Written when training ends.</p>")?,
-        Some(r) => {
-            writeln!(w, "<table class=\"c2i\">")?;
-            for (c, caption) in r.captions.iter().enumerate() {
-                let col: Vec<f32> = r.sim.iter().map(|row| row[c]).collect();
-                write!(w, "<tr><td class=\"caption\">{}</td><td>", escape(caption))?;
-                for &row in argsort_desc(&col).iter().take(TOP) {
-                    let img = r.images[row];
-                    let own = r.owners[c].contains(&row);
-                    write!(
-                        w,
-                        "<figure>{}<figcaption{}>{}{} <span class=\"score\">{:.3}</span></figcaption></figure>",
-                        thumb(img, false),
-                        if own { " class=\"own\"" } else { "" },
-                        if own { "✓ " } else { "" },
-                        escape(&ds.images[img].name),
-                        col[row]
-                    )?;
-                }
-                writeln!(w, "</td></tr>")?;
-            }
-            writeln!(w, "</table>")?;
-        }
-    }
+    writeln!(w, "</div>")?;
+    Ok(())
+}
 
-    // Data and config.
+/// Each distinct caption's best images, its own marked (at the end of a run).
+fn caption_rankings(w: &mut String, ds: &Dataset, ranking: Option<&Ranking>) -> Result<()> {
+    writeln!(w, "<h2 id=\"captions\">Best images for each caption</h2>")?;
+    let Some(r) = ranking else {
+        writeln!(w, "<p class=\"note\">Written when training ends.</p>")?;
+        return Ok(());
+    };
+    writeln!(w, "<table class=\"c2i\">")?;
+    for (c, caption) in r.captions.iter().enumerate() {
+        let col: Vec<f32> = r.sim.iter().map(|row| row[c]).collect();
+        write!(w, "<tr><td class=\"caption\">{}</td><td>", escape(caption))?;
+        for &row in argsort_desc(&col).iter().take(TOP) {
+            let img = r.images[row];
+            let own = r.owners[c].contains(&row);
+            write!(
+                w,
+                "<figure>{}<figcaption{}>{}{} <span class=\"score\">{:.3}</span></figcaption></figure>",
+                thumb(ds, img, false),
+                if own { " class=\"own\"" } else { "" },
+                if own { "✓ " } else { "" },
+                escape(&ds.images[img].name),
+                col[row]
+            )?;
+        }
+        writeln!(w, "</td></tr>")?;
+    }
+    writeln!(w, "</table>")?;
+    Ok(())
+}
+
+/// The data (source, counts, split, classes) and the run's config.toml.
+fn data_and_config(w: &mut String, t: &Trainer) -> Result<()> {
+    let ds = &t.data().dataset;
     writeln!(w, "<h2 id=\"data\">Data</h2><table class=\"kv\">")?;
     let split = &t.data().split;
     let mut rows: Vec<(&str, String)> = vec![
@@ -595,18 +635,7 @@ fn render(t: &Trainer, fixed: &Fixed, ranking: Option<&Ranking>, thumbs: &mut Th
         escape(&t.cfg().loss.to_string()),
         escape(&t.cfg().to_toml()?)
     )?;
-
-    // The page: thumbnails as CSS classes, then the body.
-    let mut css = String::from(STYLE);
-    for &i in &shown {
-        if let Some(uri) = thumbs.get(t, i) {
-            writeln!(css, ".t{i}{{background-image:url({uri})}}")?;
-        }
-    }
-    Ok(format!(
-        "<!doctype html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n<title>clipmine run {}</title>\n<style>{css}</style>\n</head>\n<body>\n{body}</body>\n</html>\n",
-        escape(&run_name)
-    ))
+    Ok(())
 }
 
 #[cfg(test)]

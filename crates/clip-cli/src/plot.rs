@@ -11,9 +11,15 @@ use std::sync::OnceLock;
 
 use ab_glyph::{Font, FontRef};
 use anyhow::{anyhow, Context, Result};
+use plotters::coord::ranged1d::ValueFormatter;
+use plotters::coord::types::RangedCoordf64;
 use plotters::coord::Shift;
 use plotters::prelude::*;
 use plotters::style::{register_font, FontStyle};
+
+mod heat;
+
+pub use heat::{css_colour, heat_map, HeatMap};
 
 /// The embedded font: DejaVu Sans cut down to Latin, Greek and common symbols (38 KB).
 static FONT_BYTES: &[u8] = include_bytes!("../../../assets/fonts/DejaVuSans-subset.ttf");
@@ -107,6 +113,81 @@ pub fn line_plot_svg(plot: &LinePlot) -> Result<String> {
     Ok(s)
 }
 
+impl LinePlot<'_> {
+    /// Whether a value is drawn: finite, and positive on a logarithmic axis.
+    fn keeps(&self, v: f64) -> bool {
+        v.is_finite() && (!self.log_y || v > 0.0)
+    }
+
+    /// The longest series' number of points.
+    fn points(&self) -> usize {
+        self.series.iter().map(|s| s.values.len()).max().unwrap_or(0)
+    }
+
+    /// The x coordinate of point `i`: its given x, else epoch i + 1.
+    fn x_at(&self, i: usize) -> f64 {
+        self.x.and_then(|xs| xs.get(i).copied()).unwrap_or((i + 1) as f64)
+    }
+
+    /// The y axis's range: the fixed one, else the data's with a margin (from 0 for values ≥ 0).
+    fn y_bounds(&self) -> (f64, f64) {
+        if let Some(r) = self.y_range {
+            return r;
+        }
+        let values = || {
+            self.series
+                .iter()
+                .flat_map(|s| s.values.iter().copied())
+                .filter(|&v| self.keeps(v))
+        };
+        let lo = values().fold(f64::INFINITY, f64::min);
+        let hi = values().fold(f64::NEG_INFINITY, f64::max);
+        if !lo.is_finite() {
+            (0.0, 1.0)
+        } else if self.log_y {
+            (lo / 1.5, hi * 1.5)
+        } else {
+            let pad = ((hi - lo) * 0.05).max(hi.abs() * 0.05).max(1e-6);
+            ((lo - pad).min(if lo >= 0.0 { 0.0 } else { lo - pad }), hi + pad)
+        }
+    }
+
+    /// The x axis's range: the given x values with a margin, else epochs 1 to n.
+    fn x_bounds(&self) -> (f64, f64) {
+        match self.x {
+            Some(xs) if !xs.is_empty() => {
+                let lo = xs.iter().copied().fold(f64::INFINITY, f64::min);
+                let hi = xs.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let pad = ((hi - lo) * 0.05).max(0.02);
+                (lo - pad, hi + pad)
+            }
+            _ => (0.8, (self.points() as f64).max(2.0) + 0.2),
+        }
+    }
+
+    /// The legend goes in the corner the curves leave free at the end: lower right when they end
+    /// high (recall rising to 1), upper right when they end low (a falling loss).
+    fn legend_corner(&self, lo: f64, hi: f64) -> SeriesLabelPosition {
+        let ends: Vec<f64> = self
+            .series
+            .iter()
+            .filter_map(|s| s.values.iter().rev().copied().find(|&v| self.keeps(v)))
+            .collect();
+        let high = |v: f64| {
+            if self.log_y {
+                v.ln() > (lo.ln() + hi.ln()) / 2.0
+            } else {
+                v > (lo + hi) / 2.0
+            }
+        };
+        if !ends.is_empty() && ends.iter().all(|&v| high(v)) {
+            SeriesLabelPosition::LowerRight
+        } else {
+            SeriesLabelPosition::UpperRight
+        }
+    }
+}
+
 fn draw_lines<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, plot: &LinePlot) -> Result<()>
 where
     DB::ErrorType: 'static,
@@ -114,122 +195,19 @@ where
     font()?;
     let err = |e: DrawingAreaErrorKind<DB::ErrorType>| anyhow!("{e}");
     root.fill(&WHITE).map_err(err)?;
-    let n = plot.series.iter().map(|s| s.values.len()).max().unwrap_or(0);
-    let keep = |v: f64| v.is_finite() && (!plot.log_y || v > 0.0);
-    let values = || {
-        plot.series
-            .iter()
-            .flat_map(|s| s.values.iter().copied())
-            .filter(|&v| keep(v))
-    };
-    let (lo, hi) = match plot.y_range {
-        Some(r) => r,
-        None => {
-            let lo = values().fold(f64::INFINITY, f64::min);
-            let hi = values().fold(f64::NEG_INFINITY, f64::max);
-            if !lo.is_finite() {
-                (0.0, 1.0)
-            } else if plot.log_y {
-                (lo / 1.5, hi * 1.5)
-            } else {
-                let pad = ((hi - lo) * 0.05).max(hi.abs() * 0.05).max(1e-6);
-                ((lo - pad).min(if lo >= 0.0 { 0.0 } else { lo - pad }), hi + pad)
-            }
-        }
-    };
-    let (x_min, x_max) = match plot.x {
-        Some(xs) if !xs.is_empty() => {
-            let lo = xs.iter().copied().fold(f64::INFINITY, f64::min);
-            let hi = xs.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-            let pad = ((hi - lo) * 0.05).max(0.02);
-            (lo - pad, hi + pad)
-        }
-        _ => (0.8, (n as f64).max(2.0) + 0.2),
-    };
-    let at = |i: usize| plot.x.and_then(|xs| xs.get(i).copied()).unwrap_or((i + 1) as f64);
-    // The legend goes in the corner the curves leave free at the end: lower right when they end
-    // high (recall rising to 1), upper right when they end low (a falling loss).
-    let ends: Vec<f64> = plot
-        .series
-        .iter()
-        .filter_map(|s| s.values.iter().rev().copied().find(|&v| keep(v)))
-        .collect();
-    let high = |v: f64| {
-        if plot.log_y {
-            v.ln() > (lo.ln() + hi.ln()) / 2.0
-        } else {
-            v > (lo + hi) / 2.0
-        }
-    };
-    let legend_at = if !ends.is_empty() && ends.iter().all(|&v| high(v)) {
-        SeriesLabelPosition::LowerRight
-    } else {
-        SeriesLabelPosition::UpperRight
-    };
+    let (lo, hi) = plot.y_bounds();
+    let (x_min, x_max) = plot.x_bounds();
     let mut b = ChartBuilder::on(root);
     b.caption(plot.title, (FAMILY, 22))
         .margin(12)
         .x_label_area_size(44)
         .y_label_area_size(if plot.log_y { 78 } else { 64 });
-    let x_labels = n.clamp(2, 10);
     // Both branches draw the same series; only the y coordinate type differs.
-    macro_rules! finish {
-        ($chart:expr, $fmt:expr) => {{
-            let mut chart = $chart;
-            chart
-                .configure_mesh()
-                .x_desc(plot.x_label)
-                .y_desc(plot.y_label)
-                .x_labels(x_labels)
-                .x_label_formatter(&|x| {
-                    if plot.x.is_some() {
-                        format!("{x:.1}")
-                    } else {
-                        format!("{}", x.round() as i64)
-                    }
-                })
-                .y_label_formatter(&$fmt)
-                .label_style((FAMILY, 13))
-                .axis_desc_style((FAMILY, 15))
-                .light_line_style(RGBColor(242, 242, 242))
-                .draw()
-                .map_err(err)?;
-            for s in &plot.series {
-                let c = RGBColor(s.colour[0], s.colour[1], s.colour[2]);
-                let pts: Vec<(f64, f64)> = s
-                    .values
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, v)| keep(**v))
-                    .map(|(i, v)| (at(i), *v))
-                    .collect();
-                chart
-                    .draw_series(LineSeries::new(pts.clone(), c.stroke_width(s.width)))
-                    .map_err(err)?
-                    .label(s.name)
-                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(3)));
-                let r = s.width / 2 + if pts.len() > 25 { 1 } else { 2 };
-                if pts.len() <= 60 {
-                    chart
-                        .draw_series(pts.iter().map(|&p| Circle::new(p, r, c.filled())))
-                        .map_err(err)?;
-                }
-            }
-            chart
-                .configure_series_labels()
-                .position(legend_at)
-                .label_font((FAMILY, 14))
-                .background_style(WHITE.mix(0.85))
-                .border_style(RGBColor(160, 160, 160))
-                .draw()
-                .map_err(err)?;
-        }};
-    }
     if plot.log_y {
         let chart = b.build_cartesian_2d(x_min..x_max, (lo..hi).log_scale()).map_err(err)?;
         // Label 1, 2 and 5 × 10^k only: every minor tick labelled is unreadable.
         let wide = hi / lo > 30.0;
-        finish!(chart, move |v: &f64| {
+        finish_lines(chart, plot, (lo, hi), &move |v: &f64| {
             let m = v / 10f64.powf(v.log10().floor());
             if !wide {
                 format!("{v:.1e}")
@@ -238,259 +216,91 @@ where
             } else {
                 String::new()
             }
-        });
+        })
     } else {
         let chart = b.build_cartesian_2d(x_min..x_max, lo..hi).map_err(err)?;
         let span = hi - lo;
         let tiny = hi.abs().max(lo.abs()) < 0.01;
-        finish!(chart, move |v: &f64| if tiny {
-            if *v == 0.0 {
-                "0".to_string()
+        finish_lines(chart, plot, (lo, hi), &move |v: &f64| {
+            if tiny {
+                if *v == 0.0 {
+                    "0".to_string()
+                } else {
+                    format!("{v:.1e}")
+                }
+            } else if span < 0.05 {
+                format!("{v:.4}")
+            } else if span < 2.0 {
+                format!("{v:.2}")
             } else {
-                format!("{v:.1e}")
+                format!("{v:.1}")
             }
-        } else if span < 0.05 {
-            format!("{v:.4}")
-        } else if span < 2.0 {
-            format!("{v:.2}")
-        } else {
-            format!("{v:.1}")
-        });
+        })
     }
-    Ok(())
 }
 
-/// A matrix drawn as coloured cells, with labelled rows and columns and a colour key.
-pub struct HeatMap<'a> {
-    pub title: &'a str,
-    /// What the rows are (the y axis), e.g. "image".
-    pub row_axis: &'a str,
-    /// What the columns are (the x axis), e.g. "caption".
-    pub col_axis: &'a str,
-    /// A short name per row and per column, listed beside the matrix after its index where the
-    /// font can draw it (see [`drawable`]); empty: indices only.
-    pub row_names: &'a [String],
-    pub col_names: &'a [String],
-    /// Values mapped from `lo` (blue) through white to `hi` (red).
-    pub lo: f32,
-    pub hi: f32,
-    /// What the colours mean, under the colour bar (e.g. "cosine similarity").
-    pub value_label: &'a str,
-    /// Where the names the font cannot draw can be read, e.g. "report.html".
-    pub see_also: &'a str,
-}
-
-/// Writes a heat map as a PNG file: the matrix with index ticks on both axes, the diagonal
-/// outlined, a colour bar, and a key beside it ("0: astronaut.jpg").
-pub fn heat_map(path: &Path, m: &[Vec<f32>], spec: &HeatMap) -> Result<()> {
-    font()?;
-    let rows = m.len().max(1);
-    let cols = m.first().map(|r| r.len()).unwrap_or(1).max(1);
-    let key = key_lines(spec);
-    let (mw, mh) = (560u32, 560u32);
-    let key_w = if key.is_empty() { 0 } else { 380 };
-    let w = mw + 110 + key_w;
-    let h = mh.max(60 + 17 * key.len() as u32 + 20);
-    let mut buf = vec![255u8; (w * h * 3) as usize];
-    {
-        let root = BitMapBackend::with_buffer(&mut buf, (w, h)).into_drawing_area();
-        draw_heat(&root, m, rows, cols, spec, &key, mw).with_context(|| format!("drawing {}", path.display()))?;
-        root.present().map_err(|e| anyhow!("{e}"))?;
-    }
-    save_png(path, w, h, buf)
-}
-
-/// The key beside a heat map: one line per labelled row and column.
-fn key_lines(spec: &HeatMap) -> Vec<String> {
-    let mut lines = vec![];
-    let mut hidden = 0;
-    let same = spec.row_names == spec.col_names;
-    let both = format!("rows ({}) and columns ({})", spec.row_axis, spec.col_axis);
-    let rows = if same { both.as_str() } else { spec.row_axis };
-    for (axis, names) in [
-        (rows, spec.row_names),
-        (spec.col_axis, if same { &[][..] } else { spec.col_names }),
-    ] {
-        if names.is_empty() {
-            continue;
-        }
-        if !lines.is_empty() {
-            lines.push(String::new());
-        }
-        lines.push(if same {
-            format!("{axis}:")
-        } else {
-            format!("{axis} (index: name):")
-        });
-        for (i, n) in names.iter().enumerate() {
-            if drawable(n) {
-                lines.push(format!("{i}: {}", shorten(n, 44)));
-            } else {
-                hidden += 1;
-                lines.push(format!("{i}: (text in {})", spec.see_also));
-            }
-        }
-    }
-    if hidden > 0 {
-        lines.push(String::new());
-        lines.push(format!("{hidden} names use characters this font lacks;"));
-        lines.push(format!("{} shows them all.", spec.see_also));
-    }
-    lines
-}
-
-fn draw_heat<DB: DrawingBackend>(
-    root: &DrawingArea<DB, Shift>,
-    m: &[Vec<f32>],
-    rows: usize,
-    cols: usize,
-    spec: &HeatMap,
-    key: &[String],
-    mw: u32,
+/// Draws a line chart's mesh (y labels by `y_format`), its series with their points, and the
+/// legend, on either y axis (linear or logarithmic) between `lo` and `hi`.
+fn finish_lines<'a, DB, Y>(
+    mut chart: ChartContext<'a, DB, Cartesian2d<RangedCoordf64, Y>>,
+    plot: &LinePlot,
+    (lo, hi): (f64, f64),
+    y_format: &dyn Fn(&f64) -> String,
 ) -> Result<()>
 where
+    DB: DrawingBackend + 'a,
     DB::ErrorType: 'static,
+    Y: Ranged<ValueType = f64> + ValueFormatter<f64>,
 {
     let err = |e: DrawingAreaErrorKind<DB::ErrorType>| anyhow!("{e}");
-    root.fill(&WHITE).map_err(err)?;
-    let (_, h) = root.dim_in_pixel();
-    let (matrix, rest) = root.split_horizontally(mw);
-    let (bar, key_area) = rest.split_horizontally(110);
-    let mut chart = ChartBuilder::on(&matrix)
-        .caption(spec.title, (FAMILY, 20))
-        .margin(10)
-        .x_label_area_size(46)
-        .y_label_area_size(56)
-        .build_cartesian_2d(-0.5f64..cols as f64 - 0.5, rows as f64 - 0.5..-0.5f64)
-        .map_err(err)?;
-    let tick = |n: usize| (n.div_ceil(16)).max(1);
-    let (xt, yt) = (tick(cols), tick(rows));
     chart
         .configure_mesh()
-        .disable_mesh()
-        .x_desc(format!("{} (index)", spec.col_axis))
-        .y_desc(format!("{} (index)", spec.row_axis))
-        .x_labels(cols.min(16))
-        .y_labels(rows.min(16))
-        .x_label_formatter(&|x| label_at(*x, cols, xt))
-        .y_label_formatter(&|y| label_at(*y, rows, yt))
-        .label_style((FAMILY, 12))
-        .axis_desc_style((FAMILY, 14))
+        .x_desc(plot.x_label)
+        .y_desc(plot.y_label)
+        .x_labels(plot.points().clamp(2, 10))
+        .x_label_formatter(&|x| {
+            if plot.x.is_some() {
+                format!("{x:.1}")
+            } else {
+                format!("{}", x.round() as i64)
+            }
+        })
+        .y_label_formatter(y_format)
+        .label_style((FAMILY, 13))
+        .axis_desc_style((FAMILY, 15))
+        .light_line_style(RGBColor(242, 242, 242))
         .draw()
         .map_err(err)?;
-    let scale = |v: f32| heat_colour(v, spec.lo, spec.hi);
-    chart
-        .draw_series(m.iter().enumerate().flat_map(|(i, row)| {
-            row.iter().enumerate().map(move |(j, v)| {
-                let (x, y) = (j as f64, i as f64);
-                Rectangle::new([(x - 0.5, y - 0.5), (x + 0.5, y + 0.5)], scale(*v).filled())
-            })
-        }))
-        .map_err(err)?;
-    // The values themselves, where the cells are big enough to hold them.
-    let (pw, ph) = chart.plotting_area().dim_in_pixel();
-    if pw as usize / cols >= 30 && ph as usize / rows >= 18 {
-        let style = (FAMILY, 11)
-            .into_font()
-            .color(&BLACK)
-            .pos(plotters::style::text_anchor::Pos::new(
-                plotters::style::text_anchor::HPos::Center,
-                plotters::style::text_anchor::VPos::Center,
-            ));
+    for s in &plot.series {
+        let c = RGBColor(s.colour[0], s.colour[1], s.colour[2]);
+        let pts: Vec<(f64, f64)> = s
+            .values
+            .iter()
+            .enumerate()
+            .filter(|(_, v)| plot.keeps(**v))
+            .map(|(i, v)| (plot.x_at(i), *v))
+            .collect();
         chart
-            .draw_series(m.iter().enumerate().flat_map(|(i, row)| {
-                let style = style.clone();
-                row.iter()
-                    .enumerate()
-                    .map(move |(j, v)| Text::new(format!("{v:.2}"), (j as f64, i as f64), style.clone()))
-            }))
-            .map_err(err)?;
+            .draw_series(LineSeries::new(pts.clone(), c.stroke_width(s.width)))
+            .map_err(err)?
+            .label(s.name)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(3)));
+        let r = s.width / 2 + if pts.len() > 25 { 1 } else { 2 };
+        if pts.len() <= 60 {
+            chart
+                .draw_series(pts.iter().map(|&p| Circle::new(p, r, c.filled())))
+                .map_err(err)?;
+        }
     }
     chart
-        .draw_series((0..rows.min(cols)).map(|i| {
-            Rectangle::new(
-                [(i as f64 - 0.5, i as f64 - 0.5), (i as f64 + 0.5, i as f64 + 0.5)],
-                BLACK.stroke_width(2),
-            )
-        }))
-        .map_err(err)?;
-    // Colour bar: the scale from lo to hi, with ticks.
-    let mut cb = ChartBuilder::on(&bar)
-        .margin_top(50)
-        .margin_bottom(56)
-        .margin_left(8)
-        .margin_right(8)
-        .y_label_area_size(44)
-        .build_cartesian_2d(0f64..1f64, spec.lo as f64..spec.hi as f64)
-        .map_err(err)?;
-    cb.configure_mesh()
-        .disable_mesh()
-        .disable_x_axis()
-        .y_labels(5)
-        .y_label_formatter(&|v| format!("{v:.1}"))
-        .label_style((FAMILY, 12))
+        .configure_series_labels()
+        .position(plot.legend_corner(lo, hi))
+        .label_font((FAMILY, 14))
+        .background_style(WHITE.mix(0.85))
+        .border_style(RGBColor(160, 160, 160))
         .draw()
         .map_err(err)?;
-    let steps = 100;
-    let span = (spec.hi - spec.lo) as f64;
-    cb.draw_series((0..steps).map(|k| {
-        let a = spec.lo as f64 + span * k as f64 / steps as f64;
-        let b = spec.lo as f64 + span * (k + 1) as f64 / steps as f64;
-        Rectangle::new([(0.0, a), (1.0, b)], scale(a as f32).filled())
-    }))
-    .map_err(err)?;
-    bar.draw(&Text::new(
-        spec.value_label.to_string(),
-        (6, h as i32 - 40),
-        (FAMILY, 12).into_font().color(&BLACK),
-    ))
-    .map_err(err)?;
-    for (k, line) in key.iter().enumerate() {
-        key_area
-            .draw(&Text::new(
-                line.clone(),
-                (10, 50 + 17 * k as i32),
-                (FAMILY, 13).into_font().color(&BLACK),
-            ))
-            .map_err(err)?;
-    }
     Ok(())
-}
-
-/// The tick label at coordinate `x` of an axis of `n` cells (cell i spans i ± 0.5): the index
-/// of the cell it centres, every `every`-th one; nothing between cells.
-fn label_at(x: f64, n: usize, every: usize) -> String {
-    let i = x.round() as i64;
-    if (x - i as f64).abs() > 1e-6 || i < 0 || i as usize >= n || !(i as usize).is_multiple_of(every) {
-        String::new()
-    } else {
-        format!("{i}")
-    }
-}
-
-/// 0 → blue, 0.5 → white, 1 → red.
-fn colour_scale(t: f32) -> RGBColor {
-    let (r, g, b) = if t < 0.5 {
-        let s = t / 0.5;
-        (s, s, 1.0)
-    } else {
-        let s = (1.0 - t) / 0.5;
-        (1.0, s, s)
-    };
-    RGBColor((r * 255.0) as u8, (g * 255.0) as u8, (b * 255.0) as u8)
-}
-
-/// The colour of `v` on a heat map from `lo` to `hi`: blue–white–red when the range spans
-/// negative values (similarities), white–red when it starts at 0 or above (shares, counts).
-fn heat_colour(v: f32, lo: f32, hi: f32) -> RGBColor {
-    let t = ((v - lo) / (hi - lo).max(1e-9)).clamp(0.0, 1.0);
-    colour_scale(if lo >= 0.0 { 0.5 + t / 2.0 } else { t })
-}
-
-/// The same scale as a CSS colour, for report.html.
-pub fn css_colour(v: f32, lo: f32, hi: f32) -> String {
-    let c = heat_colour(v, lo, hi);
-    format!("#{:02x}{:02x}{:02x}", c.0, c.1, c.2)
 }
 
 fn save_png(path: &Path, w: u32, h: u32, buf: Vec<u8>) -> Result<()> {

@@ -44,6 +44,8 @@ pub mod model;
 pub mod model_source;
 /// Layers with working backward passes (convolution, BatchNorm, LayerNorm, attention …).
 pub mod nn;
+/// The one table of tensor names between clipmine's CLIP and open_clip's, read both ways.
+pub mod open_clip_names;
 /// AdamW with a learning rate per group and saveable state.
 pub mod optim;
 /// Trainable parameters by name and group (image tower, text tower, heads), seeded.

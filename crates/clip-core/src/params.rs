@@ -322,6 +322,16 @@ impl ParamStore {
             .collect()
     }
 
+    /// Copies each loaded tensor (its name, the entry it fills, the file's value) into its entry,
+    /// as f32 on the store's device.
+    pub fn set_loaded<N: std::fmt::Display>(&self, plan: &[(N, Entry, &Tensor)]) -> Result<()> {
+        for (name, e, t) in plan {
+            let t = t.to_dtype(DType::F32)?.to_device(&self.device)?;
+            e.var.set(&t).with_context(|| format!("setting {name}"))?;
+        }
+        Ok(())
+    }
+
     /// Loads every parameter and buffer from tensors in memory. Every name must be present with the
     /// right shape; the error lists what is missing or mismatched so a wrong file is obvious.
     pub fn load_map(&self, loaded: &std::collections::HashMap<String, Tensor>) -> Result<()> {
@@ -351,6 +361,52 @@ impl ParamStore {
             e.var.set(&t)?;
         }
         Ok(())
+    }
+}
+
+/// What kept a file's tensors from fitting a model or one of its towers: the tensors of another
+/// shape, those it has that the file lacks, and the file's with no place in it, each as the
+/// message names it. Loading a checkpoint reports all three at once, so a wrong file is obvious.
+#[derive(Debug, Default)]
+pub struct Misfit {
+    pub mismatched: Vec<String>,
+    pub missing: Vec<String>,
+    pub unexpected: Vec<String>,
+}
+
+impl Misfit {
+    /// Whether every tensor fit.
+    pub fn is_empty(&self) -> bool {
+        self.mismatched.is_empty() && self.missing.is_empty() && self.unexpected.is_empty()
+    }
+
+    /// The three lists in words, each counted with its first six names, `place` naming what the
+    /// file was loaded into (`model`, `tower`).
+    pub fn describe(&self, place: &str) -> String {
+        let show = |v: &[String]| crate::listing::first_n(v, 6, ", ");
+        let mut parts = vec![];
+        if !self.mismatched.is_empty() {
+            parts.push(format!(
+                "{} with another shape: {}",
+                self.mismatched.len(),
+                show(&self.mismatched)
+            ));
+        }
+        if !self.missing.is_empty() {
+            parts.push(format!(
+                "{} {place} tensors missing from the file: {}",
+                self.missing.len(),
+                show(&self.missing)
+            ));
+        }
+        if !self.unexpected.is_empty() {
+            parts.push(format!(
+                "{} file tensors with no place in the {place}: {}",
+                self.unexpected.len(),
+                show(&self.unexpected)
+            ));
+        }
+        parts.join("; ")
     }
 }
 

@@ -21,7 +21,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use serde_json::Value;
 
 use crate::config::ClipConfig;
@@ -29,7 +29,7 @@ use crate::data::TextTokenizer;
 pub use crate::hf_config::{image_config_from_json, text_config_from_json};
 use crate::hub::{snapshot_commit, Hub, ModelSource};
 use crate::model::ClipModel;
-use crate::params::Group;
+use crate::params::{Group, Misfit};
 
 /// Parameter-name prefixes of the two towers in the [`ClipModel`].
 pub const IMAGE_PREFIX: &str = "image_encoder.model.";
@@ -205,8 +205,7 @@ pub fn load_tower(model: &ClipModel, tower: TowerKind, tensors: &HashMap<String,
     let prefix = tower.prefix();
     let store = &model.params;
     let mut plan = vec![];
-    let mut unexpected = vec![];
-    let mut mismatched = vec![];
+    let mut misfit = Misfit::default();
     let mut mismatched_names = std::collections::HashSet::new();
     let mut skipped = 0;
     let mut names: Vec<&String> = tensors.keys().collect();
@@ -220,9 +219,9 @@ pub fn load_tower(model: &ClipModel, tower: TowerKind, tensors: &HashMap<String,
         }
         let full = format!("{prefix}{mapped}");
         match store.get(&full) {
-            None => unexpected.push(name.clone()),
+            None => misfit.unexpected.push(name.clone()),
             Some(e) if e.var.dims() != t.dims() => {
-                mismatched.push(format!(
+                misfit.mismatched.push(format!(
                     "{name}: file {:?}, tower {:?} ({full})",
                     t.dims(),
                     e.var.dims()
@@ -233,7 +232,7 @@ pub fn load_tower(model: &ClipModel, tower: TowerKind, tensors: &HashMap<String,
         }
     }
     let loaded: std::collections::HashSet<&str> = plan.iter().map(|(n, _, _)| n.as_str()).collect();
-    let missing: Vec<String> = store
+    misfit.missing = store
         .entries()
         .into_iter()
         .filter(|(n, e)| {
@@ -244,41 +243,14 @@ pub fn load_tower(model: &ClipModel, tower: TowerKind, tensors: &HashMap<String,
         })
         .map(|(n, e)| format!("{} {:?}", &n[prefix.len()..], e.var.dims()))
         .collect();
-    if !missing.is_empty() || !mismatched.is_empty() || !unexpected.is_empty() {
-        let show = |v: &[String]| crate::listing::first_n(v, 6, ", ");
-        let mut parts = vec![];
-        if !mismatched.is_empty() {
-            parts.push(format!(
-                "{} with another shape: {}",
-                mismatched.len(),
-                show(&mismatched)
-            ));
-        }
-        if !missing.is_empty() {
-            parts.push(format!(
-                "{} tower tensors missing from the file: {}",
-                missing.len(),
-                show(&missing)
-            ));
-        }
-        if !unexpected.is_empty() {
-            parts.push(format!(
-                "{} file tensors with no place in the tower: {}",
-                unexpected.len(),
-                show(&unexpected)
-            ));
-        }
+    if !misfit.is_empty() {
         bail!(
             "the weights do not fit the {} tower: {} — is it the architecture its config.json describes?",
             tower_name(tower),
-            parts.join("; ")
+            misfit.describe("tower")
         );
     }
-    let device = store.device().clone();
-    for (name, e, t) in &plan {
-        let t = t.to_dtype(DType::F32)?.to_device(&device)?;
-        e.var.set(&t).with_context(|| format!("setting {name}"))?;
-    }
+    store.set_loaded(&plan)?;
     Ok((plan.len(), skipped))
 }
 

@@ -9,6 +9,7 @@
 use anyhow::Result;
 use candle_core::{DType, Module, Tensor};
 
+use super::position::PositionEmbedding;
 use super::transformer::{AttentionMask, ResidualAttentionBlock};
 use crate::config::TextConfig;
 use crate::nn::{Embedding, LayerNorm};
@@ -16,11 +17,10 @@ use crate::params::ParamBuilder;
 
 pub struct ClipTextTransformer {
     token_embedding: Embedding,
-    position_embedding: Embedding,
+    position_embedding: PositionEmbedding,
     layers: Vec<ResidualAttentionBlock>,
     final_layer_norm: LayerNorm,
     eos_token_id: Option<u32>,
-    max_positions: usize,
 }
 
 /// Where each caption is read out: its first end-of-text token (`eos`), else its last real
@@ -43,7 +43,7 @@ impl ClipTextTransformer {
         let encoder = pb.pp("encoder").pp("layers");
         Ok(Self {
             token_embedding: Embedding::new(&e.pp("token_embedding"), cfg.vocab_size, cfg.dim, 0.02)?,
-            position_embedding: Embedding::new(
+            position_embedding: PositionEmbedding::new(
                 &e.pp("position_embedding"),
                 cfg.max_position_embeddings,
                 cfg.dim,
@@ -63,7 +63,6 @@ impl ClipTextTransformer {
                 .collect::<Result<_>>()?,
             final_layer_norm: LayerNorm::new(&pb.pp("final_layer_norm"), cfg.dim, cfg.layer_norm_eps)?,
             eos_token_id: cfg.eos_token_id,
-            max_positions: cfg.max_position_embeddings,
         })
     }
 
@@ -78,19 +77,9 @@ impl ClipTextTransformer {
 
     /// Token plus position embeddings (B, L, dim), and the causal mask with padded keys masked.
     fn embed(&self, input_ids: &Tensor, attention_mask: &Tensor) -> candle_core::Result<(Tensor, AttentionMask)> {
-        let (b, l) = input_ids.dims2()?;
-        if l > self.max_positions {
-            candle_core::bail!(
-                "captions of {l} tokens exceed the text tower's {} positions: lower data.max_length",
-                self.max_positions
-            )
-        }
-        let dev = input_ids.device();
-        let pos = Tensor::arange(0u32, l as u32, dev)?
-            .unsqueeze(0)?
-            .broadcast_as((b, l))?
-            .contiguous()?;
-        let x = (self.token_embedding.forward(input_ids)? + self.position_embedding.forward(&pos)?)?;
+        // Positions first: a caption longer than the table is refused before anything else.
+        let pos = self.position_embedding.forward(input_ids)?;
+        let x = (self.token_embedding.forward(input_ids)? + pos)?;
         // 0 where attended, −1e9 where padded.
         let keys = ((attention_mask.to_dtype(DType::F32)? - 1.0)? * 1e9)?;
         Ok((x, AttentionMask::Causal(keys)))

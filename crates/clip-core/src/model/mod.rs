@@ -6,6 +6,7 @@ mod clip;
 mod clip_resnet;
 mod clip_text;
 mod head;
+mod position;
 mod resnet;
 mod text_encoder;
 mod towers;

@@ -21,6 +21,7 @@
 use anyhow::Result;
 use candle_core::{DType, Module, ModuleT, Tensor};
 
+use super::position::PositionEmbedding;
 use crate::config::{Activation, Pooling, TextConfig, TextKind};
 use crate::nn::{activation, attention, attention_reference, Dropout, DropoutRng, Embedding, LayerNorm, Linear};
 use crate::params::ParamBuilder;
@@ -162,12 +163,11 @@ impl TransformerBlock {
 /// The text tower: token ids (B, L) + attention mask (B, L) → pooled state (B, dim).
 pub struct TextEncoder {
     word_embeddings: Embedding,
-    position_embeddings: Embedding,
+    position_embeddings: PositionEmbedding,
     token_type_embeddings: Option<Embedding>,
     layer_norm: LayerNorm,
     dropout: Dropout,
     layers: Vec<TransformerBlock>,
-    max_positions: usize,
     pooling: Pooling,
 }
 
@@ -178,7 +178,7 @@ impl TextEncoder {
         let t = pb.pp(s.layers);
         Ok(Self {
             word_embeddings: Embedding::new(&e.pp("word_embeddings"), cfg.vocab_size, cfg.dim, INIT_STD)?,
-            position_embeddings: Embedding::new(
+            position_embeddings: PositionEmbedding::new(
                 &e.pp("position_embeddings"),
                 cfg.max_position_embeddings,
                 cfg.dim,
@@ -199,7 +199,6 @@ impl TextEncoder {
             layers: (0..cfg.n_layers)
                 .map(|i| TransformerBlock::new(&t.pp(i), s, cfg, rng))
                 .collect::<Result<_>>()?,
-            max_positions: cfg.max_position_embeddings,
             pooling: cfg.pooling,
         })
     }
@@ -225,18 +224,10 @@ impl TextEncoder {
         cls_only: bool,
     ) -> candle_core::Result<Tensor> {
         let (b, l) = input_ids.dims2()?;
-        if l > self.max_positions {
-            candle_core::bail!(
-                "captions of {l} tokens exceed the text tower's {} positions: lower data.max_length",
-                self.max_positions
-            )
-        }
+        // Positions first: a caption longer than the table is refused before anything else.
+        let pos = self.position_embeddings.forward(input_ids)?;
         let dev = input_ids.device();
-        let pos = Tensor::arange(0u32, l as u32, dev)?
-            .unsqueeze(0)?
-            .broadcast_as((b, l))?
-            .contiguous()?;
-        let mut x = (self.word_embeddings.forward(input_ids)? + self.position_embeddings.forward(&pos)?)?;
+        let mut x = (self.word_embeddings.forward(input_ids)? + pos)?;
         if let Some(tt) = &self.token_type_embeddings {
             // One segment: every token has type 0.
             x = (x + tt.forward(&Tensor::zeros((b, l), DType::U32, dev)?)?)?;

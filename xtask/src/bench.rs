@@ -125,8 +125,11 @@ pub fn run(args: Args) -> Result<bool> {
     // machine here reaches the real ones; the speed does not depend on them), against open_clip.
     let clip_arch = clip_architecture(&preset);
     if let Some((arch, _)) = clip_arch {
-        if what.iter().any(|w| !matches!(w, What::Infer | What::Train)) {
-            bail!("--preset {preset} (a pretrained CLIP, open_clip's {arch}) is benchmarked with `train` and `infer` only");
+        if what
+            .iter()
+            .any(|w| !matches!(w, What::Infer | What::Train | What::Micro))
+        {
+            bail!("--preset {preset} (a pretrained CLIP, open_clip's {arch}) is benchmarked with `train`, `infer` and `micro` only");
         }
     }
     // open_clip always runs the whole 77-token context: so does clipmine here, for a fair ratio.

@@ -54,6 +54,8 @@ pub(crate) fn eval(
     )?)?;
     let e = Embedded {
         m: &m,
+        choice,
+        data,
         ds: &ds,
         all: &all,
         img: &img,
@@ -72,6 +74,9 @@ pub(crate) fn eval(
 /// indices) and their normalised embeddings (one row each, in that order).
 struct Embedded<'a> {
     m: &'a Loaded,
+    /// How the model was named, and the data folder: CLIP_benchmark's `pretrained` and `dataset`.
+    choice: &'a ModelChoice,
+    data: &'a Path,
     ds: &'a Dataset,
     all: &'a [usize],
     img: &'a Tensor,
@@ -103,13 +108,14 @@ fn zero_shot(
         }
         l
     };
-    let mut correct = 0;
+    let (mut correct, mut top5) = (0, 0);
     for (row, &i) in all.iter().enumerate() {
-        let pred = argsort_desc(&sims[row])[0];
+        let order = argsort_desc(&sims[row]);
         let truth = image_label[i];
         if truth < n {
-            matrix[truth][pred] += 1;
-            correct += (truth == pred) as usize;
+            matrix[truth][order[0]] += 1;
+            correct += (truth == order[0]) as usize;
+            top5 += order.iter().take(5).any(|&c| c == truth) as usize;
         }
     }
     let accuracy = correct as f64 / all.len().max(1) as f64;
@@ -126,12 +132,19 @@ fn zero_shot(
     }
     let secs = started.elapsed().as_secs_f64();
     if json {
-        println!(
-            "{}",
-            serde_json::to_string(
-                &json!({"kind": "zero-shot", "images": all.len(), "classes": ds.labels, "accuracy": accuracy, "per_class": per_class, "confusion": matrix, "templates": templates, "seconds": secs, "precision": clip_core::nn::precision().name()})
-            )?
+        let metrics = crate::benchmark_format::classification(&matrix, top5);
+        let mut out = crate::benchmark_format::result(
+            e.data,
+            &e.m.model.config.name,
+            e.choice,
+            "zeroshot_classification",
+            metrics,
         );
+        if let serde_json::Value::Object(ours) = json!({"kind": "zero-shot", "images": all.len(), "classes": ds.labels, "accuracy": accuracy, "per_class": per_class, "confusion": matrix, "templates": templates, "seconds": secs, "precision": clip_core::nn::precision().name()})
+        {
+            out.extend(ours);
+        }
+        println!("{}", serde_json::to_string(&out)?);
         return Ok(());
     }
     println!(
@@ -241,12 +254,14 @@ fn retrieval(e: &Embedded, json: bool) -> Result<()> {
     let text_image: Vec<usize> = pairs.iter().map(|p| pos[&p.image]).collect();
     let r = Recall::from_embeddings(e.img, &txt, &text_image, 1024)?;
     if json {
-        println!(
-            "{}",
-            serde_json::to_string(
-                &json!({"kind": "retrieval", "images": all.len(), "captions": texts.len(), "recall": r, "precision": clip_core::nn::precision().name()})
-            )?
-        );
+        let metrics = crate::benchmark_format::retrieval(&r);
+        let mut out =
+            crate::benchmark_format::result(e.data, &e.m.model.config.name, e.choice, "zeroshot_retrieval", metrics);
+        if let serde_json::Value::Object(ours) = json!({"kind": "retrieval", "images": all.len(), "captions": texts.len(), "recall": r, "precision": clip_core::nn::precision().name()})
+        {
+            out.extend(ours);
+        }
+        println!("{}", serde_json::to_string(&out)?);
     } else {
         println!("retrieval on {} images / {} captions", all.len(), texts.len());
         println!(

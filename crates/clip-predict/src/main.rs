@@ -9,6 +9,7 @@
 //! Every command takes a model trained by stage 4 (`--run DIR`), or a pretrained CLIP as it is
 //! (`--model clip-vit-b-32`, a Hugging Face repo, or a folder): zero-shot on day one.
 
+mod benchmark_format;
 mod commands;
 mod eval;
 mod export;

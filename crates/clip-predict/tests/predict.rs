@@ -173,6 +173,19 @@ fn eval_reports_zero_shot_accuracy_on_class_folders_and_recall_on_captions() {
     assert_eq!(confusion.iter().flatten().sum::<u64>(), 3);
     assert_eq!(v["templates"].as_array().unwrap().len(), 2);
     assert!(png.is_file());
+    // CLIP_benchmark's fields: 3 classes (no top-5), each with one image.
+    assert_eq!(
+        (v["dataset"].as_str(), v["task"].as_str(), v["model"].as_str()),
+        (Some("classes"), Some("zeroshot_classification"), Some("tiny"))
+    );
+    assert_eq!(v["pretrained"].as_str(), run.to_str());
+    assert_eq!(v["metrics"]["acc1"].as_f64(), Some(acc));
+    assert_eq!(
+        v["metrics"]["mean_per_class_recall"].as_f64(),
+        Some(acc),
+        "one image per class"
+    );
+    assert!(v["metrics"]["acc5"].is_null());
 
     let (code, out, err) = predict(&[
         "--json",
@@ -190,6 +203,9 @@ fn eval_reports_zero_shot_accuracy_on_class_folders_and_recall_on_captions() {
     );
     let r10 = v["recall"]["i2t_r10"].as_f64().unwrap();
     assert!(r10 >= v["recall"]["i2t_r1"].as_f64().unwrap());
+    assert_eq!(v["task"], "zeroshot_retrieval");
+    assert_eq!(v["metrics"]["text_retrieval_recall@10"].as_f64(), Some(r10));
+    assert_eq!(v["metrics"]["image_retrieval_recall@1"], v["recall"]["t2i_r1"]);
 }
 
 #[test]

@@ -214,3 +214,48 @@ fn a_resumed_run_keeps_the_similarity_before_training_in_its_report() {
         "report after resume"
     );
 }
+
+#[test]
+fn batches_in_micro_batches_train_the_demo_set_through_the_gate() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let json = dir.path().join("s4.json");
+    // Batches of 16 through the gradient cache, 4 pairs at a time.
+    let (code, log) = run(&[
+        "--micro-batch",
+        "4",
+        "--out",
+        out.to_str().unwrap(),
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(0), "{log}");
+    assert!(log.contains("through the towers 4 at a time (gradient cache)"), "{log}");
+    let cfg = std::fs::read_to_string(out.join("config.toml")).unwrap();
+    assert!(cfg.contains("micro_batch = 4"), "the run records it: {cfg}");
+    // A micro-batch that does not divide the batch is refused before anything is written.
+    let bad = dir.path().join("bad");
+    let (code, log) = run(&["--micro-batch", "3", "--out", bad.to_str().unwrap()]);
+    assert_eq!(code, Some(2), "{log}");
+    assert!(
+        log.contains("train.micro_batch (3) must divide train.batch_size (16)"),
+        "{log}"
+    );
+    assert!(!bad.exists());
+}
+
+#[test]
+fn started_as_ranks_it_says_it_trains_in_one_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let o = Command::new(env!("CARGO_BIN_EXE_stage4-train"))
+        .args(["--device", "cpu", "--out", out.to_str().unwrap()])
+        .env("OMPI_COMM_WORLD_RANK", "1")
+        .env("OMPI_COMM_WORLD_SIZE", "2")
+        .output()
+        .unwrap();
+    let log = clipmine_tests::log(&o);
+    assert_eq!(o.status.code(), Some(2), "{log}");
+    assert!(log.contains("mpirun started stage 4 as rank 1 of 2"), "{log}");
+    assert!(!out.exists(), "nothing written");
+}

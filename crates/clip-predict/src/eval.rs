@@ -98,26 +98,7 @@ fn zero_shot(
     let classes = class_embeddings(e, &templates)?;
     let sims = to_rows(&e.img.matmul(&classes.t()?)?)?;
     let n = ds.labels.len();
-    let mut matrix = vec![vec![0usize; n]; n];
-    let image_label: Vec<usize> = {
-        let mut l = vec![usize::MAX; ds.images.len()];
-        for p in &ds.pairs {
-            if let Some(lab) = p.label {
-                l[p.image] = lab;
-            }
-        }
-        l
-    };
-    let (mut correct, mut top5) = (0, 0);
-    for (row, &i) in all.iter().enumerate() {
-        let order = argsort_desc(&sims[row]);
-        let truth = image_label[i];
-        if truth < n {
-            matrix[truth][order[0]] += 1;
-            correct += (truth == order[0]) as usize;
-            top5 += order.iter().take(5).any(|&c| c == truth) as usize;
-        }
-    }
+    let (matrix, correct, top5) = confusion_matrix(e, &sims);
     let accuracy = correct as f64 / all.len().max(1) as f64;
     let per_class: Vec<_> = matrix
         .iter()
@@ -168,6 +149,32 @@ fn zero_shot(
         println!("confusion matrix: {}", p.display());
     }
     Ok(())
+}
+
+/// The confusion matrix (true class down, predicted across) of the images' class similarities
+/// `sims` (one row per image of `e.all`), with the number of images classified right and of those
+/// whose class was among the 5 best.
+fn confusion_matrix(e: &Embedded, sims: &[Vec<f32>]) -> (Vec<Vec<usize>>, usize, usize) {
+    let ds = e.ds;
+    let n = ds.labels.len();
+    let mut matrix = vec![vec![0usize; n]; n];
+    let mut image_label = vec![usize::MAX; ds.images.len()];
+    for p in &ds.pairs {
+        if let Some(lab) = p.label {
+            image_label[p.image] = lab;
+        }
+    }
+    let (mut correct, mut top5) = (0, 0);
+    for (row, &i) in e.all.iter().enumerate() {
+        let order = argsort_desc(&sims[row]);
+        let truth = image_label[i];
+        if truth < n {
+            matrix[truth][order[0]] += 1;
+            correct += (truth == order[0]) as usize;
+            top5 += order.iter().take(5).any(|&c| c == truth) as usize;
+        }
+    }
+    (matrix, correct, top5)
 }
 
 /// The templates each class is captioned with: those given; else a pretrained CLIP's built-in

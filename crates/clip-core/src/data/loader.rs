@@ -3,7 +3,8 @@
 //! Captions are tokenised once, when the loader is made; images come from the [`ImageStore`]
 //! (in memory, mapped from the image cache, or decoded per batch when streaming). While the
 //! model works on one batch, the thread prepares the next two (four when images are decoded per
-//! batch: streaming or augmenting), so the model never waits.
+//! batch: streaming or augmenting), so the model never waits; big batches fewer, so that the
+//! queue stays under 512 MiB.
 //! The worker hands over plain vectors and the tensors are made on the caller's thread, so the
 //! device is only ever touched from there.
 //!
@@ -31,6 +32,16 @@ const PREFETCH: usize = 2;
 /// Batches prepared ahead when each one decodes its images from the files (streaming or
 /// augmenting): decoding time varies with the files, so a deeper queue evens it out.
 const DECODING_PREFETCH: usize = 4;
+/// The most the batches waiting in the queue may weigh: a big batch (512 images of 224² are
+/// 308 MB in f32, as `--micro-batch` makes them common) waits alone rather than three deep.
+const PREFETCH_BYTES: usize = 512 << 20;
+
+/// How many batches of `batch_size` images `side` pixels square to prepare ahead: `depth`, fewer
+/// for big batches ([`PREFETCH_BYTES`]), at least one.
+fn prefetch_depth(depth: usize, batch_size: usize, side: usize) -> usize {
+    let bytes = batch_size.saturating_mul(3 * side * side * 4).max(1);
+    (PREFETCH_BYTES / bytes).clamp(1, depth)
+}
 
 /// One batch of B pairs: pair k is (image k, caption k). Cloning shares the tensors.
 #[derive(Clone)]
@@ -293,7 +304,8 @@ impl Loader {
             .collect();
         batches.remaining = chunks.len();
         let decoding = augment != Augment::Off || self.shared.store.is_streaming();
-        let (tx, rx) = sync_channel(if decoding { DECODING_PREFETCH } else { PREFETCH });
+        let depth = if decoding { DECODING_PREFETCH } else { PREFETCH };
+        let (tx, rx) = sync_channel(prefetch_depth(depth, batch_size, self.shared.store.size()));
         let shared = Arc::clone(&self.shared);
         // Each batch's augmentation seed depends only on the epoch's seed and the batch's position.
         let aug_base = mix(shuffle_seed.unwrap_or(self.seed), 0xa06);
@@ -423,5 +435,19 @@ impl Drop for Batches {
         if let Some(w) = self.worker.take() {
             let _ = w.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn big_batches_wait_fewer_in_the_queue() {
+        assert_eq!(prefetch_depth(2, 16, 224), 2, "9.6 MB each");
+        assert_eq!(prefetch_depth(4, 128, 224), 4, "77 MB each: 6 would fit");
+        assert_eq!(prefetch_depth(4, 256, 224), 3, "154 MB each");
+        assert_eq!(prefetch_depth(2, 512, 224), 1, "308 MB each");
+        assert_eq!(prefetch_depth(2, 4096, 224), 1, "never none");
     }
 }

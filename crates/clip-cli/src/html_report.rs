@@ -14,8 +14,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use base64::Engine as _;
 use clip_core::data::Dataset;
+use clip_core::embed::cosine_similarity;
 use clip_core::fit::Trainer;
-use clip_core::loss::cosine_similarity;
 use clip_core::retrieval::{argsort_desc, to_rows};
 use serde::{Deserialize, Serialize};
 

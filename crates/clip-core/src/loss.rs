@@ -3,6 +3,10 @@
 use anyhow::Result;
 use candle_core::{Tensor, D};
 
+// Until distill.rs and clip-bench name `embed` (a house change in flight beside this one).
+#[doc(hidden)]
+pub use crate::embed::{cosine_similarity, l2_normalize};
+
 /// ln(1/0.07): CLIP's initial logit scale.
 pub const CLIP_INIT_LOGIT_SCALE: f64 = 2.659_260_036_932_778;
 /// ln(100): CLIP clamps the scale so logits stay below 100.
@@ -35,12 +39,6 @@ pub fn soft_loss(image: &Tensor, text: &Tensor, temperature: f64) -> Result<Tens
     let texts_loss = soft_cross_entropy(&logits, &targets)?;
     let images_loss = soft_cross_entropy(&logits.t()?, &targets.t()?)?;
     Ok(((images_loss + texts_loss)? / 2.0)?.mean_all()?)
-}
-
-/// L2-normalises each row.
-pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
-    let norm = (x.sqr()?.sum_keepdim(D::Minus1)? + 1e-12)?.sqrt()?;
-    Ok(x.broadcast_div(&norm)?)
 }
 
 /// The CLIP paper's loss: cosine similarities × exp(logit_scale) (scale clamped at ln 100),
@@ -82,11 +80,6 @@ pub fn clip_chance(positives: &Tensor) -> Result<f64> {
     let b = positives.dim(0)? as f64;
     let k = positives.sum(1)?.to_vec1::<f32>()?;
     Ok(k.iter().map(|&k| -(k as f64 / b).ln()).sum::<f64>() / k.len().max(1) as f64)
-}
-
-/// Cosine similarity matrix (B_images × B_texts), for reports and retrieval.
-pub fn cosine_similarity(image: &Tensor, text: &Tensor) -> Result<Tensor> {
-    Ok(l2_normalize(image)?.matmul(&l2_normalize(text)?.t()?)?)
 }
 
 #[cfg(test)]

@@ -188,8 +188,8 @@ mod tests {
             .enumerate()
             .flat_map(|(j, &i)| (0..p).map(move |k| value(i, k) + 0.6 * (value(j + 100, k))))
             .collect();
-        let img = crate::loss::l2_normalize(&Tensor::from_vec(img, (n_img, p), &dev).unwrap()).unwrap();
-        let txt = crate::loss::l2_normalize(&Tensor::from_vec(txt, (text_image.len(), p), &dev).unwrap()).unwrap();
+        let img = crate::embed::l2_normalize(&Tensor::from_vec(img, (n_img, p), &dev).unwrap()).unwrap();
+        let txt = crate::embed::l2_normalize(&Tensor::from_vec(txt, (text_image.len(), p), &dev).unwrap()).unwrap();
         let whole = Recall::compute(&to_rows(&img.matmul(&txt.t().unwrap()).unwrap()).unwrap(), &text_image);
         assert!(
             whole.i2t_r1 < 1.0 && whole.t2i_r1 < 1.0 && whole.t2i_r10 > 0.0,

@@ -55,7 +55,7 @@ fn every_loss_term_reaches_every_student_tensor_that_should_learn_it() {
         let data = demo(&cfg);
         let b = data.loader.batch(&data.split.train[..8]).unwrap();
         let normal =
-            || clip_core::loss::l2_normalize(&Tensor::randn(0f32, 1.0, (8, 16), &Device::Cpu).unwrap()).unwrap();
+            || clip_core::embed::l2_normalize(&Tensor::randn(0f32, 1.0, (8, 16), &Device::Cpu).unwrap()).unwrap();
         let (ti, tt) = (normal(), normal());
         let e = model.forward_batch(&b, true).unwrap();
         let l = distill::loss(&model, &e, Some(&b.positives), (&ti, &tt), 50.0, &cfg.distill).unwrap();
@@ -572,7 +572,7 @@ fn with_augmentation_the_teacher_embeds_each_view_once_and_the_student_trains_on
         .store
         .crop_tensor(&all, Some(CropSeed::View(1)), &Device::Cpu)
         .unwrap();
-    let direct = clip_core::loss::l2_normalize(&teacher.model.embed_images(&x).unwrap())
+    let direct = clip_core::embed::l2_normalize(&teacher.model.embed_images(&x).unwrap())
         .unwrap()
         .to_vec2::<f32>()
         .unwrap();

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::Result;
 use candle_core::{Device, Tensor};
 use clip_core::data::{Dataset, ImageStore, LoadOptions};
-use clip_core::loss::l2_normalize;
+use clip_core::embed::l2_normalize;
 use clip_core::progress::Silent;
 use clip_core::retrieval::{argsort_desc, to_rows, Recall};
 use serde_json::json;

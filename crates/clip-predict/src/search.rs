@@ -5,8 +5,8 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Result};
 use candle_core::Device;
+use clip_core::embed::l2_normalize;
 use clip_core::index::{GraphPolicy, ImageIndex, IndexOptions, SearchMode};
-use clip_core::loss::l2_normalize;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 

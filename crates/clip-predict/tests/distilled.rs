@@ -68,7 +68,7 @@ fn distil(teacher_dir: &Path, photos: &Path, out: &Path) {
 }
 
 fn cosines(img: &Tensor, txt: &Tensor) -> Vec<Vec<f32>> {
-    let n = |t: &Tensor| clip_core::loss::l2_normalize(t).unwrap();
+    let n = |t: &Tensor| clip_core::embed::l2_normalize(t).unwrap();
     n(img).matmul(&n(txt).t().unwrap()).unwrap().to_vec2::<f32>().unwrap()
 }
 

@@ -147,7 +147,7 @@ fn untrained_model(
             e.text.dims()
         ),
     );
-    let sim = clip_core::loss::cosine_similarity(&e.image, &e.text)?.to_vec2::<f32>()?;
+    let sim = clip_core::embed::cosine_similarity(&e.image, &e.text)?.to_vec2::<f32>()?;
     let captions: Vec<&str> = batch.pairs.iter().map(|&p| ds.pairs[p].caption.as_str()).collect();
     print_similarity(&sim, &captions);
     let finite = sim.iter().flatten().all(|v| v.is_finite());

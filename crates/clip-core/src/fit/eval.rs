@@ -9,9 +9,9 @@ use anyhow::Result;
 use candle_core::Tensor;
 
 use super::Trainer;
+use crate::embed::{cosine_similarity, l2_normalize};
 use crate::embed::{embed_store_images, embed_texts};
 use crate::feature_cache::{FeatureCache, FeatureRows, FrozenFeatures};
-use crate::loss::{cosine_similarity, l2_normalize};
 use crate::retrieval::{to_rows, Recall};
 use crate::train::eval_loss;
 

@@ -9,7 +9,7 @@ use rayon::prelude::*;
 
 use crate::config::ClipConfig;
 use crate::data::ImageStore;
-use crate::loss::l2_normalize;
+use crate::embed::l2_normalize;
 use crate::model::ClipModel;
 use crate::run_dir::WEIGHTS;
 

@@ -43,8 +43,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use candle_core::Device;
+use clip_core::embed::l2_normalize;
 use clip_core::index::ImageIndex;
-use clip_core::loss::l2_normalize;
 use serde_json::{json, Value};
 use tokio::sync::Semaphore;
 

@@ -6,8 +6,8 @@ use std::collections::HashMap;
 use anyhow::{Context, Result};
 use candle_core::Device;
 use clip_core::data::ImageStore;
+use clip_core::embed::l2_normalize;
 use clip_core::index::SearchMode;
-use clip_core::loss::l2_normalize;
 use clip_core::retrieval::softmax;
 use serde_json::{json, Value};
 

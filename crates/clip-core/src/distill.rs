@@ -16,14 +16,14 @@ use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor, D};
 use xxhash_rust::xxh3::Xxh3;
 
-use crate::config::DistillConfig;
+use crate::config::{ClipConfig, DistillConfig};
 use crate::data::{Dataset, TextTokenizer};
 use crate::feature_cache::{key_of, key_of_tokens, CachedTower, FeatureCache, FeatureRows, Key};
 use crate::hub::Hub;
 use crate::loss::{l2_normalize, log_softmax, CLIP_MAX_LOGIT_SCALE};
 use crate::model::{ClipModel, Embeddings};
 use crate::model_source::{open_model, ModelSpec, Origin};
-use crate::prepare::{prepare, DataSource, ImageCache};
+use crate::prepare::{prepare, DataSource, ImageCache, Prepared};
 
 /// A teacher, loaded: its model and tokenizer, and what it is, in words.
 pub struct Teacher {
@@ -220,24 +220,8 @@ pub fn targets(
     views: usize,
 ) -> Result<Targets> {
     let device = teacher.model.device().clone();
-    let mut tsource = source.clone();
-    tsource.stream = false;
-    tsource.tokenizer = teacher.tokenizer_file.clone();
-    if matches!(tsource.image_cache, ImageCache::Off) {
-        tsource.image_cache = ImageCache::Default;
-    }
-    let tdata = prepare(&teacher.model.config, &tsource, &device, &crate::progress::Silent)
-        .context("preparing the data as the teacher reads it")?;
+    let tdata = teacher_data(teacher, source, student, &device)?;
     let ds = &tdata.dataset;
-    if ds.pairs.len() != student.pairs.len() || ds.images.len() != student.images.len() {
-        bail!(
-            "the teacher's view of the data has {} pairs of {} images, the student's {} of {}",
-            ds.pairs.len(),
-            ds.images.len(),
-            student.pairs.len(),
-            student.images.len()
-        );
-    }
     let fp = teacher.fingerprint()?;
     let dim = teacher.model.embed_dim();
     let cache = FeatureCache::new(cache);
@@ -258,38 +242,14 @@ pub fn targets(
             l2_normalize(&teacher.model.embed_images(&x)?)
         },
     )?;
-    // View v of image i is a random crop of the original file, fixed by (v, i): its key holds
-    // the original's bytes (an edit anywhere in the photo, even outside the centre crop the
-    // image key sees, is a new key), v, i and the crop's version.
-    let original_keys: Vec<Option<Key>> = if views == 0 {
-        vec![]
-    } else {
-        image_keys
-            .iter()
-            .enumerate()
-            .map(|(i, k)| k.map(|_| tdata.store.original_key(i)).transpose())
-            .collect::<Result<_>>()?
-    };
+    let original_keys = original_keys(&tdata, &image_keys, views)?;
     let views = (0..views as u64)
         .map(|v| {
-            let keys: Vec<Option<Key>> = original_keys
-                .iter()
-                .enumerate()
-                .map(|(i, k)| {
-                    k.map(|k| {
-                        let mut b = k.to_vec();
-                        b.extend_from_slice(b"augmented-view/2");
-                        b.extend_from_slice(&v.to_le_bytes());
-                        b.extend_from_slice(&(i as u64).to_le_bytes());
-                        key_of(&b)
-                    })
-                })
-                .collect();
             cache.features(
                 CachedTower::Image,
                 &format!("teacher-{fp}"),
                 dim,
-                &keys,
+                &view_keys(&original_keys, v),
                 chunk,
                 |items| {
                     forwards.fetch_add(1, Ordering::Relaxed);
@@ -326,6 +286,62 @@ pub fn targets(
         teacher: teacher.describe.clone(),
         teacher_params: teacher.params(),
     })
+}
+
+/// The student's data as the teacher reads it (its tokenizer, its preprocessing, never streamed:
+/// every image is embedded once and cached), checked to hold the same pairs of the same images.
+fn teacher_data(teacher: &Teacher, source: &DataSource, student: &Dataset, device: &Device) -> Result<Prepared> {
+    let mut tsource = source.clone();
+    tsource.stream = false;
+    tsource.tokenizer = teacher.tokenizer_file.clone();
+    if matches!(tsource.image_cache, ImageCache::Off) {
+        tsource.image_cache = ImageCache::Default;
+    }
+    let tdata = prepare(&teacher.model.config, &tsource, device, &crate::progress::Silent)
+        .context("preparing the data as the teacher reads it")?;
+    let ds = &tdata.dataset;
+    if ds.pairs.len() != student.pairs.len() || ds.images.len() != student.images.len() {
+        bail!(
+            "the teacher's view of the data has {} pairs of {} images, the student's {} of {}",
+            ds.pairs.len(),
+            ds.images.len(),
+            student.pairs.len(),
+            student.images.len()
+        );
+    }
+    Ok(tdata)
+}
+
+/// The key of each image's original file (none without augmented `views`, or for an image
+/// without a key). View v of image i is a random crop of the original file, fixed by (v, i): its
+/// key holds the original's bytes (an edit anywhere in the photo, even outside the centre crop
+/// the image key sees, is a new key), v, i and the crop's version.
+fn original_keys(tdata: &Prepared, image_keys: &[Option<Key>], views: usize) -> Result<Vec<Option<Key>>> {
+    if views == 0 {
+        return Ok(vec![]);
+    }
+    image_keys
+        .iter()
+        .enumerate()
+        .map(|(i, k)| k.map(|_| tdata.store.original_key(i)).transpose())
+        .collect()
+}
+
+/// The cache keys of augmented view `v` of every image, from the originals' keys.
+fn view_keys(original_keys: &[Option<Key>], v: u64) -> Vec<Option<Key>> {
+    original_keys
+        .iter()
+        .enumerate()
+        .map(|(i, k)| {
+            k.map(|k| {
+                let mut b = k.to_vec();
+                b.extend_from_slice(b"augmented-view/2");
+                b.extend_from_slice(&v.to_le_bytes());
+                b.extend_from_slice(&(i as u64).to_le_bytes());
+                key_of(&b)
+            })
+        })
+        .collect()
 }
 
 /// −mean_i Σ_j softmax(t)_ij · log_softmax(s)_ij: the cross-entropy of the student's rows
@@ -654,9 +670,8 @@ pub fn inherit(student: &ClipModel, teacher: &ClipModel, same_tokenizer: bool) -
         && s.pretrained.is_none();
     let (si, st) = s.block_counts();
     let (ti, tt) = t.block_counts();
-    let k_image = (ti / si.max(1)).max(1);
-    let k_text = (tt / st.max(1)).max(1);
-    let same_grid = s.image.patch_size == t.image.patch_size && s.image.image_size == t.image.image_size;
+    let k_image = block_stride(si, ti);
+    let k_text = block_stride(st, tt);
     let teacher_tensors = teacher.params.tensors();
     let mut copied = [0usize; 2];
     for (name, entry) in student.params.entries() {
@@ -670,19 +685,8 @@ pub fn inherit(student: &ClipModel, teacher: &ClipModel, same_tokenizer: bool) -
         if !family {
             continue;
         }
-        if tower == 0 && !same_grid && name.contains("embeddings.p") {
-            report.skipped.push(format!(
-                "{name}: the patch grid differs (patch {} at {} px, teacher's {} at {} px)",
-                s.image.patch_size, s.image.image_size, t.image.patch_size, t.image.image_size
-            ));
-            continue;
-        }
-        if tower == 1 && !same_tokenizer && (name.contains("token_embedding") || name.contains("word_embeddings")) {
-            // The student reads its own tokenizer's ids: row i of the teacher's table is
-            // another word.
-            report.skipped.push(format!(
-                "{name}: the student's tokenizer is its own (its ids are not the teacher's)"
-            ));
+        if let Some(why) = not_inherited(&name, tower, s, t, same_tokenizer) {
+            report.skipped.push(why);
             continue;
         }
         let from = teacher_name(&name, k);
@@ -706,9 +710,45 @@ pub fn inherit(student: &ClipModel, teacher: &ClipModel, same_tokenizer: bool) -
             report.tensors += 1;
         }
     }
-    if image_family && copied[0] > 0 {
-        let picked: Vec<String> = (0..si).map(|i| (i * k_image).to_string()).collect();
-        report.towers.push(format!(
+    report.towers = tower_lines(s, t, [image_family, text_family], copied);
+    Ok(report)
+}
+
+/// Why student tensor `name` of `tower` (0 image, 1 text) of the teacher's family is not
+/// inherited after all: a patch convolution or position table of another patch grid, or a
+/// token table read through another tokenizer. `None` when it is inherited.
+fn not_inherited(name: &str, tower: usize, s: &ClipConfig, t: &ClipConfig, same_tokenizer: bool) -> Option<String> {
+    let same_grid = s.image.patch_size == t.image.patch_size && s.image.image_size == t.image.image_size;
+    if tower == 0 && !same_grid && name.contains("embeddings.p") {
+        return Some(format!(
+            "{name}: the patch grid differs (patch {} at {} px, teacher's {} at {} px)",
+            s.image.patch_size, s.image.image_size, t.image.patch_size, t.image.image_size
+        ));
+    }
+    if tower == 1 && !same_tokenizer && (name.contains("token_embedding") || name.contains("word_embeddings")) {
+        // The student reads its own tokenizer's ids: row i of the teacher's table is
+        // another word.
+        return Some(format!(
+            "{name}: the student's tokenizer is its own (its ids are not the teacher's)"
+        ));
+    }
+    None
+}
+
+/// Teacher block i·k feeds student block i, k = ⌊L_teacher / L_student⌋ (at least 1).
+fn block_stride(student_blocks: usize, teacher_blocks: usize) -> usize {
+    (teacher_blocks / student_blocks.max(1)).max(1)
+}
+
+/// The report's line for each tower of the teacher's family (`families`: image, text) that
+/// inherited tensors (`copied` of each): which teacher blocks, the widths, how many tensors.
+fn tower_lines(s: &ClipConfig, t: &ClipConfig, families: [bool; 2], copied: [usize; 2]) -> Vec<String> {
+    let (si, st) = s.block_counts();
+    let (ti, tt) = t.block_counts();
+    let mut towers = vec![];
+    if families[0] && copied[0] > 0 {
+        let picked: Vec<String> = (0..si).map(|i| (i * block_stride(si, ti)).to_string()).collect();
+        towers.push(format!(
             "image tower (ViT): blocks {} of the teacher's {ti} → the student's {si}, width {} → {}: {} tensors",
             picked.join(", "),
             t.image.width,
@@ -716,9 +756,9 @@ pub fn inherit(student: &ClipModel, teacher: &ClipModel, same_tokenizer: bool) -
             copied[0]
         ));
     }
-    if text_family && copied[1] > 0 {
-        let picked: Vec<String> = (0..st).map(|i| (i * k_text).to_string()).collect();
-        report.towers.push(format!(
+    if families[1] && copied[1] > 0 {
+        let picked: Vec<String> = (0..st).map(|i| (i * block_stride(st, tt)).to_string()).collect();
+        towers.push(format!(
             "text tower: blocks {} of the teacher's {tt} → the student's {st}, width {} → {}: {} tensors",
             picked.join(", "),
             t.text.dim,
@@ -726,5 +766,5 @@ pub fn inherit(student: &ClipModel, teacher: &ClipModel, same_tokenizer: bool) -
             copied[1]
         ));
     }
-    Ok(report)
+    towers
 }

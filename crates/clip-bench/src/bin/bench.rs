@@ -204,170 +204,193 @@ fn main() -> Result<()> {
     // As the programs run: freed memory reused (clip_cli::memory).
     clip_cli::memory::keep_freed_memory();
     match Cli::parse().cmd {
-        Cmd::Train(a) => {
-            let x = Setup::new(&a)?;
-            // A big batch through the gradient cache takes one batch, twice: the inputs of a
-            // second one would weigh on its peak memory as much as the method does.
-            let batches = match a.micro_batch {
-                0 => x.batches()?,
-                _ => {
-                    let b = x.batch(1)?;
-                    [b.clone(), b]
-                }
-            };
-            let (model, batches) = (&x.model, batches);
-            let mut opt = AdamW::new(&model.params, &x.cfg.train)?;
-            let mut times = vec![];
-            let mut losses = vec![];
-            // The same work as `train_step`, timed by phase (as the PyTorch reference reports it).
-            let (mut t_fwd, mut t_bwd, mut t_opt) = (0.0, 0.0, 0.0);
-            for step in 0..a.warmup + a.steps {
-                let batch = &batches[step % 2];
-                if a.micro_batch > 0 {
-                    let t = Instant::now();
-                    let out = clip_core::train::train_step_objective(
-                        model,
-                        &mut opt,
-                        std::slice::from_ref(batch),
-                        0.0,
-                        a.micro_batch,
-                        &clip_core::train::Contrastive,
-                    )?;
-                    if step >= a.warmup {
-                        times.push(t.elapsed().as_secs_f64());
-                        losses.push(out.loss);
-                    }
-                    continue;
-                }
-                // On a worker of the compute pool, as `train_step` runs (see `on_compute_pool`).
-                let (t, t1, t2, t3, value) = clip_core::nn::on_compute_pool(|| -> Result<_> {
-                    let t = Instant::now();
-                    model.reseed_dropout(step as u64);
-                    let e = model.forward(&batch.images, &batch.input_ids, &batch.attention_mask, true)?;
-                    let loss = model.loss(&e, Some(&batch.positives))?;
-                    let value = loss.to_scalar::<f32>()? as f64;
-                    let t1 = Instant::now();
-                    let grads = opt.grads_by_name(&loss.backward()?);
-                    let t2 = Instant::now();
-                    opt.step(&grads)?;
-                    Ok((t, t1, t2, Instant::now(), value))
-                })?;
-                if step >= a.warmup {
-                    times.push((t3 - t).as_secs_f64());
-                    losses.push(value);
-                    t_fwd += (t1 - t).as_secs_f64();
-                    t_bwd += (t2 - t1).as_secs_f64();
-                    t_opt += (t3 - t2).as_secs_f64();
-                }
-            }
-            let total = t_fwd + t_bwd + t_opt;
-            let mean = times.iter().sum::<f64>() / times.len().max(1) as f64;
-            let share = |t: f64| (a.micro_batch == 0).then_some(t / total);
-            let line = x.line(
-                &a,
-                json!({
-                    "bench": "train", "params": model.params.total_params(), "loss": x.cfg.loss.to_string(),
-                    "ms_per_step": mean * 1e3, "pairs_per_s": x.b as f64 / mean, "losses": losses,
-                    "forward_share": share(t_fwd), "backward_share": share(t_bwd), "optimizer_share": share(t_opt),
-                    "micro_batch": a.micro_batch,
-                }),
-            );
-            println!("{line}");
-        }
-        Cmd::Infer(a) => {
-            let x = Setup::new(&a)?;
-            let (model, batches) = (&x.model, x.batches()?);
-            // Each tower with its head, in evaluation mode, timed apart (building an index runs
-            // the image side, a query the text side); reading the embeddings back makes sure the
-            // work is done on any device.
-            // All in one `no_grad` scope, as an index or an evaluation runs (and as the reference
-            // runs under `torch.inference_mode`): weights prepared in warm-up are reused.
-            let (mut t_image, mut t_text) = (0.0, 0.0);
-            clip_core::nn::no_grad(|| -> Result<()> {
-                for step in 0..a.warmup + a.steps {
-                    let batch = &batches[step % 2];
-                    let t = Instant::now();
-                    model.embed_images(&batch.images)?.to_vec2::<f32>()?;
-                    let t1 = Instant::now();
-                    model
-                        .embed_texts(&batch.input_ids, &batch.attention_mask)?
-                        .to_vec2::<f32>()?;
-                    let t2 = Instant::now();
-                    if step >= a.warmup {
-                        t_image += (t1 - t).as_secs_f64();
-                        t_text += (t2 - t1).as_secs_f64();
-                    }
-                }
-                Ok(())
-            })?;
-            let (n, b) = (a.steps.max(1) as f64, x.b as f64);
-            let line = x.line(
-                &a,
-                json!({
-                    "bench": "infer", "images_per_s": b * n / t_image, "captions_per_s": b * n / t_text,
-                    "ms_per_image_batch": t_image / n * 1e3, "ms_per_text_batch": t_text / n * 1e3,
-                }),
-            );
-            println!("{line}");
-        }
+        Cmd::Train(a) => train(&a),
+        Cmd::Infer(a) => infer(&a),
         Cmd::Index {
             images,
             preset,
             precision,
-        } => {
-            let mut cfg = ClipConfig::preset(&preset)?;
-            precision.apply(&mut cfg, &Device::Cpu)?;
-            let model = ClipModel::new(&cfg, &Device::Cpu)?;
-            let dir = std::env::temp_dir().join(format!("clipmine-bench-index-{}", std::process::id()));
-            std::fs::create_dir_all(&dir)?;
-            let noise = pseudo(320 * 240 * 3, 3);
-            for i in 0..images {
-                let img = image::RgbImage::from_fn(320, 240, |x, y| {
-                    let k = ((y * 320 + x) * 3) as usize;
-                    let v = |c: usize| ((noise[(k + c + i * 7) % noise.len()] * 0.5 + 0.5) * 255.0) as u8;
-                    image::Rgb([v(0), v(1), v(2)])
-                });
-                img.save(dir.join(format!("{i:05}.jpg")))?;
-            }
-            let (index, stats) =
-                clip_core::index::ImageIndex::update(None, &model, "bench", &dir, 64, &Default::default(), |_| {})?;
-            let _ = std::fs::remove_dir_all(&dir);
-            println!(
-                "{}",
-                json!({
-                    "impl": "clipmine", "bench": "index", "config": cfg.name, "images": index.entries.len(),
-                    "image_size": "320x240 jpeg", "seconds": stats.seconds, "images_per_s": stats.images_per_second,
-                    "precision": cfg.train.precision.name(),
-                })
-            );
+        } => index(images, &preset, &precision),
+        Cmd::Search { n, dim, queries, top } => search(n, dim, queries, top),
+    }
+}
+
+/// `bench train`: full training steps, timed by phase (or whole through the gradient cache).
+fn train(a: &ModelBench) -> Result<()> {
+    let x = Setup::new(a)?;
+    // A big batch through the gradient cache takes one batch, twice: the inputs of a
+    // second one would weigh on its peak memory as much as the method does.
+    let batches = match a.micro_batch {
+        0 => x.batches()?,
+        _ => {
+            let b = x.batch(1)?;
+            [b.clone(), b]
         }
-        Cmd::Search { n, dim, queries, top } => {
+    };
+    let (model, batches) = (&x.model, batches);
+    let mut opt = AdamW::new(&model.params, &x.cfg.train)?;
+    let mut times = vec![];
+    let mut losses = vec![];
+    // The same work as `train_step`, timed by phase (as the PyTorch reference reports it).
+    let (mut t_fwd, mut t_bwd, mut t_opt) = (0.0, 0.0, 0.0);
+    for step in 0..a.warmup + a.steps {
+        let batch = &batches[step % 2];
+        if a.micro_batch > 0 {
             let t = Instant::now();
-            let m = Tensor::from_vec(pseudo(n * dim, 7), (n, dim), &Device::Cpu)?;
-            let m = clip_core::loss::l2_normalize(&m)?;
-            let build = t.elapsed().as_secs_f64();
-            let mut times = vec![];
-            for q in 0..queries {
-                let query = clip_core::loss::l2_normalize(&Tensor::from_vec(
-                    pseudo(dim, 100 + q as u64),
-                    (1, dim),
-                    &Device::Cpu,
-                )?)?
-                .squeeze(0)?;
-                let t = Instant::now();
-                let hits = top_k(&m, &query, top)?;
-                times.push(t.elapsed().as_secs_f64() * 1e3);
-                assert_eq!(hits.len(), top.min(n));
+            let out = clip_core::train::train_step_objective(
+                model,
+                &mut opt,
+                std::slice::from_ref(batch),
+                0.0,
+                a.micro_batch,
+                &clip_core::train::Contrastive,
+            )?;
+            if step >= a.warmup {
+                times.push(t.elapsed().as_secs_f64());
+                losses.push(out.loss);
             }
-            times.sort_by(|a, b| a.partial_cmp(b).unwrap());
-            println!(
-                "{}",
-                json!({
-                    "impl": "clipmine", "bench": "search", "embeddings": n, "dim": dim, "top": top, "queries": queries,
-                    "median_ms": times[times.len() / 2], "max_ms": times[times.len() - 1], "setup_s": build,
-                })
-            );
+            continue;
+        }
+        let (t, t1, t2, t3, value) = timed_step(model, &mut opt, batch, step)?;
+        if step >= a.warmup {
+            times.push((t3 - t).as_secs_f64());
+            losses.push(value);
+            t_fwd += (t1 - t).as_secs_f64();
+            t_bwd += (t2 - t1).as_secs_f64();
+            t_opt += (t3 - t2).as_secs_f64();
         }
     }
+    let total = t_fwd + t_bwd + t_opt;
+    let mean = times.iter().sum::<f64>() / times.len().max(1) as f64;
+    let share = |t: f64| (a.micro_batch == 0).then_some(t / total);
+    let line = x.line(
+        a,
+        json!({
+            "bench": "train", "params": model.params.total_params(), "loss": x.cfg.loss.to_string(),
+            "ms_per_step": mean * 1e3, "pairs_per_s": x.b as f64 / mean, "losses": losses,
+            "forward_share": share(t_fwd), "backward_share": share(t_bwd), "optimizer_share": share(t_opt),
+            "micro_batch": a.micro_batch,
+        }),
+    );
+    println!("{line}");
+    Ok(())
+}
+
+/// One training step as `train_step` runs it, on a worker of the compute pool (see
+/// `on_compute_pool`): its start, the ends of the forward, backward and optimiser phases, and
+/// the loss.
+fn timed_step(
+    model: &ClipModel,
+    opt: &mut AdamW,
+    batch: &Batch,
+    step: usize,
+) -> Result<(Instant, Instant, Instant, Instant, f64)> {
+    clip_core::nn::on_compute_pool(|| -> Result<_> {
+        let t = Instant::now();
+        model.reseed_dropout(step as u64);
+        let e = model.forward(&batch.images, &batch.input_ids, &batch.attention_mask, true)?;
+        let loss = model.loss(&e, Some(&batch.positives))?;
+        let value = loss.to_scalar::<f32>()? as f64;
+        let t1 = Instant::now();
+        let grads = opt.grads_by_name(&loss.backward()?);
+        let t2 = Instant::now();
+        opt.step(&grads)?;
+        Ok((t, t1, t2, Instant::now(), value))
+    })
+}
+
+/// `bench infer`: each tower with its head, in evaluation mode.
+fn infer(a: &ModelBench) -> Result<()> {
+    let x = Setup::new(a)?;
+    let (model, batches) = (&x.model, x.batches()?);
+    // Each tower with its head, in evaluation mode, timed apart (building an index runs
+    // the image side, a query the text side); reading the embeddings back makes sure the
+    // work is done on any device.
+    // All in one `no_grad` scope, as an index or an evaluation runs (and as the reference
+    // runs under `torch.inference_mode`): weights prepared in warm-up are reused.
+    let (mut t_image, mut t_text) = (0.0, 0.0);
+    clip_core::nn::no_grad(|| -> Result<()> {
+        for step in 0..a.warmup + a.steps {
+            let batch = &batches[step % 2];
+            let t = Instant::now();
+            model.embed_images(&batch.images)?.to_vec2::<f32>()?;
+            let t1 = Instant::now();
+            model
+                .embed_texts(&batch.input_ids, &batch.attention_mask)?
+                .to_vec2::<f32>()?;
+            let t2 = Instant::now();
+            if step >= a.warmup {
+                t_image += (t1 - t).as_secs_f64();
+                t_text += (t2 - t1).as_secs_f64();
+            }
+        }
+        Ok(())
+    })?;
+    let (n, b) = (a.steps.max(1) as f64, x.b as f64);
+    let line = x.line(
+        a,
+        json!({
+            "bench": "infer", "images_per_s": b * n / t_image, "captions_per_s": b * n / t_text,
+            "ms_per_image_batch": t_image / n * 1e3, "ms_per_text_batch": t_text / n * 1e3,
+        }),
+    );
+    println!("{line}");
+    Ok(())
+}
+
+/// `bench index`: building an image index of `images` generated photos with `preset`.
+fn index(images: usize, preset: &str, precision: &clip_cli::PrecisionArg) -> Result<()> {
+    let mut cfg = ClipConfig::preset(preset)?;
+    precision.apply(&mut cfg, &Device::Cpu)?;
+    let model = ClipModel::new(&cfg, &Device::Cpu)?;
+    let dir = std::env::temp_dir().join(format!("clipmine-bench-index-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let noise = pseudo(320 * 240 * 3, 3);
+    for i in 0..images {
+        let img = image::RgbImage::from_fn(320, 240, |x, y| {
+            let k = ((y * 320 + x) * 3) as usize;
+            let v = |c: usize| ((noise[(k + c + i * 7) % noise.len()] * 0.5 + 0.5) * 255.0) as u8;
+            image::Rgb([v(0), v(1), v(2)])
+        });
+        img.save(dir.join(format!("{i:05}.jpg")))?;
+    }
+    let (index, stats) =
+        clip_core::index::ImageIndex::update(None, &model, "bench", &dir, 64, &Default::default(), |_| {})?;
+    let _ = std::fs::remove_dir_all(&dir);
+    println!(
+        "{}",
+        json!({
+            "impl": "clipmine", "bench": "index", "config": cfg.name, "images": index.entries.len(),
+            "image_size": "320x240 jpeg", "seconds": stats.seconds, "images_per_s": stats.images_per_second,
+            "precision": cfg.train.precision.name(),
+        })
+    );
+    Ok(())
+}
+
+/// `bench search`: exact top-`top` queries over `n` random unit embeddings of `dim`.
+fn search(n: usize, dim: usize, queries: usize, top: usize) -> Result<()> {
+    let t = Instant::now();
+    let m = Tensor::from_vec(pseudo(n * dim, 7), (n, dim), &Device::Cpu)?;
+    let m = clip_core::loss::l2_normalize(&m)?;
+    let build = t.elapsed().as_secs_f64();
+    let mut times = vec![];
+    for q in 0..queries {
+        let query =
+            clip_core::loss::l2_normalize(&Tensor::from_vec(pseudo(dim, 100 + q as u64), (1, dim), &Device::Cpu)?)?
+                .squeeze(0)?;
+        let t = Instant::now();
+        let hits = top_k(&m, &query, top)?;
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+        assert_eq!(hits.len(), top.min(n));
+    }
+    times.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    println!(
+        "{}",
+        json!({
+            "impl": "clipmine", "bench": "search", "embeddings": n, "dim": dim, "top": top, "queries": queries,
+            "median_ms": times[times.len() / 2], "max_ms": times[times.len() - 1], "setup_s": build,
+        })
+    );
     Ok(())
 }

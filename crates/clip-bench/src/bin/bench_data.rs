@@ -24,7 +24,7 @@ use anyhow::{Context, Result};
 use candle_core::Device;
 use clap::Parser;
 use clip_bench::{cpu_seconds, peak_rss_mib};
-use clip_core::data::{epoch_seed, Dataset, ImageStore, LoadOptions, Loader, StoreMode, TextTokenizer};
+use clip_core::data::{epoch_seed, Batch, Dataset, ImageStore, LoadOptions, Loader, StoreMode, TextTokenizer};
 use clip_core::optim::AdamW;
 use clip_core::progress::Silent;
 use clip_core::{ClipConfig, ClipModel};
@@ -84,6 +84,50 @@ fn timed<T>(f: impl FnOnce() -> Result<T>) -> Result<(T, f64, f64)> {
     Ok((r, t.elapsed().as_secs_f64(), cpu_seconds().unwrap_or(0.0) - c))
 }
 
+/// Pairs/s of a loader over `limit` batches of each of `epochs` epochs, with the seconds and
+/// pairs it took.
+fn loader_rate(
+    loader: &Loader,
+    pairs: &[usize],
+    b: usize,
+    seed: u64,
+    augment: bool,
+    epochs: usize,
+    limit: usize,
+) -> Result<(f64, f64, usize)> {
+    let (n, wall, _) = timed(|| {
+        let mut n = 0;
+        for e in 0..epochs {
+            for batch in loader.batches(pairs, b, Some(epoch_seed(seed, e)), augment).take(limit) {
+                n += batch?.pairs.len();
+            }
+        }
+        Ok(n)
+    })?;
+    Ok((n as f64 / wall, wall, n))
+}
+
+/// `steps` training steps of `cfg`'s model on `batch` of `b` pairs (after one warm-up step):
+/// their report and the pairs/s they train.
+fn train_rate(cfg: &ClipConfig, batch: &Batch, b: usize, steps: usize) -> Result<(serde_json::Value, f64)> {
+    let model = ClipModel::new(cfg, &Device::Cpu)?;
+    let mut opt = AdamW::new(&model.params, &cfg.train)?;
+    let mut times = vec![];
+    for step in 0..=steps {
+        let ((), wall, _) = timed(|| {
+            clip_core::train::train_step(&model, &mut opt, std::slice::from_ref(batch), cfg.train.clip_grad_norm)?;
+            Ok(())
+        })?;
+        if step > 0 {
+            times.push(wall);
+        }
+    }
+    let mean = times.iter().sum::<f64>() / times.len() as f64;
+    let train_pps = b as f64 / mean;
+    let report = json!({"seconds_per_step": mean, "pairs_per_s": train_pps, "steps": times.len()});
+    Ok((report, train_pps))
+}
+
 fn main() -> Result<()> {
     // As the programs run: freed memory reused (clip_cli::memory).
     clip_cli::memory::keep_freed_memory();
@@ -110,21 +154,8 @@ fn main() -> Result<()> {
     let pairs: Vec<usize> = (0..ds.pairs.len()).collect();
     let b = args.batch_size;
 
-    // Pairs/s of a loader over `limit` batches of an epoch.
-    let run = |loader: &Loader, augment: bool, epochs: usize, limit: usize| -> Result<(f64, f64, usize)> {
-        let (n, wall, _) = timed(|| {
-            let mut n = 0;
-            for e in 0..epochs {
-                for batch in loader
-                    .batches(&pairs, b, Some(epoch_seed(cfg.seed, e)), augment)
-                    .take(limit)
-                {
-                    n += batch?.pairs.len();
-                }
-            }
-            Ok(n)
-        })?;
-        Ok((n as f64 / wall, wall, n))
+    let run = |loader: &Loader, augment: bool, epochs: usize, limit: usize| {
+        loader_rate(loader, &pairs, b, cfg.seed, augment, epochs, limit)
     };
     let cached = Loader::new(&ds, Arc::new(store), &tok, &cfg, &Device::Cpu)?;
     let (cached_pps, cached_s, cached_n) = run(&cached, false, args.epochs, usize::MAX)?;
@@ -135,26 +166,11 @@ fn main() -> Result<()> {
     let (stream_pps, _, _) = run(&streaming, false, 1, args.stream_batches)?;
     let (augment_pps, _, _) = run(&streaming, true, 1, args.stream_batches)?;
 
-    let mut train = serde_json::Value::Null;
-    let mut train_pps = f64::NAN;
-    if args.train_steps > 0 {
-        let model = ClipModel::new(&cfg, &Device::Cpu)?;
-        let mut opt = AdamW::new(&model.params, &cfg.train)?;
-        let batch = streaming.batch(&pairs[..b])?;
-        let mut times = vec![];
-        for step in 0..=args.train_steps {
-            let ((), wall, _) = timed(|| {
-                clip_core::train::train_step(&model, &mut opt, std::slice::from_ref(&batch), cfg.train.clip_grad_norm)?;
-                Ok(())
-            })?;
-            if step > 0 {
-                times.push(wall);
-            }
-        }
-        let mean = times.iter().sum::<f64>() / times.len() as f64;
-        train_pps = b as f64 / mean;
-        train = json!({"seconds_per_step": mean, "pairs_per_s": train_pps, "steps": times.len()});
-    }
+    let (train, train_pps) = if args.train_steps > 0 {
+        train_rate(&cfg, &streaming.batch(&pairs[..b])?, b, args.train_steps)?
+    } else {
+        (serde_json::Value::Null, f64::NAN)
+    };
     println!(
         "{}",
         serde_json::to_string_pretty(&json!({

@@ -169,11 +169,28 @@ fn time_lists(
         .collect()
 }
 
+/// Times `search` over every query: (median ms, 90th percentile ms, mean recall against `truth`).
+fn time_queries(
+    queries: &[Vec<f32>],
+    truth: &[Vec<(usize, f32)>],
+    mut search: impl FnMut(&[f32]) -> Vec<(usize, f32)>,
+) -> (f64, f64, f64) {
+    let (mut ms, mut rec) = (vec![], 0.0);
+    for (q, tr) in queries.iter().zip(truth) {
+        let t = Instant::now();
+        let hits = search(q);
+        ms.push(t.elapsed().as_secs_f64() * 1e3);
+        rec += recall(&hits, tr);
+    }
+    let (med, p90) = stats(ms);
+    (med, p90, rec / queries.len() as f64)
+}
+
 fn main() -> Result<()> {
     // As the programs run: freed memory reused (clip_cli::memory).
     clip_cli::memory::keep_freed_memory();
     let cli = Cli::parse();
-    let (dim, k) = (cli.dim, cli.top);
+    let dim = cli.dim;
     let lib = Library::new(dim, cli.clusters, 7);
     // Queries come from the same library (a caption lands near a group of photos), numbered
     // past every stored row.
@@ -184,7 +201,7 @@ fn main() -> Result<()> {
             v
         })
         .collect();
-    let common = json!({"bench": "search", "dim": dim, "top": k, "queries": cli.queries, "clusters": cli.clusters,
+    let common = json!({"bench": "search", "dim": dim, "top": cli.top, "queries": cli.queries, "clusters": cli.clusters,
                         "threads": rayon::current_num_threads()});
     let line = |extra: serde_json::Value| {
         let mut v = common.clone();
@@ -193,151 +210,176 @@ fn main() -> Result<()> {
     };
 
     if cli.n > 0 {
-        let n = cli.n;
+        in_memory(&cli, &lib, &queries, &line)?;
+    }
+    if cli.big > 0 {
+        big(&cli, &lib, &queries, &line)?;
+    }
+    Ok(())
+}
+
+/// `--n` rows held in memory: the exact f32 scan, the int8 scan, the k-means lists and (unless
+/// `--no-graph`) the HNSW graph, each a `line`.
+fn in_memory(cli: &Cli, lib: &Library, queries: &[Vec<f32>], line: &dyn Fn(serde_json::Value)) -> Result<()> {
+    let (n, dim, k) = (cli.n, cli.dim, cli.top);
+    let t = Instant::now();
+    let data = lib.rows(0, n);
+    let gen_s = t.elapsed().as_secs_f64();
+    let mut truth = vec![];
+    let mut exact_ms = vec![];
+    for q in queries {
         let t = Instant::now();
-        let data = lib.rows(0, n);
-        let gen_s = t.elapsed().as_secs_f64();
-        let mut truth = vec![];
-        let mut exact_ms = vec![];
-        for q in &queries {
-            let t = Instant::now();
-            truth.push(scan_top_k(&data, dim, q, k));
-            exact_ms.push(t.elapsed().as_secs_f64() * 1e3);
-        }
-        let (exact_med, exact_p90) = stats(exact_ms);
+        truth.push(scan_top_k(&data, dim, q, k));
+        exact_ms.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    let (exact_med, exact_p90) = stats(exact_ms);
+    line(
+        json!({"embeddings": n, "method": "exact-f32-scan", "median_ms": exact_med, "p90_ms": exact_p90,
+                "recall_at_k": 1.0, "speedup": 1.0, "bytes_per_vector": dim * 4, "generate_s": gen_s}),
+    );
+
+    let t = Instant::now();
+    let codes = Int8Rows::from_f32(&data, dim);
+    let build_s = t.elapsed().as_secs_f64();
+    let row = |i: usize| &data[i * dim..(i + 1) * dim];
+    let (med, p90, rec) = time_queries(queries, &truth, |q| {
+        codes.search(q, k, rerank_candidates(k), &|_| true, |i| dot_f32(row(i), q))
+    });
+    line(
+        json!({"embeddings": n, "method": "compact-int8+rerank", "median_ms": med, "p90_ms": p90,
+                "recall_at_k": rec, "speedup": exact_med / med, "build_s": build_s,
+                "rerank_candidates": rerank_candidates(k), "bytes_per_vector": dim + 4}),
+    );
+
+    let t = Instant::now();
+    let lists = Lists::build(&data, dim, &codes)?;
+    let build_s = t.elapsed().as_secs_f64();
+    for r in time_lists(&lists, queries, &truth, k, &cli.probes, &mut |i, q| dot_f32(row(i), q)) {
         line(
-            json!({"embeddings": n, "method": "exact-f32-scan", "median_ms": exact_med, "p90_ms": exact_p90,
-                    "recall_at_k": 1.0, "speedup": 1.0, "bytes_per_vector": dim * 4, "generate_s": gen_s}),
+            json!({"embeddings": n, "method": "approx-lists+rerank", "median_ms": r.median_ms, "p90_ms": r.p90_ms,
+                    "recall_at_k": r.recall, "speedup": exact_med / r.median_ms, "build_s": build_s,
+                    "lists": lists.len(), "probes": r.probes, "default_probes": r.default}),
         );
-
-        let t = Instant::now();
-        let codes = Int8Rows::from_f32(&data, dim);
-        let build_s = t.elapsed().as_secs_f64();
-        let row = |i: usize| &data[i * dim..(i + 1) * dim];
-        let (mut ms, mut rec) = (vec![], 0.0);
-        for (q, tr) in queries.iter().zip(&truth) {
-            let t = Instant::now();
-            let hits = codes.search(q, k, rerank_candidates(k), &|_| true, |i| dot_f32(row(i), q));
-            ms.push(t.elapsed().as_secs_f64() * 1e3);
-            rec += recall(&hits, tr);
-        }
-        let (med, p90) = stats(ms);
-        line(
-            json!({"embeddings": n, "method": "compact-int8+rerank", "median_ms": med, "p90_ms": p90,
-                    "recall_at_k": rec / queries.len() as f64, "speedup": exact_med / med, "build_s": build_s,
-                    "rerank_candidates": rerank_candidates(k), "bytes_per_vector": dim + 4}),
-        );
-
-        let t = Instant::now();
-        let lists = Lists::build(&data, dim, &codes)?;
-        let build_s = t.elapsed().as_secs_f64();
-        for r in time_lists(&lists, &queries, &truth, k, &cli.probes, &mut |i, q| dot_f32(row(i), q)) {
-            line(
-                json!({"embeddings": n, "method": "approx-lists+rerank", "median_ms": r.median_ms, "p90_ms": r.p90_ms,
-                        "recall_at_k": r.recall, "speedup": exact_med / r.median_ms, "build_s": build_s,
-                        "lists": lists.len(), "probes": r.probes, "default_probes": r.default}),
-            );
-        }
-
-        if !cli.no_graph {
-            let params = GraphParams {
-                ef_construction: cli.ef_construction,
-                ef_search: cli.ef_search,
-            };
-            let t = Instant::now();
-            let graph = Graph::build(&codes, params);
-            let build_s = t.elapsed().as_secs_f64();
-            let (mut ms, mut rec) = (vec![], 0.0);
-            for (q, tr) in queries.iter().zip(&truth) {
-                let t = Instant::now();
-                let hits = rerank(graph.search(q), k, |i| dot_f32(row(i), q));
-                ms.push(t.elapsed().as_secs_f64() * 1e3);
-                rec += recall(&hits, tr);
-            }
-            let (med, p90) = stats(ms);
-            line(
-                json!({"embeddings": n, "method": "approx-hnsw+rerank", "median_ms": med, "p90_ms": p90,
-                        "recall_at_k": rec / queries.len() as f64, "speedup": exact_med / med, "build_s": build_s,
-                        "ef_construction": params.ef_construction, "ef_search": params.ef_search}),
-            );
-        }
     }
 
-    if cli.big > 0 {
-        let n = cli.big;
-        const CHUNK: usize = 1_000_000;
+    if !cli.no_graph {
+        let params = GraphParams {
+            ef_construction: cli.ef_construction,
+            ef_search: cli.ef_search,
+        };
         let t = Instant::now();
-        let mut codes = Int8Rows::new(dim);
-        let mut truth: Vec<TopK> = queries.iter().map(|_| TopK::new(k)).collect();
-        let qt = Tensor::from_vec(queries.concat(), (queries.len(), dim), &Device::Cpu)?
-            .t()?
-            .contiguous()?;
-        // k-means lists: centroids from an evenly spaced sample of the rows, every row assigned
-        // as its chunk is generated.
-        let lists_t = Instant::now();
-        let n_lists = list_count(n);
-        let sample_n = (n_lists * 32).min(n);
-        let mut sample = vec![0f32; sample_n * dim];
-        for (i, out) in sample.chunks_exact_mut(dim).enumerate() {
-            lib.row((i * n / sample_n) as u64, out);
-        }
-        let centroids = clip_core::index::train_centroids(&sample, dim, n_lists)?;
-        drop(sample);
-        let mut lists_s = lists_t.elapsed().as_secs_f64();
-        let mut assignment: Vec<u32> = Vec::with_capacity(n);
-        let mut from = 0;
-        while from < n {
-            let rows = CHUNK.min(n - from);
-            let chunk = lib.rows(from, rows);
-            codes.append(&Int8Rows::from_f32(&chunk, dim));
-            let t = Instant::now();
-            for part in chunk.chunks(16_384 * dim) {
-                assignment.extend(clip_core::index::assign(&centroids, dim, part)?);
-            }
-            lists_s += t.elapsed().as_secs_f64();
-            // The exact scores of every query at once, as one matrix product (the chunk is read
-            // once instead of once per query).
-            let m = Tensor::from_vec(chunk, (rows, dim), &Device::Cpu)?;
-            let scores = m.matmul(&qt)?.t()?.contiguous()?.to_vec2::<f32>()?;
-            for (col, top) in scores.iter().zip(truth.iter_mut()) {
-                for (i, &s) in col.iter().enumerate() {
-                    top.push(from + i, s);
-                }
-            }
-            from += rows;
-        }
-        let truth: Vec<Vec<(usize, f32)>> = truth.into_iter().map(TopK::into_sorted).collect();
+        let graph = Graph::build(&codes, params);
         let build_s = t.elapsed().as_secs_f64();
-        let (mut ms, mut rec) = (vec![], 0.0);
-        let mut buf = vec![0f32; dim];
-        for (q, tr) in queries.iter().zip(&truth) {
-            let t = Instant::now();
-            let hits = codes.search(q, k, rerank_candidates(k), &|_| true, |i| {
-                lib.row(i as u64, &mut buf);
-                dot_f32(&buf, q)
-            });
-            ms.push(t.elapsed().as_secs_f64() * 1e3);
-            rec += recall(&hits, tr);
-        }
-        let (med, p90) = stats(ms);
+        let (med, p90, rec) = time_queries(queries, &truth, |q| rerank(graph.search(q), k, |i| dot_f32(row(i), q)));
         line(
-            json!({"embeddings": n, "method": "compact-int8+rerank", "median_ms": med, "p90_ms": p90,
-                    "recall_at_k": rec / queries.len() as f64, "generate_and_quantise_s": build_s,
-                    "note": "f32 rows not held (10 GB); exact answers from the same generated rows; no graph at this size"}),
+            json!({"embeddings": n, "method": "approx-hnsw+rerank", "median_ms": med, "p90_ms": p90,
+                    "recall_at_k": rec, "speedup": exact_med / med, "build_s": build_s,
+                    "ef_construction": params.ef_construction, "ef_search": params.ef_search}),
         );
-        let lists = Lists::from_assignment(dim, centroids, &assignment, &codes);
-        drop(assignment);
-        let mut exact = |i: usize, q: &[f32]| {
+    }
+    Ok(())
+}
+
+/// The `--big` library, never held as f32: its int8 codes, each query's exact answers, and its
+/// k-means lists (centroids, each row's list, and the seconds they took).
+struct BigLibrary {
+    codes: Int8Rows,
+    truth: Vec<Vec<(usize, f32)>>,
+    centroids: Vec<f32>,
+    assignment: Vec<u32>,
+    lists_s: f64,
+}
+
+/// Generates `n` rows of `lib` a chunk at a time: each chunk quantised, assigned to its list,
+/// and scored exactly against every query, then dropped.
+fn generate_big(lib: &Library, n: usize, dim: usize, queries: &[Vec<f32>], k: usize) -> Result<BigLibrary> {
+    const CHUNK: usize = 1_000_000;
+    let mut codes = Int8Rows::new(dim);
+    let mut truth: Vec<TopK> = queries.iter().map(|_| TopK::new(k)).collect();
+    let qt = Tensor::from_vec(queries.concat(), (queries.len(), dim), &Device::Cpu)?
+        .t()?
+        .contiguous()?;
+    // k-means lists: centroids from an evenly spaced sample of the rows, every row assigned
+    // as its chunk is generated.
+    let lists_t = Instant::now();
+    let n_lists = list_count(n);
+    let sample_n = (n_lists * 32).min(n);
+    let mut sample = vec![0f32; sample_n * dim];
+    for (i, out) in sample.chunks_exact_mut(dim).enumerate() {
+        lib.row((i * n / sample_n) as u64, out);
+    }
+    let centroids = clip_core::index::train_centroids(&sample, dim, n_lists)?;
+    drop(sample);
+    let mut lists_s = lists_t.elapsed().as_secs_f64();
+    let mut assignment: Vec<u32> = Vec::with_capacity(n);
+    let mut from = 0;
+    while from < n {
+        let rows = CHUNK.min(n - from);
+        let chunk = lib.rows(from, rows);
+        codes.append(&Int8Rows::from_f32(&chunk, dim));
+        let t = Instant::now();
+        for part in chunk.chunks(16_384 * dim) {
+            assignment.extend(clip_core::index::assign(&centroids, dim, part)?);
+        }
+        lists_s += t.elapsed().as_secs_f64();
+        // The exact scores of every query at once, as one matrix product (the chunk is read
+        // once instead of once per query).
+        let m = Tensor::from_vec(chunk, (rows, dim), &Device::Cpu)?;
+        let scores = m.matmul(&qt)?.t()?.contiguous()?.to_vec2::<f32>()?;
+        for (col, top) in scores.iter().zip(truth.iter_mut()) {
+            for (i, &s) in col.iter().enumerate() {
+                top.push(from + i, s);
+            }
+        }
+        from += rows;
+    }
+    let truth: Vec<Vec<(usize, f32)>> = truth.into_iter().map(TopK::into_sorted).collect();
+    Ok(BigLibrary {
+        codes,
+        truth,
+        centroids,
+        assignment,
+        lists_s,
+    })
+}
+
+/// `--big` rows, more than memory holds as f32: the int8 scan and the k-means lists, each
+/// candidate re-scored from its regenerated row.
+fn big(cli: &Cli, lib: &Library, queries: &[Vec<f32>], line: &dyn Fn(serde_json::Value)) -> Result<()> {
+    let (n, dim, k) = (cli.big, cli.dim, cli.top);
+    let t = Instant::now();
+    let BigLibrary {
+        codes,
+        truth,
+        centroids,
+        assignment,
+        lists_s,
+    } = generate_big(lib, n, dim, queries, k)?;
+    let build_s = t.elapsed().as_secs_f64();
+    let mut buf = vec![0f32; dim];
+    let (med, p90, rec) = time_queries(queries, &truth, |q| {
+        codes.search(q, k, rerank_candidates(k), &|_| true, |i| {
             lib.row(i as u64, &mut buf);
             dot_f32(&buf, q)
-        };
-        for r in time_lists(&lists, &queries, &truth, k, &cli.probes, &mut exact) {
-            line(
-                json!({"embeddings": n, "method": "approx-lists+rerank", "median_ms": r.median_ms, "p90_ms": r.p90_ms,
-                        "recall_at_k": r.recall, "build_s": lists_s,
-                        "lists": lists.len(), "probes": r.probes, "default_probes": r.default}),
-            );
-        }
+        })
+    });
+    line(
+        json!({"embeddings": n, "method": "compact-int8+rerank", "median_ms": med, "p90_ms": p90,
+                "recall_at_k": rec, "generate_and_quantise_s": build_s,
+                "note": "f32 rows not held (10 GB); exact answers from the same generated rows; no graph at this size"}),
+    );
+    let lists = Lists::from_assignment(dim, centroids, &assignment, &codes);
+    drop(assignment);
+    let mut exact = |i: usize, q: &[f32]| {
+        lib.row(i as u64, &mut buf);
+        dot_f32(&buf, q)
+    };
+    for r in time_lists(&lists, queries, &truth, k, &cli.probes, &mut exact) {
+        line(
+            json!({"embeddings": n, "method": "approx-lists+rerank", "median_ms": r.median_ms, "p90_ms": r.p90_ms,
+                    "recall_at_k": r.recall, "build_s": lists_s,
+                    "lists": lists.len(), "probes": r.probes, "default_probes": r.default}),
+        );
     }
     Ok(())
 }

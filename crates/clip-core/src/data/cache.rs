@@ -126,6 +126,9 @@ pub(crate) struct Cached {
     pub report: CacheReport,
 }
 
+/// Each image's result of a build: its slot's checksum, or why it has none.
+type SlotResults = Vec<Result<u64, String>>;
+
 /// The checksum of a slot's pixels.
 pub(crate) fn slot_sum(pixels: &[u8]) -> u64 {
     xxhash_rust::xxh3::xxh3_64(pixels)
@@ -160,50 +163,15 @@ pub(crate) fn open(
     let base = names(dataset, size, variant);
     let manifest_path = dir.join(format!("{base}.json"));
     let stride = stride(size);
-    let per = 3 * size * size;
 
     let stamps: Vec<Result<Stamp, String>> = origins
         .par_iter()
         .map(|o| o.stamp().map_err(|e| format!("{e:#}")))
         .collect();
-    let old = read_manifest(&manifest_path, size, variant, stride).and_then(|m| {
-        let file = File::open(dir.join(&m.data)).ok()?;
-        let len = file.metadata().ok()?.len();
-        let end = m
-            .entries
-            .iter()
-            .filter_map(|e| e.slot)
-            .max()
-            .map_or(0, |s| (s + 1) * stride);
-        (len >= end as u64).then_some((m, file, len))
-    });
-    let lookup: HashMap<(&Path, Option<&str>), &Entry> = old
-        .as_ref()
-        .map(|(m, _, _)| {
-            m.entries
-                .iter()
-                .map(|e| ((e.file.as_path(), e.member.as_deref()), e))
-                .collect()
-        })
-        .unwrap_or_default();
-    // The old entry of each image, where it is still valid.
-    let found: Vec<Option<&Entry>> = origins
-        .iter()
-        .zip(&stamps)
-        .map(|(o, s)| {
-            let e = lookup.get(&(o.file(), o.member()))?;
-            (s.as_ref().ok() == Some(&e.stamp)).then_some(*e)
-        })
-        .collect();
+    let old = previous(dir, &manifest_path, size, variant, stride);
+    let found = still_valid(old.as_ref().map(|(m, _, _)| m), origins, &stamps);
     let hits = found.iter().filter(|e| e.is_some()).count();
-    // Entries no image of this dataset uses (removed files, or another dataset sharing the folder).
-    let current: HashSet<(&Path, Option<&str>)> = origins.iter().map(|o| (o.file(), o.member())).collect();
-    let dropped = old.as_ref().map_or(0, |(m, _, _)| {
-        m.entries
-            .iter()
-            .filter(|e| !current.contains(&(e.file.as_path(), e.member.as_deref())))
-            .count()
-    });
+    let dropped = old.as_ref().map_or(0, |(m, _, _)| unused(m, origins));
 
     let full_hit = hits == origins.len() && dropped == 0;
     let slots: Vec<Option<usize>> = found.iter().map(|e| e.and_then(|e| e.slot)).collect();
@@ -233,15 +201,6 @@ pub(crate) fn open(
 
     // Build a new data file: unchanged images are copied, the others decoded, in parallel.
     let n = origins.len();
-    let tmp = tempfile::Builder::new()
-        .prefix(&format!(".{base}-"))
-        .suffix(".tmp")
-        .tempfile_in(dir)
-        .with_context(|| format!("creating a file in the image cache folder {}", dir.display()))?;
-    tmp.as_file().set_len((n * stride) as u64)?;
-    let file = tmp.as_file();
-    progress.start("decoding images", (n - hits) as u64);
-    let old_file = old.as_ref().map(|(_, file, _)| file);
     let fresh = |i: usize| -> Result<Vec<u8>, String> {
         let r = stamps[i]
             .clone()
@@ -249,10 +208,97 @@ pub(crate) fn open(
         progress.inc(1);
         r
     };
-    let results: Vec<Result<u64, String>> = (0..n)
+    let old_file = old.as_ref().map(|(_, file, _)| file);
+    let (data_name, data_path, results) = write_data(dir, &base, n, stride, |file| {
+        progress.start("decoding images", (n - hits) as u64);
+        let results = fill(file, old_file, &found, stride, 3 * size * size, &fresh);
+        progress.finish();
+        results
+    })?;
+    let manifest = Manifest {
+        format: FORMAT,
+        size,
+        variant: variant.to_string(),
+        stride,
+        data: data_name,
+        entries: entries(origins, &stamps, &results),
+    };
+    replace_manifest(dir, &manifest_path, &manifest, old.as_ref().map(|(m, _, _)| m))?;
+    built(data_path, stride, results, manifest_path, hits, dropped)
+}
+
+/// The previous manifest with its data file open and that file's length, when the file is long
+/// enough for every slot the manifest names (a truncated one is rebuilt, not read past its end).
+fn previous(
+    dir: &Path,
+    manifest_path: &Path,
+    size: usize,
+    variant: &str,
+    stride: usize,
+) -> Option<(Manifest, File, u64)> {
+    let m = read_manifest(manifest_path, size, variant, stride)?;
+    let file = File::open(dir.join(&m.data)).ok()?;
+    let len = file.metadata().ok()?.len();
+    let end = m
+        .entries
+        .iter()
+        .filter_map(|e| e.slot)
+        .max()
+        .map_or(0, |s| (s + 1) * stride);
+    (len >= end as u64).then_some((m, file, len))
+}
+
+/// The old entry of each image, where it is still valid (same file, member and stamp), so only
+/// the others are decoded.
+fn still_valid<'m>(
+    old: Option<&'m Manifest>,
+    origins: &[Origin],
+    stamps: &[Result<Stamp, String>],
+) -> Vec<Option<&'m Entry>> {
+    let lookup: HashMap<(&Path, Option<&str>), &Entry> = old
+        .map(|m| {
+            m.entries
+                .iter()
+                .map(|e| ((e.file.as_path(), e.member.as_deref()), e))
+                .collect()
+        })
+        .unwrap_or_default();
+    origins
+        .iter()
+        .zip(stamps)
+        .map(|(o, s)| {
+            let e = lookup.get(&(o.file(), o.member()))?;
+            (s.as_ref().ok() == Some(&e.stamp)).then_some(*e)
+        })
+        .collect()
+}
+
+/// How many entries of `old` no image of this dataset uses (removed files, or another dataset
+/// sharing the folder): any makes the open a rebuild, so the manifest forgets them.
+fn unused(old: &Manifest, origins: &[Origin]) -> usize {
+    let current: HashSet<(&Path, Option<&str>)> = origins.iter().map(|o| (o.file(), o.member())).collect();
+    old.entries
+        .iter()
+        .filter(|e| !current.contains(&(e.file.as_path(), e.member.as_deref())))
+        .count()
+}
+
+/// Writes every image's slot of the new data `file`, in parallel: an unchanged image is copied
+/// from `old` (decoded again, by `fresh`, when its slot no longer matches its checksum), the
+/// others decoded. Each image's result is its slot's checksum, or why it has none; an I/O
+/// error of the cache itself starts with "reading the image cache" or "writing the image cache".
+fn fill(
+    file: &File,
+    old: Option<&File>,
+    found: &[Option<&Entry>],
+    stride: usize,
+    per: usize,
+    fresh: &(dyn Fn(usize) -> Result<Vec<u8>, String> + Sync),
+) -> SlotResults {
+    (0..found.len())
         .into_par_iter()
         .map(|i| {
-            let pixels = match (found[i], old_file) {
+            let pixels = match (found[i], old) {
                 (Some(e), _) if e.slot.is_none() => return Err(e.error.clone().unwrap_or_default()),
                 (Some(e), Some(old)) => {
                     let s = e.slot.expect("checked above");
@@ -271,8 +317,27 @@ pub(crate) fn open(
             write_at(file, &pixels, (i * stride) as u64).map_err(|e| format!("writing the image cache: {e}"))?;
             Ok(slot_sum(&pixels))
         })
-        .collect();
-    progress.finish();
+        .collect()
+}
+
+/// Writes a new data file of `n` slots through a temporary file that `fill` fills, then gives
+/// it its final, unique name (a reader never sees a half-written one): that name, its path, and
+/// `fill`'s result. A failure to read or write the cache itself is an error; an image's own
+/// failure stays in its result.
+fn write_data(
+    dir: &Path,
+    base: &str,
+    n: usize,
+    stride: usize,
+    fill: impl FnOnce(&File) -> SlotResults,
+) -> Result<(String, PathBuf, SlotResults)> {
+    let tmp = tempfile::Builder::new()
+        .prefix(&format!(".{base}-"))
+        .suffix(".tmp")
+        .tempfile_in(dir)
+        .with_context(|| format!("creating a file in the image cache folder {}", dir.display()))?;
+    tmp.as_file().set_len((n * stride) as u64)?;
+    let results = fill(tmp.as_file());
     if let Some(e) = results.iter().find_map(|r| {
         r.as_ref()
             .err()
@@ -282,21 +347,43 @@ pub(crate) fn open(
     }
     tmp.as_file().sync_data()?;
     // Slots are image indices, so failed images leave a hole (sparse in the file system).
-    let generation = format!(
+    let data_name = format!("{base}-{}.bin", generation());
+    let data_path = dir.join(&data_name);
+    tmp.persist(&data_path)
+        .with_context(|| format!("writing {}", data_path.display()))?;
+    Ok((data_name, data_path, results))
+}
+
+/// Writes `manifest` (atomically) and only then removes the `old` manifest's data file, when it
+/// is another one: a reader of the old manifest finds its data until the new one is in place.
+fn replace_manifest(dir: &Path, path: &Path, manifest: &Manifest, old: Option<&Manifest>) -> Result<()> {
+    crate::files::write_atomic(path, &serde_json::to_vec(manifest)?)?;
+    if let Some(m) = old {
+        if m.data != manifest.data {
+            let _ = std::fs::remove_file(dir.join(&m.data));
+        }
+    }
+    Ok(())
+}
+
+/// A name unique to this build (time and process), so two runs building at once each keep a
+/// whole data file.
+fn generation() -> String {
+    format!(
         "{:x}{:x}",
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos()),
         std::process::id()
-    );
-    let data_name = format!("{base}-{generation}.bin");
-    let data_path = dir.join(&data_name);
-    tmp.persist(&data_path)
-        .with_context(|| format!("writing {}", data_path.display()))?;
-    let entries: Vec<Entry> = origins
+    )
+}
+
+/// The manifest's entries for the built data file: slot `i` for image `i`, or why it failed.
+fn entries(origins: &[Origin], stamps: &[Result<Stamp, String>], results: &[Result<u64, String>]) -> Vec<Entry> {
+    origins
         .iter()
-        .zip(&stamps)
-        .zip(&results)
+        .zip(stamps)
+        .zip(results)
         .enumerate()
         .filter_map(|(i, ((o, s), r))| {
             // An image whose file cannot even be read is not remembered: nothing to key it by.
@@ -310,40 +397,38 @@ pub(crate) fn open(
                 error: r.as_ref().err().cloned(),
             })
         })
-        .collect();
-    let manifest = Manifest {
-        format: FORMAT,
-        size,
-        variant: variant.to_string(),
-        stride,
-        data: data_name,
-        entries,
-    };
-    crate::files::write_atomic(&manifest_path, &serde_json::to_vec(&manifest)?)?;
-    if let Some((m, _, _)) = &old {
-        if m.data != manifest.data {
-            let _ = std::fs::remove_file(dir.join(&m.data));
-        }
-    }
-    let file = File::open(&data_path).with_context(|| format!("opening {}", data_path.display()))?;
+        .collect()
+}
+
+/// The cache just built, opened, from each image's result (slot `i` for image `i`), with the
+/// report of what was reused (`hits`), decoded and `dropped`.
+fn built(
+    path: PathBuf,
+    stride: usize,
+    results: SlotResults,
+    manifest: PathBuf,
+    hits: usize,
+    dropped: usize,
+) -> Result<Cached> {
+    let file = File::open(&path).with_context(|| format!("opening {}", path.display()))?;
     let bytes_on_disk = file.metadata()?.len();
     Ok(Cached {
         stride,
-        path: data_path,
+        path,
         sums: results.iter().map(|r| r.as_ref().ok().copied()).collect(),
         slots: results
             .iter()
             .enumerate()
             .map(|(i, r)| r.is_ok().then_some(i))
             .collect(),
-        errors: results.into_iter().map(|r| r.err()).collect(),
         report: CacheReport {
-            manifest: manifest_path,
+            manifest,
             hits,
-            built: n - hits,
+            built: results.len() - hits,
             dropped,
             bytes_on_disk,
         },
+        errors: results.into_iter().map(|r| r.err()).collect(),
         file,
     })
 }

@@ -57,7 +57,19 @@ fn find_column(header: &[String], names: &[&str]) -> Option<usize> {
     })
 }
 
-fn read_delimited(path: &Path, bytes: &[u8], ext: &str) -> Result<Parsed> {
+/// How a delimited file's rows read, as its header says: the separator, and where the image and
+/// caption columns are among how many.
+struct Layout {
+    delimiter: u8,
+    format: CaptionFormat,
+    image_col: usize,
+    caption_col: usize,
+    n_fields: usize,
+}
+
+/// The layout of a delimited file from its first line: the separator that yields both an image
+/// and a caption column. An error (the file as a whole cannot be read) when none does.
+fn header_layout(path: &Path, bytes: &[u8], ext: &str) -> Result<Layout> {
     let first_line = bytes.split(|&b| b == b'\n').next().unwrap_or(&[]);
     let first_line = std::str::from_utf8(first_line)
         .map_err(|_| {
@@ -78,15 +90,15 @@ fn read_delimited(path: &Path, bytes: &[u8], ext: &str) -> Result<Parsed> {
         (b'\t', CaptionFormat::Tsv),
         (b'|', CaptionFormat::Pipe),
     ]);
-    let Some((delimiter, format, image_col, caption_col, n_fields)) = candidates.into_iter().find_map(|(d, f)| {
+    let Some(layout) = candidates.into_iter().find_map(|(d, f)| {
         let header: Vec<String> = first_line.split(d as char).map(str::to_string).collect();
-        Some((
-            d,
-            f,
-            find_column(&header, &IMAGE_COLUMNS)?,
-            find_column(&header, &CAPTION_COLUMNS)?,
-            header.len(),
-        ))
+        Some(Layout {
+            delimiter: d,
+            format: f,
+            image_col: find_column(&header, &IMAGE_COLUMNS)?,
+            caption_col: find_column(&header, &CAPTION_COLUMNS)?,
+            n_fields: header.len(),
+        })
     }) else {
         bail!(
             "{}:1: the header {first_line:?} must name an image column ({}) and a caption column ({}), separated by commas, tabs or |",
@@ -95,7 +107,19 @@ fn read_delimited(path: &Path, bytes: &[u8], ext: &str) -> Result<Parsed> {
             CAPTION_COLUMNS.join(", ")
         );
     };
+    Ok(layout)
+}
 
+/// Reads a CSV, TSV or `|`-separated file whose header [`header_layout`] reads; each row is
+/// checked on its own, so a bad one becomes a [`BadRow`] and the next is still read.
+fn read_delimited(path: &Path, bytes: &[u8], ext: &str) -> Result<Parsed> {
+    let Layout {
+        delimiter,
+        format,
+        image_col,
+        caption_col,
+        n_fields,
+    } = header_layout(path, bytes, ext)?;
     let mut reader = csv::ReaderBuilder::new()
         .delimiter(delimiter)
         .flexible(true)

@@ -22,20 +22,7 @@ pub(crate) fn train_vocab(
     vocab_size: usize,
     prefix: &str,
 ) -> Result<Vec<String>, usize> {
-    let mut vocab: Vec<String> = specials.iter().map(|s| s.to_string()).collect();
-    // Every character of a multi-character word gets both forms, so an unseen word made of known
-    // characters never becomes [UNK]. Single-character words (each CJK character, punctuation)
-    // never continue a word and need only the plain form.
-    let mut plain = BTreeSet::new();
-    let mut continuing = BTreeSet::new();
-    for w in words.keys() {
-        plain.extend(w.chars());
-        if w.chars().nth(1).is_some() {
-            continuing.extend(w.chars());
-        }
-    }
-    vocab.extend(plain.iter().map(|c| c.to_string()));
-    vocab.extend(continuing.iter().map(|c| format!("{prefix}{c}")));
+    let mut vocab = alphabet(words, specials, prefix);
     if vocab.len() > vocab_size {
         return Err(vocab.len());
     }
@@ -81,35 +68,7 @@ pub(crate) fn train_vocab(
             vocab.push(piece);
             (vocab.len() - 1) as u32
         });
-        let mut touched = BTreeSet::new();
-        let mut affected: Vec<usize> = where_.remove(&pair).unwrap_or_default().into_iter().collect();
-        affected.sort_unstable();
-        for wi in affected {
-            let (syms, n) = &mut words[wi];
-            if !syms.windows(2).any(|p| (p[0], p[1]) == pair) {
-                continue;
-            }
-            for p in syms.windows(2) {
-                *counts.entry((p[0], p[1])).or_default() -= *n;
-            }
-            let mut merged = Vec::with_capacity(syms.len());
-            let mut i = 0;
-            while i < syms.len() {
-                if i + 1 < syms.len() && (syms[i], syms[i + 1]) == pair {
-                    merged.push(new);
-                    i += 2;
-                } else {
-                    merged.push(syms[i]);
-                    i += 1;
-                }
-            }
-            for p in merged.windows(2) {
-                *counts.entry((p[0], p[1])).or_default() += *n;
-                where_.entry((p[0], p[1])).or_default().insert(wi);
-                touched.insert((p[0], p[1]));
-            }
-            *syms = merged;
-        }
+        let touched = merge_everywhere(&mut words, &mut counts, &mut where_, pair, new);
         for p in touched {
             let c = counts[&p];
             if c > 0 {
@@ -118,6 +77,74 @@ pub(crate) fn train_vocab(
         }
     }
     Ok(vocab)
+}
+
+/// The specials, then every character of the words in its plain form (sorted), then in its
+/// `prefix` continuation form (sorted).
+fn alphabet(words: &BTreeMap<String, u64>, specials: &[&str], prefix: &str) -> Vec<String> {
+    let mut vocab: Vec<String> = specials.iter().map(|s| s.to_string()).collect();
+    // Every character of a multi-character word gets both forms, so an unseen word made of known
+    // characters never becomes [UNK]. Single-character words (each CJK character, punctuation)
+    // never continue a word and need only the plain form.
+    let mut plain = BTreeSet::new();
+    let mut continuing = BTreeSet::new();
+    for w in words.keys() {
+        plain.extend(w.chars());
+        if w.chars().nth(1).is_some() {
+            continuing.extend(w.chars());
+        }
+    }
+    vocab.extend(plain.iter().map(|c| c.to_string()));
+    vocab.extend(continuing.iter().map(|c| format!("{prefix}{c}")));
+    vocab
+}
+
+/// Merges `pair` into the symbol `new` in every word holding it (in word order, so the result is
+/// deterministic), keeping `counts` and `where_` up to date: the pairs whose counts grew, to be
+/// pushed on the heap again.
+fn merge_everywhere(
+    words: &mut [(Vec<u32>, i64)],
+    counts: &mut HashMap<Pair, i64>,
+    where_: &mut HashMap<Pair, HashSet<usize>>,
+    pair: Pair,
+    new: u32,
+) -> BTreeSet<Pair> {
+    let mut touched = BTreeSet::new();
+    let mut affected: Vec<usize> = where_.remove(&pair).unwrap_or_default().into_iter().collect();
+    affected.sort_unstable();
+    for wi in affected {
+        let (syms, n) = &mut words[wi];
+        if !syms.windows(2).any(|p| (p[0], p[1]) == pair) {
+            continue;
+        }
+        for p in syms.windows(2) {
+            *counts.entry((p[0], p[1])).or_default() -= *n;
+        }
+        let merged = merged(syms, pair, new);
+        for p in merged.windows(2) {
+            *counts.entry((p[0], p[1])).or_default() += *n;
+            where_.entry((p[0], p[1])).or_default().insert(wi);
+            touched.insert((p[0], p[1]));
+        }
+        *syms = merged;
+    }
+    touched
+}
+
+/// `syms` with each occurrence of `pair`, left to right, replaced by `new`.
+fn merged(syms: &[u32], pair: Pair, new: u32) -> Vec<u32> {
+    let mut merged = Vec::with_capacity(syms.len());
+    let mut i = 0;
+    while i < syms.len() {
+        if i + 1 < syms.len() && (syms[i], syms[i + 1]) == pair {
+            merged.push(new);
+            i += 2;
+        } else {
+            merged.push(syms[i]);
+            i += 1;
+        }
+    }
+    merged
 }
 
 #[cfg(test)]

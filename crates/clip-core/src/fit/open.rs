@@ -96,32 +96,12 @@ impl Trainer {
         }
         let saved = RunDir { dir: out.clone() }.config()?;
         let mut changes = config_changes(&saved, cfg)?;
-        let fixed: Vec<String> = changes
-            .iter()
-            .filter(|c| !(c.key.starts_with("train.") || c.key == "data.augment"))
-            .map(|c| c.to_string())
-            .collect();
-        if !fixed.is_empty() {
-            bail!(
-                "a resumed run cannot change {} — they make another model or another data split than the one in {}; start a new run (another --out) for that",
-                fixed.join(", "),
-                out.display()
-            );
-        }
+        refuse_fixed_changes(&out, &changes)?;
         let data_change = check_data(&out, &data, opts)?;
         let mut t = Self::build(cfg, data, lock)?;
         t.resumed = true;
         let Some(last) = last else {
-            // Killed before the first checkpoint: start again from epoch 1, from the untrained
-            // weights it saved when they verify (else from the same seeded initialisation).
-            if out.join(WEIGHTS).is_file() {
-                load_weights(&t.model.params, &out.join(WEIGHTS))?;
-            } else {
-                let loaded = crate::pretrained::load_pretrained(&t.model, &t.hub())?;
-                t.state.pretrained = super::wise::PretrainedPin::of(&loaded)?;
-            }
-            t.start_files()?;
-            t.restarted = true;
+            t.restart(&out)?;
             t.changes = changes;
             return Ok(t);
         };
@@ -131,7 +111,41 @@ impl Trainer {
         let state_path = last.join(STATE);
         t.state = serde_json::from_slice(&read_checked(&state_path)?)
             .with_context(|| format!("parsing {}", state_path.display()))?;
-        if let Some(p) = &t.state.partial {
+        t.refuse_moved_batches(&out, &changes)?;
+        if let Some(change) = data_change {
+            // Other data: the rest of a stopped epoch would be other batches; start it over.
+            t.state.partial = None;
+            write_checked(&out, &[(DATASET.into(), DataIdentity::of(&t.data).to_json()?)])?;
+            changes.push(change);
+        }
+        t.apply_configured_rates(configured);
+        t.state.plateau.patience = cfg.train.patience;
+        t.state.plateau.factor = cfg.train.factor;
+        if changes.iter().any(|c| c.key != "data") {
+            write_checked(&out, &[(CONFIG.into(), cfg.to_toml()?.into_bytes())])?;
+        }
+        t.changes = changes;
+        Ok(t)
+    }
+
+    /// Starts a run killed before its first checkpoint again from epoch 1, from the untrained
+    /// weights it saved when they verify (else from the same seeded initialisation).
+    fn restart(&mut self, out: &Path) -> Result<()> {
+        if out.join(WEIGHTS).is_file() {
+            load_weights(&self.model.params, &out.join(WEIGHTS))?;
+        } else {
+            let loaded = crate::pretrained::load_pretrained(&self.model, &self.hub())?;
+            self.state.pretrained = super::wise::PretrainedPin::of(&loaded)?;
+        }
+        self.start_files()?;
+        self.restarted = true;
+        Ok(())
+    }
+
+    /// Refuses a change of batch size or accumulation when the run was stopped mid-epoch: the
+    /// rest of the epoch would be other batches than the ones the resume skips past.
+    fn refuse_moved_batches(&self, out: &Path, changes: &[Change]) -> Result<()> {
+        if let Some(p) = &self.state.partial {
             let moved: Vec<String> = changes
                 .iter()
                 .filter(|c| c.key == "train.batch_size" || c.key == "train.accumulate")
@@ -141,29 +155,31 @@ impl Trainer {
                 bail!(
                     "{} was stopped in the middle of epoch {} (step {}): {} would change which batches the rest of the epoch holds — resume with the run's value, then change it",
                     out.display(),
-                    t.state.epoch + 1,
+                    self.state.epoch + 1,
                     p.steps,
                     moved.join(", ")
                 );
             }
         }
-        if let Some(change) = data_change {
-            // Other data: the rest of a stopped epoch would be other batches; start it over.
-            t.state.partial = None;
-            write_checked(&out, &[(DATASET.into(), DataIdentity::of(&t.data).to_json()?)])?;
-            changes.push(change);
-        }
-        // The optimiser's saved rates give way to the config's; the schedule's current factor stays.
+        Ok(())
+    }
+
+    /// The optimiser's saved rates give way to the config's (`configured`, each group's base
+    /// settings); the schedule's current factor stays.
+    fn apply_configured_rates(
+        &mut self,
+        configured: std::collections::BTreeMap<crate::params::Group, crate::optim::GroupSettings>,
+    ) {
         for (g, want) in configured {
-            let (base, now) = (t.opt.base[&g], t.opt.groups[&g]);
+            let (base, now) = (self.opt.base[&g], self.opt.groups[&g]);
             if base != want {
                 let factor = if base.lr > 0.0 {
                     now.lr / base.lr
                 } else {
-                    t.state.plateau.scale
+                    self.state.plateau.scale
                 };
-                t.opt.base.insert(g, want);
-                t.opt.groups.insert(
+                self.opt.base.insert(g, want);
+                self.opt.groups.insert(
                     g,
                     crate::optim::GroupSettings {
                         lr: want.lr * factor,
@@ -172,14 +188,25 @@ impl Trainer {
                 );
             }
         }
-        t.state.plateau.patience = cfg.train.patience;
-        t.state.plateau.factor = cfg.train.factor;
-        if changes.iter().any(|c| c.key != "data") {
-            write_checked(&out, &[(CONFIG.into(), cfg.to_toml()?.into_bytes())])?;
-        }
-        t.changes = changes;
-        Ok(t)
     }
+}
+
+/// Refuses config changes a resume cannot take: anything but `train.*` keys and augmentation
+/// makes another model or another data split than the run's.
+fn refuse_fixed_changes(out: &Path, changes: &[Change]) -> Result<()> {
+    let fixed: Vec<String> = changes
+        .iter()
+        .filter(|c| !(c.key.starts_with("train.") || c.key == "data.augment"))
+        .map(|c| c.to_string())
+        .collect();
+    if !fixed.is_empty() {
+        bail!(
+            "a resumed run cannot change {} — they make another model or another data split than the one in {}; start a new run (another --out) for that",
+            fixed.join(", "),
+            out.display()
+        );
+    }
+    Ok(())
 }
 
 /// The `last/` checkpoint of a run, after tidying what a crash left: a `last/` lost mid-swap is

@@ -218,31 +218,13 @@ impl Segment {
         let path = Self::file(dir, id, "safetensors");
         let bytes = std::fs::read(&path).with_context(|| format!("reading index segment {}", path.display()))?;
         let st = SafeTensors::deserialize(&bytes).with_context(|| format!("parsing {}", path.display()))?;
-        let get = |name: &str, dtype: Dtype, shape: &[usize]| -> Result<Vec<u8>> {
-            let t = st
-                .tensor(name)
-                .with_context(|| format!("{} has no `{name}` tensor", path.display()))?;
-            if t.dtype() != dtype || t.shape() != shape {
-                bail!(
-                    "{}: `{name}` is {:?} {:?}, expected {dtype:?} {shape:?} — the index is damaged; rebuild it",
-                    path.display(),
-                    t.dtype(),
-                    t.shape()
-                );
-            }
-            Ok(t.data().to_vec())
-        };
-        let le = |b: Vec<u8>| -> Vec<f32> {
-            b.chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect()
-        };
-        let f32 = le(get("f32", Dtype::F32, &[rows, dim])?);
+        let get = |name: &str, dtype: Dtype, shape: &[usize]| tensor_bytes(&st, &path, name, dtype, shape);
+        let f32 = le_f32(get("f32", Dtype::F32, &[rows, dim])?);
         let codes: Vec<i8> = get("i8", Dtype::I8, &[rows, dim])?
             .into_iter()
             .map(|b| b as i8)
             .collect();
-        let scales = le(get("scale", Dtype::F32, &[rows])?);
+        let scales = le_f32(get("scale", Dtype::F32, &[rows])?);
         let codes = Int8Rows::from_parts(dim, codes, scales)
             .with_context(|| format!("{}: codes and scales disagree", path.display()))?;
         // Lists are optional tensors: segments written before them (or small ones) have none.
@@ -251,38 +233,18 @@ impl Segment {
                 Err(_) => None,
                 Ok(c) => {
                     let lists = c.shape().first().copied().unwrap_or(0);
-                    let centroids = le(get("lists_centroids", Dtype::F32, &[lists, dim])?);
-                    let u32s = |b: Vec<u8>| -> Vec<u32> {
-                        b.chunks_exact(4)
-                            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                            .collect()
-                    };
-                    let offsets = u32s(get("lists_offsets", Dtype::U32, &[lists + 1])?);
-                    let order = u32s(get("lists_rows", Dtype::U32, &[rows])?);
+                    let centroids = le_f32(get("lists_centroids", Dtype::F32, &[lists, dim])?);
+                    let offsets = le_u32(get("lists_offsets", Dtype::U32, &[lists + 1])?);
+                    let order = le_u32(get("lists_rows", Dtype::U32, &[rows])?);
                     Some(Lists::from_parts(centroids, offsets, order, &codes).with_context(|| {
                         format!("{}: its k-means lists are damaged; rebuild the index", path.display())
                     })?)
                 }
             };
-        // A graph is only a shortcut: one that cannot be read, or fails its checks, is dropped
-        // with a warning and the segment is searched by its lists or the scan.
-        let mut warning = None;
-        let graph = if graph {
-            let gpath = Self::file(dir, id, "hnsw");
-            let read = std::fs::read(&gpath)
-                .with_context(|| format!("reading index graph {}", gpath.display()))
-                .and_then(|b| Graph::from_bytes(&b, rows, dim).with_context(|| format!("in {}", gpath.display())));
-            match read {
-                Ok(g) => Some(g),
-                Err(e) => {
-                    warning = Some(format!(
-                        "{e:#}: this segment is searched without its graph (exactly, or by its k-means lists); rebuild the index to restore it"
-                    ));
-                    None
-                }
-            }
+        let (graph, warning) = if graph {
+            Self::read_graph(dir, id, rows, dim)
         } else {
-            None
+            (None, None)
         };
         Ok(Self {
             warning,
@@ -294,4 +256,54 @@ impl Segment {
             graph,
         })
     }
+
+    /// Segment `id`'s graph, or the warning to show in its place. A graph is only a shortcut:
+    /// one that cannot be read, or fails its checks, is dropped with a warning and the segment is
+    /// searched by its lists or the scan.
+    fn read_graph(dir: &Path, id: u32, rows: usize, dim: usize) -> (Option<Graph>, Option<String>) {
+        let gpath = Self::file(dir, id, "hnsw");
+        let read = std::fs::read(&gpath)
+            .with_context(|| format!("reading index graph {}", gpath.display()))
+            .and_then(|b| Graph::from_bytes(&b, rows, dim).with_context(|| format!("in {}", gpath.display())));
+        match read {
+            Ok(g) => (Some(g), None),
+            Err(e) => (
+                None,
+                Some(format!(
+                    "{e:#}: this segment is searched without its graph (exactly, or by its k-means lists); rebuild the index to restore it"
+                )),
+            ),
+        }
+    }
+}
+
+/// The bytes of tensor `name` of the segment file at `path`, checked to be `dtype` of `shape`:
+/// a damaged index is an error naming the file, never a misread.
+fn tensor_bytes(st: &SafeTensors, path: &Path, name: &str, dtype: Dtype, shape: &[usize]) -> Result<Vec<u8>> {
+    let t = st
+        .tensor(name)
+        .with_context(|| format!("{} has no `{name}` tensor", path.display()))?;
+    if t.dtype() != dtype || t.shape() != shape {
+        bail!(
+            "{}: `{name}` is {:?} {:?}, expected {dtype:?} {shape:?} — the index is damaged; rebuild it",
+            path.display(),
+            t.dtype(),
+            t.shape()
+        );
+    }
+    Ok(t.data().to_vec())
+}
+
+/// Little-endian f32s from their bytes.
+fn le_f32(b: Vec<u8>) -> Vec<f32> {
+    b.chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+/// Little-endian u32s from their bytes.
+fn le_u32(b: Vec<u8>) -> Vec<u32> {
+    b.chunks_exact(4)
+        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
 }

@@ -356,69 +356,110 @@ impl CustomOp3 for AttentionGrad {
             Shared(dk.as_mut_ptr()),
             Shared(dv.as_mut_ptr()),
         );
+        let ops = GradOperands {
+            g,
+            q,
+            k,
+            v,
+            gctx,
+            dq,
+            dk,
+            dv,
+            scale: self.scale,
+        };
         // One (batch item, head) per work item, writing its head's columns of dq, dk and dv.
-        self.probs.par_chunks(g.lq * g.l).enumerate().for_each(|(bh, p)| {
-            let (bi, hi) = (bh / g.h, bh % g.h);
-            let col = hi * g.dh;
-            let gc = Mat::head(gctx, bi * g.lq, g.d, col);
-            let mut ds = vec![0f32; g.lq * g.l];
-            // SAFETY: every operand covers its (batch, head) block; this work item alone writes
-            // its head's columns of dq, dk and dv.
-            unsafe {
-                // dv_h = Pᵀ · dctx_h (L × Dh).
-                gemm_head(
-                    g.l,
-                    g.dh,
-                    g.lq,
-                    dv.at(bi * g.l * g.d + col),
-                    g.d,
-                    Mat::rows(p, g.l).t(),
-                    gc,
-                    1.0,
-                );
-                // dP = dctx_h · v_hᵀ (Lq × L).
-                gemm_head(
-                    g.lq,
-                    g.l,
-                    g.dh,
-                    ds.as_mut_ptr(),
-                    g.l,
-                    gc,
-                    Mat::head(v, bi * g.l, g.d, col).t(),
-                    1.0,
-                );
-            }
-            // dS_ij = P_ij (dP_ij − Σ_j' P_ij' dP_ij'), then through the scale.
-            super::vmath::vectorized(
-                #[inline(always)]
-                || softmax_grad_rows(&mut ds, p, g.l, self.scale),
-            );
-            // SAFETY: as above.
-            unsafe {
-                // dq_h = dS · k_h (Lq × Dh); dk_h = dSᵀ · q_h (L × Dh).
-                gemm_head(
-                    g.lq,
-                    g.dh,
-                    g.l,
-                    dq.at(bi * g.lq * g.d + col),
-                    g.d,
-                    Mat::rows(&ds, g.l),
-                    Mat::head(k, bi * g.l, g.d, col),
-                    1.0,
-                );
-                gemm_head(
-                    g.l,
-                    g.dh,
-                    g.lq,
-                    dk.at(bi * g.l * g.d + col),
-                    g.d,
-                    Mat::rows(&ds, g.l).t(),
-                    Mat::head(q, bi * g.lq, g.d, col),
-                    1.0,
-                );
-            }
+        let block = ops.g.lq * ops.g.l;
+        self.probs.par_chunks(block).enumerate().for_each(|(bh, p)| {
+            // SAFETY: each (batch item, head) is one work item's alone; every operand covers it.
+            unsafe { ops.head(bh, p) }
         });
         let len = out.len();
         Ok((CpuStorage::F32(out), Shape::from(len)))
+    }
+}
+
+/// One backward call's operands, shared by its work items: the layout, the inputs, the
+/// gradient of the context, and where dq, dk and dv go.
+struct GradOperands<'a> {
+    g: Dims,
+    q: &'a [f32],
+    k: &'a [f32],
+    v: &'a [f32],
+    gctx: &'a [f32],
+    dq: Shared,
+    dk: Shared,
+    dv: Shared,
+    scale: f32,
+}
+
+impl GradOperands<'_> {
+    /// The gradients of (batch item, head) `bh` from its probabilities `p`, written into its
+    /// head's columns of dq, dk and dv.
+    ///
+    /// # Safety
+    ///
+    /// No other call may run for the same `bh` at the same time (the columns are written
+    /// through raw pointers), and dq, dk, dv must cover every (batch, head) block.
+    unsafe fn head(&self, bh: usize, p: &[f32]) {
+        let g = &self.g;
+        let (bi, hi) = (bh / g.h, bh % g.h);
+        let col = hi * g.dh;
+        let gc = Mat::head(self.gctx, bi * g.lq, g.d, col);
+        let mut ds = vec![0f32; g.lq * g.l];
+        // SAFETY: every operand covers its (batch, head) block; this work item alone writes
+        // its head's columns of dq, dk and dv.
+        unsafe {
+            // dv_h = Pᵀ · dctx_h (L × Dh).
+            gemm_head(
+                g.l,
+                g.dh,
+                g.lq,
+                self.dv.at(bi * g.l * g.d + col),
+                g.d,
+                Mat::rows(p, g.l).t(),
+                gc,
+                1.0,
+            );
+            // dP = dctx_h · v_hᵀ (Lq × L).
+            gemm_head(
+                g.lq,
+                g.l,
+                g.dh,
+                ds.as_mut_ptr(),
+                g.l,
+                gc,
+                Mat::head(self.v, bi * g.l, g.d, col).t(),
+                1.0,
+            );
+        }
+        // dS_ij = P_ij (dP_ij − Σ_j' P_ij' dP_ij'), then through the scale.
+        super::vmath::vectorized(
+            #[inline(always)]
+            || softmax_grad_rows(&mut ds, p, g.l, self.scale),
+        );
+        // SAFETY: as above.
+        unsafe {
+            // dq_h = dS · k_h (Lq × Dh); dk_h = dSᵀ · q_h (L × Dh).
+            gemm_head(
+                g.lq,
+                g.dh,
+                g.l,
+                self.dq.at(bi * g.lq * g.d + col),
+                g.d,
+                Mat::rows(&ds, g.l),
+                Mat::head(self.k, bi * g.l, g.d, col),
+                1.0,
+            );
+            gemm_head(
+                g.l,
+                g.dh,
+                g.lq,
+                self.dk.at(bi * g.l * g.d + col),
+                g.d,
+                Mat::rows(&ds, g.l).t(),
+                Mat::head(self.q, bi * g.lq, g.d, col),
+                1.0,
+            );
+        }
     }
 }

@@ -18,9 +18,10 @@ use xxhash_rust::xxh3::Xxh3;
 
 use crate::config::{ClipConfig, DistillConfig};
 use crate::data::{Dataset, TextTokenizer};
+use crate::embed::l2_normalize;
 use crate::feature_cache::{key_of, key_of_tokens, CachedTower, FeatureCache, FeatureRows, Key};
 use crate::hub::Hub;
-use crate::loss::{l2_normalize, log_softmax, CLIP_MAX_LOGIT_SCALE};
+use crate::loss::{log_softmax, CLIP_MAX_LOGIT_SCALE};
 use crate::model::{ClipModel, Embeddings};
 use crate::model_source::{open_model, ModelSpec, Origin};
 use crate::prepare::{prepare, DataSource, ImageCache, Prepared};

@@ -372,12 +372,12 @@ fn index(images: usize, preset: &str, precision: &clip_cli::PrecisionArg) -> Res
 fn search(n: usize, dim: usize, queries: usize, top: usize) -> Result<()> {
     let t = Instant::now();
     let m = Tensor::from_vec(pseudo(n * dim, 7), (n, dim), &Device::Cpu)?;
-    let m = clip_core::loss::l2_normalize(&m)?;
+    let m = clip_core::embed::l2_normalize(&m)?;
     let build = t.elapsed().as_secs_f64();
     let mut times = vec![];
     for q in 0..queries {
         let query =
-            clip_core::loss::l2_normalize(&Tensor::from_vec(pseudo(dim, 100 + q as u64), (1, dim), &Device::Cpu)?)?
+            clip_core::embed::l2_normalize(&Tensor::from_vec(pseudo(dim, 100 + q as u64), (1, dim), &Device::Cpu)?)?
                 .squeeze(0)?;
         let t = Instant::now();
         let hits = top_k(&m, &query, top)?;

@@ -6,10 +6,12 @@
 //! embeddings are all that stays.
 
 use anyhow::Result;
-use candle_core::{Device, Tensor, D};
+use candle_core::{Device, Tensor};
 
 use crate::data::{ImageStore, TextTokenizer};
+// Defined beside the layers (the loss uses them too), and named here, where embeddings are made.
 use crate::model::ClipModel;
+pub use crate::nn::normalize::{cosine_similarity, l2_normalize};
 
 /// Embeddings (N, P) of images of the store, `chunk` at a time.
 pub fn embed_store_images(
@@ -46,15 +48,4 @@ pub fn embed_texts(
         }
         Ok(Tensor::cat(&parts, 0)?)
     })
-}
-
-/// L2-normalises each row: embeddings are compared by cosine, as dot products of unit rows.
-pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
-    let norm = (x.sqr()?.sum_keepdim(D::Minus1)? + 1e-12)?.sqrt()?;
-    Ok(x.broadcast_div(&norm)?)
-}
-
-/// Cosine similarity matrix (B_images × B_texts), for reports and retrieval.
-pub fn cosine_similarity(image: &Tensor, text: &Tensor) -> Result<Tensor> {
-    Ok(l2_normalize(image)?.matmul(&l2_normalize(text)?.t()?)?)
 }

@@ -3,7 +3,7 @@
 use anyhow::Result;
 use candle_core::{Tensor, D};
 
-use crate::embed::l2_normalize;
+use crate::nn::normalize::l2_normalize;
 
 /// ln(1/0.07): CLIP's initial logit scale.
 pub const CLIP_INIT_LOGIT_SCALE: f64 = 2.659_260_036_932_778;

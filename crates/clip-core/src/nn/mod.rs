@@ -20,6 +20,7 @@ mod linear;
 mod linear_cpu;
 mod max_pool;
 mod max_pool_cpu;
+pub mod normalize;
 mod pool;
 pub mod precision;
 mod relu_cpu;

@@ -305,7 +305,14 @@ impl Loader {
         batches.remaining = chunks.len();
         let decoding = augment != Augment::Off || self.shared.store.is_streaming();
         let depth = if decoding { DECODING_PREFETCH } else { PREFETCH };
-        let (tx, rx) = sync_channel(prefetch_depth(depth, batch_size, self.shared.store.size()));
+        // Batches that carry the image tower's cached features carry no pixels.
+        let pixels = features.as_ref().is_none_or(|f| f.image.is_none());
+        let depth = if pixels {
+            prefetch_depth(depth, batch_size, self.shared.store.size())
+        } else {
+            depth
+        };
+        let (tx, rx) = sync_channel(depth);
         let shared = Arc::clone(&self.shared);
         // Each batch's augmentation seed depends only on the epoch's seed and the batch's position.
         let aug_base = mix(shuffle_seed.unwrap_or(self.seed), 0xa06);

@@ -70,6 +70,7 @@ fn batch(cfg: &ClipConfig, n: usize, seed: u32) -> Batch {
         positives: Tensor::eye(n, DType::F32, dev).unwrap(),
         image_features: None,
         text_features: None,
+        global: None,
     }
 }
 

@@ -380,3 +380,59 @@ fn embeddings_hold_no_forward_graph() {
     assert_eq!(txt.dims()[0], refs.len());
     assert!(!txt.track_op(), "caption embeddings keep their forward graph");
 }
+
+#[test]
+fn each_ranks_share_is_its_slice_of_the_one_process_batch() {
+    use clip_core::data::{Augment, Shard};
+    let d = demo();
+    let all: Vec<usize> = (0..d.ds.pairs.len()).collect();
+    let seed = Some(epoch_seed(7, 1));
+    // 30 pairs in batches of 8: 8, 8, 8 and 6 (3 per rank) — augmented, so the crops count too.
+    let whole: Vec<Batch> = d
+        .loader
+        .batches(&all, 8, seed, Augment::Random)
+        .map(|b| b.unwrap())
+        .collect();
+    let shares = |rank| -> Vec<Batch> {
+        d.loader
+            .batches_sharded(&all, 8, seed, Augment::Random, None, Shard { rank, ranks: 2 })
+            .map(|b| b.unwrap())
+            .collect()
+    };
+    let (r0, r1) = (shares(0), shares(1));
+    assert_eq!((r0.len(), r1.len()), (4, 4));
+    for ((w, a), b) in whole.iter().zip(&r0).zip(&r1) {
+        let half = w.pairs.len() / 2;
+        let global = a.global.as_ref().expect("a share carries its global batch");
+        assert_eq!(global.pairs, w.pairs);
+        assert_eq!(values(&global.positives), values(&w.positives));
+        assert_eq!([&a.pairs[..], &b.pairs[..]].concat(), w.pairs);
+        for (share, start) in [(a, 0), (b, half)] {
+            assert_eq!(values(&share.images), values(&w.images.narrow(0, start, half).unwrap()));
+            // Captions padded to the whole batch's longest.
+            let ids = |t: &Tensor| t.to_dtype(candle_core::DType::F32).unwrap();
+            assert_eq!(
+                values(&ids(&share.input_ids)),
+                values(&ids(&w.input_ids.narrow(0, start, half).unwrap()))
+            );
+            assert_eq!(
+                values(&ids(&share.attention_mask)),
+                values(&ids(&w.attention_mask.narrow(0, start, half).unwrap()))
+            );
+        }
+    }
+    assert!(whole[0].global.is_none());
+    // An odd last batch loses a pair, one that is too small to share is dropped.
+    let three = Shard { rank: 0, ranks: 3 };
+    assert_eq!((three.rows(5), three.rows(2)), (Some(0..1), None));
+    assert_eq!((three.num_batches(30, 9), three.num_batches(29, 9)), (4, 3));
+    assert_eq!(Shard::WHOLE.num_batches(30, 8), 4);
+    assert_eq!(Shard { rank: 1, ranks: 2 }.num_batches(31, 10), 3);
+    // A batch the ranks cannot share equally is an error, not a wrong split.
+    let odd = d
+        .loader
+        .batches_sharded(&all, 9, seed, Augment::Off, None, Shard { rank: 0, ranks: 2 })
+        .next()
+        .unwrap();
+    assert!(odd.err().unwrap().to_string().contains("2 equal shares"));
+}

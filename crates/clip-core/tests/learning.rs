@@ -40,6 +40,7 @@ fn fixed_batch(cfg: &ClipConfig, b: usize, l: usize) -> Batch {
         positives: Tensor::eye(b, DType::F32, &dev).unwrap(),
         image_features: None,
         text_features: None,
+        global: None,
     }
 }
 

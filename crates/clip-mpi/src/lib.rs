@@ -65,6 +65,35 @@ pub fn launch_from(var: impl Fn(&str) -> Option<String>) -> Option<Launch> {
     })
 }
 
+/// Shares this machine's cores among the ranks a launcher started on it, before any thread pool
+/// exists: unless `RAYON_NUM_THREADS` is set, each rank computes with `SLURM_CPUS_PER_TASK`
+/// threads under Slurm, else with the cores divided by the ranks on this machine (Open MPI's
+/// `OMPI_COMM_WORLD_LOCAL_SIZE`, MPICH's `MPI_LOCALNRANKS`): N ranks of N threads each on one
+/// machine would fight over its cores. Returns the threads it chose, if it chose.
+pub fn share_cores() -> Option<usize> {
+    if std::env::var_os("RAYON_NUM_THREADS").is_some() {
+        return None;
+    }
+    let threads = threads_per_rank(
+        |k| std::env::var(k).ok(),
+        std::thread::available_parallelism().ok()?.get(),
+    )?;
+    // Before any other thread runs: the first thing a rank does.
+    std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    Some(threads)
+}
+
+/// The threads each rank on this machine should compute with, as [`share_cores`] chooses them
+/// (`var` reads one variable, `cores` counts this machine's).
+pub fn threads_per_rank(var: impl Fn(&str) -> Option<String>, cores: usize) -> Option<usize> {
+    let number = |k: &str| var(k)?.trim().parse::<usize>().ok().filter(|&n| n > 0);
+    if let Some(n) = number("SLURM_CPUS_PER_TASK") {
+        return Some(n);
+    }
+    let local = number("OMPI_COMM_WORLD_LOCAL_SIZE").or_else(|| number("MPI_LOCALNRANKS"))?;
+    Some((cores / local).max(1))
+}
+
 /// This process's world: one alone ([`Solo`]) when no launcher started it or it started one
 /// rank; else MPI's, checked against what the launcher said. An error, with what to do, when a
 /// launcher started several ranks and this build has no MPI.
@@ -129,6 +158,26 @@ mod tests {
         assert_eq!(launch_from(hydra).map(|l| l.launcher), Some("mpiexec"));
         assert_eq!(launch_from(env(&[("SLURM_PROCID", "x"), ("SLURM_NTASKS", "2")])), None);
         assert_eq!(launch_from(env(&[])), None);
+    }
+
+    #[test]
+    fn the_ranks_on_one_machine_share_its_cores() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |k: &str| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string())
+        };
+        assert_eq!(
+            threads_per_rank(env(&[("OMPI_COMM_WORLD_LOCAL_SIZE", "2")]), 16),
+            Some(8)
+        );
+        assert_eq!(threads_per_rank(env(&[("MPI_LOCALNRANKS", "3")]), 2), Some(1));
+        assert_eq!(
+            threads_per_rank(
+                env(&[("SLURM_CPUS_PER_TASK", "4"), ("OMPI_COMM_WORLD_LOCAL_SIZE", "2")]),
+                16
+            ),
+            Some(4)
+        );
+        assert_eq!(threads_per_rank(env(&[]), 16), None);
     }
 
     #[cfg(not(feature = "mpi"))]

@@ -83,4 +83,8 @@ impl Collective for MpiWorld {
     fn broadcast(&self, buf: &mut [f32]) -> Result<()> {
         self.call(|w| w.process_at_rank(0).broadcast_into(buf))
     }
+
+    fn abort(&self, code: i32) -> ! {
+        SimpleCommunicator::world().abort(code)
+    }
 }

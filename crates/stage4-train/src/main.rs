@@ -6,6 +6,7 @@
 //! own caption ranked first and every caption's own image ranked first.
 
 mod judge;
+mod ranks;
 mod setup;
 
 use std::path::{Path, PathBuf};
@@ -73,36 +74,59 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> Result<ExitCode> {
+    let mut ranks = ranks::Ranks::join()?;
+    run_as(args, &mut ranks).map_err(|e| ranks.fail(e))
+}
+
+/// Stage 4 on this rank (the only one, or one of several: see [`ranks`]).
+fn run_as(args: Args, ranks: &mut ranks::Ranks) -> Result<ExitCode> {
     let mut report = Report::new(4, "train");
     let json = args.model.json.as_deref();
     println!("stage 4 — train: does the loss keep falling over many epochs?\n");
+    ranks::check_args(ranks, args.out.as_deref(), args.resume.as_deref())?;
     let s = setup::setup(&args)?;
     report.metric("precision", s.cfg.train.precision.name());
-    let mut t = setup::open_run(&args, &s.cfg, &s.dev, &s.out)?;
+    report.metric("world_size", ranks.size());
+    let mut t = setup::open_ranks(&args, &s, ranks)?;
     let footprints = match s.teacher {
         Some(tc) => Some(setup::teach(&args, &mut t, tc)?),
         None => None,
     };
-    let mut fixed = setup::before_training(&args, &mut t)?;
+    // Rank 0 draws and reports; the others only train.
+    let mut fixed = match ranks.leads() {
+        true => Some(setup::before_training(&args, &mut t)?),
+        false => {
+            setup::follow(&args, &mut t)?;
+            None
+        }
+    };
     let mut thumbs = Thumbnails::default();
+    let (first_step, mut training) = (t.opt().step, 0.0);
 
     // The loop: train an epoch, validate, schedule, checkpoint.
     while t.state().epoch < s.cfg.train.epochs {
         let lr = t.lr(Group::Heads);
         let started = Instant::now();
-        let (train_loss, pps) = match train_epoch(&mut t, lr) {
+        let trained = train_epoch(&mut t, lr);
+        training += started.elapsed().as_secs_f64();
+        let (train_loss, pps) = match trained {
             Ok(v) => v,
-            Err(e) if e.is::<Stopped>() => return stopped(&t, &args, e),
+            Err(e) if e.is::<Stopped>() => return stopped(&t, &args, ranks, e),
+            Err(e) if ranks.size() > 1 => return Err(e),
             Err(e) => {
                 report.check("finite", false, format!("{e:#}"));
                 return report.finish(json);
             }
         };
-        end_epoch(&mut t, (train_loss, pps), lr, started, &fixed, &mut thumbs)?;
+        end_epoch(&mut t, (train_loss, pps), lr, started, fixed.as_ref(), &mut thumbs)?;
     }
+    let Some(fixed) = fixed.as_mut() else {
+        return Ok(ExitCode::SUCCESS);
+    };
+    ranks.describe_traffic(t.opt().step - first_step, training, &mut report);
     judge::judge(
         &mut t,
-        &mut fixed,
+        fixed,
         &mut thumbs,
         &mut report,
         s.alphas.as_deref(),
@@ -113,17 +137,22 @@ fn run(args: Args) -> Result<ExitCode> {
 
 /// After an epoch's steps: validate, keep the best model, plot the curves, write the report
 /// (cheap: curves and the before matrix, no embedding; the rankings come at the end), and one line.
+/// Every rank validates (the plateau schedule needs the loss on each); only rank 0 (`fixed`)
+/// draws and writes.
 fn end_epoch(
     t: &mut Trainer,
     (train_loss, pps): (f64, f64),
     lr: f64,
     started: Instant,
-    fixed: &Fixed,
+    fixed: Option<&Fixed>,
     thumbs: &mut Thumbnails,
 ) -> Result<()> {
     let v = t.validate()?;
     let secs = started.elapsed().as_secs_f64();
     let best = t.end_epoch(train_loss, &v, secs, pps)?;
+    let Some(fixed) = fixed else {
+        return Ok(());
+    };
     plot_curves(t)?;
     html_report::write(t, fixed, None, thumbs)?;
     print_epoch(t, train_loss, &v, lr, pps, secs, best);
@@ -144,10 +173,12 @@ fn train_epoch(t: &mut Trainer, lr: f64) -> Result<(f64, f64)> {
 }
 
 /// Stopped by Ctrl-C: the checkpoint with the position in the epoch, and the command that resumes.
-fn stopped(t: &Trainer, args: &Args, why: anyhow::Error) -> Result<ExitCode> {
+/// Every rank stops after the same step; rank 0 saves.
+fn stopped(t: &Trainer, args: &Args, ranks: &ranks::Ranks, why: anyhow::Error) -> Result<ExitCode> {
     let dir = t.save_checkpoint()?;
+    let launcher = ranks.launcher_prefix().map(|p| p + " ").unwrap_or_default();
     println!(
-        "{why:#}: checkpoint saved in {}\nresume with:\n  {}",
+        "{why:#}: checkpoint saved in {}\nresume with:\n  {launcher}{}",
         dir.display(),
         resume_command(args, t.out())
     );
@@ -176,9 +207,11 @@ fn print_epoch(t: &Trainer, train_loss: f64, v: &Validation, lr: f64, pps: f64, 
     } else {
         "–".into()
     };
-    println!(
-        "epoch {epoch:>3}: train {train_loss:.4}  val {val}  {quality}  lr {lr:.2e}  {pps:.0} pairs/s  {secs:.1}s{flag}"
-    );
+    let speed = match t.world() {
+        Some(w) => format!("{pps:.0} pairs/s ({:.0} per rank)", pps / w.size() as f64),
+        None => format!("{pps:.0} pairs/s"),
+    };
+    println!("epoch {epoch:>3}: train {train_loss:.4}  val {val}  {quality}  lr {lr:.2e}  {speed}  {secs:.1}s{flag}");
 }
 
 /// The command line that resumes this run: the same program, data and device options.

@@ -17,6 +17,7 @@ use clip_core::prepare::{prepare, DataSource};
 use clip_core::run_dir::{self, DataIdentity, RunDir, RunLock, LOCK};
 use clip_core::{device, ClipConfig};
 
+use crate::ranks::Ranks;
 use crate::Args;
 
 /// What the run is set up with before its trainer exists.
@@ -33,15 +34,6 @@ pub struct Setup {
 /// The config, the device and the run folder; the WiSE-FT weights; and the teacher (--teacher, or
 /// the one a resumed run records), whose width and fingerprint go into the config.
 pub fn setup(args: &Args) -> Result<Setup> {
-    if let Some(l) = clip_mpi::launch().filter(|l| l.size > 1) {
-        // N copies of one run would train the same model side by side into one folder.
-        bail!(
-            "{} started stage 4 as rank {} of {}: stage 4 trains in one process for now. The data-parallel step is in the library (clip_core::train::train_step_data_parallel, tested under mpirun) but the trainer does not use it yet; run one process, with --micro-batch for big batches",
-            l.launcher,
-            l.rank,
-            l.size
-        );
-    }
     let (cfg, dev, out) = config(args)?;
     let alphas = match &args.wise_ft {
         Some(spec) if cfg.pretrained.is_none() => bail!(
@@ -184,10 +176,28 @@ fn new_run_dir() -> Result<PathBuf> {
     unreachable!()
 }
 
+/// The run's trainer on this rank: rank 0 opens (or resumes) the run folder first, then the
+/// other ranks open theirs ([`crate::ranks`]); each joins the world, and their weights are
+/// checked to be the same before the first step.
+pub fn open_ranks(args: &Args, s: &Setup, ranks: &mut Ranks) -> Result<Trainer> {
+    let mut t = if ranks.leads() {
+        let t = open_run(args, &s.cfg, &s.dev, &s.out)?;
+        ranks.world.barrier()?;
+        t
+    } else {
+        ranks.world.barrier()?;
+        let scratch = ranks.scratch(&s.out, args.resume.is_some())?;
+        open_run(args, &s.cfg, &s.dev, &scratch)?
+    };
+    t.set_world(ranks.world.clone())?;
+    t.check_same_weights()?;
+    Ok(t)
+}
+
 /// The trainer of a new or resumed run. One writer per folder: an existing folder is locked
 /// before the data is read, so a second run is refused at once (a new folder is created, and
 /// locked, once the data is known to be good).
-pub fn open_run(args: &Args, cfg: &ClipConfig, dev: &Device, out: &Path) -> Result<Trainer> {
+fn open_run(args: &Args, cfg: &ClipConfig, dev: &Device, out: &Path) -> Result<Trainer> {
     let lock = match (&args.resume, out.exists()) {
         (Some(_), _) => Some(RunLock::acquire(out)?),
         (None, true) => {
@@ -383,16 +393,39 @@ pub fn before_training(args: &Args, t: &mut Trainer) -> Result<Fixed> {
         }
     }
     stop_on_ctrl_c(t)?;
+    describe_plan(t);
+    Ok(fixed)
+}
+
+/// The epochs, steps and batches ahead, with the ranks and micro-batches they go through.
+fn describe_plan(t: &Trainer) {
+    let epochs = t.cfg().train.epochs;
     let micro = match t.cfg().train.micro_batch {
         0 => String::new(),
         m => format!(", through the towers {m} at a time (gradient cache)"),
     };
+    let world = match t.world() {
+        Some(w) => format!(
+            " on {} ranks ({} pairs each)",
+            w.size(),
+            t.cfg().train.batch_size / w.size()
+        ),
+        None => String::new(),
+    };
     println!(
-        "{epochs} epochs × {} steps of {} pairs{micro}\n",
+        "{epochs} epochs × {} steps of {} pairs{world}{micro}\n",
         t.steps_per_epoch(),
         t.cfg().train.batch_size * t.cfg().train.accumulate
     );
-    Ok(fixed)
+}
+
+/// A follower rank's start: its own feature cache, in its scratch folder (ranks never write one
+/// folder at once), or none with --no-feature-cache; and Ctrl-C.
+pub fn follow(args: &Args, t: &mut Trainer) -> Result<()> {
+    if args.no_feature_cache {
+        t.set_feature_cache(None);
+    }
+    stop_on_ctrl_c(t)
 }
 
 /// Says which towers are frozen and where their cached features came from.

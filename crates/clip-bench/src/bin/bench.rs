@@ -196,6 +196,7 @@ impl Setup {
             positives: Tensor::eye(b, DType::F32, dev)?,
             image_features: None,
             text_features: None,
+            global: None,
         })
     }
 }

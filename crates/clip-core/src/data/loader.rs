@@ -12,6 +12,7 @@
 //! [`crate::feature_cache`]): then a batch carries those rows, and cached images are not even
 //! normalised.
 
+use std::ops::Range;
 use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -23,7 +24,7 @@ use rand::SeedableRng;
 use rayon::prelude::*;
 
 use super::features::FrozenFeatures;
-use super::tokenizer::pad;
+use super::tokenizer::{pad, pad_to};
 use super::{mix, CropSeed, Dataset, ImageStore, TextTokenizer};
 use crate::config::ClipConfig;
 
@@ -63,6 +64,49 @@ pub struct Batch {
     pub image_features: Option<Tensor>,
     /// (B, D) pooled text-tower features from the cache of a frozen tower.
     pub text_features: Option<Tensor>,
+    /// The global batch this batch is one rank's share of, in data-parallel training
+    /// ([`Loader::batches_sharded`]); `None` for a whole batch.
+    pub global: Option<GlobalBatch>,
+}
+
+/// The global batch a rank's share belongs to: what the loss over the whole batch needs besides
+/// the embeddings every rank gathers.
+#[derive(Clone)]
+pub struct GlobalBatch {
+    /// Indices into `Dataset::pairs`, every rank's share in rank order.
+    pub pairs: Vec<usize>,
+    /// (G, G) f32: [`Batch::positives`] of the whole batch.
+    pub positives: Tensor,
+}
+
+/// One rank's part of every batch in data-parallel training: rank `rank` of `ranks` takes the
+/// `rank`-th of `ranks` equal slices of each global batch, in the one-process order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shard {
+    pub rank: usize,
+    pub ranks: usize,
+}
+
+impl Shard {
+    /// One process: the whole batch.
+    pub const WHOLE: Shard = Shard { rank: 0, ranks: 1 };
+
+    /// This rank's rows of a global batch of `n` pairs; `None` when the batch is not trained on.
+    /// Shares are equal, so a batch uses a multiple of the ranks (an epoch's last, short batch
+    /// loses up to `ranks − 1` pairs) and at least 2 pairs, one per rank.
+    pub fn rows(&self, n: usize) -> Option<Range<usize>> {
+        let used = n - n % self.ranks.max(1);
+        let per = used / self.ranks.max(1);
+        (used >= self.ranks.max(2)).then(|| self.rank * per..(self.rank + 1) * per)
+    }
+
+    /// The batches of `batch_size` an epoch of `n_pairs` yields to every rank.
+    pub fn num_batches(&self, n_pairs: usize, batch_size: usize) -> usize {
+        if batch_size < 2 {
+            return 0;
+        }
+        n_pairs / batch_size + usize::from(self.rows(n_pairs % batch_size).is_some())
+    }
 }
 
 impl Batch {
@@ -88,6 +132,7 @@ impl Batch {
                     positives: self.positives.narrow(0, start, len)?.narrow(1, start, len)?,
                     image_features: self.image_features.as_ref().map(|f| rows(f, start, len)).transpose()?,
                     text_features: self.text_features.as_ref().map(|f| rows(f, start, len)).transpose()?,
+                    global: None,
                 })
             })
             .collect()
@@ -110,6 +155,8 @@ struct RawBatch {
     /// Cached rows, (B·D), when the batch uses them.
     image_features: Option<(Vec<f32>, usize)>,
     text_features: Option<(Vec<f32>, usize)>,
+    /// A share's global batch: its pairs and (G·G) positives.
+    global: Option<(Vec<usize>, Vec<f32>)>,
 }
 
 /// How the images of a loader's batches are augmented.
@@ -149,43 +196,73 @@ impl Shared {
         crop: Option<CropSeed>,
         features: Option<&FrozenFeatures>,
     ) -> Result<RawBatch> {
+        self.raw_share(pairs, 0..pairs.len(), crop, features)
+    }
+
+    /// Rows `rows` of the batch `pairs`: their images (or cached features), cropped as in the
+    /// whole batch, and captions, padded to the longest of the whole batch; for a share of it,
+    /// the whole batch's pairs and positives too.
+    fn raw_share(
+        &self,
+        pairs: &[usize],
+        rows: Range<usize>,
+        crop: Option<CropSeed>,
+        features: Option<&FrozenFeatures>,
+    ) -> Result<RawBatch> {
         if let Some(&p) = pairs.iter().find(|&&p| p >= self.tokens.len()) {
             bail!(
                 "pair index {p} is out of range: the dataset has {} pairs",
                 self.tokens.len()
             );
         }
-        let image_indices: Vec<usize> = pairs.iter().map(|&p| self.images[p]).collect();
+        let all_images: Vec<usize> = pairs.iter().map(|&p| self.images[p]).collect();
+        let all_seqs: Vec<&[u32]> = pairs.iter().map(|&p| self.tokens[p].as_slice()).collect();
+        let (mine, image_indices, seqs) = (&pairs[rows.clone()], &all_images[rows.clone()], &all_seqs[rows.clone()]);
+        let crop = match crop {
+            Some(CropSeed::Batch(seed)) if rows.start > 0 => Some(CropSeed::BatchFrom {
+                seed,
+                first: rows.start,
+            }),
+            c => c,
+        };
         let cached_image = features.and_then(|f| f.image.as_ref());
         let cached_text = features.and_then(|f| f.text.as_ref());
         let (images, image_features) = match cached_image {
-            Some(rows) => (vec![], Some((rows.gather(&image_indices)?, rows.dim()))),
-            None => (self.store.crop_pixels(&image_indices, crop)?, None),
+            Some(rows) => (vec![], Some((rows.gather(image_indices)?, rows.dim()))),
+            None => (self.store.crop_pixels(image_indices, crop)?, None),
         };
         let text_features = match cached_text {
-            Some(rows) => Some((rows.gather(pairs)?, rows.dim())),
+            Some(rows) => Some((rows.gather(mine)?, rows.dim())),
             None => None,
         };
-        let seqs: Vec<&[u32]> = pairs.iter().map(|&p| self.tokens[p].as_slice()).collect();
-        let (ids, mask, len) = pad(&seqs, self.pad);
-        let mut positives = Vec::with_capacity(pairs.len() * pairs.len());
-        for i in 0..pairs.len() {
-            for j in 0..pairs.len() {
-                let same = i == j || image_indices[i] == image_indices[j] || seqs[i] == seqs[j];
-                positives.push(if same { 1.0 } else { 0.0 });
-            }
-        }
+        let longest = all_seqs.iter().map(|s| s.len()).max().unwrap_or(0);
+        let (ids, mask, len) = pad_to(seqs, self.pad, longest);
+        let whole = rows.len() == pairs.len();
         Ok(RawBatch {
             images,
             ids,
             mask,
             len,
-            pairs: pairs.to_vec(),
-            positives,
+            pairs: mine.to_vec(),
+            positives: positives(image_indices, seqs),
             image_features,
             text_features,
+            global: (!whole).then(|| (pairs.to_vec(), positives(&all_images, &all_seqs))),
         })
     }
+}
+
+/// (B·B): 1 where pairs i and j share their image or their caption.
+fn positives(images: &[usize], seqs: &[&[u32]]) -> Vec<f32> {
+    let n = images.len();
+    let mut out = Vec::with_capacity(n * n);
+    for i in 0..n {
+        for j in 0..n {
+            let same = i == j || images[i] == images[j] || seqs[i] == seqs[j];
+            out.push(if same { 1.0 } else { 0.0 });
+        }
+    }
+    out
 }
 
 fn to_batch(raw: RawBatch, size: usize, device: &Device) -> Result<Batch> {
@@ -208,6 +285,16 @@ fn to_batch(raw: RawBatch, size: usize, device: &Device) -> Result<Batch> {
         input_ids: Tensor::from_vec(raw.ids, (b, raw.len), device)?,
         attention_mask: Tensor::from_vec(raw.mask, (b, raw.len), device)?,
         positives: Tensor::from_vec(raw.positives, (b, b), device)?,
+        global: match raw.global {
+            Some((pairs, positives)) => {
+                let g = pairs.len();
+                Some(GlobalBatch {
+                    pairs,
+                    positives: Tensor::from_vec(positives, (g, g), device)?,
+                })
+            }
+            None => None,
+        },
         pairs: raw.pairs,
     })
 }
@@ -278,6 +365,21 @@ impl Loader {
         augment: impl Into<Augment>,
         features: Option<Arc<FrozenFeatures>>,
     ) -> Batches {
+        self.batches_sharded(pairs, batch_size, shuffle_seed, augment, features, Shard::WHOLE)
+    }
+
+    /// [`Loader::batches_with`] as rank `shard.rank` of `shard.ranks` sees them: each batch is its
+    /// share of the one-process batch (the same order, crops and caption padding), carrying the
+    /// whole batch's pairs and positives ([`Batch::global`]). `batch_size` is the global batch.
+    pub fn batches_sharded(
+        &self,
+        pairs: &[usize],
+        batch_size: usize,
+        shuffle_seed: Option<u64>,
+        augment: impl Into<Augment>,
+        features: Option<Arc<FrozenFeatures>>,
+        shard: Shard,
+    ) -> Batches {
         let augment = augment.into();
         let mut batches = Batches {
             rx: None,
@@ -287,9 +389,10 @@ impl Loader {
             size: self.shared.store.size(),
             device: self.device.clone(),
         };
-        if batch_size < 2 {
+        if batch_size < 2 || shard.rank >= shard.ranks || !batch_size.is_multiple_of(shard.ranks) {
             batches.error = Some(anyhow::anyhow!(
-                "batch size {batch_size} is too small: a contrastive batch needs at least 2 pairs"
+                "batch size {batch_size} cannot be cut into {} equal shares of at least one pair (a contrastive batch needs at least 2 pairs)",
+                shard.ranks
             ));
             return batches;
         }
@@ -297,21 +400,16 @@ impl Loader {
         if let Some(seed) = shuffle_seed {
             order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed));
         }
-        let chunks: Vec<Vec<usize>> = order
+        // Each global batch that is trained on (its pairs a multiple of the ranks) and this rank's rows.
+        let chunks: Vec<(Vec<usize>, Range<usize>)> = order
             .chunks(batch_size)
-            .filter(|c| c.len() >= 2)
-            .map(<[usize]>::to_vec)
+            .filter_map(|c| {
+                let rows = shard.rows(c.len())?;
+                Some((c[..c.len() - c.len() % shard.ranks].to_vec(), rows))
+            })
             .collect();
         batches.remaining = chunks.len();
-        let decoding = augment != Augment::Off || self.shared.store.is_streaming();
-        let depth = if decoding { DECODING_PREFETCH } else { PREFETCH };
-        // Batches that carry the image tower's cached features carry no pixels.
-        let pixels = features.as_ref().is_none_or(|f| f.image.is_none());
-        let depth = if pixels {
-            prefetch_depth(depth, batch_size, self.shared.store.size())
-        } else {
-            depth
-        };
+        let depth = self.depth(augment, &features, batch_size / shard.ranks);
         let (tx, rx) = sync_channel(depth);
         let shared = Arc::clone(&self.shared);
         // Each batch's augmentation seed depends only on the epoch's seed and the batch's position.
@@ -319,13 +417,13 @@ impl Loader {
         let worker = std::thread::Builder::new()
             .name("clipmine-loader".into())
             .spawn(move || {
-                for (k, chunk) in chunks.iter().enumerate() {
+                for (k, (chunk, rows)) in chunks.into_iter().enumerate() {
                     let crop = match augment {
                         Augment::Off => None,
                         Augment::Random => Some(CropSeed::Batch(mix(aug_base, k as u64))),
                         Augment::View(v) => Some(CropSeed::View(v)),
                     };
-                    let raw = shared.raw_batch(chunk, crop, features.as_deref());
+                    let raw = shared.raw_share(&chunk, rows, crop, features.as_deref());
                     let failed = raw.is_err();
                     if tx.send(raw).is_err() || failed {
                         break;
@@ -337,6 +435,19 @@ impl Loader {
             Err(e) => batches.error = Some(anyhow::anyhow!("cannot start the loader thread: {e}")),
         }
         batches
+    }
+
+    /// How many batches of `share` pairs to prepare ahead (see [`prefetch_depth`]).
+    fn depth(&self, augment: Augment, features: &Option<Arc<FrozenFeatures>>, share: usize) -> usize {
+        let decoding = augment != Augment::Off || self.shared.store.is_streaming();
+        let depth = if decoding { DECODING_PREFETCH } else { PREFETCH };
+        // Batches that carry the image tower's cached features carry no pixels.
+        let pixels = features.as_ref().is_none_or(|f| f.image.is_none());
+        if pixels {
+            prefetch_depth(depth, share, self.shared.store.size())
+        } else {
+            depth
+        }
     }
 
     /// One batch of exactly these pairs, in this order, without augmentation (e.g. a fixed

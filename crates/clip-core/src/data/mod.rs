@@ -38,7 +38,7 @@ pub use folders::{default_ensemble, read_templates, render_template, ENSEMBLE_EN
 pub use image::{
     normalised_range, Preprocess, IMAGENET_MEAN, IMAGENET_STD, IMAGE_EXTENSIONS, MAX_DECODE_BYTES, MAX_IMAGE_SIDE,
 };
-pub use loader::{epoch_seed, Augment, Batch, Batches, Loader};
+pub use loader::{epoch_seed, Augment, Batch, Batches, GlobalBatch, Loader, Shard};
 pub use paths::{absolute, contained, image_files, relative_image_path, Listing};
 pub use split::{Split, MIN_IMAGES_TO_SPLIT};
 pub use store::{CropSeed, ImageStore, StoreMode};

@@ -42,6 +42,9 @@ pub enum CropSeed {
     /// Drawn from this batch seed and the image's position in the batch: new crops every
     /// epoch (plain `--augment`).
     Batch(u64),
+    /// [`CropSeed::Batch`] for the images from position `first` of a batch on: one rank's share
+    /// of a global batch draws the crops the whole batch draws in one process.
+    BatchFrom { seed: u64, first: usize },
     /// View `v` of each image: the crop depends only on `v` and the image's index, so it is the
     /// same whenever, and by whichever model, it is asked for. A distillation teacher embeds
     /// each view once; the student trains on the same crops (MobileCLIP's reinforced data).
@@ -53,6 +56,7 @@ impl CropSeed {
     pub fn seed(self, k: usize, image: usize) -> u64 {
         match self {
             CropSeed::Batch(seed) => mix(seed, k as u64),
+            CropSeed::BatchFrom { seed, first } => mix(seed, (first + k) as u64),
             CropSeed::View(v) => mix(mix(0x7669_6577, v), image as u64),
         }
     }

@@ -480,7 +480,12 @@ const CLIP_SPLIT: &str = r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'l
 
 /// Pads sequences to the longest with `pad`: (ids, mask, L), row-major (B, L).
 pub(crate) fn pad(seqs: &[&[u32]], pad: u32) -> (Vec<u32>, Vec<u32>, usize) {
-    let l = seqs.iter().map(|s| s.len()).max().unwrap_or(0);
+    pad_to(seqs, pad, 0)
+}
+
+/// [`pad`] to at least `len` tokens: a rank's share of a batch is padded as the whole batch.
+pub(crate) fn pad_to(seqs: &[&[u32]], pad: u32, len: usize) -> (Vec<u32>, Vec<u32>, usize) {
+    let l = seqs.iter().map(|s| s.len()).max().unwrap_or(0).max(len);
     let mut ids = Vec::with_capacity(seqs.len() * l);
     let mut mask = Vec::with_capacity(seqs.len() * l);
     for s in seqs {

@@ -11,11 +11,13 @@
 //! processes and machines; [`LocalWorld`] runs ranks as threads of one process, for tests.
 
 mod local;
+mod metered;
 
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
 
 pub use local::LocalWorld;
+pub use metered::{Metered, Traffic};
 
 use crate::model::ClipModel;
 use crate::optim::Grads;
@@ -34,6 +36,15 @@ pub trait Collective: Send + Sync {
     fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<()>;
     /// Rank 0's `buf` on every rank.
     fn broadcast(&self, buf: &mut [f32]) -> Result<()>;
+    /// Returns once every rank has called it.
+    fn barrier(&self) -> Result<()> {
+        self.all_reduce_sum(&mut [0.0])
+    }
+    /// Ends every rank of the job now with `code`: what a rank that cannot go on calls, so that
+    /// the others do not wait for it in their next collective for ever. (One process: exits.)
+    fn abort(&self, code: i32) -> ! {
+        std::process::exit(code)
+    }
 }
 
 /// One process alone: the collectives are copies.

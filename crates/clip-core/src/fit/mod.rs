@@ -29,9 +29,10 @@ mod save;
 mod state;
 mod teach;
 mod wise;
+mod world;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -51,7 +52,7 @@ use crate::params::Group;
 use crate::prepare::Prepared;
 use crate::run_dir::RunLock;
 use crate::schedule::{cosine, Plateau};
-use crate::train::{train_step_objective, Contrastive};
+use crate::train::Contrastive;
 
 /// A run in training: its config, model, optimiser, data, folder and what it remembers. Its
 /// fields are private; the programs and the report read it through the accessors below, and
@@ -80,6 +81,12 @@ pub struct Trainer {
     /// Set for a resumed run: its config comes from its folder, which may come from anyone, so
     /// the pretrained checkpoint it names is read from the Hub cache only (never downloaded).
     resumed: bool,
+    /// The ranks of a data-parallel run, this one among them ([`Trainer::set_world`]); `None`
+    /// for one process.
+    world: Option<Arc<dyn crate::dist::Collective>>,
+    /// Whether this trainer writes its run folder: every rank but rank 0 of a data-parallel run
+    /// trains without writing.
+    writes: bool,
     /// The folder's lock, held as long as the trainer lives.
     #[allow(dead_code)]
     lock: RunLock,
@@ -180,6 +187,7 @@ impl Trainer {
             distillation: None,
             partial: None,
             pretrained: None,
+            world_size: None,
         };
         let out = lock.dir.clone();
         Ok(Self {
@@ -196,6 +204,8 @@ impl Trainer {
             restarted: false,
             resumed: false,
             teacher: None,
+            world: None,
+            writes: true,
             lock,
         })
     }
@@ -241,14 +251,14 @@ impl Trainer {
 
     /// Optimiser steps in one epoch.
     pub fn steps_per_epoch(&self) -> usize {
-        let b = self.cfg.train.batch_size;
-        let n = self.data.split.train.len();
-        let batches = n / b + usize::from(n % b >= 2);
+        let batches = self
+            .shard()
+            .num_batches(self.data.split.train.len(), self.cfg.train.batch_size);
         batches.div_ceil(self.cfg.train.accumulate).max(1)
     }
 
     /// Trains one epoch (or the rest of a stopped one); `on_step(step_in_epoch, loss, pairs_per_s)`
-    /// reports progress. Returns (mean loss, pairs per second), or the error [`Stopped`] when the
+    /// reports progress (pairs of every rank, in a data-parallel run). Returns (mean loss, pairs per second), or the error [`Stopped`] when the
     /// stop flag was raised (the steps done are kept in `state.partial`).
     pub fn train_epoch(&mut self, mut on_step: impl FnMut(usize, f64, f64)) -> Result<(f64, f64)> {
         let epoch = self.state.epoch;
@@ -274,7 +284,11 @@ impl Trainer {
             }
             if step >= skip {
                 // (Steps before `skip` were done before the run was stopped: the same batches.)
-                let n: usize = pending.iter().map(|b| b.pairs.len()).sum();
+                // (Pairs of the global batch: a rank's share counts the ranks' pairs per second.)
+                let n: usize = pending
+                    .iter()
+                    .map(|b| b.global.as_ref().map_or(b.pairs.len(), |g| g.pairs.len()))
+                    .sum();
                 let loss = self
                     .step_on(&pending, view)
                     .with_context(|| format!("epoch {}, step {}", epoch + 1, step + 1))?;
@@ -284,7 +298,10 @@ impl Trainer {
             }
             pending.clear();
             step += 1;
-            if step > skip && self.stop.as_ref().is_some_and(|f| f.load(Ordering::SeqCst)) {
+            if step > skip && self.opt.step.is_multiple_of(world::CHECK_EVERY) {
+                self.check_same_weights()?;
+            }
+            if step > skip && self.stop_requested()? {
                 self.state.partial = Some(PartialEpoch {
                     steps: step,
                     losses,
@@ -305,6 +322,7 @@ impl Trainer {
                 self.data.split.train.len()
             );
         }
+        self.check_same_weights()?;
         let mean = losses.iter().sum::<f64>() / losses.len() as f64;
         Ok((mean, pairs as f64 / started.elapsed().as_secs_f64().max(1e-9)))
     }
@@ -320,12 +338,13 @@ impl Trainer {
             Some(v) => crate::data::Augment::View(v as u64),
             None => self.cfg.data.augment.into(),
         };
-        let batches = self.data.loader.batches_with(
+        let batches = self.data.loader.batches_sharded(
             &self.data.split.train,
             self.cfg.train.batch_size,
             Some(crate::data::epoch_seed(self.cfg.seed, epoch)),
             augment,
             self.frozen_features()?,
+            self.shard(),
         );
         Ok((batches, view))
     }
@@ -340,8 +359,9 @@ impl Trainer {
                 .scale_lr(cosine(self.opt.step, t.warmup(total_steps), total_steps));
         }
         let (clip, micro) = (t.clip_grad_norm, t.micro_batch);
+        let world = self.world.as_deref();
         let out = match &self.teacher {
-            None => train_step_objective(&self.model, &mut self.opt, pending, clip, micro, &Contrastive)?,
+            None => world::step(&self.model, &mut self.opt, world, pending, (clip, micro), &Contrastive)?,
             Some(t) => {
                 let objective = teach::Distilling {
                     targets: t,
@@ -350,7 +370,7 @@ impl Trainer {
                     view,
                     device: &self.data.device,
                 };
-                train_step_objective(&self.model, &mut self.opt, pending, clip, micro, &objective)?
+                world::step(&self.model, &mut self.opt, world, pending, (clip, micro), &objective)?
             }
         };
         Ok(out.loss)

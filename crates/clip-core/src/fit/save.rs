@@ -13,6 +13,9 @@ use crate::run_dir::{LAST, METRICS, OPTIMIZER, STATE, WEIGHTS};
 impl Trainer {
     /// Saves the model and optimiser as the run's best (`model.safetensors`, `optimizer.*`).
     pub(super) fn save_best(&self) -> Result<()> {
+        if !self.writes {
+            return Ok(());
+        }
         let mut files = vec![(WEIGHTS.to_string(), weights_bytes(&self.model.params)?)];
         files.extend(optimizer_files(&self.opt, &self.out.join(OPTIMIZER))?);
         write_checked(&self.out, &files)
@@ -22,6 +25,9 @@ impl Trainer {
     /// position inside the epoch when stopped mid-epoch), replacing the previous one as a whole:
     /// written to `last.tmp/`, then swapped in. Returns its folder.
     pub fn save_checkpoint(&self) -> Result<PathBuf> {
+        if !self.writes {
+            return Ok(self.out.join(LAST));
+        }
         let tmp = self.out.join(format!("{LAST}.tmp"));
         if tmp.exists() {
             std::fs::remove_dir_all(&tmp).with_context(|| format!("removing {}", tmp.display()))?;
@@ -48,6 +54,9 @@ impl Trainer {
 
     /// metrics.json and loss.csv from the history (the programs draw the curves).
     pub fn write_metrics(&self) -> Result<()> {
+        if !self.writes {
+            return Ok(());
+        }
         let h = &self.state.history;
         let metrics = serde_json::json!({
             "config": self.cfg.name,

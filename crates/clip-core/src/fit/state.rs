@@ -64,6 +64,10 @@ pub struct TrainState {
     /// of its files): WiSE-FT re-reads exactly it at the end, or refuses.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pretrained: Option<super::wise::PretrainedPin>,
+    /// The ranks training the run (data-parallel; 1 for one process): a run continues only with
+    /// as many, since the steps' batches and dropout masks depend on them. `None` before it is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub world_size: Option<usize>,
 }
 
 /// How far into an epoch a stopped run got: its steps and their losses (so the epoch's mean loss

@@ -52,6 +52,15 @@ pub struct Pairs<'a> {
     pub positives: &'a Tensor,
 }
 
+impl<'a> From<&'a crate::data::GlobalBatch> for Pairs<'a> {
+    fn from(b: &'a crate::data::GlobalBatch) -> Self {
+        Pairs {
+            pairs: &b.pairs,
+            positives: &b.positives,
+        }
+    }
+}
+
 impl<'a> From<&'a Batch> for Pairs<'a> {
     fn from(b: &'a Batch) -> Self {
         Pairs {

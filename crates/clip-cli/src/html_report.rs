@@ -597,6 +597,19 @@ fn caption_rankings(w: &mut String, ds: &Dataset, ranking: Option<&Ranking>) -> 
 }
 
 /// The data (source, counts, split, classes) and the run's config.toml.
+/// The global batch, the ranks that share it and the micro-batches the towers see.
+fn describe_batch(t: &Trainer) -> String {
+    let tr = &t.cfg().train;
+    let mut s = format!("{} pairs per step", tr.batch_size * tr.accumulate);
+    if let Some(w) = t.world() {
+        s += &format!(", on {} ranks ({} pairs each)", w.size(), tr.batch_size / w.size());
+    }
+    if tr.micro_batch > 0 {
+        s += &format!(", through the towers {} at a time (gradient cache)", tr.micro_batch);
+    }
+    s
+}
+
 fn data_and_config(w: &mut String, t: &Trainer) -> Result<()> {
     let ds = &t.data().dataset;
     writeln!(w, "<h2 id=\"data\">Data</h2><table class=\"kv\">")?;
@@ -611,6 +624,7 @@ fn data_and_config(w: &mut String, t: &Trainer) -> Result<()> {
     if let Some(n) = &split.note {
         rows.push(("split", n.clone()));
     }
+    rows.push(("batch", describe_batch(t)));
     if !ds.labels.is_empty() {
         rows.push((
             "classes",

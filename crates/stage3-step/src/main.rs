@@ -6,6 +6,8 @@
 //! move, a frozen one it did, BatchNorm statistics that never update in a trainable image tower
 //! (or that move in a frozen one, which must run in evaluation mode).
 
+mod micro;
+
 use std::collections::HashMap;
 use std::process::ExitCode;
 use std::time::Instant;
@@ -95,8 +97,13 @@ fn run(args: Args) -> Result<ExitCode> {
         );
     }
 
-    // The step, as the tutorial writes it: forward, loss, loss.backward(), optimizer.step().
+    // With --micro-batch: the cached gradient against the whole batch's, at the same weights.
     let cut = args.cut_gradient.as_deref();
+    if cut.is_none() {
+        micro::check(&model, &opt, &batch, &mut report)?;
+    }
+
+    // The step, as the tutorial writes it: forward, loss, loss.backward(), optimizer.step().
     let before = snapshot(&model)?;
     let t = Instant::now();
     let outcome = match step(&model, &mut opt, &batch, cut) {

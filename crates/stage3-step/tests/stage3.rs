@@ -102,3 +102,50 @@ fn passes_from_each_pretrained_clip_kind_with_a_gradient_for_both_towers_and_log
         );
     }
 }
+
+/// With --micro-batch, the cached gradient is compared with the whole batch's where the two are
+/// equal (no BatchNorm, no dropout), and the stage says why not elsewhere.
+#[test]
+fn the_gradient_cache_is_checked_against_the_whole_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("vit.toml");
+    std::fs::write(
+        &cfg,
+        "name = \"vit-exact\"\nprojection_dim = 16\nhead = \"linear\"\n\
+         [image]\narch = \"vit\"\nimage_size = 32\npatch_size = 8\nwidth = 32\nlayers = 2\nheads = 2\nmlp_dim = 64\n\
+         [text]\nkind = \"clip\"\npooling = \"eot\"\nvocab_size = 2048\ndim = 32\nn_layers = 2\nn_heads = 2\n\
+         hidden_dim = 64\nmax_position_embeddings = 64\ndropout = 0.0\nattention_dropout = 0.0\n",
+    )
+    .unwrap();
+    let args = [
+        "--config",
+        cfg.to_str().unwrap(),
+        "--batch-size",
+        "16",
+        "--micro-batch",
+        "4",
+    ];
+    let (ok, log) = run(&args);
+    assert!(ok, "{log}");
+    let line = log
+        .lines()
+        .find(|l| l.contains("[ok] gradient cache: on the first 8 pairs, in micro-batches of 4"))
+        .unwrap_or_else(|| panic!("{log}"));
+    let within: f64 = line
+        .split("within ")
+        .nth(1)
+        .unwrap()
+        .split(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(within < 1e-5, "{line}");
+    // The tiny preset's ResNet has BatchNorm: not compared, and the stage says why.
+    let (ok, log) = run(&["--micro-batch", "4"]);
+    assert!(ok, "{log}");
+    assert!(
+        log.contains("not compared with the whole batch's gradient: the image tower's BatchNorm"),
+        "{log}"
+    );
+}

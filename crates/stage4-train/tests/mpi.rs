@@ -165,7 +165,12 @@ fn two_ranks_of_eight_train_as_one_process_of_sixteen() {
         assert!(close(x.0, y.0) && close(x.1, y.1), "one process {a:?}, two ranks {b:?}");
     }
     same_weights(&one, &two);
-    assert!(two.join("report.html").is_file() && two.join("loss.png").is_file());
+    let page = std::fs::read_to_string(two.join("report.html")).unwrap();
+    assert!(
+        page.contains("16 pairs per step, on 2 ranks (8 pairs each)"),
+        "report.html records the ranks"
+    );
+    assert!(two.join("loss.png").is_file());
 }
 
 /// The pid of rank `rank` of the job whose command line names `out`.

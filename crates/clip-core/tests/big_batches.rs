@@ -293,18 +293,27 @@ fn micro_batches_distil_with_a_cached_tower_as_the_whole_batch_does() {
     same_weights(whole.model(), micro.model(), 1e-5, "after an epoch");
 }
 
-/// `steps` steps of one process on batches of 16 (micro-batches of 4), and of 2 ranks × 8 as
-/// threads: (the process's losses and model, each rank's losses and model).
 /// A run's losses, step by step, and its model at the end.
 type Run = (Vec<f64>, ClipModel);
 
+/// `steps` steps of one process on batches of 16 (micro-batches of 4), and of 2 ranks × 8 as
+/// threads (micro-batches of 4): (the process's losses and model, each rank's losses and model).
 fn one_process_and_two_ranks(cfg: &ClipConfig, steps: u32) -> (Run, Vec<Run>) {
+    one_process_and_two_ranks_with(cfg, steps, (4, 4))
+}
+
+/// [`one_process_and_two_ranks`] with the micro-batches (one process's, each rank's; 0: none).
+fn one_process_and_two_ranks_with(
+    cfg: &ClipConfig,
+    steps: u32,
+    (micro, rank_micro): (usize, usize),
+) -> (Run, Vec<Run>) {
     let one = ClipModel::new(cfg, &Device::Cpu).unwrap();
     let mut opt = AdamW::new(&one.params, &cfg.train).unwrap();
     let losses = (0..steps)
         .map(|step| {
             let b = batch(cfg, 16, step);
-            train_step_objective(&one, &mut opt, std::slice::from_ref(&b), 0.0, 4, &Contrastive)
+            train_step_objective(&one, &mut opt, std::slice::from_ref(&b), 0.0, micro, &Contrastive)
                 .unwrap()
                 .loss
         })
@@ -330,7 +339,7 @@ fn one_process_and_two_ranks(cfg: &ClipConfig, steps: u32) -> (Run, Vec<Run>) {
                                     &mine,
                                     (&global).into(),
                                     0.0,
-                                    4,
+                                    rank_micro,
                                     &Contrastive,
                                     &comm,
                                 )
@@ -384,5 +393,17 @@ fn ranks_with_batch_norm_and_dropout_hold_the_same_weights_as_one_process() {
     let (a, b) = (all(&ranks[0].1), all(&ranks[1].1));
     for (name, t) in &a {
         assert_eq!(values(t), values(&b[name]), "{name} differs between the ranks");
+    }
+}
+
+#[test]
+fn a_share_in_one_piece_is_embedded_once_and_trains_as_micro_batches_of_its_size() {
+    // Each rank embeds its 8 pairs once, keeping the graph while the ranks exchange them: the
+    // step of one process in micro-batches of 8 (the same dropout masks; BatchNorm per 8).
+    let cfg = ClipConfig::tiny();
+    let ((losses, one), ranks) = one_process_and_two_ranks_with(&cfg, 3, (8, 0));
+    for (rank, (l, model)) in ranks.iter().enumerate() {
+        same_losses(&losses, l, &format!("rank {rank}"));
+        same_weights(&one, model, 1e-4, &format!("on rank {rank} after 3 steps"));
     }
 }

@@ -207,9 +207,11 @@ fn print_epoch(t: &Trainer, train_loss: f64, v: &Validation, lr: f64, pps: f64, 
     } else {
         "–".into()
     };
+    // Big models on CPUs train a few pairs per second: a decimal then.
+    let rate = |x: f64| if x < 10.0 { format!("{x:.1}") } else { format!("{x:.0}") };
     let speed = match t.world() {
-        Some(w) => format!("{pps:.0} pairs/s ({:.0} per rank)", pps / w.size() as f64),
-        None => format!("{pps:.0} pairs/s"),
+        Some(w) => format!("{} pairs/s ({} per rank)", rate(pps), rate(pps / w.size() as f64)),
+        None => format!("{} pairs/s", rate(pps)),
     };
     println!("epoch {epoch:>3}: train {train_loss:.4}  val {val}  {quality}  lr {lr:.2e}  {speed}  {secs:.1}s{flag}");
 }

@@ -2,11 +2,13 @@
 //! ranks' collectives make the step the one-process step over the whole batch.
 //!
 //! On rank r of N, holding pairs [r·B, (r+1)·B) of a global batch of N·B:
-//! 1. its share is embedded without a graph, in micro-batches (the gradient cache, [`super::grad_cache`]);
+//! 1. its share is embedded: in micro-batches without a graph (the gradient cache,
+//!    [`super::grad_cache`]), or in one piece with its graph, kept until step 3;
 //! 2. the embeddings are all-gathered: every rank holds the N·B embeddings and computes the
 //!    whole batch's loss and its gradient with respect to each of them, and to the loss's own
 //!    parameters (the same on every rank);
-//! 3. its share is embedded again with its graph, backpropagating its rows of that gradient;
+//! 3. its rows of that gradient are backpropagated through its share's embeddings (in
+//!    micro-batches, embedded again with their graph);
 //! 4. the towers' gradients are summed over the ranks (the loss's own parameters' averaged), in
 //!    one all-reduce: every rank gets the same values and applies the same update.
 //!
@@ -18,7 +20,7 @@
 
 use anyhow::{bail, Result};
 
-use super::grad_cache::{loss_gradients, Chunks, Objective, Pairs};
+use super::grad_cache::{backpropagate_rows, loss_gradients, Chunks, Objective, Pairs};
 use super::{add_grads, apply_update, step_seed, StepOutcome};
 use crate::data::Batch;
 use crate::dist::{all_gather_rows, all_reduce_grads, broadcast_buffers, Collective};
@@ -81,13 +83,24 @@ fn data_parallel_grads(
     let seed = crate::rng::mix(step_seed(model.config.seed, opt.step), 0);
     let size = if micro_batch == 0 { n } else { micro_batch };
     let chunks = Chunks::new(local, size, seed, (rank * per_rank) as u64)?;
-    let mine = chunks.embed_without_graph(model, objective)?;
+    // A share in one piece is embedded once, its graph kept while the ranks exchange the values;
+    // in micro-batches, without a graph and again with it (the gradient cache).
+    let (kept, mine) = match per_rank {
+        1 => {
+            let (e, values) = chunks.embed_whole(model, objective)?;
+            (Some(e), values)
+        }
+        _ => (None, chunks.embed_without_graph(model, objective)?),
+    };
     let all = mine
         .iter()
         .map(|t| all_gather_rows(comm, t))
         .collect::<Result<Vec<_>>>()?;
     let (value, loss_grads, cached) = loss_gradients(model, opt, all, global, objective, 1.0)?;
-    let mut grads = chunks.backpropagate(model, opt, objective, &cached, rank * n)?;
+    let mut grads = match kept {
+        Some(e) => backpropagate_rows(opt, &e, &cached, rank * n)?,
+        None => chunks.backpropagate(model, opt, objective, &cached, rank * n)?,
+    };
     // The loss's own parameters have the whole gradient on every rank: they enter the sum as
     // their mean, so that every rank ends with the very same values.
     let share = 1.0 / comm.size() as f64;

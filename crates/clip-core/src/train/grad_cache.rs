@@ -202,23 +202,48 @@ impl Chunks {
         for (p, &s) in self.parts.iter().zip(&self.seeds) {
             model.reseed_dropout(s);
             let e = objective.embed(model, p)?;
-            let n = p.pairs.len();
-            let mut surrogate: Option<Tensor> = None;
-            for (e, g) in e.iter().zip(cached) {
-                let Some(g) = g else { continue };
-                let term = (e * g.narrow(0, row, n)?)?.sum_all()?;
-                surrogate = Some(match surrogate {
-                    Some(s) => (s + term)?,
-                    None => term,
-                });
-            }
-            if let Some(s) = surrogate {
-                super::add_grads(&mut grads, opt.grads_by_name(&s.backward()?))?;
-            }
-            row += n;
+            super::add_grads(&mut grads, backpropagate_rows(opt, &e, cached, row)?)?;
+            row += p.pairs.len();
         }
         Ok(grads)
     }
+
+    /// Passes 1 and 3 in one, for a batch in one piece: its embeddings with their graph (kept
+    /// until [`backpropagate_rows`]), and their values without it.
+    pub(super) fn embed_whole(
+        &self,
+        model: &ClipModel,
+        objective: &impl Objective,
+    ) -> Result<(Vec<Tensor>, Vec<Tensor>)> {
+        let ([p], [s]) = (&self.parts[..], &self.seeds[..]) else {
+            anyhow::bail!(
+                "gradient cache: {} micro-batches where one was expected",
+                self.parts.len()
+            );
+        };
+        model.reseed_dropout(*s);
+        let e = objective.embed(model, p)?;
+        let values = e.iter().map(|t| t.detach()).collect();
+        Ok((e, values))
+    }
+}
+
+/// The towers' gradients of embeddings `e` (with their graph), which are rows `row`.. of the
+/// embeddings the loss's gradient `cached` is of: the backward of Σ e · cached.
+pub(super) fn backpropagate_rows(opt: &AdamW, e: &[Tensor], cached: &[Option<Tensor>], row: usize) -> Result<Grads> {
+    let mut surrogate: Option<Tensor> = None;
+    for (e, g) in e.iter().zip(cached) {
+        let Some(g) = g else { continue };
+        let term = (e * g.narrow(0, row, e.dim(0)?)?)?.sum_all()?;
+        surrogate = Some(match surrogate {
+            Some(s) => (s + term)?,
+            None => term,
+        });
+    }
+    Ok(match surrogate {
+        Some(s) => opt.grads_by_name(&s.backward()?),
+        None => Grads::new(),
+    })
 }
 
 /// Pass 2: the loss of the whole batch from `inputs` (its embeddings, made leaves of the graph)

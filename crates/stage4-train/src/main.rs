@@ -21,6 +21,7 @@ use clip_cli::DataArgs;
 use clip_cli::Report;
 use clip_core::fit::{Stopped, Trainer, Validation};
 use clip_core::params::Group;
+use clip_core::train::NonFinite;
 
 #[derive(Parser)]
 #[command(
@@ -112,11 +113,16 @@ fn run_as(args: Args, ranks: &mut ranks::Ranks) -> Result<ExitCode> {
         let (train_loss, pps) = match trained {
             Ok(v) => v,
             Err(e) if e.is::<Stopped>() => return stopped(&t, &args, ranks, e),
-            Err(e) if ranks.size() > 1 => return Err(e),
-            Err(e) => {
+            // A NaN loss or gradient norm: every rank meets it at the same step.
+            Err(e) if e.is::<NonFinite>() || ranks.size() == 1 => {
                 report.check("finite", false, format!("{e:#}"));
-                return report.finish(json);
+                return match ranks.leads() {
+                    true => report.finish(json),
+                    false => Ok(ExitCode::from(1)),
+                };
             }
+            // Anything else may have happened on this rank alone: the job ends.
+            Err(e) => return Err(e),
         };
         end_epoch(&mut t, (train_loss, pps), lr, started, fixed.as_ref(), &mut thumbs)?;
     }

@@ -266,3 +266,29 @@ fn sigterm_to_one_rank_stops_all_and_the_job_resumes_exactly() {
     }
     same_weights(&full, &cut);
 }
+
+#[test]
+fn a_nan_loss_fails_the_finite_check_once_not_the_job() {
+    let _one = JOBS.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("vit.toml");
+    std::fs::write(&cfg, CONFIG).unwrap();
+    let (out, json) = (dir.path().join("nan"), dir.path().join("s4.json"));
+    let huge = ["--lr-head", "1e30", "--lr-image", "1e30", "--lr-text", "1e30"];
+    let o = output(
+        stage4(2)
+            .args(["--config", path(&cfg), "--epochs", "2", "--out", path(&out)])
+            .args(huge)
+            .args(["--json", path(&json)]),
+    );
+    let log = log(&o);
+    // Every rank meets the NaN at the same step: rank 0 reports it, nobody aborts.
+    assert_eq!(o.status.code(), Some(1), "{log}");
+    assert_eq!(log.matches("[FAIL] finite").count(), 1, "{log}");
+    assert!(!log.contains("MPI_ABORT"), "{log}");
+    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
+    assert_eq!(
+        (r["passed"].as_bool(), r["metrics"]["world_size"].as_u64()),
+        (Some(false), Some(2))
+    );
+}

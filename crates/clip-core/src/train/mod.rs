@@ -153,13 +153,28 @@ fn add_grads(acc: &mut Grads, grads: Grads) -> Result<()> {
 /// An error when the loss of step `step` (0-based) is NaN or infinite, before any weight moves.
 fn check_loss(value: f64, step: u64) -> Result<()> {
     if !value.is_finite() {
-        bail!(
+        return Err(NonFinite(format!(
             "the loss is {value} at step {}: lower the learning rates, or check stage 3",
             step + 1
-        );
+        ))
+        .into());
     }
     Ok(())
 }
+
+/// The error of a step whose loss or gradient norm is NaN or infinite. In a data-parallel run
+/// both are computed from what every rank shares, so every rank meets it at the same step (an
+/// error on one rank alone must end the job instead).
+#[derive(Debug)]
+pub struct NonFinite(pub String);
+
+impl std::fmt::Display for NonFinite {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for NonFinite {}
 
 /// The optimiser's half of a step: clips the gradients to `clip_grad_norm` (when it is > 0) and
 /// applies them. Returns the gradient norm before clipping; errors when it is NaN/Inf (before
@@ -196,7 +211,10 @@ pub fn clip_gradients(grads: &mut Grads, max_norm: f64, step: u64) -> Result<Opt
 
 fn check_grad_norm(grad_norm: f64, step: u64) -> Result<()> {
     if !grad_norm.is_finite() {
-        bail!("the gradient norm is {grad_norm} at step {step}: lower the learning rates or set train.clip_grad_norm");
+        return Err(NonFinite(format!(
+            "the gradient norm is {grad_norm} at step {step}: lower the learning rates or set train.clip_grad_norm"
+        ))
+        .into());
     }
     Ok(())
 }

@@ -102,34 +102,15 @@ fn run_as(args: Args, ranks: &mut ranks::Ranks) -> Result<ExitCode> {
         }
     };
     let mut thumbs = Thumbnails::default();
-    let (first_step, mut training) = (t.opt().step, 0.0);
-
-    // The loop: train an epoch, validate, schedule, checkpoint.
-    while t.state().epoch < s.cfg.train.epochs {
-        let lr = t.lr(Group::Heads);
-        let started = Instant::now();
-        let trained = train_epoch(&mut t, lr);
-        training += started.elapsed().as_secs_f64();
-        let (train_loss, pps) = match trained {
-            Ok(v) => v,
-            Err(e) if e.is::<Stopped>() => return stopped(&t, &args, ranks, e),
-            // A NaN loss or gradient norm: every rank meets it at the same step.
-            Err(e) if e.is::<NonFinite>() || ranks.size() == 1 => {
-                report.check("finite", false, format!("{e:#}"));
-                return match ranks.leads() {
-                    true => report.finish(json),
-                    false => Ok(ExitCode::from(1)),
-                };
-            }
-            // Anything else may have happened on this rank alone: the job ends.
-            Err(e) => return Err(e),
-        };
-        end_epoch(&mut t, (train_loss, pps), lr, started, fixed.as_ref(), &mut thumbs)?;
+    match train_loop(&mut t, &args, ranks, fixed.as_ref(), &mut thumbs, &mut report)? {
+        Ended::Stopped(code) => return Ok(code),
+        Ended::NotFinite if ranks.leads() => return report.finish(json),
+        Ended::NotFinite => return Ok(ExitCode::from(1)),
+        Ended::Trained => {}
     }
     let Some(fixed) = fixed.as_mut() else {
         return Ok(ExitCode::SUCCESS);
     };
-    ranks.describe_traffic(t.opt().step - first_step, training, &mut report);
     judge::judge(
         &mut t,
         fixed,
@@ -139,6 +120,50 @@ fn run_as(args: Args, ranks: &mut ranks::Ranks) -> Result<ExitCode> {
         footprints.as_ref(),
     )?;
     report.finish(json)
+}
+
+/// How the training loop ended.
+enum Ended {
+    /// Every epoch trained.
+    Trained,
+    /// Stopped by Ctrl-C / SIGTERM, with the stage's exit code.
+    Stopped(ExitCode),
+    /// A NaN or infinite loss or gradient norm (in the report's "finite" check).
+    NotFinite,
+}
+
+/// The loop: train an epoch, validate, schedule, checkpoint.
+fn train_loop(
+    t: &mut Trainer,
+    args: &Args,
+    ranks: &ranks::Ranks,
+    fixed: Option<&Fixed>,
+    thumbs: &mut Thumbnails,
+    report: &mut Report,
+) -> Result<Ended> {
+    let (first_step, mut training) = (t.opt().step, 0.0);
+    while t.state().epoch < t.cfg().train.epochs {
+        let lr = t.lr(Group::Heads);
+        let started = Instant::now();
+        let trained = train_epoch(t, lr);
+        training += started.elapsed().as_secs_f64();
+        let (train_loss, pps) = match trained {
+            Ok(v) => v,
+            Err(e) if e.is::<Stopped>() => return stopped(t, args, ranks, e).map(Ended::Stopped),
+            // A NaN loss or gradient norm: every rank meets it at the same step.
+            Err(e) if e.is::<NonFinite>() || ranks.size() == 1 => {
+                report.check("finite", false, format!("{e:#}"));
+                return Ok(Ended::NotFinite);
+            }
+            // Anything else may have happened on this rank alone: the job ends.
+            Err(e) => return Err(e),
+        };
+        end_epoch(t, (train_loss, pps), lr, started, fixed, thumbs)?;
+    }
+    if ranks.leads() {
+        ranks.describe_traffic(t.opt().step - first_step, training, report);
+    }
+    Ok(Ended::Trained)
 }
 
 /// After an epoch's steps: validate, keep the best model, plot the curves, write the report

@@ -1,4 +1,4 @@
-//! `export`: the model as an open_clip or Hugging Face folder.
+//! `export`: the model as an open_clip or Hugging Face folder, or as ONNX graphs.
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -10,7 +10,7 @@ use clip_core::run_dir::RunDir;
 use crate::model::{load, Origin};
 use crate::ModelChoice;
 
-/// Writes the model as an open_clip or Hugging Face folder and says how to load it.
+/// Writes the model as an open_clip or Hugging Face folder (or ONNX graphs) and says how to load it.
 pub(crate) fn export(
     choice: &ModelChoice,
     format: clip_core::export::ExportFormat,
@@ -70,10 +70,12 @@ pub(crate) fn export(
                 .collect::<Vec<_>>()
                 .join("\n")
         );
-        println!(
-            "or here: clip-predict image-to-text --model {} …",
-            clip_cli::args::shell_quoted(&out.display().to_string())
-        );
+        if format != clip_core::export::ExportFormat::Onnx {
+            println!(
+                "or here: clip-predict image-to-text --model {} …",
+                clip_cli::args::shell_quoted(&out.display().to_string())
+            );
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

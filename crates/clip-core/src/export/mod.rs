@@ -10,12 +10,17 @@
 //!   `preprocessor_config.json`; loads with `CLIPModel.from_pretrained(DIR)` (or
 //!   `ChineseCLIPModel`).
 //!
+//! - ONNX: `image_encoder.onnx`, `text_encoder.onnx` (pixels or token ids → unit embeddings),
+//!   `clip.json`, `tokenizer.json`, `preprocessor_config.json`; runs in ONNX Runtime without
+//!   Python (see [`onnx`]).
+//!
 //! An export is written to a temporary folder beside its destination and renamed into place:
 //! the destination holds the old export or the new one, never a mix, and a failed export leaves
 //! nothing behind.
 
 mod configs;
 mod folder;
+pub mod onnx;
 mod tensors;
 
 use std::collections::HashMap;
@@ -38,6 +43,8 @@ pub enum ExportFormat {
     OpenClip,
     /// `CLIPModel`, or `ChineseCLIPModel` for a model with a BERT text tower.
     Hf,
+    /// Two ONNX graphs (image and text encoders) and the files a consumer needs beside them.
+    Onnx,
 }
 
 impl std::str::FromStr for ExportFormat {
@@ -46,7 +53,8 @@ impl std::str::FromStr for ExportFormat {
         match s {
             "open_clip" | "open-clip" | "openclip" => Ok(Self::OpenClip),
             "hf" | "huggingface" | "transformers" => Ok(Self::Hf),
-            other => bail!("unknown export format {other:?}: open_clip or hf"),
+            "onnx" => Ok(Self::Onnx),
+            other => bail!("unknown export format {other:?}: open_clip, hf or onnx"),
         }
     }
 }
@@ -75,6 +83,10 @@ pub fn exportable(cfg: &ClipConfig, format: ExportFormat) -> Result<()> {
             "this student was distilled on images without captions: its own text tower learned nothing, and clipmine answers its captions with the teacher's ({}) — an exported model would carry the untrained one. Distil on images with captions to export a student that stands alone",
             cfg.distill.teacher.as_deref().unwrap_or("?")
         );
+    }
+    if format == ExportFormat::Onnx {
+        // The graphs carry a student's maps into its teacher's space.
+        return onnx::supported(cfg);
     }
     if cfg.distill.in_teacher_space() && cfg.distill.maps(cfg.projection_dim).is_some() {
         bail!(
@@ -110,6 +122,8 @@ pub fn exportable(cfg: &ClipConfig, format: ExportFormat) -> Result<()> {
                 bail!("Hugging Face's CLIPVisionModel reads the class token only; this image tower averages its tokens: export with --format open_clip (pool_type \"avg\")");
             }
         }
+        // Answered above.
+        ExportFormat::Onnx => {}
         ExportFormat::OpenClip => {
             if chinese {
                 bail!("open_clip has no Chinese-CLIP text tower (a BERT): export this model with --format hf (ChineseCLIPModel)");
@@ -174,20 +188,24 @@ pub fn export(
         ),
         _ => {}
     }
-    // A distilled student's maps into its teacher's space served training only.
+    // A distilled student's maps into its teacher's space served training only, except where the
+    // student answers through them (which only the ONNX graphs can carry).
     let params: HashMap<String, Tensor> = model
         .params
         .tensors()
         .into_iter()
-        .filter(|(k, _)| !k.starts_with("distill."))
+        .filter(|(k, _)| format == ExportFormat::Onnx || !k.starts_with("distill."))
         .map(|(k, t)| Ok((k, t.to_device(&Device::Cpu)?.to_dtype(DType::F32)?)))
         .collect::<Result<_>>()?;
     let mut w = match format {
         ExportFormat::OpenClip => open_clip_files(cfg, tokenizer, &params, out)?,
         ExportFormat::Hf => hf_files(cfg, tokenizer, &params, out)?,
+        ExportFormat::Onnx => onnx_files(model, tokenizer, &params, out)?,
     };
     let n = w.tensors.len();
-    w.files.push((w.weights.to_string(), safetensors_pt(&w.tensors)?));
+    if let Some(weights) = w.weights {
+        w.files.push((weights.to_string(), safetensors_pt(&w.tensors)?));
+    }
     folder::write(&w.files, out, &at, &parent, &base, &before)?;
     Ok(Exported {
         layout: w.layout,
@@ -198,13 +216,37 @@ pub fn export(
 }
 
 /// What an export writes in one layout: its name, the tensors under its names, the other files
-/// (name, bytes), the weights file's name, and the Python lines that load it.
+/// (name, bytes), the weights file's name (none where the weights live in the other files), and
+/// the Python lines that load it.
 struct Written {
     layout: &'static str,
     tensors: HashMap<String, Tensor>,
     files: Vec<(String, Vec<u8>)>,
-    weights: &'static str,
+    weights: Option<&'static str>,
     python: String,
+}
+
+/// The ONNX folder: both encoders' graphs, `clip.json`, the tokenizer and the preprocessor.
+fn onnx_files(
+    model: &ClipModel,
+    tokenizer: &TextTokenizer,
+    params: &HashMap<String, Tensor>,
+    out: &Path,
+) -> Result<Written> {
+    let files = onnx::files(model, tokenizer, params, preprocessor_config(&model.config))?;
+    let at = |name: &str| py_str(&out.join(name).display().to_string());
+    let python = format!(
+        "import onnxruntime as ort\nimage_encoder = ort.InferenceSession({})\ntext_encoder = ort.InferenceSession({})",
+        at("image_encoder.onnx"),
+        at("text_encoder.onnx")
+    );
+    Ok(Written {
+        layout: "onnx",
+        tensors: params.clone(),
+        files,
+        weights: None,
+        python,
+    })
 }
 
 /// The open_clip folder: `open_clip_config.json`, the tokenizer, `open_clip_model.safetensors`.
@@ -235,7 +277,7 @@ fn open_clip_files(
         layout: "open_clip",
         tensors,
         files,
-        weights: "open_clip_model.safetensors",
+        weights: Some("open_clip_model.safetensors"),
         python,
     })
 }
@@ -288,7 +330,7 @@ fn hf_files(
         layout: class,
         tensors,
         files,
-        weights: "model.safetensors",
+        weights: Some("model.safetensors"),
         python,
     })
 }

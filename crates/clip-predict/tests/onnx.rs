@@ -84,8 +84,14 @@ fn perturbed(cfg: &ClipConfig) -> ClipModel {
             .unwrap()
             .to_dtype(candle_core::DType::F32)
             .unwrap();
-        let noise = ((noise * 0.7 + k as f64).unwrap().sin().unwrap() * 0.1).unwrap();
-        e.var.set(&(t + noise.reshape(t.shape()).unwrap()).unwrap()).unwrap();
+        let noise = noise
+            .affine(0.7, k as f64)
+            .unwrap()
+            .sin()
+            .unwrap()
+            .affine(0.1, 0.0)
+            .unwrap();
+        e.var.set(&t.add(&noise.reshape(t.shape()).unwrap()).unwrap()).unwrap();
     }
     model
 }
@@ -98,7 +104,13 @@ fn inputs(cfg: &ClipConfig, tok: &TextTokenizer) -> (Tensor, Tensor, Tensor) {
         .unwrap()
         .to_dtype(candle_core::DType::F32)
         .unwrap();
-    let px = (px * 0.013).unwrap().sin().unwrap().reshape((3, 3, s, s)).unwrap();
+    let px = px
+        .affine(0.013, 0.0)
+        .unwrap()
+        .sin()
+        .unwrap()
+        .reshape((3, 3, s, s))
+        .unwrap();
     let (ids, mask) = tok.encode_batch(&CAPTIONS, &Device::Cpu).unwrap();
     (px, ids, mask)
 }
@@ -316,5 +328,91 @@ fn models_without_a_writer_are_refused_before_anything_is_written() {
         assert!(e.contains(why), "{e}");
         assert!(!out.exists());
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "only vocab.txt");
+    }
+}
+
+fn fixtures() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../clip-core/tests/fixtures/clip/hub")
+}
+
+/// `clip-predict ARGS` on the fixture hub: (exit code, stdout, stderr).
+fn predict(args: &[&str]) -> (Option<i32>, String, String) {
+    let o = Command::new(env!("CARGO_BIN_EXE_clip-predict"))
+        .env("HF_HUB_OFFLINE", "1")
+        .env("HF_HUB_CACHE", fixtures())
+        .args(["--device", "cpu"])
+        .args(args)
+        .output()
+        .unwrap();
+    clipmine_tests::outcome(&o)
+}
+
+/// The README's Python example (the block under "Ship it: ONNX").
+fn readme_example() -> String {
+    let readme = include_str!("../../../README.md");
+    let section = &readme[readme
+        .find("## Ship it: ONNX")
+        .expect("the README has its ONNX section")..];
+    let start = section.find("```python\n").unwrap() + "```python\n".len();
+    section[start..start + section[start..].find("```").unwrap()].to_string()
+}
+
+#[test]
+fn the_readme_python_example_gives_clip_predicts_cosines() {
+    let o = Command::new("python3")
+        .args(["-c", "import onnxruntime, tokenizers, PIL, numpy"])
+        .output();
+    if !o.as_ref().is_ok_and(|o| o.status.success()) {
+        println!("skipped: python3 cannot import onnxruntime, tokenizers, PIL and numpy; pip install onnxruntime tokenizers pillow numpy");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let snaps = fixtures().join("models--test--oc-vit/snapshots");
+    let model = std::fs::read_dir(&snaps).unwrap().next().unwrap().unwrap().path();
+    let out = dir.path().join("oc-vit-onnx");
+    let (code, stdout, err) = predict(&[
+        "export",
+        "--model",
+        model.to_str().unwrap(),
+        "--format",
+        "onnx",
+        out.to_str().unwrap(),
+        "--json",
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    let printed: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(printed["layout"], "onnx");
+    let image = fixtures().join("../goldens/image32_0.png");
+    let captions = ["a photo of a cat", "a photo of a dog"];
+    let (code, stdout, err) = predict(&[
+        "image-to-text",
+        "--model",
+        model.to_str().unwrap(),
+        image.to_str().unwrap(),
+        "--texts",
+        captions[0],
+        captions[1],
+        "--json",
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    let answer: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let script = readme_example()
+        .replace("exported/mine-onnx", out.to_str().unwrap())
+        .replace("photo.png", image.to_str().unwrap());
+    let o = Command::new("python3").args(["-c", &script]).output().unwrap();
+    assert!(
+        o.status.success(),
+        "the README's example: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let cosines: Vec<f64> = serde_json::from_slice(&o.stdout).unwrap();
+    for c in answer["results"][0]["captions"].as_array().unwrap() {
+        let i = captions.iter().position(|&t| t == c["caption"]).unwrap();
+        let d = (c["score"].as_f64().unwrap() - cosines[i]).abs();
+        println!(
+            "{}: clip-predict {} ONNX Runtime {} |Δ| {d:.1e}",
+            captions[i], c["score"], cosines[i]
+        );
+        assert!(d < 1e-4, "{}: {d}", captions[i]);
     }
 }

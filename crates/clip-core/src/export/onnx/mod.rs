@@ -13,8 +13,11 @@
 //! with a free batch axis (and caption length), operator set 17, fp32 weights as initializers.
 //! The messages are the official `onnx.proto` (proto/onnx.proto) compiled by the build script.
 //!
-//! Tower kinds without a writer are refused before anything is written, never approximated.
+//! Every tower kind clipmine builds has a writer here (ViT, timm ResNet, ModifiedResNet; CLIP
+//! text transformer, BERT, DistilBERT); what cannot be exported (a student distilled on images
+//! alone) is refused by `super::exportable` before anything is written.
 
+mod clip_resnet;
 mod graph;
 mod layers;
 mod resnet;
@@ -23,11 +26,11 @@ mod vision;
 
 use std::collections::HashMap;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use candle_core::Tensor;
 use serde_json::{json, Value};
 
-use crate::config::{ClipConfig, ImageArch, ImagePool, Interpolation, LossKind, Pooling, TextKind};
+use crate::config::{ImageArch, ImagePool, Interpolation, LossKind, Pooling, TextKind};
 use crate::data::TextTokenizer;
 use crate::model::ClipModel;
 pub use graph::OPSET;
@@ -47,20 +50,6 @@ pub const FILES: &[&str] = &[
     "preprocessor_config.json",
 ];
 
-/// Whether the towers of `cfg` have an ONNX writer; the error says which does not and why.
-pub fn supported(cfg: &ClipConfig) -> Result<()> {
-    match cfg.image.arch {
-        ImageArch::Vit | ImageArch::Resnet => {}
-        ImageArch::ClipResnet => bail!(
-            "ONNX export does not yet write a ModifiedResNet image tower (OpenAI's RN50 … with its attention pool): only ViT and timm ResNet image towers export to ONNX so far; --format open_clip carries this model"
-        ),
-    }
-    if cfg.text.kind == TextKind::Clip && cfg.text.pooling == Pooling::Mean {
-        bail!("a CLIP text transformer averaging its tokens has no ONNX writer (it reads the end-of-text token)");
-    }
-    Ok(())
-}
-
 /// The serialised graphs and the consumer's files (name, bytes) for `model`.
 pub fn files(
     model: &ClipModel,
@@ -69,7 +58,6 @@ pub fn files(
     preprocessor: Value,
 ) -> Result<Vec<(String, Vec<u8>)>> {
     let cfg = &model.config;
-    supported(cfg)?;
     let width = model.embed_dim();
     let mut g = graph::Graph::new(params);
     vision::image_encoder(&mut g, cfg, width).context("writing the image encoder's ONNX graph")?;

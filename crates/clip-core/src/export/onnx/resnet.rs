@@ -10,8 +10,16 @@ use crate::config::{Block, ImageConfig};
 
 const TOWER: &str = "image_encoder.model";
 
-/// `bn(conv(x))` under `conv` and `bn` (then ReLU if `relu`): kernel `k`, `stride`, padding k/2.
-fn conv_bn(g: &mut Graph, x: &str, conv: &str, bn: &str, (k, stride): (usize, usize), relu: bool) -> Result<String> {
+/// `bn(conv(x))` under `conv` and `bn` (then ReLU if `relu`): kernel `k`, `stride`, padding k/2,
+/// the BatchNorm with its running statistics (evaluation mode).
+pub fn conv_bn(
+    g: &mut Graph,
+    x: &str,
+    conv: &str,
+    bn: &str,
+    (k, stride): (usize, usize),
+    relu: bool,
+) -> Result<String> {
     let w = g.weight(&format!("{TOWER}.{conv}.weight"), None)?;
     let (k, s, p) = (k as i64, stride as i64, (k / 2) as i64);
     let y = g.op(

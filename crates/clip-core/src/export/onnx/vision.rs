@@ -1,12 +1,13 @@
 //! The image encoder graph: pixels (N, 3, S, S), normalised as the model expects → the tower
-//! (a CLIP ViT, as `crate::model::VisionTransformer` computes it, or a timm ResNet) → its head → (for a student
+//! (a CLIP ViT, as `crate::model::VisionTransformer` computes it, a timm ResNet or OpenAI's
+//! ModifiedResNet) → its head → (for a student
 //! that answers in its teacher's space) the map → unit rows (N, P).
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 
 use super::graph::{Attr, Dim, Graph};
 use super::layers::{clip_block, head, l2_normalize, layer_norm, linear, BlockShape};
-use crate::config::{ClipConfig, ImageArch, ImageConfig, ImagePool};
+use crate::config::{ClipConfig, HeadKind, ImageArch, ImageConfig, ImagePool};
 
 const TOWER: &str = "image_encoder.model";
 
@@ -90,9 +91,12 @@ pub fn image_encoder(g: &mut Graph, cfg: &ClipConfig, width: usize) -> Result<()
     let features = match i.arch {
         ImageArch::Vit => vit(g, &pixels, i)?,
         ImageArch::Resnet => super::resnet::resnet(g, &pixels, i)?,
-        ImageArch::ClipResnet => bail!("no ONNX writer for a ModifiedResNet image tower"),
+        ImageArch::ClipResnet => super::clip_resnet::modified_resnet(g, &pixels, i)?,
     };
-    let e = embed(g, &features, cfg, Some("image_projection"), "image_map")?;
+    // A ModifiedResNet's attention pool already ends in CLIP's projection (`ClipModel`'s
+    // `Head::Identity`).
+    let head = (i.arch != ImageArch::ClipResnet || cfg.head != HeadKind::Linear).then_some("image_projection");
+    let e = embed(g, &features, cfg, head, "image_map")?;
     g.output(&e, "image_embeds", &[Dim::Free("batch"), Dim::Fixed(width)]);
     Ok(())
 }

@@ -179,7 +179,7 @@ enum Cmd {
     /// ChineseCLIPModel: config.json, model.safetensors, tokenizer and preprocessor files), or as
     /// ONNX graphs of both encoders (onnx).
     #[command(
-        after_help = "Examples:\n  clip-predict export --run runs/mine --format hf exported/mine-hf\n  clip-predict export --run runs/mine --format open_clip exported/mine-oc\n\nthen, in Python:\n  model, _, preprocess = open_clip.create_model_and_transforms(\"local-dir:exported/mine-oc\")\n  model = CLIPModel.from_pretrained(\"exported/mine-hf\")\n\n  clip-predict export --run runs/mine --format onnx exported/mine-onnx\n\nA ResNet CLIP (RN50 …) exports to open_clip only; a Chinese-CLIP to hf or onnx. ONNX takes ViT image towers with any text tower."
+        after_help = "Examples:\n  clip-predict export --run runs/mine --format hf exported/mine-hf\n  clip-predict export --run runs/mine --format open_clip exported/mine-oc\n  clip-predict export --run runs/mine --format onnx exported/mine-onnx\n\nthen, in Python:\n  model, _, preprocess = open_clip.create_model_and_transforms(\"local-dir:exported/mine-oc\")\n  model = CLIPModel.from_pretrained(\"exported/mine-hf\")\n  image_encoder = onnxruntime.InferenceSession(\"exported/mine-onnx/image_encoder.onnx\")\n\nA ResNet CLIP (RN50 …) exports to open_clip or onnx; a Chinese-CLIP to hf or onnx; every model to onnx."
     )]
     Export {
         #[command(flatten)]

@@ -299,6 +299,23 @@ fn the_graphs_declare_opset_17_and_free_batch_and_sequence_axes() {
     );
     assert_eq!(meta["image"]["image_size"], 32);
     assert_eq!(meta["text"]["context_length"], 16);
+    // Replaced whole, and only when asked to.
+    let e = export(&model, &tok, ExportFormat::Onnx, &out, false)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("already holds an export") && e.contains("--overwrite"),
+        "{e}"
+    );
+    std::fs::write(out.join("image_encoder.onnx"), b"stale").unwrap();
+    export(&model, &tok, ExportFormat::Onnx, &out, true).unwrap();
+    let mut again: Vec<_> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|f| f.unwrap().file_name().into_string().unwrap())
+        .collect();
+    again.sort();
+    assert_eq!(again, names);
+    assert!(std::fs::metadata(out.join("image_encoder.onnx")).unwrap().len() > 1000);
     let scale = model.logit_scale().unwrap().unwrap();
     assert!(
         (meta["logit_scale"].as_f64().unwrap() - scale as f64).abs() < 1e-4,

@@ -37,8 +37,19 @@ pub(crate) fn export(
             .collect();
         clip_core::export::check_out(out, &folders)?;
     }
-    let e = clip_core::export::export(&m.model, &m.tok, format, out, overwrite)
-        .with_context(|| format!("exporting {}", m.flag()))?;
+    // A student distilled on images alone: its captions are its teacher's to embed.
+    let e = match &m.captions_by {
+        Some(t) => clip_core::export::export_with_caption_teacher(
+            &m.model,
+            &m.tok,
+            (&t.model, &t.tokenizer),
+            format,
+            out,
+            overwrite,
+        ),
+        None => clip_core::export::export(&m.model, &m.tok, format, out, overwrite),
+    }
+    .with_context(|| format!("exporting {}", m.flag()))?;
     if json {
         println!(
             "{}",

@@ -13,7 +13,7 @@ use candle_core::{Device, Tensor};
 use clip_core::config::{Activation, Block, HeadKind, ImageArch, ImagePool, Pooling, TextKind};
 use clip_core::data::TextTokenizer;
 use clip_core::export::onnx::proto::{tensor_shape_proto::dimension::Value as DimValue, type_proto, ModelProto};
-use clip_core::export::{export, ExportFormat};
+use clip_core::export::{export, export_with_caption_teacher, ExportFormat};
 use clip_core::nn::normalize::l2_normalize;
 use clip_core::{ClipConfig, ClipModel};
 use prost::Message;
@@ -324,26 +324,53 @@ fn the_graphs_declare_opset_17_and_free_batch_and_sequence_axes() {
 }
 
 #[test]
-fn a_student_distilled_on_images_alone_is_refused_before_anything_is_written() {
+fn a_student_distilled_on_images_alone_exports_its_teachers_text_encoder() {
     // Its own text tower learned nothing: clipmine answers its captions with the teacher's.
     let dir = tempfile::tempdir().unwrap();
     let tok = tokenizer(dir.path());
     let mut cfg = vit_clip();
-    (cfg.distill.teacher, cfg.distill.images_only) = (Some("teacher".into()), true);
-    let why = "distilled on images without captions";
-    let e = clip_core::export::exportable(&cfg, ExportFormat::Onnx)
-        .unwrap_err()
-        .to_string();
-    assert!(e.contains(why), "{e}");
-    let model = ClipModel::new(&cfg, &Device::Cpu).unwrap();
-    let out = dir.path().join("refused");
+    let d = &mut cfg.distill;
+    (
+        d.teacher,
+        d.images_only,
+        d.contrastive,
+        d.affinity,
+        d.feature,
+        d.teacher_dim,
+    ) = (Some("teacher".into()), true, 0.0, 0.0, 1.0, Some(24));
+    let student = perturbed(&cfg);
+    let mut t = vit_clip();
+    (t.projection_dim, t.text.kind, t.text.pooling) = (24, TextKind::Bert, Pooling::Cls);
+    let teacher = perturbed(&t);
+    // Without its teacher: refused, nothing written.
+    let out = dir.path().join("onnx");
     let e = format!(
         "{:#}",
-        export(&model, &tok, ExportFormat::Onnx, &out, false).unwrap_err()
+        export(&student, &tok, ExportFormat::Onnx, &out, false).unwrap_err()
     );
-    assert!(e.contains(why), "{e}");
+    assert!(e.contains("distilled on images without captions"), "{e}");
     assert!(!out.exists());
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "only vocab.txt");
+    // Nor does a format without a place for a second model take it.
+    let e = export_with_caption_teacher(&student, &tok, (&teacher, &tok), ExportFormat::Hf, &out, false)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("distilled on images without captions"), "{e}");
+    export_with_caption_teacher(&student, &tok, (&teacher, &tok), ExportFormat::Onnx, &out, false).unwrap();
+    let meta: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("clip.json")).unwrap()).unwrap();
+    assert_eq!(meta["text"]["tower"], "the teacher's");
+    assert_eq!(meta["embedding_dim"], 24);
+    if let Some(why) = no_runtime() {
+        println!("skipped the runtime's check: {why}");
+        return;
+    }
+    let (px, ids, mask) = inputs(&cfg, &tok);
+    let r = runtime(&out, &inputs_json(&px, &ids, &mask));
+    let image = rows(&l2_normalize(&student.embed_images(&px).unwrap()).unwrap());
+    let text = rows(&l2_normalize(&teacher.embed_texts(&ids, &mask).unwrap()).unwrap());
+    let ((di, ci), (dt, ct)) = (compare(&image, &r["image_embeds"]), compare(&text, &r["text_embeds"]));
+    println!("student distilled on images alone: image max|Δ| {di:.2e} min cos {ci:.7}; teacher's text max|Δ| {dt:.2e} min cos {ct:.7}");
+    assert!(di < 1e-4 && dt < 1e-4, "image {di}, text {dt}");
 }
 
 fn fixtures() -> std::path::PathBuf {

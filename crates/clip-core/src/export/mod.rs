@@ -77,10 +77,11 @@ const TXT: &str = "text_encoder.model.";
 /// config, so a caller can refuse before loading anything.
 pub fn exportable(cfg: &ClipConfig, format: ExportFormat) -> Result<()> {
     // The exported model is the student's towers alone: neither its teacher's text tower nor
-    // its maps into the teacher's space travel with it.
-    if cfg.distill.images_only {
+    // its maps into the teacher's space travel with it (ONNX graphs carry both: the text encoder
+    // is then the teacher's, see `export_with_caption_teacher`).
+    if cfg.distill.images_only && format != ExportFormat::Onnx {
         bail!(
-            "this student was distilled on images without captions: its own text tower learned nothing, and clipmine answers its captions with the teacher's ({}) — an exported model would carry the untrained one. Distil on images with captions to export a student that stands alone",
+            "this student was distilled on images without captions: its own text tower learned nothing, and clipmine answers its captions with the teacher's ({}) — an exported model would carry the untrained one. Distil on images with captions to export a student that stands alone, or export it with --format onnx (its text encoder is then the teacher's)",
             cfg.distill.teacher.as_deref().unwrap_or("?")
         );
     }
@@ -162,8 +163,42 @@ pub fn export(
     out: &Path,
     overwrite: bool,
 ) -> Result<Exported> {
+    export_with(model, tokenizer, None, format, out, overwrite)
+}
+
+/// [`export`] for a student distilled on images alone, whose captions its teacher answers
+/// (`captions_by`: the teacher's model and tokenizer, [`crate::distill::caption_teacher`]): the
+/// ONNX text encoder and tokenizer are the teacher's, as `clip-predict` answers with them. The
+/// other formats have no place for a second model and refuse it.
+pub fn export_with_caption_teacher(
+    model: &ClipModel,
+    tokenizer: &TextTokenizer,
+    captions_by: (&ClipModel, &TextTokenizer),
+    format: ExportFormat,
+    out: &Path,
+    overwrite: bool,
+) -> Result<Exported> {
+    export_with(model, tokenizer, Some(captions_by), format, out, overwrite)
+}
+
+fn export_with(
+    model: &ClipModel,
+    tokenizer: &TextTokenizer,
+    captions_by: Option<(&ClipModel, &TextTokenizer)>,
+    format: ExportFormat,
+    out: &Path,
+    overwrite: bool,
+) -> Result<Exported> {
     let cfg = &model.config;
     exportable(cfg, format)?;
+    match (cfg.distill.images_only, captions_by.is_some()) {
+        (true, false) => bail!(
+            "this student was distilled on images without captions: its own text tower learned nothing, and its captions are answered by its teacher's ({}), which this export was not given (clip-predict export --format onnx opens it)",
+            cfg.distill.teacher.as_deref().unwrap_or("?")
+        ),
+        (false, true) => bail!("only a student distilled on images alone has its captions answered by another model"),
+        _ => {}
+    }
     // Where the folder is (or will be), links and `..` resolved: its parent holds the
     // temporary folder, so that the final rename stays on one file system.
     let at = resolved(out)?;
@@ -190,17 +225,11 @@ pub fn export(
     }
     // A distilled student's maps into its teacher's space served training only, except where the
     // student answers through them (which only the ONNX graphs can carry).
-    let params: HashMap<String, Tensor> = model
-        .params
-        .tensors()
-        .into_iter()
-        .filter(|(k, _)| format == ExportFormat::Onnx || !k.starts_with("distill."))
-        .map(|(k, t)| Ok((k, t.to_device(&Device::Cpu)?.to_dtype(DType::F32)?)))
-        .collect::<Result<_>>()?;
+    let params = cpu_params(model, format == ExportFormat::Onnx)?;
     let mut w = match format {
         ExportFormat::OpenClip => open_clip_files(cfg, tokenizer, &params, out)?,
         ExportFormat::Hf => hf_files(cfg, tokenizer, &params, out)?,
-        ExportFormat::Onnx => onnx_files(model, tokenizer, &params, out)?,
+        ExportFormat::Onnx => onnx_files(model, tokenizer, &params, captions_by, out)?,
     };
     let n = w.tensors.len();
     if let Some(weights) = w.weights {
@@ -226,14 +255,40 @@ struct Written {
     python: String,
 }
 
-/// The ONNX folder: both encoders' graphs, `clip.json`, the tokenizer and the preprocessor.
+/// A model's parameters (and buffers) on the CPU in fp32, by name; the maps into a distillation
+/// teacher's space only with `maps`.
+fn cpu_params(model: &ClipModel, maps: bool) -> Result<HashMap<String, Tensor>> {
+    model
+        .params
+        .tensors()
+        .into_iter()
+        .filter(|(k, _)| maps || !k.starts_with("distill."))
+        .map(|(k, t)| Ok((k, t.to_device(&Device::Cpu)?.to_dtype(DType::F32)?)))
+        .collect()
+}
+
+/// The ONNX folder: both encoders' graphs, `clip.json`, the tokenizer and the preprocessor. The
+/// text side is `captions_by`'s where given (a student distilled on images alone).
 fn onnx_files(
     model: &ClipModel,
     tokenizer: &TextTokenizer,
     params: &HashMap<String, Tensor>,
+    captions_by: Option<(&ClipModel, &TextTokenizer)>,
     out: &Path,
 ) -> Result<Written> {
-    let files = onnx::files(model, tokenizer, params, preprocessor_config(&model.config))?;
+    let text = match captions_by {
+        Some((m, tok)) => onnx::TextSide {
+            model: m,
+            tok,
+            params: cpu_params(m, true)?,
+        },
+        None => onnx::TextSide {
+            model,
+            tok: tokenizer,
+            params: params.clone(),
+        },
+    };
+    let files = onnx::files(model, params, &text, preprocessor_config(&model.config))?;
     let at = |name: &str| py_str(&out.join(name).display().to_string());
     let python = format!(
         "import onnxruntime as ort\nimage_encoder = ort.InferenceSession({})\ntext_encoder = ort.InferenceSession({})",

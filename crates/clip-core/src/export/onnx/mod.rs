@@ -14,8 +14,8 @@
 //! The messages are the official `onnx.proto` (proto/onnx.proto) compiled by the build script.
 //!
 //! Every tower kind clipmine builds has a writer here (ViT, timm ResNet, ModifiedResNet; CLIP
-//! text transformer, BERT, DistilBERT); what cannot be exported (a student distilled on images
-//! alone) is refused by `super::exportable` before anything is written.
+//! text transformer, BERT, DistilBERT). A student distilled on images alone gets its teacher's
+//! text encoder and tokenizer, as `clip-predict` answers its captions with them.
 
 mod clip_resnet;
 mod graph;
@@ -26,7 +26,7 @@ mod vision;
 
 use std::collections::HashMap;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
 use serde_json::{json, Value};
 
@@ -50,25 +50,40 @@ pub const FILES: &[&str] = &[
     "preprocessor_config.json",
 ];
 
-/// The serialised graphs and the consumer's files (name, bytes) for `model`.
+/// The model that embeds captions, its tokenizer and its parameters (fp32, by name): the model's
+/// own, or a student's teacher (a student distilled on images alone).
+pub struct TextSide<'a> {
+    pub model: &'a ClipModel,
+    pub tok: &'a TextTokenizer,
+    pub params: HashMap<String, Tensor>,
+}
+
+/// The serialised graphs and the consumer's files (name, bytes) for `model`, its captions embedded
+/// by `text`.
 pub fn files(
     model: &ClipModel,
-    tok: &TextTokenizer,
     params: &HashMap<String, Tensor>,
+    text: &TextSide,
     preprocessor: Value,
 ) -> Result<Vec<(String, Vec<u8>)>> {
-    let cfg = &model.config;
     let width = model.embed_dim();
+    if text.model.embed_dim() != width {
+        bail!(
+            "the images are embedded in {width} dimensions but the captions in {}: they cannot be compared",
+            text.model.embed_dim()
+        );
+    }
     let mut g = graph::Graph::new(params);
-    vision::image_encoder(&mut g, cfg, width).context("writing the image encoder's ONNX graph")?;
+    vision::image_encoder(&mut g, &model.config, width).context("writing the image encoder's ONNX graph")?;
     let image = g.finish("image_encoder", "clipmine image encoder: pixels → unit embeddings")?;
-    let mut g = graph::Graph::new(params);
-    text::text_encoder(&mut g, cfg, width).context("writing the text encoder's ONNX graph")?;
-    let text = g.finish("text_encoder", "clipmine text encoder: token ids → unit embeddings")?;
-    let meta = clip_json(model, tok, width)?;
+    let mut g = graph::Graph::new(&text.params);
+    text::text_encoder(&mut g, &text.model.config, width).context("writing the text encoder's ONNX graph")?;
+    let text_graph = g.finish("text_encoder", "clipmine text encoder: token ids → unit embeddings")?;
+    let tok = text.tok;
+    let meta = clip_json(model, text, width)?;
     Ok(vec![
         ("image_encoder.onnx".into(), image),
-        ("text_encoder.onnx".into(), text),
+        ("text_encoder.onnx".into(), text_graph),
         ("clip.json".into(), serde_json::to_vec_pretty(&meta)?),
         ("tokenizer.json".into(), tok.to_json()?.into_bytes()),
         (
@@ -79,8 +94,9 @@ pub fn files(
 }
 
 /// `clip.json`: what a consumer needs to feed the graphs and read their outputs.
-fn clip_json(model: &ClipModel, tok: &TextTokenizer, width: usize) -> Result<Value> {
+fn clip_json(model: &ClipModel, text: &TextSide, width: usize) -> Result<Value> {
     let cfg = &model.config;
+    let (t, tok) = (&text.model.config, text.tok);
     let i = &cfg.image;
     let (scale, from) = match (cfg.loss, model.logit_scale()?) {
         (LossKind::Clip, Some(s)) => (s as f64, "learned"),
@@ -100,7 +116,7 @@ fn clip_json(model: &ClipModel, tok: &TextTokenizer, width: usize) -> Result<Val
         (ImageArch::Resnet, _) => "global average",
         (ImageArch::ClipResnet, _) => "attention pool",
     };
-    let text_pool = match (cfg.text.kind, cfg.text.pooling) {
+    let text_pool = match (t.text.kind, t.text.pooling) {
         (TextKind::Clip, _) => "first end-of-text token (else the last attended token)",
         (_, Pooling::Mean) => "mean of the attended tokens",
         _ => "[CLS] token",
@@ -130,12 +146,14 @@ fn clip_json(model: &ClipModel, tok: &TextTokenizer, width: usize) -> Result<Val
         "text": {
             "inputs": ["input_ids", "attention_mask"],
             "output": "text_embeds",
-            "context_length": cfg.data.max_length,
+            "context_length": t.data.max_length,
             "pad_id": tok.pad_id(),
             // Each caption is [first] tokens… [last], cut to context_length with [last] kept.
             "first_id": tok.cls_id(),
             "last_id": tok.sep_id(),
-            "eos_token_id": cfg.text.eos_token_id,
+            "eos_token_id": t.text.eos_token_id,
+            // A student distilled on images alone: its teacher's text tower answers captions.
+            "tower": if cfg.distill.images_only { "the teacher's" } else { "the model's own" },
             "pooling": text_pool,
             "tokenizer": "tokenizer.json",
         },

@@ -152,7 +152,15 @@ fn no_runtime() -> Option<String> {
         .output();
     match o {
         Ok(o) if o.status.success() => None,
-        Ok(o) => Some(String::from_utf8_lossy(&o.stderr).trim().to_string()),
+        // The error's last line (ModuleNotFoundError: …), not the whole traceback.
+        Ok(o) => Some(
+            String::from_utf8_lossy(&o.stderr)
+                .trim()
+                .lines()
+                .last()
+                .unwrap_or("")
+                .to_string(),
+        ),
         Err(e) => Some(format!("python3: {e}")),
     }
 }

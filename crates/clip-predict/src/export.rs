@@ -1,4 +1,4 @@
-//! `export`: the model as an open_clip or Hugging Face folder.
+//! `export`: the model as an open_clip or Hugging Face folder, or as ONNX graphs.
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -10,7 +10,7 @@ use clip_core::run_dir::RunDir;
 use crate::model::{load, Origin};
 use crate::ModelChoice;
 
-/// Writes the model as an open_clip or Hugging Face folder and says how to load it.
+/// Writes the model as an open_clip or Hugging Face folder (or ONNX graphs) and says how to load it.
 pub(crate) fn export(
     choice: &ModelChoice,
     format: clip_core::export::ExportFormat,
@@ -37,8 +37,19 @@ pub(crate) fn export(
             .collect();
         clip_core::export::check_out(out, &folders)?;
     }
-    let e = clip_core::export::export(&m.model, &m.tok, format, out, overwrite)
-        .with_context(|| format!("exporting {}", m.flag()))?;
+    // A student distilled on images alone: its captions are its teacher's to embed.
+    let e = match &m.captions_by {
+        Some(t) => clip_core::export::export_with_caption_teacher(
+            &m.model,
+            &m.tok,
+            (&t.model, &t.tokenizer),
+            format,
+            out,
+            overwrite,
+        ),
+        None => clip_core::export::export(&m.model, &m.tok, format, out, overwrite),
+    }
+    .with_context(|| format!("exporting {}", m.flag()))?;
     if json {
         println!(
             "{}",
@@ -70,10 +81,12 @@ pub(crate) fn export(
                 .collect::<Vec<_>>()
                 .join("\n")
         );
-        println!(
-            "or here: clip-predict image-to-text --model {} …",
-            clip_cli::args::shell_quoted(&out.display().to_string())
-        );
+        if format != clip_core::export::ExportFormat::Onnx {
+            println!(
+                "or here: clip-predict image-to-text --model {} …",
+                clip_cli::args::shell_quoted(&out.display().to_string())
+            );
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

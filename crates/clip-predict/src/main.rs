@@ -176,14 +176,16 @@ enum Cmd {
     },
     /// Write a fine-tuned CLIP (or a pretrained one) as a folder Python loads: open_clip
     /// (open_clip_config.json + open_clip_model.safetensors) or Hugging Face (CLIPModel, or
-    /// ChineseCLIPModel: config.json, model.safetensors, tokenizer and preprocessor files).
+    /// ChineseCLIPModel: config.json, model.safetensors, tokenizer and preprocessor files), or as
+    /// ONNX graphs of both encoders (onnx).
     #[command(
-        after_help = "Examples:\n  clip-predict export --run runs/mine --format hf exported/mine-hf\n  clip-predict export --run runs/mine --format open_clip exported/mine-oc\n\nthen, in Python:\n  model, _, preprocess = open_clip.create_model_and_transforms(\"local-dir:exported/mine-oc\")\n  model = CLIPModel.from_pretrained(\"exported/mine-hf\")\n\nA ResNet CLIP (RN50 …) exports to open_clip only; a Chinese-CLIP to hf only (ChineseCLIPModel)."
+        after_help = "Examples:\n  clip-predict export --run runs/mine --format hf exported/mine-hf\n  clip-predict export --run runs/mine --format open_clip exported/mine-oc\n  clip-predict export --run runs/mine --format onnx exported/mine-onnx\n\nthen, in Python:\n  model, _, preprocess = open_clip.create_model_and_transforms(\"local-dir:exported/mine-oc\")\n  model = CLIPModel.from_pretrained(\"exported/mine-hf\")\n  image_encoder = onnxruntime.InferenceSession(\"exported/mine-onnx/image_encoder.onnx\")\n\nA ResNet CLIP (RN50 …) exports to open_clip or onnx; a Chinese-CLIP to hf or onnx; every model to onnx."
     )]
     Export {
         #[command(flatten)]
         model: ModelChoice,
-        /// open_clip or hf.
+        /// open_clip, hf or onnx (image_encoder.onnx, text_encoder.onnx, clip.json and the
+        /// tokenizer and preprocessor files: for ONNX Runtime, no Python needed).
         #[arg(long)]
         format: clip_core::export::ExportFormat,
         /// The folder to write (written beside it under a temporary name, then renamed): not the

@@ -171,6 +171,12 @@ fn a_student_distilled_on_images_alone_answers_captions_with_its_teachers_text_t
     ]);
     assert_ne!(code, Some(0), "{out}{err}");
     assert!(err.contains("an exported model would carry the untrained one"), "{err}");
+    // ONNX graphs carry the teacher's text encoder and tokenizer instead.
+    let onnx = dir.path().join("onnx");
+    let (code, out, err) = predict(&["export", "--run", p(&student), "--format", "onnx", p(&onnx)]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let meta: serde_json::Value = serde_json::from_slice(&std::fs::read(onnx.join("clip.json")).unwrap()).unwrap();
+    assert_eq!(meta["text"]["tower"], "the teacher's", "{meta}");
 
     // Another checkpoint where the teacher was: refused as changed.
     let moved = dir.path().join("teacher-moved");

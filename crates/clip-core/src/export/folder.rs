@@ -17,6 +17,9 @@ const EXPORT_FILES: &[&str] = &[
     "tokenizer.json",
     "tokenizer_config.json",
     "vocab.txt",
+    "image_encoder.onnx",
+    "text_encoder.onnx",
+    "clip.json",
 ];
 
 /// What the folder an export is asked to write holds now.

@@ -10,12 +10,17 @@
 //!   `preprocessor_config.json`; loads with `CLIPModel.from_pretrained(DIR)` (or
 //!   `ChineseCLIPModel`).
 //!
+//! - ONNX: `image_encoder.onnx`, `text_encoder.onnx` (pixels or token ids → unit embeddings),
+//!   `clip.json`, `tokenizer.json`, `preprocessor_config.json`; runs in ONNX Runtime without
+//!   Python (see [`onnx`]).
+//!
 //! An export is written to a temporary folder beside its destination and renamed into place:
 //! the destination holds the old export or the new one, never a mix, and a failed export leaves
 //! nothing behind.
 
 mod configs;
 mod folder;
+pub mod onnx;
 mod tensors;
 
 use std::collections::HashMap;
@@ -38,6 +43,8 @@ pub enum ExportFormat {
     OpenClip,
     /// `CLIPModel`, or `ChineseCLIPModel` for a model with a BERT text tower.
     Hf,
+    /// Two ONNX graphs (image and text encoders) and the files a consumer needs beside them.
+    Onnx,
 }
 
 impl std::str::FromStr for ExportFormat {
@@ -46,7 +53,8 @@ impl std::str::FromStr for ExportFormat {
         match s {
             "open_clip" | "open-clip" | "openclip" => Ok(Self::OpenClip),
             "hf" | "huggingface" | "transformers" => Ok(Self::Hf),
-            other => bail!("unknown export format {other:?}: open_clip or hf"),
+            "onnx" => Ok(Self::Onnx),
+            other => bail!("unknown export format {other:?}: open_clip, hf or onnx"),
         }
     }
 }
@@ -69,12 +77,17 @@ const TXT: &str = "text_encoder.model.";
 /// config, so a caller can refuse before loading anything.
 pub fn exportable(cfg: &ClipConfig, format: ExportFormat) -> Result<()> {
     // The exported model is the student's towers alone: neither its teacher's text tower nor
-    // its maps into the teacher's space travel with it.
-    if cfg.distill.images_only {
+    // its maps into the teacher's space travel with it (ONNX graphs carry both: the text encoder
+    // is then the teacher's, see `export_with_caption_teacher`).
+    if cfg.distill.images_only && format != ExportFormat::Onnx {
         bail!(
-            "this student was distilled on images without captions: its own text tower learned nothing, and clipmine answers its captions with the teacher's ({}) — an exported model would carry the untrained one. Distil on images with captions to export a student that stands alone",
+            "this student was distilled on images without captions: its own text tower learned nothing, and clipmine answers its captions with the teacher's ({}) — an exported model would carry the untrained one. Distil on images with captions to export a student that stands alone, or export it with --format onnx (its text encoder is then the teacher's)",
             cfg.distill.teacher.as_deref().unwrap_or("?")
         );
+    }
+    if format == ExportFormat::Onnx {
+        // The graphs carry every tower kind, and a student's maps into its teacher's space.
+        return Ok(());
     }
     if cfg.distill.in_teacher_space() && cfg.distill.maps(cfg.projection_dim).is_some() {
         bail!(
@@ -110,6 +123,8 @@ pub fn exportable(cfg: &ClipConfig, format: ExportFormat) -> Result<()> {
                 bail!("Hugging Face's CLIPVisionModel reads the class token only; this image tower averages its tokens: export with --format open_clip (pool_type \"avg\")");
             }
         }
+        // Answered above.
+        ExportFormat::Onnx => {}
         ExportFormat::OpenClip => {
             if chinese {
                 bail!("open_clip has no Chinese-CLIP text tower (a BERT): export this model with --format hf (ChineseCLIPModel)");
@@ -148,8 +163,42 @@ pub fn export(
     out: &Path,
     overwrite: bool,
 ) -> Result<Exported> {
+    export_with(model, tokenizer, None, format, out, overwrite)
+}
+
+/// [`export`] for a student distilled on images alone, whose captions its teacher answers
+/// (`captions_by`: the teacher's model and tokenizer, [`crate::distill::caption_teacher`]): the
+/// ONNX text encoder and tokenizer are the teacher's, as `clip-predict` answers with them. The
+/// other formats have no place for a second model and refuse it.
+pub fn export_with_caption_teacher(
+    model: &ClipModel,
+    tokenizer: &TextTokenizer,
+    captions_by: (&ClipModel, &TextTokenizer),
+    format: ExportFormat,
+    out: &Path,
+    overwrite: bool,
+) -> Result<Exported> {
+    export_with(model, tokenizer, Some(captions_by), format, out, overwrite)
+}
+
+fn export_with(
+    model: &ClipModel,
+    tokenizer: &TextTokenizer,
+    captions_by: Option<(&ClipModel, &TextTokenizer)>,
+    format: ExportFormat,
+    out: &Path,
+    overwrite: bool,
+) -> Result<Exported> {
     let cfg = &model.config;
     exportable(cfg, format)?;
+    match (cfg.distill.images_only, captions_by.is_some()) {
+        (true, false) => bail!(
+            "this student was distilled on images without captions: its own text tower learned nothing, and its captions are answered by its teacher's ({}), which this export was not given (clip-predict export --format onnx opens it)",
+            cfg.distill.teacher.as_deref().unwrap_or("?")
+        ),
+        (false, true) => bail!("only a student distilled on images alone has its captions answered by another model"),
+        _ => {}
+    }
     // Where the folder is (or will be), links and `..` resolved: its parent holds the
     // temporary folder, so that the final rename stays on one file system.
     let at = resolved(out)?;
@@ -174,20 +223,18 @@ pub fn export(
         ),
         _ => {}
     }
-    // A distilled student's maps into its teacher's space served training only.
-    let params: HashMap<String, Tensor> = model
-        .params
-        .tensors()
-        .into_iter()
-        .filter(|(k, _)| !k.starts_with("distill."))
-        .map(|(k, t)| Ok((k, t.to_device(&Device::Cpu)?.to_dtype(DType::F32)?)))
-        .collect::<Result<_>>()?;
+    // A distilled student's maps into its teacher's space served training only, except where the
+    // student answers through them (which only the ONNX graphs can carry).
+    let params = cpu_params(model, format == ExportFormat::Onnx)?;
     let mut w = match format {
         ExportFormat::OpenClip => open_clip_files(cfg, tokenizer, &params, out)?,
         ExportFormat::Hf => hf_files(cfg, tokenizer, &params, out)?,
+        ExportFormat::Onnx => onnx_files(model, tokenizer, &params, captions_by, out)?,
     };
     let n = w.tensors.len();
-    w.files.push((w.weights.to_string(), safetensors_pt(&w.tensors)?));
+    if let Some(weights) = w.weights {
+        w.files.push((weights.to_string(), safetensors_pt(&w.tensors)?));
+    }
     folder::write(&w.files, out, &at, &parent, &base, &before)?;
     Ok(Exported {
         layout: w.layout,
@@ -198,13 +245,63 @@ pub fn export(
 }
 
 /// What an export writes in one layout: its name, the tensors under its names, the other files
-/// (name, bytes), the weights file's name, and the Python lines that load it.
+/// (name, bytes), the weights file's name (none where the weights live in the other files), and
+/// the Python lines that load it.
 struct Written {
     layout: &'static str,
     tensors: HashMap<String, Tensor>,
     files: Vec<(String, Vec<u8>)>,
-    weights: &'static str,
+    weights: Option<&'static str>,
     python: String,
+}
+
+/// A model's parameters (and buffers) on the CPU in fp32, by name; the maps into a distillation
+/// teacher's space only with `maps`.
+fn cpu_params(model: &ClipModel, maps: bool) -> Result<HashMap<String, Tensor>> {
+    model
+        .params
+        .tensors()
+        .into_iter()
+        .filter(|(k, _)| maps || !k.starts_with("distill."))
+        .map(|(k, t)| Ok((k, t.to_device(&Device::Cpu)?.to_dtype(DType::F32)?)))
+        .collect()
+}
+
+/// The ONNX folder: both encoders' graphs, `clip.json`, the tokenizer and the preprocessor. The
+/// text side is `captions_by`'s where given (a student distilled on images alone).
+fn onnx_files(
+    model: &ClipModel,
+    tokenizer: &TextTokenizer,
+    params: &HashMap<String, Tensor>,
+    captions_by: Option<(&ClipModel, &TextTokenizer)>,
+    out: &Path,
+) -> Result<Written> {
+    let text = match captions_by {
+        Some((m, tok)) => onnx::TextSide {
+            model: m,
+            tok,
+            params: cpu_params(m, true)?,
+        },
+        None => onnx::TextSide {
+            model,
+            tok: tokenizer,
+            params: params.clone(),
+        },
+    };
+    let files = onnx::files(model, params, &text, preprocessor_config(&model.config))?;
+    let at = |name: &str| py_str(&out.join(name).display().to_string());
+    let python = format!(
+        "import onnxruntime as ort\nimage_encoder = ort.InferenceSession({})\ntext_encoder = ort.InferenceSession({})",
+        at("image_encoder.onnx"),
+        at("text_encoder.onnx")
+    );
+    Ok(Written {
+        layout: "onnx",
+        tensors: params.clone(),
+        files,
+        weights: None,
+        python,
+    })
 }
 
 /// The open_clip folder: `open_clip_config.json`, the tokenizer, `open_clip_model.safetensors`.
@@ -235,7 +332,7 @@ fn open_clip_files(
         layout: "open_clip",
         tensors,
         files,
-        weights: "open_clip_model.safetensors",
+        weights: Some("open_clip_model.safetensors"),
         python,
     })
 }
@@ -288,7 +385,7 @@ fn hf_files(
         layout: class,
         tensors,
         files,
-        weights: "model.safetensors",
+        weights: Some("model.safetensors"),
         python,
     })
 }

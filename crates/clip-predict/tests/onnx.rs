@@ -397,13 +397,14 @@ fn predict(args: &[&str]) -> (Option<i32>, String, String) {
     clipmine_tests::outcome(&o)
 }
 
-/// The README's Python example (the block under "Ship it: ONNX").
-fn readme_example() -> String {
+/// One of the README's examples (the block in `lang` under "Ship it: ONNX").
+fn readme_example(lang: &str) -> String {
     let readme = include_str!("../../../README.md");
     let section = &readme[readme
         .find("## Ship it: ONNX")
         .expect("the README has its ONNX section")..];
-    let start = section.find("```python\n").unwrap() + "```python\n".len();
+    let fence = format!("```{lang}\n");
+    let start = section.find(&fence).unwrap_or_else(|| panic!("no {lang} example")) + fence.len();
     section[start..start + section[start..].find("```").unwrap()].to_string()
 }
 
@@ -426,18 +427,31 @@ fn clip_predict_cosines(model: &str, image: &str, captions: &[&str]) -> Vec<f64>
         .collect()
 }
 
-/// The cosines the README's Python example prints for the export `out` and `image`.
-fn readme_cosines(out: &Path, image: &str) -> Vec<f64> {
-    let script = readme_example()
+/// The cosines the README's example in `lang` (python, js) prints for the export `out` and `image`.
+fn readme_cosines(lang: &str, out: &Path, image: &str) -> Vec<f64> {
+    let script = readme_example(lang)
         .replace("exported/mine-onnx", out.to_str().unwrap())
         .replace("photo.png", image);
-    let o = Command::new("python3").args(["-c", &script]).output().unwrap();
+    let o = match lang {
+        "python" => Command::new("python3").args(["-c", &script]).output().unwrap(),
+        // CommonJS, so that NODE_PATH finds the packages of xtask/reference/node.
+        _ => Command::new("node")
+            .args(["-e", &script])
+            .env("NODE_PATH", node_modules())
+            .output()
+            .unwrap(),
+    };
     assert!(
         o.status.success(),
-        "the README's example: {}",
+        "the README's {lang} example: {}",
         String::from_utf8_lossy(&o.stderr)
     );
     serde_json::from_slice(&o.stdout).unwrap()
+}
+
+/// Where `npm ci --ignore-scripts --prefix xtask/reference/node` installs the Node example's packages.
+fn node_modules() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../xtask/reference/node/node_modules")
 }
 
 /// Each fixture checkpoint (open_clip ViT, its average-pool variant, ModifiedResNet, Hugging Face
@@ -452,6 +466,13 @@ fn the_readme_python_example_gives_clip_predicts_cosines() {
         println!("skipped: python3 cannot import onnxruntime, tokenizers, PIL and numpy; pip install onnxruntime tokenizers pillow numpy");
         return;
     }
+    readme_example_gives_clip_predicts_cosines("python");
+}
+
+/// Each fixture checkpoint (open_clip ViT, its average-pool variant, ModifiedResNet, Hugging Face
+/// CLIP, Chinese-CLIP) exported by `clip-predict export --format onnx` and read by the README's
+/// example in `lang` gives `clip-predict image-to-text`'s cosines: tokenizer, preprocessing and graphs.
+fn readme_example_gives_clip_predicts_cosines(lang: &str) {
     let dir = tempfile::tempdir().unwrap();
     // Of three lengths, and one Chinese, so that Chinese-CLIP's vocabulary tells them apart too.
     let captions = ["a photo of a cat", "a dog", "一只猫的照片"];
@@ -480,9 +501,29 @@ fn the_readme_python_example_gives_clip_predicts_cosines() {
         assert_eq!(printed["layout"], "onnx");
         let image = fixtures().join(format!("../goldens/image{px}_0.png"));
         let ours = clip_predict_cosines(model, image.to_str().unwrap(), &captions);
-        let theirs = readme_cosines(&out, image.to_str().unwrap());
+        let theirs = readme_cosines(lang, &out, image.to_str().unwrap());
         let d = ours.iter().zip(&theirs).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
-        println!("{name}: clip-predict {ours:?} ONNX Runtime {theirs:?} max |Δ| {d:.1e}");
+        println!("{name}: clip-predict {ours:?} ONNX Runtime from {lang} {theirs:?} max |Δ| {d:.1e}");
         assert!(d < 1e-4, "{name}: {d}");
     }
+}
+
+/// The README's Node example, on the same exports (onnxruntime-node, tokenizers.js and pngjs, as
+/// `xtask/reference/node` pins them).
+#[test]
+fn the_readme_node_example_gives_clip_predicts_cosines() {
+    let node = Command::new("node").arg("--version").output();
+    let packages = ["onnxruntime-node", "pngjs", "@huggingface/tokenizers"];
+    let missing: Vec<&str> = packages
+        .into_iter()
+        .filter(|p| !node_modules().join(p).is_dir())
+        .collect();
+    if !node.as_ref().is_ok_and(|o| o.status.success()) || !missing.is_empty() {
+        println!(
+            "skipped: node or its packages ({}) are missing; npm ci --ignore-scripts --prefix xtask/reference/node",
+            missing.join(", ")
+        );
+        return;
+    }
+    readme_example_gives_clip_predicts_cosines("js");
 }

@@ -258,8 +258,9 @@ impl Trainer {
     }
 
     /// Trains one epoch (or the rest of a stopped one); `on_step(step_in_epoch, loss, pairs_per_s)`
-    /// reports progress (pairs of every rank, in a data-parallel run). Returns (mean loss, pairs per second), or the error [`Stopped`] when the
-    /// stop flag was raised (the steps done are kept in `state.partial`).
+    /// reports progress. Returns (mean loss, pairs per second), or the error [`Stopped`] when the
+    /// stop flag was raised (the steps done are kept in `state.partial`). In a data-parallel run
+    /// the pairs per second are every rank's together.
     pub fn train_epoch(&mut self, mut on_step: impl FnMut(usize, f64, f64)) -> Result<(f64, f64)> {
         let epoch = self.state.epoch;
         let steps_per_epoch = self.steps_per_epoch();
@@ -284,7 +285,7 @@ impl Trainer {
             }
             if step >= skip {
                 // (Steps before `skip` were done before the run was stopped: the same batches.)
-                // (Pairs of the global batch: a rank's share counts the ranks' pairs per second.)
+                // A rank's share counts as its global batch: the speed is every rank's together.
                 let n: usize = pending
                     .iter()
                     .map(|b| b.global.as_ref().map_or(b.pairs.len(), |g| g.pairs.len()))

@@ -75,7 +75,8 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             format,
             out,
             overwrite,
-        } => export::export(&model, format, &out, overwrite, json, &device),
+            quantize,
+        } => export::export(&model, format, &out, (overwrite, quantize), json, &device),
         Cmd::Demo { model, data } => predict::demo(&model, data.unwrap_or_else(Dataset::demo_dir).as_path(), &device),
     }
 }

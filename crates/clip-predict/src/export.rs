@@ -15,10 +15,13 @@ pub(crate) fn export(
     choice: &ModelChoice,
     format: clip_core::export::ExportFormat,
     out: &Path,
-    overwrite: bool,
+    (overwrite, quantize): (bool, Option<clip_core::export::onnx::Quantize>),
     json: bool,
     device: &Device,
 ) -> Result<ExitCode> {
+    if quantize.is_some() && format != clip_core::export::ExportFormat::Onnx {
+        anyhow::bail!("--quantize int8 applies to --format onnx only");
+    }
     // Refused from the config alone before anything is loaded (a student distilled on images
     // alone would otherwise open its teacher first).
     // Nor may OUT be, or lie inside, the folder the model is read from (--overwrite would
@@ -38,18 +41,13 @@ pub(crate) fn export(
         clip_core::export::check_out(out, &folders)?;
     }
     // A student distilled on images alone: its captions are its teacher's to embed.
-    let e = match &m.captions_by {
-        Some(t) => clip_core::export::export_with_caption_teacher(
-            &m.model,
-            &m.tok,
-            (&t.model, &t.tokenizer),
-            format,
-            out,
-            overwrite,
-        ),
-        None => clip_core::export::export(&m.model, &m.tok, format, out, overwrite),
-    }
-    .with_context(|| format!("exporting {}", m.flag()))?;
+    let options = clip_core::export::Options {
+        overwrite,
+        captions_by: m.captions_by.as_ref().map(|t| (&t.model, &t.tokenizer)),
+        quantize,
+    };
+    let e = clip_core::export::export_with(&m.model, &m.tok, format, out, options)
+        .with_context(|| format!("exporting {}", m.flag()))?;
     if json {
         println!(
             "{}",

@@ -13,7 +13,8 @@ use candle_core::{Device, Tensor};
 use clip_core::config::{Activation, Block, HeadKind, ImageArch, ImagePool, Pooling, TextKind};
 use clip_core::data::TextTokenizer;
 use clip_core::export::onnx::proto::{tensor_shape_proto::dimension::Value as DimValue, type_proto, ModelProto};
-use clip_core::export::{export, export_with_caption_teacher, ExportFormat};
+use clip_core::export::onnx::Quantize;
+use clip_core::export::{export, export_with, export_with_caption_teacher, ExportFormat, Options};
 use clip_core::nn::normalize::l2_normalize;
 use clip_core::{ClipConfig, ClipModel};
 use prost::Message;
@@ -221,6 +222,99 @@ fn onnx_runtime_gives_clipmines_embeddings_for_every_tower_kind() {
         assert!(di < 1e-4 && dt < 1e-4, "{name}: image {di}, text {dt}");
         assert!(ci > 1.0 - 1e-4 && ct > 1.0 - 1e-4, "{name}: image {ci}, text {ct}");
     }
+}
+
+/// How many nodes of each operator `path`'s graph has, and how many MatMuls and Convs read a weight
+/// (an initializer) as their second input.
+fn operators(path: &Path) -> (std::collections::HashMap<String, usize>, usize) {
+    let g = decoded(path).graph.unwrap();
+    let weights: std::collections::HashSet<_> = g.initializer.iter().map(|t| t.name().to_string()).collect();
+    let mut ops = std::collections::HashMap::new();
+    let mut float_weights = 0;
+    for n in &g.node {
+        *ops.entry(n.op_type().to_string()).or_insert(0) += 1;
+        if matches!(n.op_type(), "MatMul" | "Conv") && n.input.get(1).is_some_and(|w| weights.contains(w)) {
+            float_weights += 1;
+        }
+    }
+    (ops, float_weights)
+}
+
+#[test]
+fn int8_graphs_run_integer_operators_and_stay_close_to_fp32_for_every_tower_kind() {
+    let dir = tempfile::tempdir().unwrap();
+    let tok = tokenizer(dir.path());
+    let runtime_here = no_runtime();
+    if let Some(why) = &runtime_here {
+        println!("the runtime's check skipped: python3 cannot import onnxruntime and onnx ({why}); pip install onnxruntime onnx");
+    }
+    for (k, (name, cfg)) in cases().into_iter().enumerate() {
+        let model = perturbed(&cfg);
+        let (fp32, int8) = (
+            dir.path().join(format!("fp32-{k}")),
+            dir.path().join(format!("int8-{k}")),
+        );
+        export(&model, &tok, ExportFormat::Onnx, &fp32, false).unwrap();
+        let options = Options {
+            quantize: Some(Quantize::Int8),
+            ..Options::default()
+        };
+        export_with(&model, &tok, ExportFormat::Onnx, &int8, options).unwrap();
+        // No weight is left to a float MatMul or Conv; every tower has integer MatMuls (its head
+        // at least), and a ResNet integer convolutions.
+        for graph in ["image_encoder.onnx", "text_encoder.onnx"] {
+            let (ops, float_weights) = operators(&int8.join(graph));
+            assert_eq!(float_weights, 0, "{name} {graph}: {ops:?}");
+            assert!(ops.get("MatMulInteger") > Some(&0), "{name} {graph}: {ops:?}");
+            if graph == "text_encoder.onnx" {
+                assert!(
+                    ops.get("Gather") >= Some(&2),
+                    "{name}: the token table gathered as int8 rows and scales: {ops:?}"
+                );
+            }
+            let convs = operators(&fp32.join(graph)).0.get("Conv").copied();
+            assert_eq!(ops.get("ConvInteger").copied(), convs, "{name} {graph}");
+            let size = |d: &Path| std::fs::metadata(d.join(graph)).unwrap().len();
+            assert!(
+                size(&int8) < size(&fp32),
+                "{name} {graph}: {} ≥ {}",
+                size(&int8),
+                size(&fp32)
+            );
+        }
+        let meta: serde_json::Value = serde_json::from_slice(&std::fs::read(int8.join("clip.json")).unwrap()).unwrap();
+        let q = &meta["quantization"];
+        assert!(q["image_encoder"]["matmuls"].as_u64() > Some(0), "{meta}");
+        assert!(q["text_encoder"]["embeddings"].as_u64() > Some(0), "{meta}");
+        if runtime_here.is_some() {
+            continue;
+        }
+        let (px, ids, mask) = inputs(&cfg, &tok);
+        let image = rows(&l2_normalize(&model.embed_images(&px).unwrap()).unwrap());
+        let text = rows(&l2_normalize(&model.embed_texts(&ids, &mask).unwrap()).unwrap());
+        let r = runtime(&int8, &inputs_json(&px, &ids, &mask));
+        let ((di, ci), (dt, ct)) = (compare(&image, &r["image_embeds"]), compare(&text, &r["text_embeds"]));
+        println!("{name}, int8: image max|Δ| {di:.2e} min cos {ci:.5}; text max|Δ| {dt:.2e} min cos {ct:.5}");
+        // Quantization moves the embeddings (fp32 gives 1e-4), but keeps their direction.
+        assert!(ci > 0.998 && ct > 0.998, "{name}: image {ci}, text {ct}");
+        assert!(
+            di > 1e-6 || dt > 1e-6,
+            "{name}: the int8 graphs computed exactly what fp32 does"
+        );
+    }
+    // Other formats have no integer weights.
+    let e = predict(&[
+        "export",
+        "--model",
+        "tiny-clip",
+        "--format",
+        "hf",
+        "--quantize",
+        "int8",
+        "x",
+    ]);
+    assert_eq!(e.0, Some(2), "{e:?}");
+    assert!(e.2.contains("--quantize int8 applies to --format onnx only"), "{}", e.2);
 }
 
 /// (name, element type, dims: a free axis by name) of each input or output.

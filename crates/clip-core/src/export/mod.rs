@@ -163,7 +163,23 @@ pub fn export(
     out: &Path,
     overwrite: bool,
 ) -> Result<Exported> {
-    export_with(model, tokenizer, None, format, out, overwrite)
+    let options = Options {
+        overwrite,
+        ..Options::default()
+    };
+    export_with(model, tokenizer, format, out, options)
+}
+
+/// What an export may do beyond writing a model in its format.
+#[derive(Clone, Copy, Default)]
+pub struct Options<'a> {
+    /// Replace an earlier export in `out`.
+    pub overwrite: bool,
+    /// A student distilled on images alone: the model and tokenizer that answer its captions
+    /// (its teacher's, [`crate::distill::caption_teacher`]). ONNX only.
+    pub captions_by: Option<(&'a ClipModel, &'a TextTokenizer)>,
+    /// Weights (and activations, at run time) in int8. ONNX only.
+    pub quantize: Option<onnx::Quantize>,
 }
 
 /// [`export`] for a student distilled on images alone, whose captions its teacher answers
@@ -178,19 +194,32 @@ pub fn export_with_caption_teacher(
     out: &Path,
     overwrite: bool,
 ) -> Result<Exported> {
-    export_with(model, tokenizer, Some(captions_by), format, out, overwrite)
+    let options = Options {
+        overwrite,
+        captions_by: Some(captions_by),
+        quantize: None,
+    };
+    export_with(model, tokenizer, format, out, options)
 }
 
-fn export_with(
+/// [`export`] with [`Options`].
+pub fn export_with(
     model: &ClipModel,
     tokenizer: &TextTokenizer,
-    captions_by: Option<(&ClipModel, &TextTokenizer)>,
     format: ExportFormat,
     out: &Path,
-    overwrite: bool,
+    options: Options,
 ) -> Result<Exported> {
+    let Options {
+        overwrite,
+        captions_by,
+        quantize,
+    } = options;
     let cfg = &model.config;
     exportable(cfg, format)?;
+    if let (Some(q), false) = (quantize, format == ExportFormat::Onnx) {
+        bail!("quantization ({q:?}) applies to ONNX exports only (--format onnx)");
+    }
     match (cfg.distill.images_only, captions_by.is_some()) {
         (true, false) => bail!(
             "this student was distilled on images without captions: its own text tower learned nothing, and its captions are answered by its teacher's ({}), which this export was not given (clip-predict export --format onnx opens it)",
@@ -229,7 +258,7 @@ fn export_with(
     let mut w = match format {
         ExportFormat::OpenClip => open_clip_files(cfg, tokenizer, &params, out)?,
         ExportFormat::Hf => hf_files(cfg, tokenizer, &params, out)?,
-        ExportFormat::Onnx => onnx_files(model, tokenizer, &params, captions_by, out)?,
+        ExportFormat::Onnx => onnx_files(model, tokenizer, &params, captions_by, quantize, out)?,
     };
     let n = w.tensors.len();
     if let Some(weights) = w.weights {
@@ -274,6 +303,7 @@ fn onnx_files(
     tokenizer: &TextTokenizer,
     params: &HashMap<String, Tensor>,
     captions_by: Option<(&ClipModel, &TextTokenizer)>,
+    quantize: Option<onnx::Quantize>,
     out: &Path,
 ) -> Result<Written> {
     let text = match captions_by {
@@ -288,7 +318,7 @@ fn onnx_files(
             params: params.clone(),
         },
     };
-    let files = onnx::files(model, params, &text, preprocessor_config(&model.config))?;
+    let files = onnx::files(model, params, &text, preprocessor_config(&model.config), quantize)?;
     let at = |name: &str| py_str(&out.join(name).display().to_string());
     let python = format!(
         "import onnxruntime as ort\nimage_encoder = ort.InferenceSession({})\ntext_encoder = ort.InferenceSession({})",

@@ -19,6 +19,7 @@ pub use clip_text::{eot_positions, ClipTextTransformer};
 pub use head::ProjectionHead;
 pub use resnet::ResNet;
 pub use text_encoder::TextEncoder;
+pub(crate) use text_encoder::{scheme as bert_scheme, Scheme as BertScheme};
 pub use towers::{Head, ImageTower, TextTower};
 pub use transformer::{AttentionMask, ResidualAttentionBlock};
 pub use vit::VisionTransformer;

@@ -28,18 +28,19 @@ use crate::params::ParamBuilder;
 
 const INIT_STD: f64 = 0.02;
 
-/// Where a family keeps each weight, relative to the encoder (and to a layer).
-struct Scheme {
-    layers: &'static str,
-    query: &'static str,
-    key: &'static str,
-    value: &'static str,
-    attention_out: &'static str,
-    attention_norm: &'static str,
-    ffn_in: &'static str,
-    ffn_out: &'static str,
-    output_norm: &'static str,
-    token_types: bool,
+/// Where a family keeps each weight, relative to the encoder (and to a layer). The ONNX writer
+/// (`export::onnx::text`) reads the same names.
+pub(crate) struct Scheme {
+    pub(crate) layers: &'static str,
+    pub(crate) query: &'static str,
+    pub(crate) key: &'static str,
+    pub(crate) value: &'static str,
+    pub(crate) attention_out: &'static str,
+    pub(crate) attention_norm: &'static str,
+    pub(crate) ffn_in: &'static str,
+    pub(crate) ffn_out: &'static str,
+    pub(crate) output_norm: &'static str,
+    pub(crate) token_types: bool,
     /// BERT applies hidden dropout to the attention output before the residual; DistilBERT not.
     attention_output_dropout: bool,
 }
@@ -72,7 +73,8 @@ const BERT: Scheme = Scheme {
     attention_output_dropout: true,
 };
 
-fn scheme(kind: TextKind) -> &'static Scheme {
+/// The naming scheme of a BERT-family tower (`Clip` has its own module; it answers BERT's).
+pub(crate) fn scheme(kind: TextKind) -> &'static Scheme {
     match kind {
         TextKind::Distilbert => &DISTILBERT,
         // The CLIP text transformer is its own module (`ClipTextTransformer`).

@@ -222,11 +222,9 @@ impl<'a> Graph<'a> {
         name
     }
 
-    /// The finished model, serialised. A graph over 2 GiB (protobuf's limit; ONNX keeps larger
-    /// weights in external files, which this writer does not) is refused.
-    pub fn finish(self, name: &str, doc: &str) -> Result<Vec<u8>> {
-        use prost::Message;
-        let model = ModelProto {
+    /// The finished model.
+    pub fn finish(self, name: &str, doc: &str) -> ModelProto {
+        ModelProto {
             ir_version: Some(IR_VERSION),
             opset_import: vec![OperatorSetIdProto {
                 domain: Some(String::new()),
@@ -244,14 +242,21 @@ impl<'a> Graph<'a> {
                 ..Default::default()
             }),
             ..Default::default()
-        };
-        let len = model.encoded_len();
-        if len >= 1 << 31 {
-            bail!(
-                "{name} would be {:.1} GB, over protobuf's 2 GB limit for one ONNX file (this writer keeps every weight inside the file)",
-                len as f64 / 1e9
-            );
         }
-        Ok(model.encode_to_vec())
     }
+}
+
+/// `model` serialised. A graph over 2 GiB (protobuf's limit; ONNX keeps larger weights in
+/// external files, which this writer does not) is refused.
+pub fn encode(model: &ModelProto) -> Result<Vec<u8>> {
+    use prost::Message;
+    let len = model.encoded_len();
+    if len >= 1 << 31 {
+        bail!(
+            "{} would be {:.1} GB, over protobuf's 2 GB limit for one ONNX file (this writer keeps every weight inside the file)",
+            model.graph.as_ref().map_or("the graph", |g| g.name()),
+            len as f64 / 1e9
+        );
+    }
+    Ok(model.encode_to_vec())
 }

@@ -6,6 +6,7 @@ use anyhow::Result;
 
 use super::graph::{Attr, Graph};
 use crate::config::{Activation, HeadKind};
+use crate::model::BertScheme;
 
 /// `x W^T + b` for the parameters `{prefix}.weight` (out, in) and, if `bias`, `{prefix}.bias`.
 pub fn linear(g: &mut Graph, x: &str, prefix: &str, bias: bool) -> Result<String> {
@@ -125,21 +126,10 @@ pub fn clip_block(g: &mut Graph, x: &str, prefix: &str, s: BlockShape, bias: Opt
     Ok(g.op("Add", &[&x, &h], vec![]))
 }
 
-/// Where a BERT-family layer keeps its weights, relative to the layer.
-pub struct BertNames {
-    pub query: &'static str,
-    pub key: &'static str,
-    pub value: &'static str,
-    pub attention_out: &'static str,
-    pub attention_norm: &'static str,
-    pub ffn_in: &'static str,
-    pub ffn_out: &'static str,
-    pub output_norm: &'static str,
-}
-
 /// A post-LN BERT / DistilBERT layer (`crate::model::TextEncoder`'s) under `prefix`:
 /// `x = ln(x + out(attn(x)))`, then `ln(x + ffn_out(act(ffn_in(x))))`.
-pub fn bert_block(g: &mut Graph, x: &str, prefix: &str, n: &BertNames, s: BlockShape, bias: &str) -> Result<String> {
+/// The weights' names are the candle module's own (`crate::model::BertScheme`).
+pub fn bert_block(g: &mut Graph, x: &str, prefix: &str, n: &BertScheme, s: BlockShape, bias: &str) -> Result<String> {
     let p = |name: &str| format!("{prefix}.{name}");
     let q = linear(g, x, &p(n.query), true)?;
     let k = linear(g, x, &p(n.key), true)?;

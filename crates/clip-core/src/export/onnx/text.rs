@@ -6,9 +6,10 @@
 use anyhow::Result;
 
 use super::graph::{Attr, Dim, Graph};
-use super::layers::{bert_block, clip_block, layer_norm, BertNames, BlockShape};
+use super::layers::{bert_block, clip_block, layer_norm, BlockShape};
 use super::vision::embed;
 use crate::config::{ClipConfig, Pooling, TextConfig, TextKind};
+use crate::model::bert_scheme;
 
 const TOWER: &str = "text_encoder.model";
 
@@ -111,34 +112,6 @@ fn clip_text(g: &mut Graph, ids: &str, mask: &str, t: &TextConfig) -> Result<Str
     Ok(g.op("GatherND", &[&x, &at], vec![Attr::Int("batch_dims", 1)]))
 }
 
-const DISTILBERT: (&str, BertNames) = (
-    "transformer.layer",
-    BertNames {
-        query: "attention.q_lin",
-        key: "attention.k_lin",
-        value: "attention.v_lin",
-        attention_out: "attention.out_lin",
-        attention_norm: "sa_layer_norm",
-        ffn_in: "ffn.lin1",
-        ffn_out: "ffn.lin2",
-        output_norm: "output_layer_norm",
-    },
-);
-
-const BERT: (&str, BertNames) = (
-    "encoder.layer",
-    BertNames {
-        query: "attention.self.query",
-        key: "attention.self.key",
-        value: "attention.self.value",
-        attention_out: "attention.output.dense",
-        attention_norm: "attention.output.LayerNorm",
-        ffn_in: "intermediate.dense",
-        ffn_out: "output.dense",
-        output_norm: "output.LayerNorm",
-    },
-);
-
 /// A BERT or DistilBERT: embeddings (+ BERT's token type 0) → LayerNorm → post-LN layers → the
 /// [CLS] state or the mean of the attended tokens' states (N, D).
 fn bert(g: &mut Graph, ids: &str, mask: &str, t: &TextConfig) -> Result<String> {
@@ -148,12 +121,8 @@ fn bert(g: &mut Graph, ids: &str, mask: &str, t: &TextConfig) -> Result<String> 
         "embeddings.word_embeddings.weight",
         "embeddings.position_embeddings.weight",
     )?;
-    let (layers, names) = if t.kind == TextKind::Distilbert {
-        &DISTILBERT
-    } else {
-        &BERT
-    };
-    if t.kind == TextKind::Bert {
+    let names = bert_scheme(t.kind);
+    if names.token_types {
         // One segment: every token has type 0.
         let table = g.weight(&p("embeddings.token_type_embeddings.weight"), None)?;
         let first = g.int_scalar("type_0", 0);
@@ -163,7 +132,7 @@ fn bert(g: &mut Graph, ids: &str, mask: &str, t: &TextConfig) -> Result<String> 
     x = layer_norm(g, &x, &p("embeddings.LayerNorm"), t.layer_norm_eps)?;
     let bias = key_mask(g, mask);
     for i in 0..t.n_layers {
-        x = bert_block(g, &x, &p(&format!("{layers}.{i}")), names, shape(t), &bias)?;
+        x = bert_block(g, &x, &p(&format!("{}.{i}", names.layers)), names, shape(t), &bias)?;
     }
     Ok(match t.pooling {
         Pooling::Cls | Pooling::Eot => {

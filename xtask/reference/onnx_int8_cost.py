@@ -8,8 +8,8 @@ Runtime on exports of the same model (fp32 and int8), each printed as one JSON l
         image→text and text→image recall@1 on a captions file (image,caption rows; an image may
         have several captions), as `clip-predict eval` does for a caption dataset
     python xtask/reference/onnx_int8_cost.py speed [--batch 16] [--seconds 10] EXPORT...
-        images/s and captions/s (77 tokens, or the context length) on fixed inputs, the exports
-        timed in turn, each after two warm-up runs
+        images/s and captions/s (full captions of the context length: 77 tokens for CLIP) on
+        fixed inputs, the exports timed in turn, each after two warm-up runs
 
 Images are read as the README's Python example reads them (clip.json's resize rule with PIL,
 then mean and std), captions through tokenizer.json. Threads: ONNX Runtime's default (one per
@@ -132,7 +132,8 @@ def speed(e: Export, batch: int, seconds: float) -> dict:
     s = e.cfg["image"]["image_size"]
     px = np.sin(np.arange(batch * 3 * s * s, dtype=np.float32) * 0.013).reshape(batch, 3, s, s)
     length = e.cfg["text"]["context_length"]
-    ids = (np.arange(batch * length, dtype=np.int64).reshape(batch, length) * 7919) % 1000 + 5
+    vocab = e.tok.get_vocab_size()
+    ids = (np.arange(batch * length, dtype=np.int64).reshape(batch, length) * 7919) % vocab
     feed = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
     return {
         "task": "speed",

@@ -302,6 +302,21 @@ fn int8_graphs_run_integer_operators_and_stay_close_to_fp32_for_every_tower_kind
             "{name}: the int8 graphs computed exactly what fp32 does"
         );
     }
+    // The README's cost script runs on an int8 export (its figures come from it).
+    if runtime_here.is_none() {
+        let out = dir.path().join("int8-8");
+        let demo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../assets/demo/captions.csv");
+        for task in [vec!["recall", "--pairs", demo.to_str().unwrap()], vec!["speed", "--seconds", "0.05", "--batch", "2"]] {
+            let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../xtask/reference/onnx_int8_cost.py");
+            let o = Command::new("python3").arg(script).args(&task).arg(&out).output().unwrap();
+            assert!(o.status.success(), "{task:?}: {}", String::from_utf8_lossy(&o.stderr));
+            let line: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+            println!("{line}");
+            assert_eq!(line["weights"], "int8", "{line}");
+            let figure = if task[0] == "recall" { "text_to_image_recall@1" } else { "images_per_s" };
+            assert!(line[figure].as_f64().is_some_and(|x| x >= 0.0), "{line}");
+        }
+    }
     // Other formats have no integer weights.
     let e = predict(&[
         "export",

@@ -12,7 +12,8 @@ Runtime on exports of the same model (fp32 and int8), each printed as one JSON l
         fixed inputs, the exports timed in turn, each after two warm-up runs
 
 Images are read as the README's Python example reads them (clip.json's resize rule with PIL,
-then mean and std), captions through tokenizer.json. Threads: ONNX Runtime's default (one per
+then mean and std), captions through tokenizer.json; sessions take clip.json's session_config
+(unless --no-session-config). Threads: ONNX Runtime's default (one per
 core) unless --threads. Needs: pip install onnxruntime numpy pillow tokenizers
 """
 
@@ -35,12 +36,14 @@ FILTERS = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Imag
 class Export:
     """Both encoders of one export folder, with its tokenizer and preprocessing."""
 
-    def __init__(self, folder: Path, threads: int | None):
+    def __init__(self, folder: Path, threads: int | None, session_config: bool = True):
         self.folder = folder
         self.cfg = json.loads((folder / "clip.json").read_text())
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
+        for k, v in self.cfg.get("session_config", {}).items() if session_config else ():
+            opts.add_session_config_entry(k, v)
         self.image = ort.InferenceSession(str(folder / "image_encoder.onnx"), opts, providers=["CPUExecutionProvider"])
         self.text = ort.InferenceSession(str(folder / "text_encoder.onnx"), opts, providers=["CPUExecutionProvider"])
         self.tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
@@ -157,16 +160,18 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--threads", type=int)
+    p.add_argument("--no-session-config", action="store_true", help="ignore clip.json's session_config")
     a = p.parse_args()
     for folder in a.exports:
-        e = Export(folder, a.threads)
+        e = Export(folder, a.threads, not a.no_session_config)
         if a.task == "zero-shot":
             r = zero_shot(e, a.classes, a.template, a.limit)
         elif a.task == "recall":
             r = recall(e, a.pairs)
         else:
             r = speed(e, a.batch, a.seconds)
-        print(json.dumps({"export": str(folder), "weights": e.name(), **r, "ort": ort.__version__}), flush=True)
+        config = e.cfg.get("session_config", {}) if not a.no_session_config else {}
+        print(json.dumps({"export": str(folder), "weights": e.name(), **r, "session_config": config, "ort": ort.__version__}), flush=True)
 
 
 if __name__ == "__main__":

@@ -260,8 +260,8 @@ fn int8_graphs_run_integer_operators_and_stay_close_to_fp32_for_every_tower_kind
             ..Options::default()
         };
         export_with(&model, &tok, ExportFormat::Onnx, &int8, options).unwrap();
-        // No weight is left to a float MatMul or Conv; every tower has integer MatMuls (its head
-        // at least), and a ResNet integer convolutions.
+        // No fp32 weight is left to a MatMul or Conv; every tower has integer MatMuls (its head
+        // at least).
         for graph in ["image_encoder.onnx", "text_encoder.onnx"] {
             let (ops, float_weights) = operators(&int8.join(graph));
             assert_eq!(float_weights, 0, "{name} {graph}: {ops:?}");
@@ -272,8 +272,10 @@ fn int8_graphs_run_integer_operators_and_stay_close_to_fp32_for_every_tower_kind
                     "{name}: the token table gathered as int8 rows and scales: {ops:?}"
                 );
             }
+            // Convolutions compute in fp32 on kernels stored int8.
             let convs = operators(&fp32.join(graph)).0.get("Conv").copied();
-            assert_eq!(ops.get("ConvInteger").copied(), convs, "{name} {graph}");
+            assert_eq!(ops.get("Conv").copied(), convs, "{name} {graph}");
+            assert_eq!(ops.get("DequantizeLinear").copied(), convs, "{name} {graph}");
             let size = |d: &Path| std::fs::metadata(d.join(graph)).unwrap().len();
             assert!(
                 size(&int8) < size(&fp32),
@@ -286,6 +288,12 @@ fn int8_graphs_run_integer_operators_and_stay_close_to_fp32_for_every_tower_kind
         let q = &meta["quantization"];
         assert!(q["image_encoder"]["matmuls"].as_u64() > Some(0), "{meta}");
         assert!(q["text_encoder"]["embeddings"].as_u64() > Some(0), "{meta}");
+        assert_eq!(meta["session_config"]["session.disable_quant_qdq"], "1", "{meta}");
+        let plain: serde_json::Value = serde_json::from_slice(&std::fs::read(fp32.join("clip.json")).unwrap()).unwrap();
+        assert!(
+            plain.get("session_config").is_none() && plain.get("quantization").is_none(),
+            "{plain}"
+        );
         if runtime_here.is_some() {
             continue;
         }
@@ -306,14 +314,26 @@ fn int8_graphs_run_integer_operators_and_stay_close_to_fp32_for_every_tower_kind
     if runtime_here.is_none() {
         let out = dir.path().join("int8-8");
         let demo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../assets/demo/captions.csv");
-        for task in [vec!["recall", "--pairs", demo.to_str().unwrap()], vec!["speed", "--seconds", "0.05", "--batch", "2"]] {
+        for task in [
+            vec!["recall", "--pairs", demo.to_str().unwrap()],
+            vec!["speed", "--seconds", "0.05", "--batch", "2"],
+        ] {
             let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../xtask/reference/onnx_int8_cost.py");
-            let o = Command::new("python3").arg(script).args(&task).arg(&out).output().unwrap();
+            let o = Command::new("python3")
+                .arg(script)
+                .args(&task)
+                .arg(&out)
+                .output()
+                .unwrap();
             assert!(o.status.success(), "{task:?}: {}", String::from_utf8_lossy(&o.stderr));
             let line: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
             println!("{line}");
             assert_eq!(line["weights"], "int8", "{line}");
-            let figure = if task[0] == "recall" { "text_to_image_recall@1" } else { "images_per_s" };
+            let figure = if task[0] == "recall" {
+                "text_to_image_recall@1"
+            } else {
+                "images_per_s"
+            };
             assert!(line[figure].as_f64().is_some_and(|x| x >= 0.0), "{line}");
         }
     }

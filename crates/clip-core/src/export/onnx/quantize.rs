@@ -4,19 +4,24 @@
 //!
 //! - every MatMul whose right operand is a weight (W: K×N) becomes
 //!   `DynamicQuantizeLinear(x) → MatMulInteger(x_q, W_q, x_zp) → Cast → Mul(x_scale · w_scale)`;
-//! - every Conv whose kernel is a weight (M×C×kh×kw) becomes the same around `ConvInteger`, its
-//!   bias (if any) added after the rescale;
+//! - every Conv whose kernel is a weight (M×C×kh×kw) keeps it as int8 with one scale per output
+//!   channel, dequantized (`DequantizeLinear`) and run in fp32. ONNX Runtime folds those
+//!   constants into fp32 kernels as the session loads when `clip.json`'s `session_config` says so
+//!   (`session.disable_quant_qdq`; without it, it dequantizes at every run: the simple-clip
+//!   ResNet-50 ran at 17 images/s against fp32's 33). Not `ConvInteger` as `quantize_dynamic`
+//!   writes: ONNX Runtime 1.32's ran that ResNet-50 at 5.6 images/s (its docs advise static
+//!   quantization for CNNs); the file is as small either way;
 //! - every embedding table (a Gather of rows of a weight) is stored as int8 rows with one scale
 //!   per row, gathered with it and rescaled (a DistilBERT's 30,522 × 768 table is most of its
 //!   text encoder's bytes);
-//! - weights are int8, symmetric (no zero point: ONNX Runtime's ConvInteger accepts only a
-//!   per-tensor one), one scale per output channel (`max |w| / 127` over the channel);
+//! - weights are int8, symmetric (no zero point), one scale per output channel
+//!   (`max |w| / 127` over the channel);
 //! - activations are uint8 with a scale and zero point measured on each input as it arrives
 //!   (`DynamicQuantizeLinear`), once per tensor however many weights read it (q, k and v share
 //!   theirs).
 //!
 //! Everything else stays fp32: LayerNorm, softmax, attention's scores and context (two
-//! activations: nothing to calibrate), BatchNorm, embeddings, the L2 normalisation. The cost in
+//! activations: nothing to calibrate), BatchNorm, the L2 normalisation. The cost in
 //! accuracy and the speed are measured in the README ("Ship it: ONNX").
 //!
 //! A note from ONNX Runtime's documentation: on x86 CPUs without VNNI its u8·s8 kernels use
@@ -54,6 +59,7 @@ impl std::str::FromStr for Quantize {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct Quantized {
     pub matmuls: usize,
+    /// Convs whose kernels are stored int8 (they compute in fp32).
     pub convs: usize,
     pub embeddings: usize,
     /// Weights made int8: their fp32 bytes, and their int8 bytes with the scales.
@@ -96,9 +102,7 @@ pub fn int8(graph: &mut GraphProto) -> Result<Quantized> {
         match (node.op_type(), weight) {
             ("Gather", _) if table.is_some_and(|t| t.dims.len() == 2) && axis == 0 => w.gather(node)?,
             ("MatMul", Some(t)) if t.dims.len() == 2 => w.matmul(node)?,
-            ("Conv", Some(t)) if t.dims.len() == 4 && node.input.get(2).map_or(true, |b| w.float(b).is_some()) => {
-                w.conv(node)?
-            }
+            ("Conv", Some(t)) if t.dims.len() == 4 => w.conv(node)?,
             _ => w.nodes.push(node),
         }
     }
@@ -226,25 +230,22 @@ impl Rewrite<'_> {
         Ok(())
     }
 
-    fn conv(&mut self, node: NodeProto) -> Result<()> {
-        let (x, w, y) = (&node.input[0], &node.input[1], &node.output[0]);
-        let m = self.float(w).map_or(0, |t| t.dims[0]);
-        let [xq, xs, xz] = self.dynamic(x);
-        let (wq, ws) = self.weight(w, 0, vec![1, m, 1, 1]);
-        let int = format!("{y}_int32");
-        self.push("ConvInteger", &[&xq, &wq, &xz], &int, node.attribute.clone());
-        match node.input.get(2).filter(|b| !b.is_empty()) {
-            None => self.rescale(&int, &xs, &ws, y),
-            Some(b) => {
-                let scaled = format!("{y}_unbiased");
-                self.rescale(&int, &xs, &ws, &scaled);
-                let (_, bias) = self.values(b);
-                let bn = format!("{b}_nchw");
-                self.inits.push(f32_tensor(&bn, vec![1, m, 1, 1], &bias));
-                self.replaced.insert(b.clone());
-                self.push("Add", &[&scaled, &bn], y, vec![]);
-            }
-        }
+    /// A Conv keeps fp32 activations: its kernel is stored int8 and dequantized as the session
+    /// loads (see the module's doc for why not ConvInteger).
+    fn conv(&mut self, mut node: NodeProto) -> Result<()> {
+        let (w, y) = (node.input[1].clone(), node.output[0].clone());
+        let m = self.float(&w).map_or(0, |t| t.dims[0]);
+        let (wq, ws) = self.weight(&w, 0, vec![m]);
+        let kernel = format!("{y}_kernel");
+        let axis = AttributeProto {
+            name: Some("axis".into()),
+            r#type: Some(AttributeType::Int as i32),
+            i: Some(0),
+            ..Default::default()
+        };
+        self.push("DequantizeLinear", &[&wq, &ws], &kernel, vec![axis]);
+        node.input[1] = kernel;
+        self.nodes.push(node);
         self.done.convs += 1;
         Ok(())
     }

@@ -76,7 +76,15 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             out,
             overwrite,
             quantize,
-        } => export::export(&model, format, &out, (overwrite, quantize), json, &device),
+            external_data,
+        } => export::export(
+            &model,
+            format,
+            &out,
+            (overwrite, quantize, external_data),
+            json,
+            &device,
+        ),
         Cmd::Demo { model, data } => predict::demo(&model, data.unwrap_or_else(Dataset::demo_dir).as_path(), &device),
     }
 }

@@ -15,12 +15,19 @@ pub(crate) fn export(
     choice: &ModelChoice,
     format: clip_core::export::ExportFormat,
     out: &Path,
-    (overwrite, quantize): (bool, Option<clip_core::export::onnx::Quantize>),
+    (overwrite, quantize, external_data): (bool, Option<clip_core::export::onnx::Quantize>, bool),
     json: bool,
     device: &Device,
 ) -> Result<ExitCode> {
-    if quantize.is_some() && format != clip_core::export::ExportFormat::Onnx {
-        anyhow::bail!("--quantize int8 applies to --format onnx only");
+    if (quantize.is_some() || external_data) && format != clip_core::export::ExportFormat::Onnx {
+        anyhow::bail!(
+            "{} applies to --format onnx only",
+            if external_data {
+                "--external-data"
+            } else {
+                "--quantize int8"
+            }
+        );
     }
     // Refused from the config alone before anything is loaded (a student distilled on images
     // alone would otherwise open its teacher first).
@@ -45,9 +52,16 @@ pub(crate) fn export(
         overwrite,
         captions_by: m.captions_by.as_ref().map(|t| (&t.model, &t.tokenizer)),
         quantize,
+        external_data,
     };
     let e = clip_core::export::export_with(&m.model, &m.tok, format, out, options)
         .with_context(|| format!("exporting {}", m.flag()))?;
+    say(&e, &m.flag(), format, out, json);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// What was written, and how to load it: one JSON object, or lines for a person.
+fn say(e: &clip_core::export::Exported, flag: &str, format: clip_core::export::ExportFormat, out: &Path, json: bool) {
     if json {
         println!(
             "{}",
@@ -62,7 +76,7 @@ pub(crate) fn export(
     } else {
         println!(
             "exported {} as {} ({} tensors) to {}:",
-            m.flag(),
+            flag,
             e.layout,
             e.tensors,
             out.display()
@@ -86,5 +100,4 @@ pub(crate) fn export(
             );
         }
     }
-    Ok(ExitCode::SUCCESS)
 }

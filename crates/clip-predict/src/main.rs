@@ -200,6 +200,11 @@ enum Cmd {
         /// speed: the README's "Ship it: ONNX".
         #[arg(long, value_name = "int8")]
         quantize: Option<clip_core::export::onnx::Quantize>,
+        /// With --format onnx: each graph's weights in a file beside it
+        /// (image_encoder.onnx.data, ONNX's external data), read by ONNX Runtime from the same
+        /// folder. Done without asking for a graph over protobuf's 2 GB limit (ViT-H and larger).
+        #[arg(long = "external-data")]
+        external_data: bool,
     },
     /// The tutorial's ending on a dataset: each image's best caption, and each caption's best image.
     Demo {

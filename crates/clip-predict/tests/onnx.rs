@@ -352,6 +352,76 @@ fn int8_graphs_run_integer_operators_and_stay_close_to_fp32_for_every_tower_kind
     assert!(e.2.contains("--quantize int8 applies to --format onnx only"), "{}", e.2);
 }
 
+#[test]
+fn external_data_puts_the_weights_beside_the_graphs_and_the_runtime_reads_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let tok = tokenizer(dir.path());
+    for (k, quantize) in [None, Some(Quantize::Int8)].into_iter().enumerate() {
+        let (name, cfg) = cases().swap_remove(2); // the recipe: timm ResNet + DistilBERT
+        let model = perturbed(&cfg);
+        let (inside, apart) = (
+            dir.path().join(format!("inside{k}")),
+            dir.path().join(format!("apart{k}")),
+        );
+        let options = |external_data| Options {
+            quantize,
+            external_data,
+            ..Options::default()
+        };
+        export_with(&model, &tok, ExportFormat::Onnx, &inside, options(false)).unwrap();
+        let e = export_with(&model, &tok, ExportFormat::Onnx, &apart, options(true)).unwrap();
+        for graph in ["image_encoder.onnx", "text_encoder.onnx"] {
+            let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+            let data = apart.join(format!("{graph}.data"));
+            assert!(e.files.contains(&data), "{:?}", e.files);
+            assert!(!inside.join(format!("{graph}.data")).exists());
+            // The weights moved: the graph keeps the small tensors, the .data file the rest.
+            assert!(size(&apart.join(graph)) * 4 < size(&inside.join(graph)), "{graph}");
+            assert!(
+                size(&data) + size(&apart.join(graph)) > size(&inside.join(graph)),
+                "{graph}"
+            );
+            let g = decoded(&apart.join(graph)).graph.unwrap();
+            let external = g.initializer.iter().filter(|t| t.data_location == Some(1)).count();
+            assert!(external > 0, "{graph}");
+        }
+        let meta: serde_json::Value = serde_json::from_slice(&std::fs::read(apart.join("clip.json")).unwrap()).unwrap();
+        assert_eq!(meta["external_data"], true);
+        // An export with .data files is still an export: --overwrite replaces it.
+        let again = Options {
+            overwrite: true,
+            ..options(true)
+        };
+        export_with(&model, &tok, ExportFormat::Onnx, &apart, again).unwrap();
+        if let Some(why) = no_runtime() {
+            println!("the runtime's check skipped: {why}");
+            continue;
+        }
+        let (px, ids, mask) = inputs(&cfg, &tok);
+        let json = inputs_json(&px, &ids, &mask);
+        let (a, b) = (runtime(&inside, &json), runtime(&apart, &json));
+        let same = |key: &str| {
+            compare(
+                &serde_json::from_value::<Vec<Vec<f32>>>(a[key].clone()).unwrap(),
+                &b[key],
+            )
+        };
+        let ((di, _), (dt, _)) = (same("image_embeds"), same("text_embeds"));
+        println!("{name}, {quantize:?}: weights apart against inside, image max|Δ| {di:.1e}, text {dt:.1e}");
+        assert!(di == 0.0 && dt == 0.0, "image {di}, text {dt}");
+    }
+    let e = predict(&[
+        "export",
+        "--model",
+        "tiny-clip",
+        "--format",
+        "open_clip",
+        "--external-data",
+        "x",
+    ]);
+    assert!(e.2.contains("--external-data applies to --format onnx only"), "{}", e.2);
+}
+
 /// (name, element type, dims: a free axis by name) of each input or output.
 fn signature(values: &[clip_core::export::onnx::proto::ValueInfoProto]) -> Vec<(String, i32, Vec<String>)> {
     values

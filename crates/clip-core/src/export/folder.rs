@@ -19,6 +19,8 @@ const EXPORT_FILES: &[&str] = &[
     "vocab.txt",
     "image_encoder.onnx",
     "text_encoder.onnx",
+    "image_encoder.onnx.data",
+    "text_encoder.onnx.data",
     "clip.json",
 ];
 

@@ -180,6 +180,9 @@ pub struct Options<'a> {
     pub captions_by: Option<(&'a ClipModel, &'a TextTokenizer)>,
     /// Weights (and activations, at run time) in int8. ONNX only.
     pub quantize: Option<onnx::Quantize>,
+    /// The ONNX graphs' weights in `.data` files beside them (ONNX's external data), as they
+    /// must be for a graph over protobuf's 2 GB limit (then written so without being asked).
+    pub external_data: bool,
 }
 
 /// [`export`] for a student distilled on images alone, whose captions its teacher answers
@@ -197,7 +200,7 @@ pub fn export_with_caption_teacher(
     let options = Options {
         overwrite,
         captions_by: Some(captions_by),
-        quantize: None,
+        ..Options::default()
     };
     export_with(model, tokenizer, format, out, options)
 }
@@ -214,11 +217,15 @@ pub fn export_with(
         overwrite,
         captions_by,
         quantize,
+        external_data,
     } = options;
     let cfg = &model.config;
     exportable(cfg, format)?;
     if let (Some(q), false) = (quantize, format == ExportFormat::Onnx) {
         bail!("quantization ({q:?}) applies to ONNX exports only (--format onnx)");
+    }
+    if external_data && format != ExportFormat::Onnx {
+        bail!("external data applies to ONNX exports only (--format onnx)");
     }
     match (cfg.distill.images_only, captions_by.is_some()) {
         (true, false) => bail!(
@@ -258,7 +265,7 @@ pub fn export_with(
     let mut w = match format {
         ExportFormat::OpenClip => open_clip_files(cfg, tokenizer, &params, out)?,
         ExportFormat::Hf => hf_files(cfg, tokenizer, &params, out)?,
-        ExportFormat::Onnx => onnx_files(model, tokenizer, &params, captions_by, quantize, out)?,
+        ExportFormat::Onnx => onnx_files(model, tokenizer, &params, captions_by, (quantize, external_data), out)?,
     };
     let n = w.tensors.len();
     if let Some(weights) = w.weights {
@@ -303,7 +310,7 @@ fn onnx_files(
     tokenizer: &TextTokenizer,
     params: &HashMap<String, Tensor>,
     captions_by: Option<(&ClipModel, &TextTokenizer)>,
-    quantize: Option<onnx::Quantize>,
+    onnx_options: (Option<onnx::Quantize>, bool),
     out: &Path,
 ) -> Result<Written> {
     let text = match captions_by {
@@ -318,7 +325,7 @@ fn onnx_files(
             params: params.clone(),
         },
     };
-    let files = onnx::files(model, params, &text, preprocessor_config(&model.config), quantize)?;
+    let files = onnx::files(model, params, &text, preprocessor_config(&model.config), onnx_options)?;
     let at = |name: &str| py_str(&out.join(name).display().to_string());
     let python = format!(
         "import onnxruntime as ort\nimage_encoder = ort.InferenceSession({})\ntext_encoder = ort.InferenceSession({})",

@@ -246,17 +246,51 @@ impl<'a> Graph<'a> {
     }
 }
 
-/// `model` serialised. A graph over 2 GiB (protobuf's limit; ONNX keeps larger weights in
-/// external files, which this writer does not) is refused.
-pub fn encode(model: &ModelProto) -> Result<Vec<u8>> {
+/// Protobuf's limit on one message: an ONNX file holding its weights must stay under 2 GiB.
+const PROTOBUF_LIMIT: usize = (1 << 31) - 1;
+
+/// Tensors smaller than this stay inside the graph when the others go to the external file (as
+/// `onnx.save_model`'s `size_threshold`).
+const EXTERNAL_ABOVE: usize = 1024;
+
+/// `model` serialised as the file `file` (`image_encoder.onnx`), and, where `external` is set or
+/// the graph would reach protobuf's 2 GiB limit, its weights in `{file}.data` beside it: ONNX's
+/// external data (each tensor's `location`, `offset` and `length`), which ONNX Runtime reads from
+/// the graph's folder. Returns the files (name, bytes).
+pub fn encode(mut model: ModelProto, file: &str, external: bool) -> Result<Vec<(String, Vec<u8>)>> {
+    use super::proto::{tensor_proto::DataLocation, StringStringEntryProto};
     use prost::Message;
+    if !external && model.encoded_len() < PROTOBUF_LIMIT {
+        return Ok(vec![(file.to_string(), model.encode_to_vec())]);
+    }
+    let data_file = format!("{file}.data");
+    let mut data: Vec<u8> = vec![];
+    let graph = model.graph.as_mut().context("a finished model has a graph")?;
+    for t in graph.initializer.iter_mut() {
+        if t.raw_data.as_ref().map_or(0, Vec::len) < EXTERNAL_ABOVE {
+            continue;
+        }
+        let raw = t.raw_data.take().unwrap_or_default();
+        // Each tensor starts on a 4 KiB boundary, so that a runtime may map it in place.
+        data.resize(data.len().next_multiple_of(4096), 0);
+        let entry = |key: &str, value: String| StringStringEntryProto {
+            key: Some(key.into()),
+            value: Some(value),
+        };
+        t.external_data = vec![
+            entry("location", data_file.clone()),
+            entry("offset", data.len().to_string()),
+            entry("length", raw.len().to_string()),
+        ];
+        t.data_location = Some(DataLocation::External as i32);
+        data.extend_from_slice(&raw);
+    }
     let len = model.encoded_len();
-    if len >= 1 << 31 {
+    if len >= PROTOBUF_LIMIT {
         bail!(
-            "{} would be {:.1} GB, over protobuf's 2 GB limit for one ONNX file (this writer keeps every weight inside the file)",
-            model.graph.as_ref().map_or("the graph", |g| g.name()),
+            "{file} would be {:.1} GB without its weights, over protobuf's 2 GB limit for one ONNX file",
             len as f64 / 1e9
         );
     }
-    Ok(model.encode_to_vec())
+    Ok(vec![(file.to_string(), model.encode_to_vec()), (data_file, data)])
 }

@@ -43,10 +43,12 @@ pub mod proto {
     include!(concat!(env!("OUT_DIR"), "/onnx.rs"));
 }
 
-/// The files an ONNX export writes.
+/// The files an ONNX export writes (the `.data` files only with external weights).
 pub const FILES: &[&str] = &[
     "image_encoder.onnx",
     "text_encoder.onnx",
+    "image_encoder.onnx.data",
+    "text_encoder.onnx.data",
     "clip.json",
     "tokenizer.json",
     "preprocessor_config.json",
@@ -62,13 +64,14 @@ pub struct TextSide<'a> {
 
 /// The serialised graphs and the consumer's files (name, bytes) for `model`, its captions embedded
 /// by `text`; with `quantize`, the graphs' weight MatMuls and Convs rewritten as integer operators
-/// (`quantize.rs`).
+/// (`quantize.rs`); with `external`, or where a graph would pass protobuf's 2 GB limit, its
+/// weights in a `.data` file beside it.
 pub fn files(
     model: &ClipModel,
     params: &HashMap<String, Tensor>,
     text: &TextSide,
     preprocessor: Value,
-    quantize: Option<Quantize>,
+    (quantize, external): (Option<Quantize>, bool),
 ) -> Result<Vec<(String, Vec<u8>)>> {
     let width = model.embed_dim();
     if text.model.embed_dim() != width {
@@ -103,16 +106,18 @@ pub fn files(
         meta["session_config"] = json!({"session.disable_quant_qdq": "1"});
     }
     let tok = text.tok;
-    Ok(vec![
-        ("image_encoder.onnx".into(), graph::encode(&image)?),
-        ("text_encoder.onnx".into(), graph::encode(&text_graph)?),
+    let mut files = graph::encode(image, "image_encoder.onnx", external)?;
+    files.extend(graph::encode(text_graph, "text_encoder.onnx", external)?);
+    meta["external_data"] = json!(files.iter().any(|(name, _)| name.ends_with(".data")));
+    files.extend([
         ("clip.json".into(), serde_json::to_vec_pretty(&meta)?),
         ("tokenizer.json".into(), tok.to_json()?.into_bytes()),
         (
             "preprocessor_config.json".into(),
             serde_json::to_vec_pretty(&preprocessor)?,
         ),
-    ])
+    ]);
+    Ok(files)
 }
 
 /// `clip.json`: what a consumer needs to feed the graphs and read their outputs.

@@ -27,7 +27,7 @@
 //! A note from ONNX Runtime's documentation: on x86 CPUs without VNNI its u8·s8 kernels use
 //! `VPMADDUBSW`, which can saturate where two adjacent products are both near their maximum.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 use anyhow::{bail, Result};
 use serde::Serialize;
@@ -71,8 +71,9 @@ pub struct Quantized {
 /// needed.
 const QMAX: f32 = 127.0;
 
-/// Rewrites `graph`'s weight MatMuls and Convs as integer operators (see the module's doc).
-/// Weights no other node reads are replaced by their int8 form.
+/// Rewrites `graph`'s weight MatMuls, Convs and embedding tables as the module's doc says. A
+/// weight is quantized once however many nodes read it; its fp32 form is dropped where nothing
+/// else reads it.
 pub fn int8(graph: &mut GraphProto) -> Result<Quantized> {
     let floats: HashMap<String, usize> = graph
         .initializer
@@ -81,18 +82,13 @@ pub fn int8(graph: &mut GraphProto) -> Result<Quantized> {
         .filter(|(_, t)| t.data_type == Some(DataType::Float as i32) && t.raw_data.is_some())
         .map(|(i, t)| (t.name().to_string(), i))
         .collect();
-    let mut reads: HashMap<&str, usize> = HashMap::new();
-    for i in graph.node.iter().flat_map(|n| n.input.iter()) {
-        *reads.entry(i.as_str()).or_default() += 1;
-    }
-    let reads: HashMap<String, usize> = reads.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
     let mut w = Rewrite {
         graph_inits: &graph.initializer,
         floats: &floats,
         nodes: Vec::with_capacity(graph.node.len()),
         inits: vec![],
         dynamic: HashMap::new(),
-        replaced: HashSet::new(),
+        replaced: HashMap::new(),
         done: Quantized::default(),
     };
     for node in std::mem::take(&mut graph.node) {
@@ -114,9 +110,14 @@ pub fn int8(graph: &mut GraphProto) -> Result<Quantized> {
         ..
     } = w;
     graph.node = nodes;
-    graph
-        .initializer
-        .retain(|t| !(replaced.contains(t.name()) && reads.get(t.name()) == Some(&1)));
+    let read: std::collections::HashSet<&str> = graph
+        .node
+        .iter()
+        .flat_map(|n| n.input.iter().map(String::as_str))
+        .collect();
+    let unread: std::collections::HashSet<String> =
+        replaced.into_keys().filter(|k| !read.contains(k.as_str())).collect();
+    graph.initializer.retain(|t| !unread.contains(t.name()));
     graph.initializer.extend(inits);
     Ok(done)
 }
@@ -129,8 +130,8 @@ struct Rewrite<'a> {
     inits: Vec<TensorProto>,
     /// Activations already quantized: name → (x_q, x_scale, x_zero_point).
     dynamic: HashMap<String, [String; 3]>,
-    /// fp32 weights that now have an int8 form.
-    replaced: HashSet<String>,
+    /// fp32 weights that now have an int8 form, and its (values, scales) names.
+    replaced: HashMap<String, (String, String)>,
     done: Quantized,
 }
 
@@ -180,6 +181,9 @@ impl Rewrite<'_> {
     /// The weight `name` as int8 along output channels `axis` (its shape kept) and the channels'
     /// scales, shaped `scale_dims`; returns their initializer names.
     fn weight(&mut self, name: &str, axis: usize, scale_dims: Vec<i64>) -> (String, String) {
+        if let Some(q) = self.replaced.get(name) {
+            return q.clone();
+        }
         let (dims, v) = self.values(name);
         let (q, scales) = per_channel(&v, &dims, axis);
         self.done.fp32_bytes += v.len() * 4;
@@ -193,7 +197,7 @@ impl Rewrite<'_> {
             ..Default::default()
         });
         self.inits.push(f32_tensor(&sn, scale_dims, &scales));
-        self.replaced.insert(name.to_string());
+        self.replaced.insert(name.to_string(), (qn.clone(), sn.clone()));
         (qn, sn)
     }
 
@@ -294,6 +298,55 @@ pub fn per_channel(v: &[f32], dims: &[i64], axis: usize) -> (Vec<i8>, Vec<f32>) 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn node(op: &str, inputs: &[&str], output: &str) -> NodeProto {
+        NodeProto {
+            input: inputs.iter().map(|s| s.to_string()).collect(),
+            output: vec![output.into()],
+            op_type: Some(op.into()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_weight_read_twice_is_quantized_once_and_each_input_once() {
+        // y1 = x·W, y2 = x·W, z = y1·V (V read by nothing else), e = Gather(E, ids).
+        let mut g = GraphProto {
+            node: vec![
+                node("MatMul", &["x", "W"], "y1"),
+                node("MatMul", &["x", "W"], "y2"),
+                node("MatMul", &["y1", "V"], "z"),
+                node("Gather", &["E", "ids"], "e"),
+            ],
+            initializer: vec![
+                f32_tensor("W", vec![2, 3], &[1.0, -2.0, 0.5, 0.25, 4.0, -1.0]),
+                f32_tensor("V", vec![3, 1], &[1.0, 2.0, 3.0]),
+                f32_tensor("E", vec![2, 2], &[0.5, -0.5, 8.0, 2.0]),
+            ],
+            ..Default::default()
+        };
+        let done = int8(&mut g).unwrap();
+        assert_eq!((done.matmuls, done.convs, done.embeddings), (3, 0, 1));
+        let names: Vec<&str> = g.initializer.iter().map(|t| t.name()).collect();
+        assert_eq!(names, ["W_int8", "W_scale", "V_int8", "V_scale", "E_int8", "E_scale"]);
+        let ops = |op: &str| g.node.iter().filter(|n| n.op_type() == op).count();
+        // x quantized once for both of its MatMuls, y1 once for its own.
+        assert_eq!(
+            (ops("DynamicQuantizeLinear"), ops("MatMulInteger"), ops("MatMul")),
+            (2, 3, 0)
+        );
+        // Each original output is still produced, by the rescale.
+        for y in ["y1", "y2", "z", "e"] {
+            assert_eq!(
+                g.node.iter().filter(|n| n.output.iter().any(|o| o == y)).count(),
+                1,
+                "{y}"
+            );
+        }
+        // The table: one scale per row (8/127 for the second).
+        let e = g.initializer.iter().find(|t| t.name() == "E_scale").unwrap();
+        assert_eq!(e.dims, [2, 1]);
+    }
 
     #[test]
     fn per_channel_scales_follow_the_axis_and_round_trip_within_half_a_step() {

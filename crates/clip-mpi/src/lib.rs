@@ -39,14 +39,17 @@ pub fn describe_world() -> String {
 /// How this process was started, as its launcher's environment says.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Launch {
-    /// `mpirun` (Open MPI), `mpiexec` (MPICH and others, through PMI) or `srun` (Slurm).
+    /// `mpirun` (Open MPI), `mpiexec` (MPICH and others, through PMI), `srun` (Slurm) or
+    /// `torchrun` (PyTorch's, whose ranks would talk through NCCL: refused, see [`connect`]).
     pub launcher: &'static str,
     pub rank: usize,
     pub size: usize,
 }
 
 /// The launcher that started this process as one rank of a world, if one did: Open MPI's
-/// `OMPI_COMM_WORLD_*`, PMI's `PMI_RANK`/`PMI_SIZE` (MPICH's Hydra), Slurm's `SLURM_PROCID`/`SLURM_NTASKS`.
+/// `OMPI_COMM_WORLD_*`, PMI's `PMI_RANK`/`PMI_SIZE` (MPICH's Hydra), Slurm's
+/// `SLURM_PROCID`/`SLURM_NTASKS`, torchrun's `RANK`/`WORLD_SIZE` (with its `LOCAL_RANK`, as
+/// those two names alone are too common to mean a launcher).
 pub fn launch() -> Option<Launch> {
     launch_from(|k| std::env::var(k).ok())
 }
@@ -57,8 +60,12 @@ pub fn launch_from(var: impl Fn(&str) -> Option<String>) -> Option<Launch> {
         ("mpirun", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"),
         ("mpiexec", "PMI_RANK", "PMI_SIZE"),
         ("srun", "SLURM_PROCID", "SLURM_NTASKS"),
+        ("torchrun", "RANK", "WORLD_SIZE"),
     ];
     pairs.into_iter().find_map(|(launcher, rank, size)| {
+        if launcher == "torchrun" {
+            var("LOCAL_RANK")?;
+        }
         let rank = var(rank)?.trim().parse().ok()?;
         let size = var(size)?.trim().parse().ok()?;
         Some(Launch { launcher, rank, size })
@@ -97,12 +104,24 @@ pub fn threads_per_rank(var: impl Fn(&str) -> Option<String>, cores: usize) -> O
 /// This process's world: one alone ([`Solo`]) when no launcher started it or it started one
 /// rank; else MPI's, checked against what the launcher said. An error, with what to do, when a
 /// launcher started several ranks and this build has no MPI.
+///
+/// torchrun's ranks are refused: they expect NCCL between GPUs, which clipmine does not have yet
+/// (rather than N copies training side by side into one run folder).
 pub fn connect() -> Result<Box<dyn Collective>> {
     match launch() {
         None => Ok(Box::new(Solo)),
         Some(l) if l.size <= 1 => Ok(Box::new(Solo)),
+        Some(l) if l.launcher == "torchrun" => bail!(torchrun_refusal(&l)),
         Some(l) => world_of(l),
     }
+}
+
+/// Why torchrun's ranks cannot train together here, and what can.
+fn torchrun_refusal(l: &Launch) -> String {
+    format!(
+        "torchrun started this program as rank {} of {}: its ranks would talk through NCCL, which clipmine does not have yet (feature nccl is not written); on CPUs, run the ranks with `mpirun -np {}` or `srun` and a build with `--features mpi`, or train in one process",
+        l.rank, l.size, l.size
+    )
 }
 
 #[cfg(feature = "mpi")]
@@ -157,6 +176,21 @@ mod tests {
         let hydra = env(&[("PMI_RANK", "0"), ("PMI_SIZE", "2")]);
         assert_eq!(launch_from(hydra).map(|l| l.launcher), Some("mpiexec"));
         assert_eq!(launch_from(env(&[("SLURM_PROCID", "x"), ("SLURM_NTASKS", "2")])), None);
+        let torchrun = env(&[("RANK", "1"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "1")]);
+        assert_eq!(
+            launch_from(torchrun).map(|l| (l.launcher, l.rank, l.size)),
+            Some(("torchrun", 1, 2))
+        );
+        // RANK and WORLD_SIZE alone are too common to mean torchrun; MPI's variables come first.
+        assert_eq!(launch_from(env(&[("RANK", "1"), ("WORLD_SIZE", "2")])), None);
+        let both = env(&[
+            ("RANK", "1"),
+            ("WORLD_SIZE", "2"),
+            ("LOCAL_RANK", "1"),
+            ("PMI_RANK", "0"),
+            ("PMI_SIZE", "2"),
+        ]);
+        assert_eq!(launch_from(both).map(|l| l.launcher), Some("mpiexec"));
         assert_eq!(launch_from(env(&[])), None);
     }
 
@@ -178,6 +212,20 @@ mod tests {
             Some(4)
         );
         assert_eq!(threads_per_rank(env(&[]), 16), None);
+    }
+
+    #[test]
+    fn torchruns_ranks_are_refused_with_what_to_do_instead() {
+        let l = Launch {
+            launcher: "torchrun",
+            rank: 0,
+            size: 4,
+        };
+        let why = torchrun_refusal(&l);
+        assert!(
+            why.contains("rank 0 of 4") && why.contains("NCCL") && why.contains("mpirun -np 4"),
+            "{why}"
+        );
     }
 
     #[cfg(not(feature = "mpi"))]

@@ -265,3 +265,29 @@ fn started_as_ranks_without_mpi_it_says_how_to_build_with_it() {
     );
     assert!(!out.exists(), "nothing written");
 }
+
+/// Started by torchrun as a rank of two (its ranks expect NCCL, which clipmine does not have):
+/// refused with what to do instead, nothing written, with or without MPI.
+#[test]
+fn started_by_torchrun_it_refuses_rather_than_train_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let o = Command::new(env!("CARGO_BIN_EXE_stage4-train"))
+        .args(["--device", "cpu", "--out", out.to_str().unwrap()])
+        .envs([
+            ("RANK", "0"),
+            ("WORLD_SIZE", "2"),
+            ("LOCAL_RANK", "0"),
+            ("LOCAL_WORLD_SIZE", "2"),
+        ])
+        .envs([("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29500")])
+        .output()
+        .unwrap();
+    let log = clipmine_tests::log(&o);
+    assert_eq!(o.status.code(), Some(2), "{log}");
+    assert!(
+        log.contains("torchrun started this program as rank 0 of 2") && log.contains("mpirun -np 2"),
+        "{log}"
+    );
+    assert!(!out.exists(), "nothing written");
+}

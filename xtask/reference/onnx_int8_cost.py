@@ -11,8 +11,9 @@ Runtime on exports of the same model (fp32 and int8), each printed as one JSON l
         images/s and captions/s (full captions of the context length: 77 tokens for CLIP) on
         fixed inputs, the exports timed in turn, each after two warm-up runs
 
-Images are read as the README's Python example reads them (clip.json's resize rule with PIL,
-then mean and std), captions through tokenizer.json; sessions take clip.json's session_config
+Images are read as clip.json says (its resize rule with PIL: the shorter side, the longer rounded
+down, then the centre crop, or a square resize; transparent pixels laid on white; then mean and
+std), captions through tokenizer.json; sessions take clip.json's session_config
 (unless --no-session-config). Threads: ONNX Runtime's default (one per
 core) unless --threads. Needs: pip install onnxruntime numpy pillow tokenizers
 """
@@ -54,15 +55,25 @@ class Export:
         q = self.cfg.get("quantization")
         return "int8" if q else "fp32"
 
+    def megabytes(self, graph: str) -> float:
+        """The graph's size, its external weights (`.data`) included."""
+        files = [self.folder / f"{graph}.onnx", self.folder / f"{graph}.onnx.data"]
+        return sum(f.stat().st_size for f in files if f.exists()) / 1e6
+
     def pixels(self, path: Path) -> np.ndarray:
         i = self.cfg["image"]
         s, rule = i["image_size"], i["resize"]
-        img = Image.open(path).convert("RGB")
+        img = Image.open(path)
+        if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
+            rgba = img.convert("RGBA")
+            img = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            img.alpha_composite(rgba)
+        img = img.convert("RGB")
         f = FILTERS[i["interpolation"]]
         if "shortest_edge" in rule:
             e = rule["shortest_edge"]
             w, h = img.size
-            w, h = (e, max(1, round(h * e / w))) if w <= h else (max(1, round(w * e / h)), e)
+            w, h = (e, max(1, h * e // w)) if w <= h else (max(1, w * e // h), e)
             img = img.resize((w, h), f)
             left, top = (w - s) // 2, (h - s) // 2
             img = img.crop((left, top, left + s, top + s))
@@ -144,8 +155,8 @@ def speed(e: Export, batch: int, seconds: float) -> dict:
         "tokens": length,
         "images_per_s": per_second(lambda: e.image.run(None, {"pixel_values": px}), batch, seconds),
         "captions_per_s": per_second(lambda: e.text.run(None, feed), batch, seconds),
-        "image_encoder_mb": (e.folder / "image_encoder.onnx").stat().st_size / 1e6,
-        "text_encoder_mb": (e.folder / "text_encoder.onnx").stat().st_size / 1e6,
+        "image_encoder_mb": e.megabytes("image_encoder"),
+        "text_encoder_mb": e.megabytes("text_encoder"),
     }
 
 

@@ -259,19 +259,28 @@ fn int8_graphs_run_integer_operators_and_stay_close_to_fp32_for_every_tower_kind
             quantize: Some(Quantize::Int8),
             ..Options::default()
         };
-        export_with(&model, &tok, ExportFormat::Onnx, &int8, options).unwrap();
+        let e = export_with(&model, &tok, ExportFormat::Onnx, &int8, options).unwrap();
         // No fp32 weight is left to a MatMul or Conv; every tower has integer MatMuls (its head
         // at least).
         for graph in ["image_encoder.onnx", "text_encoder.onnx"] {
             let (ops, float_weights) = operators(&int8.join(graph));
             assert_eq!(float_weights, 0, "{name} {graph}: {ops:?}");
             assert!(ops.get("MatMulInteger") > Some(&0), "{name} {graph}: {ops:?}");
-            if graph == "text_encoder.onnx" {
-                assert!(
-                    ops.get("Gather") >= Some(&2),
-                    "{name}: the token table gathered as int8 rows and scales: {ops:?}"
-                );
-            }
+            // No Gather reads an fp32 table (rows wider than the one-column scales gathered beside
+            // the int8 rows): the token table, and BERT's token types, are int8.
+            let g = decoded(&int8.join(graph)).graph.unwrap();
+            let tables: std::collections::HashSet<_> = g
+                .initializer
+                .iter()
+                .filter(|t| t.data_type == Some(1) && t.dims.len() == 2 && t.dims[1] > 1)
+                .map(|t| t.name().to_string())
+                .collect();
+            let fp32_gathers = g
+                .node
+                .iter()
+                .filter(|n| n.op_type() == "Gather" && tables.contains(&n.input[0]))
+                .count();
+            assert_eq!(fp32_gathers, 0, "{name} {graph}");
             // Convolutions compute in fp32 on kernels stored int8.
             let convs = operators(&fp32.join(graph)).0.get("Conv").copied();
             assert_eq!(ops.get("Conv").copied(), convs, "{name} {graph}");
@@ -287,6 +296,13 @@ fn int8_graphs_run_integer_operators_and_stay_close_to_fp32_for_every_tower_kind
         let meta: serde_json::Value = serde_json::from_slice(&std::fs::read(int8.join("clip.json")).unwrap()).unwrap();
         let q = &meta["quantization"];
         assert!(q["image_encoder"]["matmuls"].as_u64() > Some(0), "{meta}");
+        // The Python lines `clip-predict export` prints give the sessions that option too.
+        assert!(
+            e.python
+                .contains("add_session_config_entry(\"session.disable_quant_qdq\", \"1\")"),
+            "{}",
+            e.python
+        );
         assert!(q["text_encoder"]["embeddings"].as_u64() > Some(0), "{meta}");
         assert_eq!(meta["session_config"]["session.disable_quant_qdq"], "1", "{meta}");
         let plain: serde_json::Value = serde_json::from_slice(&std::fs::read(fp32.join("clip.json")).unwrap()).unwrap();
@@ -381,8 +397,33 @@ fn external_data_puts_the_weights_beside_the_graphs_and_the_runtime_reads_them()
                 size(&data) + size(&apart.join(graph)) > size(&inside.join(graph)),
                 "{graph}"
             );
+            // Each external tensor's bytes, at its offset and length in the .data file, are the
+            // inline export's.
             let g = decoded(&apart.join(graph)).graph.unwrap();
-            let external = g.initializer.iter().filter(|t| t.data_location == Some(1)).count();
+            let inline = decoded(&inside.join(graph)).graph.unwrap();
+            let bytes = std::fs::read(&data).unwrap();
+            let mut external = 0;
+            for t in g.initializer.iter().filter(|t| t.data_location == Some(1)) {
+                let entry = |k: &str| {
+                    t.external_data
+                        .iter()
+                        .find(|e| e.key() == k)
+                        .unwrap()
+                        .value()
+                        .to_string()
+                };
+                assert_eq!(entry("location"), format!("{graph}.data"));
+                let (offset, length): (usize, usize) =
+                    (entry("offset").parse().unwrap(), entry("length").parse().unwrap());
+                let same = inline.initializer.iter().find(|i| i.name() == t.name()).unwrap();
+                assert_eq!(
+                    &bytes[offset..offset + length],
+                    same.raw_data(),
+                    "{graph}: {}",
+                    t.name()
+                );
+                external += 1;
+            }
             assert!(external > 0, "{graph}");
         }
         let meta: serde_json::Value = serde_json::from_slice(&std::fs::read(apart.join("clip.json")).unwrap()).unwrap();

@@ -327,8 +327,21 @@ fn onnx_files(
     };
     let files = onnx::files(model, params, &text, preprocessor_config(&model.config), onnx_options)?;
     let at = |name: &str| py_str(&out.join(name).display().to_string());
+    // An int8 export's sessions take clip.json's session_config (its int8 kernels folded at load).
+    let (options, so) = match onnx_options.0 {
+        Some(_) => {
+            let (key, value) = onnx::INT8_SESSION_CONFIG;
+            let set = format!(
+                "so = ort.SessionOptions()\nso.add_session_config_entry({}, {})\n",
+                py_str(key),
+                py_str(value)
+            );
+            (set, ", so")
+        }
+        None => (String::new(), ""),
+    };
     let python = format!(
-        "import onnxruntime as ort\nimage_encoder = ort.InferenceSession({})\ntext_encoder = ort.InferenceSession({})",
+        "import onnxruntime as ort\n{options}image_encoder = ort.InferenceSession({}{so})\ntext_encoder = ort.InferenceSession({}{so})",
         at("image_encoder.onnx"),
         at("text_encoder.onnx")
     );

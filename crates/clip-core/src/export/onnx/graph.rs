@@ -271,8 +271,11 @@ pub fn encode(mut model: ModelProto, file: &str, external: bool) -> Result<Vec<(
             continue;
         }
         let raw = t.raw_data.take().unwrap_or_default();
-        // Each tensor starts on a 4 KiB boundary, so that a runtime may map it in place.
-        data.resize(data.len().next_multiple_of(4096), 0);
+        // As `onnx.save_model` aligns: tensors of 1 MiB or more start on a 64 KiB boundary (the
+        // allocation granularity a runtime maps files at, Windows' included).
+        if raw.len() >= 1 << 20 {
+            data.resize(data.len().next_multiple_of(1 << 16), 0);
+        }
         let entry = |key: &str, value: String| StringStringEntryProto {
             key: Some(key.into()),
             value: Some(value),

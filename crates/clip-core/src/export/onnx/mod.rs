@@ -43,6 +43,11 @@ pub mod proto {
     include!(concat!(env!("OUT_DIR"), "/onnx.rs"));
 }
 
+/// The session option an int8 export's sessions need (`clip.json`'s `session_config`): ONNX
+/// Runtime then folds the int8 convolution kernels into fp32 ones as it loads, instead of
+/// dequantizing them at every run.
+pub const INT8_SESSION_CONFIG: (&str, &str) = ("session.disable_quant_qdq", "1");
+
 /// The files an ONNX export writes (the `.data` files only with external weights).
 pub const FILES: &[&str] = &[
     "image_encoder.onnx",
@@ -103,7 +108,8 @@ pub fn files(
         // The int8 kernels are constants: ONNX Runtime folds them into fp32 ones as the session
         // loads only with this entry (else it dequantizes them at every run, and the ResNet-50
         // of simple-clip ran at half its fp32 speed).
-        meta["session_config"] = json!({"session.disable_quant_qdq": "1"});
+        let (key, value) = INT8_SESSION_CONFIG;
+        meta["session_config"] = json!({ key: value });
     }
     let tok = text.tok;
     let mut files = graph::encode(image, "image_encoder.onnx", external)?;

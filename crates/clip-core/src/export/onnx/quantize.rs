@@ -115,8 +115,11 @@ pub fn int8(graph: &mut GraphProto) -> Result<Quantized> {
         .iter()
         .flat_map(|n| n.input.iter().map(String::as_str))
         .collect();
-    let unread: std::collections::HashSet<String> =
-        replaced.into_keys().filter(|k| !read.contains(k.as_str())).collect();
+    let unread: std::collections::HashSet<String> = replaced
+        .into_keys()
+        .map(|(name, _)| name)
+        .filter(|k| !read.contains(k.as_str()))
+        .collect();
     graph.initializer.retain(|t| !unread.contains(t.name()));
     graph.initializer.extend(inits);
     Ok(done)
@@ -130,8 +133,9 @@ struct Rewrite<'a> {
     inits: Vec<TensorProto>,
     /// Activations already quantized: name → (x_q, x_scale, x_zero_point).
     dynamic: HashMap<String, [String; 3]>,
-    /// fp32 weights that now have an int8 form, and its (values, scales) names.
-    replaced: HashMap<String, (String, String)>,
+    /// fp32 weights that now have an int8 form (by name and channel axis), and its (values,
+    /// scales) names.
+    replaced: HashMap<(String, usize), (String, String)>,
     done: Quantized,
 }
 
@@ -181,14 +185,21 @@ impl Rewrite<'_> {
     /// The weight `name` as int8 along output channels `axis` (its shape kept) and the channels'
     /// scales, shaped `scale_dims`; returns their initializer names.
     fn weight(&mut self, name: &str, axis: usize, scale_dims: Vec<i64>) -> (String, String) {
-        if let Some(q) = self.replaced.get(name) {
+        let key = (name.to_string(), axis);
+        if let Some(q) = self.replaced.get(&key) {
             return q.clone();
         }
         let (dims, v) = self.values(name);
         let (q, scales) = per_channel(&v, &dims, axis);
         self.done.fp32_bytes += v.len() * 4;
         self.done.int8_bytes += q.len() + scales.len() * 4;
-        let (qn, sn) = (format!("{name}_int8"), format!("{name}_scale"));
+        // Read along another axis elsewhere (never, with this writer's fresh names): its own names.
+        let tag = if self.replaced.keys().any(|(n, _)| n == name) {
+            format!("_axis{axis}")
+        } else {
+            String::new()
+        };
+        let (qn, sn) = (format!("{name}{tag}_int8"), format!("{name}{tag}_scale"));
         self.inits.push(TensorProto {
             name: Some(qn.clone()),
             dims,
@@ -197,7 +208,7 @@ impl Rewrite<'_> {
             ..Default::default()
         });
         self.inits.push(f32_tensor(&sn, scale_dims, &scales));
-        self.replaced.insert(name.to_string(), (qn.clone(), sn.clone()));
+        self.replaced.insert(key, (qn.clone(), sn.clone()));
         (qn, sn)
     }
 
@@ -344,8 +355,11 @@ mod tests {
             );
         }
         // The table: one scale per row (8/127 for the second).
-        let e = g.initializer.iter().find(|t| t.name() == "E_scale").unwrap();
-        assert_eq!(e.dims, [2, 1]);
+        let dims = |n: &str| g.initializer.iter().find(|t| t.name() == n).unwrap().dims.clone();
+        assert_eq!(
+            (dims("E_scale"), dims("W_scale"), dims("V_scale")),
+            (vec![2, 1], vec![3], vec![1])
+        );
     }
 
     #[test]

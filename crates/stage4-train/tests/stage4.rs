@@ -244,50 +244,48 @@ fn batches_in_micro_batches_train_the_demo_set_through_the_gate() {
     assert!(!bad.exists());
 }
 
+/// Stage 4 started with a launcher's environment `env`: its log, after checking that it exited 2
+/// and wrote nothing.
+fn refused_as_a_rank(env: &[(&str, &str)]) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let o = Command::new(env!("CARGO_BIN_EXE_stage4-train"))
+        .args(["--device", "cpu", "--out", out.to_str().unwrap()])
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    let log = clipmine_tests::log(&o);
+    assert_eq!(o.status.code(), Some(2), "{log}");
+    assert!(!out.exists(), "nothing written");
+    log
+}
+
 /// A build without MPI started by mpirun as a rank of two says how to build one, and writes
 /// nothing. (With feature `mpi`, `tests/mpi.rs` trains as ranks.)
 #[cfg(not(feature = "mpi"))]
 #[test]
 fn started_as_ranks_without_mpi_it_says_how_to_build_with_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("run");
-    let o = Command::new(env!("CARGO_BIN_EXE_stage4-train"))
-        .args(["--device", "cpu", "--out", out.to_str().unwrap()])
-        .env("OMPI_COMM_WORLD_RANK", "1")
-        .env("OMPI_COMM_WORLD_SIZE", "2")
-        .output()
-        .unwrap();
-    let log = clipmine_tests::log(&o);
-    assert_eq!(o.status.code(), Some(2), "{log}");
+    let log = refused_as_a_rank(&[("OMPI_COMM_WORLD_RANK", "1"), ("OMPI_COMM_WORLD_SIZE", "2")]);
     assert!(
         log.contains("mpirun started this program as rank 1 of 2") && log.contains("--features mpi"),
         "{log}"
     );
-    assert!(!out.exists(), "nothing written");
 }
 
 /// Started by torchrun as a rank of two (its ranks expect NCCL, which clipmine does not have):
 /// refused with what to do instead, nothing written, with or without MPI.
 #[test]
 fn started_by_torchrun_it_refuses_rather_than_train_twice() {
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("run");
-    let o = Command::new(env!("CARGO_BIN_EXE_stage4-train"))
-        .args(["--device", "cpu", "--out", out.to_str().unwrap()])
-        .envs([
-            ("RANK", "0"),
-            ("WORLD_SIZE", "2"),
-            ("LOCAL_RANK", "0"),
-            ("LOCAL_WORLD_SIZE", "2"),
-        ])
-        .envs([("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29500")])
-        .output()
-        .unwrap();
-    let log = clipmine_tests::log(&o);
-    assert_eq!(o.status.code(), Some(2), "{log}");
+    let log = refused_as_a_rank(&[
+        ("RANK", "0"),
+        ("WORLD_SIZE", "2"),
+        ("LOCAL_RANK", "0"),
+        ("LOCAL_WORLD_SIZE", "2"),
+        ("MASTER_ADDR", "127.0.0.1"),
+        ("MASTER_PORT", "29500"),
+    ]);
     assert!(
         log.contains("torchrun started this program as rank 0 of 2") && log.contains("mpirun -np 2"),
         "{log}"
     );
-    assert!(!out.exists(), "nothing written");
 }

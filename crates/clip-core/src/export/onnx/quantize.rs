@@ -96,9 +96,9 @@ pub fn int8(graph: &mut GraphProto) -> Result<Quantized> {
         let table = node.input.first().and_then(|n| w.float(n));
         let axis = node.attribute.iter().find(|a| a.name() == "axis").map_or(0, |a| a.i());
         match (node.op_type(), weight) {
-            ("Gather", _) if table.is_some_and(|t| t.dims.len() == 2) && axis == 0 => w.gather(node)?,
-            ("MatMul", Some(t)) if t.dims.len() == 2 => w.matmul(node)?,
-            ("Conv", Some(t)) if t.dims.len() == 4 => w.conv(node)?,
+            ("Gather", _) if table.is_some_and(|t| t.dims.len() == 2) && axis == 0 => w.gather(node),
+            ("MatMul", Some(t)) if t.dims.len() == 2 => w.matmul(node),
+            ("Conv", Some(t)) if t.dims.len() == 4 => w.conv(node),
             _ => w.nodes.push(node),
         }
     }
@@ -220,7 +220,7 @@ impl Rewrite<'_> {
         self.push("Mul", &[&f, &s], out, vec![]);
     }
 
-    fn matmul(&mut self, node: NodeProto) -> Result<()> {
+    fn matmul(&mut self, node: NodeProto) {
         let (x, w, y) = (&node.input[0], &node.input[1], &node.output[0]);
         let n = self.float(w).map_or(0, |t| t.dims[1]);
         let [xq, xs, xz] = self.dynamic(x);
@@ -229,10 +229,9 @@ impl Rewrite<'_> {
         self.push("MatMulInteger", &[&xq, &wq, &xz], &int, vec![]);
         self.rescale(&int, &xs, &ws, y);
         self.done.matmuls += 1;
-        Ok(())
     }
 
-    fn gather(&mut self, node: NodeProto) -> Result<()> {
+    fn gather(&mut self, node: NodeProto) {
         let (table, ids, y) = (&node.input[0], &node.input[1], &node.output[0]);
         let rows = self.float(table).map_or(0, |t| t.dims[0]);
         let (tq, ts) = self.weight(table, 0, vec![rows, 1]);
@@ -242,38 +241,35 @@ impl Rewrite<'_> {
         self.push("Gather", &[&ts, ids], &s, node.attribute.clone());
         self.push("Mul", &[&f, &s], y, vec![]);
         self.done.embeddings += 1;
-        Ok(())
     }
 
     /// A Conv keeps fp32 activations: its kernel is stored int8 and dequantized as the session
     /// loads (see the module's doc for why not ConvInteger).
-    fn conv(&mut self, mut node: NodeProto) -> Result<()> {
+    fn conv(&mut self, mut node: NodeProto) {
         let (w, y) = (node.input[1].clone(), node.output[0].clone());
         let m = self.float(&w).map_or(0, |t| t.dims[0]);
         let (wq, ws) = self.weight(&w, 0, vec![m]);
         let kernel = format!("{y}_kernel");
-        let axis = AttributeProto {
-            name: Some("axis".into()),
-            r#type: Some(AttributeType::Int as i32),
-            i: Some(0),
-            ..Default::default()
-        };
-        self.push("DequantizeLinear", &[&wq, &ws], &kernel, vec![axis]);
+        self.push("DequantizeLinear", &[&wq, &ws], &kernel, vec![int_attr("axis", 0)]);
         node.input[1] = kernel;
         self.nodes.push(node);
         self.done.convs += 1;
-        Ok(())
+    }
+}
+
+/// An integer attribute.
+fn int_attr(name: &str, value: i64) -> AttributeProto {
+    AttributeProto {
+        name: Some(name.into()),
+        r#type: Some(AttributeType::Int as i32),
+        i: Some(value),
+        ..Default::default()
     }
 }
 
 /// Cast's `to = FLOAT`.
 fn to_float() -> AttributeProto {
-    AttributeProto {
-        name: Some("to".into()),
-        r#type: Some(AttributeType::Int as i32),
-        i: Some(DataType::Float as i64),
-        ..Default::default()
-    }
+    int_attr("to", DataType::Float as i64)
 }
 
 fn f32_tensor(name: &str, dims: Vec<i64>, v: &[f32]) -> TensorProto {
